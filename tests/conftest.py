@@ -1,0 +1,78 @@
+"""Test-wide guards.
+
+Every test runs under two checks that a user of the emulator would make by hand:
+no child process of the test runner survives the test, and no ``/dev/shm``
+segment of the emulator (``zcrx.*``) created during the test is left behind.
+A test that leaks fails, and the leak is then removed so that one failure does
+not cascade into the next test.  Time bounds come from pytest-timeout (see
+``[tool.pytest.ini_options]``); heavy tests set their own ``@pytest.mark.timeout``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from collections.abc import Iterator
+
+import psutil
+import pytest
+
+SHM_DIR = "/dev/shm"
+SHM_PREFIX = "zcrx."
+
+
+def _zcrx_segments() -> set[str]:
+    try:
+        return {n for n in os.listdir(SHM_DIR) if n.startswith(SHM_PREFIX)}
+    except FileNotFoundError:
+        return set()
+
+
+def _children() -> list[psutil.Process]:
+    try:
+        kids = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return []
+    # A zombie that was never reaped still counts: it is a process we leaked.
+    return [k for k in kids if k.is_running()]
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail the test if it leaves a child process or a zcrx shm segment behind."""
+    before_shm = _zcrx_segments()
+    before_pids = {p.pid for p in _children()}
+    yield
+    deadline = time.monotonic() + 5.0
+    while True:
+        kids = [p for p in _children() if p.pid not in before_pids]
+        leaked_shm = _zcrx_segments() - before_shm
+        if (not kids and not leaked_shm) or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    for k in kids:
+        try:
+            k.kill()
+            k.wait(2)
+        except psutil.Error:
+            pass
+    for name in leaked_shm:
+        try:
+            os.unlink(os.path.join(SHM_DIR, name))
+        except FileNotFoundError:
+            pass
+    problems = []
+    if kids:
+        problems.append("child processes left running: "
+                        + ", ".join(f"{k.pid}" for k in kids))
+    if leaked_shm:
+        problems.append("/dev/shm segments left behind: " + ", ".join(sorted(leaked_shm)))
+    if problems:
+        pytest.fail("leak check: " + "; ".join(problems), pytrace=False)
+
+
+@pytest.fixture
+def run_id() -> str:
+    """A fresh run id, as the launcher would make one: ``<name>-<token>``."""
+    return f"t-{secrets.token_hex(4)}"
