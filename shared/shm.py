@@ -1,0 +1,213 @@
+"""POSIX shared-memory regions: the only way zcrx-emu processes exchange data.
+
+A :class:`Region` is one POSIX shm object mapped into this process.  Names are
+``/zcrx.<run>.<owner>.<object>``: ``<run>`` is the run id (topology name plus a
+random token), ``<owner>`` the role that created it (``nic``, ``kernel``,
+``app3``...), ``<object>`` what it holds (``q0.rxring``, ``area0``...).  Fields are
+``[A-Za-z0-9_-]`` with dots between them (the object part may contain dots), so
+a run's segments are exactly the ``/dev/shm`` entries starting ``zcrx.<run>.``.
+
+Lifetime rules (DESIGN §2):
+
+* The creator creates exclusively (``O_CREAT|O_EXCL``), mode 0600, with a
+  page-aligned size, and pre-touches every page so the first DMA into the
+  region does not pay the page faults.
+* Only the creator unlinks (:meth:`Region.unlink`).  Everyone else attaches and
+  detaches.  Segments survive SIGKILL of every process that mapped them, so
+  nothing may rely on process exit: :func:`remove_run_segments` is what
+  ``zcrx cleanup`` uses to remove a run's leftovers.
+* Detaching drops this process's mapping.  numpy views into it keep the mapping
+  alive until they are garbage; :meth:`Region.close` then defers the unmap
+  instead of failing.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import posix_ipc
+
+from shared.errors import Misuse
+
+PAGE_SIZE = mmap.PAGESIZE
+SHM_DIR = "/dev/shm"
+NAME_PREFIX = "zcrx"
+_FIELD = re.compile(r"^[A-Za-z0-9_-]+$")
+_OBJECT = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+# Linux NAME_MAX for a /dev/shm entry is 255; keep well under it.
+_MAX_NAME = 200
+
+
+def page_align(size: int) -> int:
+    """Round ``size`` up to a whole number of pages (at least one page)."""
+    size = max(int(size), 1)
+    return (size + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
+
+
+def region_name(run: str, owner: str, obj: str) -> str:
+    """The shm name ``/zcrx.<run>.<owner>.<object>``, validated."""
+    if not _FIELD.match(run):
+        raise Misuse(f"bad run id {run!r}: use letters, digits, '_' and '-'")
+    if not _FIELD.match(owner):
+        raise Misuse(f"bad region owner {owner!r}: use letters, digits, '_' and '-'")
+    if not _OBJECT.match(obj):
+        raise Misuse(f"bad region object name {obj!r}")
+    name = f"/{NAME_PREFIX}.{run}.{owner}.{obj}"
+    if len(name) > _MAX_NAME:
+        raise Misuse(f"region name too long ({len(name)} > {_MAX_NAME}): {name}")
+    return name
+
+
+class Region:
+    """One mapped POSIX shm object.
+
+    Use :meth:`create` (the owner) or :meth:`attach` (everyone else); both return
+    a mapped region usable as a context manager.  ``buf`` is the mmap object and
+    :meth:`array` gives numpy views of it.
+    """
+
+    def __init__(self, name: str, size: int, mm: mmap.mmap, *, owner: bool) -> None:
+        self.name = name
+        self.size = size
+        self.buf: mmap.mmap | None = mm
+        self.is_owner = owner
+        self._unlinked = False
+
+    # -- paired verbs: create/unlink, attach/detach -------------------------------
+
+    @classmethod
+    def create(cls, name: str, size: int, *, pretouch: bool = True) -> Region:
+        """Create the segment exclusively (mode 0600), size it, map it, touch it."""
+        size = page_align(size)
+        try:
+            shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=size)
+        except posix_ipc.ExistentialError as e:
+            raise Misuse(f"shm segment {name} already exists", errno=17) from e
+        try:
+            mm = mmap.mmap(shm.fd, size)
+        except BaseException:
+            shm.close_fd()
+            posix_ipc.unlink_shared_memory(name)
+            raise
+        shm.close_fd()
+        region = cls(name, size, mm, owner=True)
+        if pretouch:
+            # One store per page faults every page in now (tmpfs zero-fills it).
+            np.frombuffer(mm, dtype=np.uint8)[::PAGE_SIZE] = 0
+        return region
+
+    @classmethod
+    def attach(cls, name: str, *, size: int | None = None) -> Region:
+        """Map an existing segment (its whole size, or check it is ``size``)."""
+        try:
+            shm = posix_ipc.SharedMemory(name)
+        except posix_ipc.ExistentialError as e:
+            raise Misuse(f"no shm segment {name}", errno=2) from e
+        try:
+            actual = shm.size
+            if size is not None and page_align(size) > actual:
+                raise Misuse(f"shm segment {name} has {actual} bytes, expected {size}")
+            mm = mmap.mmap(shm.fd, actual)
+        finally:
+            shm.close_fd()
+        return cls(name, actual, mm, owner=False)
+
+    def detach(self) -> None:
+        """Unmap from this process.  Deferred to GC while numpy views still exist."""
+        mm, self.buf = self.buf, None
+        if mm is None:
+            return
+        try:
+            mm.close()
+        except BufferError:
+            # Exported views (numpy arrays, memoryviews) still point into the
+            # mapping; it is unmapped when the last of them is collected.
+            pass
+
+    def unlink(self) -> None:
+        """Remove the name (creator only).  Mappings stay valid until detached."""
+        if not self.is_owner:
+            raise Misuse(f"only the creator unlinks {self.name}", errno=1)
+        if self._unlinked:
+            return
+        self._unlinked = True
+        try:
+            posix_ipc.unlink_shared_memory(self.name)
+        except posix_ipc.ExistentialError:
+            pass
+
+    def close(self) -> None:
+        """Detach, and unlink if we created it."""
+        self.detach()
+        if self.is_owner:
+            self.unlink()
+
+    def __enter__(self) -> Region:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # -- views ---------------------------------------------------------------------
+
+    def array(self, dtype: Any = np.uint8, offset: int = 0, count: int = -1) -> np.ndarray:
+        """A numpy view of the region (no copy)."""
+        if self.buf is None:
+            raise Misuse(f"region {self.name} is detached", errno=9)
+        return np.frombuffer(self.buf, dtype=dtype, count=count, offset=offset)
+
+    def __repr__(self) -> str:
+        state = "mapped" if self.buf is not None else "detached"
+        return f"Region({self.name!r}, {self.size} bytes, {state}, owner={self.is_owner})"
+
+
+def run_prefix(run: str) -> str:
+    """The ``/dev/shm`` entry prefix shared by every segment of ``run``."""
+    region_name(run, "x", "x")  # validates the run id
+    return f"{NAME_PREFIX}.{run}."
+
+
+def list_run_segments(run: str) -> list[str]:
+    """Every shm name (with leading ``/``) that belongs to ``run``, sorted."""
+    prefix = run_prefix(run)
+    try:
+        entries = os.listdir(SHM_DIR)
+    except FileNotFoundError:
+        return []
+    return sorted("/" + e for e in entries if e.startswith(prefix))
+
+
+def list_all_runs() -> list[str]:
+    """Run ids that have at least one segment in ``/dev/shm``."""
+    try:
+        entries = os.listdir(SHM_DIR)
+    except FileNotFoundError:
+        return []
+    runs = set()
+    for e in entries:
+        parts = e.split(".")
+        if len(parts) >= 4 and parts[0] == NAME_PREFIX:
+            runs.add(parts[1])
+    return sorted(runs)
+
+
+def remove_run_segments(run: str, names: list[str] | None = None) -> list[str]:
+    """Unlink the given names (from a manifest) and every segment with the run's prefix.
+
+    Idempotent: names already gone are skipped.  Returns what was removed.
+    """
+    targets = set(names or ()) | set(list_run_segments(run))
+    removed = []
+    for name in sorted(targets):
+        try:
+            posix_ipc.unlink_shared_memory(name)
+            removed.append(name)
+        except posix_ipc.ExistentialError:
+            pass
+    return removed
