@@ -1,0 +1,43 @@
+"""The `zcrx` command line, driven as a user drives it."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from launch.cli import main
+from shared.shm import PAGE_SIZE, Region, list_run_segments, region_name
+
+
+def test_bench_ring_runs_and_verifies_every_entry() -> None:
+    res = CliRunner().invoke(main, ["bench", "ring", "--seconds", "0.05", "--json", "-"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["all_verified"]
+    assert {(r["bench"], r["batch"]) for r in out["rows"]} == {
+        ("descriptors 16 B", 1), ("descriptors 16 B", 64), ("descriptors 16 B", 512),
+        ("payload 4096 B", 64), ("payload 4096 B", 512)}
+    assert all(r["entries"] > 0 and r["verified"] for r in out["rows"])
+    assert out["copy_gbps"] > 0
+
+
+def test_cleanup_removes_a_runs_segments_and_is_idempotent(run_id: str) -> None:
+    for obj in ("a", "b"):
+        Region.create(region_name(run_id, "kernel", obj), PAGE_SIZE).detach()
+    runner = CliRunner()
+    res = runner.invoke(main, ["cleanup", "--name", run_id])
+    assert res.exit_code == 0, res.output
+    assert "2 segment(s)" in res.output
+    assert list_run_segments(run_id) == []
+    res = runner.invoke(main, ["cleanup", "--name", run_id])
+    assert res.exit_code == 0 and "0 segment(s)" in res.output
+
+
+def test_cleanup_usage_errors_are_one_line_not_tracebacks() -> None:
+    runner = CliRunner()
+    for args in (["cleanup"], ["cleanup", "--name", "x", "--all"], ["cleanup", "--name", "a.b"]):
+        res = runner.invoke(main, args)
+        assert res.exit_code != 0
+        assert "Traceback" not in res.output
+        assert res.exception is None or isinstance(res.exception, SystemExit)
