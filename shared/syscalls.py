@@ -1,0 +1,91 @@
+"""The emulated syscall surface: what an application (or the CLI) asks the kernel.
+
+Each message type is one syscall, named after it, served by the kernel process
+on its ROUTER socket (``kernel.sock`` in the run directory).  Return values
+follow the kernel convention: a successful reply body carries ``res`` (>= 0);
+a failing syscall gets an ``error`` reply whose errno is the one Linux returns.
+Arguments that Linux passes as pointers to uapi structs travel as blobs holding
+the exact struct bytes, and the reply carries the written-back struct.
+
+Who owns what (DESIGN §2):
+
+* ``io_uring_setup`` creates the SQ/CQ ring region and the SQE region in
+  *kernel* memory; the app maps them with ``mmap`` on the ring fd at
+  ``IORING_OFF_SQ_RING`` / ``IORING_OFF_CQ_RING`` / ``IORING_OFF_SQES``, or a
+  zcrx RQ at ``region.mmap_offset``.  The reply names the shm segment to attach.
+* App memory (receive buffers, zcrx areas, provided-buffer rings, a user-memory
+  RQ) is created by the app (``/zcrx.<run>.app<N>.<obj>``) and entered into its
+  emulated mm with ``mm_map``, which returns the virtual address the app passes
+  in SQEs and uapi structs.  The kernel resolves addresses through that table;
+  an address outside every mapping is -EFAULT, a write to a read-only mapping is
+  -EFAULT, an unaligned one -EINVAL, as on Linux.
+"""
+
+from __future__ import annotations
+
+from shared import abi
+from shared.control import Schema, register_type
+
+_RES = Schema.make({"res": int})
+
+register_type("attach", {"pid": int, "name": str}, optional={"cap_net_admin": (bool, True)},
+              reply=Schema.make({"task": int}),
+              doc="A new process announces itself (the emulated task); first call of an app.")
+
+# -- memory -----------------------------------------------------------------------------
+register_type("mm_map", {"name": str, "length": int, "prot": int},
+              reply=Schema.make({"addr": int}),
+              doc="Enter an app-owned shm region into the caller's mm; returns its address.")
+register_type("mm_unmap", {"addr": int, "length": int}, reply=_RES)
+register_type("mm_protect", {"addr": int, "length": int, "prot": int}, reply=_RES)
+register_type("mmap", {"fd": int, "offset": int, "length": int},
+              reply=Schema.make({"name": str, "offset": int, "length": int, "addr": int}),
+              doc="Map a kernel region of a ring fd (ring, SQEs, zcrx RQ, pbuf ring).")
+
+# -- sockets ----------------------------------------------------------------------------
+register_type("socket", {"domain": int, "type": int, "protocol": int}, reply=_RES)
+register_type("bind", {"fd": int, "addr": str, "port": int}, reply=_RES)
+register_type("listen", {"fd": int, "backlog": int}, reply=_RES)
+register_type("close", {"fd": int}, reply=_RES)
+register_type("getsockname", {"fd": int}, reply=Schema.make({"addr": str, "port": int}))
+register_type("getpeername", {"fd": int}, reply=Schema.make({"addr": str, "port": int}))
+
+# -- io_uring ---------------------------------------------------------------------------
+PARAMS_SIZE = abi.io_uring_params.itemsize
+register_type("io_uring_setup", {"entries": int}, blobs=1, blob_sizes=(PARAMS_SIZE,),
+              reply=Schema.make({"res": int}, blobs=1, blob_sizes=(PARAMS_SIZE,)),
+              doc="Create a ring; blob = io_uring_params in and out; res = ring fd.")
+register_type("io_uring_enter", {"fd": int, "to_submit": int, "min_complete": int,
+                                 "flags": int},
+              optional={"timeout_ms": (int, -1)}, reply=_RES,
+              doc="Submit SQEs and/or wait for CQEs (the reply is deferred while waiting).")
+register_type("io_uring_register", {"fd": int, "opcode": int, "nr_args": int},
+              blobs=(0, 4), max_blob_size=1 << 16,
+              reply=Schema.make({"res": int}, blobs=(0, 4), max_blob_size=1 << 16),
+              doc="Register; blobs = the argument structs (ifq_reg, area_reg, region_desc, "
+                  "ctrl, buf_reg ...), written back in the reply.")
+
+# -- administration (the CLI) -----------------------------------------------------------
+register_type("ethtool", {"dev": str, "request": dict}, reply=Schema.make(open=True),
+              doc="An ethtool request (launch.ethtool); configuration reaches the NIC "
+                  "through the driver, as on Linux.")
+register_type("stats", optional={"what": (str, "all")}, reply=Schema.make(open=True),
+              doc="Counters of every layer (netdev queues, page pools, sockets, rings).")
+register_type("status", reply=Schema.make(open=True),
+              doc="Netdevs, queues and their bindings, page pools, ifqs, tasks.")
+register_type("shutdown", reply=Schema.make(open=True), doc="Stop the kernel process.")
+
+# -- events -----------------------------------------------------------------------------
+register_type("cq_wake", {"fd": int}, doc="kernel -> app: CQEs posted on a ring whose "
+              "waiter set need-wakeup (not used by apps waiting in io_uring_enter).")
+
+#: Protection bits for mm_map / mm_protect (as <sys/mman.h>).
+PROT_READ = 1
+PROT_WRITE = 2
+
+#: Socket constants used by the emulator (Linux values).
+AF_INET = 2
+AF_INET6 = 10
+SOCK_STREAM = 1
+SOCK_DGRAM = 2
+IPPROTO_TCP = 6
