@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from shared.errors import ZcrxError
-from shared.shm import list_all_runs, list_run_segments, remove_run_segments
+from shared.shm import list_run_segments
 
 EXIT_CHECK_FAILED = 1
 EXIT_FAILED = 3
@@ -99,25 +99,300 @@ def bench_ring(seconds: float, spin: int, json_path: str | None, check: bool) ->
 # -- cleanup ----------------------------------------------------------------------------
 
 @main.command()
-@click.option("--name", "run", help="The run to clean up.")
+@click.option("--name", "run", help="The run to clean up (its name, or a run id).")
 @click.option("--all", "all_runs", is_flag=True, help="Clean up every run on this machine.")
 def cleanup(run: str | None, all_runs: bool) -> None:
-    """Remove every shared-memory segment of a run (idempotent, like `mn -c`)."""
+    """Remove every process, shm segment and file of a run (idempotent, like `mn -c`).
+
+    Works from the run's manifest, with the process tag and the segment name
+    prefix as fallbacks, so it also cleans runs whose launcher crashed.
+    """
+    from launch import run as runmod
+
     if bool(run) == all_runs:
         fail("give exactly one of --name RUN or --all", 2)
-    runs = list_all_runs() if all_runs else [run or ""]
-    removed: list[str] = []
+    results = []
     try:
-        for r in runs:
-            removed += remove_run_segments(r)
+        if all_runs:
+            results += [runmod.cleanup(n) for n in runmod.list_runs()]
+            results += [runmod.cleanup_run_id(r) for r in runmod.orphan_run_ids()]
+        elif run in runmod.list_runs() or (runmod.runs_dir() / (run or "")).exists():
+            results.append(runmod.cleanup(run or ""))
+        else:
+            results.append(runmod.cleanup_run_id(run or ""))
     except ZcrxError as e:
         fail(str(e))
+    removed = [n for r in results for n in r["segments_removed"]]
+    killed = [p for r in results for p in r["killed"]]
     for name in removed:
         console.print(f"removed {name}", highlight=False)
-    left = [n for r in runs for n in list_run_segments(r)]
+    for pid in killed:
+        console.print(f"killed process {pid}", highlight=False)
+    left = [n for r in results for rid in r["run_ids"] for n in list_run_segments(rid)]
     if left:
         fail(f"could not remove: {', '.join(left)}")
-    console.print(f"cleaned {len(runs)} run(s), {len(removed)} segment(s)", highlight=False)
+    console.print(f"cleaned {len(results)} run(s), {len(removed)} segment(s), "
+                  f"{len(killed)} process(es)", highlight=False)
+
+
+# -- running a topology -----------------------------------------------------------------
+
+def _pick_run(name: str | None) -> Any:
+    """The run a command talks to: --name, or the only run that is up."""
+    from launch import run as runmod
+
+    try:
+        if name:
+            return runmod.Run.open(name)
+        runs = runmod.list_runs()
+        if len(runs) == 1:
+            return runmod.Run.open(runs[0])
+    except ZcrxError as e:
+        fail(str(e))
+    if not runs:
+        fail("no run is up (zcrx up)")
+    fail(f"several runs are up ({', '.join(runs)}): say which with --name")
+    raise AssertionError  # unreachable: fail exits
+
+
+def _call(run: Any, endpoint: str, type_: str, body: dict[str, Any] | None = None,
+          timeout_ms: int = 10_000) -> dict[str, Any]:
+    from shared.control import ControlClient
+
+    try:
+        with ControlClient(run.endpoint(endpoint), timeout_ms=timeout_ms) as c:
+            return c.call(type_, body or {})
+    except ZcrxError as e:
+        fail(f"{type_}: {e}")
+    raise AssertionError
+
+
+NAME_OPT = click.option("--name", help="Run name (default: the only run that is up).")
+
+
+@main.command()
+@click.option("--name", default="zcrx", show_default=True, help="Name of the run.")
+@click.option("--netdev", "netdevs", multiple=True, metavar="SPEC",
+              help="A netdev, e.g. 'eth0:queues=4,mtu=4096'; repeat for several "
+                   "(default: one eth0).")
+@click.option("--queues", type=click.IntRange(1, 64), default=None,
+              help="Combined queues of every netdev that does not say (default 4).")
+@click.option("--detach/--foreground", default=True, show_default=True,
+              help="Return once the run is up, or stay and bring it down on Ctrl-C.")
+def up(name: str, netdevs: tuple[str, ...], queues: int | None, detach: bool) -> None:
+    """Start the NIC and kernel processes of a run, in order, each once ready."""
+    from launch import run as runmod
+
+    specs = list(netdevs) or ["eth0"]
+    if queues is not None:
+        specs = [s if "queues=" in s else s + ("," if ":" in s else ":") + f"queues={queues}"
+                 for s in specs]
+    try:
+        r = runmod.Run.create(name, {"netdevs": specs})
+    except ZcrxError as e:
+        fail(str(e))
+    try:
+        nic_args = ["--run", r.run_id, "--rundir", str(r.dir)]
+        for s in specs:
+            nic_args += ["--netdev", s]
+        watch = [] if detach else ["--watch-parent"]
+        r.spawn("nic", "nic_proc", nic_args + watch, detach=detach, ready="nic")
+        r.spawn("kernel", "driver_proc", ["--run", r.run_id, "--rundir", str(r.dir), *watch],
+                detach=detach, ready="kernel")
+    except ZcrxError as e:
+        r.down()
+        fail(f"run {name} did not come up: {e}")
+    status = _call(r, "kernel", "status")
+    devs = ", ".join(f"{d['name']} ({len(d.get('queues', []))} queues)"
+                     for d in status.get("netdevs", []))
+    console.print(f"run {name} is up (id {r.run_id}): {devs}", highlight=False)
+    if detach:
+        return
+    import signal as _signal
+    import time as _time
+
+    stop = {"now": False}
+
+    def _stop(*_: Any) -> None:
+        stop["now"] = True
+
+    _signal.signal(_signal.SIGTERM, _stop)
+    try:
+        while not stop["now"] and set(r.alive_roles()) >= {"nic", "kernel"}:
+            _time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    r.down()
+    console.print(f"run {name} is down", highlight=False)
+
+
+@main.command()
+@NAME_OPT
+@click.option("--timeout", type=click.FloatRange(0.1, 120), default=5.0, show_default=True,
+              help="Seconds each process gets after SIGTERM before SIGKILL.")
+def down(name: str | None, timeout: float) -> None:
+    """Stop a run: apps, then the kernel, then the NIC; remove its segments."""
+    r = _pick_run(name)
+    res = r.down(timeout)
+    killed = f", killed {', '.join(res['killed'])}" if res["killed"] else ""
+    console.print(f"run {r.m.name} is down: stopped {', '.join(res['stopped']) or 'nothing'}"
+                  f"{killed}; {len(res['segments_removed'])} segment(s) removed",
+                  highlight=False)
+
+
+@main.command()
+@NAME_OPT
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def status(name: str | None, as_json: bool) -> None:
+    """Processes, netdevs, queues with their bindings and page pools, rings, apps."""
+    r = _pick_run(name)
+    st = _call(r, "kernel", "status")
+    st["processes"] = {role: {"pid": e.pid, "alive": e.process() is not None}
+                       for role, e in r.m.procs.items()}
+    if as_json:
+        click.echo(json.dumps(st, indent=2, sort_keys=True))
+        return
+    console.print(f"run {r.m.name} (id {r.run_id})", highlight=False)
+    for role, p in st["processes"].items():
+        console.print(f"  {role:<10} pid {p['pid']:<8} {'up' if p['alive'] else 'DEAD'}",
+                      highlight=False)
+    for d in st.get("netdevs", []):
+        console.print(f"{d['name']}: mtu {d.get('mtu')} link "
+                      f"{'up' if d.get('link_up', True) else 'down'}", highlight=False)
+        for q in d.get("queues", []):
+            bind = q.get("binding") or "-"
+            console.print(f"  rx-{q['id']}: {q.get('state', '?'):<8} ring {q.get('ring_size')}"
+                          f" page-pool {q.get('page_pool', '-')} in-flight "
+                          f"{q.get('inflight', 0)} provider {bind}", highlight=False)
+
+
+@main.command()
+@NAME_OPT
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def stats(name: str | None, as_json: bool) -> None:
+    """Counters of every layer: NIC queues, page pools, TCP, io_uring, zcrx."""
+    r = _pick_run(name)
+    st = _call(r, "kernel", "stats")
+    if as_json:
+        click.echo(json.dumps(st, indent=2, sort_keys=True))
+        return
+    _print_nested(st)
+
+
+def _print_nested(d: Any, indent: int = 0) -> None:
+    pad = "  " * indent
+    if isinstance(d, dict):
+        for k, v in d.items():
+            if isinstance(v, dict | list):
+                console.print(f"{pad}{k}:", highlight=False)
+                _print_nested(v, indent + 1)
+            else:
+                console.print(f"{pad}{k}: {v}", highlight=False)
+    elif isinstance(d, list):
+        for i, v in enumerate(d):
+            console.print(f"{pad}[{i}]", highlight=False)
+            _print_nested(v, indent + 1)
+    else:
+        console.print(f"{pad}{d}", highlight=False)
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@NAME_OPT
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def ethtool(name: str | None, args: tuple[str, ...]) -> None:
+    """ethtool, with ethtool's own syntax: -l/-L, -g/-G, -x/-X, -n/-N (-u/-U), -S.
+
+    Example: zcrx ethtool -N eth0 flow-type tcp4 dst-port 8000 action 1
+    """
+    from launch import ethtool as et
+
+    try:
+        req = et.parse(list(args))
+    except et.EthtoolUsageError as e:
+        fail(str(e), 2)
+    r = _pick_run(name)
+    dev = req["dev"]
+    from shared.control import ControlClient, ControlError
+
+    try:
+        with ControlClient(r.endpoint("kernel"), timeout_ms=30_000) as c:
+            reply = c.call("ethtool", {"dev": dev, "request": req})
+    except ControlError as e:
+        fail(et.format_error(req, e.errno or 22, getattr(e, "remote_msg", "") or ""))
+    except ZcrxError as e:
+        fail(str(e))
+    text = et.format_reply(req, reply)
+    if text:
+        click.echo(text.rstrip("\n"))
+
+
+@main.group()
+def app() -> None:
+    """Applications: run a sample program against the run's kernel."""
+
+
+APPS = {"copy-server": "app_proc.copy_server", "zcrx-server": "app_proc.zcrx_server"}
+
+
+@app.command("run", context_settings={"ignore_unknown_options": True})
+@NAME_OPT
+@click.option("--detach", is_flag=True, help="Run in the background as app:N.")
+@click.argument("program", type=click.Choice(sorted(APPS)))
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def app_run(name: str | None, detach: bool, program: str, args: tuple[str, ...]) -> None:
+    """Run PROGRAM (e.g. copy-server) with ARGS; its exit code is ours."""
+    r = _pick_run(name)
+    if detach:
+        n = 0
+        while f"app:{n}" in r.m.procs:
+            n += 1
+        e = r.spawn(f"app:{n}", APPS[program], list(args), detach=True)
+        console.print(f"app:{n} {program} pid {e.pid} (log {e.log})", highlight=False)
+        return
+    import subprocess as sp
+
+    proc = sp.run([sys.executable, "-m", APPS[program], *args], env=r.env(), check=False)
+    sys.exit(proc.returncode)
+
+
+@main.command()
+@NAME_OPT
+@click.option("--dev", default="eth0", show_default=True, help="Netdev that receives it.")
+@click.option("--flows", type=click.IntRange(1, 4096), default=1, show_default=True,
+              help="Number of TCP flows.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True,
+              help="Destination port.")
+@click.option("--bytes", "total", type=click.IntRange(0), default=64 << 20, show_default=True,
+              help="Bytes per flow (0: until --seconds).")
+@click.option("--seconds", type=click.FloatRange(0), default=0.0, help="Duration instead.")
+@click.option("--rate", type=click.FloatRange(0), default=0.0,
+              help="Bytes per second over all flows (0: as fast as the host allows).")
+@click.option("--payload", type=click.IntRange(0), default=0,
+              help="Payload per segment (0: the MSS for the MTU).")
+@click.option("--ipv6", is_flag=True, help="IPv6 flows instead of IPv4.")
+def traffic(name: str | None, dev: str, flows: int, port: int, total: int, seconds: float,
+            rate: float, payload: int, ipv6: bool) -> None:
+    """Start the traffic generator: TCP flows with a byte pattern receivers can verify."""
+    r = _pick_run(name)
+    spec = {"flows": flows, "dst_port": port, "bytes": total, "seconds": seconds,
+            "rate": rate, "payload": payload, "ipv6": ipv6}
+    res = _call(r, "nic", "nic.traffic", {"dev": dev, "spec": spec})
+    console.print(f"traffic source {res['source']} started on {dev}", highlight=False)
+
+
+@main.command()
+@NAME_OPT
+@click.option("--dev", default="eth0", show_default=True, help="Netdev that receives it.")
+@click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True,
+              help="Loopback port to listen on (0: pick one); it is also the flows' "
+                   "destination port.")
+def wire(name: str | None, dev: str, port: int) -> None:
+    """Start the wire gateway: a real TCP listener on 127.0.0.1 whose connections become
+    flows into the netdev (so `nc 127.0.0.1 PORT < file` works)."""
+    r = _pick_run(name)
+    res = _call(r, "nic", "nic.wire", {"dev": dev, "port": port})
+    console.print(f"wire gateway listening on 127.0.0.1:{res['port']} -> {dev}",
+                  highlight=False)
 
 
 # -- demo -------------------------------------------------------------------------------

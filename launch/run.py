@@ -1,0 +1,321 @@
+"""A run: its directory, its manifest, and the processes it starts and stops.
+
+Topology as data (Mininet's lesson): a run is created from a plain config
+dict; the :class:`Run` object realises it.  Everything a run creates is
+findable afterwards without the launcher's memory:
+
+* the run directory ``$ZCRX_RUNS_DIR/<name>/`` (default ``/tmp/zcrx-runs``)
+  holds ``manifest.json``, the control sockets (``*.sock``) and one log per
+  process;
+* every process carries ``zcrx:<run_id>:<role>`` in its argv;
+* every shm segment is ``/dev/shm/zcrx.<run_id>.*``.
+
+So :func:`cleanup` removes a crashed run from the manifest, with the argv tag
+and the name prefix as fallbacks, and is idempotent.
+
+The launcher owns the run directory; each role owns the segments it creates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from shared.control import ControlClient, ipc_endpoint
+from shared.errors import Misuse, PeerGone, Timeout, ZcrxError
+from shared.shm import list_run_segments, remove_run_segments
+
+DEFAULT_RUNS_DIR = "/tmp/zcrx-runs"
+MANIFEST = "manifest.json"
+#: Roles in start order; stop runs in reverse, apps first.
+ROLE_ORDER = ("nic", "kernel")
+
+
+def runs_dir() -> Path:
+    return Path(os.environ.get("ZCRX_RUNS_DIR", DEFAULT_RUNS_DIR))
+
+
+def check_name(name: str) -> str:
+    if not name or len(name) > 32 or not all(c.isalnum() or c in "_-" for c in name):
+        raise Misuse(f"bad run name {name!r}: up to 32 letters, digits, '_' or '-'")
+    return name
+
+
+@dataclass
+class ProcEntry:
+    role: str
+    pid: int
+    create_time: float
+    argv: list[str]
+    log: str
+
+    def process(self) -> psutil.Process | None:
+        """The live process, or None if it is gone (or the pid was reused)."""
+        try:
+            p = psutil.Process(self.pid)
+            if abs(p.create_time() - self.create_time) > 0.5:
+                return None
+            if p.status() == psutil.STATUS_ZOMBIE:
+                return None
+            return p
+        except psutil.Error:
+            return None
+
+
+@dataclass
+class Manifest:
+    name: str
+    run_id: str
+    rundir: str
+    created: float
+    launcher_pid: int
+    config: dict[str, Any] = field(default_factory=dict)
+    procs: dict[str, ProcEntry] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        return json.dumps(d, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        d = json.loads(text)
+        procs = {k: ProcEntry(**v) for k, v in d.pop("procs", {}).items()}
+        return cls(procs=procs, **d)
+
+
+class Run:
+    """A live (or crashed) run, found by name."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        self.m = manifest
+        self.dir = Path(manifest.rundir)
+
+    # -- create / open ------------------------------------------------------------
+
+    @classmethod
+    def create(cls, name: str, config: dict[str, Any] | None = None) -> Run:
+        check_name(name)
+        base = runs_dir()
+        base.mkdir(parents=True, exist_ok=True)
+        rundir = base / name
+        if rundir.exists():
+            try:
+                old = cls.open(name)
+            except ZcrxError:
+                old = None
+            if old is not None and old.alive_roles():
+                raise Misuse(f"run {name!r} is already up (zcrx down --name {name})",
+                             errno=17)
+            cleanup(name)
+        rundir.mkdir(mode=0o700)
+        run_id = f"{name}-{secrets.token_hex(3)}"
+        m = Manifest(name=name, run_id=run_id, rundir=str(rundir), created=time.time(),
+                     launcher_pid=os.getpid(), config=config or {})
+        run = cls(m)
+        run.save()
+        return run
+
+    @classmethod
+    def open(cls, name: str) -> Run:
+        check_name(name)
+        path = runs_dir() / name / MANIFEST
+        try:
+            return cls(Manifest.from_json(path.read_text()))
+        except FileNotFoundError as e:
+            raise Misuse(f"no run named {name!r} (zcrx up --name {name})", errno=2) from e
+        except (ValueError, TypeError, KeyError) as e:
+            raise Misuse(f"run {name!r} has a damaged manifest: {e}", errno=22) from e
+
+    def save(self) -> None:
+        tmp = self.dir / (MANIFEST + ".tmp")
+        tmp.write_text(self.m.to_json())
+        os.replace(tmp, self.dir / MANIFEST)
+
+    # -- properties ---------------------------------------------------------------
+
+    @property
+    def run_id(self) -> str:
+        return self.m.run_id
+
+    def endpoint(self, name: str) -> str:
+        return ipc_endpoint(self.dir, name)
+
+    def tag(self, role: str) -> str:
+        return f"zcrx:{self.run_id}:{role}"
+
+    def alive_roles(self) -> list[str]:
+        return [r for r, e in self.m.procs.items() if e.process() is not None]
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["ZCRX_RUN"] = self.run_id
+        env["ZCRX_RUNDIR"] = str(self.dir)
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    # -- processes ------------------------------------------------------------------
+
+    def spawn(self, role: str, module: str, args: list[str], *, detach: bool = True,
+              ready: str | None = None, ready_timeout: float = 20.0) -> ProcEntry:
+        """Start ``python -m module args`` as ``role``; wait for its endpoint to answer.
+
+        ``ready`` names the control endpoint to ping; without it the process is
+        ready once started.  Processes get their own session when ``detach`` so
+        they survive the launcher (``zcrx down`` still stops them); otherwise
+        they watch their parent and exit when it dies.
+        """
+        if role in self.m.procs and self.m.procs[role].process() is not None:
+            raise Misuse(f"{role} is already running in run {self.m.name}", errno=17)
+        log_path = self.dir / f"{role.replace(':', '-')}.log"
+        argv = [sys.executable, "-m", module, "--tag", self.tag(role), *args]
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                    env=self.env(), cwd=str(self.dir),
+                                    start_new_session=detach)
+        entry = ProcEntry(role=role, pid=proc.pid,
+                          create_time=psutil.Process(proc.pid).create_time(),
+                          argv=argv, log=str(log_path))
+        self.m.procs[role] = entry
+        self.save()
+        if ready is not None:
+            self._wait_ready(proc, role, ready, ready_timeout)
+        return entry
+
+    def _wait_ready(self, proc: subprocess.Popen[bytes], role: str, endpoint_name: str,
+                    timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with ControlClient(self.endpoint(endpoint_name), timeout_ms=200) as client:
+            while True:
+                if proc.poll() is not None:
+                    raise PeerGone(f"{role} exited with code {proc.returncode} during start; "
+                                   f"see {self.m.procs[role].log}")
+                try:
+                    client.ping()
+                    return
+                except Timeout:
+                    if time.monotonic() > deadline:
+                        raise Timeout(f"{role} did not become ready in {timeout:.0f} s; "
+                                      f"see {self.m.procs[role].log}") from None
+
+    def stop(self, role: str, timeout: float = 5.0) -> bool:
+        """TERM, wait, KILL.  Returns True if the process had to be killed."""
+        entry = self.m.procs.get(role)
+        if entry is None:
+            return False
+        killed = _terminate(entry, timeout)
+        self.m.procs.pop(role, None)
+        self.save()
+        return killed
+
+    def down(self, timeout: float = 5.0) -> dict[str, Any]:
+        """Stop every process (apps first, then kernel, then NIC) and remove the run."""
+        order = [r for r in self.m.procs if r not in ROLE_ORDER]
+        order += [r for r in reversed(ROLE_ORDER) if r in self.m.procs]
+        killed = [r for r in order if self.stop(r, timeout)]
+        removed = remove_run_segments(self.run_id)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        return {"stopped": order, "killed": killed, "segments_removed": removed}
+
+
+def _terminate(entry: ProcEntry, timeout: float) -> bool:
+    p = entry.process()
+    if p is None:
+        return False
+    with contextlib.suppress(psutil.Error):
+        p.send_signal(signal.SIGTERM)
+    try:
+        p.wait(timeout)
+        return False
+    except psutil.TimeoutExpired:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+            p.wait(timeout)
+        return True
+    except psutil.Error:
+        return False
+
+
+def tagged_processes(run_id: str) -> list[psutil.Process]:
+    """Processes whose argv carries this run's tag (the fallback when a manifest is lost)."""
+    needle = f"zcrx:{run_id}:"
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            cmd = p.info["cmdline"] or []
+        except psutil.Error:
+            continue
+        if any(needle in a for a in cmd) and p.pid != os.getpid():
+            found.append(p)
+    return found
+
+
+def cleanup(name: str) -> dict[str, Any]:
+    """Remove every process, segment and file of a run.  Idempotent."""
+    check_name(name)
+    rundir = runs_dir() / name
+    run_ids: set[str] = set()
+    killed: list[int] = []
+    try:
+        m = Manifest.from_json((rundir / MANIFEST).read_text())
+        run_ids.add(m.run_id)
+        for entry in m.procs.values():
+            if entry.process() is not None:
+                _terminate(entry, 2.0)
+                killed.append(entry.pid)
+    except (FileNotFoundError, ValueError, TypeError, KeyError):
+        pass
+    # Fallback: a run whose manifest is gone still has its tag on processes and
+    # its id prefix on segments.
+    for rid in list(run_ids) or []:
+        for p in tagged_processes(rid):
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+                killed.append(p.pid)
+    removed: list[str] = []
+    for rid in run_ids:
+        removed += remove_run_segments(rid)
+    shutil.rmtree(rundir, ignore_errors=True)
+    return {"name": name, "run_ids": sorted(run_ids), "killed": killed,
+            "segments_removed": removed}
+
+
+def list_runs() -> list[str]:
+    base = runs_dir()
+    if not base.is_dir():
+        return []
+    return sorted(p.name for p in base.iterdir() if (p / MANIFEST).exists())
+
+
+def orphan_run_ids() -> list[str]:
+    """Run ids with shm segments but no run directory (their manifest is lost)."""
+    from shared.shm import list_all_runs
+
+    known = set()
+    for name in list_runs():
+        with contextlib.suppress(ZcrxError):
+            known.add(Run.open(name).run_id)
+    return [r for r in list_all_runs() if r not in known]
+
+
+def cleanup_run_id(run_id: str) -> dict[str, Any]:
+    """Clean a run known only by its id (segments and tagged processes)."""
+    killed = []
+    for p in tagged_processes(run_id):
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+            killed.append(p.pid)
+    return {"run_ids": [run_id], "killed": killed,
+            "segments_removed": remove_run_segments(run_id),
+            "left": list_run_segments(run_id)}
