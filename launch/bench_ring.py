@@ -315,7 +315,7 @@ def copy_bandwidth(nbytes: int = 16 << 20, seconds: float = 0.5) -> float:
     a = np.ones(nbytes, dtype=np.uint8)
     b = np.zeros(nbytes, dtype=np.uint8)
     np.copyto(b, a)  # fault both in
-    samples = []
+    samples: list[float] = []
     end = time.perf_counter() + seconds
     while time.perf_counter() < end or len(samples) < 5:
         t0 = time.perf_counter()
