@@ -1,0 +1,401 @@
+"""A copying TCP receiver on io_uring: the baseline the zero-copy server is compared with.
+
+    python -m app_proc.copy_server [-p PORT] [-v] [-s BYTES] [-o FILE] [-b SIZE] [-n CONNS]
+                                   [--stream-id ID|sport] [--json PATH]
+
+Written like liburing's examples: one ring; a multishot ACCEPT on the listener; per
+connection a multishot RECV that picks buffers from a provided-buffer ring (so steady-state
+receive costs no syscall and no SQE per chunk); every CQE batch is read, then its buffers go
+back to the ring with one :meth:`~app_proc.liburing.BufRing.add` and one tail store.
+
+Per connection the server counts bytes, hashes them (SHA-256), optionally verifies them
+against :mod:`shared.pattern` (``-v``; the stream id is the peer's TCP source port, which is
+what the NIC's generator uses, see ``nic_proc/sources.py``, or a fixed ``--stream-id``),
+optionally checks the total (``-s``) and writes them to a file (``-o``).  At the close of each
+connection it prints one line; ``--json`` writes a summary.  Exit status 0 only if every
+connection passed every check; 1 if one failed; 3 for a setup error.
+
+Memory: the buffer ring and the buffers are this process's regions (``app<task>.*``), created
+and unlinked here; the ring regions are the kernel's, attached and detached here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import hashlib
+import json
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import numpy as np
+
+from app_proc import liburing as L
+from shared import abi, pattern
+from shared.control import ControlError
+from shared.errors import ZcrxError
+
+BGID = 1
+KIND_ACCEPT = 1
+KIND_RECV = 2
+KIND_CLOSE = 3
+EXIT_OK = 0
+EXIT_CHECK_FAILED = 1
+EXIT_SETUP_FAILED = 3
+
+
+@dataclass
+class Options:
+    port: int = 8000
+    addr: str = "0.0.0.0"
+    verify: bool = False
+    stream_id: int | None = None  # None: the peer's source port
+    size: int = 0  # expected bytes per connection, 0 = not checked
+    output: str | None = None
+    buf_size: int = 16384
+    nbufs: int = 64
+    entries: int = 64
+    connections: int = 0  # 0 = until SIGTERM
+    json_path: str | None = None
+    seconds: float = 0.0  # give up after this long (0 = never)
+    quiet: bool = False
+
+
+@dataclass
+class Conn:
+    fd: int
+    index: int
+    peer: tuple[str, int]
+    stream: int
+    nbytes: int = 0
+    sha: Any = field(default_factory=hashlib.sha256)
+    bad_offset: int | None = None
+    error: int | None = None
+    out: IO[bytes] | None = None
+    done: bool = False
+
+    def summary(self, opts: Options) -> dict[str, Any]:
+        checks: dict[str, bool] = {"error": self.error is None}
+        if opts.verify:
+            checks["verify"] = self.bad_offset is None
+        if opts.size:
+            checks["size"] = self.nbytes == opts.size
+        return {
+            "index": self.index, "peer": f"{self.peer[0]}:{self.peer[1]}",
+            "stream": self.stream, "bytes": self.nbytes, "sha256": self.sha.hexdigest(),
+            "bad_offset": self.bad_offset, "error": self.error,
+            "ok": all(checks.values()), "checks": checks,
+        }
+
+
+def _ud(kind: int, fd: int) -> int:
+    return (fd << 8) | kind
+
+
+def _out_path(template: str, index: int, single: bool) -> str:
+    if "{n}" in template:
+        return template.replace("{n}", str(index))
+    return template if single else f"{template}.{index}"
+
+
+class CopyServer:
+    """The server's state; :meth:`run` is the loop."""
+
+    def __init__(self, kernel: L.Kernel, opts: Options, stop: threading.Event | None = None,
+                 log: IO[str] | None = None) -> None:
+        self.k = kernel
+        self.opts = opts
+        self.stop = stop or threading.Event()
+        self.log = log if log is not None else sys.stdout
+        self.conns: dict[int, Conn] = {}
+        self.finished: list[dict[str, Any]] = []
+        self.accepted = 0
+        self.accept_armed = False
+        self.lfd = -1
+        self.errors: list[str] = []
+
+    def say(self, text: str) -> None:
+        if not self.opts.quiet:
+            print(text, file=self.log, flush=True)
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def _sqe(self) -> Any:
+        sqe = L.io_uring_get_sqe(self.ring)
+        if sqe is None:
+            L.io_uring_submit(self.ring)
+            sqe = L.io_uring_get_sqe(self.ring)
+        assert sqe is not None
+        return sqe
+
+    def arm_accept(self) -> None:
+        sqe = self._sqe()
+        L.io_uring_prep_multishot_accept(sqe, self.lfd)
+        L.io_uring_sqe_set_data64(sqe, _ud(KIND_ACCEPT, self.lfd))
+        self.accept_armed = True
+
+    def arm_recv(self, fd: int) -> None:
+        sqe = self._sqe()
+        L.io_uring_prep_recv_multishot(sqe, fd, 0, 0)
+        L.io_uring_sqe_set_buf_group(sqe, BGID)
+        L.io_uring_sqe_set_data64(sqe, _ud(KIND_RECV, fd))
+
+    # -- completions --------------------------------------------------------------------------
+
+    def on_accept(self, res: int, flags: int) -> None:
+        more = bool(flags & abi.IORING_CQE_F_MORE)
+        if not more:
+            self.accept_armed = False
+        if res < 0:
+            if res != -errno.ECANCELED:
+                self.errors.append(f"accept: {errno.errorcode.get(-res, res)}")
+            return
+        self.accepted += 1
+        peer = self.k.getpeername(res)
+        stream = self.opts.stream_id if self.opts.stream_id is not None else peer[1]
+        conn = Conn(res, self.accepted, peer, stream)
+        if self.opts.output:
+            single = self.opts.connections == 1
+            conn.out = open(_out_path(self.opts.output, conn.index, single), "wb")  # noqa: SIM115
+        self.conns[res] = conn
+        self.arm_recv(res)
+        n = self.opts.connections
+        if n and self.accepted >= n:
+            if self.lfd >= 0:
+                self.k.close_fd(self.lfd)  # enough: stop listening (ends the multishot accept)
+                self.lfd = -1
+            return
+        if not more and not self.stop.is_set():
+            self.arm_accept()
+
+    def on_recv(self, fd: int, res: int, flags: int, data: np.ndarray | None,
+                rearm: list[int]) -> None:
+        conn = self.conns.get(fd)
+        if conn is None or conn.done:
+            return
+        if res > 0 and data is not None:
+            if self.opts.verify and conn.bad_offset is None:
+                bad = pattern.verify(conn.stream, conn.nbytes, data)
+                if bad >= 0:
+                    conn.bad_offset = conn.nbytes + bad
+            conn.sha.update(data)
+            if conn.out is not None:
+                conn.out.write(data.tobytes())
+            conn.nbytes += res
+            if not flags & abi.IORING_CQE_F_MORE:
+                rearm.append(fd)
+            return
+        if res == -errno.ENOBUFS:
+            rearm.append(fd)  # after this batch's buffers are back
+            return
+        if res < 0:
+            conn.error = -res
+        self.close_conn(conn)
+
+    def close_conn(self, conn: Conn) -> None:
+        conn.done = True
+        if conn.out is not None:
+            conn.out.close()
+        s = conn.summary(self.opts)
+        self.finished.append(s)
+        verdict = "ok" if s["ok"] else "FAILED " + ",".join(
+            k for k, v in s["checks"].items() if not v)
+        extra = ""
+        if conn.error is not None:
+            extra = f" error {errno.errorcode.get(conn.error, conn.error)}"
+        if conn.bad_offset is not None:
+            extra += f" first bad byte at {conn.bad_offset}"
+        self.say(f"conn {conn.index} {s['peer']} bytes {conn.nbytes} sha256 {s['sha256']}"
+                 f" {verdict}{extra}")
+        del self.conns[conn.fd]
+        sqe = self._sqe()
+        L.io_uring_prep_close(sqe, conn.fd)
+        L.io_uring_sqe_set_data64(sqe, _ud(KIND_CLOSE, conn.fd))
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def done(self) -> bool:
+        n = self.opts.connections
+        return bool(n) and len(self.finished) >= n and not self.conns
+
+    def run(self) -> int:
+        o = self.opts
+        k = self.k
+        self.ring = L.io_uring_queue_init(o.entries, kernel=k)
+        try:
+            self.lfd = k.listen_tcp(o.port, o.addr)
+            self.br = L.io_uring_setup_buf_ring(self.ring, o.nbufs, BGID)
+            self.mem = k.alloc_memory(o.nbufs * o.buf_size, tag="bufs")
+            bs = o.buf_size
+            self.addrs = self.mem.addr + bs * np.arange(o.nbufs, dtype=np.int64)
+            self.br.add(self.addrs, bs, np.arange(o.nbufs))
+            self.br.advance(o.nbufs)
+            self.arm_accept()
+            L.io_uring_submit(self.ring)
+            self.say(f"copy_server listening on {o.addr}:{o.port}")
+            self._loop()
+        finally:
+            for conn in list(self.conns.values()):
+                if conn.out is not None:
+                    conn.out.close()
+            if getattr(self, "lfd", -1) >= 0:
+                try:
+                    k.close_fd(self.lfd)
+                except ControlError:
+                    pass
+            L.io_uring_queue_exit(self.ring)
+            if hasattr(self, "mem"):
+                self.mem.close()
+        ok = not self.errors and all(s["ok"] for s in self.finished)
+        if o.connections and len(self.finished) < o.connections:
+            ok = False
+            self.errors.append(f"served {len(self.finished)} of {o.connections} connections")
+        return EXIT_OK if ok else EXIT_CHECK_FAILED
+
+    def _loop(self) -> None:
+        o = self.opts
+        bs = o.buf_size
+        deadline = time.monotonic() + o.seconds if o.seconds else None
+        ring = self.ring
+        while not self.done() and not self.stop.is_set():
+            if deadline is not None and time.monotonic() > deadline:
+                self.errors.append("timed out")
+                break
+            try:
+                L.io_uring_wait_cqes(ring, 1, timeout_ms=200)
+            except ControlError as exc:
+                if exc.errno == errno.ETIME:
+                    continue
+                raise
+            rearm: list[int] = []
+            bids: list[int] = []
+            while True:
+                cqes = L.peek_cqes(ring)
+                n = len(cqes)
+                if not n:
+                    break
+                uds = cqes["user_data"].tolist()
+                res = cqes["res"].tolist()
+                flags = cqes["flags"].tolist()
+                for ud, r, fl in zip(uds, res, flags, strict=True):
+                    kind, fd = ud & 0xFF, ud >> 8
+                    if kind == KIND_RECV:
+                        data = None
+                        if fl & abi.IORING_CQE_F_BUFFER:
+                            bid = fl >> abi.IORING_CQE_BUFFER_SHIFT
+                            bids.append(bid)
+                            if r > 0:
+                                data = self.mem.view[bid * bs:bid * bs + r]
+                        self.on_recv(fd, r, fl, data, rearm)
+                    elif kind == KIND_ACCEPT:
+                        self.on_accept(r, fl)
+                    elif kind == KIND_CLOSE and r < 0:
+                        self.errors.append(f"close({fd}): {errno.errorcode.get(-r, r)}")
+                L.io_uring_cq_advance(ring, n)
+            if bids:
+                b = np.array(bids, dtype=np.int64)
+                self.br.add(self.addrs[b], bs, b)
+                self.br.advance(len(b))
+            for fd in rearm:
+                if fd in self.conns:
+                    self.arm_recv(fd)
+            L.io_uring_submit(ring)
+
+    def summary(self) -> dict[str, Any]:
+        return {"connections": self.finished, "errors": self.errors,
+                "bytes": sum(s["bytes"] for s in self.finished),
+                "ok": not self.errors and all(s["ok"] for s in self.finished)}
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespace]:
+    p = argparse.ArgumentParser(prog="python -m app_proc.copy_server",
+                                description="Copying io_uring TCP receiver (multishot accept + "
+                                            "multishot recv from a provided-buffer ring).")
+    p.add_argument("-p", "--port", type=int, default=8000, help="port to listen on (8000)")
+    p.add_argument("-a", "--addr", default="0.0.0.0", help="address to bind (0.0.0.0)")
+    p.add_argument("-v", "--verify", action="store_true",
+                   help="check every byte against the pattern stream")
+    p.add_argument("--stream-id", default="sport",
+                   help="pattern stream id: a number, or 'sport' for the peer's source port "
+                        "(what the NIC generator uses; default)")
+    p.add_argument("-s", "--size", type=int, default=0,
+                   help="expected bytes per connection (checked at EOF; 0: not checked)")
+    p.add_argument("-o", "--output", help="write received bytes here ('{n}' = connection "
+                                          "number; else FILE.N when serving several)")
+    p.add_argument("-b", "--buf-size", type=int, default=16384, help="buffer size (16384)")
+    p.add_argument("--nbufs", type=int, default=64, help="provided buffers (64, power of 2)")
+    p.add_argument("-e", "--entries", type=int, default=64, help="SQ entries (64)")
+    p.add_argument("-n", "--connections", type=int, default=0,
+                   help="serve this many connections, then exit (0: until SIGTERM)")
+    p.add_argument("--json", dest="json_path", help="write a JSON summary here ('-': stdout)")
+    p.add_argument("--seconds", type=float, default=0.0, help="give up after this long")
+    p.add_argument("-q", "--quiet", action="store_true", help="no per-connection lines")
+    p.add_argument("--rundir", help=f"run directory (default ${L.ENV_RUNDIR})")
+    p.add_argument("--run", help=f"run id (default ${L.ENV_RUN})")
+    a = p.parse_args(argv)
+    if a.stream_id == "sport":
+        stream = None
+    else:
+        try:
+            stream = int(a.stream_id)
+        except ValueError:
+            p.error("--stream-id takes a number or 'sport'")
+        if stream < 0:
+            p.error("--stream-id must be >= 0")
+    if a.nbufs <= 0 or a.nbufs & (a.nbufs - 1) or a.nbufs > 32768:
+        p.error("--nbufs must be a power of two up to 32768")
+    if a.buf_size <= 0:
+        p.error("--buf-size must be positive")
+    opts = Options(port=a.port, addr=a.addr, verify=a.verify, stream_id=stream, size=a.size,
+                   output=a.output, buf_size=a.buf_size, nbufs=a.nbufs, entries=a.entries,
+                   connections=a.connections, json_path=a.json_path, seconds=a.seconds,
+                   quiet=a.quiet)
+    return opts, a
+
+
+def write_json(path: str, summary: dict[str, Any]) -> None:
+    text = json.dumps(summary, indent=2)
+    if path == "-":
+        print(text, flush=True)
+    else:
+        with open(path, "w") as f:
+            f.write(text + "\n")
+
+
+def main(argv: list[str] | None = None, kernel: L.Kernel | None = None,
+         stop: threading.Event | None = None) -> int:
+    opts, a = parse_args(argv)
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+    own = kernel is None
+    try:
+        k = kernel if kernel is not None else L.Kernel(a.rundir, run=a.run, name="copy_server")
+        k.attach()
+    except ZcrxError as exc:
+        print(f"copy_server: cannot reach the kernel: {exc}", file=sys.stderr)
+        return EXIT_SETUP_FAILED
+    server = CopyServer(k, opts, stop, log=sys.stderr if opts.json_path == "-" else None)
+    try:
+        code = server.run()
+    except ZcrxError as exc:
+        print(f"copy_server: {exc}", file=sys.stderr)
+        code = EXIT_SETUP_FAILED
+        server.errors.append(str(exc))
+    finally:
+        if own:
+            k.close()
+    if opts.json_path:
+        write_json(opts.json_path, server.summary())
+    for e in server.errors:
+        print(f"copy_server: {e}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,842 @@
+"""The application side of io_uring, shaped like liburing.
+
+A liburing user finds the familiar names: :func:`io_uring_queue_init` makes a :class:`Ring`
+(``struct io_uring``), :func:`io_uring_get_sqe` + ``io_uring_prep_*`` fill SQEs,
+:func:`io_uring_submit` / :func:`io_uring_submit_and_wait` publish them,
+:func:`io_uring_wait_cqe` / :func:`io_uring_peek_cqe` / :func:`io_uring_cqe_seen` read
+completions, ``io_uring_*buf_ring*`` manage provided-buffer rings.  Python-flavoured batch
+helpers sit beside them: :func:`peek_cqes` returns a numpy view of every ready CQE and
+:func:`io_uring_cq_advance` releases them in one store; :meth:`BufRing.add` publishes many
+buffers with a few numpy operations.
+
+The kernel is another process (``driver_proc``).  Syscalls travel over the control plane
+(:class:`Kernel`, a :class:`~shared.control.ControlClient` of ``<rundir>/kernel.sock``); data
+never does: the SQ/CQ rings and SQEs are kernel regions this process attaches after the
+``mmap`` syscall names them, and receive buffers are this process's own regions, entered into
+its emulated mm with ``mm_map``.
+
+Who owns what in shared memory
+------------------------------
+* **Kernel regions** (rings, SQEs, ``IOU_PBUF_RING_MMAP`` buffer rings): created and unlinked by
+  the kernel; this process attaches and detaches them.  In the rings region the app writes the
+  SQ tail, the SQ index array and the CQ head (and ``cq_flags``); the kernel writes everything
+  else.  The app writes SQEs; the kernel copies them at submission.
+* **App memory** (:class:`Memory`: receive buffers, provided-buffer rings): created and unlinked
+  here (``/zcrx.<run>.app<task>.mem<N>``).  The kernel writes received bytes into buffers it was
+  given; the app writes buffer-ring entries and the ring's u16 tail.
+
+Clients read every ring offset from ``io_uring_params`` (``sq_off``/``cq_off``) as liburing
+does; nothing here hard-codes the kernel's layout.  CQ reads go through a
+:class:`~shared.ring.RingConsumer` built from those offsets.
+
+Configuration: the run directory comes from the ``rundir`` argument or ``$ZCRX_RUNDIR``; the
+run id (used to name this process's regions) from ``run`` or ``$ZCRX_RUN``, else the run
+directory's base name.  A failing syscall raises :class:`~shared.control.ControlError` (a
+:class:`~shared.errors.ZcrxError`) whose ``errno`` is Linux's; a kernel that stops answering
+raises :class:`~shared.errors.PeerGone`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import errno
+import os
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+import shared.syscalls  # noqa: F401  (registers the syscall message types)
+from shared import abi
+from shared.control import ControlClient, ControlError, Message, ipc_endpoint
+from shared.errors import Misuse, PeerGone, Timeout
+from shared.ring import Backoff, RingConsumer, RingLayout
+from shared.shm import PAGE_SIZE, Region, page_align, region_name
+from shared.syscalls import AF_INET, AF_INET6, IPPROTO_TCP, PROT_READ, PROT_WRITE, SOCK_STREAM
+
+__all__ = [
+    "AF_INET",
+    "AF_INET6",
+    "ENV_RUN",
+    "ENV_RUNDIR",
+    "IPPROTO_TCP",
+    "PROT_READ",
+    "PROT_WRITE",
+    "SOCK_STREAM",
+    "BufRing",
+    "Kernel",
+    "Memory",
+    "Ring",
+    "cqe_bid",
+    "default_kernel",
+    "io_uring_buf_ring_add",
+    "io_uring_buf_ring_advance",
+    "io_uring_buf_ring_mask",
+    "io_uring_cq_advance",
+    "io_uring_cq_ready",
+    "io_uring_cqe_seen",
+    "io_uring_enter",
+    "io_uring_free_buf_ring",
+    "io_uring_get_sqe",
+    "io_uring_peek_cqe",
+    "io_uring_prep_accept",
+    "io_uring_prep_close",
+    "io_uring_prep_multishot_accept",
+    "io_uring_prep_nop",
+    "io_uring_prep_recv",
+    "io_uring_prep_recv_multishot",
+    "io_uring_prep_rw",
+    "io_uring_queue_exit",
+    "io_uring_queue_init",
+    "io_uring_register",
+    "io_uring_setup_buf_ring",
+    "io_uring_sq_ready",
+    "io_uring_sq_space_left",
+    "io_uring_sqe_set_buf_group",
+    "io_uring_sqe_set_data64",
+    "io_uring_sqe_set_flags",
+    "io_uring_submit",
+    "io_uring_submit_and_wait",
+    "io_uring_wait_cqe",
+    "io_uring_wait_cqes",
+    "peek_cqes",
+]
+
+ENV_RUNDIR = "ZCRX_RUNDIR"
+ENV_RUN = "ZCRX_RUN"
+#: Longest single wait the kernel is asked for; longer waits loop (the control client has a
+#: reply timeout, and a timed-out client loses its identity, hence its task).
+WAIT_CHUNK_MS = 1000
+_SLACK_MS = 5000
+
+
+class Transport(Protocol):
+    """What :class:`Kernel` needs to send syscalls (a ControlClient, or a test double)."""
+
+    def request(self, type: str, body: Any = None, blobs: Iterable[bytes] = (), *,
+                timeout_ms: int | None = None) -> Message: ...
+
+    def close(self) -> None: ...
+
+
+# --------------------------------------------------------------------------------------------
+# The kernel connection
+# --------------------------------------------------------------------------------------------
+
+
+class Memory:
+    """App-owned memory: one region created here and entered into the mm at ``addr``.
+
+    ``view`` is the whole region as ``uint8``; ``addr + i`` is ``view[i]`` to the kernel.
+    :meth:`close` unmaps it from the mm, detaches and unlinks it.
+    """
+
+    def __init__(self, kernel: Kernel, region: Region, addr: int, length: int) -> None:
+        self.kernel = kernel
+        self.region = region
+        self.addr = addr
+        self.length = length
+        self.view: NDArray[np.uint8] = region.array(np.uint8)[:length]
+
+    @property
+    def name(self) -> str:
+        return self.region.name
+
+    def at(self, addr: int, length: int) -> NDArray[np.uint8]:
+        """The bytes at virtual address ``addr`` (must lie inside this memory)."""
+        off = addr - self.addr
+        if off < 0 or off + length > self.length:
+            raise Misuse(f"{addr:#x}+{length} is outside {self.name}", errno.EFAULT)
+        return self.view[off:off + length]
+
+    def close(self) -> None:
+        if self.region.buf is None:
+            return
+        try:
+            if not self.kernel.closed:
+                self.kernel.mm_unmap(self.addr, self.length)
+        finally:
+            self.view = np.empty(0, dtype=np.uint8)
+            self.region.close()
+            self.kernel._memories.discard(self)
+
+
+class Kernel:
+    """This process's connection to the emulated kernel (its syscall interface).
+
+    ``transport`` replaces the control client (tests call the handlers in-process).
+    """
+
+    def __init__(self, rundir: str | Path | None = None, *, run: str | None = None,
+                 name: str | None = None, timeout_ms: int = 5000,
+                 transport: Transport | None = None) -> None:
+        if rundir is None:
+            rundir = os.environ.get(ENV_RUNDIR)
+        if run is None:
+            run = os.environ.get(ENV_RUN) or (Path(rundir).name if rundir else None)
+        if not run:
+            raise Misuse(f"no run id: pass run= or set ${ENV_RUN}")
+        region_name(run, "x", "x")  # validates the run id
+        self.run = run
+        self.name = name or Path(sys.argv[0] or "app").name
+        self.timeout_ms = timeout_ms
+        if transport is None:
+            if rundir is None:
+                raise Misuse(f"no run directory: pass rundir= or set ${ENV_RUNDIR}")
+            transport = ControlClient(ipc_endpoint(rundir, "kernel"), timeout_ms)
+        self.transport: Transport = transport
+        self.task: int | None = None
+        self.closed = False
+        self._mem_seq = 0
+        self._memories: set[Memory] = set()
+        self._rings: set[Ring] = set()
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    def syscall(self, type: str, body: dict[str, Any] | None = None,
+                blobs: Iterable[bytes] = (), *, timeout_ms: int | None = None) -> Message:
+        """Send one syscall; ``ControlError`` (errno) on failure, ``PeerGone`` if no answer."""
+        if self.closed:
+            raise Misuse("kernel connection is closed", errno.EBADF)
+        try:
+            return self.transport.request(type, body or {}, blobs, timeout_ms=timeout_ms)
+        except Timeout as exc:
+            raise PeerGone(f"kernel not answering {type}: {exc}") from None
+
+    def attach(self, cap_net_admin: bool = True) -> int:
+        """Announce this process (once); returns the task id."""
+        if self.task is None:
+            body = {"pid": os.getpid(), "name": self.name[:64] or "app",
+                    "cap_net_admin": cap_net_admin}
+            self.task = int(self.syscall("attach", body).body["task"])
+        return self.task
+
+    @property
+    def owner(self) -> str:
+        """The owner field of this process's region names (``app<task>``)."""
+        return f"app{self.attach()}"
+
+    # -- memory ---------------------------------------------------------------------------------
+
+    def mm_map(self, name: str, length: int, prot: int = PROT_READ | PROT_WRITE) -> int:
+        return int(self.syscall("mm_map", {"name": name, "length": length,
+                                           "prot": prot}).body["addr"])
+
+    def mm_unmap(self, addr: int, length: int) -> None:
+        self.syscall("mm_unmap", {"addr": addr, "length": length})
+
+    def mm_protect(self, addr: int, length: int, prot: int) -> None:
+        self.syscall("mm_protect", {"addr": addr, "length": length, "prot": prot})
+
+    def mmap(self, fd: int, offset: int, length: int) -> tuple[str, int]:
+        """``mmap(fd, offset)`` of a kernel region: ``(shm name, address)``."""
+        b = self.syscall("mmap", {"fd": fd, "offset": offset, "length": length}).body
+        return str(b["name"]), int(b["addr"])
+
+    def alloc_memory(self, length: int, prot: int = PROT_READ | PROT_WRITE,
+                     tag: str = "mem") -> Memory:
+        """Create ``length`` bytes of app memory (page aligned, pre-touched) and map it."""
+        if length <= 0:
+            raise Misuse(f"length {length}")
+        owner = self.owner
+        self._mem_seq += 1
+        region = Region.create(region_name(self.run, owner, f"{tag}{self._mem_seq}"),
+                               page_align(length))
+        try:
+            addr = self.mm_map(region.name, region.size, prot)
+        except BaseException:
+            region.close()
+            raise
+        mem = Memory(self, region, addr, region.size)
+        self._memories.add(mem)
+        return mem
+
+    # -- sockets --------------------------------------------------------------------------------
+
+    def socket(self, domain: int = AF_INET, type: int = SOCK_STREAM, protocol: int = 0) -> int:
+        return int(self.syscall("socket", {"domain": domain, "type": type,
+                                           "protocol": protocol}).body["res"])
+
+    def bind(self, fd: int, addr: str, port: int) -> None:
+        self.syscall("bind", {"fd": fd, "addr": addr, "port": port})
+
+    def listen(self, fd: int, backlog: int = 128) -> None:
+        self.syscall("listen", {"fd": fd, "backlog": backlog})
+
+    def close_fd(self, fd: int) -> None:
+        self.syscall("close", {"fd": fd})
+
+    def getsockname(self, fd: int) -> tuple[str, int]:
+        b = self.syscall("getsockname", {"fd": fd}).body
+        return str(b["addr"]), int(b["port"])
+
+    def getpeername(self, fd: int) -> tuple[str, int]:
+        b = self.syscall("getpeername", {"fd": fd}).body
+        return str(b["addr"]), int(b["port"])
+
+    def listen_tcp(self, port: int, addr: str = "0.0.0.0", backlog: int = 128) -> int:
+        """socket + bind + listen, the usual server prologue; returns the listening fd."""
+        domain = AF_INET6 if ":" in addr else AF_INET
+        fd = self.socket(domain, SOCK_STREAM, 0)
+        try:
+            self.bind(fd, addr, port)
+            self.listen(fd, backlog)
+        except BaseException:
+            self.close_fd(fd)
+            raise
+        return fd
+
+    # -- teardown -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Exit every ring, free every memory, say bye and close the connection.  Idempotent."""
+        if self.closed:
+            return
+        try:
+            for ring in list(self._rings):
+                try:
+                    io_uring_queue_exit(ring)
+                except (ControlError, PeerGone):
+                    ring._detach()
+            for mem in list(self._memories):
+                try:
+                    mem.close()
+                except (ControlError, PeerGone):
+                    mem.view = np.empty(0, dtype=np.uint8)
+                    mem.region.close()
+            if self.task is not None:
+                try:
+                    self.syscall("bye", timeout_ms=1000)
+                except (ControlError, PeerGone):
+                    pass
+        finally:
+            for ring in list(self._rings):
+                ring._detach()
+            for mem in list(self._memories):
+                mem.view = np.empty(0, dtype=np.uint8)
+                mem.region.close()
+            self._memories.clear()
+            self._rings.clear()
+            self.closed = True
+            self.transport.close()
+
+    def __enter__(self) -> Kernel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # liburing-style entry point as a method too
+    def io_uring_queue_init(self, entries: int, flags: int = 0,
+                            params: np.ndarray | None = None) -> Ring:
+        return io_uring_queue_init(entries, flags, params, kernel=self)
+
+
+_default: Kernel | None = None
+
+
+def default_kernel() -> Kernel:
+    """The process-wide connection made from the environment (closed at exit)."""
+    global _default
+    if _default is None or _default.closed:
+        _default = Kernel()
+        atexit.register(_default.close)
+    return _default
+
+
+# --------------------------------------------------------------------------------------------
+# The ring
+# --------------------------------------------------------------------------------------------
+
+
+def _u32(buf: NDArray[np.uint8], off: int) -> NDArray[np.uint32]:
+    return buf[off:off + 4].view("<u4")
+
+
+class Ring:
+    """``struct io_uring``: the app's view of one io_uring instance.
+
+    ``k*`` attributes are numpy views of words shared with the kernel (``khead``, ``ktail``,
+    ``kflags``...); ``sqe_head``/``sqe_tail`` are the private cursors of SQEs handed out and
+    not yet submitted, as in liburing.
+    """
+
+    def __init__(self, kernel: Kernel, fd: int, params: np.ndarray) -> None:
+        self.kernel = kernel
+        self.fd = fd
+        self.params = params
+        p = params[0]
+        self.flags = int(p["flags"])
+        self.features = int(p["features"])
+        self.sq_entries = int(p["sq_entries"])
+        self.cq_entries = int(p["cq_entries"])
+        sq_off = {n: int(p["sq_off"][n]) for n in abi.io_sqring_offsets.names or ()}
+        cq_off = {n: int(p["cq_off"][n]) for n in abi.io_cqring_offsets.names or ()}
+        self.sq_off, self.cq_off = sq_off, cq_off
+        self.sqe_dtype = (abi.io_uring_sqe128 if self.flags & abi.IORING_SETUP_SQE128
+                          else abi.io_uring_sqe)
+        self.cqe_dtype = (abi.io_uring_cqe32 if self.flags & abi.IORING_SETUP_CQE32
+                          else abi.io_uring_cqe)
+        self._regions: dict[str, Region] = {}
+        self._maps: list[tuple[int, int]] = []
+        self.closed = False
+        # Ring sizes exactly as liburing's io_uring_mmap computes them.
+        no_array = bool(self.flags & abi.IORING_SETUP_NO_SQARRAY)
+        cq_size = cq_off["cqes"] + self.cq_entries * self.cqe_dtype.itemsize
+        sq_size = (cq_size if no_array
+                   else sq_off["array"] + self.sq_entries * 4)
+        if self.features & abi.IORING_FEAT_SINGLE_MMAP:
+            sq_size = cq_size = max(sq_size, cq_size)
+        sq_buf = self._map(abi.IORING_OFF_SQ_RING, sq_size)
+        cq_buf = (sq_buf if self.features & abi.IORING_FEAT_SINGLE_MMAP
+                  else self._map(abi.IORING_OFF_CQ_RING, cq_size))
+        sqe_buf = self._map(abi.IORING_OFF_SQES, self.sq_entries * self.sqe_dtype.itemsize)
+        #: the rings region as bytes (SQ and CQ words, CQEs, SQ array)
+        self.ring_mem = sq_buf
+        # SQ (the app produces): shared words and entries.
+        self.khead = _u32(sq_buf, sq_off["head"])
+        self.ktail = _u32(sq_buf, sq_off["tail"])
+        self.kflags = _u32(sq_buf, sq_off["flags"])
+        self.kdropped = _u32(sq_buf, sq_off["dropped"])
+        self.sq_ring_mask = int(_u32(sq_buf, sq_off["ring_mask"])[0])
+        self.sq_ring_entries = int(_u32(sq_buf, sq_off["ring_entries"])[0])
+        self.sqes = sqe_buf[:self.sq_entries * self.sqe_dtype.itemsize].view(self.sqe_dtype)
+        self._sqe_bytes = sqe_buf[:self.sq_entries * self.sqe_dtype.itemsize].reshape(
+            self.sq_entries, self.sqe_dtype.itemsize)
+        if not no_array:
+            array = sq_buf[sq_off["array"]:sq_off["array"] + 4 * self.sq_entries].view("<u4")
+            array[:] = np.arange(self.sq_entries, dtype=np.uint32)  # identity, as liburing
+        self.sqe_head = int(self.ktail[0])
+        self.sqe_tail = self.sqe_head
+        # CQ (the app consumes): a ring consumer at the reported offsets.
+        self.cq_layout = RingLayout(self.cq_entries, self.cqe_dtype, head=cq_off["head"],
+                                    tail=cq_off["tail"], entries=cq_off["cqes"])
+        self.cq = RingConsumer(cq_buf, self.cq_layout)
+        self.cq_ring_mask = int(_u32(cq_buf, cq_off["ring_mask"])[0])
+        self.koverflow = _u32(cq_buf, cq_off["overflow"])
+        self.cqes = self.cq.ring
+        self.buf_rings: dict[int, BufRing] = {}
+
+    def _map(self, offset: int, length: int) -> NDArray[np.uint8]:
+        name, addr = self.kernel.mmap(self.fd, offset, length)
+        self._maps.append((addr, length))
+        region = self._regions.get(name)
+        if region is None:
+            region = self._regions[name] = Region.attach(name)
+        return region.array(np.uint8)
+
+    def __repr__(self) -> str:
+        return f"<Ring fd={self.fd} sq={self.sq_entries} cq={self.cq_entries}>"
+
+    @property
+    def sq_flags(self) -> int:
+        return int(self.kflags[0])
+
+    def _detach(self) -> None:
+        """Drop every view and region mapping (no syscall)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.cq.detach()
+        empty = np.empty(0, dtype=np.uint8)
+        self.khead = self.ktail = self.kflags = self.kdropped = self.koverflow = \
+            empty.view("<u4")
+        self.sqes = np.empty(0, dtype=self.sqe_dtype)
+        self.ring_mem = empty
+        self._sqe_bytes = np.empty((0, 64), dtype=np.uint8)
+        self.cqes = np.empty(0, dtype=self.cqe_dtype)
+        for region in self._regions.values():
+            region.detach()
+        self._regions.clear()
+        self.kernel._rings.discard(self)
+
+
+# -- setup / teardown --------------------------------------------------------------------------
+
+
+def io_uring_queue_init(entries: int, flags: int = 0, params: np.ndarray | None = None, *,
+                        kernel: Kernel | None = None) -> Ring:
+    """Create a ring with ``entries`` SQEs (``io_uring_setup`` + mmap of rings and SQEs).
+
+    ``params`` is an ``io_uring_params`` record (array of 1) for CQSIZE, sq_thread_idle...;
+    its ``flags`` are ORed with ``flags``.  Raises ``ControlError`` with the setup errno.
+    """
+    k = kernel if kernel is not None else default_kernel()
+    k.attach()
+    p = np.zeros(1, dtype=abi.io_uring_params) if params is None else params.copy()
+    p["flags"] = int(p["flags"][0]) | flags
+    reply = k.syscall("io_uring_setup", {"entries": entries}, [p.tobytes()])
+    fd = int(reply.body["res"])
+    out = np.frombuffer(reply.blobs[0], dtype=abi.io_uring_params).copy()
+    try:
+        ring = Ring(k, fd, out)
+    except BaseException:
+        k.close_fd(fd)
+        raise
+    k._rings.add(ring)
+    return ring
+
+
+def io_uring_queue_exit(ring: Ring) -> None:
+    """Unmap the ring's regions, free its buffer rings, close its fd (the kernel unlinks)."""
+    if ring.closed:
+        return
+    k = ring.kernel
+    try:
+        for br in list(ring.buf_rings.values()):
+            io_uring_free_buf_ring(ring, br)
+        for addr, length in ring._maps:
+            k.mm_unmap(addr, length)
+        ring._maps.clear()
+        k.close_fd(ring.fd)
+    finally:
+        ring._detach()
+
+
+# -- raw syscalls ------------------------------------------------------------------------------
+
+
+def io_uring_enter(ring: Ring, to_submit: int, min_complete: int, flags: int,
+                   timeout_ms: int = -1) -> int:
+    """The ``io_uring_enter`` syscall (``timeout_ms`` < 0: no limit; -ETIME when it runs out)."""
+    wait = timeout_ms if timeout_ms >= 0 else None
+    client_timeout = None
+    if flags & abi.IORING_ENTER_GETEVENTS and min_complete:
+        client_timeout = (wait if wait is not None else 10 ** 9) + _SLACK_MS
+    body = {"fd": ring.fd, "to_submit": to_submit, "min_complete": min_complete,
+            "flags": flags, "timeout_ms": timeout_ms}
+    return int(ring.kernel.syscall("io_uring_enter", body,
+                                   timeout_ms=client_timeout).body["res"])
+
+
+def io_uring_register(ring: Ring | None, opcode: int, nr_args: int,
+                      args: Iterable[bytes | np.ndarray] = (), *,
+                      kernel: Kernel | None = None) -> tuple[int, list[bytes]]:
+    """The ``io_uring_register`` syscall: ``args`` are uapi structs (bytes or numpy records),
+    the reply carries them written back.  ``ring=None`` is ``fd = -1`` (blind opcodes)."""
+    k = ring.kernel if ring is not None else (kernel or default_kernel())
+    blobs = [a.tobytes() if isinstance(a, np.ndarray) else bytes(a) for a in args]
+    reply = k.syscall("io_uring_register", {"fd": -1 if ring is None else ring.fd,
+                                            "opcode": opcode, "nr_args": nr_args}, blobs)
+    return int(reply.body["res"]), list(reply.blobs)
+
+
+# -- submission --------------------------------------------------------------------------------
+
+
+def io_uring_sq_ready(ring: Ring) -> int:
+    """SQEs handed out and not yet seen by the kernel (liburing counts against khead)."""
+    return (ring.sqe_tail - int(ring.khead[0])) & 0xFFFFFFFF
+
+
+def io_uring_sq_space_left(ring: Ring) -> int:
+    return ring.sq_entries - io_uring_sq_ready(ring)
+
+
+def io_uring_get_sqe(ring: Ring) -> np.void | None:
+    """The next free SQE, zeroed, or None when the SQ is full.
+
+    The returned record is a view into the shared SQE array: assign fields on it
+    (``sqe["fd"] = 3``) or use the ``io_uring_prep_*`` helpers.
+    """
+    if io_uring_sq_ready(ring) >= ring.sq_entries:
+        return None
+    idx = ring.sqe_tail & ring.sq_ring_mask
+    ring.sqe_tail = (ring.sqe_tail + 1) & 0xFFFFFFFF
+    ring._sqe_bytes[idx] = 0
+    sqe: np.void = ring.sqes[idx]
+    return sqe
+
+
+def _flush_sq(ring: Ring) -> int:
+    """Publish the SQEs handed out since the last flush (one store of the SQ tail)."""
+    n = (ring.sqe_tail - ring.sqe_head) & 0xFFFFFFFF
+    if n:
+        ring.sqe_head = ring.sqe_tail
+        ring.ktail[0] = ring.sqe_tail  # after the SQE stores (x86-64 TSO)
+    return n
+
+
+def io_uring_submit(ring: Ring) -> int:
+    """Publish the prepared SQEs and tell the kernel; returns how many it took."""
+    return io_uring_submit_and_wait(ring, 0)
+
+
+def io_uring_submit_and_wait(ring: Ring, wait_nr: int, timeout_ms: int = -1) -> int:
+    """Publish, submit, and wait until ``wait_nr`` CQEs are ready."""
+    flushed = _flush_sq(ring)
+    if ring.flags & abi.IORING_SETUP_SQPOLL:
+        flags = 0
+        if ring.sq_flags & abi.IORING_SQ_NEED_WAKEUP:
+            flags |= abi.IORING_ENTER_SQ_WAKEUP
+        if wait_nr:
+            flags |= abi.IORING_ENTER_GETEVENTS
+        if flags:
+            io_uring_enter(ring, flushed, wait_nr, flags, timeout_ms)
+        return flushed
+    pending = (ring.sqe_tail - int(ring.khead[0])) & 0xFFFFFFFF
+    if not pending and not wait_nr:
+        return 0
+    flags = abi.IORING_ENTER_GETEVENTS if wait_nr else 0
+    return io_uring_enter(ring, pending, wait_nr, flags, timeout_ms)
+
+
+# -- prep helpers ------------------------------------------------------------------------------
+
+
+def io_uring_prep_rw(op: int, sqe: np.void, fd: int, addr: int, length: int,
+                     offset: int) -> None:
+    """The generic prep every ``io_uring_prep_*`` builds on."""
+    sqe["opcode"] = op
+    sqe["fd"] = fd
+    sqe["off"] = offset
+    sqe["addr"] = addr
+    sqe["len"] = length
+
+
+def io_uring_prep_nop(sqe: np.void) -> None:
+    io_uring_prep_rw(abi.IORING_OP_NOP, sqe, -1, 0, 0, 0)
+
+
+def io_uring_prep_accept(sqe: np.void, fd: int, addr: int = 0, addrlen: int = 0,
+                         flags: int = 0) -> None:
+    """ACCEPT: ``addr``/``addrlen`` are user addresses of a sockaddr and a u32 (or 0)."""
+    io_uring_prep_rw(abi.IORING_OP_ACCEPT, sqe, fd, addr, 0, addrlen)
+    sqe["accept_flags"] = flags
+
+
+def io_uring_prep_multishot_accept(sqe: np.void, fd: int, addr: int = 0, addrlen: int = 0,
+                                   flags: int = 0) -> None:
+    io_uring_prep_accept(sqe, fd, addr, addrlen, flags)
+    sqe["ioprio"] = int(sqe["ioprio"]) | abi.IORING_ACCEPT_MULTISHOT
+
+
+def io_uring_prep_recv(sqe: np.void, fd: int, buf: int, length: int, flags: int = 0) -> None:
+    """RECV into ``buf`` (a user address), or from a buffer group with IOSQE_BUFFER_SELECT."""
+    io_uring_prep_rw(abi.IORING_OP_RECV, sqe, fd, buf, length, 0)
+    sqe["msg_flags"] = flags
+
+
+def io_uring_prep_recv_multishot(sqe: np.void, fd: int, buf: int = 0, length: int = 0,
+                                 flags: int = 0) -> None:
+    """Multishot RECV (needs a buffer group: :func:`io_uring_sqe_set_buf_group`)."""
+    io_uring_prep_recv(sqe, fd, buf, length, flags)
+    sqe["ioprio"] = int(sqe["ioprio"]) | abi.IORING_RECV_MULTISHOT
+
+
+def io_uring_prep_close(sqe: np.void, fd: int) -> None:
+    io_uring_prep_rw(abi.IORING_OP_CLOSE, sqe, fd, 0, 0, 0)
+
+
+def io_uring_sqe_set_data64(sqe: np.void, data: int) -> None:
+    sqe["user_data"] = data
+
+
+def io_uring_sqe_set_flags(sqe: np.void, flags: int) -> None:
+    sqe["flags"] = flags
+
+
+def io_uring_sqe_set_buf_group(sqe: np.void, bgid: int) -> None:
+    """Select buffers from group ``bgid`` (sets IOSQE_BUFFER_SELECT too)."""
+    sqe["buf_group"] = bgid
+    sqe["flags"] = int(sqe["flags"]) | abi.IOSQE_BUFFER_SELECT
+
+
+# -- completion --------------------------------------------------------------------------------
+
+
+def io_uring_cq_ready(ring: Ring) -> int:
+    """CQEs posted and not yet consumed."""
+    return ring.cq.ready()
+
+
+def peek_cqes(ring: Ring, max_n: int | None = None) -> np.ndarray:
+    """A view of the ready CQEs (up to ``max_n``; stops at the ring's wrap point).
+
+    The entries stay valid until :func:`io_uring_cq_advance`; copy what must outlive that.
+    When the CQ is empty but the kernel holds overflowed CQEs (``IORING_SQ_CQ_OVERFLOW``),
+    asks it to flush them first, as liburing's peek does.
+    """
+    n = ring.cq_entries if max_n is None else max_n
+    v = ring.cq.peek(n)
+    if not len(v) and ring.sq_flags & abi.IORING_SQ_CQ_OVERFLOW:
+        io_uring_enter(ring, 0, 0, abi.IORING_ENTER_GETEVENTS)
+        v = ring.cq.peek(n)
+    return v
+
+
+def io_uring_cq_advance(ring: Ring, n: int) -> None:
+    """Give ``n`` consumed CQEs back to the kernel (one store of the CQ head)."""
+    if n:
+        ring.cq.release(n)
+
+
+def io_uring_cqe_seen(ring: Ring, cqe: object = None) -> None:
+    io_uring_cq_advance(ring, 1)
+
+
+def io_uring_peek_cqe(ring: Ring) -> np.void | None:
+    """The oldest ready CQE (a view), or None."""
+    v = peek_cqes(ring, 1)
+    return v[0] if len(v) else None
+
+
+def io_uring_wait_cqes(ring: Ring, wait_nr: int = 1, timeout_ms: int | None = None
+                       ) -> np.ndarray:
+    """Wait until ``wait_nr`` CQEs are ready, return :func:`peek_cqes` (all that are ready).
+
+    Spins, then yields (:class:`~shared.ring.Backoff`) while watching the CQ tail, then
+    sleeps in the kernel with ``io_uring_enter(GETEVENTS)``.  Raises ``ControlError(ETIME)``
+    when ``timeout_ms`` passes first.
+    """
+    deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
+    backoff = Backoff(spin=64, yields=32)
+    while True:
+        if ring.cq.ready() >= wait_nr:
+            return peek_cqes(ring)
+        if ring.sq_flags & abi.IORING_SQ_CQ_OVERFLOW:
+            io_uring_enter(ring, 0, 0, abi.IORING_ENTER_GETEVENTS)  # flush the overflow
+            continue
+        if not backoff.sleeping:
+            backoff.idle()
+            continue
+        chunk = WAIT_CHUNK_MS
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ControlError("io_uring_enter", errno.ETIME, "wait timed out")
+            chunk = min(chunk, max(1, int(left * 1000)))
+        try:
+            io_uring_enter(ring, 0, wait_nr, abi.IORING_ENTER_GETEVENTS, chunk)
+        except ControlError as exc:
+            if exc.errno != errno.ETIME:
+                raise
+
+
+def io_uring_wait_cqe(ring: Ring, timeout_ms: int | None = None) -> np.void:
+    """Wait for one CQE and return it (a view; call :func:`io_uring_cqe_seen` after use)."""
+    return io_uring_wait_cqes(ring, 1, timeout_ms)[0]
+
+
+def cqe_bid(flags: int | NDArray[Any]) -> Any:
+    """The buffer id of a CQE with IORING_CQE_F_BUFFER (``flags >> 16``)."""
+    return flags >> abi.IORING_CQE_BUFFER_SHIFT
+
+
+# --------------------------------------------------------------------------------------------
+# Provided buffer rings
+# --------------------------------------------------------------------------------------------
+
+
+def io_uring_buf_ring_mask(entries: int) -> int:
+    return entries - 1
+
+
+class BufRing:
+    """``struct io_uring_buf_ring``: entries the app fills, a u16 tail in entry 0.
+
+    ``tail`` is the private cursor; :meth:`add` writes entries past it without publishing and
+    :meth:`advance` publishes (one store of the shared tail).
+    """
+
+    def __init__(self, ring: Ring, bgid: int, entries: int, raw: NDArray[np.uint8],
+                 mem: Memory | None, kernel_mapped: tuple[int, int] | None) -> None:
+        self.ring = ring
+        self.bgid = bgid
+        self.entries = entries
+        self.mask = entries - 1
+        self.bufs = raw[:entries * abi.io_uring_buf.itemsize].view(abi.io_uring_buf)
+        self._ktail = raw[14:16].view("<u2")
+        self.tail = int(self._ktail[0])
+        self.mem = mem
+        self.kernel_mapped = kernel_mapped
+        self._region: Region | None = None
+
+    def add(self, addrs: ArrayLike, lens: ArrayLike, bids: ArrayLike, offset: int = 0) -> int:
+        """Write buffers at ``tail + offset ...`` (not yet visible); returns how many."""
+        a = np.atleast_1d(np.asarray(addrs))
+        n = len(a)
+        if n > self.entries:
+            raise Misuse(f"{n} buffers do not fit a ring of {self.entries}")
+        idx = (self.tail + offset + np.arange(n)) & self.mask
+        self.bufs["addr"][idx] = a
+        self.bufs["len"][idx] = lens
+        self.bufs["bid"][idx] = bids
+        return n
+
+    def advance(self, count: int) -> None:
+        """Publish ``count`` added buffers to the kernel."""
+        self.tail = (self.tail + count) & 0xFFFF
+        self._ktail[0] = self.tail  # after the entry stores (TSO)
+
+    def _detach(self) -> None:
+        self.bufs = np.empty(0, dtype=abi.io_uring_buf)
+        self._ktail = np.zeros(1, dtype="<u2")
+        if self._region is not None:
+            self._region.detach()
+            self._region = None
+
+
+def io_uring_buf_ring_add(br: BufRing, addr: int, length: int, bid: int, mask: int,
+                          buf_offset: int) -> None:
+    """liburing's single-buffer add (``mask`` is ignored: the ring knows its size)."""
+    br.add([addr], [length], [bid], buf_offset)
+
+
+def io_uring_buf_ring_advance(br: BufRing, count: int) -> None:
+    br.advance(count)
+
+
+def io_uring_setup_buf_ring(ring: Ring, nentries: int, bgid: int, flags: int = 0) -> BufRing:
+    """Allocate and register a provided-buffer ring for group ``bgid``.
+
+    Without ``IOU_PBUF_RING_MMAP`` the ring lives in app memory; with it, the kernel allocates
+    it and this process maps it at ``IORING_OFF_PBUF_RING | bgid << 16``.
+    """
+    k = ring.kernel
+    reg = np.zeros(1, dtype=abi.io_uring_buf_reg)
+    reg["ring_entries"] = nentries
+    reg["bgid"] = bgid
+    reg["flags"] = flags
+    size = max(PAGE_SIZE, nentries * abi.io_uring_buf.itemsize)
+    mem = None
+    if not flags & abi.IOU_PBUF_RING_MMAP:
+        mem = k.alloc_memory(size, tag=f"pbuf{bgid}.")
+        reg["ring_addr"] = mem.addr
+    try:
+        io_uring_register(ring, abi.IORING_REGISTER_PBUF_RING, 1, [reg])
+    except BaseException:
+        if mem is not None:
+            mem.close()
+        raise
+    if mem is not None:
+        br = BufRing(ring, bgid, nentries, mem.view, mem, None)
+    else:
+        offset = abi.IORING_OFF_PBUF_RING | (bgid << abi.IORING_OFF_PBUF_SHIFT)
+        name, addr = k.mmap(ring.fd, offset, nentries * abi.io_uring_buf.itemsize)
+        region = Region.attach(name)
+        br = BufRing(ring, bgid, nentries, region.array(np.uint8), None,
+                     (addr, nentries * abi.io_uring_buf.itemsize))
+        br._region = region
+    ring.buf_rings[bgid] = br
+    return br
+
+
+def io_uring_free_buf_ring(ring: Ring, br: BufRing) -> None:
+    """Unregister the group and free its ring memory."""
+    k = ring.kernel
+    ring.buf_rings.pop(br.bgid, None)
+    reg = np.zeros(1, dtype=abi.io_uring_buf_reg)
+    reg["bgid"] = br.bgid
+    try:
+        io_uring_register(ring, abi.IORING_UNREGISTER_PBUF_RING, 1, [reg])
+        if br.kernel_mapped is not None:
+            k.mm_unmap(*br.kernel_mapped)
+    finally:
+        br._detach()
+        if br.mem is not None:
+            br.mem.close()

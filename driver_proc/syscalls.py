@@ -1,0 +1,236 @@
+"""Handlers for the emulated syscalls of :mod:`shared.syscalls` (memory, sockets, io_uring).
+
+Each handler takes ``(ctx, msg, peer)``: the :class:`KernelContext` (the kernel state the
+syscall touches), the validated request and the caller's control-plane identity, which names
+the calling task (``attach`` creates it).  A handler returns the reply body (or a
+:class:`~shared.control.Reply` with blobs), raises :class:`~shared.errors.Misuse` with the
+errno Linux would return, or returns :data:`~shared.control.DEFER` when the answer comes later
+(``io_uring_enter`` waiting for CQEs).  :func:`handlers` binds them to a context for a
+:class:`~shared.control.ControlServer`; :func:`service` is what the kernel loop calls each
+iteration to run io_uring's periodic work and send the deferred replies.  Nothing here does
+I/O of its own except through the server passed to :func:`service`.
+
+Who owns what: every object reached from here is kernel-process state (tasks, sockets, rings).
+Shared memory is only created by :mod:`driver_proc.io_uring` (kernel regions) and by apps
+(their memory, entered with ``mm_map``); see those modules.
+
+Not here: ``ethtool``, ``stats``, ``status``, ``shutdown`` (the integrator's, in the kernel
+loop), and the zcrx register opcodes (plugged into :class:`driver_proc.io_uring.IoUring`).
+
+Departures: the calling task is identified by its control socket, so a process that recreates
+its control socket (after a timeout) must ``attach`` again and gets a new task; syscalls from a
+peer that never attached fail with ``-ESRCH``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from driver_proc.files import SkbStore, SocketFile, Sockets, Task, Tasks
+from driver_proc.io_uring import IoUring, Wait
+from driver_proc.tcp import SocketTable
+from shared.control import DEFER, ControlServer, Handler, HandlerResult, Message, Reply
+from shared.errors import Misuse
+
+__all__ = [
+    "SYSCALLS",
+    "KernelContext",
+    "handlers",
+    "service",
+    "task_exit",
+]
+
+
+@dataclass
+class KernelContext:
+    """What the syscall handlers act on (a slice of the kernel process's state)."""
+
+    run: str
+    sockets: Sockets
+    rings: IoUring
+    tasks: Tasks
+
+    @property
+    def skbs(self) -> SkbStore:
+        return self.sockets.skbs
+
+    @classmethod
+    def create(cls, run: str, skbs: SkbStore, table: SocketTable | None = None) -> KernelContext:
+        """A context with a fresh socket layer (over ``table``, or a new one) and io_uring."""
+        sockets = Sockets(table if table is not None else SocketTable(), skbs)
+        return cls(run, sockets, IoUring(run, sockets, skbs), Tasks(run))
+
+
+def _task(ctx: KernelContext, peer: Any) -> Task:
+    return ctx.tasks.by_peer(peer)
+
+
+# -- process ------------------------------------------------------------------------------------
+
+
+def sys_attach(ctx: KernelContext, msg: Message, peer: Any) -> HandlerResult:
+    """Create the calling process's task."""
+    b = msg.body
+    task = ctx.tasks.attach(peer, b["pid"], b["name"], b["cap_net_admin"])
+    return {"task": task.tid}
+
+
+def task_exit(ctx: KernelContext, task: Task) -> None:
+    """The process died or detached: close every file (rings torn down, sockets released),
+    drop its mm, forget the task.  Idempotent."""
+    for fd in sorted(task.files):
+        if fd in task.files:
+            ctx.rings.close_fd(task, fd)
+    task.mm.close()
+    ctx.tasks.forget(task)
+
+
+def sys_bye(ctx: KernelContext, msg: Message, peer: Any) -> HandlerResult:
+    """``bye``: the process is going away; same as its death."""
+    task = ctx.tasks.find_peer(peer)
+    if task is not None:
+        task_exit(ctx, task)
+    return None
+
+
+# -- memory -------------------------------------------------------------------------------------
+
+
+def sys_mm_map(ctx: KernelContext, msg: Message, peer: Any) -> HandlerResult:
+    b = msg.body
+    addr = _task(ctx, peer).mm.map(b["name"], b["length"], b["prot"])
+    return {"addr": addr}
+
+
+def sys_mm_unmap(ctx: KernelContext, msg: Message, peer: Any) -> HandlerResult:
+    b = msg.body
+    _task(ctx, peer).mm.unmap(b["addr"], b["length"])
+    return {"res": 0}
+
+
+def sys_mm_protect(ctx: KernelContext, msg: Message, peer: Any) -> HandlerResult:
+    b = msg.body
+    _task(ctx, peer).mm.protect(b["addr"], b["length"], b["prot"])
+    return {"res": 0}
+
+
+def sys_mmap(ctx: KernelContext, msg: Message, peer: Any) -> HandlerResult:
+    b = msg.body
+    region, addr = ctx.rings.mmap(_task(ctx, peer), b["fd"], b["offset"], b["length"])
+    return {"name": region.name, "offset": 0, "length": b["length"], "addr": addr}
+
+
+# -- sockets ------------------------------------------------------------------------------------
+
+
+def sys_socket(ctx: KernelContext, msg: Message, peer: Any) -> HandlerResult:
+    b = msg.body
+    task = _task(ctx, peer)
+    sf = ctx.sockets.socket(b["domain"], b["type"], b["protocol"])
+    return {"res": task.install(sf)}
+
+
+def sys_bind(ctx: KernelContext, msg: Message, peer: Any) -> HandlerResult:
+    b = msg.body
+    ctx.sockets.bind(_task(ctx, peer).get_socket(b["fd"]), b["addr"], b["port"])
+    return {"res": 0}
+
+
+def sys_listen(ctx: KernelContext, msg: Message, peer: Any) -> HandlerResult:
+    b = msg.body
+    ctx.sockets.listen(_task(ctx, peer).get_socket(b["fd"]), b["backlog"])
+    return {"res": 0}
+
+
+def sys_close(ctx: KernelContext, msg: Message, peer: Any) -> HandlerResult:
+    ctx.rings.close_fd(_task(ctx, peer), msg.body["fd"])
+    return {"res": 0}
+
+
+def sys_getsockname(ctx: KernelContext, msg: Message, peer: Any) -> HandlerResult:
+    sf: SocketFile = _task(ctx, peer).get_socket(msg.body["fd"])
+    return {"addr": sf.addr_text(sf.local_addr), "port": sf.local_port}
+
+
+def sys_getpeername(ctx: KernelContext, msg: Message, peer: Any) -> HandlerResult:
+    sf: SocketFile = _task(ctx, peer).get_socket(msg.body["fd"])
+    if not sf.is_connected:
+        raise Misuse("socket is not connected", errno.ENOTCONN)
+    return {"addr": sf.addr_text(sf.peer_addr), "port": sf.peer_port}
+
+
+# -- io_uring -----------------------------------------------------------------------------------
+
+
+def sys_io_uring_setup(ctx: KernelContext, msg: Message, peer: Any) -> HandlerResult:
+    fd, params = ctx.rings.setup(_task(ctx, peer), msg.body["entries"], msg.blobs[0])
+    return Reply({"res": fd}, [params])
+
+
+def sys_io_uring_enter(ctx: KernelContext, msg: Message, peer: Any) -> HandlerResult:
+    b = msg.body
+    r = ctx.rings.enter(_task(ctx, peer), b["fd"], b["to_submit"], b["min_complete"],
+                        b["flags"], b["timeout_ms"], token=(peer, msg))
+    if isinstance(r, Wait):
+        return DEFER
+    return {"res": r}
+
+
+def sys_io_uring_register(ctx: KernelContext, msg: Message, peer: Any) -> HandlerResult:
+    b = msg.body
+    res, blobs = ctx.rings.register(_task(ctx, peer), b["fd"], b["opcode"], b["nr_args"],
+                                    list(msg.blobs))
+    return Reply({"res": res}, blobs)
+
+
+SyscallHandler = Callable[[KernelContext, Message, Any], HandlerResult]
+
+#: Message type -> handler, for every syscall this module serves.
+SYSCALLS: dict[str, SyscallHandler] = {
+    "attach": sys_attach,
+    "bye": sys_bye,
+    "mm_map": sys_mm_map,
+    "mm_unmap": sys_mm_unmap,
+    "mm_protect": sys_mm_protect,
+    "mmap": sys_mmap,
+    "socket": sys_socket,
+    "bind": sys_bind,
+    "listen": sys_listen,
+    "close": sys_close,
+    "getsockname": sys_getsockname,
+    "getpeername": sys_getpeername,
+    "io_uring_setup": sys_io_uring_setup,
+    "io_uring_enter": sys_io_uring_enter,
+    "io_uring_register": sys_io_uring_register,
+}
+
+
+def handlers(ctx: KernelContext) -> dict[str, Handler]:
+    """The handlers of :data:`SYSCALLS` bound to ``ctx``, for ``ControlServer(handlers=...)``."""
+    def bind(fn: SyscallHandler) -> Handler:
+        return lambda msg, peer: fn(ctx, msg, peer)
+    return {name: bind(fn) for name, fn in SYSCALLS.items()}
+
+
+def service(ctx: KernelContext, server: ControlServer, now: float | None = None) -> int:
+    """Per-iteration work of the kernel loop for io_uring: SQPOLL, overflow flushes, wait
+    timeouts, then the replies of every finished ``io_uring_enter`` wait.
+
+    Returns how much was done (SQEs consumed + CQEs flushed + replies sent), 0 when idle.
+    """
+    now = time.monotonic() if now is None else now
+    work = ctx.rings.poll(now)
+    for w in ctx.rings.take_completed_waits():
+        work += 1
+        peer, msg = w.token
+        res = w.result if w.result is not None else 0
+        if res >= 0:
+            server.reply(peer, msg, {"res": res})
+        else:
+            server.reply_error(peer, msg, -res, os.strerror(-res))
+    return work

@@ -1,0 +1,178 @@
+"""The emulated mm: mappings, protections and address resolution with Linux's errnos."""
+
+from __future__ import annotations
+
+import errno
+import itertools
+
+import numpy as np
+import pytest
+
+from driver_proc.mm import PROT_READ, PROT_WRITE, USER_BASE, Mm
+from shared.errors import Misuse
+from shared.shm import PAGE_SIZE, Region, region_name
+
+RW = PROT_READ | PROT_WRITE
+
+
+@pytest.fixture
+def regions(run_id):
+    made: list[Region] = []
+
+    def make(obj: str, size: int, owner: str = "app1") -> Region:
+        r = Region.create(region_name(run_id, owner, obj), size)
+        made.append(r)
+        return r
+
+    yield make
+    for r in made:
+        r.close()
+
+
+@pytest.fixture
+def mm(run_id):
+    m = Mm(f"/zcrx.{run_id}.app1.")
+    yield m
+    m.close()
+
+
+def errno_of(fn, *args, **kw) -> int | None:
+    with pytest.raises(Misuse) as ei:
+        fn(*args, **kw)
+    return ei.value.errno
+
+
+def test_map_resolve_writes_through_to_the_region(mm, regions):
+    r = regions("buf", 3 * PAGE_SIZE)
+    addr = mm.map(r.name, 3 * PAGE_SIZE, RW)
+    assert addr == USER_BASE and addr % PAGE_SIZE == 0
+    view = mm.resolve(addr + 100, 50, write=True)
+    view[:] = np.arange(50, dtype=np.uint8)
+    assert r.array()[100:150].tolist() == list(range(50))
+    assert mm.resolve(addr + 100, 50, write=False).tobytes() == bytes(range(50))
+
+
+def test_addresses_do_not_overlap_and_reuse_holes(mm, regions):
+    a = regions("a", PAGE_SIZE)
+    b = regions("b", 2 * PAGE_SIZE)
+    x = mm.map(a.name, PAGE_SIZE, RW)
+    y = mm.map(b.name, 2 * PAGE_SIZE, RW)
+    z = mm.map(a.name, 100, PROT_READ)  # rounded up to a page
+    spans = sorted((v.start, v.end) for v in mm.vmas())
+    assert all(e1 <= s2 for (_s1, e1), (s2, _e2) in itertools.pairwise(spans))
+    assert {x, y, z} == {s for s, _ in spans}
+    mm.unmap(y, 2 * PAGE_SIZE)
+    assert mm.map(a.name, PAGE_SIZE, RW) == y  # the lowest hole is reused
+
+
+def test_resolve_outside_any_mapping_is_efault(mm, regions):
+    r = regions("buf", 2 * PAGE_SIZE)
+    addr = mm.map(r.name, 2 * PAGE_SIZE, RW)
+    assert errno_of(mm.resolve, addr - 1, 1, write=False) == errno.EFAULT
+    assert errno_of(mm.resolve, addr + 2 * PAGE_SIZE, 1, write=True) == errno.EFAULT
+    # one byte past the end of the mapping
+    assert errno_of(mm.resolve, addr + 2 * PAGE_SIZE - 10, 11, write=True) == errno.EFAULT
+    assert errno_of(mm.resolve, 0, 4, write=False) == errno.EFAULT
+    assert mm.faults == 4
+    assert len(mm.resolve(12345, 0, write=True)) == 0  # empty ranges never fault
+
+
+def test_write_to_read_only_mapping_is_efault(mm, regions):
+    r = regions("ro", PAGE_SIZE)
+    addr = mm.map(r.name, PAGE_SIZE, PROT_READ)
+    assert len(mm.resolve(addr, 16, write=False)) == 16
+    assert errno_of(mm.resolve, addr, 16, write=True) == errno.EFAULT
+    mm.protect(addr, PAGE_SIZE, RW)
+    assert len(mm.resolve(addr, 16, write=True)) == 16
+    mm.protect(addr, PAGE_SIZE, 0)
+    assert errno_of(mm.resolve, addr, 1, write=False) == errno.EFAULT
+
+
+def test_fixed_overlapping_map_is_refused(mm, regions):
+    r = regions("buf", 4 * PAGE_SIZE)
+    addr = mm.map(r.name, 2 * PAGE_SIZE, RW, fixed=USER_BASE + 4 * PAGE_SIZE)
+    assert addr == USER_BASE + 4 * PAGE_SIZE
+    assert errno_of(mm.map, r.name, PAGE_SIZE, RW, fixed=addr + PAGE_SIZE) == errno.EEXIST
+    assert errno_of(mm.map, r.name, 2 * PAGE_SIZE, RW, fixed=addr - PAGE_SIZE) == errno.EEXIST
+    assert errno_of(mm.map, r.name, PAGE_SIZE, RW, fixed=addr + 1) == errno.EINVAL
+    assert mm.map(r.name, PAGE_SIZE, RW, fixed=addr + 2 * PAGE_SIZE) == addr + 2 * PAGE_SIZE
+    assert errno_of(mm.map, r.name, PAGE_SIZE, RW, fixed=USER_BASE - PAGE_SIZE) == errno.EINVAL
+    assert len(mm) == 2
+
+
+def test_map_argument_errors(mm, regions, run_id):
+    r = regions("buf", PAGE_SIZE)
+    assert errno_of(mm.map, r.name, 0, RW) == errno.EINVAL
+    assert errno_of(mm.map, r.name, PAGE_SIZE, 8) == errno.EINVAL
+    assert errno_of(mm.map, r.name, 2 * PAGE_SIZE, RW) == errno.ENXIO  # past the segment
+    assert errno_of(mm.map, region_name(run_id, "app1", "nope"), PAGE_SIZE, RW) == errno.ENOENT
+    other = regions("theirs", PAGE_SIZE, owner="app2")
+    assert errno_of(mm.map, other.name, PAGE_SIZE, RW) == errno.EACCES
+    # the kernel may map its own regions into the app (mmap of a ring fd)
+    assert mm.map(other.name, PAGE_SIZE, RW, kernel=True) >= USER_BASE
+
+
+def test_partial_unmap_splits_and_keeps_the_rest(mm, regions):
+    r = regions("buf", 4 * PAGE_SIZE)
+    r.array()[:] = np.arange(4 * PAGE_SIZE, dtype=np.uint64).astype(np.uint8)
+    addr = mm.map(r.name, 4 * PAGE_SIZE, RW)
+    mm.unmap(addr + PAGE_SIZE, PAGE_SIZE)
+    assert [(v.start - addr, v.end - addr, v.offset) for v in mm.vmas()] == [
+        (0, PAGE_SIZE, 0), (2 * PAGE_SIZE, 4 * PAGE_SIZE, 2 * PAGE_SIZE)]
+    assert errno_of(mm.resolve, addr + PAGE_SIZE, 1, write=False) == errno.EFAULT
+    # the tail still resolves to the right offset of the region
+    assert mm.resolve(addr + 2 * PAGE_SIZE + 7, 3, write=False).tolist() == [
+        (2 * PAGE_SIZE + 7 + i) % 256 for i in range(3)]
+    # a range over the hole faults
+    assert errno_of(mm.resolve, addr + PAGE_SIZE - 1, 2, write=False) == errno.EFAULT
+    mm.unmap(addr + 100 * PAGE_SIZE, PAGE_SIZE)  # unmapping a hole is fine
+    assert errno_of(mm.unmap, addr + 1, PAGE_SIZE) == errno.EINVAL
+    assert errno_of(mm.unmap, addr, 0) == errno.EINVAL
+
+
+def test_protect_splits_and_range_crossing_split_mappings(mm, regions):
+    r = regions("buf", 3 * PAGE_SIZE)
+    addr = mm.map(r.name, 3 * PAGE_SIZE, RW)
+    mm.protect(addr + PAGE_SIZE, PAGE_SIZE, PROT_READ)
+    assert len(mm) == 3
+    # reading across the three pieces is one contiguous view of the region
+    view = mm.resolve(addr + PAGE_SIZE - 4, PAGE_SIZE + 8, write=False)
+    r.array()[PAGE_SIZE - 4:2 * PAGE_SIZE + 4] = 0x5A
+    assert len(view) == PAGE_SIZE + 8 and bool((view == 0x5A).all())
+    # writing across the read-only piece faults
+    assert errno_of(mm.resolve, addr + PAGE_SIZE - 4, 8, write=True) == errno.EFAULT
+    assert errno_of(mm.protect, addr + 1, PAGE_SIZE, PROT_READ) == errno.EINVAL
+    assert errno_of(mm.protect, addr, 5 * PAGE_SIZE, PROT_READ) == errno.ENOMEM
+
+
+def test_ranges_over_two_regions_fault(mm, regions):
+    a = regions("a", PAGE_SIZE)
+    b = regions("b", PAGE_SIZE)
+    x = mm.map(a.name, PAGE_SIZE, RW)
+    y = mm.map(b.name, PAGE_SIZE, RW)
+    assert y == x + PAGE_SIZE  # adjacent, but different regions
+    assert errno_of(mm.resolve, x + PAGE_SIZE - 2, 4, write=False) == errno.EFAULT
+
+
+def test_vanished_region_faults_instead_of_crashing(mm, run_id):
+    r = Region.create(region_name(run_id, "app1", "gone"), PAGE_SIZE)
+    addr = mm.map(r.name, PAGE_SIZE, RW)
+    r.close()  # unlinked before the kernel ever attached it
+    assert errno_of(mm.resolve, addr, 8, write=True) == errno.EFAULT
+
+
+def test_regions_attach_lazily_and_detach_on_unmap(mm, regions):
+    r = regions("buf", PAGE_SIZE)
+    addr = mm.map(r.name, PAGE_SIZE, RW)
+    backing = mm.find(addr).backing
+    assert backing.region is None  # nothing attached until the kernel touches it
+    mm.resolve(addr, 8, write=True)[:] = 7
+    assert backing.region is not None
+    mm.unmap(addr, PAGE_SIZE)
+    assert backing.region is None and len(mm) == 0
+    assert r.array()[:8].tolist() == [7] * 8
+
+
+def test_names_that_are_not_shm_names_are_refused(mm, run_id):
+    for bad in (f"/zcrx.{run_id}.app1./../../etc/passwd", "zcrx.x", "", "/a/b", "/x\0y"):
+        assert errno_of(mm.map, bad, PAGE_SIZE, RW) == errno.EINVAL
