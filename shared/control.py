@@ -739,6 +739,9 @@ class ControlServer:
         self.socket: zmq.Socket[bytes] = _new_socket(_context(context), zmq.ROUTER)
         try:
             self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            # A client that reconnects after a timeout keeps its identity (the
+            # kernel knows its task by it); the new connection takes over.
+            self.socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
             self.socket.bind(endpoint)
             self.endpoint: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         except BaseException:
@@ -920,6 +923,9 @@ class ControlClient:
         self.stale_replies = 0
         """Replies discarded because their id was not the one awaited."""
         self.timeouts = 0
+        #: Stable routing identity, kept across socket re-creation (lazy pirate),
+        #: so a server that keys state by peer (the kernel's tasks) keeps it.
+        self.identity = b"c" + os.urandom(7)
 
     @property
     def socket(self) -> zmq.Socket[bytes]:
@@ -928,6 +934,7 @@ class ControlClient:
             raise Misuse("control client is closed", E.EBADF)
         if self._sock is None:
             sock = _new_socket(self._ctx, zmq.DEALER)
+            sock.setsockopt(zmq.ROUTING_ID, self.identity)
             try:
                 sock.connect(self.endpoint)
             except BaseException:

@@ -784,3 +784,26 @@ def test_ok_bodies_round_trip_or_are_refused(body: dict[str, Any], msg_id: int,
         assert exc.errno == E.EINVAL  # NaN/inf, out-of-range ints, lone surrogates
         return
     assert decode(frames) == Message("ok", msg_id, body, tuple(blobs))
+
+
+def test_client_keeps_its_identity_across_a_timeout(
+        start_server: Callable[..., ServerThread], ctx: zmq.Context[Any], endpoint: str) -> None:
+    """The kernel knows a task by its peer identity: a lazy-pirate reconnect must keep it."""
+    peers: list[bytes] = []
+
+    def who(msg: Message, peer: bytes) -> dict[str, Any]:
+        peers.append(peer)
+        return {}
+
+    served = start_server(endpoint, {"test.who": who})
+    register_type("test.who")
+    c = ControlClient(endpoint, timeout_ms=300, context=ctx)
+    try:
+        c.call("test.who")
+        with pytest.raises(Timeout):
+            c.call("test.slow")  # the server holds it past our timeout
+        served.release.set()
+        c.call("test.who")
+    finally:
+        c.close()
+    assert len(peers) == 2 and peers[0] == peers[1] == c.identity
