@@ -82,11 +82,11 @@ EPHEMERAL_HI = 60999
 class SkbStore(Protocol):
     """What the socket and io_uring layers need from the skb store (driver_proc/skb.py)."""
 
-    def copy_out(self, handles: NDArray[np.int64], offsets: NDArray[np.int64],
-                 lengths: NDArray[np.int64], dst: NDArray[np.uint8]) -> None:
+    def copy_out(self, handles: Any, offsets: Any, lengths: Any,
+                 dst: NDArray[np.uint8]) -> Any:
         """Copy the pieces' payload bytes, in order, contiguously into ``dst``."""
 
-    def free(self, handles: NDArray[np.int64]) -> None:
+    def free(self, handles: Any) -> Any:
         """Drop the skbs (their buffers go back to their pools)."""
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from driver_proc.main import main
+
+sys.exit(main())

@@ -1,0 +1,90 @@
+"""The kernel process loop: the only I/O the kernel does.
+
+One thread, one loop, like a CPU running softirq and syscalls by turns:
+
+1. serve pending syscalls on the control socket (non-blocking, bounded batch);
+2. drain interrupt events from the NIC;
+3. ``Kernel.poll()``: NAPI on every queue, TCP, io_uring work;
+4. send doorbells the driver asked for;
+5. idle: spin, yield, then arm every queue's interrupt and block in
+   ``zmq.Poller`` on the control and interrupt sockets (need-wakeup protocol),
+   waking at least every few milliseconds for timers.
+
+Everything the kernel owns lives in :class:`driver_proc.kernel.Kernel`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import zmq
+
+from driver_proc.kernel import Kernel
+from shared import nicif, syscalls  # noqa: F401  (registers the message types)
+from shared.control import ControlClient, ControlServer, EventReceiver, EventSender, ipc_endpoint
+from shared.proc import Lifecycle, base_parser, setup_logging
+from shared.ring import Backoff
+
+#: Longest the loop sleeps in zmq poll when fully idle (timers, parent watch).
+IDLE_POLL_MS = 20
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = base_parser("driver_proc", "The emulated kernel: driver, page pools, TCP, io_uring.")
+    p.add_argument("--nic-timeout-ms", type=int, default=10_000,
+                   help="Timeout of admin requests to the NIC.")
+    args = p.parse_args(argv)
+    log = setup_logging("kernel", args.quiet)
+    if not args.run or not args.rundir:
+        p.error("--run and --rundir (or $ZCRX_RUN / $ZCRX_RUNDIR) are required")
+    life = Lifecycle(watch_parent=args.watch_parent)
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    nic = ControlClient(ipc_endpoint(args.rundir, "nic"), timeout_ms=args.nic_timeout_ms,
+                        context=ctx)
+    doorbells = EventSender(ipc_endpoint(args.rundir, "nic-events"), context=ctx)
+    irqs = EventReceiver(ipc_endpoint(args.rundir, "kernel-events"), context=ctx)
+    kernel = Kernel(args.run, args.rundir, nic, log=log)
+    server = ControlServer(ipc_endpoint(args.rundir, "kernel"), kernel.handlers(),
+                           role="kernel", context=ctx)
+    kernel.attach_server(server)
+    try:
+        kernel.probe()
+        log.info("up: %s", ", ".join(kernel.netdevs))
+        poller = zmq.Poller()
+        poller.register(server.socket, zmq.POLLIN)
+        poller.register(irqs.socket, zmq.POLLIN)
+        wait = Backoff(spin=200, yields=200, max_sleep=0.0005)
+        while not (life.should_stop() or kernel.shutdown_requested):
+            work = 0
+            try:
+                work += server.process_pending(64)
+            except Exception:  # a handler bug: replied EIO already; keep serving
+                log.exception("syscall handler failed")
+                kernel.stats["handler_bugs"] += 1
+            for _ in irqs.drain(256):
+                work += 1
+            work += kernel.poll()
+            for dev, q in kernel.take_doorbells():
+                doorbells.send("nic.doorbell", {"dev": dev, "queue": q})
+            if work:
+                wait.reset()
+                continue
+            if not wait.sleeping:
+                wait.idle()
+                continue
+            # About to sleep: arm interrupts, then re-check (need-wakeup protocol).
+            if kernel.arm_interrupts():
+                continue
+            poller.poll(min(IDLE_POLL_MS, kernel.next_timer_ms()))
+    finally:
+        log.info("stopping (%s)", life.reason or "shutdown requested")
+        kernel.shutdown()
+        server.close()
+        irqs.close()
+        doorbells.close()
+        nic.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
