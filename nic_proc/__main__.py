@@ -1,0 +1,5 @@
+"""``python -m nic_proc``: run the NIC process (see :mod:`nic_proc.main`)."""
+
+from nic_proc.main import main
+
+raise SystemExit(main())

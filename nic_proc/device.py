@@ -1,0 +1,674 @@
+"""The emulated NIC as one object: netdevs, RX queues, IOMMU, steering, traffic sources.
+
+:class:`Nic` is everything the NIC process knows, as plain state; it does no
+socket I/O of its own (the wire gateway's sockets aside).  :mod:`nic_proc.main`
+feeds it admin requests and doorbells and calls :meth:`Nic.step` to move
+traffic; tests drive it directly.
+
+Ownership
+---------
+The NIC owns its device state and one shared-memory region, the **stats block**
+(``nicif.stats_block_shape()`` int64, written only by the NIC, read by anyone).
+Every other region it touches belongs to someone else and is reached through the
+IOMMU (:mod:`nic_proc.iommu`): queue regions and page pools are the kernel's,
+areas the apps'.  The NIC writes into them and never unlinks them.
+
+Netdevs
+-------
+A netdev is described by a spec string ``NAME[:key=value,...]`` (:meth:`NetdevSpec.parse`),
+e.g. ``eth0:queues=4,mtu=9000``.  Keys (defaults in brackets): ``queues`` [4],
+``max_queues`` [64], ``rx`` ring size [512], ``max_rx`` [4096], ``mtu`` [4096],
+``tcp_data_split`` on|off [on], ``hds_thresh`` [0], ``hds_thresh_max`` [1024],
+``rx_buf_len`` [4096], ``link`` up|down [up], ``pause`` on|off [on], ``addr``,
+``addr6``, ``mac`` (defaults in :mod:`nic_proc.sources`).  ``-`` may replace ``_``.
+
+RX queue ``q`` of a netdev is *started* by ``nic.queue_start`` (the kernel has laid
+out and mapped its region) and *stopped* by ``nic.queue_stop``; only a started queue
+receives DMA.  Frames steered to a stopped queue are dropped (``rx_queue_stopped``).
+
+Pause
+-----
+With pause on (default), a queue that runs out of posted buffers or completion
+slots holds back the flows steered to it: the sources offer those flows' frames
+again once the kernel rings the doorbell.  Flows of other queues keep going: the
+emulated link has one pause class per queue (real 802.3x pauses the whole port;
+per-queue pausing keeps one stalled app from stalling everyone).  With pause off
+the frames are dropped and counted (``rx_no_buffer``).
+
+Counters
+--------
+Per queue, in the stats block row ``[netdev.stats_index, queue]``.  Frames that
+never reach a queue (unparsable, oversize, an ntuple ``drop`` rule) are counted in
+queue 0's row (a real NIC counts them per port).
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+import time
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from nic_proc.dma import DmaQueue, Frames, HdsConfig, Index
+from nic_proc.iommu import Iommu
+from nic_proc.ntuple import Steering
+from nic_proc.rss import Flows
+from nic_proc.sources import Generator, RawBatch, Source, WireGateway, WireInfo, parse_raw
+from shared import wire
+from shared.errors import Misuse
+from shared.nicif import (
+    HDR_SLOT_ALIGN,
+    MAX_NETDEVS,
+    MAX_QUEUES,
+    QC,
+    QUEUE_COUNTERS,
+    QueueLayout,
+    hdr_slot_size,
+    stats_block_shape,
+)
+
+__all__ = ["MAX_MTU", "MIN_MTU", "Netdev", "NetdevSpec", "Nic", "NicQueue"]
+
+MIN_MTU = 576
+MAX_MTU = 9216
+MAX_RING = 4096
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,15}$")
+_STEER_CACHE = 4096
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _onoff(text: str, key: str, on: str = "on", off: str = "off") -> bool:
+    if text in (on, "true", "1", "yes"):
+        return True
+    if text in (off, "false", "0", "no"):
+        return False
+    raise Misuse(f"netdev spec: {key} must be {on} or {off}, got {text!r}")
+
+
+@dataclass
+class NetdevSpec:
+    """The static description of one netdev (see the module docstring for the syntax)."""
+
+    name: str = "eth0"
+    queues: int = 4
+    max_queues: int = MAX_QUEUES
+    rx: int = 512
+    max_rx: int = MAX_RING
+    mtu: int = 4096
+    tcp_data_split: bool = True
+    hds_thresh: int = 0
+    hds_thresh_max: int = 1024
+    rx_buf_len: int = 4096
+    link: bool = True
+    pause: bool = True
+    addr: str = ""
+    addr6: str = ""
+    mac: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> NetdevSpec:
+        """``NAME[:key=value,...]`` -> a validated spec (:class:`Misuse` on errors)."""
+        name, _, rest = text.partition(":")
+        kw: dict[str, Any] = {"name": name}
+        types = {f.name: f.type for f in fields(cls)}
+        for item in filter(None, rest.split(",")):
+            key, eq, val = item.partition("=")
+            key = key.strip().replace("-", "_")
+            if key == "ring":
+                key = "rx"
+            if not eq or key not in types or key == "name":
+                raise Misuse(f"netdev spec {text!r}: bad item {item!r}")
+            if types[key] in ("bool", bool):
+                kw[key] = _onoff(val, key, *(("up", "down") if key == "link" else ()))
+            elif types[key] in ("int", int):
+                try:
+                    kw[key] = int(val, 0)
+                except ValueError:
+                    raise Misuse(f"netdev spec {text!r}: {key} needs an integer") from None
+            else:
+                kw[key] = val
+        spec = cls(**kw)
+        spec.validate()
+        return spec
+
+    def validate(self) -> None:
+        """Range checks (:class:`Misuse`, EINVAL)."""
+        if not _NAME.match(self.name):
+            raise Misuse(f"bad netdev name {self.name!r} (1-15 of [A-Za-z0-9_-])")
+        if not 1 <= self.max_queues <= MAX_QUEUES or not 1 <= self.queues <= self.max_queues:
+            raise Misuse(f"{self.name}: queues {self.queues} / max {self.max_queues} out of "
+                         f"range (max {MAX_QUEUES})")
+        if not (_is_pow2(self.max_rx) and self.max_rx <= MAX_RING and _is_pow2(self.rx)
+                and self.rx <= self.max_rx):
+            raise Misuse(f"{self.name}: ring sizes must be powers of two <= {MAX_RING}")
+        if not MIN_MTU <= self.mtu <= MAX_MTU:
+            raise Misuse(f"{self.name}: mtu {self.mtu} not in [{MIN_MTU}, {MAX_MTU}]")
+        if not 0 <= self.hds_thresh <= self.hds_thresh_max:
+            raise Misuse(f"{self.name}: hds_thresh {self.hds_thresh} > {self.hds_thresh_max}")
+        if not _valid_buf_len(self.rx_buf_len):
+            raise Misuse(f"{self.name}: rx_buf_len {self.rx_buf_len} is not a power of two "
+                         f"in [1024, 65536]")
+
+
+def _valid_buf_len(n: int) -> bool:
+    return _is_pow2(n) and 1024 <= n <= 65536
+
+
+def _mac_bytes(text: str, default: bytes) -> bytes:
+    if not text:
+        return default
+    try:
+        b = bytes.fromhex(text.replace(":", ""))
+    except ValueError:
+        b = b""
+    if len(b) != 6:
+        raise Misuse(f"bad MAC address {text!r}")
+    return b
+
+
+@dataclass(eq=False)
+class NicQueue:
+    """One RX queue of a netdev: stopped (``dma is None``) or started."""
+
+    index: int
+    map_id: int = 0
+    ring_size: int = 0
+    slot_size: int = 0
+    dma: DmaQueue | None = None
+
+    @property
+    def started(self) -> bool:
+        return self.dma is not None
+
+
+@dataclass(eq=False)
+class Netdev:
+    """A netdev: configuration, steering, queues and its rows of the stats block."""
+
+    spec: NetdevSpec
+    index: int
+    stats: npt.NDArray[np.int64]  # (MAX_QUEUES, len(QUEUE_COUNTERS)) view
+    info: WireInfo = field(init=False)
+    hds: HdsConfig = field(init=False)
+    steering: Steering = field(init=False)
+    queues: list[NicQueue] = field(init=False)
+    #: waiting[q]: queue q is paused for lack of buffers; waiting[-1] stays False so a
+    #: steering result of -1 (drop) indexes it harmlessly.
+    waiting: npt.NDArray[np.bool_] = field(init=False)
+    tx_ring: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        s = self.spec
+        default = WireInfo(s.name, self.index, s.mtu)
+        self.info = WireInfo(s.name, self.index, s.mtu, s.addr or default.addr,
+                             s.addr6 or default.addr6, _mac_bytes(s.mac, default.mac))
+        self.hds = HdsConfig(s.tcp_data_split, s.hds_thresh)
+        self.steering = Steering(s.queues)
+        self.queues = [NicQueue(q) for q in range(s.max_queues)]
+        self.waiting = np.zeros(s.max_queues + 1, dtype=bool)
+        self.tx_ring = s.rx
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def n_queues(self) -> int:
+        return self.steering.n_rx_queues
+
+    @property
+    def max_frame(self) -> int:
+        return wire.max_frame_len(self.spec.mtu)
+
+    @property
+    def min_slot_size(self) -> int:
+        return hdr_slot_size(self.max_frame)
+
+    def started(self) -> list[NicQueue]:
+        return [q for q in self.queues if q.dma is not None]
+
+    def probe(self) -> dict[str, Any]:
+        """The ``nic.probe`` description (``nicif.NETDEV_FIELDS`` plus addresses)."""
+        s = self.spec
+        return {"name": s.name, "ifindex": self.index + 2, "mac": self.info.mac.hex(":"),
+                "queues": self.n_queues, "max_queues": s.max_queues, "ring_size": s.rx,
+                "max_ring_size": s.max_rx, "mtu": s.mtu, "tcp_data_split": self.hds.tcp_data_split,
+                "hds_thresh": self.hds.hds_thresh, "hds_thresh_max": s.hds_thresh_max,
+                "rx_buf_len": s.rx_buf_len, "link_up": s.link, "stats_index": self.index,
+                "min_slot_size": self.min_slot_size, "pause": s.pause,
+                "addr": self.info.addr, "addr6": self.info.addr6,
+                "started": [q.index for q in self.started()]}
+
+
+class Nic:
+    """The device (see the module docstring).  Not thread-safe: one loop drives it."""
+
+    def __init__(self, specs: Sequence[NetdevSpec] = (), stats: npt.NDArray[np.int64] | None = None,
+                 *, iommu: Iommu | None = None, clock: Callable[[], float] = time.monotonic
+                 ) -> None:
+        """Netdevs from ``specs`` (default one ``eth0``); ``stats`` is the stats block."""
+        specs = list(specs) or [NetdevSpec()]
+        if len(specs) > MAX_NETDEVS:
+            raise Misuse(f"at most {MAX_NETDEVS} netdevs")
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise Misuse(f"duplicate netdev names in {names}")
+        if stats is None:
+            stats = np.zeros(stats_block_shape(), np.int64)
+        if stats.shape != stats_block_shape():
+            raise Misuse(f"stats block must be {stats_block_shape()}, got {stats.shape}")
+        self.stats = stats
+        self.iommu = iommu if iommu is not None else Iommu()
+        self.clock = clock
+        self.netdevs: dict[str, Netdev] = {}
+        for i, s in enumerate(specs):
+            s.validate()
+            self.netdevs[s.name] = Netdev(s, i, stats[i])
+        self.sources: dict[int, Source] = {}
+        self._next_source = 1
+        self._steer_cache: dict[tuple[str, Hashable], tuple[int, npt.NDArray[np.int32],
+                                                            npt.NDArray[np.uint32]]] = {}
+        #: (dev, queue) interrupts to raise, drained by the loop
+        self.pending_irqs: list[tuple[str, int]] = []
+        self._rr = 0
+
+    # -- lookups -------------------------------------------------------------------------
+
+    def dev(self, name: str) -> Netdev:
+        """The netdev called ``name``; :class:`Misuse` (ENODEV) if there is none."""
+        d = self.netdevs.get(name)
+        if d is None:
+            raise Misuse(f"no netdev {name!r}", errno.ENODEV)
+        return d
+
+    def _queue(self, dev: Netdev, queue: int) -> NicQueue:
+        if not 0 <= queue < dev.n_queues:
+            raise Misuse(f"{dev.name}: queue {queue} out of range (the device has "
+                         f"{dev.n_queues} queues)", errno.ERANGE)
+        return dev.queues[queue]
+
+    # -- admin ---------------------------------------------------------------------------
+
+    def probe(self) -> list[dict[str, Any]]:
+        """Every netdev's description, in stats-index order."""
+        return [d.probe() for d in self.netdevs.values()]
+
+    def dma_map(self, name: str, size: int) -> int:
+        """Map region ``name`` for DMA (see :meth:`Iommu.dma_map`)."""
+        return self.iommu.dma_map(name, size)
+
+    def dma_unmap(self, map_id: int) -> None:
+        """Unmap; EBUSY while a started queue lives in it, ENOENT if unknown."""
+        for d in self.netdevs.values():
+            for q in d.started():
+                if q.map_id == map_id:
+                    raise Misuse(f"map id {map_id} holds {d.name} queue {q.index}, which is "
+                                 f"started", errno.EBUSY)
+        self.iommu.dma_unmap(map_id)
+
+    def queue_start(self, dev: str, queue: int, map_id: int, ring_size: int,
+                    slot_size: int) -> None:
+        """Start DMA into a queue whose region (``QueueLayout(ring_size, slot_size)``) is
+        mapped as ``map_id``.  EBUSY if started, ERANGE for a bad queue, ENOENT for an
+        unknown map, EINVAL for sizes the device or the mapping cannot take."""
+        d = self.dev(dev)
+        q = self._queue(d, queue)
+        if q.started:
+            raise Misuse(f"{dev} queue {queue} is already started", errno.EBUSY)
+        if not _is_pow2(ring_size) or ring_size > d.spec.max_rx:
+            raise Misuse(f"{dev}: ring size {ring_size} is not a power of two <= "
+                         f"{d.spec.max_rx}")
+        if slot_size % HDR_SLOT_ALIGN or slot_size < d.min_slot_size:
+            raise Misuse(f"{dev}: header slots of {slot_size} bytes; need a multiple of "
+                         f"{HDR_SLOT_ALIGN} >= {d.min_slot_size} for MTU {d.spec.mtu}")
+        m = self.iommu.get(map_id)
+        layout = QueueLayout(ring_size, slot_size)
+        if layout.size > m.size:
+            raise Misuse(f"{dev} queue {queue}: layout needs {layout.size} bytes, mapping "
+                         f"{map_id} has {m.size}")
+        q.dma = DmaQueue(m.view, layout, self.iommu, queue=queue, config=d.hds,
+                         stats=d.stats[queue], clock=time.monotonic_ns)
+        q.map_id, q.ring_size, q.slot_size = map_id, ring_size, slot_size
+        d.waiting[queue] = False
+
+    def queue_stop(self, dev: str, queue: int) -> int:
+        """Quiesce a queue; returns the completions it wrote since it started (0 if stopped).
+
+        The loop is single-threaded, so when this returns no DMA into the queue is in
+        progress and none can follow: the views into its memory are gone.
+        """
+        d = self.dev(dev)
+        if not 0 <= queue < len(d.queues):
+            raise Misuse(f"{dev}: queue {queue} out of range", errno.ERANGE)
+        q = d.queues[queue]
+        if q.dma is None:
+            return 0
+        done = q.dma.completed
+        q.dma.detach()
+        q.dma = None
+        q.map_id = 0
+        d.waiting[queue] = False
+        return done
+
+    def set_link(self, dev: str, up: bool) -> None:
+        """Carrier on/off.  With the link down no source of the netdev sends."""
+        self.dev(dev).spec.link = bool(up)
+
+    def doorbell(self, dev: str, queue: int) -> bool:
+        """The kernel posted buffers on a waiting queue; True if it can go on now."""
+        d = self.netdevs.get(dev)
+        if d is None or not 0 <= queue < len(d.queues):
+            return False
+        q = d.queues[queue]
+        if q.dma is None:
+            return False
+        ok = q.dma.try_resume()
+        d.waiting[queue] = q.dma.waiting
+        return ok
+
+    # -- ethtool -------------------------------------------------------------------------
+
+    def ethtool(self, dev: str, request: Mapping[str, Any]) -> dict[str, Any]:
+        """Apply or answer one ``launch.ethtool`` request dict (errors carry the errno)."""
+        d = self.dev(dev)
+        rdev = request.get("dev", dev)
+        if rdev != dev:
+            raise Misuse(f"request for {rdev!r} sent to {dev!r}")
+        cmd = request.get("cmd")
+        if cmd == "channels-get":
+            return {"rx_max": 0, "tx_max": 0, "other_max": 0, "combined_max": d.spec.max_queues,
+                    "rx_count": 0, "tx_count": 0, "other_count": 0,
+                    "combined_count": d.n_queues}
+        if cmd == "channels-set":
+            self._set_channels(d, request)
+            return {}
+        if cmd == "rings-get":
+            return self._rings(d)
+        if cmd == "rings-set":
+            self._set_rings(d, request)
+            return {}
+        if cmd == "stats-get":
+            return {"stats": self.stats_list(d)}
+        if cmd in ("rss-get", "rss-set", "ntuple-get", "ntuple-add", "ntuple-delete"):
+            return d.steering.handle(request)
+        raise Misuse(f"ethtool {cmd!r} is not supported", errno.EOPNOTSUPP)
+
+    def _set_channels(self, d: Netdev, req: Mapping[str, Any]) -> None:
+        for k in ("rx", "tx", "other"):
+            if req.get(k):
+                raise Misuse(f"{d.name} has combined channels only ({k} must be 0)")
+        n = req.get("combined")
+        if n is None:
+            return
+        if not isinstance(n, int) or not 1 <= n <= d.spec.max_queues:
+            raise Misuse(f"combined {n} not in [1, {d.spec.max_queues}]")
+        busy = [q.index for q in d.started() if q.index >= n]
+        if busy:
+            raise Misuse(f"{d.name}: stop queue {busy[0]} before reducing channels to {n}",
+                         errno.EBUSY)
+        d.steering.set_n_rx_queues(n)
+        d.spec.queues = n
+
+    def _rings(self, d: Netdev) -> dict[str, Any]:
+        s = d.spec
+        return {"rx_max": s.max_rx, "rx_mini_max": 0, "rx_jumbo_max": 0, "tx_max": s.max_rx,
+                "tx_push_buf_len_max": 0, "hds_thresh_max": s.hds_thresh_max,
+                "rx": s.rx, "rx_mini": 0, "rx_jumbo": 0, "tx": d.tx_ring,
+                "rx_buf_len": s.rx_buf_len, "cqe_size": None, "tx_push": None, "rx_push": None,
+                "tx_push_buf_len": None,
+                "tcp_data_split": "on" if d.hds.tcp_data_split else "off",
+                "hds_thresh": d.hds.hds_thresh}
+
+    def _set_rings(self, d: Netdev, req: Mapping[str, Any]) -> None:
+        s = d.spec
+        for k in ("cqe_size", "tx_push", "rx_push", "tx_push_buf_len"):
+            if k in req:
+                raise Misuse(f"{d.name}: {k.replace('_', '-')} is not supported",
+                             errno.EOPNOTSUPP)
+        for k in ("rx_mini", "rx_jumbo"):
+            if req.get(k):
+                raise Misuse(f"{d.name}: {k.replace('_', '-')} ring not supported (max 0)")
+        rx = req.get("rx", s.rx)
+        tx = req.get("tx", d.tx_ring)
+        for k, v in (("rx", rx), ("tx", tx)):
+            if not isinstance(v, int) or not _is_pow2(v) or v > s.max_rx:
+                raise Misuse(f"{d.name}: {k} {v} is not a power of two <= {s.max_rx}")
+        buf_len = req.get("rx_buf_len", s.rx_buf_len)
+        if not isinstance(buf_len, int) or not _valid_buf_len(buf_len):
+            raise Misuse(f"{d.name}: rx-buf-len {buf_len} not a power of two in [1024, 65536]")
+        thresh = req.get("hds_thresh", d.hds.hds_thresh)
+        if not isinstance(thresh, int) or not 0 <= thresh <= s.hds_thresh_max:
+            raise Misuse(f"{d.name}: hds-thresh {thresh} not in [0, {s.hds_thresh_max}]")
+        tds = req.get("tcp_data_split")
+        if tds not in (None, "on", "off", "auto"):
+            raise Misuse(f"{d.name}: tcp-data-split {tds!r}")
+        if rx != s.rx and d.started():
+            raise Misuse(f"{d.name}: stop every queue before changing the rx ring size",
+                         errno.EBUSY)
+        s.rx, d.tx_ring, s.rx_buf_len = rx, tx, buf_len
+        d.hds.hds_thresh = s.hds_thresh = thresh
+        if tds is not None:
+            d.hds.tcp_data_split = s.tcp_data_split = tds != "off"
+
+    def stats_list(self, d: Netdev) -> list[list[Any]]:
+        """``ethtool -S``: device totals, then ``rx-N.<name>`` per queue in use."""
+        n = d.n_queues
+        rows = d.stats[:n]
+        tot = rows.sum(axis=0)
+        out: list[list[Any]] = [[name, int(tot[i])] for i, name in enumerate(QUEUE_COUNTERS)]
+        for q in range(n):
+            out.extend([f"rx-{q}.{name.removeprefix('rx_')}", int(rows[q, i])]
+                       for i, name in enumerate(QUEUE_COUNTERS))
+        return out
+
+    # -- sources -------------------------------------------------------------------------
+
+    def add_source(self, make: Callable[[int], Source]) -> Source:
+        """Register the source ``make(id)`` builds (it may raise :class:`Misuse`)."""
+        sid = self._next_source
+        src = make(sid)
+        self._next_source += 1
+        self.sources[sid] = src
+        return src
+
+    def add_traffic(self, dev: str, spec: Mapping[str, Any]) -> int:
+        """Start a :class:`~nic_proc.sources.Generator` on ``dev``; returns its id."""
+        d = self.dev(dev)
+        return self.add_source(lambda sid: Generator(sid, d.info, spec, clock=self.clock)).id
+
+    def add_wire(self, dev: str, port: int, host: str = "127.0.0.1") -> tuple[int, int]:
+        """Start a :class:`~nic_proc.sources.WireGateway`; returns (id, listening port)."""
+        d = self.dev(dev)
+        src = self.add_source(lambda sid: WireGateway(sid, d.info, port, host))
+        assert isinstance(src, WireGateway)
+        return src.id, src.port
+
+    def source_stop(self, source: int) -> None:
+        """Stop and forget a source (ENOENT if unknown)."""
+        src = self.sources.pop(source, None)
+        if src is None:
+            raise Misuse(f"no traffic source {source}", errno.ENOENT)
+        src.close()
+        self._steer_cache.clear()
+
+    def sources_progress(self) -> list[dict[str, Any]]:
+        return [s.progress() for s in self.sources.values()]
+
+    # -- data path -----------------------------------------------------------------------
+
+    def _steer(self, d: Netdev, flows: Flows, key: Hashable | None
+               ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.uint32]]:
+        """(queue, rss hash) per flow of the table, cached per key and steering generation."""
+        gen = d.steering.generation
+        if key is not None:
+            hit = self._steer_cache.get((d.name, key))
+            if hit is not None and hit[0] == gen:
+                return hit[1], hit[2]
+        res = d.steering.steer(flows)
+        if key is not None:
+            if len(self._steer_cache) >= _STEER_CACHE:
+                self._steer_cache.clear()
+            self._steer_cache[(d.name, key)] = (gen, res.queue, res.hash)
+        return res.queue, res.hash
+
+    def blocked_fn(self, d: Netdev) -> Callable[[Flows, Hashable | None], npt.NDArray[np.bool_]]:
+        """The ``blocked`` callback sources get: flows whose queue waits for buffers."""
+        def blocked(flows: Flows, key: Hashable | None) -> npt.NDArray[np.bool_]:
+            q, _ = self._steer(d, flows, key)
+            return d.waiting[q]
+        return blocked
+
+    def _count(self, d: Netdev, queue: int, name: str, k: int) -> None:
+        if k:
+            d.stats[queue if 0 <= queue < MAX_QUEUES else 0, QC[name]] += k
+
+    def rx(self, d: Netdev, frames: Frames) -> npt.NDArray[np.bool_]:
+        """Steer and place a batch on netdev ``d``; True for every frame taken off the wire.
+
+        Taken = placed, or dropped (oversize, drop rule, stopped queue, pause off, or
+        an error completion).  Frames of a paused queue are not taken.
+        """
+        n = len(frames)
+        consumed = np.zeros(n, dtype=bool)
+        if n == 0:
+            return consumed
+        qf, hf = self._steer(d, frames.flows, frames.flows_key)
+        u = frames.uniform
+        longest = u[2] if u is not None else int(frames.frame_len.max())
+        groups: list[tuple[int, Index]]
+        h: npt.NDArray[np.uint32]
+        if len(frames.flows) == 1 and longest <= d.max_frame:
+            # One flow (a connection, a one-flow generator): one queue, one hash.
+            groups = [(int(qf[0]), slice(0, n))]
+            h = np.broadcast_to(hf[0], (n,))
+        else:
+            q = qf[frames.flow]
+            h = hf[frames.flow]
+            if longest > d.max_frame:
+                over = frames.frame_len > d.max_frame
+                consumed |= over
+                self._count(d, 0, "rx_oversize", int(np.count_nonzero(over)))
+                self._count(d, 0, "rx_dropped", int(np.count_nonzero(over)))
+                q = np.where(over, -2, q)
+            lo, hi = int(q.min()), int(q.max())
+            if lo == hi:
+                groups = [(lo, slice(0, n))]
+            else:
+                groups = [(v, np.flatnonzero(q == v)) for v in np.unique(q).tolist()]
+        for qi, rows in groups:
+            if qi == -2:
+                continue
+            cnt = rows.stop - rows.start if isinstance(rows, slice) else int(rows.shape[0])
+            if qi < 0:  # ntuple rule "action -1"
+                consumed[rows] = True
+                self._count(d, 0, "rx_dropped", cnt)
+                continue
+            nq = d.queues[qi] if qi < d.n_queues else None
+            if nq is None or nq.dma is None:
+                consumed[rows] = True
+                self._count(d, qi, "rx_queue_stopped", cnt)
+                self._count(d, qi, "rx_dropped", cnt)
+                continue
+            dq = nq.dma
+            if dq.waiting:
+                continue
+            res = dq.place(frames, rows, h[0] if h.strides == (0,) else h[rows])
+            if res.consumed:
+                consumed[_head(rows, res.consumed)] = True
+            if res.irq:
+                self.pending_irqs.append((d.name, qi))
+            if res.starved:
+                if d.spec.pause:
+                    self._count(d, qi, "rx_pause", 1)
+                    dq.arm_doorbell()
+                    d.waiting[qi] = dq.waiting
+                else:
+                    rest = _tail(rows, res.consumed)
+                    consumed[rest] = True
+                    k = cnt - res.consumed
+                    self._count(d, qi, "rx_no_buffer", k)
+                    self._count(d, qi, "rx_dropped", k)
+        return consumed
+
+    def rx_raw(self, d: Netdev, raw: RawBatch) -> npt.NDArray[np.bool_]:
+        """The generic path: parse raw frames, drop and count bad ones, steer and place the rest."""
+        frames, good, status = parse_raw(raw, d.spec.mtu)
+        consumed = np.ones(len(raw), dtype=bool)
+        nbad = len(raw) - int(good.shape[0])
+        if nbad:
+            over = int(np.count_nonzero(status == wire.FrameStatus.OVERSIZE))
+            self._count(d, 0, "rx_oversize", over)
+            self._count(d, 0, "rx_bad_frame", nbad - over)
+            self._count(d, 0, "rx_dropped", nbad)
+        if len(frames):
+            consumed[good] = self.rx(d, frames)
+        return consumed
+
+    def _recheck(self) -> None:
+        """Periodic re-check of waiting queues (covers a lost or raced doorbell)."""
+        for d in self.netdevs.values():
+            if d.waiting.any():
+                for qi in np.flatnonzero(d.waiting).tolist():
+                    dq = d.queues[qi].dma
+                    if dq is None or dq.try_resume():
+                        d.waiting[qi] = False
+
+    def step(self, now: float | None = None) -> bool:
+        """Give every active source one batch; True if any frame was taken off the wire."""
+        self._recheck()
+        t = self.clock() if now is None else now
+        work = False
+        srcs = list(self.sources.values())
+        if not srcs:
+            return False
+        self._rr = (self._rr + 1) % len(srcs)
+        for src in srcs[self._rr:] + srcs[:self._rr]:
+            if src.done:
+                continue
+            d = self.netdevs[src.dev]
+            if not d.spec.link:
+                continue
+            batch = src.poll(self.blocked_fn(d), t)
+            if batch is None:
+                continue
+            consumed = self.rx_raw(d, batch) if isinstance(batch, RawBatch) else self.rx(d, batch)
+            src.commit(batch, consumed)
+            if consumed.any():
+                work = True
+        return work
+
+    @property
+    def active(self) -> bool:
+        """True while some source could still send (the loop should not block long)."""
+        return any(not s.done and self.netdevs[s.dev].spec.link for s in self.sources.values())
+
+    def take_irqs(self) -> list[tuple[str, int]]:
+        """The interrupts raised since the last call, each (dev, queue) once."""
+        out = list(dict.fromkeys(self.pending_irqs))
+        self.pending_irqs.clear()
+        return out
+
+    def close(self) -> None:
+        """Stop every source and queue and drop every mapping (device shutdown)."""
+        for sid in list(self.sources):
+            self.source_stop(sid)
+        for d in self.netdevs.values():
+            for q in d.started():
+                self.queue_stop(d.name, q.index)
+        self.iommu.unmap_all()
+
+
+def _head(rows: Index, k: int) -> Index:
+    return slice(rows.start, rows.start + k) if isinstance(rows, slice) else rows[:k]
+
+
+def _tail(rows: Index, k: int) -> Index:
+    return slice(rows.start + k, rows.stop) if isinstance(rows, slice) else rows[k:]

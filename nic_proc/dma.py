@@ -1,0 +1,726 @@
+"""Receive DMA of one NIC RX queue: header/data split, placement, completions (pure logic).
+
+:class:`DmaQueue` is the device side of one RX queue whose memory the kernel laid
+out with :class:`shared.nicif.QueueLayout` and DMA-mapped for the NIC:
+
+* the **fill ring** (kernel -> NIC, ``nic_rx_desc``): posted data buffers.  The NIC
+  is its consumer; it reads descriptors and advances ``head`` once per batch;
+* the **completion ring** (NIC -> kernel, ``nic_rx_cqe``): one completion per frame.
+  The NIC is its producer; it advances ``tail`` once per batch;
+* the **header slots**: the NIC writes the headers (or the whole frame) of the
+  completion with ring index ``i`` into slot ``i & mask`` before publishing it;
+  the slot is the kernel's to read until it releases that completion.
+
+The queue region and every data buffer belong to the kernel (or the app whose area
+backs them); the NIC only writes into them, through :class:`nic_proc.iommu.Iommu`
+translations, and never reads back what it wrote.
+
+Placement of a batch (:meth:`DmaQueue.place`), in order, for frame ``i``:
+
+* **split** when tcp-data-split is on and ``pay_len > hds_thresh``: the L2..L4
+  headers (``hdr_len = payload_off`` bytes) go to the header slot; the payload goes
+  to the next posted buffers in posting order, each filled to ``min(desc.len,
+  remaining)`` (``nr_frags`` buffers).  Only the TCP payload goes to the buffers
+  (``data_len = pay_len``): Ethernet padding of a tiny frame is not written;
+* **linear** otherwise (split off, or payload at or under the threshold): the whole
+  frame (``frame_len`` bytes, Ethernet padding written as zeros) goes to the header
+  slot; no buffer is used.
+
+Every frame that reaches the queue takes exactly one completion slot and no frame
+uses a buffer without one, so the completion ring never overflows (nicif contract).
+The batch stops at the first frame for which there is no completion slot or not
+enough posted buffers: the caller pauses the source (802.3x, lossless) or drops
+the rest (pause off); nothing after the stop point is touched.
+
+Errors that still produce a completion (so the kernel recovers every buffer from
+its FIFO of posted descriptors, as drivers recycle the buffers of errored
+descriptors):
+
+* **IOMMU fault**: a buffer the frame would use lies outside every mapping.  The
+  frame is dropped, nothing is written, and its completion has ``flags = 0``,
+  ``hdr_len = data_len = 0``, ``nr_frags`` = the buffers it consumed, ``status =``
+  :data:`NIC_STATUS_DMA_FAULT`.  Counted in ``rx_iommu_fault`` and ``rx_dropped``.
+* **cannot fit**: a frame longer than a header slot, or whose payload needs more
+  buffers than the ring holds: ``status = NIC_STATUS_TRUNCATED``, ``nr_frags = 0``,
+  nothing written.  Counted in ``rx_dropped``.
+
+Speed: a batch costs a fixed number of numpy calls, not one per frame.  Payload
+copies are grouped by (mapping, column, length): each group is one fancy-index
+assignment ``window[offsets] = payload[rows, col:col + L]`` through a
+``(size - L + 1, L)`` sliding-window view of the mapping (rows may start at any
+byte offset).  Header copies are one assignment per header length.  Descriptors
+of unequal length (a kernel that broke the "one rx_buf_len per queue" rule) take a
+per-frame slow path, correct but slower.
+
+Interrupts and doorbells (nicif contract): after publishing completions, if the
+completion ring's need-wakeup flag is set the NIC clears it and raises one
+interrupt (``PlaceResult.irq``).  Starved of buffers, the NIC sets need-wakeup on
+the fill ring and re-checks it (:meth:`DmaQueue.arm_doorbell`); the kernel rings
+``nic.doorbell`` after posting when it sees the flag, and the NIC clears the flag
+once it can go on (:meth:`DmaQueue.try_resume`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+import numpy.typing as npt
+
+from nic_proc.iommu import Iommu
+from nic_proc.rss import Flows
+from shared import abi
+from shared.nicif import QC, QUEUE_COUNTERS, QueueLayout
+from shared.ring import RING_F_NEED_WAKEUP, U32, RingConsumer, RingProducer
+
+__all__ = [
+    "NIC_STATUS_DMA_FAULT",
+    "DmaQueue",
+    "Frames",
+    "HdsConfig",
+    "Index",
+    "PlaceResult",
+]
+
+#: Completion status of a frame dropped for an IOMMU fault.  Proposed for
+#: ``shared.abi`` (``NIC_STATUS_*``); kept here until the ABI carries it.
+NIC_STATUS_DMA_FAULT = getattr(abi, "NIC_STATUS_DMA_FAULT", 4)
+
+Index = slice | npt.NDArray[np.intp]
+I64 = npt.NDArray[np.int64]
+
+_F_SPLIT = abi.NIC_CQE_F_SPLIT | abi.NIC_CQE_F_L4_OK
+_F_LINEAR = abi.NIC_CQE_F_LINEAR | abi.NIC_CQE_F_L4_OK
+_C_PACKETS = QC["rx_packets"]
+_C_BYTES = QC["rx_bytes"]
+_C_DROPPED = QC["rx_dropped"]
+_C_SPLIT = QC["rx_hds_split"]
+_C_LINEAR = QC["rx_hds_linear"]
+_C_FAULT = QC["rx_iommu_fault"]
+_C_FRAGS = QC["rx_frags"]
+_C_IRQ = QC["rx_irq"]
+_IOVA_SHIFT = np.uint64(abi.NIC_IOVA_SHIFT)
+_IOVA_MASK = np.uint64((1 << abi.NIC_IOVA_SHIFT) - 1)
+
+
+@dataclass(eq=False)
+class Frames:
+    """A batch of received frames, as the wire hands them to the MAC.
+
+    Row ``i`` describes frame ``i``: its L2..L4 headers are ``hdr[i, :hdr_len[i]]``
+    (``hdr_len`` is the payload offset), its TCP payload ``pay[i, :pay_len[i]]``;
+    ``frame_len[i] >= hdr_len + pay_len`` (the excess is Ethernet padding, zeros).
+    Keeping headers and payload as two 2-D arrays lets a generator hand over
+    payload rows that were never glued to their headers, and lets DMA copy a whole
+    batch of equal-length payloads with one assignment.
+
+    Steering input: ``flows`` is a table of 4-tuples and ``flow[i]`` the row of
+    frame ``i`` in it; ``flows_key`` (hashable, or None) names the table so the
+    NIC can cache its steering decision per table until the configuration changes.
+    """
+
+    hdr: npt.NDArray[np.uint8]
+    hdr_len: I64
+    pay: npt.NDArray[np.uint8]
+    pay_len: I64
+    frame_len: I64
+    flow: npt.NDArray[np.intp]
+    flows: Flows
+    flows_key: Hashable | None = None
+    #: ``(hdr_len, pay_len, frame_len)`` when every frame has that shape (a hint
+    #: builders set; it lets DMA skip per-frame work), else None.
+    uniform: tuple[int, int, int] | None = None
+
+    def __len__(self) -> int:
+        return int(self.hdr_len.shape[0])
+
+    def frame_bytes(self, i: int) -> bytes:
+        """The bytes of frame ``i`` as they were on the wire (tests, tools)."""
+        h, p, f = int(self.hdr_len[i]), int(self.pay_len[i]), int(self.frame_len[i])
+        return (self.hdr[i, :h].tobytes() + self.pay[i, :p].tobytes()
+                + bytes(max(0, f - h - p)))
+
+
+@dataclass
+class HdsConfig:
+    """The header/data-split settings a queue places with (owned by its netdev)."""
+
+    tcp_data_split: bool = True
+    hds_thresh: int = 0
+
+
+class PlaceResult(NamedTuple):
+    """What :meth:`DmaQueue.place` did with the first frames of its request."""
+
+    consumed: int  #: frames taken off the wire (each got a completion)
+    placed: int  #: of those, frames delivered with status OK
+    starved: bool  #: stopped early: no completion slot or not enough buffers
+    irq: bool  #: the kernel had armed the interrupt: send one ``irq`` event
+
+
+_NOTHING = PlaceResult(0, 0, False, False)
+
+
+def _nrows(rows: Index) -> int:
+    if isinstance(rows, slice):
+        return max(0, rows.stop - rows.start)
+    return int(rows.shape[0])
+
+
+def _head(rows: Index, n: int) -> Index:
+    if isinstance(rows, slice):
+        return slice(rows.start, rows.start + n)
+    return rows[:n]
+
+
+def _tail(rows: Index, k: int) -> Index:
+    if isinstance(rows, slice):
+        return slice(rows.start + k, rows.stop)
+    return rows[k:]
+
+
+def _contig(pos: npt.NDArray[np.intp]) -> Index:
+    """An increasing index array as a slice when it has no gaps."""
+    k = pos.shape[0]
+    if k and int(pos[-1]) - int(pos[0]) + 1 == k:
+        return slice(int(pos[0]), int(pos[0]) + k)
+    return pos
+
+
+def _compose(base: Index, pos: Index) -> Index:
+    """``base[pos]`` for index-likes, staying a slice where possible."""
+    if isinstance(base, slice):
+        if isinstance(pos, slice):
+            return slice(base.start + pos.start, base.start + pos.stop)
+        return pos + base.start
+    sub = base[pos]
+    return sub if isinstance(pos, slice) else _contig(sub)
+
+
+class DmaQueue:
+    """The NIC side of one started RX queue (see the module docstring)."""
+
+    def __init__(self, buf: Any, layout: QueueLayout, iommu: Iommu, *, queue: int = 0,
+                 config: HdsConfig | None = None, stats: npt.NDArray[np.int64] | None = None,
+                 clock: Callable[[], int] = time.monotonic_ns) -> None:
+        """Attach to the queue memory ``buf`` (the mapped queue region) laid out as ``layout``.
+
+        ``stats`` is this queue's row of the NIC stats block (``QUEUE_COUNTERS``
+        order), written only by the NIC.  ``config`` is read on every batch, so the
+        netdev may change it between batches.
+        """
+        self.layout = layout
+        self.iommu = iommu
+        self.queue = queue
+        self.config = config if config is not None else HdsConfig()
+        self.stats = stats if stats is not None else np.zeros(len(QUEUE_COUNTERS), np.int64)
+        self.clock = clock
+        # The kernel is another process: clamp and count impossible indices, never raise.
+        self.fill = RingConsumer(buf, layout.fill, untrusted=True)
+        self.comp = RingProducer(buf, layout.comp, untrusted=True)
+        self.slots: npt.NDArray[np.uint8] = layout.hdr_slots(buf)
+        assert layout.comp.flags is not None and layout.fill.flags is not None
+        self._comp_flags: npt.NDArray[np.uint32] = np.frombuffer(
+            buf, np.uint32, 1, layout.comp.flags)
+        #: completions written since the queue started
+        self.completed = 0
+        #: True while starved and waiting for a doorbell
+        self.waiting = False
+        #: posted buffers the next frame needs (valid while waiting)
+        self.need_bufs = 0
+        self._slot_mask = layout.ring_size - 1
+        # Buffer length of the last uniform descriptor batch (0: none seen yet).
+        self._bsz = 0
+        self._arange = np.arange(layout.ring_size, dtype=np.int64)
+        self._cq_buf = np.zeros(layout.ring_size, abi.nic_rx_cqe)
+        self._cq_key: tuple[int, int, int, int, bool, int] | None = None
+
+    def detach(self) -> None:
+        """Drop every view into the queue memory: no DMA into it can follow."""
+        self.fill.detach()
+        self.comp.detach()
+        self.slots = np.empty((0, 0), np.uint8)
+        self._comp_flags = np.zeros(1, np.uint32)
+
+    # -- doorbell / interrupt flag protocol ------------------------------------------------
+
+    def _can_resume(self) -> bool:
+        return self.fill.ready() >= self.need_bufs and self.comp.space() >= 1
+
+    def arm_doorbell(self) -> bool:
+        """Starved: set need-wakeup on the fill ring, then re-check it.
+
+        Returns True (flag cleared again, not waiting) if what the next frame needs
+        arrived in between, else False: the queue waits for ``nic.doorbell``.
+        """
+        self.fill.set_need_wakeup()
+        if self._can_resume():
+            self.fill.clear_need_wakeup()
+            self.waiting = False
+            return True
+        self.waiting = True
+        return False
+
+    def try_resume(self) -> bool:
+        """On a doorbell (or a periodic re-check): True if the queue can go on.
+
+        Clears the fill ring's need-wakeup flag when it resumes, so a busy kernel
+        stops ringing.
+        """
+        if not self.waiting:
+            return True
+        if self._can_resume():
+            self.waiting = False
+            self.fill.clear_need_wakeup()
+            return True
+        return False
+
+    def _take_irq(self) -> bool:
+        w = self._comp_flags
+        v = int(w[0])
+        if v & RING_F_NEED_WAKEUP:
+            w[0] = v & ~RING_F_NEED_WAKEUP & U32
+            self.stats[_C_IRQ] += 1
+            return True
+        return False
+
+    # -- placement -------------------------------------------------------------------------
+
+    def _descs(self) -> np.ndarray:
+        """Every posted descriptor, oldest first (a view unless the ring wraps)."""
+        fill = self.fill
+        avail = fill.ready()
+        start = fill.head & fill.mask
+        if start + avail <= fill.nentries:
+            return fill.ring[start:start + avail]
+        return np.concatenate((fill.ring[start:], fill.ring[:start + avail - fill.nentries]))
+
+    def place(self, frames: Frames, rows: Index | None = None,
+              rss_hash: npt.ArrayLike = 0) -> PlaceResult:
+        """DMA ``frames[rows]`` (in order) into the queue; see the module docstring.
+
+        ``rows`` defaults to every frame; ``rss_hash`` is per requested row or a
+        scalar.  Publishes the completion tail and releases the fill ring once.
+        Returns how many of the requested frames were consumed (a prefix).
+        """
+        if rows is None:
+            rows = slice(0, len(frames))
+        if frames.uniform is not None:
+            done = 0
+            placed = 0
+            irq = False
+            for _ in range(2):  # a second pass when the batch crossed the ring's wrap point
+                res = self._place_uniform(frames, rows, rss_hash, frames.uniform)
+                if res is None:
+                    break
+                done += res.consumed
+                placed += res.placed
+                irq |= res.irq
+                if res.starved or res.consumed == _nrows(rows):
+                    return PlaceResult(done, placed, res.starved, irq)
+                rows = _tail(rows, res.consumed)
+                h = np.asarray(rss_hash)
+                rss_hash = h if h.ndim == 0 else h[res.consumed:]
+            if done:
+                res = self._place(frames, rows, rss_hash)
+                return PlaceResult(done + res.consumed, placed + res.placed, res.starved,
+                                   irq | res.irq)
+        return self._place(frames, rows, rss_hash)
+
+    def _place_uniform(self, frames: Frames, rows: Index, rss_hash: npt.ArrayLike,
+                       shape: tuple[int, int, int]) -> PlaceResult | None:
+        """The steady-state case in a fixed, small number of numpy calls.
+
+        Every frame has one shape, the posted buffers have one length and sit in one
+        mapping, and the buffers used do not cross the fill ring's wrap point.
+        Returns None whenever that does not hold (the general path takes over, with
+        identical results), else the result for a prefix of ``rows``.
+        """
+        n_req = _nrows(rows)
+        if n_req == 0:
+            return _NOTHING
+        hl, pl, fl = shape
+        comp = self.comp
+        cfree = comp.nentries - comp.pending()
+        if cfree < n_req:
+            cfree = comp.space()
+        n = min(n_req, cfree)
+        self.need_bufs = 0
+        if n == 0:
+            return PlaceResult(0, 0, True, False)
+        cfg = self.config
+        split = cfg.tcp_data_split and pl > cfg.hds_thresh
+        slot_w = self.slots.shape[1]
+        if (hl if split else fl) > slot_w:
+            return None
+        nf = 0
+        nfrag = 0
+        wrapped = False
+        off: I64 | None = None
+        mapping = None
+        fill = self.fill
+        if split:
+            avail = (fill.cached_tail - fill.head) & U32
+            if avail < n:
+                avail = fill.ready()
+            if avail == 0:
+                self.need_bufs = -(-pl // self._bsz) if self._bsz else 1
+                return PlaceResult(0, 0, True, False)
+            start = fill.head & fill.mask
+            bsz = int(fill.ring[start]["len"])
+            if bsz <= 0:
+                return None
+            nf = -(-pl // bsz)
+            if nf > fill.nentries:
+                return None
+            if avail < n * nf:
+                avail = fill.ready()
+            by_bufs = avail // nf
+            by_room = (fill.nentries - start) // nf
+            k = min(n, by_bufs, by_room)
+            if k == 0:
+                if by_bufs:
+                    return None  # the next frame's buffers straddle the wrap point
+                self.need_bufs = nf
+                return PlaceResult(0, 0, True, False)
+            if k < n and k == by_bufs:
+                self.need_bufs = nf
+            wrapped = k == by_room < min(n, by_bufs)
+            n = k
+            nfrag = n * nf
+            d = fill.ring[start:start + nfrag]
+            if (d["len"] != bsz).any():
+                return None
+            # One mapping for all: the lowest and highest IOVA share the map id bits.
+            iova = d["iova"]
+            lo, hi = int(iova.min()), int(iova.max())
+            m0 = lo >> abi.NIC_IOVA_SHIFT
+            mapping = self.iommu.lookup(m0)
+            base = m0 << abi.NIC_IOVA_SHIFT
+            if (mapping is None or hi >> abi.NIC_IOVA_SHIFT != m0
+                    or hi - base + bsz > mapping.size):
+                return None
+            off = iova.astype(np.int64)
+            if base:
+                off -= base
+            self._bsz = bsz
+        r = _head(rows, n)
+        pay = frames.pay
+        if split:
+            assert off is not None and mapping is not None
+            if nf == 1:
+                mapping.window(pl)[off] = pay[r, :pl]
+            else:
+                for j in range(nf):
+                    ln = min(bsz, pl - j * bsz)
+                    mapping.window(ln)[off[j::nf]] = pay[r, j * bsz:j * bsz + ln]
+        s0 = comp.tail & self._slot_mask
+        slot_no = (self._arange[:n] + comp.tail) & self._slot_mask
+        srows: Index = slice(s0, s0 + n) if s0 + n <= self.slots.shape[0] else slot_no
+        slots = self.slots
+        if split:
+            slots[srows, :hl] = frames.hdr[r, :hl]
+        else:
+            slots[srows, :hl] = frames.hdr[r, :hl]
+            if pl:
+                slots[srows, hl:hl + pl] = pay[r, :pl]
+            if fl > hl + pl:
+                slots[srows, hl + pl:fl] = 0
+        # Completions: a per-queue buffer pre-filled with the fields this shape fixes.
+        h = np.asarray(rss_hash)
+        key = (hl, pl, fl, nf, split, int(h) if h.ndim == 0 else -1)
+        cq = self._cq_buf[:n]
+        if key != self._cq_key:
+            self._cq_key = key
+            tmpl = np.zeros(1, abi.nic_rx_cqe)
+            tmpl["hdr_len"] = hl if split else fl
+            tmpl["flags"] = _F_SPLIT if split else _F_LINEAR
+            tmpl["data_len"] = pl if split else 0
+            tmpl["nr_frags"] = nf
+            tmpl["queue"] = self.queue
+            tmpl["payload_off"] = hl
+            tmpl["rss_hash"] = h if h.ndim == 0 else 0
+            self._cq_buf[:] = tmpl
+        if h.ndim:
+            cq["rss_hash"] = h[:n]
+        cq["hdr_slot"] = slot_no
+        cq["tstamp_ns"] = self.clock()
+        comp.push(cq)
+        if nfrag:
+            fill.release(nfrag)
+        self.completed += n
+        st = self.stats
+        st[_C_PACKETS] += n
+        st[_C_BYTES] += n * fl
+        st[_C_SPLIT if split else _C_LINEAR] += n
+        st[_C_FRAGS] += nfrag
+        return PlaceResult(n, n, n < n_req and not wrapped, self._take_irq())
+
+    def _place(self, frames: Frames, rows: Index, rss_hash: npt.ArrayLike) -> PlaceResult:
+        """The general path: any mix of frame shapes, buffer lengths and mappings."""
+        n_req = _nrows(rows)
+        if n_req == 0:
+            return _NOTHING
+        comp = self.comp
+        cfree = comp.nentries - comp.pending()
+        if cfree < n_req:
+            cfree = comp.space()
+        n = min(n_req, cfree)
+        self.need_bufs = 0
+        if n == 0:
+            return PlaceResult(0, 0, True, False)
+        r = _head(rows, n)
+        hl: I64 = frames.hdr_len[r]
+        pl: I64 = frames.pay_len[r]
+        fl: I64 = frames.frame_len[r]
+        cfg = self.config
+        split = pl > cfg.hds_thresh if cfg.tcp_data_split else np.zeros(n, dtype=bool)
+        slot_w = self.slots.shape[1]
+        drop: npt.NDArray[np.bool_] | None = None
+        if int(fl.max()) > slot_w:
+            drop = np.where(split, hl > slot_w, fl > slot_w)
+        d = self._descs()
+        avail = d.shape[0]
+        dlen = d["len"]
+        uniform = True
+        bsz = self._bsz
+        if avail:
+            bsz = int(dlen.min())
+            uniform = bsz > 0 and bsz == int(dlen.max())
+            if uniform:
+                self._bsz = bsz
+        ring_n = self.fill.nentries
+        if uniform:
+            nf: I64
+            if bsz:
+                nf = np.where(split, (pl + (bsz - 1)) // bsz, 0)
+                huge = nf > ring_n
+                if huge.any():
+                    drop = huge if drop is None else drop | huge
+            else:  # nothing posted yet and no buffer size seen: a split frame needs >= 1
+                nf = split.astype(np.int64)
+            if drop is not None:
+                nf = np.where(drop, 0, nf)
+            cum = np.cumsum(nf)
+            if int(cum[-1]) > avail:
+                k = int(np.searchsorted(cum, avail, side="right"))
+                self.need_bufs = int(nf[k])
+                n = k
+            if n == 0:
+                return PlaceResult(0, 0, True, False)
+            if n < len(pl):
+                r = _head(r, n)
+                hl, pl, fl, split, nf, cum = hl[:n], pl[:n], fl[:n], split[:n], nf[:n], cum[:n]
+                if drop is not None:
+                    drop = drop[:n]
+            nfrag = int(cum[-1])
+            frag_row: npt.NDArray[np.intp]
+            frag_col: I64 | int
+            if nfrag == 0:
+                frag_row = np.empty(0, np.intp)
+                frag_col, frag_len = 0, np.empty(0, np.int64)
+            elif int(nf.max()) == 1:
+                frag_row = np.flatnonzero(nf)
+                frag_col, frag_len = 0, pl[frag_row]
+            else:
+                frag_row = np.repeat(np.arange(n), nf)
+                frag_col = (np.arange(nfrag) - np.repeat(cum - nf, nf)) * bsz
+                frag_len = np.minimum(bsz, pl[frag_row] - frag_col)
+        else:
+            out = self._plan_slow(pl, split, drop, dlen, avail)
+            n, nf, drop, frag_row, frag_col, frag_len = out
+            if n == 0:
+                return PlaceResult(0, 0, True, False)
+            if n < len(pl):
+                r = _head(r, n)
+                hl, pl, fl, split = hl[:n], pl[:n], fl[:n], split[:n]
+            nfrag = int(frag_row.shape[0])
+        starved = n < n_req
+
+        # IOMMU: translate every buffer this batch consumes.
+        fault: npt.NDArray[np.bool_] | None = None
+        if nfrag:
+            mid, off, ok = self.iommu.translate(d["iova"][:nfrag], dlen[:nfrag])
+            if not ok.all():
+                fault = np.zeros(n, dtype=bool)
+                fault[frag_row[~ok]] = True
+                keep = ~fault[frag_row]
+                frag_row, mid, off, frag_len = frag_row[keep], mid[keep], off[keep], frag_len[keep]
+                if not isinstance(frag_col, int):
+                    frag_col = frag_col[keep]
+            if frag_row.shape[0]:
+                self._copy_payload(frames, r, frag_row, frag_col, frag_len, mid, off)
+
+        # Header slots: the slot of the completion at ring index t is t & mask.
+        s0 = comp.tail & self._slot_mask
+        slot_no = (np.arange(comp.tail, comp.tail + n, dtype=np.int64) & self._slot_mask)
+        slot_rows: Index = slice(s0, s0 + n) if s0 + n <= self.slots.shape[0] else slot_no
+        bad = drop if fault is None else (fault if drop is None else drop | fault)
+        ok_split = split if bad is None else split & ~bad
+        ok_lin = ~split if bad is None else ~split & ~bad
+        n_split = int(np.count_nonzero(ok_split))
+        n_lin = int(np.count_nonzero(ok_lin))
+        if n_split:
+            pos = slice(0, n) if n_split == n else _contig(np.flatnonzero(ok_split))
+            self._copy_headers(frames, r, slot_rows, pos, hl)
+        if n_lin:
+            self._copy_linear(frames, r, slot_rows, np.flatnonzero(ok_lin), hl, pl, fl)
+
+        cq = np.zeros(n, dtype=abi.nic_rx_cqe)
+        cq["hdr_slot"] = slot_no
+        cq["hdr_len"] = np.where(split, hl, fl)
+        cq["flags"] = np.where(split, _F_SPLIT, _F_LINEAR)
+        cq["data_len"] = np.where(split, pl, 0)
+        cq["nr_frags"] = nf
+        cq["queue"] = self.queue
+        h = np.asarray(rss_hash)
+        cq["rss_hash"] = h if h.ndim == 0 else h[:n]
+        cq["payload_off"] = hl
+        cq["tstamp_ns"] = self.clock()
+        n_drop = n_fault = 0
+        bytes_ok = int(fl.sum())
+        if drop is not None and drop.any():
+            n_drop = int(np.count_nonzero(drop))
+            bytes_ok -= int(fl[drop].sum())
+            sub = cq[drop]
+            sub["flags"] = 0
+            sub["hdr_len"] = 0
+            sub["data_len"] = 0
+            sub["nr_frags"] = 0
+            sub["status"] = abi.NIC_STATUS_TRUNCATED
+            cq[drop] = sub
+        if fault is not None:
+            n_fault = int(np.count_nonzero(fault))
+            bytes_ok -= int(fl[fault].sum())
+            sub = cq[fault]
+            sub["flags"] = 0
+            sub["hdr_len"] = 0
+            sub["data_len"] = 0
+            sub["status"] = NIC_STATUS_DMA_FAULT
+            cq[fault] = sub
+        # Data and headers are written; publish the completions (tail last), then
+        # hand the consumed descriptors back (head).
+        comp.push(cq)
+        self.fill.release(nfrag)
+        self.completed += n
+        placed = n_split + n_lin
+        st = self.stats
+        st[_C_PACKETS] += placed
+        st[_C_BYTES] += bytes_ok
+        st[_C_SPLIT] += n_split
+        st[_C_LINEAR] += n_lin
+        st[_C_FRAGS] += nfrag
+        if n_drop or n_fault:
+            st[_C_DROPPED] += n_drop + n_fault
+            st[_C_FAULT] += n_fault
+        return PlaceResult(n, placed, starved, self._take_irq())
+
+    def _plan_slow(self, pl: I64, split: npt.NDArray[np.bool_],
+                   drop: npt.NDArray[np.bool_] | None, dlen: npt.NDArray[np.uint32], avail: int
+                   ) -> tuple[int, I64, npt.NDArray[np.bool_] | None, npt.NDArray[np.intp],
+                              I64, I64]:
+        """Buffers of unequal length: walk the descriptors frame by frame."""
+        n = pl.shape[0]
+        ring_n = self.fill.nentries
+        nf = np.zeros(n, np.int64)
+        rows: list[int] = []
+        cols: list[int] = []
+        lens: list[int] = []
+        lengths = dlen.tolist()
+        dr = np.zeros(n, bool) if drop is None else drop.copy()
+        j = 0
+        stop = n
+        for i in range(n):
+            if dr[i] or not split[i]:
+                continue
+            rem = int(pl[i])
+            start, col = j, 0
+            fr: list[tuple[int, int]] = []
+            while rem > 0 and j < avail and j - start < ring_n:
+                take = min(lengths[j], rem)
+                fr.append((col, take))
+                col += take
+                rem -= take
+                j += 1
+            if rem > 0:
+                j = start
+                if len(fr) >= ring_n:  # more buffers than the ring can ever hold
+                    dr[i] = True
+                    continue
+                self.need_bufs = len(fr) + 1
+                stop = i
+                break
+            nf[i] = len(fr)
+            for c, ln in fr:
+                rows.append(i)
+                cols.append(c)
+                lens.append(ln)
+        return (stop, nf[:stop], dr[:stop] if dr.any() else None, np.array(rows, np.intp),
+                np.array(cols, np.int64), np.array(lens, np.int64))
+
+    def _copy_payload(self, frames: Frames, r: Index, frag_row: npt.NDArray[np.intp],
+                      frag_col: I64 | int, frag_len: I64, mid: npt.NDArray[np.intp],
+                      off: I64) -> None:
+        """One window assignment per (mapping, payload column, length) group."""
+        pay = frames.pay
+        if int(frag_len.min()) == 0:  # zero-length descriptors: frags with nothing to copy
+            nz = frag_len > 0
+            frag_row, frag_len, mid, off = frag_row[nz], frag_len[nz], mid[nz], off[nz]
+            if not isinstance(frag_col, int):
+                frag_col = frag_col[nz]
+            if frag_len.shape[0] == 0:
+                return
+        cols = np.asarray(frag_col)
+        one = (int(frag_len.min()) == int(frag_len.max()) and int(mid.min()) == int(mid.max())
+               and (cols.ndim == 0 or int(cols.min()) == int(cols.max())))
+        if one:
+            c = int(cols) if cols.ndim == 0 else int(cols[0])
+            length = int(frag_len[0])
+            win = self.iommu.get(int(mid[0])).window(length)
+            win[off] = pay[_compose(r, _contig(frag_row)), c:c + length]
+            return
+        cols = np.broadcast_to(cols, frag_len.shape)
+        key = (mid.astype(np.int64) << 32) | (cols << 16) | frag_len
+        uk, inv = np.unique(key, return_inverse=True)
+        for g, k in enumerate(uk.tolist()):
+            sel = np.flatnonzero(inv == g)
+            m, c, length = k >> 32, (k >> 16) & 0xFFFF, k & 0xFFFF
+            win = self.iommu.get(m).window(length)
+            win[off[sel]] = pay[_compose(r, _contig(frag_row[sel])), c:c + length]
+
+    def _copy_headers(self, frames: Frames, r: Index, slot_rows: Index, pos: Index,
+                      hl: I64) -> None:
+        """Split frames: the L2..L4 headers into their header slots."""
+        h = hl[pos]
+        lo, hi = int(h.min()), int(h.max())
+        if lo == hi:
+            self.slots[_compose(slot_rows, pos), :lo] = frames.hdr[_compose(r, pos), :lo]
+            return
+        p = np.arange(hl.shape[0])[pos]
+        for v in np.unique(h).tolist():
+            q = _contig(p[h == v])
+            self.slots[_compose(slot_rows, q), :v] = frames.hdr[_compose(r, q), :v]
+
+    def _copy_linear(self, frames: Frames, r: Index, slot_rows: Index,
+                     pos: npt.NDArray[np.intp], hl: I64, pl: I64, fl: I64) -> None:
+        """Linear frames: headers, payload and padding into the header slot."""
+        h, p, f = hl[pos], pl[pos], fl[pos]
+        key = (h << 40) | (p << 20) | f
+        if int(key.min()) == int(key.max()):
+            groups = [(int(key[0]), _contig(pos))]
+        else:
+            uk, inv = np.unique(key, return_inverse=True)
+            groups = [(k, _contig(pos[inv == g])) for g, k in enumerate(uk.tolist())]
+        slots = self.slots
+        for k, q in groups:
+            hv, pv, fv = k >> 40, (k >> 20) & 0xFFFFF, k & 0xFFFFF
+            srows = _compose(slot_rows, q)
+            frows = _compose(r, q)
+            slots[srows, :hv] = frames.hdr[frows, :hv]
+            if pv:
+                slots[srows, hv:hv + pv] = frames.pay[frows, :pv]
+            if fv > hv + pv:
+                slots[srows, hv + pv:fv] = 0

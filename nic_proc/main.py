@@ -1,0 +1,279 @@
+"""The NIC process: ``python -m nic_proc --run RUN --rundir DIR [--netdev SPEC ...]``.
+
+A thin loop around :class:`nic_proc.device.Nic`:
+
+* serves the admin ROUTER at ``ipc_endpoint(rundir, "nic")``: every ``nic.*``
+  request of :mod:`shared.nicif` (the kernel is the usual client; the launcher
+  configures traffic sources directly);
+* binds an :class:`~shared.control.EventReceiver` at ``ipc_endpoint(rundir,
+  "nic-events")`` for ``nic.doorbell`` and sends ``irq`` events with an
+  :class:`~shared.control.EventSender` to ``ipc_endpoint(rundir, "kernel-events")``;
+* runs the traffic sources, steering and DMA (:meth:`Nic.step`);
+* when there is nothing to move it spins, yields and sleeps (:class:`Backoff`);
+  while sources wait for buffers it blocks in zmq poll for at most 1 ms (a doorbell
+  wakes it at once; the bound covers a doorbell lost to the need-wakeup race); with
+  no active source it blocks in zmq poll for up to 100 ms.
+
+Shared memory: the process creates one region, the stats block
+``region_name(run, "nic", "stats")`` (its name is in the ``nic.probe`` reply), and
+unlinks it on exit.  Everything else it maps belongs to the kernel or an app.
+
+Lifetime: SIGTERM or SIGINT stop it cleanly (sources closed, mappings dropped,
+stats region unlinked, sockets closed); it also exits by itself when its parent
+(the launcher) dies, noticed as a change of ``os.getppid()``.  Logs go to stderr.
+
+Netdev specs: see :class:`nic_proc.device.NetdevSpec` (``eth0:queues=4,mtu=9000``);
+without ``--netdev`` the NIC has one default ``eth0``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import FrameType
+
+import numpy as np
+import zmq
+
+from nic_proc.device import NetdevSpec, Nic
+from shared import nicif
+from shared.control import (
+    ControlServer,
+    EventReceiver,
+    EventSender,
+    HandlerResult,
+    Message,
+    ipc_endpoint,
+)
+from shared.errors import Misuse, ZcrxError
+from shared.ring import Backoff
+from shared.shm import Region, region_name
+
+log = logging.getLogger("zcrx.nic")
+
+#: zmq poll timeouts (ms): sources waiting for buffers / nothing to do.
+WAIT_POLL_MS = 1
+IDLE_POLL_MS = 100
+#: Loop iterations between parent checks while busy.
+_PPID_EVERY = 256
+
+
+def _readable(sock: zmq.Socket[bytes]) -> bool:
+    """True if a message is queued (cheaper than a zero-timeout poll)."""
+    ev = sock.get(zmq.EVENTS)
+    return isinstance(ev, int) and bool(ev & zmq.POLLIN)
+
+
+def _guard(fn: Callable[[Message], HandlerResult]) -> Callable[[Message, bytes], HandlerResult]:
+    """A handler that turns malformed-content errors into EINVAL replies."""
+    def handler(msg: Message, peer: bytes) -> HandlerResult:
+        try:
+            return fn(msg)
+        except ZcrxError:
+            raise
+        except (KeyError, ValueError, TypeError, OverflowError, IndexError) as e:
+            raise Misuse(f"{msg.type}: {e!r}", errno.EINVAL) from None
+    return handler
+
+
+class NicProcess:
+    """The NIC's sockets, stats region and loop around one :class:`Nic`."""
+
+    def __init__(self, run: str, rundir: str | Path, specs: Sequence[NetdevSpec]) -> None:
+        """Create the stats region, the device and the sockets (cleans up if any fails)."""
+        self.run_id = run
+        self.stopping = False
+        self.ppid = os.getppid()
+        self._closers: list[Callable[[], None]] = []
+        try:
+            shape = nicif.stats_block_shape()
+            self.stats_region = Region.create(region_name(run, "nic", "stats"),
+                                              nicif.stats_block_bytes())
+            self._closers.append(self.stats_region.close)
+            stats = self.stats_region.array(np.int64, 0, int(np.prod(shape))).reshape(shape)
+            self.nic = Nic(specs, stats)
+            self._closers.insert(0, self.nic.close)
+            self.server = ControlServer(ipc_endpoint(rundir, "nic"), self._handlers(),
+                                        role="nic")
+            self._closers.insert(0, self.server.close)
+            self.events = EventReceiver(ipc_endpoint(rundir, "nic-events"))
+            self._closers.insert(0, self.events.close)
+            self.irq = EventSender(ipc_endpoint(rundir, "kernel-events"))
+            self._closers.insert(0, self.irq.close)
+        except BaseException:
+            self.close()
+            raise
+        self.poller = zmq.Poller()
+        self.poller.register(self.server.socket, zmq.POLLIN)
+        self.poller.register(self.events.socket, zmq.POLLIN)
+
+    # -- handlers --------------------------------------------------------------------
+
+    def _handlers(self) -> dict[str, Callable[[Message, bytes], HandlerResult]]:
+        nic = self.nic
+
+        def probe(m: Message) -> HandlerResult:
+            return {"netdevs": nic.probe(), "stats_region": self.stats_region.name}
+
+        def dma_map(m: Message) -> HandlerResult:
+            return {"map_id": nic.dma_map(m.body["name"], m.body["size"])}
+
+        def dma_unmap(m: Message) -> HandlerResult:
+            nic.dma_unmap(m.body["map_id"])
+            return None
+
+        def queue_start(m: Message) -> HandlerResult:
+            b = m.body
+            nic.queue_start(b["dev"], b["queue"], b["map_id"], b["ring_size"], b["slot_size"])
+            log.info("%s queue %d started (map %d, ring %d, slot %d)", b["dev"], b["queue"],
+                     b["map_id"], b["ring_size"], b["slot_size"])
+            return None
+
+        def queue_stop(m: Message) -> HandlerResult:
+            done = nic.queue_stop(m.body["dev"], m.body["queue"])
+            log.info("%s queue %d stopped after %d completions", m.body["dev"], m.body["queue"],
+                     done)
+            return {"completed": done}
+
+        def ethtool(m: Message) -> HandlerResult:
+            return nic.ethtool(m.body["dev"], m.body["request"])
+
+        def link(m: Message) -> HandlerResult:
+            nic.set_link(m.body["dev"], m.body["up"])
+            return None
+
+        def traffic(m: Message) -> HandlerResult:
+            sid = nic.add_traffic(m.body["dev"], m.body["spec"])
+            log.info("generator %d on %s: %s", sid, m.body["dev"], m.body["spec"])
+            return {"source": sid}
+
+        def wire_gw(m: Message) -> HandlerResult:
+            sid, port = nic.add_wire(m.body["dev"], m.body["port"], m.body["host"])
+            log.info("wire gateway %d on %s listening on %s:%d", sid, m.body["dev"],
+                     m.body["host"], port)
+            return {"source": sid, "port": port}
+
+        def sources(m: Message) -> HandlerResult:
+            return {"sources": nic.sources_progress()}
+
+        def source_stop(m: Message) -> HandlerResult:
+            nic.source_stop(m.body["source"])
+            return None
+
+        table: dict[str, Callable[[Message], HandlerResult]] = {
+            "nic.probe": probe, "nic.dma_map": dma_map, "nic.dma_unmap": dma_unmap,
+            "nic.queue_start": queue_start, "nic.queue_stop": queue_stop,
+            "nic.ethtool": ethtool, "nic.link": link, "nic.traffic": traffic,
+            "nic.wire": wire_gw, "nic.sources": sources, "nic.source_stop": source_stop,
+        }
+        return {name: _guard(fn) for name, fn in table.items()}
+
+    # -- loop ------------------------------------------------------------------------
+
+    def _serve(self) -> bool:
+        """Answer queued requests and doorbells without waiting; True if there were any."""
+        did = False
+        if _readable(self.server.socket):
+            try:
+                did = self.server.process_pending() > 0
+            except Exception:  # a handler bug: already answered with EIO and logged
+                did = True
+        if _readable(self.events.socket):
+            for ev in self.events.drain():
+                did = True
+                if ev.type == "nic.doorbell":
+                    self.nic.doorbell(ev.body["dev"], ev.body["queue"])
+        return did
+
+    def _flush_irqs(self) -> None:
+        for dev, queue in self.nic.take_irqs():
+            self.irq.send("irq", {"dev": dev, "queue": queue})
+
+    def _parent_gone(self) -> bool:
+        if os.getppid() != self.ppid:
+            log.warning("parent %d is gone: exiting", self.ppid)
+            return True
+        return False
+
+    def loop(self) -> None:
+        """Run until SIGTERM/SIGINT or the parent's death."""
+        backoff = Backoff()
+        n = 0
+        while not self.stopping:
+            handled = self._serve()
+            work = self.nic.step()
+            self._flush_irqs()
+            n += 1
+            if work or handled:
+                backoff.reset()
+                if n % _PPID_EVERY == 0 and self._parent_gone():
+                    break
+                continue
+            if self._parent_gone():
+                break
+            active = self.nic.active
+            if active and not backoff.sleeping:
+                backoff.idle()
+                continue
+            self.poller.poll(WAIT_POLL_MS if active else IDLE_POLL_MS)
+
+    def stop(self, signum: int, frame: FrameType | None) -> None:
+        """Signal handler: finish the current iteration, then leave the loop."""
+        self.stopping = True
+
+    def close(self) -> None:
+        """Close sockets, stop the device, unlink the stats region (idempotent)."""
+        closers, self._closers = self._closers, []
+        for fn in closers:
+            try:
+                fn()
+            except Exception:
+                log.exception("cleanup step failed")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m nic_proc", description=__doc__.split("\n")[0])
+    p.add_argument("--run", required=True, help="run id (names the shm regions)")
+    p.add_argument("--rundir", required=True, help="run directory (holds the ipc sockets)")
+    p.add_argument("--netdev", action="append", default=[], metavar="SPEC",
+                   help="netdev spec NAME[:key=value,...], repeatable (default eth0)")
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    args = parse_args(argv)
+    logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
+                        format=f"%(asctime)s nic[{os.getpid()}] %(levelname)s %(message)s")
+    try:
+        specs = [NetdevSpec.parse(s) for s in args.netdev]
+    except Misuse as e:
+        log.error("%s", e)
+        return 2
+    try:
+        proc = NicProcess(args.run, args.rundir, specs)
+    except (Misuse, zmq.ZMQError) as e:
+        log.error("cannot start: %s", e)
+        return 1
+    signal.signal(signal.SIGTERM, proc.stop)
+    signal.signal(signal.SIGINT, proc.stop)
+    names = ", ".join(d.name for d in proc.nic.netdevs.values())
+    log.info("up: netdevs %s; control %s; stats %s", names, proc.server.endpoint,
+             proc.stats_region.name)
+    status = 0
+    try:
+        proc.loop()
+    except Exception:
+        log.exception("NIC loop failed")
+        status = 1
+    finally:
+        proc.close()
+        log.info("down")
+    return status
