@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     log = setup_logging("kernel", args.quiet)
     if not args.run or not args.rundir:
         p.error("--run and --rundir (or $ZCRX_RUN / $ZCRX_RUNDIR) are required")
-    life = Lifecycle(watch_parent=args.watch_parent)
+    life = Lifecycle(watch_parent=not args.detached)
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     nic = ControlClient(ipc_endpoint(args.rundir, "nic"), timeout_ms=args.nic_timeout_ms,
                         context=ctx)

@@ -195,7 +195,7 @@ def up(name: str, netdevs: tuple[str, ...], queues: int | None, detach: bool) ->
         nic_args = ["--run", r.run_id, "--rundir", str(r.dir)]
         for s in specs:
             nic_args += ["--netdev", s]
-        watch = [] if detach else ["--watch-parent"]
+        watch = ["--detached"] if detach else []
         r.spawn("nic", "nic_proc", nic_args + watch, detach=detach, ready="nic")
         r.spawn("kernel", "driver_proc", ["--run", r.run_id, "--rundir", str(r.dir), *watch],
                 detach=detach, ready="kernel")

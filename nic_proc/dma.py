@@ -87,7 +87,7 @@ __all__ = [
 
 #: Completion status of a frame dropped for an IOMMU fault.  Proposed for
 #: ``shared.abi`` (``NIC_STATUS_*``); kept here until the ABI carries it.
-NIC_STATUS_DMA_FAULT = getattr(abi, "NIC_STATUS_DMA_FAULT", 4)
+NIC_STATUS_DMA_FAULT = abi.NIC_STATUS_DMA_FAULT
 
 Index = slice | npt.NDArray[np.intp]
 I64 = npt.NDArray[np.int64]

@@ -85,11 +85,12 @@ def _guard(fn: Callable[[Message], HandlerResult]) -> Callable[[Message, bytes],
 class NicProcess:
     """The NIC's sockets, stats region and loop around one :class:`Nic`."""
 
-    def __init__(self, run: str, rundir: str | Path, specs: Sequence[NetdevSpec]) -> None:
+    def __init__(self, run: str, rundir: str | Path, specs: Sequence[NetdevSpec], *,
+                 watch_parent: bool = True) -> None:
         """Create the stats region, the device and the sockets (cleans up if any fails)."""
         self.run_id = run
         self.stopping = False
-        self.ppid = os.getppid()
+        self.ppid = os.getppid() if watch_parent else None
         self._closers: list[Callable[[], None]] = []
         try:
             shape = nicif.stats_block_shape()
@@ -196,7 +197,7 @@ class NicProcess:
             self.irq.send("irq", {"dev": dev, "queue": queue})
 
     def _parent_gone(self) -> bool:
-        if os.getppid() != self.ppid:
+        if self.ppid is not None and os.getppid() != self.ppid:
             log.warning("parent %d is gone: exiting", self.ppid)
             return True
         return False
@@ -244,6 +245,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--netdev", action="append", default=[], metavar="SPEC",
                    help="netdev spec NAME[:key=value,...], repeatable (default eth0)")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--tag", default="", help="zcrx:<run_id>:<role> (set by the launcher)")
+    p.add_argument("--detached", action="store_true",
+                   help="keep running when the process that started us exits "
+                        "(zcrx up --detach); by default the NIC exits with its parent")
     return p.parse_args(argv)
 
 
@@ -258,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("%s", e)
         return 2
     try:
-        proc = NicProcess(args.run, args.rundir, specs)
+        proc = NicProcess(args.run, args.rundir, specs, watch_parent=not args.detached)
     except (Misuse, zmq.ZMQError) as e:
         log.error("cannot start: %s", e)
         return 1

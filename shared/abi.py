@@ -917,6 +917,7 @@ NIC_STATUS_OK = 0
 NIC_STATUS_TRUNCATED = 1  # the frame did not fit in the posted buffers; the tail was cut
 NIC_STATUS_BAD_HDR = 2  # headers could not be parsed (so could not be split)
 NIC_STATUS_OVERSIZE = 3  # frame longer than the maximum frame size
+NIC_STATUS_DMA_FAULT = 4  # a buffer or header slot outside the IOMMU mapping; frame dropped
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,8 +7,9 @@ roles may not import each other:
   so ``ps`` shows which run it belongs to and cleanup can find it;
 * SIGTERM and SIGINT ask the loop to stop (:attr:`Lifecycle.stopping`); the loop
   finishes its batch, tears down what it owns, and exits 0;
-* a process started attached to a launcher (not detached) exits by itself when
-  that launcher dies, so a killed launcher leaves no orphans;
+* a role exits by itself when the process that started it dies, unless it was
+  started ``--detached`` (``zcrx up --detach``), so a killed launcher leaves no
+  orphans;
 * logs go to stderr, which the launcher points at ``<rundir>/<role>.log``.
 """
 
@@ -60,8 +61,9 @@ def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
                    help="run id (default: $ZCRX_RUN)")
     p.add_argument("--rundir", default=os.environ.get("ZCRX_RUNDIR", ""),
                    help="run directory (default: $ZCRX_RUNDIR)")
-    p.add_argument("--watch-parent", action="store_true",
-                   help="exit when the process that started us exits")
+    p.add_argument("--detached", action="store_true",
+                   help="keep running when the process that started us exits "
+                        "(zcrx up --detach); by default a role exits with its parent")
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     return p
 

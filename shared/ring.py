@@ -247,6 +247,15 @@ class RingProducer(_RingSide):
         """True when the consumer said it is going to sleep (set the wake-up)."""
         return self._f is not None and bool(self._words[self._f] & RING_F_NEED_WAKEUP)
 
+    def clear_need_wakeup(self) -> None:
+        """Consume the consumer's wake-up request (we are about to send the wake-up).
+
+        Used where the producer delivers the wake-up itself, as a NIC clears an
+        armed interrupt when it raises it; the consumer re-arms before sleeping.
+        """
+        if self._f is not None:
+            self._words[self._f] = self._words[self._f] & ~RING_F_NEED_WAKEUP & U32
+
     def check_own(self) -> bool:
         """True if the shared tail still holds what we published; counts a fault if not."""
         if int(self._words[self._t]) != self.tail:
