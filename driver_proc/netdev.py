@@ -1,0 +1,909 @@
+"""The NIC driver, kernel side: probe, RX queues, page pools, NAPI, skbs (no sockets here).
+
+Who owns what
+-------------
+Per RX queue the driver creates, owns and finally unlinks two regions, both DMA-mapped for the
+NIC with ``nic.dma_map`` (the contract is :mod:`shared.nicif`):
+
+* the **queue region** ``/zcrx.<run>.kernel.<dev>.q<N>``: fill ring (the driver produces
+  ``nic_rx_desc``), completion ring (the NIC produces ``nic_rx_cqe``) and header slots (the
+  NIC writes, the driver reads until it releases the completion);
+* the **page-pool region** ``/zcrx.<run>.kernel.<dev>.q<N>.pp<gen>``: the queue's kernel
+  pages (:class:`~driver_proc.page_pool.BufferSpace`), a new generation per queue setup, so
+  a restarted queue gets a fresh pool while skbs still hold buffers of the old one (delayed
+  destruction: the old region is unlinked when its last buffer comes home).  A queue bound
+  to a memory provider (the zcrx area, next issue) uses the provider's space instead.
+
+The driver trusts nothing the NIC writes: the completion ring is read as an untrusted peer's
+(tail clamped, faults counted), every completion is validated (header slot = ring index,
+``hdr_len`` within the slot, exactly one placement flag, ``nr_frags`` consistent with
+``data_len`` and with the buffers actually posted, the parsed headers agreeing with the split),
+and frags are recovered from the driver's own FIFO of posted buffers, never from an address
+or id the NIC reports.  A bad completion or a malformed frame is counted and dropped, its
+buffers recycled.
+
+NAPI (:meth:`NetDevice.napi_poll`) is one batch: peek up to ``budget`` completions, validate,
+parse all headers in one :func:`shared.wire.parse_slots` call straight from the header slots,
+build every skb in one :meth:`SkbStore.add_batch`, release the completions, repost buffers
+with one ring push.  The result (:class:`NapiBatch`) is ready for
+:meth:`driver_proc.tcp.SocketTable.ingest_batch`.
+
+The NIC admin client is anything with ``call(type, body) -> dict`` (a
+:class:`shared.control.ControlClient` in production, a fake in tests).  Events are the process
+loop's business: :meth:`NetDevice.napi_poll` and :meth:`NetDevice.refill` *return* whether a
+``nic.doorbell`` is due, and :meth:`NetDevice.napi_complete` arms the queue's interrupt.
+
+Departure (documented): stopping a queue drains the completions the NIC already published and
+hands them up like a poll (:meth:`NetDevice.queue_stop` returns them), instead of dropping
+them, so a queue restart (ring resize, zcrx binding) loses no data.  Each ``nic.queue_start``
+begins with both rings empty at counter 0; the driver re-initialises the ring words while the
+queue is stopped.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+
+from driver_proc.page_pool import (
+    BufferSpace,
+    IdFifo,
+    KernelPagesProvider,
+    MemoryProvider,
+    PagePool,
+)
+from driver_proc.skb import SkbStore
+from driver_proc.tcp import FLOW_KEY_LEN, flow_keys
+from shared import abi, nicif, wire
+from shared.errors import InvariantBroken, Misuse, PeerMisbehaved, ZcrxError
+from shared.ring import RingConsumer, RingProducer
+from shared.shm import Region, region_name
+
+__all__ = [
+    "QUEUE_STATS",
+    "NapiBatch",
+    "NetDevice",
+    "NicAdmin",
+]
+
+#: Driver counters per RX queue (``status()["queues"][i]["stats"]``, ``ethtool -S`` rx-N.*).
+QUEUE_STATS = (
+    "rx_packets",        # frames handed up (skbs built)
+    "rx_bytes",          # their frame bytes (L2 header included)
+    "rx_dropped",        # frames dropped by the driver (the two causes below)
+    "bad_completions",   # completions breaking the NIC contract
+    "bad_frames",        # frames the NIC flagged or whose headers did not parse
+    "napi_polls",        # napi_poll calls
+    "completions",       # completions consumed
+    "rx_split",          # frames with payload in data buffers
+    "rx_linear",         # frames with payload in the header slot (copied to the skb)
+    "rx_frags",          # data buffers consumed by completions
+    "buffers_posted",    # descriptors posted on the fill ring
+    "alloc_short",       # refills that got fewer buffers than the ring had room for
+    "doorbells",         # refills that found the NIC waiting (a nic.doorbell is due)
+    "irq_arms",          # napi_complete / start armed the interrupt
+    "irq_rearm_races",   # work found right after arming (polled again at once)
+    "ring_faults",       # impossible ring counters written by the NIC
+    "stop_drained",      # completions drained while stopping the queue
+    "stop_reclaimed",    # posted buffers taken back while stopping the queue
+)
+(_RX_PACKETS, _RX_BYTES, _RX_DROPPED, _BAD_COMPLETIONS, _BAD_FRAMES, _NAPI_POLLS, _COMPLETIONS,
+ _RX_SPLIT, _RX_LINEAR, _RX_FRAGS, _BUFFERS_POSTED, _ALLOC_SHORT, _DOORBELLS, _IRQ_ARMS,
+ _IRQ_REARM_RACES, _RING_FAULTS, _STOP_DRAINED, _STOP_RECLAIMED) = range(len(QUEUE_STATS))
+assert QUEUE_STATS[_STOP_RECLAIMED] == "stop_reclaimed" and QUEUE_STATS[_IRQ_ARMS] == "irq_arms"
+_EMPTY_I64 = np.empty(0, dtype=np.int64)
+_EMPTY_I64.flags.writeable = False
+_KEY_DTYPE = np.dtype(f"V{FLOW_KEY_LEN}")
+_MAX_MAP_ID = (1 << (64 - abi.NIC_IOVA_SHIFT)) - 1
+_F_PLACE = np.uint16(abi.NIC_CQE_F_SPLIT | abi.NIC_CQE_F_LINEAR)
+_F_LINEAR = np.uint16(abi.NIC_CQE_F_LINEAR)
+#: placement bits -> bad: neither or both of SPLIT and LINEAR
+_BAD_PLACE = np.array([(f & abi.NIC_CQE_F_SPLIT != 0) == (f & abi.NIC_CQE_F_LINEAR != 0)
+                       for f in range(4)], dtype=np.bool_)
+
+
+class NicAdmin(Protocol):
+    """The NIC's admin surface as the driver sees it (``ControlClient.call``)."""
+
+    def call(self, type: str, body: Mapping[str, Any] | None = None) -> dict[str, Any]: ...
+
+
+@dataclass
+class NapiBatch:
+    """One poll's frames, in completion order, ready for ``SocketTable.ingest_batch``.
+
+    ``keys`` are flow keys (``V36``, remote = sender first), ``seq`` u32, ``payload_len``
+    int64 (TCP payload, padding excluded), ``tcp_flags`` u8, ``handles`` int64 skb handles
+    (the caller now owns them: TCP frees them or returns them).  ``completions`` is how many
+    completions were consumed, ``dropped`` how many of them were dropped, ``posted`` the
+    buffers reposted, ``doorbell`` whether the NIC waits for buffers (send ``nic.doorbell``).
+    """
+
+    queue: int
+    keys: NDArray[np.void]
+    seq: NDArray[np.uint32]
+    payload_len: NDArray[np.int64]
+    tcp_flags: NDArray[np.uint8]
+    handles: NDArray[np.int64]
+    completions: int = 0
+    dropped: int = 0
+    posted: int = 0
+    doorbell: bool = False
+
+    def __len__(self) -> int:
+        return len(self.handles)
+
+    @classmethod
+    def empty(cls, queue: int) -> NapiBatch:
+        return cls(queue, np.empty(0, dtype=_KEY_DTYPE), np.empty(0, dtype=np.uint32),
+                   _EMPTY_I64, np.empty(0, dtype=np.uint8), _EMPTY_I64)
+
+    @classmethod
+    def concat(cls, queue: int, batches: list[NapiBatch]) -> NapiBatch:
+        """One batch holding every frame of ``batches`` in order (counters summed)."""
+        if not batches:
+            return cls.empty(queue)
+        if len(batches) == 1:
+            return batches[0]
+        return cls(queue, np.concatenate([b.keys for b in batches]),
+                   np.concatenate([b.seq for b in batches]),
+                   np.concatenate([b.payload_len for b in batches]),
+                   np.concatenate([b.tcp_flags for b in batches]),
+                   np.concatenate([b.handles for b in batches]),
+                   completions=sum(b.completions for b in batches),
+                   dropped=sum(b.dropped for b in batches),
+                   posted=sum(b.posted for b in batches),
+                   doorbell=any(b.doorbell for b in batches))
+
+
+@dataclass
+class _RxQueue:
+    """One RX queue's kernel state; every member may be missing during setup/teardown."""
+
+    index: int
+    ring_size: int
+    slot_size: int
+    layout: nicif.QueueLayout
+    region: Region | None = None
+    map_id: int | None = None
+    provider: MemoryProvider | None = None
+    space: BufferSpace | None = None
+    space_map_id: int | None = None
+    own_space_map: bool = False
+    own_space: bool = False
+    pool: PagePool | None = None
+    fill: RingProducer | None = None
+    comp: RingConsumer | None = None
+    slots: NDArray[np.uint8] | None = None
+    posted: IdFifo = field(default_factory=lambda: IdFifo(1))
+    desc: NDArray[np.void] = field(default_factory=lambda: np.zeros(0, abi.nic_rx_desc))
+    expect: NDArray[np.int64] = field(default_factory=lambda: _EMPTY_I64)
+    iova_base: np.uint64 = field(default_factory=lambda: np.uint64(0))
+    buf_len: int = 0
+    started: bool = False
+
+    @property
+    def binding(self) -> str:
+        kind = self.provider.kind if self.provider is not None else "pages"
+        return "none" if kind == "pages" else kind
+
+
+class NetDevice:
+    """One netdev of the NIC, driven from the kernel.
+
+    Args:
+        info: the netdev dict from ``nic.probe`` (:data:`shared.nicif.NETDEV_FIELDS`).
+        nic: the NIC admin client.
+        run: the run id (region names).
+        skbs: the kernel's skb store (shared by every netdev).
+        owner: the region owner field (``kernel``).
+        pp_buffers: kernel-page buffers per queue (default twice the ring size: a full
+            ring plus as much again in skbs before the queue starves).
+    """
+
+    def __init__(self, info: Mapping[str, Any], nic: NicAdmin, run: str, *, skbs: SkbStore,
+                 owner: str = "kernel", pp_buffers: int | None = None) -> None:
+        try:
+            self.name = str(info["name"])
+            self.ifindex = int(info["ifindex"])
+            self.mac = info.get("mac")
+            self.n_queues = int(info["queues"])
+            self.max_queues = int(info["max_queues"])
+            self.ring_size = int(info["ring_size"])
+            self.max_ring_size = int(info["max_ring_size"])
+            self.mtu = int(info["mtu"])
+            self.tcp_data_split = info.get("tcp_data_split")
+            self.hds_thresh = int(info.get("hds_thresh", 0))
+            self.hds_thresh_max = int(info.get("hds_thresh_max", 0))
+            self.rx_buf_len = int(info["rx_buf_len"])
+            self.link_up = bool(info.get("link_up", True))
+            self.stats_index = info.get("stats_index")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PeerMisbehaved(f"bad netdev description from nic.probe: {exc!r}") from None
+        if not (0 < self.n_queues <= self.max_queues <= nicif.MAX_QUEUES):
+            raise PeerMisbehaved(f"{self.name}: bad queue counts {self.n_queues}/"
+                                 f"{self.max_queues}")
+        _check_ring_size(self.ring_size, self.max_ring_size, PeerMisbehaved)
+        if self.rx_buf_len <= 0 or self.mtu < 68:
+            raise PeerMisbehaved(f"{self.name}: bad rx_buf_len {self.rx_buf_len} or mtu")
+        self.nic = nic
+        self.run = run
+        self.owner = owner
+        self.skbs = skbs
+        self.pp_buffers = pp_buffers
+        self.queues: dict[int, _RxQueue] = {}
+        self.stats = np.zeros((self.max_queues, len(QUEUE_STATS)), dtype=np.int64)
+        #: pools of freed queues still waiting for buffers held by skbs or users
+        self.dying: list[PagePool] = []
+        #: frames drained from queues stopped by configuration changes; take_drained()
+        self.drained: list[NapiBatch] = []
+        self.up = False
+        self.nic_alive = True
+        self._pp_gen = [0] * self.max_queues
+
+    def __repr__(self) -> str:
+        return f"NetDevice({self.name}, {self.n_queues} queues, ring {self.ring_size})"
+
+    @property
+    def slot_size(self) -> int:
+        """Header slot bytes: a whole frame at this MTU (linear placement)."""
+        return nicif.hdr_slot_size(wire.max_frame_len(self.mtu))
+
+    # -- NIC calls ---------------------------------------------------------------------------
+
+    def _call(self, type: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        return self.nic.call(type, body)
+
+    def _dma_map(self, name: str, size: int) -> int:
+        reply = self._call("nic.dma_map", {"name": name, "size": int(size)})
+        map_id = reply.get("map_id")
+        if not isinstance(map_id, int) or not 0 <= map_id <= _MAX_MAP_ID:
+            raise PeerMisbehaved(f"nic.dma_map answered map id {map_id!r}")
+        return map_id
+
+    def _dma_unmap(self, map_id: int) -> None:
+        if not self.nic_alive:
+            return
+        try:
+            self._call("nic.dma_unmap", {"map_id": map_id})
+        except ZcrxError:
+            # Teardown goes on: the mapping dies with the NIC or is already gone.
+            pass
+
+    # -- device open/close -------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Set up and start every queue (``ndo_open``)."""
+        for q in range(self.n_queues):
+            if q not in self.queues:
+                self.queue_setup(q)
+            if not self.queues[q].started:
+                self.queue_start(q)
+        self.up = True
+
+    def close(self, *, nic_alive: bool = True) -> list[NapiBatch]:
+        """Stop and free every queue; return the frames drained on the way.
+
+        ``nic_alive=False`` (surprise removal: the NIC process is gone) tears down without
+        asking the NIC anything and drops what its rings still hold.
+        """
+        if not nic_alive:
+            self.nic_alive = False
+        out = []
+        for q in sorted(self.queues):
+            if self.queues[q].started:
+                out.append(self.queue_stop(q))
+            self.queue_free(q)
+        self.up = False
+        return out
+
+    # -- queue management (paired verbs: setup/free, start/stop) -----------------------------
+
+    def _q(self, q: int) -> _RxQueue:
+        rq = self.queues.get(q)
+        if rq is None:
+            raise Misuse(f"{self.name}: queue {q} is not set up", errno=errno.ENOENT)
+        return rq
+
+    def queue_setup(self, q: int, provider: MemoryProvider | None = None) -> None:
+        """Allocate queue memory: the queue region and the page pool, both DMA-mapped.
+
+        ``provider``: the memory provider of the new page pool (None: kernel pages in a new
+        ``pp<gen>`` region).  Raises :class:`Misuse` (ERANGE) for a queue beyond the channel
+        count, (EEXIST) if it is set up already; NIC refusals propagate after unwinding.
+        """
+        if not 0 <= q < self.n_queues:
+            raise Misuse(f"{self.name}: no queue {q} ({self.n_queues} channels)",
+                         errno=errno.ERANGE)
+        if q in self.queues:
+            raise Misuse(f"{self.name}: queue {q} already set up", errno=errno.EEXIST)
+        layout = nicif.QueueLayout(self.ring_size, self.slot_size)
+        rq = _RxQueue(q, self.ring_size, self.slot_size, layout)
+        try:
+            rq.region = Region.create(
+                region_name(self.run, self.owner, nicif.queue_region_object(self.name, q)),
+                layout.size)
+            rq.map_id = self._dma_map(rq.region.name, rq.region.size)
+            if provider is None:
+                self._pp_gen[q] += 1
+                count = self.pp_buffers or 2 * self.ring_size
+                space = BufferSpace.create(
+                    region_name(self.run, self.owner,
+                                f"{self.name}.q{q}.pp{self._pp_gen[q]}"),
+                    count, self.rx_buf_len)
+                rq.space = space
+                rq.own_space = True
+                provider = KernelPagesProvider(space)
+            rq.provider = provider
+            rq.space = provider.space
+            rq.buf_len = rq.space.buf_len
+            if provider.dma_map_id is None:
+                rq.space_map_id = self._dma_map(rq.space.name, rq.space.region_size)
+                rq.own_space_map = True
+            elif not 0 <= provider.dma_map_id <= _MAX_MAP_ID:
+                raise Misuse(f"memory provider map id {provider.dma_map_id} out of range")
+            else:
+                rq.space_map_id = provider.dma_map_id
+            rq.iova_base = np.uint64(abi.make_iova(rq.space_map_id, rq.space.offset))
+            own = rq.own_space
+            rq.pool = PagePool(provider, name=f"{self.name}.q{q}",
+                               on_destroyed=lambda pool: self._pool_destroyed(pool, own))
+        except BaseException:
+            self._teardown(rq)
+            raise
+        rq.posted = IdFifo(rq.ring_size)
+        rq.desc = np.zeros(rq.ring_size, dtype=abi.nic_rx_desc)
+        rq.expect = np.arange(rq.ring_size, dtype=np.int64)
+        self.queues[q] = rq
+
+    def queue_start(self, q: int) -> None:
+        """Post buffers (the fill ring full), start the NIC queue, arm its interrupt."""
+        rq = self._q(q)
+        if rq.started:
+            raise Misuse(f"{self.name}: queue {q} already started", errno=errno.EBUSY)
+        assert rq.region is not None and rq.region.buf is not None and rq.map_id is not None
+        buf = rq.region.buf
+        # Both rings start empty at counter 0 (the queue is stopped: nobody else writes).
+        RingProducer(buf, rq.layout.fill).init_words()
+        RingProducer(buf, rq.layout.comp).init_words()
+        rq.fill = RingProducer(buf, rq.layout.fill, untrusted=True)
+        rq.comp = RingConsumer(buf, rq.layout.comp, untrusted=True)
+        rq.slots = rq.layout.hdr_slots(buf)
+        self._refill(rq)
+        try:
+            self._call("nic.queue_start", {"dev": self.name, "queue": q, "map_id": rq.map_id,
+                                           "ring_size": rq.ring_size,
+                                           "slot_size": rq.slot_size})
+        except BaseException:
+            self._reclaim(rq)
+            raise
+        rq.started = True
+        rq.comp.set_need_wakeup()
+        self.stats[q, _IRQ_ARMS] += 1
+
+    def queue_stop(self, q: int) -> NapiBatch:
+        """Stop the NIC queue, drain its completions, take back every unused posted buffer.
+
+        Returns the drained frames (hand them to TCP like a poll's).  With the NIC gone
+        (``close(nic_alive=False)``) nothing is drained.
+        """
+        rq = self._q(q)
+        if not rq.started:
+            return NapiBatch.empty(q)
+        if self.nic_alive:
+            self._call("nic.queue_stop", {"dev": self.name, "queue": q})
+        rq.started = False
+        batches = []
+        if self.nic_alive:
+            # The NIC has stopped: the completion tail is final.  Bounded against a NIC that
+            # keeps writing anyway.
+            for _ in range(4):
+                b = self._poll(rq, rq.ring_size, refill=False)
+                if b.completions == 0:
+                    break
+                batches.append(b)
+        drained = NapiBatch.concat(q, batches)
+        self.stats[q, _STOP_DRAINED] += drained.completions
+        self._reclaim(rq)
+        return drained
+
+    def _reclaim(self, rq: _RxQueue) -> None:
+        ids = rq.posted.pop(len(rq.posted))
+        if len(ids):
+            assert rq.space is not None
+            rq.space.put_ref(ids)
+            self.stats[rq.index, _STOP_RECLAIMED] += len(ids)
+
+    def queue_free(self, q: int) -> None:
+        """Free queue memory: unmap and unlink the queue region, destroy the page pool (its
+        region goes when the last in-flight buffer comes home)."""
+        rq = self._q(q)
+        if rq.started:
+            raise Misuse(f"{self.name}: queue {q} is running; stop it first", errno=errno.EBUSY)
+        del self.queues[q]
+        self._teardown(rq)
+
+    def _teardown(self, rq: _RxQueue) -> None:
+        """Undo whatever part of a queue exists (setup failures land here too)."""
+        for ring in (rq.fill, rq.comp):
+            if ring is not None:
+                ring.detach()
+        rq.fill = rq.comp = None
+        rq.slots = None
+        if rq.map_id is not None:
+            self._dma_unmap(rq.map_id)
+            rq.map_id = None
+        if rq.region is not None:
+            rq.region.close()
+            rq.region = None
+        if rq.own_space_map and rq.space_map_id is not None:
+            self._dma_unmap(rq.space_map_id)
+        rq.space_map_id = None
+        if rq.pool is not None:
+            self._reclaim(rq)
+            if not rq.pool.destroy():
+                self.dying.append(rq.pool)
+            rq.pool = None
+        elif rq.space is not None and rq.own_space:
+            rq.space.close()
+        rq.space = None
+
+    def _pool_destroyed(self, pool: PagePool, own_space: bool) -> None:
+        """The last buffer of a freed queue's pool came home: forget it, and unlink its
+        region if the driver created it (kernel pages; a provider's space is its own)."""
+        if pool in self.dying:
+            self.dying.remove(pool)
+        if own_space:
+            pool.space.close()
+
+    def release_dying(self) -> int:
+        """Unlink the names of dying pools' kernel-page regions now (kernel exit path).
+
+        The pages stay mapped for the skbs that still use them; only ``/dev/shm`` forgets
+        the names, so nothing is left behind if the process ends first.  Returns how many
+        names were removed.
+        """
+        n = 0
+        for pool in self.dying:
+            region = pool.space.region
+            if isinstance(pool.provider, KernelPagesProvider) and region is not None \
+                    and region.is_owner:
+                region.unlink()
+                n += 1
+        return n
+
+    def queue_restart(self, q: int, provider: MemoryProvider | None = None) -> NapiBatch:
+        """Stop, free, set up with ``provider`` (None: kernel pages), start; return the
+        drained frames.  If the new setup fails the queue comes back with kernel pages and
+        the error propagates (``netdev_rx_queue_restart`` semantics)."""
+        rq = self._q(q)
+        drained = self.queue_stop(q) if rq.started else NapiBatch.empty(q)
+        self.queue_free(q)
+        try:
+            self.queue_setup(q, provider)
+            self.queue_start(q)
+        except BaseException:
+            if provider is not None:
+                if q in self.queues:
+                    self.queue_free(q)
+                self.queue_setup(q)
+                self.queue_start(q)
+            self.drained.append(drained)
+            raise
+        return drained
+
+    def take_drained(self) -> list[NapiBatch]:
+        """Frames drained by configuration changes (set_channels, set_rings); feed to TCP."""
+        out, self.drained = self.drained, []
+        return [b for b in out if len(b) or b.completions]
+
+    # -- NAPI --------------------------------------------------------------------------------
+
+    def napi_poll(self, q: int, budget: int = 256) -> NapiBatch:
+        """Process up to ``budget`` completions of queue ``q`` and repost buffers.
+
+        Fewer than ``budget`` completions may be returned while more are ready (a batch
+        stops at the ring's wrap point); poll again, or call :meth:`napi_complete`, which
+        reports work that is still there.  A stopped queue returns an empty batch.
+        """
+        rq = self.queues.get(q)
+        if rq is None or not rq.started:
+            return NapiBatch.empty(q)
+        return self._poll(rq, budget, refill=True)
+
+    def _poll(self, rq: _RxQueue, budget: int, *, refill: bool) -> NapiBatch:
+        q = rq.index
+        st = self.stats[q]
+        st[_NAPI_POLLS] += 1
+        comp, space = rq.comp, rq.space
+        assert comp is not None and space is not None and rq.slots is not None
+        faults = comp.faults
+        view = comp.peek(max(0, budget))
+        k = len(view)
+        if comp.faults != faults:
+            st[_RING_FAULTS] += comp.faults - faults
+        if k == 0:
+            batch = NapiBatch.empty(q)
+            if refill:
+                batch.posted, batch.doorbell = self._refill(rq)
+            return batch
+        start = comp.head & comp.mask
+        c = view.copy()  # read the peer's entries once
+        B = rq.buf_len
+        hdr_len = c["hdr_len"].astype(np.int64)
+        data_len = c["data_len"].astype(np.int64)
+        nfr = c["nr_frags"].astype(np.int64)
+        place = c["flags"] & _F_PLACE
+        linear = place == _F_LINEAR
+        # -- the NIC contract, per completion: the slot is the ring index and the headers
+        # fit it; unless the NIC itself flags the frame (status != OK: it still reports the
+        # buffers it consumed, e.g. on an IOMMU fault), exactly one placement flag and
+        # exactly the buffers data_len needs (none for a linear frame, whose data_len is 0)
+        bad = c["hdr_slot"] != rq.expect[start:start + k]
+        bad |= hdr_len > rq.slot_size
+        bad |= c["queue"] != q
+        wrong = _BAD_PLACE[place]
+        wrong |= nfr != (data_len + (B - 1)) // B
+        wrong |= linear & (data_len != 0)
+        wrong &= c["status"] == abi.NIC_STATUS_OK
+        bad |= wrong
+        # Frags come from the posted FIFO in order; a claim beyond it consumes nothing (and
+        # every later claim is beyond it too).
+        cum = np.cumsum(nfr)
+        F = int(cum[-1])
+        if len(rq.posted) < F:
+            over = cum > len(rq.posted)
+            bad |= over & (nfr > 0)
+            nfr = np.where(over, 0, nfr)
+            cum = np.cumsum(nfr)
+            F = int(cum[-1])
+        bufs = rq.posted.pop(F)
+        # -- headers, straight from the slots (a split frame's length is hdr + data)
+        frame_len = hdr_len + data_len
+        p = wire.parse_slots(rq.slots[start:start + k], frame_len, self.mtu)
+        ok = (p["status"] | c["status"]) == 0
+        plen = p["payload_len"].astype(np.int64)
+        poff = p["payload_off"].astype(np.int64)
+        # The NIC's payload offset is the parsed one; a split put exactly the headers in
+        # the slot and at least the payload in the buffers (more: Ethernet padding).
+        bad |= ok & ((c["payload_off"] != poff)
+                     | (~linear & ((poff != hdr_len) | (plen > data_len))))
+        good = ok & ~bad
+        n_good = int(np.count_nonzero(good))
+        all_good = n_good == k
+        # -- frags: which consumed buffers go into skbs, with how many payload bytes
+        nf_skb: NDArray[np.int64] | int = 0
+        keep_bufs = keep_lens = _EMPTY_I64
+        if F:
+            if all_good and k == F and not np.count_nonzero(nfr != 1) \
+                    and not np.count_nonzero(plen != data_len):
+                nf_skb, keep_bufs, keep_lens = 1, bufs, plen
+            else:
+                owner = np.repeat(np.arange(k, dtype=np.int64), nfr)
+                j = np.arange(F, dtype=np.int64) - np.repeat(cum - nfr, nfr)
+                flen = np.clip(plen[owner] - j * B, 0, B)  # trims Ethernet padding
+                keep = good[owner] & (flen > 0)
+                if np.count_nonzero(keep) != F:
+                    space.put_ref(bufs[~keep])
+                keep_bufs, keep_lens = bufs[keep], flen[keep]
+                counts = np.bincount(owner[keep], minlength=k)
+                nf_skb = counts if all_good else counts[good]
+        # -- skbs (linear payloads are copied out of the slots here, before the release)
+        if n_good:
+            if all_good:
+                pg, lin, gplen, gpoff, gi = p, linear, plen, poff, None
+            else:
+                gi = np.flatnonzero(good)
+                pg, lin, gplen, gpoff = p[gi], linear[gi], plen[gi], poff[gi]
+            n_lin = int(np.count_nonzero(lin))
+            if n_lin:
+                handles = self.skbs.add_batch(
+                    n_good, space=space, nr_frags=nf_skb, frag_bufs=keep_bufs,
+                    frag_lens=keep_lens, lin_src=rq.slots[start:start + k], lin_row=gi,
+                    lin_off=gpoff, lin_len=np.where(lin, gplen, 0))
+            else:
+                handles = self.skbs.add_batch(n_good, space=space, nr_frags=nf_skb,
+                                              frag_bufs=keep_bufs, frag_lens=keep_lens)
+            keys = flow_keys(pg["src_addr"], pg["sport"], pg["dst_addr"], pg["dport"])
+            # p is this poll's own array: its fields can be handed out without copies.
+            batch = NapiBatch(q, keys, pg["seq"], gplen, pg["tcp_flags"], handles)
+            st[_RX_PACKETS] += n_good
+            st[_RX_BYTES] += int(frame_len.sum() if gi is None else frame_len[gi].sum())
+            st[_RX_LINEAR] += n_lin
+            st[_RX_SPLIT] += n_good - n_lin
+        else:
+            batch = NapiBatch.empty(q)
+        comp.release(k)
+        batch.completions = k
+        batch.dropped = k - n_good
+        st[_COMPLETIONS] += k
+        st[_RX_FRAGS] += F
+        if n_good != k:
+            n_bad = int(np.count_nonzero(bad))
+            st[_RX_DROPPED] += k - n_good
+            st[_BAD_COMPLETIONS] += n_bad
+            st[_BAD_FRAMES] += k - n_good - n_bad
+        if refill:
+            batch.posted, batch.doorbell = self._refill(rq)
+        return batch
+
+    def _refill(self, rq: _RxQueue) -> tuple[int, bool]:
+        """Top the fill ring up from the page pool; ``(posted, doorbell due)``."""
+        pool, fill = rq.pool, rq.fill
+        assert pool is not None and fill is not None
+        want = rq.ring_size - len(rq.posted)
+        if want <= 0:
+            return 0, False
+        st = self.stats[rq.index]
+        ids = pool.alloc(want)
+        m = len(ids)
+        if m < want:
+            st[_ALLOC_SHORT] += 1
+        if m == 0:
+            return 0, False
+        d = rq.desc[:m]
+        iova = ids.astype(np.uint64)
+        iova *= np.uint64(rq.buf_len)
+        iova += rq.iova_base
+        d["iova"] = iova
+        d["len"] = rq.buf_len
+        d["buf_id"] = ids
+        faults = fill.faults
+        pushed = fill.push(d)
+        if fill.faults != faults:
+            st[_RING_FAULTS] += fill.faults - faults
+        if pushed < m:
+            # Only a NIC scribbling over the fill ring's head gets here.
+            assert rq.space is not None
+            rq.space.put_ref(ids[pushed:])
+            ids = ids[:pushed]
+        pool.post(ids)
+        rq.posted.push(ids)
+        st[_BUFFERS_POSTED] += pushed
+        doorbell = pushed > 0 and fill.needs_wakeup()
+        if doorbell:
+            st[_DOORBELLS] += 1
+        return pushed, doorbell
+
+    def refill(self, q: int) -> tuple[int, bool]:
+        """Repost buffers outside a poll (after skbs were freed into a starved pool).
+
+        Returns ``(posted, doorbell due)``.  A stopped queue posts nothing.
+        """
+        rq = self.queues.get(q)
+        if rq is None or not rq.started:
+            return 0, False
+        return self._refill(rq)
+
+    def napi_complete(self, q: int) -> bool:
+        """Arm the interrupt (need-wakeup on the completion ring) and re-check.
+
+        Returns True if completions are already there: the flag is taken back and the caller
+        polls again instead of sleeping.
+        """
+        rq = self.queues.get(q)
+        if rq is None or not rq.started or rq.comp is None:
+            return False
+        comp = rq.comp
+        comp.set_need_wakeup()
+        self.stats[q, _IRQ_ARMS] += 1
+        if comp.ready():
+            comp.clear_need_wakeup()
+            self.stats[q, _IRQ_REARM_RACES] += 1
+            return True
+        return False
+
+    # -- ethtool -----------------------------------------------------------------------------
+
+    def _ethtool_call(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        req = dict(request)
+        req["dev"] = self.name
+        return self._call("nic.ethtool", {"dev": self.name, "request": req})
+
+    def ethtool(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        """Apply or answer an ethtool request dict (:mod:`launch.ethtool`); return the reply.
+
+        ``channels-set`` and ``rings-set`` reconfigure the driver around the NIC's change
+        (frames drained meanwhile: :meth:`take_drained`); ``stats-get`` adds the driver's
+        per-queue counters; everything else is the NIC's.
+        """
+        cmd = request.get("cmd")
+        if cmd == "channels-set":
+            n = request.get("combined", request.get("rx"))
+            if isinstance(n, bool) or not isinstance(n, int):
+                return self._ethtool_call(request)  # nothing for the driver: the NIC answers
+            return self.set_channels(n, request=request)
+        if cmd == "rings-set":
+            return self.set_rings(request=request)
+        reply = self._ethtool_call(request)
+        if cmd == "stats-get":
+            reply = self._merge_stats(reply)
+        return reply
+
+    def _merge_stats(self, reply: dict[str, Any]) -> dict[str, Any]:
+        mine = [(f"rx-{q}.drv_{name}", int(self.stats[q, i]))
+                for q in range(self.n_queues) for i, name in enumerate(QUEUE_STATS)]
+        stats = reply.get("stats", {})
+        out = dict(reply)
+        if isinstance(stats, Mapping):
+            out["stats"] = {**stats, **dict(mine)}
+        else:
+            out["stats"] = [*list(stats), *[list(kv) for kv in mine]]
+        return out
+
+    def set_channels(self, n: int, *, request: Mapping[str, Any] | None = None
+                     ) -> dict[str, Any]:
+        """Change the number of RX queues (``ethtool -L DEV combined N``).
+
+        Queues being removed are stopped and freed first (their frames go to
+        :attr:`drained`); if the NIC refuses they are brought back.  New queues are set up
+        and started after the NIC agreed (when the device is up).
+        """
+        if not 1 <= n <= self.max_queues:
+            raise Misuse(f"{self.name}: {n} channels, max {self.max_queues}")
+        req = dict(request) if request is not None else {"cmd": "channels-set",
+                                                         "combined": n}
+        old = self.n_queues
+        removed = [q for q in range(n, old) if q in self.queues]
+        for q in removed:
+            if self.queues[q].started:
+                self.drained.append(self.queue_stop(q))
+            self.queue_free(q)
+        try:
+            reply = self._ethtool_call(req)
+        except BaseException:
+            for q in removed:
+                self.queue_setup(q)
+                self.queue_start(q)
+            raise
+        self.n_queues = n
+        if self.up:
+            for q in range(old, n):
+                self.queue_setup(q)
+                self.queue_start(q)
+        return reply
+
+    def set_rings(self, *, rx: int | None = None, rx_buf_len: int | None = None,
+                  tcp_data_split: str | None = None, hds_thresh: int | None = None,
+                  request: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Ring parameters (``ethtool -G``).
+
+        A new ring size or buffer length needs new queue memory: every queue is stopped
+        (frames to :attr:`drained`) and freed, the NIC applies the change (it refuses a ring
+        size change under a started queue), and the queues come back with the new layout
+        (or, if the NIC refused, the old one) and their memory providers.  HDS settings are
+        the NIC's alone and are simply forwarded.
+
+        Refused with EINVAL before anything happens: a ring size that is not a power of
+        two or above the maximum, and turning tcp-data-split off or hds-thresh above 0
+        while a queue has a memory provider (as Linux refuses).
+        """
+        req: dict[str, Any] = dict(request) if request is not None else {"cmd": "rings-set"}
+        for key, val in (("rx", rx), ("rx_buf_len", rx_buf_len),
+                         ("tcp_data_split", tcp_data_split), ("hds_thresh", hds_thresh)):
+            if val is not None:
+                req[key] = val
+        new_rx = _opt_int(req, "rx")
+        new_buf = _opt_int(req, "rx_buf_len")
+        new_thresh = _opt_int(req, "hds_thresh")
+        if new_rx is not None:
+            _check_ring_size(new_rx, self.max_ring_size, Misuse)
+        if new_buf is not None and new_buf < 0:
+            raise Misuse(f"{self.name}: bad rx-buf-len {new_buf}")
+        if any(rq.binding != "none" for rq in self.queues.values()):
+            if req.get("tcp_data_split") == "off":
+                raise Misuse("can't disable tcp-data-split while device has memory provider "
+                             "enabled")
+            if new_thresh not in (None, 0):
+                raise Misuse("hds-thresh must stay 0 while device has memory provider enabled")
+        relayout = ((new_rx is not None and new_rx != self.ring_size)
+                    or (bool(new_buf) and new_buf != self.rx_buf_len))
+        saved: list[tuple[int, MemoryProvider | None, bool]] = []
+        if relayout:
+            for q in sorted(self.queues):
+                rq = self.queues[q]
+                saved.append((q, rq.provider if rq.binding != "none" else None, rq.started))
+                if rq.started:
+                    self.drained.append(self.queue_stop(q))
+                self.queue_free(q)
+        try:
+            reply = self._ethtool_call(req)
+        except BaseException:
+            self._bring_back(saved)
+            raise
+        if new_rx is not None:
+            self.ring_size = new_rx
+        if new_buf:
+            self.rx_buf_len = new_buf
+        if req.get("tcp_data_split") is not None:
+            self.tcp_data_split = req["tcp_data_split"]
+        if new_thresh is not None:
+            self.hds_thresh = new_thresh
+        self._bring_back(saved)
+        return reply
+
+    def _bring_back(self, saved: list[tuple[int, MemoryProvider | None, bool]]) -> None:
+        for q, provider, started in saved:
+            self.queue_setup(q, provider)
+            if started:
+                self.queue_start(q)
+
+    # -- introspection -----------------------------------------------------------------------
+
+    def queue_stats(self, q: int) -> dict[str, int]:
+        """The driver's counters of queue ``q``."""
+        return {name: int(self.stats[q, i]) for i, name in enumerate(QUEUE_STATS)}
+
+    def status(self) -> dict[str, Any]:
+        """Device and per-queue state (JSON-ready) for ``zcrx status`` / ``stats``."""
+        queues = []
+        for q in sorted(self.queues):
+            rq = self.queues[q]
+            pool = rq.pool
+            queues.append({
+                "queue": q,
+                "started": rq.started,
+                "ring_size": rq.ring_size,
+                "slot_size": rq.slot_size,
+                "rx_buf_len": rq.buf_len,
+                "page_pool": pool.id if pool is not None else None,
+                "buffers": rq.space.count if rq.space is not None else 0,
+                "posted": len(rq.posted),
+                "in_flight": pool.inflight - len(rq.posted) if pool is not None else 0,
+                "binding": rq.binding,
+                "ledger": rq.space.ledger() if rq.space is not None else {},
+                "stats": self.queue_stats(q),
+            })
+        return {"name": self.name, "ifindex": self.ifindex, "up": self.up,
+                "queues": self.n_queues, "max_queues": self.max_queues,
+                "ring_size": self.ring_size, "mtu": self.mtu, "rx_buf_len": self.rx_buf_len,
+                "tcp_data_split": self.tcp_data_split, "hds_thresh": self.hds_thresh,
+                "dying_pools": len(self.dying), "rx_queues": queues}
+
+    def check_ledger(self) -> None:
+        """Verify every buffer of every live and dying pool (raises InvariantBroken).
+
+        Beyond each space's own checks: posted buffers equal the queue's posted FIFO, and
+        every page-pool reference is accounted for by a driver hold (DRIVER/POSTED), an skb
+        frag or a user reference.
+        """
+        spaces: dict[int, BufferSpace] = {}
+        posted: dict[int, int] = {}
+        for rq in self.queues.values():
+            if rq.space is not None:
+                spaces[rq.space.space_id] = rq.space
+                posted[rq.space.space_id] = posted.get(rq.space.space_id, 0) + len(rq.posted)
+        for pool in self.dying:
+            spaces[pool.space.space_id] = pool.space
+        skb_refs = self.skbs.refs_by_space()
+        for sid, sp in spaces.items():
+            led = sp.check_ledger()
+            if led["posted"] != posted.get(sid, 0):
+                raise InvariantBroken(f"{sp}: {led['posted']} POSTED buffers, posted FIFOs "
+                                      f"hold {posted.get(sid, 0)}")
+            refs = int(sp.pp_ref.sum())
+            held = (led["driver"] + led["posted"] + skb_refs.get(sid, 0)
+                    + int(sp.user_refs.sum()))
+            if refs != held:
+                raise InvariantBroken(f"{sp}: {refs} page-pool references, {held} holders")
+
+
+def _opt_int(req: Mapping[str, Any], key: str) -> int | None:
+    """An optional integer field of an ethtool request (a peer's input: Misuse if bad)."""
+    v = req.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise Misuse(f"ethtool request: {key} must be an integer, got {v!r}")
+    return v
+
+
+def _check_ring_size(n: int, max_n: int, exc: type[ZcrxError]) -> None:
+    if n < 2 or n & (n - 1) or n > max_n:
+        raise exc(f"ring size {n}: must be a power of two in [2, {max_n}]",
+                  errno=errno.EINVAL)
