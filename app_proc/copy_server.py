@@ -336,6 +336,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
     p.add_argument("-q", "--quiet", action="store_true", help="no per-connection lines")
     p.add_argument("--rundir", help=f"run directory (default ${L.ENV_RUNDIR})")
     p.add_argument("--run", help=f"run id (default ${L.ENV_RUN})")
+    p.add_argument("--tag", default="", help="zcrx:<run_id>:<role> (set by the launcher)")
     a = p.parse_args(argv)
     if a.stream_id == "sport":
         stream = None

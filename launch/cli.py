@@ -157,6 +157,8 @@ def _pick_run(name: str | None) -> Any:
 
 def _call(run: Any, endpoint: str, type_: str, body: dict[str, Any] | None = None,
           timeout_ms: int = 10_000) -> dict[str, Any]:
+    import shared.nicif
+    import shared.syscalls  # noqa: F401  (register the message types)
     from shared.control import ControlClient
 
     try:
@@ -203,8 +205,7 @@ def up(name: str, netdevs: tuple[str, ...], queues: int | None, detach: bool) ->
         r.down()
         fail(f"run {name} did not come up: {e}")
     status = _call(r, "kernel", "status")
-    devs = ", ".join(f"{d['name']} ({len(d.get('queues', []))} queues)"
-                     for d in status.get("netdevs", []))
+    devs = ", ".join(f"{d['name']} ({d['queues']} queues)" for d in status["netdevs"])
     console.print(f"run {name} is up (id {r.run_id}): {devs}", highlight=False)
     if detach:
         return
@@ -256,14 +257,15 @@ def status(name: str | None, as_json: bool) -> None:
     for role, p in st["processes"].items():
         console.print(f"  {role:<10} pid {p['pid']:<8} {'up' if p['alive'] else 'DEAD'}",
                       highlight=False)
-    for d in st.get("netdevs", []):
-        console.print(f"{d['name']}: mtu {d.get('mtu')} link "
-                      f"{'up' if d.get('link_up', True) else 'down'}", highlight=False)
-        for q in d.get("queues", []):
-            bind = q.get("binding") or "-"
-            console.print(f"  rx-{q['id']}: {q.get('state', '?'):<8} ring {q.get('ring_size')}"
-                          f" page-pool {q.get('page_pool', '-')} in-flight "
-                          f"{q.get('inflight', 0)} provider {bind}", highlight=False)
+    for d in st["netdevs"]:
+        console.print(f"{d['name']}: {'up' if d['up'] else 'down'}, {d['queues']} queues, "
+                      f"mtu {d['mtu']}, rx-buf-len {d['rx_buf_len']}, tcp-data-split "
+                      f"{d['tcp_data_split']}, hds-thresh {d['hds_thresh']}", highlight=False)
+        for q in d["rx_queues"]:
+            console.print(f"  rx-{q['queue']}: {'started' if q['started'] else 'stopped':<8}"
+                          f" ring {q['ring_size']} page-pool {q['page_pool']} posted "
+                          f"{q['posted']} in-flight {q['in_flight']} provider {q['binding']}",
+                          highlight=False)
 
 
 @main.command()
@@ -312,6 +314,7 @@ def ethtool(name: str | None, args: tuple[str, ...]) -> None:
         fail(str(e), 2)
     r = _pick_run(name)
     dev = req["dev"]
+    import shared.syscalls  # noqa: F401  (register the message types)
     from shared.control import ControlClient, ControlError
 
     try:
@@ -362,20 +365,31 @@ def app_run(name: str | None, detach: bool, program: str, args: tuple[str, ...])
               help="Number of TCP flows.")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True,
               help="Destination port.")
+@click.option("--sport", type=click.IntRange(1, 65535), default=None,
+              help="First source port (flows use consecutive ports); a flow's pattern "
+                   "stream id is its source port.")
 @click.option("--bytes", "total", type=click.IntRange(0), default=64 << 20, show_default=True,
-              help="Bytes per flow (0: until --seconds).")
-@click.option("--seconds", type=click.FloatRange(0), default=0.0, help="Duration instead.")
+              help="Bytes per flow (0: unbounded, stop with --seconds).")
+@click.option("--seconds", type=click.FloatRange(0), default=0.0,
+              help="Stop after this long (0: when --bytes are sent).")
 @click.option("--rate", type=click.FloatRange(0), default=0.0,
               help="Bytes per second over all flows (0: as fast as the host allows).")
 @click.option("--payload", type=click.IntRange(0), default=0,
               help="Payload per segment (0: the MSS for the MTU).")
 @click.option("--ipv6", is_flag=True, help="IPv6 flows instead of IPv4.")
-def traffic(name: str | None, dev: str, flows: int, port: int, total: int, seconds: float,
-            rate: float, payload: int, ipv6: bool) -> None:
-    """Start the traffic generator: TCP flows with a byte pattern receivers can verify."""
+def traffic(name: str | None, dev: str, flows: int, port: int, sport: int | None, total: int,
+            seconds: float, rate: float, payload: int, ipv6: bool) -> None:
+    """Start the traffic generator: TCP flows (SYN, data, FIN) whose bytes receivers can
+    verify from the stream offset alone."""
+    if total == 0 and seconds == 0:
+        fail("--bytes 0 needs --seconds", 2)
     r = _pick_run(name)
-    spec = {"flows": flows, "dst_port": port, "bytes": total, "seconds": seconds,
-            "rate": rate, "payload": payload, "ipv6": ipv6}
+    spec: dict[str, Any] = {"dport": port, "flows": flows, "family": 6 if ipv6 else 4,
+                            "bytes": total}
+    for key, val in (("duration", seconds), ("rate", rate), ("payload", payload),
+                     ("sport", sport)):
+        if val:
+            spec[key] = val
     res = _call(r, "nic", "nic.traffic", {"dev": dev, "spec": spec})
     console.print(f"traffic source {res['source']} started on {dev}", highlight=False)
 
