@@ -38,6 +38,7 @@ from app_proc import liburing as L
 from shared import abi, pattern
 from shared.control import ControlError
 from shared.errors import ZcrxError
+from shared.proc import notify_ready
 
 BGID = 1
 KIND_ACCEPT = 1
@@ -237,6 +238,7 @@ class CopyServer:
             self.arm_accept()
             L.io_uring_submit(self.ring)
             self.say(f"copy_server listening on {o.addr}:{o.port}")
+            notify_ready(f"listening {o.addr}:{o.port}")
             self._loop()
         finally:
             for conn in list(self.conns.values()):

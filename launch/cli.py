@@ -349,7 +349,10 @@ def app_run(name: str | None, detach: bool, program: str, args: tuple[str, ...])
         n = 0
         while f"app:{n}" in r.m.procs:
             n += 1
-        e = r.spawn(f"app:{n}", APPS[program], list(args), detach=True)
+        try:
+            e = r.spawn(f"app:{n}", APPS[program], list(args), detach=True, notify=True)
+        except ZcrxError as err:
+            fail(str(err))
         console.print(f"app:{n} {program} pid {e.pid} (log {e.log})", highlight=False)
         return
     import subprocess as sp

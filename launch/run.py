@@ -35,6 +35,7 @@ import psutil
 
 from shared.control import ControlClient, ipc_endpoint
 from shared.errors import Misuse, PeerGone, Timeout, ZcrxError
+from shared.proc import NOTIFY_ENV
 from shared.shm import list_run_segments, remove_run_segments
 
 DEFAULT_RUNS_DIR = "/tmp/zcrx-runs"
@@ -168,22 +169,29 @@ class Run:
     # -- processes ------------------------------------------------------------------
 
     def spawn(self, role: str, module: str, args: list[str], *, detach: bool = True,
-              ready: str | None = None, ready_timeout: float = 20.0) -> ProcEntry:
-        """Start ``python -m module args`` as ``role``; wait for its endpoint to answer.
+              ready: str | None = None, notify: bool = False,
+              ready_timeout: float = 20.0) -> ProcEntry:
+        """Start ``python -m module args`` as ``role`` and wait until it is ready.
 
-        ``ready`` names the control endpoint to ping; without it the process is
-        ready once started.  Processes get their own session when ``detach`` so
-        they survive the launcher (``zcrx down`` still stops them); otherwise
-        they watch their parent and exit when it dies.
+        ``ready`` names a control endpoint to ping; ``notify`` waits for the
+        process to call :func:`shared.proc.notify_ready` (apps do once they
+        listen); with neither the process is ready once started.  Processes get
+        their own session when ``detach`` so they survive the launcher (``zcrx
+        down`` still stops them); otherwise they exit when it dies.
         """
         if role in self.m.procs and self.m.procs[role].process() is not None:
             raise Misuse(f"{role} is already running in run {self.m.name}", errno=17)
-        log_path = self.dir / f"{role.replace(':', '-')}.log"
+        slug = role.replace(":", "-")
+        log_path = self.dir / f"{slug}.log"
         argv = [sys.executable, "-m", module, "--tag", self.tag(role), *args]
+        env = self.env()
+        notify_path = self.dir / f"{slug}.ready"
+        notify_path.unlink(missing_ok=True)
+        if notify:
+            env[NOTIFY_ENV] = str(notify_path)
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                    env=self.env(), cwd=str(self.dir),
-                                    start_new_session=detach)
+                                    env=env, cwd=str(self.dir), start_new_session=detach)
         entry = ProcEntry(role=role, pid=proc.pid,
                           create_time=psutil.Process(proc.pid).create_time(),
                           argv=argv, log=str(log_path))
@@ -191,7 +199,21 @@ class Run:
         self.save()
         if ready is not None:
             self._wait_ready(proc, role, ready, ready_timeout)
+        if notify:
+            self._wait_notify(proc, role, notify_path, ready_timeout)
         return entry
+
+    def _wait_notify(self, proc: subprocess.Popen[bytes], role: str, path: Path,
+                     timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not path.exists():
+            if proc.poll() is not None:
+                raise PeerGone(f"{role} exited with code {proc.returncode} before it was "
+                               f"ready; see {self.m.procs[role].log}")
+            if time.monotonic() > deadline:
+                raise Timeout(f"{role} did not say it was ready in {timeout:.0f} s; "
+                              f"see {self.m.procs[role].log}")
+            time.sleep(0.01)
 
     def _wait_ready(self, proc: subprocess.Popen[bytes], role: str, endpoint_name: str,
                     timeout: float) -> None:
@@ -229,9 +251,16 @@ class Run:
         return {"stopped": order, "killed": killed, "segments_removed": removed}
 
 
+def _reap(pid: int) -> None:
+    """Collect the exit status of a child of ours that already exited (no zombie)."""
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
 def _terminate(entry: ProcEntry, timeout: float) -> bool:
     p = entry.process()
     if p is None:
+        _reap(entry.pid)
         return False
     with contextlib.suppress(psutil.Error):
         p.send_signal(signal.SIGTERM)

@@ -53,6 +53,27 @@ class Lifecycle:
         return self.stopping
 
 
+#: Environment variable naming the file a process creates once it is ready.
+NOTIFY_ENV = "ZCRX_NOTIFY"
+
+
+def notify_ready(detail: str = "ready") -> None:
+    """Tell whoever started us that we are ready (like ``sd_notify("READY=1")``).
+
+    The launcher sets ``$ZCRX_NOTIFY`` to a path and waits for that file; a
+    process started any other way has no variable and this does nothing.  An app
+    calls it once it listens, so traffic started right after ``zcrx app run``
+    finds the socket (our senders do not retransmit a SYN).
+    """
+    path = os.environ.get(NOTIFY_ENV)
+    if not path:
+        return
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(detail + "\n")
+    os.replace(tmp, path)
+
+
 def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """The arguments every role takes."""
     p = argparse.ArgumentParser(prog=prog, description=description)

@@ -1,0 +1,87 @@
+"""Helpers for end-to-end tests: a real run (NIC + kernel processes) driven by the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from click.testing import CliRunner, Result
+
+from launch.cli import main
+from launch.run import Run
+
+
+def zcrx(*args: str, ok: bool = True) -> Result:
+    """Run one `zcrx` command in-process, as a user would type it."""
+    res = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    if ok:
+        assert res.exit_code == 0, f"zcrx {' '.join(args)} failed:\n{res.output}"
+    return res
+
+
+@contextmanager
+def runs_dir() -> Iterator[Path]:
+    """A private, short ZCRX_RUNS_DIR (ipc socket paths must stay under 107 bytes)."""
+    base = Path(tempfile.mkdtemp(prefix="zr", dir="/tmp"))
+    old = os.environ.get("ZCRX_RUNS_DIR")
+    os.environ["ZCRX_RUNS_DIR"] = str(base)
+    try:
+        yield base
+    finally:
+        if old is None:
+            os.environ.pop("ZCRX_RUNS_DIR", None)
+        else:
+            os.environ["ZCRX_RUNS_DIR"] = old
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@contextmanager
+def topology(name: str, *up_args: str) -> Iterator[Run]:
+    """`zcrx up` a run; `zcrx down` it afterwards whatever happens (cleanup as fallback)."""
+    with runs_dir():
+        zcrx("up", "--name", name, *up_args)
+        try:
+            yield Run.open(name)
+        finally:
+            res = zcrx("down", "--name", name, ok=False)
+            if res.exit_code != 0:
+                zcrx("cleanup", "--name", name, ok=False)
+
+
+def wait_app(name: str, role: str, timeout: float) -> None:
+    """Wait until a detached app of the run has exited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        entry = Run.open(name).m.procs[role]
+        if entry.process() is None:
+            return
+        if time.monotonic() > deadline:
+            run = Run.open(name)
+            logs = "\n".join(f"--- {r} ---\n{Path(e.log).read_text()[-2000:]}"
+                             for r, e in run.m.procs.items())
+            counters = zcrx("ethtool", "--name", name, "-S", "eth0", ok=False).output
+            raise AssertionError(f"{role} still running after {timeout} s\n{logs}\n"
+                                 f"{counters[-3000:]}")
+        time.sleep(0.05)
+
+
+def stats(name: str) -> dict[str, Any]:
+    return json.loads(zcrx("stats", "--name", name, "--json").output)
+
+
+def nic_stats(name: str, dev: str = "eth0") -> dict[str, int]:
+    """The NIC's ethtool -S counters, parsed from the CLI output."""
+    out = zcrx("ethtool", "--name", name, "-S", dev).output
+    counters = {}
+    for line in out.splitlines()[1:]:
+        key, _, val = line.strip().partition(": ")
+        if val.strip().lstrip("-").isdigit():
+            counters[key] = int(val)
+    return counters
