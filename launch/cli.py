@@ -96,6 +96,112 @@ def bench_ring(seconds: float, spin: int, json_path: str | None, check: bool) ->
         fail("a target was missed", EXIT_CHECK_FAILED)
 
 
+def _rx_table(result: dict[str, Any]) -> Table:
+    t = Table(title=f"zcrx bench {result['bench']}: {result['payload']} B payloads "
+                    f"(mtu {result['mtu']}), best of {result['repeat']}")
+    for col in ("mode", "flows", "MiB", "GB/s", "kernel CPU s/GB", "moved/byte",
+                "copy fallback", "verified"):
+        t.add_column(col, justify="left" if col == "mode" else "right")
+
+    def num(v: float | None, fmt: str) -> str:
+        return "n/a" if v is None else format(v, fmt)
+
+    for r in result["rows"]:
+        fb = r.get("copy_fallback")
+        t.add_row(r["mode"], str(r["flows"]), f"{r['bytes'] / 2**20:.0f}",
+                  f"{r['gbps']:.3f}", num(r["kernel_cpu_s_per_gb"], ".2f"),
+                  num(r["moved_per_byte"], ".2f"),
+                  "" if r["mode"] != "zcrx" else ("n/a" if fb is None else
+                                                  f"{fb['bytes']} B"),
+                  "yes" if r["verified"] else "NO")
+    return t
+
+
+def _rx_report(result: dict[str, Any], json_path: str | None, check: bool) -> None:
+    if json_path != "-":
+        console.print(_rx_table(result))
+        console.print(f"touch (all modes): {result['touch']}", highlight=False)
+        for name, v in result["ratios"].items():
+            console.print(f"{name}: {'n/a' if v is None else format(v, '.2f')}",
+                          highlight=False)
+        for c in result["checks"]:
+            v = "n/a" if c["value"] is None else format(c["value"], ".2f")
+            console.print(f"target {c['target']}: {v} {'ok' if c['ok'] else 'MISSED'}",
+                          highlight=False)
+        for r in result["rows"]:
+            for p in r["problems"]:
+                console.print(f"{r['mode']}/{r['flows']}: {p}", highlight=False)
+    if json_path:
+        text = json.dumps(result, indent=2)
+        if json_path == "-":
+            click.echo(text)
+        else:
+            Path(json_path).write_text(text + "\n")
+    if not result["all_verified"]:
+        fail("a receiver did not get exactly the stream that was sent", EXIT_CHECK_FAILED)
+    if check and not all(c["ok"] for c in result["checks"]):
+        fail("a target was missed", EXIT_CHECK_FAILED)
+
+
+def _rx_options(fn: Any) -> Any:
+    opts = [
+        click.option("--bytes", "total", type=click.IntRange(1 << 12), show_default=True,
+                     default=128 << 20, help="Bytes per measurement (all flows together)."),
+        click.option("--repeat", type=click.IntRange(1, 20), default=1, show_default=True,
+                     help="Rounds; each mode reports its best verified round."),
+        click.option("--copy-buf", type=click.IntRange(4096, 1 << 20), default=16384,
+                     show_default=True,
+                     help="Receive buffer of the copy path and of loopback TCP."),
+        click.option("--timeout", type=click.FloatRange(1, 3600), default=120.0,
+                     show_default=True, help="Seconds one measurement may take."),
+        click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True),
+                     help="Also write the figures as JSON to this file ('-' for stdout)."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+@bench.command("copy")
+@_rx_options
+@click.option("--flows", "flows", type=click.IntRange(1, 64), multiple=True,
+              help="Flow counts to measure (default 1 and 4).")
+def bench_copy(total: int, repeat: int, copy_buf: int, timeout: float, json_path: str | None,
+               flows: tuple[int, ...]) -> None:
+    """The copy path (NIC -> kernel pages -> RECV copy -> app) at 4 KiB payloads, 1 and 4
+    flows, next to loopback TCP between two processes; every byte checked and hashed."""
+    from launch.bench_rx import run_copy_bench
+
+    try:
+        with console.status("running") as status:
+            result = run_copy_bench(total, tuple(flows) or (1, 4), repeat, copy_buf, timeout,
+                                    progress=lambda m: status.update(f"running: {m}"))
+    except ZcrxError as e:
+        fail(f"bench copy: {e}")
+    _rx_report(result, json_path, False)
+
+
+@bench.command("zcrx")
+@_rx_options
+@click.option("--flows", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Flows of each measurement.")
+@click.option("--check", is_flag=True, help="Exit 1 if a target is missed.")
+def bench_zcrx(total: int, repeat: int, copy_buf: int, timeout: float, json_path: str | None,
+               flows: int, check: bool) -> None:
+    """Zero copy (ntuple-steered to a queue bound to an ifq) vs the copy path vs loopback
+    TCP at 4 KiB payloads: GB/s, kernel CPU per GB, payload bytes moved per delivered byte;
+    targets: >= 1.5x copy, >= 2x loopback, <= 0.55x the copy path's bytes moved."""
+    from launch.bench_rx import run_zcrx_bench
+
+    try:
+        with console.status("running") as status:
+            result = run_zcrx_bench(total, flows, repeat, copy_buf, timeout,
+                                    progress=lambda m: status.update(f"running: {m}"))
+    except ZcrxError as e:
+        fail(f"bench zcrx: {e}")
+    _rx_report(result, json_path, check)
+
+
 # -- cleanup ----------------------------------------------------------------------------
 
 @main.command()
@@ -415,21 +521,42 @@ def wire(name: str | None, dev: str, port: int) -> None:
 # -- demo -------------------------------------------------------------------------------
 
 @main.command()
-@click.option("--seconds", type=click.FloatRange(0.05, 60), default=0.5, show_default=True,
-              help="Length of each measurement.")
-def demo(seconds: float) -> None:
-    """Show the emulator working end to end on this machine.
+@click.option("--flows", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="TCP flows the generator sends.")
+@click.option("--mib", type=click.IntRange(1, 4096), default=64, show_default=True,
+              help="MiB per flow.")
+@click.option("--queues", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="Combined queues of eth0.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def demo(flows: int, mib: int, queues: int, as_json: bool) -> None:
+    """Bring up a default topology, push verified traffic NIC -> kernel -> app, tear down.
 
-    Today: the shared ring carrying descriptors and 4 KiB payloads between two
-    processes, verified by checksum, next to numpy's copy bandwidth.
+    Starts the NIC and kernel processes, a copy server that checks every byte
+    against the generator's pattern, and FLOWS generator flows spread over the
+    queues by RSS; prints what arrived where, then stops everything.
     """
-    from launch.bench_ring import run_ring_bench
+    from launch.demo import run_demo
 
-    with console.status("running the ring between two processes") as status:
-        result = run_ring_bench(seconds=seconds, batches=(64, 512), payload_batches=(64,),
-                                progress=lambda m: status.update(f"running: {m}"))
-    console.print(_ring_table(result))
-    if not result["all_verified"]:
+    say = (lambda m: None) if as_json else (lambda m: console.print(m, highlight=False))
+    try:
+        res = run_demo(flows=flows, per_flow=mib << 20, queues=queues, say=say)
+    except ZcrxError as e:
+        fail(f"demo failed: {e}")
+    if as_json:
+        click.echo(json.dumps(res, indent=2, sort_keys=True))
+    else:
+        t = Table(title=f"zcrx demo: {flows} flows x {mib} MiB through NIC -> kernel -> app")
+        for col in ("connection", "bytes", "verified", "sha256"):
+            t.add_column(col)
+        for c in sorted(res["connections"], key=lambda c: c["stream"]):
+            t.add_row(c["peer"], f"{c['bytes']:,}", "yes" if c["ok"] else "NO",
+                      c["sha256"][:16] + "...")
+        console.print(t)
+        q = ", ".join(f"rx-{k}: {v}" for k, v in res["queues"].items())
+        console.print(f"{res['bytes']:,} bytes in {res['seconds']:.2f} s = "
+                      f"{res['gbps']:.2f} GB/s on the copy path; frames per queue: {q}",
+                      highlight=False)
+        console.print("teardown: every process stopped, "
+                      f"{len(res['leftovers_removed'])} leftover segment(s)", highlight=False)
+    if not res["verified"]:
         fail("data was not delivered intact", EXIT_CHECK_FAILED)
-    console.print("all data verified; no process or shared-memory segment left behind",
-                  highlight=False)
