@@ -63,7 +63,8 @@ def run_demo(flows: int = 4, per_flow: int = 64 << 20, queues: int = 4,
     finally:
         say(f"$ zcrx down --name {name}")
         down = run.down()
-    per_queue = {q: int(nic_st["stats"].get(f"rx-{q}.packets", 0)) for q in range(queues)}
+    counters = dict(nic_st["stats"])  # ethtool -S: [name, value] pairs
+    per_queue = {q: int(counters.get(f"rx-{q}.packets", 0)) for q in range(queues)}
     return {
         "run": name, "flows": flows, "bytes": report["bytes"], "seconds": elapsed,
         "gbps": report["bytes"] / elapsed / 1e9, "verified": bool(report["ok"]),
