@@ -27,7 +27,7 @@ err_console = Console(stderr=True)
 
 
 def fail(msg: str, code: int = EXIT_FAILED) -> None:
-    err_console.print(f"zcrx: {msg}", highlight=False, markup=False)
+    err_console.print(f"zcrx: {msg}", highlight=False, markup=False, soft_wrap=True)
     sys.exit(code)
 
 
@@ -99,8 +99,8 @@ def bench_ring(seconds: float, spin: int, json_path: str | None, check: bool) ->
 def _rx_table(result: dict[str, Any]) -> Table:
     t = Table(title=f"zcrx bench {result['bench']}: {result['payload']} B payloads "
                     f"(mtu {result['mtu']}), best of {result['repeat']}")
-    for col in ("mode", "flows", "MiB", "GB/s", "kernel CPU s/GB", "moved/byte",
-                "copy fallback", "verified"):
+    for col in ("mode", "flows", "MiB", "GB/s", "kCPU s/GB", "moved/B", "copy fb",
+                "verified"):
         t.add_column(col, justify="left" if col == "mode" else "right")
 
     def num(v: float | None, fmt: str) -> str:
@@ -120,6 +120,9 @@ def _rx_table(result: dict[str, Any]) -> Table:
 def _rx_report(result: dict[str, Any], json_path: str | None, check: bool) -> None:
     if json_path != "-":
         console.print(_rx_table(result))
+        console.print("kCPU s/GB: kernel-process CPU seconds per 10^9 delivered bytes; "
+                      "moved/B: payload bytes moved (NIC DMA + kernel copy reads and writes "
+                      "+ app reads) per delivered byte", highlight=False)
         console.print(f"touch (all modes): {result['touch']}", highlight=False)
         for name, v in result["ratios"].items():
             console.print(f"{name}: {'n/a' if v is None else format(v, '.2f')}",
@@ -275,6 +278,14 @@ def _call(run: Any, endpoint: str, type_: str, body: dict[str, Any] | None = Non
     raise AssertionError
 
 
+def _reason(remote_msg: str) -> str:
+    """A relayed error text without the request-type prefixes and errno tags it gathered."""
+    import re
+
+    msg = re.sub(r"\s*\[E[A-Z0-9]+\]", "", remote_msg).strip()
+    return re.sub(r"^(?:[a-z_.]+: )+", "", msg)
+
+
 NAME_OPT = click.option("--name", help="Run name (default: the only run that is up).")
 
 
@@ -427,7 +438,9 @@ def ethtool(name: str | None, args: tuple[str, ...]) -> None:
         with ControlClient(r.endpoint("kernel"), timeout_ms=30_000) as c:
             reply = c.call("ethtool", {"dev": dev, "request": req})
     except ControlError as e:
-        fail(et.format_error(req, e.errno or 22, getattr(e, "remote_msg", "") or ""))
+        # One line: what ethtool itself would say, then why (from the kernel or NIC).
+        said = et.format_error(req, e.errno or 22).strip().splitlines()
+        fail(f"{said[0] if said else 'ethtool'} ({_reason(e.remote_msg)})")
     except ZcrxError as e:
         fail(str(e))
     text = et.format_reply(req, reply)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from launch.cli import main
@@ -41,3 +43,21 @@ def test_cleanup_usage_errors_are_one_line_not_tracebacks() -> None:
         assert res.exit_code != 0
         assert "Traceback" not in res.output
         assert res.exception is None or isinstance(res.exception, SystemExit)
+
+
+def test_commands_without_a_run_fail_with_one_line(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ZCRX_RUNS_DIR", str(tmp_path))
+    runner = CliRunner()
+    for args in (["status"], ["stats"], ["down"], ["ethtool", "-l", "eth0"],
+                 ["traffic"], ["status", "--name", "nosuch"]):
+        res = runner.invoke(main, args)
+        assert res.exit_code == 3, (args, res.output)
+        assert "Traceback" not in res.output
+        assert len(res.output.strip().splitlines()) == 1, res.output
+
+
+def test_ethtool_usage_errors_exit_2_before_touching_a_run() -> None:
+    res = CliRunner().invoke(main, ["ethtool", "-N", "eth0", "flow-type", "sctp4"])
+    assert res.exit_code == 2
+    assert len(res.output.strip().splitlines()) == 1
