@@ -1042,6 +1042,44 @@ class Ring:
         if self.waits:
             self.check_waits()
 
+    def post_big_batch(self, user_data: int, res: NDArray[np.int64], flags: NDArray[np.int64],
+                       big0: NDArray[np.int64]) -> int:
+        """Post 32-byte CQEs of one request (second half ``(big0[i], 0)``, e.g. a zcrx CQE's
+        ``off``) straight into the CQ, in order, **never** into the overflow list (Linux
+        ``io_defer_get_uncommited_cqe``).  On a CQE_MIXED ring each takes two slots and gets
+        ``IORING_CQE_F_32``.  Returns how many were posted (the rest did not fit; 0 on a ring
+        with 16-byte CQEs or while overflowed CQEs wait)."""
+        if self.closed:
+            return 0
+        if self.overflow:
+            self.flush_overflow()
+            if self.overflow:
+                return 0
+        n = len(res)
+        done = 0
+        if self.mixed:
+            while done < n and self._put_mixed_big(user_data, int(res[done]), int(flags[done]),
+                                                   (int(big0[done]), 0)):
+                done += 1
+        elif self.cqe_dtype is abi.io_uring_cqe32:
+            while done < n:
+                view = self.cq.reserve(n - done)
+                k = len(view)
+                if k == 0:
+                    break
+                view["user_data"] = user_data
+                view["res"] = res[done:done + k]
+                view["flags"] = flags[done:done + k]
+                view["zcrx_off"] = big0[done:done + k]
+                view["zcrx_pad"] = 0
+                self.cq.submit(k)
+                done += k
+        if done:
+            self.stats.cqes_posted += done
+            if self.waits:
+                self.check_waits()
+        return done
+
     def _overflow(self, user_data: int, res: int, flags: int,
                   big: tuple[int, int] | None) -> None:
         if self.closed:
@@ -1176,6 +1214,9 @@ class IoUring:
         }
         #: register opcodes served without a ring (``fd == -1``)
         self.blind_register_ops: set[int] = set()
+        #: other subsystems' periodic work, run by :meth:`poll` as ``hook(now) -> work done``
+        #: (zcrx: requeued RECV_ZC requests, delayed ifq destruction)
+        self.poll_hooks: list[Callable[[float], int]] = []
 
     # -- extension points ---------------------------------------------------------------------
 
@@ -1374,6 +1415,8 @@ class IoUring:
                     else:
                         keep.append(w)
                 ring.waits = keep
+        for hook in self.poll_hooks:
+            work += hook(now)
         return work
 
     def _sqpoll_one(self, ring: Ring, now: float) -> int:

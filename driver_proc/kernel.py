@@ -16,6 +16,8 @@ Subsystems (one module each, kernel-style):
 * ``ctx.tasks`` - :mod:`driver_proc.files`: one per attached process: its file
   table (sockets, rings) and emulated mm (:mod:`driver_proc.mm`).
 * ``ctx.rings`` - :mod:`driver_proc.io_uring`: io_uring instances and requests.
+* ``zcrx``     - :mod:`driver_proc.zcrx`: zero-copy receive ifqs, their areas (memory
+  providers of bound queues), RECV_ZC; its delayed destructions are reaped every poll.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from shared.errors import Misuse, ZcrxError
 
 #: Frames one queue may complete per NAPI poll (the driver's budget).
 NAPI_BUDGET = 256
+#: How long the idle loop sleeps while a queue waits for buffers to come home.
+STARVED_POLL_MS = 1
 
 
 class Kernel:
@@ -51,10 +55,14 @@ class Kernel:
         self.table = SocketTable()
         self.ctx = sc.KernelContext.create(run, self.skbs, self.table)
         self.netdevs: dict[str, NetDevice] = {}
+        assert self.ctx.zcrx is not None
+        self.zcrx = self.ctx.zcrx
+        self.zcrx.netdevs = self.netdevs
         self.stats: Counter[str] = Counter()
         self.shutdown_requested = False
         self.server: ControlServer | None = None
         self._doorbells: list[tuple[str, int]] = []
+        self._starved = False
         self._started = time.monotonic()
 
     # -- setup ------------------------------------------------------------------------
@@ -95,6 +103,7 @@ class Kernel:
                     self._deliver(batch)
         if self.server is not None:
             work += sc.service(self.ctx, self.server)
+        work += self.zcrx.poll()  # requeued RECV_ZC passes, delayed ifq destruction
         return work
 
     def _deliver(self, batch: NapiBatch) -> int:
@@ -114,15 +123,35 @@ class Kernel:
         return out
 
     def arm_interrupts(self) -> bool:
-        """Arm every started queue's interrupt; True if work appeared meanwhile."""
+        """Before sleeping: refill starved queues, arm every started queue's interrupt.
+
+        Returns True if work appeared meanwhile.  A queue whose pool came back
+        short is refilled here too: buffers come home without any event (an app
+        writing RQEs, a socket consuming skbs), and the NIC, paused for lack of
+        buffers, waits for our doorbell.  While a queue stays starved the loop
+        sleeps only briefly (:meth:`next_timer_ms`).
+        """
         pending = False
+        self._starved = False
         for dev in self.netdevs.values():
             for q, rq in dev.queues.items():
-                if rq.started and dev.napi_complete(q):
+                if not rq.started:
+                    continue
+                if len(rq.posted) < rq.ring_size:
+                    posted, bell = dev.refill(q)
+                    if bell:
+                        self._doorbells.append((dev.name, q))
+                    if posted:
+                        pending = True
+                    elif len(rq.posted) < rq.ring_size:
+                        self._starved = True
+                if dev.napi_complete(q):
                     pending = True
         return pending
 
     def next_timer_ms(self) -> int:
+        if self._starved:
+            return STARVED_POLL_MS
         deadline = self.ctx.rings.next_deadline()
         if deadline is None:
             return 1_000
@@ -143,6 +172,7 @@ class Kernel:
             except ZcrxError as e:
                 self.log.warning("%s close: %s", dev.name, e)
                 dev.close(nic_alive=False)
+        self.zcrx.shutdown()
 
     # -- admin syscalls ---------------------------------------------------------------
 
@@ -163,13 +193,16 @@ class Kernel:
         out["tcp"] = dict(_as_dict(self.table.stats))
         out["io_uring"] = self.ctx.rings.stats()
         out["skbs"] = {"in_flight": len(self.skbs.live_handles())}
+        out["zcrx"] = self.zcrx.stats()
+        out["memory_traffic"] = out["zcrx"]["memory_traffic"]
         return out
 
     def _sys_status(self, msg: Message, peer: bytes) -> HandlerResult:
         return {"run": self.run, "uptime_s": round(time.monotonic() - self._started, 3),
                 "netdevs": [dev.status() for dev in self.netdevs.values()],
                 "tasks": [{"tid": t.tid, "pid": t.pid, "name": t.name}
-                          for t in self.ctx.tasks]}
+                          for t in self.ctx.tasks],
+                "zcrx": self.zcrx.status()}
 
     def _sys_shutdown(self, msg: Message, peer: bytes) -> HandlerResult:
         self.shutdown_requested = True

@@ -242,6 +242,10 @@ class NetDevice:
         self.dying: list[PagePool] = []
         #: frames drained from queues stopped by configuration changes; take_drained()
         self.drained: list[NapiBatch] = []
+        #: queues whose memory provider was detached (restart without it) while buffers are
+        #: still out: queue -> the dying pool.  The provider counts as attached until that
+        #: pool is destroyed (status shows it, tcp-data-split stays locked, zcrx -EEXIST).
+        self.mp_draining: dict[int, PagePool] = {}
         self.up = False
         self.nic_alive = True
         self._pp_gen = [0] * self.max_queues
@@ -274,6 +278,15 @@ class NetDevice:
         except ZcrxError:
             # Teardown goes on: the mapping dies with the NIC or is already gone.
             pass
+
+    def dma_map(self, name: str, size: int) -> int:
+        """Map region ``name`` (``size`` bytes) for the NIC's DMA; returns the map id (a memory
+        provider maps its own memory, e.g. a zcrx area, with this)."""
+        return self._dma_map(name, size)
+
+    def dma_unmap(self, map_id: int) -> None:
+        """Undo :meth:`dma_map` (best effort: nothing to do once the NIC is gone)."""
+        self._dma_unmap(map_id)
 
     # -- device open/close -------------------------------------------------------------------
 
@@ -448,6 +461,8 @@ class NetDevice:
             self._reclaim(rq)
             if not rq.pool.destroy():
                 self.dying.append(rq.pool)
+                if rq.binding != "none":
+                    self.mp_draining[rq.index] = rq.pool
             rq.pool = None
         elif rq.space is not None and rq.own_space:
             rq.space.close()
@@ -458,6 +473,8 @@ class NetDevice:
         region if the driver created it (kernel pages; a provider's space is its own)."""
         if pool in self.dying:
             self.dying.remove(pool)
+        for q in [q for q, p in self.mp_draining.items() if p is pool]:
+            del self.mp_draining[q]
         if own_space:
             pool.space.close()
 
@@ -795,7 +812,7 @@ class NetDevice:
             _check_ring_size(new_rx, self.max_ring_size, Misuse)
         if new_buf is not None and new_buf < 0:
             raise Misuse(f"{self.name}: bad rx-buf-len {new_buf}")
-        if any(rq.binding != "none" for rq in self.queues.values()):
+        if self.mp_draining or any(rq.binding != "none" for rq in self.queues.values()):
             if req.get("tcp_data_split") == "off":
                 raise Misuse("can't disable tcp-data-split while device has memory provider "
                              "enabled")
@@ -835,6 +852,17 @@ class NetDevice:
 
     # -- introspection -----------------------------------------------------------------------
 
+    def binding(self, q: int) -> str:
+        """The memory provider attached to queue ``q`` ("none", "io-uring"): the live pool's,
+        or, while a detached provider's pool drains, that provider's (netlink ``queue-get``
+        keeps the ``io-uring`` attribute until then; ``status()`` shows it as ``provider``,
+        while ``binding`` is the running pool's)."""
+        rq = self.queues.get(q)
+        kind = rq.binding if rq is not None else "none"
+        if kind == "none" and q in self.mp_draining:
+            kind = self.mp_draining[q].provider.kind
+        return kind
+
     def queue_stats(self, q: int) -> dict[str, int]:
         """The driver's counters of queue ``q``."""
         return {name: int(self.stats[q, i]) for i, name in enumerate(QUEUE_STATS)}
@@ -856,6 +884,8 @@ class NetDevice:
                 "posted": len(rq.posted),
                 "in_flight": pool.inflight - len(rq.posted) if pool is not None else 0,
                 "binding": rq.binding,
+                "provider": self.binding(q),
+                "mp_draining": q in self.mp_draining,
                 "ledger": rq.space.ledger() if rq.space is not None else {},
                 "stats": self.queue_stats(q),
             })

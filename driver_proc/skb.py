@@ -134,6 +134,9 @@ class SkbStore:
         self.in_flight = 0
         self.stats = {"added": 0, "freed": 0, "linear_bytes": 0, "seg_compactions": 0,
                       "lin_compactions": 0, "copy_bytes": 0, "copy_general": 0}
+        #: bytes :meth:`copy_out` read, per source (a space id, or :data:`LINEAR`): the
+        #: kernel's memory-traffic accounting classifies them by region kind
+        self.copied_by_src: dict[int, int] = {}
 
     # -- slots -------------------------------------------------------------------------------
 
@@ -542,6 +545,15 @@ class SkbStore:
         flat = self._s_flat[seg] + start
         self._gather(src, flat, length, dst)
         self.stats["copy_bytes"] += total
+        by = self.copied_by_src
+        s0 = int(src[0])
+        if not np.count_nonzero(src != s0):
+            by[s0] = by.get(s0, 0) + total
+        else:
+            ids, inv = np.unique(src, return_inverse=True)
+            for sid, n in zip(ids.tolist(), np.bincount(inv, weights=length).tolist(),
+                              strict=True):
+                by[sid] = by.get(sid, 0) + int(n)
         return total
 
     def _rows(self, sid: int, data: NDArray[np.uint8], flat: NDArray[np.int64], L: int,

@@ -15,7 +15,8 @@ Shared memory is only created by :mod:`driver_proc.io_uring` (kernel regions) an
 (their memory, entered with ``mm_map``); see those modules.
 
 Not here: ``ethtool``, ``stats``, ``status``, ``shutdown`` (the integrator's, in the kernel
-loop), and the zcrx register opcodes (plugged into :class:`driver_proc.io_uring.IoUring`).
+loop), and the zcrx register opcodes (plugged into :class:`driver_proc.io_uring.IoUring` by
+:class:`driver_proc.zcrx.Zcrx`, which :meth:`KernelContext.create` installs).
 
 Departures: the calling task is identified by its control socket, so a process that recreates
 its control socket (after a timeout) must ``attach`` again and gets a new task; syscalls from a
@@ -34,6 +35,7 @@ from typing import Any
 from driver_proc.files import SkbStore, SocketFile, Sockets, Task, Tasks
 from driver_proc.io_uring import IoUring, Wait
 from driver_proc.tcp import SocketTable
+from driver_proc.zcrx import Zcrx
 from shared.control import DEFER, ControlServer, Handler, HandlerResult, Message, Reply
 from shared.errors import Misuse
 
@@ -54,6 +56,8 @@ class KernelContext:
     sockets: Sockets
     rings: IoUring
     tasks: Tasks
+    #: the zcrx subsystem (RECV_ZC, ZCRX_IFQ/CTRL, QUERY); its ``netdevs`` are the kernel's
+    zcrx: Zcrx | None = None
 
     @property
     def skbs(self) -> SkbStore:
@@ -61,9 +65,11 @@ class KernelContext:
 
     @classmethod
     def create(cls, run: str, skbs: SkbStore, table: SocketTable | None = None) -> KernelContext:
-        """A context with a fresh socket layer (over ``table``, or a new one) and io_uring."""
+        """A context with a fresh socket layer (over ``table``, or a new one), io_uring and
+        zcrx (no netdevs: NODEV only, until the kernel hands it its netdevs)."""
         sockets = Sockets(table if table is not None else SocketTable(), skbs)
-        return cls(run, sockets, IoUring(run, sockets, skbs), Tasks(run))
+        rings = IoUring(run, sockets, skbs)
+        return cls(run, sockets, rings, Tasks(run), Zcrx(rings, skbs=skbs))
 
 
 def _task(ctx: KernelContext, peer: Any) -> Task:

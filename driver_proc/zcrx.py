@@ -1,0 +1,1369 @@
+"""io_uring zero-copy receive (zcrx) in the emulated kernel: ifqs, areas, the refill queue,
+the io_uring memory provider, ``IORING_OP_RECV_ZC`` and teardown (Linux ``io_uring/zcrx.c``).
+
+:class:`Zcrx` is the subsystem the kernel process runs.  It plugs into
+:class:`driver_proc.io_uring.IoUring` through its extension points: the RECV_ZC opcode, the
+``IORING_REGISTER_ZCRX_IFQ`` / ``ZCRX_CTRL`` / ``QUERY`` register opcodes, a teardown hook per
+ring and a poll hook (requeued requests, delayed destruction).  No I/O here: the NIC is reached
+through :class:`driver_proc.netdev.NetDevice` (``dma_map``, ``queue_restart``).
+
+Who owns what in shared memory
+------------------------------
+* **Area** (``io_uring_zcrx_area_reg.addr/len``): app memory, a region ``/zcrx.<run>.app<N>.*``
+  the app created and entered into its mm.  The kernel *pins* it by attaching the region itself
+  (:class:`ZcrxArea`), splits it into niovs (a :class:`~driver_proc.page_pool.BufferSpace` of
+  ``rx_buf_len`` buffers starting at the area's offset inside the region) and, for a hardware
+  queue, asks the NIC to DMA-map the whole region (``nic.dma_map``).  The NIC writes payload
+  only into niovs the driver posted; the app reads niovs only while it holds a user reference
+  (a CQE handed it over); the kernel writes copy-fallback data into niovs it took from the
+  freelist.  Every niov's state and refcounts live in the space's arrays, written only here,
+  in :mod:`driver_proc.page_pool` and :mod:`driver_proc.skb` (the kernel is the authority).
+* **Refill queue** (RQ): ``struct io_uring {u32 head, tail}`` then 16-byte RQEs at the offsets
+  written back (head 0, tail 4, rqes 64: Linux 6.18+).  Either app memory
+  (``IORING_MEM_REGION_TYPE_USER``, resolved through the mm and kept pinned) or a kernel region
+  ``/zcrx.<run>.kernel.t<tid>.zcrx<serial>.rq`` the app maps with ``mmap(ring_fd,
+  IORING_MAP_OFF_ZCRX_REGION + (zcrx_id << 16))``.  The app writes RQEs and the tail; the kernel
+  writes only the head.  The kernel reads the RQ as an untrusted peer's ring
+  (:class:`~shared.ring.RingConsumer`, ``untrusted=True``): ``tail - cached head`` is clamped to
+  ``rq_entries``, its own head is never re-read (a scribbled head is counted and overwritten),
+  and every RQE is validated; nothing an app writes raises out of this module.
+* **CQEs**: 32-byte (CQE32, or ``IORING_CQE_F_32`` on a CQE_MIXED ring), written into the
+  ring's CQ by :meth:`driver_proc.io_uring.Ring.post_big_batch`, never through the overflow
+  list.
+
+Buffer ledger
+-------------
+Every niov is in exactly one :class:`~driver_proc.page_pool.BufState`: ``free`` (area
+freelist), ``pool_cache``, ``driver``/``posted`` (lent to the NIC), ``in_skb`` (referenced by
+skbs only), ``user`` (user_refs > 0, which includes niovs whose RQE is written but not yet
+consumed).  :meth:`Ifq.ledger` / :meth:`Ifq.check_ledger` expose and verify it (the counts sum
+to the niov count; page-pool references equal driver holds + skb frags + user references);
+:meth:`Zcrx.stats` includes them for ``zcrx stats --ledger``.
+
+Semantics (zcrx-kernel.md §1-6, §10; conformance.md §5)
+-------------------------------------------------------
+* **Registration** (``IORING_REGISTER_ZCRX_IFQ``, nr_args 1): the 96-byte ``ifq_reg`` travels as
+  blob 0 and comes back written in the reply; ``area_ptr`` and ``region_ptr`` are user addresses
+  read and written back through the task's mm, so unmapped or read-only parameter structs give
+  ``-EFAULT`` exactly as on Linux, and a failed write-back undoes the whole registration.
+  Checks in Linux's order: ``-EPERM`` without CAP_NET_ADMIN; ring without DEFER_TASKRUN or
+  without CQE32/CQE_MIXED ``-EINVAL``; reserved fields, input ``zcrx_id``, unknown flags,
+  ``if_rxq == -1``, ``rq_entries == 0`` ``-EINVAL``; ``rq_entries > 32768`` ``-EINVAL`` unless
+  the ring has SETUP_CLAMP (clamped), then rounded up to a power of two; region descriptor
+  (``size`` 0, unaligned, ``id``/``mmap_offset``/``__resv``/unknown flags ``-EINVAL``, user
+  memory at 0 or unmapped or read-only ``-EFAULT``, too small for ``64 + 16 * entries``
+  ``-EINVAL``); area (unknown flags, input token, ``__resv2``, ``dmabuf_fd`` without DMABUF
+  ``-EINVAL``; ``len`` 0 or > 1 GiB ``-EFAULT``; unaligned ``-EINVAL``; unmapped/read-only
+  ``-EFAULT``).  Several ifqs per ring get distinct ids, the smallest free one first.
+* **NODEV** (``ZCRX_REG_NODEV``, Linux 7.1): ``if_idx``/``if_rxq`` must be 0, no device, no
+  DMA, no page pool; RECV_ZC copies every byte of ANY TCP socket into free niovs; the RQ is
+  consumed only by ``ZCRX_CTRL_FLUSH_RQ``.
+* **Hardware queue**: unknown ``if_idx`` ``-ENODEV``; ``if_rxq >= queues`` ``-ERANGE``;
+  tcp-data-split not on, or hds-thresh > 0, ``-EINVAL``; a queue with a memory provider (also
+  one still draining from an earlier binding) ``-EEXIST``.  Binding DMA-maps the area, builds
+  a :class:`ZcrxProvider` and calls :meth:`NetDevice.queue_restart` (the NIC quiesces, old
+  buffers come back, the new pool posts niovs, the queue restarts).  ``zcrx status`` shows the
+  queue's provider as ``io-uring``.
+* **Memory provider** (:class:`ZcrxProvider`): ``alloc`` consumes the RQ first, lazily (only
+  when the pool is short) and at most as many RQEs as buffers are needed; each valid RQE drops
+  one user reference (a return without one is ignored and counted), and a niov whose last
+  reference went is recycled into the pool's cache; then it takes from the area freelist; with
+  neither the pool gets fewer buffers and the queue starves (the NIC pauses or drops).
+* **RQE parsing**: area id (``off >> 48``) must be 0, ``__pad`` 0, niov index
+  ``(off & ~AREA_MASK) >> niov_shift`` below the niov count; ``len`` and the low bits are
+  ignored.  Rejections are counted per reason (``rq_invalid_area/pad/range/noref``).  The
+  refill path skips a bad entry and goes on; ``FLUSH_RQ`` (batches of 32, up to ``rq_entries``
+  per call) stops after the first malformed entry (consumed, dropped), leaving later ones for
+  the next flush (conformance E34); returns without a reference do not stop it.
+* **RECV_ZC** (multishot mandatory): per pass over the socket's receive queue (at most 20 skbs,
+  then the request is requeued at the back of the line, for fairness; when no other request
+  could take a turn in between, up to :data:`PASSES_PER_BATCH` such passes run back to back as
+  one numpy batch, which gives the same CQE stream and counts the same requeues; the first pass
+  at submission never folds, since later SQEs of the same submission come first on Linux) a
+  frag that is a niov of this ifq's
+  area is handed over in place (CQE ``off = token | niov * buf_len + frag offset``, ``res`` =
+  bytes, ``F_MORE``; one pp reference and one user reference taken; the skb's own reference
+  drops when the skb is freed as the receive queue is consumed); linear data and kernel-page
+  frags are
+  copied into niovs from the area freelist, at most ``PAGE_SIZE`` per niov, CQE at the niov
+  start (``copy_count``/``copy_bytes``); a niov of another ifq is ``-EFAULT``.  The final CQE
+  has no F_MORE: 0 on EOF or when the ``len`` budget is used up, ``-ENOSPC`` when the CQ has no
+  room (checked before posting; RECV_ZC never uses the overflow list), ``-ENOMEM`` when no niov
+  is free for a copy, the socket error (``-ECONNRESET``), ``-ENOTCONN`` on a socket that was
+  never connected.  An error ends the request only when a pass delivered nothing (Linux's
+  ``tcp_read_sock`` returns the bytes read, if any).  No data is not an error: the request
+  stays armed on the socket.
+* **Control** (``IORING_REGISTER_ZCRX_CTRL``, nr_args 0, blob 0 = 72-byte ``zcrx_ctrl``):
+  ``__resv`` non-zero ``-EFAULT`` (the kernel quirk noted in conformance E38), unknown id
+  ``-ENXIO``, unknown op ``-EOPNOTSUPP``; FLUSH_RQ (its ``__resv`` must be 0, ``-EINVAL``);
+  EXPORT (payload must be 0, ``-EINVAL``) installs a ``[zcrx]`` box fd (:class:`ZcrxBox`) that
+  keeps the ifq alive; ``ZCRX_REG_IMPORT`` with ``if_idx`` = that fd (every other field 0,
+  ``-EINVAL``; not a box ``-EBADF``) gives another ring its own id for the same ifq (area and
+  RQ are shared; user space serialises RQ writes).
+* **Query** (``IORING_REGISTER_QUERY``, fd -1, nr_args 0): blob 0 is the ``io_uring_query_hdr``
+  (written back in the reply); ``query_data`` and ``next_entry`` are user addresses (mm).
+  ``IO_URING_QUERY_ZCRX`` reports register flags IMPORT|NODEV, area flags 0 (dmabuf is not
+  emulated), ``nr_ctrl_opcodes`` 2, features RX_PAGE_SIZE, RQ header 8 bytes aligned to 64;
+  ``IO_URING_QUERY_SCQ`` reports the rings header; other ops answer ``result = -EOPNOTSUPP``.
+* **Teardown** (ring close or process death, same path; no unregister): the ring's requests are
+  cancelled by the ring; when an ifq's last user (ring or box) goes: **scrub** (every user
+  reference revoked, that many pp references dropped), restart the queue without the provider
+  (the NIC stops DMA into the area; drained frames go to TCP), then **delayed destruction**:
+  while a niov is still in an skb the provider's pool stays alive, the queue still counts as
+  bound (re-binding gives ``-EEXIST``, tcp-data-split stays locked) and :meth:`Zcrx.reap` (run
+  every kernel loop) waits; then the area is DMA-unmapped and detached and a kernel-owned RQ
+  region unlinked.
+
+Departures and choices (also in the report of this issue)
+---------------------------------------------------------
+* Top-level syscall arguments travel by value as blobs, so only the nested structs (area,
+  region, query data) can be unmapped or read-only; a wrong-sized blob is the emulated bad
+  pointer (``-EFAULT``).
+* ``rx_buf_len``: 0 means ``PAGE_SIZE`` (written back); otherwise a power of two
+  ``>= PAGE_SIZE`` (``-EINVAL``); NODEV accepts only ``PAGE_SIZE`` (``-EOPNOTSUPP``); on a
+  hardware queue a larger size must equal the netdev's configured ``rx-buf-len`` (``ethtool -G
+  DEV rx-buf-len N``; else ``-EOPNOTSUPP``, the driver cannot post it) and the area's address
+  (its offset in the region) and length must be multiples of it (``-ERANGE``: Linux's "memory
+  not contiguous at that size").
+* dmabuf areas are not emulated: ``IORING_ZCRX_AREA_DMABUF`` gives ``-EINVAL`` with NODEV (no
+  device, as Linux) and ``-EOPNOTSUPP`` on a hardware queue.
+* Every emulated netdev has a DMA parent and queue-management ops; XDP programs and AF_XDP
+  sockets do not exist, so their ``-EEXIST``/``-EBUSY`` cannot happen.  A queue that is not set
+  up (device down) gives ``-ENETDOWN``.  All sockets are TCP, so ``-EPROTONOSUPPORT`` cannot
+  happen either (the check is there).
+* The provider's ``alloc`` takes the RQ first and tops up from the freelist in the same call
+  (Linux takes the slow path only when the RQ gave nothing).
+* ``copy_count`` counts niovs (CQEs) filled by the copy fallback; ``copy_bytes`` their bytes.
+* A pass that delivered data and then hit a limit (no free niov, CQ full): on a request issued
+  by a readiness event the poll stays armed and the socket's next event issues again (Linux's
+  ``io_poll_check_events`` issues once per wakeup); a request not yet armed (just submitted)
+  goes straight on, as Linux's arming finds the socket readable and re-issues; with the peer's
+  FIN already in it is requeued (Linux requeues while ``SOCK_DONE`` is set).  The next pass
+  that delivers nothing ends the request with the errno.
+* ``IO_URING_QUERY_OPCODES`` is not emulated (``result = -EOPNOTSUPP``).
+* ``zcrx_ctrl.__resv`` non-zero is ``-EFAULT`` (the kernel's quirk), the FLUSH_RQ and EXPORT
+  payloads' reserved words ``-EINVAL``.
+* An skb store without ``resolve`` (test doubles) is read as all-linear: everything is copied.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from driver_proc.files import SocketFile, Task
+from driver_proc.io_uring import IoUring, OpDef, Request, Ring, Sqe
+from driver_proc.page_pool import BufferSpace, BufState, MemoryProvider, PagePool
+from driver_proc.skb import LINEAR
+from driver_proc.tcp import Pieces, TcpReceiver
+from shared import abi
+from shared.errors import InvariantBroken, Misuse, ZcrxError
+from shared.ring import RingConsumer, RingLayout
+from shared.shm import PAGE_SIZE, Region, region_name
+
+__all__ = [
+    "FLUSH_BATCH",
+    "IFQ_COUNTERS",
+    "MAX_AREA_LEN",
+    "PASSES_PER_BATCH",
+    "REQUEUE_ROUNDS",
+    "SKBS_PER_PASS",
+    "Ifq",
+    "RecvZcRequest",
+    "Zcrx",
+    "ZcrxArea",
+    "ZcrxBox",
+    "ZcrxProvider",
+]
+
+log = logging.getLogger("kernel.zcrx")
+
+#: skbs one RECV_ZC pass walks before it yields (IO_SKBS_PER_CALL_LIMIT).
+SKBS_PER_PASS = abi.IO_SKBS_PER_CALL_LIMIT
+#: Passes of SKBS_PER_PASS skbs one RECV_ZC batch may fold together when no other request
+#: waits for its turn (see :meth:`RecvZcRequest._pass`).
+PASSES_PER_BATCH = 16
+#: Rounds of requeued RECV_ZC passes one :meth:`Zcrx.poll` runs at most.
+REQUEUE_ROUNDS = 64
+#: RQEs one FLUSH_RQ batch consumes.
+FLUSH_BATCH = 32
+#: Largest area (io_validate_user_buf_range's arbitrary limit).
+MAX_AREA_LEN = 1 << 30
+#: Copy fallback fills at most this much of a niov.
+COPY_CHUNK = PAGE_SIZE
+
+#: Per-ifq counters (``Zcrx.stats()["ifqs"][i]["counters"]``).
+IFQ_COUNTERS = (
+    "rq_consumed",          # RQEs consumed (head advanced past them), valid or not
+    "rq_returned",          # user references returned by valid RQEs
+    "rq_invalid_area",      # RQE area id != 0
+    "rq_invalid_pad",       # RQE __pad != 0
+    "rq_invalid_range",     # niov index >= niov count
+    "rq_invalid_noref",     # return of a niov without a user reference (ignored)
+    "rq_head_tampered",     # the app wrote the kernel-owned RQ head (overwritten)
+    "rq_tail_faults",       # impossible RQ tail values (tail - head clamped to rq_entries)
+    "alloc_calls",          # page-pool allocations that reached the provider
+    "alloc_from_rq",        # buffers those got by recycling through the RQ
+    "alloc_from_freelist",  # buffers those took from the area freelist
+    "alloc_fail",           # allocations that came back short (the queue starves)
+    "flushes",              # ZCRX_CTRL_FLUSH_RQ calls
+    "zc_cqes",              # CQEs handing a niov over in place
+    "zc_bytes",
+    "copy_count",           # niovs filled by the copy fallback (one CQE each)
+    "copy_bytes",
+    "recv_requests",        # RECV_ZC requests issued against this ifq
+    "recv_requeues",        # passes that yielded after SKBS_PER_PASS skbs
+    "recv_enomem",          # requests ended with -ENOMEM (no free niov for a copy)
+    "recv_enospc",          # ... with -ENOSPC (CQ full)
+    "recv_efault",          # ... with -EFAULT (a niov of another ifq)
+    "scrubbed_refs",        # user references revoked at teardown
+)
+
+_U32 = 0xFFFFFFFF
+_LOW48 = (1 << abi.IORING_ZCRX_AREA_SHIFT) - 1
+_RQE_DTYPE = abi.io_uring_zcrx_rqe
+_EMPTY = np.empty(0, dtype=np.int64)
+_EMPTY.flags.writeable = False
+_USER = np.uint8(BufState.USER)
+_REG_FLAGS = abi.ZCRX_REG_IMPORT | abi.ZCRX_REG_NODEV
+_RECVZC_IOPRIO = abi.IORING_RECVSEND_POLL_FIRST | abi.IORING_RECV_MULTISHOT
+_IFQ_RING_FLAGS = abi.IORING_SETUP_CQE32 | abi.IORING_SETUP_CQE_MIXED
+_NR_CTRL_OPCODES = abi.ZCRX_CTRL_LAST
+_QUERY_CHAIN_LIMIT = 64
+_serial = itertools.count(1)
+
+
+def _misuse(msg: str, err: int) -> Misuse:
+    return Misuse(msg, err)
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _rq_layout(entries: int) -> RingLayout:
+    head, tail, rqes, _ = abi.zcrx_rq_layout(entries)
+    return RingLayout(entries, _RQE_DTYPE, head=head, tail=tail, entries=rqes)
+
+
+def _offsets(reg: np.ndarray) -> None:
+    """Write ``io_uring_zcrx_offsets`` (6.18+ layout) into ``reg``."""
+    head, tail, rqes, _ = abi.zcrx_rq_layout(1)
+    off = reg["offsets"]  # a view into reg
+    off["head"] = head
+    off["tail"] = tail
+    off["rqes"] = rqes
+    off["__resv2"] = 0
+    off["__resv"] = 0
+
+
+def _read_user(task: Task, addr: int, dtype: np.dtype[Any]) -> np.ndarray:
+    """``copy_from_user`` of one struct (a copy); ``-EFAULT`` when unreadable."""
+    raw = task.mm.resolve(addr, dtype.itemsize, write=False)
+    return raw.view(dtype).copy()
+
+
+def _writable(task: Task, addr: int, dtype: np.dtype[Any]) -> NDArray[np.uint8]:
+    """The user bytes a struct will be written back to; ``-EFAULT`` when not writable."""
+    return task.mm.resolve(addr, dtype.itemsize, write=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Area, provider, box
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class ZcrxArea:
+    """A registered area: the app region the kernel attached (pinned) and its niovs.
+
+    ``space`` owns the attachment (closing it detaches the region); ``map_id`` is the NIC's
+    DMA mapping of the whole region (hardware queues only).
+    """
+
+    space: BufferSpace
+    addr: int
+    length: int
+    niov_shift: int
+    region: Region
+    map_id: int | None = None
+
+    @property
+    def buf_len(self) -> int:
+        return self.space.buf_len
+
+    @property
+    def count(self) -> int:
+        return self.space.count
+
+
+class ZcrxProvider(MemoryProvider):
+    """The io_uring memory provider of a hardware-bound ifq (``io_uring_pp_zc_ops``).
+
+    Pools built on it hand out the area's niovs: first recycled through the refill queue, then
+    from the area freelist.  ``pools`` are the live page pools using it (a relayout of the
+    queue creates a new one while the old one drains); the ifq's delayed destruction ends when
+    none is left.
+    """
+
+    kind = "io-uring"
+
+    def __init__(self, ifq: Ifq) -> None:
+        super().__init__(ifq.area.space)
+        self.ifq = ifq
+        self.dma_map_id = ifq.area.map_id
+        self.pools: set[PagePool] = set()
+
+    def alloc(self, pool: PagePool, n: int) -> NDArray[np.int64]:
+        ifq = self.ifq
+        st = ifq.counters
+        st["alloc_calls"] += 1
+        if n <= 0:
+            return _EMPTY
+        got = 0
+        if ifq.state == "live":
+            before = len(pool.cache)
+            ifq.consume_rq(n, flush=False)
+            got = min(len(pool.cache) - before, n)
+            st["alloc_from_rq"] += got
+        fresh = self.space.take_free(n - got)
+        st["alloc_from_freelist"] += len(fresh)
+        if got + len(fresh) < n:
+            st["alloc_fail"] += 1
+        return fresh
+
+    def release(self, pool: PagePool, ids: NDArray[np.int64]) -> None:
+        self.space.put_free(ids)
+
+    def init(self, pool: PagePool) -> None:
+        self.pools.add(pool)
+
+    def destroy(self, pool: PagePool) -> None:
+        self.pools.discard(pool)
+
+
+class ZcrxBox:
+    """An exported ifq (``ZCRX_CTRL_EXPORT``): the ``[zcrx]`` file that keeps it alive and can
+    be imported into another ring (``ZCRX_REG_IMPORT``).  Closing the fd drops its hold."""
+
+    def __init__(self, zcrx: Zcrx, ifq: Ifq) -> None:
+        self.zcrx = zcrx
+        self.ifq: Ifq | None = ifq
+        ifq.users.add(self)
+
+    def __repr__(self) -> str:
+        return f"<ZcrxBox {self.ifq!r}>"
+
+    def close(self) -> None:
+        ifq, self.ifq = self.ifq, None
+        if ifq is not None:
+            self.zcrx._drop_user(ifq, self)
+
+
+# --------------------------------------------------------------------------------------------
+# The ifq
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Ifq:
+    """One zcrx interface queue (``struct io_zcrx_ifq``).
+
+    ``users`` are the rings that have an id for it and the boxes that export it; when the last
+    one goes the ifq terminates.  ``state``: ``live``, ``closing`` (scrubbed and unbound,
+    waiting for niovs in skbs), ``dead``.
+    """
+
+    serial: int
+    task: Task
+    area: ZcrxArea
+    rq_entries: int
+    rq_mem: NDArray[np.uint8] | None
+    rq_region: Region | None
+    dev: Any = None            # NetDevice of a hardware queue (None: NODEV)
+    rxq: int = 0
+    provider: ZcrxProvider | None = None
+    state: str = "live"
+    users: set[object] = field(default_factory=set)
+    counters: Counter[str] = field(default_factory=Counter)
+    rq: RingConsumer | None = None
+    token: int = 0
+
+    def __post_init__(self) -> None:
+        if self.rq_mem is not None:
+            self.rq_mem[:8] = 0  # the kernel zeroes head and tail at registration
+            self.rq = RingConsumer(self.rq_mem, _rq_layout(self.rq_entries), untrusted=True)
+        for name in IFQ_COUNTERS:
+            self.counters[name] = 0
+
+    def __repr__(self) -> str:
+        where = "nodev" if self.dev is None else f"{self.dev.name}.q{self.rxq}"
+        return (f"<Ifq #{self.serial} {where} {self.state} niovs={self.area.count}"
+                f"x{self.area.buf_len} rq={self.rq_entries}>")
+
+    @property
+    def nodev(self) -> bool:
+        return self.dev is None
+
+    @property
+    def space(self) -> BufferSpace:
+        return self.area.space
+
+    # -- the refill queue ---------------------------------------------------------------------
+
+    def consume_rq(self, limit: int, *, flush: bool) -> tuple[int, bool]:
+        """Consume up to ``limit`` RQEs (``io_zcrx_ring_refill`` / one FLUSH_RQ batch).
+
+        Valid entries return one user reference each (:meth:`BufferSpace.put_user`, which
+        recycles niovs whose last reference went: into their pool's cache, or the freelist for
+        copy-fallback niovs); malformed ones are consumed and counted.  With ``flush`` the batch
+        stops right after the first malformed entry.  Returns ``(consumed, stopped)``.
+        """
+        rq = self.rq
+        if rq is None or limit <= 0:
+            return 0, False
+        st = self.counters
+        if not rq.check_own():
+            st["rq_head_tampered"] += 1
+        f0 = rq.faults
+        n = min(rq.ready(), limit)
+        if rq.faults != f0:
+            st["rq_tail_faults"] += rq.faults - f0
+        if n <= 0:
+            return 0, False
+        start = rq.head & rq.mask
+        first = min(n, rq.nentries - start)
+        if first == n:
+            ents = rq.ring[start:start + n].copy()  # read the peer's entries once
+        else:
+            ents = np.concatenate((rq.ring[start:], rq.ring[:n - first]))
+        off = ents["off"]
+        area_bad = (off >> np.uint64(abi.IORING_ZCRX_AREA_SHIFT)) != 0
+        pad_bad = (ents["__pad"] != 0) & ~area_bad
+        idx = ((off & np.uint64(_LOW48)) >> np.uint64(self.area.niov_shift)).astype(np.int64)
+        range_bad = (idx >= self.area.count) & ~area_bad & ~pad_bad
+        bad = area_bad | pad_bad | range_bad
+        stopped = False
+        if np.count_nonzero(bad):
+            if flush:
+                k = int(np.argmax(bad)) + 1
+                if k < n:
+                    n, stopped = k, True
+                    bad, idx = bad[:n], idx[:n]
+                    area_bad, pad_bad, range_bad = area_bad[:n], pad_bad[:n], range_bad[:n]
+                else:
+                    stopped = True
+            st["rq_invalid_area"] += int(np.count_nonzero(area_bad))
+            st["rq_invalid_pad"] += int(np.count_nonzero(pad_bad))
+            st["rq_invalid_range"] += int(np.count_nonzero(range_bad))
+            ids = idx[~bad]
+        else:
+            ids = idx
+        space = self.space
+        if len(ids):
+            before = space.bad_user_returns
+            accepted = space.put_user(ids)
+            st["rq_returned"] += accepted
+            st["rq_invalid_noref"] += space.bad_user_returns - before
+        rq.release(n)
+        st["rq_consumed"] += n
+        return n, stopped
+
+    def flush(self) -> int:
+        """``ZCRX_CTRL_FLUSH_RQ``: consume the RQ in batches of :data:`FLUSH_BATCH`, up to
+        ``rq_entries`` entries, stopping after a malformed entry.  Returns entries consumed."""
+        self.counters["flushes"] += 1
+        total = 0
+        while total < self.rq_entries:
+            want = min(FLUSH_BATCH, self.rq_entries - total)
+            n, stopped = self.consume_rq(want, flush=True)
+            total += n
+            if stopped or n < want:
+                break
+        return total
+
+    # -- ledger -------------------------------------------------------------------------------
+
+    def ledger(self) -> dict[str, int]:
+        """niovs per state (sums to the niov count)."""
+        return self.space.ledger()
+
+    def check_ledger(self, skb_refs: Mapping[int, int] | None = None) -> dict[str, int]:
+        """Verify the area's ledger (:meth:`BufferSpace.check_ledger`) and that every page-pool
+        reference has a holder: the driver (DRIVER/POSTED), an skb frag (``skb_refs`` per space
+        id, when given) or a user reference.  Raises InvariantBroken."""
+        sp = self.space
+        led = sp.check_ledger()
+        if skb_refs is not None:
+            refs = int(sp.pp_ref.sum())
+            held = (led["driver"] + led["posted"] + skb_refs.get(sp.space_id, 0)
+                    + int(sp.user_refs.sum()))
+            if refs != held:
+                raise InvariantBroken(f"{self}: {refs} page-pool references, {held} holders")
+        if self.nodev and (led["pool_cache"] or led["driver"] or led["posted"]):
+            raise InvariantBroken(f"{self}: a NODEV area has niovs in a page pool")
+        return led
+
+    # -- introspection ------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "ifq": self.serial,
+            "task": self.task.tid,
+            "state": self.state,
+            "mode": "nodev" if self.nodev else "queue",
+            "dev": None if self.dev is None else self.dev.name,
+            "ifindex": 0 if self.dev is None else self.dev.ifindex,
+            "queue": None if self.dev is None else self.rxq,
+            "rq_entries": self.rq_entries,
+            "rq_memory": "kernel" if self.rq_region is not None else "user",
+            "area": {"addr": self.area.addr, "len": self.area.length,
+                     "niovs": self.area.count, "buf_len": self.area.buf_len,
+                     "region": self.area.region.name},
+            "users": len(self.users),
+            "pools": 0 if self.provider is None else len(self.provider.pools),
+        }
+
+    def stats_dict(self) -> dict[str, Any]:
+        d = self.status()
+        d["counters"] = dict(self.counters)
+        d["counters"]["rq_invalid"] = sum(self.counters[k] for k in (
+            "rq_invalid_area", "rq_invalid_pad", "rq_invalid_range", "rq_invalid_noref"))
+        d["ledger"] = self.ledger() if self.state != "dead" else {}
+        return d
+
+
+# --------------------------------------------------------------------------------------------
+# RECV_ZC
+# --------------------------------------------------------------------------------------------
+
+
+class RecvZcRequest(Request):
+    """``IORING_OP_RECV_ZC``: hand a TCP socket's data to the user as niovs of one ifq."""
+
+    multishot = True
+
+    def __init__(self, ring: Ring, sqe: Sqe, sock: SocketFile, zcrx: Zcrx, ifq: Ifq) -> None:
+        super().__init__(ring, sqe, sock)
+        self.zcrx = zcrx
+        self.ifq = ifq
+        self.limit = sqe.len          # 0: unlimited
+        self.left = sqe.len           # bytes still allowed when limited
+        self.poll_first = bool(sqe.ioprio & abi.IORING_RECVSEND_POLL_FIRST)
+        self.requeued = False
+        #: armed on the socket at least once (Linux: the apoll handler is installed)
+        self.polled = False
+
+    def arm(self) -> None:
+        self.polled = True
+        super().arm()
+
+    def issue(self) -> None:
+        self.ring.inflight.add(self)
+        self.ifq.counters["recv_requests"] += 1
+        conn = self.sock.conn
+        if self.poll_first and conn is not None and not (
+                conn.rxq.nbytes or conn.end_status() is not None):
+            self.arm()  # POLL_FIRST: no attempt until the socket reports readiness
+            return
+        self.attempt(issue=True)
+
+    def _end(self, res: int) -> None:
+        st = self.ifq.counters
+        if res == -errno.ENOMEM:
+            st["recv_enomem"] += 1
+        elif res == -errno.ENOSPC:
+            st["recv_enospc"] += 1
+        elif res == -errno.EFAULT:
+            st["recv_efault"] += 1
+        self.complete(res)
+
+    def attempt(self, issue: bool) -> None:
+        self.requeued = False
+        if self.done:
+            return
+        if self.ifq.state != "live":
+            self.complete(-errno.ECANCELED)
+            return
+        conn = self.sock.conn
+        if conn is None:
+            self.complete(-errno.ENOTCONN)  # never connected (or a listener): TCP_CLOSE
+            return
+        while not self.done:
+            if conn.rxq.nbytes == 0:
+                end = conn.end_status()
+                if end is None:
+                    self.arm()  # -EAGAIN is not terminal: wait for readiness
+                    return
+                if end < 0:
+                    conn.take_error()
+                self.complete(end)
+                return
+            got, err, cut = self._pass(conn, fold=not issue and self._may_fold())
+            issue = False
+            if got == 0:
+                self._end(-(err or errno.EIO))
+                return
+            if self.limit and self.left == 0:
+                self.complete(0)  # the len budget is used up
+                return
+            if cut or (err is not None and conn.fin_reached):
+                self.zcrx._requeue_req(self)
+                return
+            if err is not None and self.polled:
+                # Issued by a readiness event: the poll stays armed and the next event
+                # issues again (Linux io_poll_check_events, one issue per wakeup).
+                self.arm()
+                return
+            # Otherwise Linux arms the poll now, finds the socket readable and issues again.
+
+    def _may_fold(self) -> bool:
+        """True when no other request would take a turn between consecutive passes: nothing
+        is requeued and no other RECV_ZC of this ring has data waiting."""
+        if self.zcrx._requeued:
+            return False
+        for r in self.ring.inflight:
+            if r is not self and isinstance(r, RecvZcRequest):
+                c = r.sock.conn
+                if c is not None and c.rxq.nbytes:
+                    return False
+        return True
+
+    def _pass(self, conn: TcpReceiver, fold: bool = False) -> tuple[int, int | None, bool]:
+        """One ``tcp_read_sock`` walk: ``(bytes delivered, errno that stopped it or None,
+        stopped only by the skb limit)``.  ``fold``: run up to :data:`PASSES_PER_BATCH`
+        passes back to back (nobody else would take a turn in between)."""
+        z, ifq, ring = self.zcrx, self.ifq, self.ring
+        space = ifq.space
+        rxq = conn.rxq
+        budget = rxq.nbytes if not self.limit else min(rxq.nbytes, self.left)
+        pieces = rxq.peek(budget)
+        # With no other request waiting for its turn, consecutive passes (each yielding
+        # after SKBS_PER_PASS skbs) would run back to back: do up to PASSES_PER_BATCH of
+        # them in one batch; the CQE stream is the same, the requeues are still counted.
+        most = SKBS_PER_PASS * (PASSES_PER_BATCH if fold else 1)
+        cut = pieces.npieces > most
+        if cut:
+            pieces = Pieces(pieces.handles[:most], pieces.offsets[:most],
+                            pieces.lengths[:most])
+        piece, src, buf, boff, ln, skb_off = z._chunks(pieces)
+        sid = space.space_id
+        zc = src == sid
+        err: int | None = None
+        all_zc = bool(zc.all())
+        if not all_zc:
+            foreign = z._foreign_ids(sid)
+            if len(foreign):
+                fo = np.isin(src, foreign)
+                if fo.any():
+                    f = int(np.argmax(fo))
+                    piece, src, buf, boff, ln, skb_off, zc = (
+                        a[:f] for a in (piece, src, buf, boff, ln, skb_off, zc))
+                    err = errno.EFAULT
+                    cut = False
+                    all_zc = bool(zc.all())
+        # -- one CQE per zero-copy chunk, one per COPY_CHUNK bytes of a copied chunk
+        if all_zc:
+            c_idx = np.arange(len(ln), dtype=np.int64)
+            c_len = ln
+            c_copy = np.zeros(len(ln), dtype=bool)
+            c_j = np.zeros(len(ln), dtype=np.int64)
+        else:
+            ncq = np.where(zc, 1, (ln + COPY_CHUNK - 1) // COPY_CHUNK)
+            c_idx = np.repeat(np.arange(len(ln), dtype=np.int64), ncq)
+            c_j = np.arange(len(c_idx), dtype=np.int64) - np.repeat(np.cumsum(ncq) - ncq, ncq)
+            c_copy = ~zc[c_idx]
+            c_len = np.where(c_copy, np.minimum(COPY_CHUNK, ln[c_idx] - c_j * COPY_CHUNK),
+                             ln[c_idx])
+        total = len(c_idx)
+        room = ring.cq_room()
+        if ring.mixed:
+            room //= 2  # a 32-byte CQE takes two slots
+        m = min(total, room)
+        m_mem = total
+        if not all_zc:
+            # the first CQE whose copy finds the freelist empty
+            m_mem = int(np.searchsorted(np.cumsum(c_copy), space.free_count, side="right"))
+            m = min(m, m_mem)
+        if m < total:
+            # Linux takes the niov before it queues the CQE: no niov wins over no room
+            err = errno.ENOMEM if m == m_mem else errno.ENOSPC
+            cut = False
+        if m == 0:
+            return 0, err, False
+        c_idx, c_len, c_copy, c_j = c_idx[:m], c_len[:m], c_copy[:m], c_j[:m]
+        buf_len = space.buf_len
+        offs = buf[c_idx] * buf_len + boff[c_idx]
+        ids = _EMPTY
+        cp = None
+        if not all_zc:
+            cp = np.flatnonzero(c_copy)
+            if len(cp):
+                ids = space.take_free(len(cp))
+                if len(ids) != len(cp):
+                    raise InvariantBroken(f"{ifq}: freelist shrank under a RECV_ZC pass")
+                h = pieces.handles[piece[c_idx[cp]]]
+                o = skb_off[c_idx[cp]] + c_j[cp] * COPY_CHUNK
+                z._copy_into(space, ids, h, o, c_len[cp], src[c_idx[cp]])
+                offs[cp] = ids * buf_len
+        if ifq.token:
+            offs |= ifq.token
+        res = c_len.astype(np.int64, copy=False)
+        flags = np.full(m, abi.IORING_CQE_F_MORE, dtype=np.int64)
+        posted = ring.post_big_batch(self.user_data, res, flags, offs)
+        if posted < m:
+            err = errno.ENOSPC
+            cut = False
+        # -- references: copies are held by the user only; zero-copy niovs gain one each
+        n_copy = 0
+        if cp is not None and len(cp):
+            n_copy = int(np.searchsorted(cp, posted))
+            if n_copy < len(ids):
+                space.put_free(ids[n_copy:])  # the CQE never went out: back to the area
+            got = ids[:n_copy]
+            if len(got):
+                space.state[got] = _USER
+                space.pp_ref[got] = 1
+                space.user_refs[got] = 1
+        n_zc = posted - n_copy
+        delivered = int(res[:posted].sum())
+        zc_bytes = delivered
+        if n_zc:
+            zc_post = ~c_copy[:posted]
+            space.get_user(buf[c_idx[:posted][zc_post]])
+            if n_copy:
+                zc_bytes = int(res[:posted][zc_post].sum())
+        else:
+            zc_bytes = 0
+        if delivered:
+            z.sockets.free(rxq.consume(delivered))
+        st = ifq.counters
+        if n_zc:
+            st["zc_cqes"] += n_zc
+            st["zc_bytes"] += zc_bytes
+        if n_copy:
+            st["copy_count"] += n_copy
+            st["copy_bytes"] += delivered - zc_bytes
+        if self.limit:
+            self.left -= delivered
+        if posted:
+            # every SKBS_PER_PASS skbs walked, one pass ended by yielding (requeue)
+            walked = int(piece[c_idx[posted - 1]]) + 1
+            st["recv_requeues"] += (walked - 1) // SKBS_PER_PASS + (1 if cut else 0)
+        return delivered, err, cut
+
+
+# --------------------------------------------------------------------------------------------
+# The subsystem
+# --------------------------------------------------------------------------------------------
+
+
+class Zcrx:
+    """The zcrx subsystem of the kernel process.
+
+    Args:
+        uring: the io_uring subsystem it extends (opcodes, register ops, hooks).
+        netdevs: the kernel's netdevs by name (looked up by ifindex at registration).
+        skbs: the skb store (defaults to ``uring.skbs``); ``resolve`` tells niov frags from
+            copies; a store without it is treated as all-linear (every byte copied).
+    """
+
+    def __init__(self, uring: IoUring, *, netdevs: Mapping[str, Any] | None = None,
+                 skbs: Any = None) -> None:
+        self.uring = uring
+        self.sockets = uring.sockets
+        self.skbs = skbs if skbs is not None else uring.skbs
+        self.netdevs: Mapping[str, Any] = netdevs if netdevs is not None else {}
+        self.ifqs: list[Ifq] = []
+        #: hardware queues bound (or still draining): (ifindex, queue) -> ifq
+        self.bound: dict[tuple[int, int], Ifq] = {}
+        #: live area space ids -> ifq (a niov of another one in a socket is -EFAULT)
+        self._areas: dict[int, Ifq] = {}
+        #: every area space id ever registered (memory-traffic classification)
+        self._area_ids_seen: set[int] = set()
+        self._requeued: list[RecvZcRequest] = []
+        #: counters of ifqs already destroyed, summed
+        self.retired: Counter[str] = Counter()
+        self.counters: Counter[str] = Counter()
+        #: bytes the kernel copied for zcrx, by source kind
+        self.copy_read: Counter[str] = Counter()
+        uring.register_opcode(abi.IORING_OP_RECV_ZC,
+                              OpDef("RECV_ZC", self._prep_recvzc, ioprio=True),
+                              needs_file=False)
+        uring.register_register_op(abi.IORING_REGISTER_ZCRX_IFQ, self._reg_ifq)
+        uring.register_register_op(abi.IORING_REGISTER_ZCRX_CTRL, self._reg_ctrl)
+        uring.register_register_op(abi.IORING_REGISTER_QUERY, self._reg_query, blind=True)
+        uring.poll_hooks.append(self.poll)
+
+    # -- lookups ------------------------------------------------------------------------------
+
+    def _dev_by_index(self, ifindex: int) -> Any:
+        for dev in self.netdevs.values():
+            if dev.ifindex == ifindex:
+                return dev
+        raise _misuse(f"no netdev with ifindex {ifindex}", errno.ENODEV)
+
+    def ring_ifqs(self, ring: Ring) -> dict[int, Ifq]:
+        """The ring's zcrx ids -> ifqs (``ctx->zcrx_ctxs``)."""
+        table: dict[int, Ifq] = ring.extra.setdefault("zcrx", {})
+        return table
+
+    def _foreign_ids(self, sid: int) -> NDArray[np.int64]:
+        if len(self._areas) <= 1 and sid in self._areas:
+            return _EMPTY
+        return np.fromiter((i for i in self._areas if i != sid), dtype=np.int64)
+
+    def _alloc_id(self, ring: Ring) -> int:
+        table = self.ring_ifqs(ring)
+        zid = 0
+        while zid in table:
+            zid += 1
+        try:
+            abi.zcrx_region_mmap_offset(zid)
+        except ValueError:
+            raise _misuse("too many zcrx instances on this ring", errno.ENOSPC) from None
+        return zid
+
+    # -- IORING_REGISTER_ZCRX_IFQ -------------------------------------------------------------
+
+    def _reg_ifq(self, ring: Ring | None, task: Task, nr_args: int,
+                 blobs: list[bytes]) -> tuple[int, list[bytes]]:
+        assert ring is not None
+        if nr_args != 1:
+            raise _misuse(f"ZCRX_IFQ nr_args {nr_args}, must be 1", errno.EINVAL)
+        dt = abi.io_uring_zcrx_ifq_reg
+        if not blobs or len(blobs[0]) != dt.itemsize:
+            raise _misuse(f"ifq_reg must be {dt.itemsize} bytes", errno.EFAULT)
+        if not task.cap_net_admin:
+            raise _misuse("zcrx registration needs CAP_NET_ADMIN", errno.EPERM)
+        if not ring.flags & abi.IORING_SETUP_DEFER_TASKRUN:
+            raise _misuse("zcrx needs IORING_SETUP_DEFER_TASKRUN", errno.EINVAL)
+        if not ring.flags & _IFQ_RING_FLAGS:
+            raise _misuse("zcrx needs IORING_SETUP_CQE32 or CQE_MIXED", errno.EINVAL)
+        reg = np.frombuffer(blobs[0], dtype=dt).copy()
+        if reg["__resv"].any() or int(reg["zcrx_id"][0]):
+            raise _misuse("ifq_reg reserved fields and zcrx_id must be 0", errno.EINVAL)
+        flags = int(reg["flags"][0])
+        if flags & abi.ZCRX_REG_IMPORT:
+            return self._import(ring, task, reg)
+        rd = _read_user(task, int(reg["region_ptr"][0]), abi.io_uring_region_desc)
+        if_idx, if_rxq = int(reg["if_idx"][0]), int(reg["if_rxq"][0])
+        entries = int(reg["rq_entries"][0])
+        if if_rxq == _U32 or entries == 0 or flags & ~_REG_FLAGS:
+            raise _misuse("bad if_rxq, rq_entries or flags", errno.EINVAL)
+        if entries > abi.IO_RQ_MAX_ENTRIES:
+            if not ring.flags & abi.IORING_SETUP_CLAMP:
+                raise _misuse(f"rq_entries {entries} > {abi.IO_RQ_MAX_ENTRIES}", errno.EINVAL)
+            entries = abi.IO_RQ_MAX_ENTRIES
+        entries = 1 << (entries - 1).bit_length()
+        nodev = bool(flags & abi.ZCRX_REG_NODEV)
+        rbl = int(reg["rx_buf_len"][0])
+        if rbl and (not _is_pow2(rbl) or rbl < PAGE_SIZE):
+            raise _misuse(f"rx_buf_len {rbl}", errno.EINVAL)
+        if nodev and rbl not in (0, PAGE_SIZE):
+            raise _misuse("NODEV supports only page-sized buffers", errno.EOPNOTSUPP)
+        buf_len = rbl or PAGE_SIZE
+        area_ptr = int(reg["area_ptr"][0])
+        area_reg = _read_user(task, area_ptr, abi.io_uring_zcrx_area_reg)
+        dev = None
+        if nodev:
+            if if_idx or if_rxq:
+                raise _misuse("NODEV with if_idx/if_rxq", errno.EINVAL)
+        else:
+            dev = self._dev_by_index(if_idx)
+        zid = self._alloc_id(ring)
+        serial = next(_serial)
+        rq_mem, rq_region = self._create_rq(ring, task, rd, entries, serial)
+        area: ZcrxArea | None = None
+        try:
+            area = self._create_area(task, area_reg, buf_len, nodev)
+            if dev is not None:
+                self._check_bindable(dev, if_rxq, buf_len)
+            # Linux copies the results out last and unwinds everything if that faults: the
+            # write-back targets are checked before anything becomes visible.
+            rd_out = _writable(task, int(reg["region_ptr"][0]), abi.io_uring_region_desc)
+            area_out = _writable(task, area_ptr, abi.io_uring_zcrx_area_reg)
+            ifq = Ifq(serial, task, area, entries, rq_mem, rq_region, dev=dev, rxq=if_rxq)
+            if dev is not None:
+                self._bind(ifq)
+        except BaseException:
+            if rq_region is not None:
+                rq_region.close()
+            if area is not None:
+                self._release_area(area, dev)
+            raise
+        # -- commit
+        self.ifqs.append(ifq)
+        self._areas[area.space.space_id] = ifq
+        self._area_ids_seen.add(area.space.space_id)
+        table = self.ring_ifqs(ring)
+        table[zid] = ifq
+        ifq.users.add(ring)
+        self._hook(ring)
+        if rq_region is not None:
+            off = abi.zcrx_region_mmap_offset(zid)
+            ring.mmap_regions[off] = rq_region
+            rd["mmap_offset"] = off
+        area_reg["rq_area_token"] = abi.area_token(0)
+        rd_out[:] = rd.view(np.uint8)
+        area_out[:] = area_reg.view(np.uint8)
+        reg["rq_entries"] = entries
+        reg["zcrx_id"] = zid
+        reg["rx_buf_len"] = buf_len
+        _offsets(reg)
+        self.counters["registered"] += 1
+        return 0, [reg.tobytes()]
+
+    def _create_rq(self, ring: Ring, task: Task, rd: np.ndarray, entries: int, serial: int
+                   ) -> tuple[NDArray[np.uint8], Region | None]:
+        """The RQ memory (``io_allocate_rbuf_ring`` over ``io_create_region``)."""
+        size = int(rd["size"][0])
+        rflags = int(rd["flags"][0])
+        user_addr = int(rd["user_addr"][0])
+        if (rd["__resv"].any() or int(rd["id"][0]) or int(rd["mmap_offset"][0])
+                or rflags & ~abi.IORING_MEM_REGION_TYPE_USER):
+            raise _misuse("region_desc reserved fields, id, mmap_offset or flags", errno.EINVAL)
+        if size == 0 or (user_addr | size) & (PAGE_SIZE - 1):
+            raise _misuse(f"region size {size} / address {user_addr:#x}", errno.EINVAL)
+        need = abi.zcrx_rq_layout(entries)[3]
+        too_small = _misuse(f"RQ of {entries} entries needs {need} bytes, region has {size}",
+                            errno.EINVAL)
+        if rflags & abi.IORING_MEM_REGION_TYPE_USER:
+            if not user_addr:
+                raise _misuse("user region at address 0", errno.EFAULT)
+            mem = task.mm.resolve(user_addr, size, write=True)  # pinned while the ifq lives
+            if need > size:
+                raise too_small
+            return mem, None
+        if user_addr:
+            raise _misuse("kernel region with a user address", errno.EINVAL)
+        if need > size:
+            raise too_small
+        region = Region.create(
+            region_name(self.uring.run_id, "kernel", f"t{task.tid}.zcrx{serial}.rq"), size)
+        assert region.buf is not None
+        return np.frombuffer(region.buf, dtype=np.uint8), region
+
+    def _create_area(self, task: Task, a: np.ndarray, buf_len: int, nodev: bool) -> ZcrxArea:
+        """Validate, pin and split the area (``io_zcrx_create_area`` + ``io_import_area``)."""
+        aflags = int(a["flags"][0])
+        if aflags & ~abi.IORING_ZCRX_AREA_DMABUF or int(a["rq_area_token"][0]) \
+                or a["__resv2"].any():
+            raise _misuse("area flags, rq_area_token or __resv2", errno.EINVAL)
+        if aflags & abi.IORING_ZCRX_AREA_DMABUF:
+            if nodev:
+                raise _misuse("dmabuf areas need a device", errno.EINVAL)
+            raise _misuse("dmabuf areas are not emulated", errno.EOPNOTSUPP)
+        if int(a["dmabuf_fd"][0]):
+            raise _misuse("dmabuf_fd without IORING_ZCRX_AREA_DMABUF", errno.EINVAL)
+        addr, length = int(a["addr"][0]), int(a["len"][0])
+        if length == 0 or length > MAX_AREA_LEN:
+            raise _misuse(f"area length {length}", errno.EFAULT)
+        if (addr | length) & (PAGE_SIZE - 1):
+            raise _misuse("area address/length not page aligned", errno.EINVAL)
+        task.mm.resolve(addr, length, write=True)  # pin_user_pages(FOLL_WRITE): -EFAULT
+        vma = task.mm.find(addr)
+        if vma is None:
+            raise InvariantBroken("resolved area has no mapping")
+        offset = vma.offset + (addr - vma.start)
+        if buf_len > PAGE_SIZE and (offset % buf_len or length % buf_len):
+            raise _misuse(f"area not contiguous at {buf_len}-byte buffers", errno.ERANGE)
+        try:
+            region = Region.attach(vma.name)
+        except Misuse:
+            raise _misuse(f"area region {vma.name} is gone", errno.EFAULT) from None
+        try:
+            if offset + length > region.size:
+                raise _misuse(f"area past the end of {vma.name}", errno.EFAULT)
+            assert region.buf is not None
+            space = BufferSpace(region.buf, length // buf_len, buf_len, name=vma.name,
+                                region_size=region.size, offset=offset, region=region)
+        except BaseException:
+            region.close()
+            raise
+        return ZcrxArea(space, addr, length, buf_len.bit_length() - 1, region)
+
+    def _release_area(self, area: ZcrxArea, dev: Any) -> None:
+        if area.map_id is not None and dev is not None:
+            dev.dma_unmap(area.map_id)
+            area.map_id = None
+        area.space.close()
+
+    # -- queue binding (net_mp_open_rxq / net_mp_close_rxq) -----------------------------------
+
+    def _check_bindable(self, dev: Any, q: int, buf_len: int) -> None:
+        if not 0 <= q < dev.n_queues:
+            raise _misuse(f"{dev.name}: no rx queue {q}", errno.ERANGE)
+        if buf_len != PAGE_SIZE and buf_len != dev.rx_buf_len:
+            raise _misuse(f"{dev.name}: rx-buf-len is {dev.rx_buf_len}, not {buf_len}",
+                          errno.EOPNOTSUPP)
+        if dev.tcp_data_split not in (True, "on"):
+            raise _misuse("tcp-data-split is disabled", errno.EINVAL)
+        if dev.hds_thresh:
+            raise _misuse("hds-thresh must be 0", errno.EINVAL)
+        if (dev.ifindex, q) in self.bound or dev.binding(q) != "none":
+            raise _misuse(f"{dev.name} queue {q} already has a memory provider", errno.EEXIST)
+        if q not in dev.queues or not dev.up:
+            raise _misuse(f"{dev.name} is down", errno.ENETDOWN)
+
+    def _bind(self, ifq: Ifq) -> None:
+        dev, area = ifq.dev, ifq.area
+        area.map_id = dev.dma_map(area.region.name, area.region.size)
+        prov = ZcrxProvider(ifq)
+        drained = dev.queue_restart(ifq.rxq, prov)  # on failure the queue is back on pages
+        dev.drained.append(drained)
+        ifq.provider = prov
+        self.bound[(dev.ifindex, ifq.rxq)] = ifq
+
+    # -- import / export -----------------------------------------------------------------------
+
+    def _import(self, ring: Ring, task: Task, reg: np.ndarray) -> tuple[int, list[bytes]]:
+        if (int(reg["if_rxq"][0]) or int(reg["rq_entries"][0]) or int(reg["area_ptr"][0])
+                or int(reg["region_ptr"][0]) or int(reg["flags"][0]) != abi.ZCRX_REG_IMPORT
+                or int(reg["rx_buf_len"][0])):
+            raise _misuse("IMPORT takes only if_idx (the zcrx fd)", errno.EINVAL)
+        fd = int(reg["if_idx"][0])
+        box = task.files.get(fd if fd < 1 << 31 else fd - (1 << 32))
+        if not isinstance(box, ZcrxBox) or box.ifq is None:
+            raise _misuse(f"fd {fd} is not an exported zcrx", errno.EBADF)
+        ifq = box.ifq
+        zid = self._alloc_id(ring)
+        self.ring_ifqs(ring)[zid] = ifq
+        ifq.users.add(ring)
+        self._hook(ring)
+        if ifq.rq_region is not None:
+            ring.mmap_regions[abi.zcrx_region_mmap_offset(zid)] = ifq.rq_region
+        reg["zcrx_id"] = zid
+        _offsets(reg)
+        self.counters["imported"] += 1
+        return 0, [reg.tobytes()]
+
+    def _export(self, ring: Ring, task: Task, ifq: Ifq, ctrl: np.ndarray) -> None:
+        if int(ctrl["export_zcrx_fd"][0]) or ctrl["export_resv1"].any():
+            raise _misuse("zc_export must be zero", errno.EINVAL)
+        if not task.can_install():
+            raise _misuse("too many open files", errno.EMFILE)
+        box = ZcrxBox(self, ifq)
+        ctrl["export_zcrx_fd"] = task.install(box)
+        self.counters["exported"] += 1
+
+    # -- IORING_REGISTER_ZCRX_CTRL ------------------------------------------------------------
+
+    def _reg_ctrl(self, ring: Ring | None, task: Task, nr_args: int,
+                  blobs: list[bytes]) -> tuple[int, list[bytes]]:
+        assert ring is not None
+        if nr_args != 0:
+            raise _misuse("ZCRX_CTRL nr_args must be 0", errno.EINVAL)
+        dt = abi.zcrx_ctrl
+        if not blobs or len(blobs[0]) != dt.itemsize:
+            raise _misuse(f"zcrx_ctrl must be {dt.itemsize} bytes", errno.EFAULT)
+        ctrl = np.frombuffer(blobs[0], dtype=dt).copy()
+        if ctrl["__resv"].any():
+            raise _misuse("zcrx_ctrl.__resv must be 0", errno.EFAULT)  # kernel quirk
+        ifq = self.ring_ifqs(ring).get(int(ctrl["zcrx_id"][0]))
+        if ifq is None:
+            raise _misuse(f"no zcrx {int(ctrl['zcrx_id'][0])} on this ring", errno.ENXIO)
+        op = int(ctrl["op"][0])
+        if op == abi.ZCRX_CTRL_FLUSH_RQ:
+            if ctrl["flush_rq_resv"].any():
+                raise _misuse("zc_flush.__resv must be 0", errno.EINVAL)
+            ifq.flush()
+        elif op == abi.ZCRX_CTRL_EXPORT:
+            self._export(ring, task, ifq, ctrl)
+        else:
+            raise _misuse(f"zcrx ctrl op {op}", errno.EOPNOTSUPP)
+        return 0, [ctrl.tobytes()]
+
+    # -- IORING_REGISTER_QUERY ----------------------------------------------------------------
+
+    @staticmethod
+    def query_zcrx() -> np.ndarray:
+        """The ``io_uring_query_zcrx`` this kernel reports."""
+        q = np.zeros(1, dtype=abi.io_uring_query_zcrx)
+        q["register_flags"] = abi.ZCRX_REG_IMPORT | abi.ZCRX_REG_NODEV
+        q["area_flags"] = 0
+        q["nr_ctrl_opcodes"] = _NR_CTRL_OPCODES
+        q["features"] = abi.ZCRX_FEATURE_RX_PAGE_SIZE
+        q["rq_hdr_size"] = abi.ZCRX_RQ_HDR_SIZE
+        q["rq_hdr_alignment"] = abi.ZCRX_RQ_HDR_ALIGNMENT
+        return q
+
+    def _query_one(self, task: Task, hdr: np.ndarray) -> None:
+        op = int(hdr["query_op"][0])
+        size = int(hdr["size"][0])
+        payload: np.ndarray | None = None
+        if op == abi.IO_URING_QUERY_ZCRX:
+            payload = self.query_zcrx()
+        elif op == abi.IO_URING_QUERY_SCQ:
+            payload = np.zeros(1, dtype=abi.io_uring_query_scq)
+            payload["hdr_size"] = abi.IO_RINGS_HDR_SIZE
+            payload["hdr_alignment"] = abi.SMP_CACHE_BYTES
+        if payload is None:
+            hdr["result"] = -errno.EOPNOTSUPP
+            return
+        if hdr["__resv"].any() or int(hdr["result"][0]) or size == 0:
+            hdr["result"] = -errno.EINVAL
+            return
+        raw = payload.view(np.uint8)
+        n = min(size, len(raw))
+        task.mm.resolve(int(hdr["query_data"][0]), n, write=True)[:] = raw[:n]
+        hdr["result"] = 0
+        hdr["size"] = n
+
+    def _reg_query(self, ring: Ring | None, task: Task, nr_args: int,
+                   blobs: list[bytes]) -> tuple[int, list[bytes]]:
+        if nr_args != 0:
+            raise _misuse("QUERY nr_args must be 0", errno.EINVAL)
+        dt = abi.io_uring_query_hdr
+        if not blobs or len(blobs[0]) != dt.itemsize:
+            raise _misuse(f"query header must be {dt.itemsize} bytes", errno.EFAULT)
+        hdr = np.frombuffer(blobs[0], dtype=dt).copy()
+        self._query_one(task, hdr)
+        nxt = int(hdr["next_entry"][0])
+        for _ in range(_QUERY_CHAIN_LIMIT):
+            if not nxt:
+                break
+            h2 = _read_user(task, nxt, dt)
+            self._query_one(task, h2)
+            _writable(task, nxt, dt)[:] = h2.view(np.uint8)
+            nxt = int(h2["next_entry"][0])
+        return 0, [hdr.tobytes()]
+
+    # -- RECV_ZC prep ---------------------------------------------------------------------------
+
+    def _prep_recvzc(self, ring: Ring, sqe: Sqe) -> Request | None:
+        if sqe.addr or sqe.off or sqe.addr3:
+            raise _misuse("recv_zc: addr/addr2/addr3 must be 0", errno.EINVAL)
+        ifq = self.ring_ifqs(ring).get(sqe.file_index)
+        if ifq is None:
+            raise _misuse(f"recv_zc: no zcrx {sqe.file_index}", errno.EINVAL)
+        if sqe.len == _U32:
+            raise _misuse("recv_zc: len UINT_MAX", errno.EINVAL)
+        if sqe.op_flags:
+            raise _misuse("recv_zc: msg_flags must be 0", errno.EINVAL)
+        if sqe.ioprio & ~_RECVZC_IOPRIO:
+            raise _misuse(f"recv_zc: ioprio {sqe.ioprio:#x}", errno.EINVAL)
+        if not sqe.ioprio & abi.IORING_RECV_MULTISHOT:
+            raise _misuse("recv_zc: multishot is mandatory", errno.EINVAL)
+        # Issue time (io_assign_file / sock_from_file): after prep, as on Linux.
+        obj = ring.task.files.get(sqe.fd)
+        if obj is None:
+            raise _misuse(f"recv_zc: bad fd {sqe.fd}", errno.EBADF)
+        if not isinstance(obj, SocketFile):
+            raise _misuse(f"recv_zc: fd {sqe.fd} is not a socket", errno.ENOTSOCK)
+        if getattr(obj, "protocol", 6) != 6:  # tcp_recvmsg only; every emulated socket is TCP
+            raise _misuse("recv_zc: not a TCP socket", errno.EPROTONOSUPPORT)
+        return RecvZcRequest(ring, sqe, obj, self, ifq)
+
+    # -- the copy fallback ----------------------------------------------------------------------
+
+    def _chunks(self, pieces: Pieces) -> tuple[NDArray[np.int64], ...]:
+        """``(piece, src, buf, offset in buf, len, offset in the skb payload)`` of every
+        segment overlap of ``pieces``, in stream order."""
+        resolve = getattr(self.skbs, "resolve", None)
+        n = pieces.npieces
+        if resolve is None:
+            return (np.arange(n, dtype=np.int64), np.full(n, LINEAR, dtype=np.int64),
+                    np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=np.int64),
+                    pieces.lengths, pieces.offsets)
+        ch = resolve(pieces.handles, pieces.offsets, pieces.lengths)
+        ln = ch.length
+        if len(ln) == n:  # one chunk per piece (every skb is one segment)
+            return ch.piece, ch.src, ch.buf, ch.off, ln, pieces.offsets[ch.piece]
+        cs = np.cumsum(ln) - ln
+        first = np.searchsorted(ch.piece, ch.piece)
+        skb_off = pieces.offsets[ch.piece] + cs - cs[first]
+        return ch.piece, ch.src, ch.buf, ch.off, ln, skb_off
+
+    def _copy_into(self, space: BufferSpace, ids: NDArray[np.int64],
+                   handles: NDArray[np.int64], offs: NDArray[np.int64],
+                   lens: NDArray[np.int64], src: NDArray[np.int64]) -> None:
+        """Copy skb payload ranges into the start of niovs ``ids`` (``io_zcrx_copy_chunk``)."""
+        total = int(lens.sum())
+        k = len(ids)
+        bl = space.buf_len
+        first_len = int(lens[0])
+        full_but_last = k == 1 or not np.count_nonzero(lens[:-1] != first_len)
+        contiguous = k == 1 or (full_but_last and first_len == bl
+                                and not np.count_nonzero(np.diff(ids) != 1))
+        if contiguous:
+            start = int(ids[0]) * bl
+            self.skbs.copy_out(handles, offs, lens, space.flat[start:start + total])
+        else:
+            bounce = np.empty(total, dtype=np.uint8)
+            self.skbs.copy_out(handles, offs, lens, bounce)
+            if full_but_last:
+                head = (k - 1) * first_len
+                space.data[ids[:-1], :first_len] = bounce[:head].reshape(k - 1, first_len)
+                space.data[ids[-1], :int(lens[-1])] = bounce[head:]
+            else:
+                pos = np.repeat(ids * bl - (np.cumsum(lens) - lens), lens)
+                pos += np.arange(total, dtype=np.int64)
+                space.flat[pos] = bounce
+        lin = int(lens[src == LINEAR].sum()) if np.count_nonzero(src == LINEAR) else 0
+        self.copy_read["linear"] += lin
+        self.copy_read["kernel_pages"] += total - lin
+
+    # -- teardown -----------------------------------------------------------------------------
+
+    def _hook(self, ring: Ring) -> None:
+        if self._ring_closing not in ring.teardown_hooks:
+            ring.teardown_hooks.append(self._ring_closing)
+
+    def _ring_closing(self, ring: Ring) -> None:
+        """Ring teardown hook: its requests are already cancelled; drop its ifq holds."""
+        table: dict[int, Ifq] = ring.extra.pop("zcrx", {}) or {}
+        for zid, ifq in sorted(table.items()):
+            region = ring.mmap_regions.get(abi.zcrx_region_mmap_offset(zid))
+            if region is not None and region is ifq.rq_region:
+                del ring.mmap_regions[abi.zcrx_region_mmap_offset(zid)]  # unlinked by us
+            self._drop_user(ifq, ring)
+        self._requeued = [r for r in self._requeued if r.ring is not ring]
+
+    def _drop_user(self, ifq: Ifq, user: object) -> None:
+        ifq.users.discard(user)
+        if not ifq.users and ifq.state == "live":
+            self._terminate(ifq)
+
+    def _terminate(self, ifq: Ifq) -> None:
+        """The last user went: scrub, unbind the queue, then destroy once drained."""
+        ifq.state = "closing"
+        ifq.counters["scrubbed_refs"] += ifq.space.scrub()
+        dev, prov = ifq.dev, ifq.provider
+        if dev is not None and prov is not None:
+            rq = dev.queues.get(ifq.rxq)
+            if rq is not None and rq.provider is prov:
+                try:
+                    dev.drained.append(dev.queue_restart(ifq.rxq, None))
+                except ZcrxError as exc:
+                    self.counters["teardown_errors"] += 1
+                    log.warning("%s: queue restart at teardown failed: %s", ifq, exc)
+        self._maybe_finish(ifq)
+
+    def _maybe_finish(self, ifq: Ifq) -> bool:
+        if ifq.state != "closing":
+            return False
+        if ifq.provider is not None and ifq.provider.pools:
+            return False  # delayed destruction: niovs still in skbs
+        self._finish(ifq)
+        return True
+
+    def _finish(self, ifq: Ifq) -> None:
+        """Delayed destruction done: DMA-unmap, detach the area, unlink a kernel RQ region."""
+        ifq.state = "dead"
+        if ifq.rq is not None:
+            ifq.rq.detach()
+            ifq.rq = None
+        ifq.rq_mem = None
+        if ifq.rq_region is not None:
+            ifq.rq_region.close()
+        if ifq.dev is not None and self.bound.get((ifq.dev.ifindex, ifq.rxq)) is ifq:
+            del self.bound[(ifq.dev.ifindex, ifq.rxq)]
+        self._areas.pop(ifq.space.space_id, None)
+        self._release_area(ifq.area, ifq.dev)
+        if ifq in self.ifqs:
+            self.ifqs.remove(ifq)
+        self.retired.update(ifq.counters)
+        self.counters["destroyed"] += 1
+
+    def _requeue_req(self, req: RecvZcRequest) -> None:
+        req.disarm()
+        req.polled = True
+        if not req.requeued:
+            req.requeued = True
+            self._requeued.append(req)
+
+    def poll(self, now: float = 0.0) -> int:
+        """Per-loop work (an IoUring poll hook): run requeued RECV_ZC passes, then reap.
+
+        A requeued request goes to the back of the line and runs again in this same call
+        (Linux re-adds it at the tail of the task-work list, which is run until empty), so
+        several sockets take turns of :data:`SKBS_PER_PASS` skbs; at most
+        :data:`REQUEUE_ROUNDS` rounds per call keep the kernel loop's latency bounded.
+        """
+        work = 0
+        for _ in range(REQUEUE_ROUNDS):
+            if not self._requeued:
+                break
+            batch, self._requeued = self._requeued, []
+            for req in batch:
+                if req.requeued and not req.done:
+                    req.attempt(issue=False)
+                    work += 1
+        return work + self.reap()
+
+    def reap(self) -> int:
+        """Finish the delayed destructions whose niovs all came home; returns how many."""
+        done = 0
+        for ifq in [i for i in self.ifqs if i.state == "closing"]:
+            done += self._maybe_finish(ifq)
+        return done
+
+    def shutdown(self) -> None:
+        """Kernel exit: terminate every ifq and release it even if niovs are still out."""
+        for ifq in list(self.ifqs):
+            if ifq.state == "live":
+                ifq.users.clear()
+                self._terminate(ifq)
+            if ifq.state == "closing":
+                self._finish(ifq)
+
+    # -- introspection ------------------------------------------------------------------------
+
+    def ledger(self) -> dict[str, Any]:
+        """Per-ifq ledgers and their sum (every state; each ifq's counts sum to its niovs)."""
+        per = {str(ifq.serial): ifq.ledger() for ifq in self.ifqs}
+        total: Counter[str] = Counter()
+        for led in per.values():
+            total.update(led)
+        return {"ifqs": per, "total": dict(total),
+                "niovs": sum(ifq.area.count for ifq in self.ifqs)}
+
+    def check_ledger(self) -> dict[str, Any]:
+        """Verify every ifq's ledger (raises InvariantBroken); returns :meth:`ledger`."""
+        refs_by_space = getattr(self.skbs, "refs_by_space", None)
+        skb_refs = refs_by_space() if refs_by_space is not None else None
+        for ifq in self.ifqs:
+            ifq.check_ledger(skb_refs)
+        return self.ledger()
+
+    def memory_traffic(self) -> dict[str, Any]:
+        """Payload bytes the kernel copied, by region kind (DMA is the NIC's, app reads the
+        app's).  ``read``: sources of skb copies (the linear arena, kernel pages, zcrx areas);
+        ``written``: zcrx areas (copy fallback) and app buffers (RECV); ``napi_linear``: bytes
+        NAPI copied from header slots into skbs; ``zero_copy``: bytes handed over in place."""
+        by: Mapping[int, int] = getattr(self.skbs, "copied_by_src", {}) or {}
+        read: Counter[str] = Counter({"linear": 0, "kernel_pages": 0, "zcrx_area": 0})
+        for sid, n in by.items():
+            kind = ("linear" if sid == LINEAR else
+                    "zcrx_area" if sid in self._area_ids_seen else "kernel_pages")
+            read[kind] += n
+        stats: Mapping[str, int] = getattr(self.skbs, "stats", {}) or {}
+        copied = sum(by.values()) if by else int(stats.get("copy_bytes", 0))
+        area = self.retired["copy_bytes"] + sum(i.counters["copy_bytes"] for i in self.ifqs)
+        zc = self.retired["zc_bytes"] + sum(i.counters["zc_bytes"] for i in self.ifqs)
+        return {"read": dict(read),
+                "written": {"zcrx_area": area, "app_buffer": max(0, copied - area)},
+                "napi_linear": int(stats.get("linear_bytes", 0)),
+                "zero_copy": zc,
+                "zcrx_copy_read": dict(self.copy_read)}
+
+    def status(self) -> list[dict[str, Any]]:
+        return [ifq.status() for ifq in self.ifqs]
+
+    def stats(self) -> dict[str, Any]:
+        return {"ifqs": [ifq.stats_dict() for ifq in self.ifqs],
+                "ledger": self.ledger(),
+                "memory_traffic": self.memory_traffic(),
+                "bound": {f"{i}.q{q}": ifq.serial for (i, q), ifq in self.bound.items()},
+                "counters": dict(self.counters),
+                "retired": dict(self.retired)}
+
