@@ -64,6 +64,7 @@ class Options:
     json_path: str | None = None
     seconds: float = 0.0  # give up after this long (0 = never)
     quiet: bool = False
+    hash: bool = True  # SHA-256 of every connection's bytes (--no-hash: off)
 
 
 @dataclass
@@ -87,7 +88,8 @@ class Conn:
             checks["size"] = self.nbytes == opts.size
         return {
             "index": self.index, "peer": f"{self.peer[0]}:{self.peer[1]}",
-            "stream": self.stream, "bytes": self.nbytes, "sha256": self.sha.hexdigest(),
+            "stream": self.stream, "bytes": self.nbytes,
+            "sha256": self.sha.hexdigest() if self.sha is not None else None,
             "bad_offset": self.bad_offset, "error": self.error,
             "ok": all(checks.values()), "checks": checks,
         }
@@ -159,6 +161,8 @@ class CopyServer:
         peer = self.k.getpeername(res)
         stream = self.opts.stream_id if self.opts.stream_id is not None else peer[1]
         conn = Conn(res, self.accepted, peer, stream)
+        if not self.opts.hash:
+            conn.sha = None
         if self.opts.output:
             single = self.opts.connections == 1
             conn.out = open(_out_path(self.opts.output, conn.index, single), "wb")  # noqa: SIM115
@@ -183,7 +187,8 @@ class CopyServer:
                 bad = pattern.verify(conn.stream, conn.nbytes, data)
                 if bad >= 0:
                     conn.bad_offset = conn.nbytes + bad
-            conn.sha.update(data)
+            if conn.sha is not None:
+                conn.sha.update(data)
             if conn.out is not None:
                 conn.out.write(data.tobytes())
             conn.nbytes += res
@@ -319,6 +324,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
                                             "multishot recv from a provided-buffer ring).")
     p.add_argument("-p", "--port", type=int, default=8000, help="port to listen on (8000)")
     p.add_argument("-a", "--addr", default="0.0.0.0", help="address to bind (0.0.0.0)")
+    p.add_argument("--no-hash", dest="hash", action="store_false",
+                   help="skip the per-connection SHA-256 (benchmarks: -v already reads "
+                        "every byte; the hash would dominate the cost)")
     p.add_argument("-v", "--verify", action="store_true",
                    help="check every byte against the pattern stream")
     p.add_argument("--stream-id", default="sport",
@@ -356,7 +364,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
     opts = Options(port=a.port, addr=a.addr, verify=a.verify, stream_id=stream, size=a.size,
                    output=a.output, buf_size=a.buf_size, nbufs=a.nbufs, entries=a.entries,
                    connections=a.connections, json_path=a.json_path, seconds=a.seconds,
-                   quiet=a.quiet)
+                   quiet=a.quiet, hash=a.hash)
     return opts, a
 
 

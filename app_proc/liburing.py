@@ -25,6 +25,18 @@ Who owns what in shared memory
   here (``/zcrx.<run>.app<task>.mem<N>``).  The kernel writes received bytes into buffers it was
   given; the app writes buffer-ring entries and the ring's u16 tail.
 
+Zero-copy receive (zcrx): :func:`io_uring_register_ifq` registers an interface queue
+(``IORING_REGISTER_ZCRX_IFQ`` with the uapi structs in app memory) and returns a
+:class:`ZcrxIfq`: the area (app memory the NIC DMA-writes into), the refill queue (a
+:class:`~shared.ring.RingProducer` at the offsets the kernel reported, in app or kernel
+memory) and the ``zcrx_id`` for :func:`io_uring_prep_recv_zc`.  A batch of RECV_ZC CQEs is
+handled with a fixed number of numpy operations: :func:`zcrx_batch` (where each chunk lies in
+the area), :func:`zcrx_verify` (in-place check against :mod:`shared.pattern`),
+:func:`io_uring_zcrx_return` (one RQE per chunk, one store of the RQ tail; a full RQ is
+flushed with ``ZCRX_CTRL_FLUSH_RQ``), or all three in :func:`io_uring_zcrx_return_cqes`.
+Payload is read in place, never copied by this library.  See the zcrx section below for who
+owns which memory.
+
 Clients read every ring offset from ``io_uring_params`` (``sq_off``/``cq_off``) as liburing
 does; nothing here hard-codes the kernel's layout.  CQ reads go through a
 :class:`~shared.ring.RingConsumer` built from those offsets.
@@ -33,7 +45,8 @@ Configuration: the run directory comes from the ``rundir`` argument or ``$ZCRX_R
 run id (used to name this process's regions) from ``run`` or ``$ZCRX_RUN``, else the run
 directory's base name.  A failing syscall raises :class:`~shared.control.ControlError` (a
 :class:`~shared.errors.ZcrxError`) whose ``errno`` is Linux's; a kernel that stops answering
-raises :class:`~shared.errors.PeerGone`.
+raises :class:`~shared.errors.PeerGone`, and so does every later call on that connection (a
+timed-out control client has lost its identity, hence its task).
 """
 
 from __future__ import annotations
@@ -51,10 +64,10 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 import shared.syscalls  # noqa: F401  (registers the syscall message types)
-from shared import abi
+from shared import abi, pattern
 from shared.control import ControlClient, ControlError, Message, ipc_endpoint
-from shared.errors import Misuse, PeerGone, Timeout
-from shared.ring import Backoff, RingConsumer, RingLayout
+from shared.errors import Misuse, PeerGone, PeerMisbehaved, RingFull, Timeout
+from shared.ring import Backoff, RingConsumer, RingLayout, RingProducer
 from shared.shm import PAGE_SIZE, Region, page_align, region_name
 from shared.syscalls import AF_INET, AF_INET6, IPPROTO_TCP, PROT_READ, PROT_WRITE, SOCK_STREAM
 
@@ -67,12 +80,16 @@ __all__ = [
     "PROT_READ",
     "PROT_WRITE",
     "SOCK_STREAM",
+    "ZCRX_RING_FLAGS",
     "BufRing",
     "Kernel",
     "Memory",
     "Ring",
+    "ZcrxBatch",
+    "ZcrxIfq",
     "cqe_bid",
     "default_kernel",
+    "if_nametoindex",
     "io_uring_buf_ring_add",
     "io_uring_buf_ring_advance",
     "io_uring_buf_ring_mask",
@@ -89,10 +106,14 @@ __all__ = [
     "io_uring_prep_nop",
     "io_uring_prep_recv",
     "io_uring_prep_recv_multishot",
+    "io_uring_prep_recv_zc",
     "io_uring_prep_rw",
+    "io_uring_query_zcrx",
     "io_uring_queue_exit",
     "io_uring_queue_init",
     "io_uring_register",
+    "io_uring_register_ifq",
+    "io_uring_register_zcrx_ctrl",
     "io_uring_setup_buf_ring",
     "io_uring_sq_ready",
     "io_uring_sq_space_left",
@@ -103,7 +124,19 @@ __all__ = [
     "io_uring_submit_and_wait",
     "io_uring_wait_cqe",
     "io_uring_wait_cqes",
+    "io_uring_zcrx_flush_rq",
+    "io_uring_zcrx_return",
+    "io_uring_zcrx_return_cqes",
+    "io_uring_zcrx_rq_queued",
     "peek_cqes",
+    "zcrx_area_reg",
+    "zcrx_batch",
+    "zcrx_ifq_reg",
+    "zcrx_region_desc",
+    "zcrx_rq_region_size",
+    "zcrx_runs",
+    "zcrx_stream_offsets",
+    "zcrx_verify",
 ]
 
 ENV_RUNDIR = "ZCRX_RUNDIR"
@@ -191,6 +224,9 @@ class Kernel:
         self.transport: Transport = transport
         self.task: int | None = None
         self.closed = False
+        #: the syscall that timed out, once the kernel stopped answering (then every call
+        #: fails at once with PeerGone)
+        self.gone: str | None = None
         self._mem_seq = 0
         self._memories: set[Memory] = set()
         self._rings: set[Ring] = set()
@@ -202,9 +238,13 @@ class Kernel:
         """Send one syscall; ``ControlError`` (errno) on failure, ``PeerGone`` if no answer."""
         if self.closed:
             raise Misuse("kernel connection is closed", errno.EBADF)
+        if self.gone is not None:
+            raise PeerGone(f"kernel gone (it stopped answering {self.gone})")
         try:
             return self.transport.request(type, body or {}, blobs, timeout_ms=timeout_ms)
         except Timeout as exc:
+            # A timed-out client loses its identity, hence its task: the connection is dead.
+            self.gone = type
             raise PeerGone(f"kernel not answering {type}: {exc}") from None
 
     def attach(self, cap_net_admin: bool = True) -> int:
@@ -420,6 +460,8 @@ class Ring:
         self.koverflow = _u32(cq_buf, cq_off["overflow"])
         self.cqes = self.cq.ring
         self.buf_rings: dict[int, BufRing] = {}
+        #: zcrx interface queues registered on this ring (they live as long as it does)
+        self.zcrx_ifqs: list[ZcrxIfq] = []
 
     def _map(self, offset: int, length: int) -> NDArray[np.uint8]:
         name, addr = self.kernel.mmap(self.fd, offset, length)
@@ -449,6 +491,8 @@ class Ring:
         self.ring_mem = empty
         self._sqe_bytes = np.empty((0, 64), dtype=np.uint8)
         self.cqes = np.empty(0, dtype=self.cqe_dtype)
+        for ifq in self.zcrx_ifqs:
+            ifq._detach()
         for region in self._regions.values():
             region.detach()
         self._regions.clear()
@@ -489,10 +533,14 @@ def io_uring_queue_exit(ring: Ring) -> None:
     try:
         for br in list(ring.buf_rings.values()):
             io_uring_free_buf_ring(ring, br)
+        for ifq in ring.zcrx_ifqs:
+            ifq._detach()  # drop the RQ views before its mapping goes
         for addr, length in ring._maps:
             k.mm_unmap(addr, length)
         ring._maps.clear()
-        k.close_fd(ring.fd)
+        k.close_fd(ring.fd)  # the kernel scrubs and tears the ifqs down with the ring
+        for ifq in ring.zcrx_ifqs:
+            ifq._free_memory()
     finally:
         ring._detach()
 
@@ -506,7 +554,9 @@ def io_uring_enter(ring: Ring, to_submit: int, min_complete: int, flags: int,
     wait = timeout_ms if timeout_ms >= 0 else None
     client_timeout = None
     if flags & abi.IORING_ENTER_GETEVENTS and min_complete:
-        client_timeout = (wait if wait is not None else 10 ** 9) + _SLACK_MS
+        # the kernel answers a wait when it ends; allow it the connection's own timeout more
+        client_timeout = (wait if wait is not None else 10 ** 9) + min(_SLACK_MS,
+                                                                        ring.kernel.timeout_ms)
     body = {"fd": ring.fd, "to_submit": to_submit, "min_complete": min_complete,
             "flags": flags, "timeout_ms": timeout_ms}
     return int(ring.kernel.syscall("io_uring_enter", body,
@@ -840,3 +890,550 @@ def io_uring_free_buf_ring(ring: Ring, br: BufRing) -> None:
         br._detach()
         if br.mem is not None:
             br.mem.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Zero-copy receive (zcrx): interface queues, RECV_ZC, the refill queue
+# --------------------------------------------------------------------------------------------
+#
+# Who owns what (zcrx-kernel.md §1-§2, DESIGN §2):
+# * the **area** (``io_uring_zcrx_area_reg.addr``) is app memory (``app<task>.zcrx_area<N>``),
+#   created, mapped into the mm and finally unlinked here.  After registration the kernel and
+#   the NIC write payload into it; a chunk named by a RECV_ZC CQE is lent to the app, which
+#   reads it IN PLACE (numpy views, never a copy) until it returns it with an RQE;
+# * the **refill queue** is app memory (``-r 0``: ``region_desc.flags =
+#   IORING_MEM_REGION_TYPE_USER``) or a kernel region mapped with ``mmap(ring_fd,
+#   region.mmap_offset)`` (``-r 1``).  Either way the app writes RQEs and the RQ *tail*; the
+#   kernel writes the RQ *head*.  Offsets come from the registration reply, never constants;
+# * the **parameter page** (``zcrx_param<N>``) is app memory holding the ``area_reg`` (48 B)
+#   and ``region_desc`` (64 B) that ``ifq_reg.area_ptr`` / ``region_ptr`` point to: the kernel
+#   reads them there through the mm and writes back ``rq_area_token`` and ``mmap_offset``.
+#
+# An ifq has no unregister: it lives as long as its ring.  :func:`io_uring_queue_exit` closes
+# the ring (the kernel scrubs every buffer the app still holds), then frees the memory above.
+
+#: Ring setup flags zcrx needs (DEFER_TASKRUN requires SINGLE_ISSUER; 32-byte CQEs).
+ZCRX_RING_FLAGS = (abi.IORING_SETUP_SINGLE_ISSUER | abi.IORING_SETUP_DEFER_TASKRUN
+                   | abi.IORING_SETUP_CQE32)
+_AREA_LOW = (1 << abi.IORING_ZCRX_AREA_SHIFT) - 1
+_PARAM_AREA_OFF = 0  # io_uring_zcrx_area_reg in the parameter page
+_PARAM_REGION_OFF = 64  # io_uring_region_desc in the parameter page
+_RQE = abi.io_uring_zcrx_rqe
+#: Chunks of one width verified by one gather (rows per gather, and the least worth it).
+_GATHER_ROWS = 256
+_GATHER_MIN = 4
+#: How long a return waits for room in a full RQ (after a flush) before RingFull.
+RQ_FULL_TIMEOUT_S = 5.0
+
+
+def if_nametoindex(kernel: Kernel, name: str) -> int:
+    """The ifindex of netdev ``name`` (``if_nametoindex(3)``), from the kernel's status.
+
+    Raises ``Misuse(ENODEV)`` when there is no such device.
+    """
+    for dev in kernel.syscall("status").body.get("netdevs", []):
+        if dev.get("name") == name:
+            return int(dev["ifindex"])
+    raise Misuse(f"no such device {name!r}", errno.ENODEV)
+
+
+def io_uring_query_zcrx(kernel: Kernel | None = None) -> np.ndarray | None:
+    """``IORING_REGISTER_QUERY`` (fd -1) of ``IO_URING_QUERY_ZCRX``: an ``io_uring_query_zcrx``
+    record (array of 1), or None when the kernel does not answer the query (as liburing falls
+    back to a page-sized RQ header).
+
+    The uapi shape: blob 0 is the 40-byte ``io_uring_query_hdr`` whose ``query_data`` is the
+    user address of the 40-byte payload, in a scratch page of app memory; the kernel writes the
+    payload there and ``result`` in the header it sends back.
+    """
+    k = kernel if kernel is not None else default_kernel()
+    k.attach()
+    mem = k.alloc_memory(PAGE_SIZE, tag="query")
+    try:
+        size = abi.io_uring_query_zcrx.itemsize
+        hdr = np.zeros(1, dtype=abi.io_uring_query_hdr)
+        hdr["query_data"] = mem.addr
+        hdr["query_op"] = abi.IO_URING_QUERY_ZCRX
+        hdr["size"] = size
+        try:
+            _, blobs = io_uring_register(None, abi.IORING_REGISTER_QUERY, 0, [hdr], kernel=k)
+        except ControlError as exc:
+            if exc.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                return None
+            raise
+        if blobs and len(blobs[0]) == hdr.itemsize:
+            hdr = np.frombuffer(blobs[0], dtype=abi.io_uring_query_hdr).copy()
+        if int(hdr["result"][0]) < 0:
+            return None
+        return mem.view[:size].view(abi.io_uring_query_zcrx).copy()
+    finally:
+        mem.close()
+
+
+def zcrx_rq_region_size(rq_entries: int, hdr_size: int | None = None,
+                        hdr_alignment: int | None = None) -> int:
+    """Bytes of an RQ region for ``rq_entries`` RQEs, page aligned.
+
+    ``ALIGN(rq_hdr_size, rq_hdr_alignment) + 16 * rq_entries`` with the figures of
+    :func:`io_uring_query_zcrx`; without them one page is kept for the header, as liburing's
+    examples do.  ``rq_entries`` is first rounded up to a power of two, as the kernel will.
+    """
+    if rq_entries <= 0:
+        raise Misuse(f"rq_entries {rq_entries}")
+    entries = 1 << (rq_entries - 1).bit_length()
+    if hdr_size is None or hdr_alignment is None or hdr_alignment <= 0:
+        hdr = PAGE_SIZE
+    else:
+        hdr = -(-hdr_size // hdr_alignment) * hdr_alignment
+    return page_align(hdr + entries * _RQE.itemsize)
+
+
+def zcrx_area_reg(addr: int, length: int, flags: int = 0) -> np.ndarray:
+    """An ``io_uring_zcrx_area_reg`` record (array of 1): user memory at ``addr``."""
+    rec = np.zeros(1, dtype=abi.io_uring_zcrx_area_reg)
+    rec["addr"] = addr
+    rec["len"] = length
+    rec["flags"] = flags
+    return rec
+
+
+def zcrx_region_desc(size: int, user_addr: int = 0) -> np.ndarray:
+    """An ``io_uring_region_desc`` for the RQ: user memory at ``user_addr``
+    (``IORING_MEM_REGION_TYPE_USER``), or kernel memory when ``user_addr`` is 0."""
+    rec = np.zeros(1, dtype=abi.io_uring_region_desc)
+    rec["size"] = size
+    if user_addr:
+        rec["user_addr"] = user_addr
+        rec["flags"] = abi.IORING_MEM_REGION_TYPE_USER
+    return rec
+
+
+def zcrx_ifq_reg(if_idx: int, if_rxq: int, rq_entries: int, area_ptr: int, region_ptr: int,
+                 flags: int = 0, rx_buf_len: int = 0) -> np.ndarray:
+    """An ``io_uring_zcrx_ifq_reg`` record (array of 1); outputs and reserved fields are 0."""
+    rec = np.zeros(1, dtype=abi.io_uring_zcrx_ifq_reg)
+    rec["if_idx"] = if_idx
+    rec["if_rxq"] = if_rxq
+    rec["rq_entries"] = rq_entries
+    rec["flags"] = flags
+    rec["area_ptr"] = area_ptr
+    rec["region_ptr"] = region_ptr
+    rec["rx_buf_len"] = rx_buf_len
+    return rec
+
+
+class ZcrxIfq:
+    """A registered zcrx interface queue, as the app sees it.
+
+    ``zcrx_id`` goes into RECV_ZC SQEs; ``area_view`` is the area as ``uint8`` (byte ``i`` is
+    user address ``area_addr + i``); ``rq`` is a :class:`~shared.ring.RingProducer` over the
+    refill queue at the offsets the kernel reported (``offsets``); ``area_token`` is the
+    ``rq_area_token`` the kernel wrote back (``area_id << 48``).  Counters: ``rqes_returned``
+    (RQEs published), ``rq_full`` (returns that found the RQ full), ``rq_flushes``
+    (``ZCRX_CTRL_FLUSH_RQ`` calls).
+    """
+
+    def __init__(self, ring: Ring, reg: np.ndarray, *, area: Memory, own_area: bool,
+                 area_token: int, params: Memory, rq_buf: NDArray[np.uint8], rq_size: int,
+                 rq_mem: Memory | None) -> None:
+        r = reg[0]
+        self.ring = ring
+        self.kernel = ring.kernel
+        self.reg = reg
+        self.zcrx_id = int(r["zcrx_id"])
+        self.if_idx = int(r["if_idx"])
+        self.if_rxq = int(r["if_rxq"])
+        self.flags = int(r["flags"])
+        self.rx_buf_len = int(r["rx_buf_len"])
+        self.rq_entries = int(r["rq_entries"])
+        self.offsets = {n: int(r["offsets"][n]) for n in ("head", "tail", "rqes")}
+        self.area = area
+        self.own_area = own_area
+        self.area_addr = area.addr
+        self.area_len = area.length
+        self.area_token = area_token
+        self.area_id = area_token >> abi.IORING_ZCRX_AREA_SHIFT
+        self.area_view: NDArray[np.uint8] = area.view
+        self.params = params
+        self.rq_mem = rq_mem
+        self.rq_user = rq_mem is not None
+        self.rq_size = rq_size
+        entries, off = self.rq_entries, self.offsets
+        if (entries <= 0 or entries & (entries - 1)
+                or off["rqes"] + entries * _RQE.itemsize > rq_size
+                or max(off["head"], off["tail"]) + 4 > rq_size):
+            raise PeerMisbehaved(f"zcrx RQ layout {off} x {entries} does not fit {rq_size} B")
+        layout = RingLayout(entries, _RQE, head=off["head"], tail=off["tail"],
+                            entries=off["rqes"])
+        self.rq = RingProducer(rq_buf, layout)
+        self.rqes_returned = 0
+        self.rq_full = 0
+        self.rq_flushes = 0
+        self._flush_ok = True
+        self._detached = False
+
+    def __repr__(self) -> str:
+        where = "user" if self.rq_user else "kernel"
+        return (f"<ZcrxIfq id={self.zcrx_id} if={self.if_idx}/{self.if_rxq} "
+                f"area={self.area_len} rq={self.rq_entries} ({where})>")
+
+    @property
+    def nodev(self) -> bool:
+        return bool(self.flags & abi.ZCRX_REG_NODEV)
+
+    def data(self, start: int, length: int) -> NDArray[np.uint8]:
+        """The ``length`` bytes at area offset ``start`` (a view: read in place)."""
+        return self.area_view[start:start + length]
+
+    def stats(self) -> dict[str, int]:
+        return {"rqes_returned": self.rqes_returned, "rq_full": self.rq_full,
+                "rq_flushes": self.rq_flushes}
+
+    def _detach(self) -> None:
+        """Drop the RQ views (no syscall); the ring detaches the regions."""
+        if self._detached:
+            return
+        self._detached = True
+        self.rq.detach()
+
+    def _free_memory(self) -> None:
+        """Unmap and unlink the app memory this ifq allocated (after the ring is closed)."""
+        self._detach()
+        self.area_view = np.empty(0, dtype=np.uint8)
+        mems = [self.params, self.rq_mem] + ([self.area] if self.own_area else [])
+        for mem in mems:
+            if mem is not None:
+                mem.close()
+
+
+def io_uring_register_ifq(ring: Ring, if_idx: int = 0, if_rxq: int = 0, *,
+                          rq_entries: int = 4096, area_size: int = 64 << 20,
+                          area: Memory | None = None, rq_kernel: bool = False,
+                          flags: int = 0, rx_buf_len: int = 0,
+                          query: np.ndarray | bool | None = True) -> ZcrxIfq:
+    """Register a zcrx interface queue on ``ring`` (``IORING_REGISTER_ZCRX_IFQ``).
+
+    Allocates the area (``area_size`` bytes of app memory, unless ``area`` is given), the RQ
+    (app memory, or kernel memory mapped at ``region.mmap_offset`` with ``rq_kernel``) and the
+    parameter page holding ``area_reg`` and ``region_desc``, then sends the 96-byte
+    ``io_uring_zcrx_ifq_reg`` (nr_args 1) whose ``area_ptr``/``region_ptr`` point into that
+    page.  ``flags`` are ``ZCRX_REG_*`` (``ZCRX_REG_NODEV``: ``if_idx``/``if_rxq`` must be 0).
+    ``query``: True asks :func:`io_uring_query_zcrx` for the RQ header size, a record uses it,
+    False/None keeps a page for the header.  Raises ``ControlError`` with Linux's errno
+    (EPERM, EINVAL, EFAULT, ENODEV, EEXIST, ERANGE...); nothing is left allocated then.
+    """
+    k = ring.kernel
+    if not ring.flags & abi.IORING_SETUP_CQE32:
+        raise Misuse("zcrx needs a ring set up with IORING_SETUP_CQE32 (CQE_MIXED is not "
+                     "parsed by this library)")
+    q = io_uring_query_zcrx(k) if query is True else (query if query is not None and
+                                                          query is not False else None)
+    if isinstance(q, np.ndarray):
+        rq_size = zcrx_rq_region_size(rq_entries, int(q["rq_hdr_size"][0]),
+                                      int(q["rq_hdr_alignment"][0]))
+    else:
+        rq_size = zcrx_rq_region_size(rq_entries)
+    allocated: list[Memory] = []
+    try:
+        own_area = area is None
+        if area is None:
+            area = k.alloc_memory(area_size, tag="zcrx_area")
+            allocated.append(area)
+        rq_mem = None
+        if not rq_kernel:
+            rq_mem = k.alloc_memory(rq_size, tag="zcrx_rq")
+            allocated.append(rq_mem)
+        params = k.alloc_memory(PAGE_SIZE, tag="zcrx_param")
+        allocated.append(params)
+        pv = params.view
+        area_reg = zcrx_area_reg(area.addr, area.length)
+        region = zcrx_region_desc(rq_size, rq_mem.addr if rq_mem is not None else 0)
+        pv[_PARAM_AREA_OFF:_PARAM_AREA_OFF + area_reg.itemsize] = area_reg.view(np.uint8)
+        pv[_PARAM_REGION_OFF:_PARAM_REGION_OFF + region.itemsize] = region.view(np.uint8)
+        reg = zcrx_ifq_reg(if_idx, if_rxq, rq_entries, params.addr + _PARAM_AREA_OFF,
+                           params.addr + _PARAM_REGION_OFF, flags, rx_buf_len)
+        _, blobs = io_uring_register(ring, abi.IORING_REGISTER_ZCRX_IFQ, 1, [reg])
+    except BaseException:
+        for mem in reversed(allocated):
+            mem.close()
+        raise
+    # Registered: from here on the ifq lives as long as the ring; memory is freed with it.
+    if not blobs or len(blobs[0]) != reg.itemsize:
+        raise PeerMisbehaved("IORING_REGISTER_ZCRX_IFQ reply carries no ifq_reg")
+    out = np.frombuffer(blobs[0], dtype=abi.io_uring_zcrx_ifq_reg).copy()
+    area_out = pv[_PARAM_AREA_OFF:_PARAM_AREA_OFF + area_reg.itemsize].view(
+        abi.io_uring_zcrx_area_reg)
+    region_out = pv[_PARAM_REGION_OFF:_PARAM_REGION_OFF + region.itemsize].view(
+        abi.io_uring_region_desc)
+    token = int(area_out["rq_area_token"][0])
+    if rq_mem is not None:
+        rq_buf = rq_mem.view
+    else:
+        rq_buf = ring._map(int(region_out["mmap_offset"][0]), rq_size)
+    ifq = ZcrxIfq(ring, out, area=area, own_area=own_area, area_token=token, params=params,
+                  rq_buf=rq_buf, rq_size=rq_size, rq_mem=rq_mem)
+    ring.zcrx_ifqs.append(ifq)
+    return ifq
+
+
+def io_uring_register_zcrx_ctrl(ring: Ring, ctrl: np.ndarray) -> tuple[int, np.ndarray]:
+    """``IORING_REGISTER_ZCRX_CTRL`` (nr_args 0, blob 0 = the 72-byte ``zcrx_ctrl``).
+
+    Returns ``(res, ctrl written back)`` (``export_zcrx_fd`` for EXPORT).
+    """
+    res, blobs = io_uring_register(ring, abi.IORING_REGISTER_ZCRX_CTRL, 0, [ctrl])
+    if blobs and len(blobs[0]) == abi.zcrx_ctrl.itemsize:
+        return res, np.frombuffer(blobs[0], dtype=abi.zcrx_ctrl).copy()
+    return res, ctrl.copy()
+
+
+def io_uring_zcrx_flush_rq(ifq: ZcrxIfq) -> int:
+    """``ZCRX_CTRL_FLUSH_RQ``: make the kernel consume the RQ now (NODEV mode needs it; a full
+    RQ uses it).  Returns the syscall result."""
+    ctrl = np.zeros(1, dtype=abi.zcrx_ctrl)
+    ctrl["zcrx_id"] = ifq.zcrx_id
+    ctrl["op"] = abi.ZCRX_CTRL_FLUSH_RQ
+    res, _ = io_uring_register_zcrx_ctrl(ifq.ring, ctrl)
+    ifq.rq_flushes += 1
+    return res
+
+
+def io_uring_prep_recv_zc(sqe: np.void, fd: int, length: int, zcrx_id: int,
+                          flags: int = 0) -> None:
+    """RECV_ZC on socket ``fd``: multishot (mandatory), ``length`` = byte budget (0: none),
+    ``zcrx_ifq_idx`` = ``zcrx_id``; ``flags`` are extra ``sqe.ioprio`` bits (POLL_FIRST).
+    Every other field stays 0, as the kernel requires."""
+    io_uring_prep_rw(abi.IORING_OP_RECV_ZC, sqe, fd, 0, length, 0)
+    sqe["ioprio"] = abi.IORING_RECV_MULTISHOT | flags
+    sqe["zcrx_ifq_idx"] = zcrx_id
+
+
+def io_uring_zcrx_rq_queued(ifq: ZcrxIfq) -> int:
+    """RQEs published and not yet consumed by the kernel (``rq_tail - *khead``)."""
+    return ifq.rq.nentries - ifq.rq.space()
+
+
+class ZcrxBatch:
+    """The data CQEs of one CQE view, as arrays (one element per CQE, in CQ order).
+
+    ``index``: positions in the view; ``off``: the CQE's ``off`` (area token | byte offset);
+    ``start``/``length``: where the chunk lies in the area (int64); ``stream_off``: per-chunk
+    stream offsets when assigned (:func:`zcrx_stream_offsets`); ``bad``: per chunk the index of
+    the first byte that failed verification, or -1 (when verified); ``returned``: RQEs pushed.
+    """
+
+    __slots__ = ("bad", "index", "length", "off", "returned", "start", "stream_off")
+
+    def __init__(self, index: NDArray[np.intp], off: NDArray[np.uint64],
+                 start: NDArray[np.int64], length: NDArray[np.int64]) -> None:
+        self.index = index
+        self.off = off
+        self.start = start
+        self.length = length
+        self.stream_off: NDArray[np.int64] | None = None
+        self.bad: NDArray[np.int64] | None = None
+        self.returned = 0
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.length.sum()) if len(self.length) else 0
+
+
+def zcrx_batch(ifq: ZcrxIfq, cqes: np.ndarray, select: NDArray[np.bool_] | None = None
+               ) -> ZcrxBatch:
+    """The data chunks of a CQE view: CQEs with ``res > 0`` (and ``select``, e.g. "this is a
+    RECV_ZC of mine").  A chunk outside the area or of another area is the kernel's bug:
+    ``PeerMisbehaved``.  About ten numpy operations, whatever the batch size."""
+    res = cqes["res"]
+    m = res > 0
+    if select is not None:
+        m &= select
+    idx = np.flatnonzero(m)
+    off = cqes["zcrx_off"][idx]
+    length = res[idx].astype(np.int64)
+    start = (off & np.uint64(_AREA_LOW)).astype(np.int64)
+    if len(idx):
+        wrong = ((off >> np.uint64(abi.IORING_ZCRX_AREA_SHIFT)) != ifq.area_id) \
+            | (start + length > ifq.area_len)
+        if wrong.any():
+            i = int(np.argmax(wrong))
+            raise PeerMisbehaved(f"zcrx CQE off {int(off[i]):#x} len {int(length[i])} is not "
+                                 f"in area {ifq.area_id} ({ifq.area_len} B)")
+    return ZcrxBatch(idx, off, start, length)
+
+
+def zcrx_stream_offsets(keys: NDArray[Any], length: NDArray[np.int64],
+                        positions: dict[int, int]) -> NDArray[np.int64]:
+    """Stream offset of each chunk: chunks of one key (connection) follow each other in CQ
+    order from ``positions[key]``; ``positions`` is advanced past the batch.  A fixed number
+    of numpy operations (plus one dict update per key)."""
+    n = len(keys)
+    if n == 0:
+        return np.empty(0, dtype=np.int64)
+    first_key = int(keys[0])
+    if bool((keys == first_key).all()):
+        start = positions.get(first_key, 0)
+        ends = np.cumsum(length)
+        positions[first_key] = start + int(ends[-1])
+        return start + ends - length
+    uniq, inv = np.unique(keys, return_inverse=True)
+    order = np.argsort(inv, kind="stable")
+    inv_s = inv[order]
+    lens_s = length[order]
+    ends = np.cumsum(lens_s)
+    excl = ends - lens_s
+    first = np.searchsorted(inv_s, np.arange(len(uniq)))
+    base = np.array([positions.get(int(k), 0) for k in uniq.tolist()], dtype=np.int64)
+    out = np.empty(n, dtype=np.int64)
+    out[order] = base[inv_s] + excl - excl[first][inv_s]
+    totals = np.add.reduceat(lens_s, first)
+    for k, b, t in zip(uniq.tolist(), base.tolist(), totals.tolist(), strict=True):
+        positions[int(k)] = b + t
+    return out
+
+
+def zcrx_runs(start: NDArray[np.int64], length: NDArray[np.int64],
+              keys: NDArray[Any] | None = None,
+              stream_off: NDArray[np.int64] | None = None) -> NDArray[np.intp]:
+    """Indices where a run begins: a run is consecutive chunks lying back to back in the area
+    (and, when given, of one key with consecutive stream offsets), so it can be read as one
+    slice.  Chunks landing in consecutive buffers make long runs: one hash update, one compare.
+    """
+    n = len(start)
+    if n == 0:
+        return np.empty(0, dtype=np.intp)
+    brk = np.empty(n, dtype=bool)
+    brk[0] = True
+    np.not_equal(start[1:], start[:-1] + length[:-1], out=brk[1:])
+    if keys is not None:
+        brk[1:] |= keys[1:] != keys[:-1]
+    if stream_off is not None:
+        brk[1:] |= stream_off[1:] != stream_off[:-1] + length[:-1]
+    return np.flatnonzero(brk)
+
+
+def zcrx_verify(area: NDArray[np.uint8], start: NDArray[np.int64], length: NDArray[np.int64],
+                stream: NDArray[np.int64], stream_off: NDArray[np.int64]) -> NDArray[np.int64]:
+    """Check chunks in place against :mod:`shared.pattern`: chunk ``i`` is ``length[i]`` bytes
+    at area offset ``start[i]``, carrying stream ``stream[i]`` from ``stream_off[i]``.
+
+    Returns per chunk the index of its first wrong byte, or -1.  Runs of back-to-back chunks
+    are compared as one slice (:func:`zcrx_runs`); scattered chunks of one width are compared
+    in one gather per :data:`_GATHER_ROWS`.  Nothing is written to the area.
+    """
+    n = len(start)
+    bad = np.full(n, -1, dtype=np.int64)
+    if n == 0:
+        return bad
+    heads = zcrx_runs(start, length, stream, stream_off)
+    counts = np.diff(np.append(heads, n))
+    singles = heads[counts == 1]
+    rest: list[int] = heads[counts > 1].tolist()
+    if len(singles) >= _GATHER_MIN:
+        widths = length[singles]
+        for w in np.unique(widths).tolist():
+            sel = singles[widths == w]
+            if len(sel) < _GATHER_MIN or w > pattern.PERIOD or w > len(area):
+                rest += sel.tolist()
+                continue
+            win = np.lib.stride_tricks.as_strided(area, shape=(len(area) - w + 1, w),
+                                                  strides=(1, 1), writeable=False)
+            for b in range(0, len(sel), _GATHER_ROWS):
+                s = sel[b:b + _GATHER_ROWS]
+                neq = win[start[s]] != pattern.rows(stream[s], stream_off[s], w)
+                rows = np.flatnonzero(neq.any(axis=1))
+                if len(rows):
+                    bad[s[rows]] = neq[rows].argmax(axis=1)
+    else:
+        rest += singles.tolist()
+    if rest:
+        run_end = dict(zip(heads.tolist(), (heads + counts).tolist(), strict=True))
+        ends = start + length
+        for h in rest:
+            i, stop = h, run_end[h]
+            while i < stop:
+                s0 = int(start[i])
+                r = pattern.verify(int(stream[i]), int(stream_off[i]), area[s0:int(ends[stop - 1])])
+                if r < 0:
+                    break
+                pos = s0 + r
+                k = i + int(np.searchsorted(ends[i:stop], pos, side="right"))
+                bad[k] = pos - int(start[k])
+                i = k + 1
+    return bad
+
+
+def io_uring_zcrx_return(ifq: ZcrxIfq, off: NDArray[np.uint64], length: ArrayLike,
+                         timeout: float = RQ_FULL_TIMEOUT_S) -> int:
+    """Give chunks back: one RQE ``{off, len, __pad = 0}`` per chunk, published with one store
+    of the RQ tail (liburing's ``io_uring_zcrx_rq`` semantics).
+
+    When the RQ is full (``rq_tail - *khead == rq_entries``) the rest waits: first a
+    ``ZCRX_CTRL_FLUSH_RQ`` (the kernel consumes the RQ now), then, while the kernel frees no
+    room, back off until ``timeout`` seconds have passed: ``RingFull``.  Returns ``len(off)``.
+    """
+    n = len(off)
+    if n == 0:
+        return 0
+    rqes = np.zeros(n, dtype=_RQE)
+    rqes["off"] = off
+    rqes["len"] = length
+    done = ifq.rq.push(rqes)
+    if done < n:
+        _return_full(ifq, rqes, done, timeout)
+    ifq.rqes_returned += n
+    return n
+
+
+def _return_full(ifq: ZcrxIfq, rqes: np.ndarray, done: int, timeout: float) -> None:
+    """The slow path of :func:`io_uring_zcrx_return`: flush, then wait for room."""
+    ifq.rq_full += 1
+    n = len(rqes)
+    deadline = time.monotonic() + timeout
+    backoff = Backoff(spin=16, yields=16, max_sleep=0.002)
+    while done < n:
+        if ifq._flush_ok:
+            try:
+                io_uring_zcrx_flush_rq(ifq)
+            except ControlError as exc:
+                if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                ifq._flush_ok = False  # an older kernel: wait for the lazy refill instead
+        more = ifq.rq.push(rqes[done:])
+        done += more
+        if more:
+            backoff.reset()
+            continue
+        if time.monotonic() > deadline:
+            raise RingFull(f"zcrx RQ of {ifq.rq_entries} stayed full for {timeout:.1f} s "
+                           f"({n - done} RQEs not returned)")
+        backoff.idle()
+
+
+def io_uring_zcrx_return_cqes(ifq: ZcrxIfq, cqes: np.ndarray,
+                              select: NDArray[np.bool_] | None = None, *,
+                              streams: dict[int, int] | None = None,
+                              positions: dict[int, int] | None = None) -> ZcrxBatch:
+    """The whole app side of one CQE batch, vectorised: find the data CQEs
+    (:func:`zcrx_batch`), optionally verify them in place (``streams`` maps a CQE's
+    ``user_data`` to its pattern stream id and ``positions`` holds each connection's next
+    stream offset, advanced here), then return one RQE per data CQE with one tail store.
+
+    The caller still releases the CQEs (:func:`io_uring_cq_advance`) and handles non-data
+    CQEs.  Read the data (``ifq.data``) before calling this: a returned chunk is the
+    kernel's again.
+    """
+    batch = zcrx_batch(ifq, cqes, select)
+    if streams is not None:
+        if positions is None:
+            raise Misuse("verification needs positions (next stream offset per user_data)")
+        keys = cqes["user_data"][batch.index]
+        batch.stream_off = zcrx_stream_offsets(keys, batch.length, positions)
+        ids = np.array([streams[int(k)] for k in keys.tolist()], dtype=np.int64)
+        batch.bad = zcrx_verify(ifq.area_view, batch.start, batch.length, ids,
+                                batch.stream_off)
+    batch.returned = io_uring_zcrx_return(ifq, batch.off, batch.length)
+    return batch

@@ -1,0 +1,640 @@
+"""A zero-copy TCP receiver on io_uring zcrx, shaped like liburing's ``examples/zcrx.c``.
+
+    python -m app_proc.zcrx_server [-p PORT] [-i IFNAME] (-q RXQ | --nodev) [-s BYTES] [-v]
+                                   [--stream-id ID|sport] [-r 0|1] [-S AREA] [-C CQ] [-R RQ]
+                                   [-n CONNS] [--json PATH] [--seconds S]
+
+The flow of the liburing example: one ring set up with ``SINGLE_ISSUER | DEFER_TASKRUN |
+CQE32 | CQSIZE | SUBMIT_ALL``; an interface queue registered on ``IFNAME``/``RXQ``
+(:func:`~app_proc.liburing.io_uring_register_ifq`, ``-r`` says where the refill queue lives);
+a multishot ACCEPT on the listener; per connection one multishot RECV_ZC whose ``len`` is the
+byte budget ``-s``.  Every data CQE names a chunk of the area; the chunks of a CQE batch are
+read IN PLACE (numpy views of the area: never copied by the app), hashed (SHA-256 per
+connection), verified against :mod:`shared.pattern` with ``-v`` (the stream id is the peer's
+source port, which the NIC generator uses, or a fixed ``--stream-id``), then returned with one
+RQE each and a single store of the RQ tail (:func:`~app_proc.liburing.io_uring_zcrx_return`).
+The batch work is a fixed number of numpy operations plus one hash update per *run* (chunks
+lying back to back in the area).  A final CQE ends the request: ``res 0`` is the end (peer
+EOF, or the budget used: the total is checked against ``-s``), ``-ENOSPC`` (CQ full) re-arms
+with the remaining budget, ``-ENOMEM`` (no free buffer for a copy) flushes the RQ and re-arms
+once per progress, anything else is the connection's error.
+
+``--nodev`` registers with ``ZCRX_REG_NODEV`` (no device: every byte comes through the copy
+fallback, for any TCP socket); the kernel then never consumes the RQ by itself, so the server
+flushes it (``ZCRX_CTRL_FLUSH_RQ``) when it is half full and whenever the CQ runs dry.
+
+Copy-fallback counts come from the kernel's own counters: before leaving (its ring still
+open), the server reads the ``stats`` syscall and reports what the kernel says about its ifq
+(``zcrx.ifqs[*].counters``: ``copy_count``/``copy_bytes`` and ``zc_cqes``/``zc_bytes``).  CQE
+analysis cannot tell: a copied chunk and a zero-copy one both start at a buffer.  When the
+kernel gives no such counters the summary says ``null``.
+
+Timing: ``first_ns``/``last_ns`` are this process's ``time.monotonic_ns()`` when it saw the
+first data CQE and when it finished the last data batch (first byte -> last byte); the
+benchmarks divide by that.  Memory traffic, app side: ``app.read_bytes`` counts payload bytes
+read in place (each delivered byte once: the hash and the compare read the same chunk while it
+is in cache); ``app.copy_bytes`` is 0 by construction.
+
+Exit status: 0 only if every connection passed every check (no error, ``-s`` total, ``-v``
+bytes) and ``-n`` connections were served; 1 if a check failed; 3 for a setup error or a
+kernel that went away (with a one-line reason).  The server exits by itself after ``-n``
+connections, on SIGTERM/SIGINT, after ``--seconds``, or when the kernel is gone.
+
+Memory: the area, the RQ (``-r 0``) and the parameter page are this process's regions
+(``app<task>.zcrx_*``), created and unlinked here (by the liburing layer); the rings and a
+kernel-memory RQ (``-r 1``) are the kernel's, attached and detached here.
+
+Area size: the default is 64 MiB, not liburing's 256 MiB.  Every region is pre-touched at
+creation (about 45 ms per 64 MiB here) and sits in ``/dev/shm`` of a small shared machine;
+64 MiB is 16384 buffers of 4 KiB, more than the CQ (8192) and the RQ (8192) can hold lent out
+at once, so the area never runs dry because of its size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import hashlib
+import json
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import numpy as np
+
+from app_proc import liburing as L
+from shared import abi
+from shared.control import ControlError
+from shared.errors import PeerGone, ZcrxError
+from shared.proc import notify_ready
+
+KIND_ACCEPT = 1
+KIND_ZC = 2
+KIND_CLOSE = 3
+EXIT_OK = 0
+EXIT_CHECK_FAILED = 1
+EXIT_SETUP_FAILED = 3
+#: RECV_ZC ``len`` is a u32 and UINT_MAX is refused: larger budgets run unlimited.
+_MAX_BUDGET = 0xFFFFFFFE
+_F_MORE = abi.IORING_CQE_F_MORE
+
+
+@dataclass
+class Options:
+    port: int = 8000
+    addr: str = "0.0.0.0"
+    ifname: str = "eth0"
+    rxq: int | None = None
+    nodev: bool = False
+    size: int = 0  # bytes per connection: the RECV_ZC budget, checked at the end (0: none)
+    verify: bool = False
+    stream_id: int | None = None  # None: the peer's source port
+    rq_kernel: bool = False  # -r 1: RQ in kernel memory
+    area_size: int = 64 << 20
+    cq_entries: int = 8192
+    rq_entries: int = 8192
+    sq_entries: int = 256
+    rx_buf_len: int = 0
+    connections: int = 0  # 0: until SIGTERM
+    json_path: str | None = None
+    seconds: float = 0.0  # give up after this long (0: never)
+    quiet: bool = False
+    hash: bool = True  # SHA-256 of every connection's bytes (--no-hash: off)
+
+
+@dataclass
+class Conn:
+    fd: int
+    index: int
+    peer: tuple[str, int]
+    stream: int
+    nbytes: int = 0
+    cqes: int = 0
+    rearms: int = 0
+    sha: Any = field(default_factory=hashlib.sha256)
+    bad_offset: int | None = None
+    error: int | None = None
+    done: bool = False
+    first_ns: int | None = None
+    last_ns: int | None = None
+    enomem_at: int = -1  # nbytes at the last -ENOMEM re-arm
+
+    def summary(self, opts: Options) -> dict[str, Any]:
+        checks: dict[str, bool] = {"error": self.error is None, "complete": self.done}
+        if opts.verify:
+            checks["verify"] = self.bad_offset is None
+        if opts.size:
+            checks["size"] = self.nbytes == opts.size
+        secs = ((self.last_ns - self.first_ns) / 1e9
+                if self.first_ns is not None and self.last_ns is not None else 0.0)
+        return {
+            "index": self.index, "peer": f"{self.peer[0]}:{self.peer[1]}",
+            "stream": self.stream, "bytes": self.nbytes,
+            "sha256": self.sha.hexdigest() if self.sha is not None else None,
+            "bad_offset": self.bad_offset, "error": self.error, "cqes": self.cqes,
+            "rearms": self.rearms, "first_ns": self.first_ns, "last_ns": self.last_ns,
+            "seconds": secs, "ok": all(checks.values()), "checks": checks,
+        }
+
+
+def _ud(kind: int, fd: int) -> int:
+    return (fd << 8) | kind
+
+
+class ZcrxServer:
+    """The server's state; :meth:`run` is the loop."""
+
+    def __init__(self, kernel: L.Kernel, opts: Options, stop: threading.Event | None = None,
+                 log: IO[str] | None = None) -> None:
+        self.k = kernel
+        self.opts = opts
+        self.stop = stop or threading.Event()
+        self.log = log if log is not None else sys.stdout
+        self.conns: dict[int, Conn] = {}
+        self.positions: dict[int, int] = {}  # fd -> next stream offset (Conn.nbytes)
+        self.finished: list[dict[str, Any]] = []
+        self.accepted = 0
+        self.lfd = -1
+        self.errors: list[str] = []
+        self.ifq: L.ZcrxIfq | None = None
+        self.first_ns: int | None = None
+        self.last_ns: int | None = None
+        self.read_bytes = 0
+        self.data_cqes = 0
+        self.batches = 0
+        self.stray_chunks = 0
+        self.copy_fallback: dict[str, Any] | None = None
+
+    def say(self, text: str) -> None:
+        if not self.opts.quiet:
+            print(text, file=self.log, flush=True)
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def _sqe(self) -> Any:
+        sqe = L.io_uring_get_sqe(self.ring)
+        if sqe is None:
+            L.io_uring_submit(self.ring)
+            sqe = L.io_uring_get_sqe(self.ring)
+        assert sqe is not None
+        return sqe
+
+    def arm_accept(self) -> None:
+        sqe = self._sqe()
+        L.io_uring_prep_multishot_accept(sqe, self.lfd)
+        L.io_uring_sqe_set_data64(sqe, _ud(KIND_ACCEPT, self.lfd))
+
+    def arm_recv_zc(self, conn: Conn) -> None:
+        assert self.ifq is not None
+        budget = 0
+        if self.opts.size:
+            left = self.opts.size - conn.nbytes
+            budget = left if 0 < left <= _MAX_BUDGET else 0
+        sqe = self._sqe()
+        L.io_uring_prep_recv_zc(sqe, conn.fd, budget, self.ifq.zcrx_id)
+        L.io_uring_sqe_set_data64(sqe, _ud(KIND_ZC, conn.fd))
+
+    # -- completions --------------------------------------------------------------------------
+
+    def on_accept(self, res: int, flags: int) -> None:
+        if res < 0:
+            if res != -errno.ECANCELED and self.lfd >= 0:
+                self.errors.append(f"accept: {errno.errorcode.get(-res, res)}")
+            return
+        self.accepted += 1
+        peer = self.k.getpeername(res)
+        stream = self.opts.stream_id if self.opts.stream_id is not None else peer[1]
+        conn = Conn(res, self.accepted, peer, stream)
+        if not self.opts.hash:
+            conn.sha = None
+        self.conns[res] = conn
+        self.positions[res] = 0
+        self.arm_recv_zc(conn)
+        n = self.opts.connections
+        if n and self.accepted >= n:
+            if self.lfd >= 0:
+                self.k.close_fd(self.lfd)  # enough: stop listening (ends the multishot accept)
+                self.lfd = -1
+            return
+        if not flags & _F_MORE and not self.stop.is_set() and self.lfd >= 0:
+            self.arm_accept()
+
+    def on_data(self, cqes: np.ndarray, batch: L.ZcrxBatch, now_ns: int) -> None:
+        """Read one batch of chunks in place: hash, verify, then return them all."""
+        ifq = self.ifq
+        assert ifq is not None
+        area = ifq.area_view
+        keys = cqes["user_data"][batch.index] >> np.uint64(8)
+        k0 = int(keys[0])
+        single = not np.count_nonzero(keys != k0)  # one connection: the common case
+        uniq = [k0] if single else np.unique(keys).tolist()
+        stray = [k for k in uniq if k not in self.conns or self.conns[k].done]
+        if stray:  # chunks of a connection we do not know: give them back unread
+            known = ~np.isin(keys, np.array(stray, dtype=keys.dtype))
+            self.stray_chunks += int((~known).sum())
+            L.io_uring_zcrx_return(ifq, batch.off[~known], batch.length[~known])
+            for name in ("index", "off", "start", "length"):
+                setattr(batch, name, getattr(batch, name)[known])
+            keys = keys[known]
+            uniq = [k for k in uniq if k not in stray]
+            single = len(uniq) == 1
+            if not len(keys):
+                return
+        start, length = batch.start, batch.length
+        so = L.zcrx_stream_offsets(keys, length, self.positions)
+        if self.opts.verify:
+            if single:
+                ids = np.full(len(keys), self.conns[uniq[0]].stream, dtype=np.int64)
+            else:
+                table = np.array([self.conns[k].stream for k in uniq], dtype=np.int64)
+                ids = table[np.searchsorted(np.array(uniq, dtype=keys.dtype), keys)]
+            bad = L.zcrx_verify(area, start, length, ids, so)
+            wrong = np.flatnonzero(bad >= 0)
+            for i in wrong.tolist():
+                conn = self.conns[int(keys[i])]
+                pos = int(so[i] + bad[i])
+                if conn.bad_offset is None or pos < conn.bad_offset:
+                    conn.bad_offset = pos
+        heads = L.zcrx_runs(start, length, keys, so)
+        ends = np.append(heads[1:], len(keys)) - 1
+        for h, e in zip(heads.tolist(), ends.tolist(), strict=True):
+            sha = self.conns[int(keys[h])].sha
+            if sha is not None:
+                s0 = int(start[h])
+                sha.update(area[s0:int(start[e] + length[e])])
+        if single:
+            counts = [len(keys)]
+        else:
+            counts = np.bincount(np.searchsorted(np.array(uniq, dtype=keys.dtype), keys),
+                                 minlength=len(uniq)).tolist()
+        for k, c in zip(uniq, counts, strict=True):
+            conn = self.conns[k]
+            conn.nbytes = self.positions[k]
+            conn.cqes += c
+            if conn.first_ns is None:
+                conn.first_ns = now_ns
+        nbytes = batch.nbytes
+        self.read_bytes += nbytes
+        self.data_cqes += len(keys)
+        self.batches += 1
+        L.io_uring_zcrx_return(ifq, batch.off, batch.length)
+        end_ns = time.monotonic_ns()
+        for k in uniq:
+            self.conns[k].last_ns = end_ns
+        if self.first_ns is None:
+            self.first_ns = now_ns
+        self.last_ns = end_ns
+        if ifq.nodev and L.io_uring_zcrx_rq_queued(ifq) >= ifq.rq_entries // 2:
+            L.io_uring_zcrx_flush_rq(ifq)
+
+    def on_zc_end(self, fd: int, res: int, flags: int) -> None:
+        """A RECV_ZC CQE that is not plain data-with-F_MORE."""
+        conn = self.conns.get(fd)
+        if conn is None or conn.done:
+            return
+        if flags & _F_MORE:
+            if res < 0:  # not expected from the kernel: report, keep going
+                self.errors.append(f"conn {conn.index}: CQE res {res} with F_MORE")
+            return
+        # The request is over.
+        if res > 0 or res == -errno.ENOSPC:
+            self._rearm(conn)
+            return
+        if res == -errno.ENOMEM and conn.nbytes > conn.enomem_at:
+            conn.enomem_at = conn.nbytes
+            assert self.ifq is not None
+            L.io_uring_zcrx_flush_rq(self.ifq)
+            self._rearm(conn)
+            return
+        if res < 0:
+            conn.error = -res
+        self.close_conn(conn)
+
+    def _rearm(self, conn: Conn) -> None:
+        if self.opts.size and conn.nbytes >= self.opts.size:
+            self.close_conn(conn)  # budget used up (the kernel would say res 0)
+            return
+        conn.rearms += 1
+        self.arm_recv_zc(conn)
+
+    def close_conn(self, conn: Conn) -> None:
+        conn.done = True
+        s = conn.summary(self.opts)
+        self.finished.append(s)
+        verdict = "ok" if s["ok"] else "FAILED " + ",".join(
+            k for k, v in s["checks"].items() if not v)
+        extra = ""
+        if conn.error is not None:
+            extra = f" error {errno.errorcode.get(conn.error, conn.error)}"
+        if conn.bad_offset is not None:
+            extra += f" first bad byte at {conn.bad_offset}"
+        self.say(f"conn {conn.index} {s['peer']} bytes {conn.nbytes} cqes {conn.cqes} "
+                 f"sha256 {s['sha256']} {verdict}{extra}")
+        del self.conns[conn.fd]
+        self.positions.pop(conn.fd, None)
+        sqe = self._sqe()
+        L.io_uring_prep_close(sqe, conn.fd)
+        L.io_uring_sqe_set_data64(sqe, _ud(KIND_CLOSE, conn.fd))
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def done(self) -> bool:
+        n = self.opts.connections
+        return bool(n) and len(self.finished) >= n and not self.conns
+
+    def run(self) -> int:
+        o = self.opts
+        k = self.k
+        params = np.zeros(1, dtype=abi.io_uring_params)
+        params["cq_entries"] = o.cq_entries
+        flags = (L.ZCRX_RING_FLAGS | abi.IORING_SETUP_CQSIZE | abi.IORING_SETUP_SUBMIT_ALL)
+        sq = min(o.sq_entries, o.cq_entries)  # the kernel wants cq_entries >= sq_entries
+        self.ring = L.io_uring_queue_init(sq, flags, params, kernel=k)
+        try:
+            if o.nodev:
+                if_idx, rxq, reg_flags = 0, 0, abi.ZCRX_REG_NODEV
+            else:
+                if_idx, rxq, reg_flags = L.if_nametoindex(k, o.ifname), o.rxq or 0, 0
+            self.ifq = L.io_uring_register_ifq(
+                self.ring, if_idx, rxq, rq_entries=o.rq_entries, area_size=o.area_size,
+                rq_kernel=o.rq_kernel, flags=reg_flags, rx_buf_len=o.rx_buf_len)
+            self.lfd = k.listen_tcp(o.port, o.addr)
+            self.arm_accept()
+            L.io_uring_submit(self.ring)
+            where = "no device" if o.nodev else f"{o.ifname} queue {rxq}"
+            self.say(f"zcrx_server listening on {o.addr}:{o.port}; zcrx id "
+                     f"{self.ifq.zcrx_id} on {where}, area {self.ifq.area_len >> 20} MiB, "
+                     f"rq {self.ifq.rq_entries} ({'kernel' if o.rq_kernel else 'user'} "
+                     f"memory), cq {self.ring.cq_entries}")
+            notify_ready(f"listening {o.addr}:{o.port}")
+            self._loop()
+            self.copy_fallback = fb = self._kernel_copy_stats()
+            copied = ("unknown (the kernel's stats did not say)" if fb is None else
+                      f"{fb['count']} chunks, {fb['bytes']} bytes (zero copy: "
+                      f"{fb['zc_cqes']} chunks, {fb['zc_bytes']} bytes)")
+            self.say(f"zcrx: {self.data_cqes} data CQEs in {self.batches} batches, "
+                     f"{self.read_bytes} bytes read in place; copy fallback: {copied}")
+        finally:
+            self._teardown()
+        ok = not self.errors and all(s["ok"] for s in self.finished)
+        if o.connections and len(self.finished) < o.connections:
+            ok = False
+            self.errors.append(f"served {len(self.finished)} of {o.connections} connections")
+        return EXIT_OK if ok else EXIT_CHECK_FAILED
+
+    def _teardown(self) -> None:
+        for conn in list(self.conns.values()):
+            self.finished.append(conn.summary(self.opts))  # cut short: "complete" fails
+        self.conns.clear()
+        try:
+            if self.lfd >= 0:
+                try:
+                    self.k.close_fd(self.lfd)
+                except ControlError:
+                    pass
+                self.lfd = -1
+            L.io_uring_queue_exit(self.ring)
+        except PeerGone:
+            self.ring._detach()
+            raise
+
+    def _loop(self) -> None:
+        o = self.opts
+        deadline = time.monotonic() + o.seconds if o.seconds else None
+        ring = self.ring
+        ifq = self.ifq
+        assert ifq is not None
+        while not self.done() and not self.stop.is_set():
+            if deadline is not None and time.monotonic() > deadline:
+                self.errors.append("timed out")
+                break
+            if L.io_uring_cq_ready(ring) == 0 and ifq.nodev and L.io_uring_zcrx_rq_queued(ifq):
+                L.io_uring_zcrx_flush_rq(ifq)  # about to wait: let the kernel have them all
+            try:
+                L.io_uring_wait_cqes(ring, 1, timeout_ms=200)
+            except ControlError as exc:
+                if exc.errno == errno.ETIME:
+                    continue
+                raise
+            while True:
+                cqes = L.peek_cqes(ring)
+                n = len(cqes)
+                if not n:
+                    break
+                self._batch(cqes)
+                L.io_uring_cq_advance(ring, n)
+            L.io_uring_submit(ring)
+
+    def _batch(self, cqes: np.ndarray) -> None:
+        """One CQE view: data chunks vectorised, every other CQE one by one (in CQ order)."""
+        ud = cqes["user_data"]
+        kind = ud & np.uint64(0xFF)
+        zc = kind == KIND_ZC
+        res = cqes["res"]
+        flags = cqes["flags"]
+        now = time.monotonic_ns()
+        assert self.ifq is not None
+        batch = L.zcrx_batch(self.ifq, cqes, zc)
+        if len(batch):
+            self.on_data(cqes, batch, now)
+        plain = zc & (res > 0) & ((flags & _F_MORE) != 0)
+        rest = np.flatnonzero(~plain)
+        if not len(rest):
+            return
+        for u, r, f in zip(ud[rest].tolist(), res[rest].tolist(), flags[rest].tolist(),
+                           strict=True):
+            kd, fd = u & 0xFF, u >> 8
+            if kd == KIND_ZC:
+                self.on_zc_end(fd, r, f)
+            elif kd == KIND_ACCEPT:
+                self.on_accept(r, f)
+            elif kd == KIND_CLOSE and r < 0:
+                self.errors.append(f"close({fd}): {errno.errorcode.get(-r, r)}")
+
+    def _kernel_copy_stats(self) -> dict[str, Any] | None:
+        """The kernel's copy-fallback counters for our ifq (read while the ring is alive)."""
+        if self.ifq is None:
+            return None
+        try:
+            body = self.k.syscall("stats").body
+        except (ControlError, PeerGone):
+            return None
+        return find_ifq_stats(body, self.k.task, self.ifq.area_addr)
+
+    def summary(self) -> dict[str, Any]:
+        ifq = self.ifq
+        secs = ((self.last_ns - self.first_ns) / 1e9
+                if self.first_ns is not None and self.last_ns is not None else 0.0)
+        total = sum(s["bytes"] for s in self.finished)
+        return {
+            "mode": "zcrx",
+            "connections": self.finished, "errors": self.errors, "bytes": total,
+            "ok": not self.errors and all(s["ok"] for s in self.finished),
+            "first_ns": self.first_ns, "last_ns": self.last_ns, "seconds": secs,
+            "gbps": total / secs / 1e9 if secs > 0 else 0.0,
+            "app": {"read_bytes": self.read_bytes, "copy_bytes": 0,
+                    "data_cqes": self.data_cqes, "batches": self.batches,
+                    "stray_chunks": self.stray_chunks},
+            "zcrx": None if ifq is None else {
+                "zcrx_id": ifq.zcrx_id, "if_idx": ifq.if_idx, "if_rxq": ifq.if_rxq,
+                "nodev": ifq.nodev, "area_bytes": ifq.area_len, "rq_entries": ifq.rq_entries,
+                "rq_memory": "user" if ifq.rq_user else "kernel", **ifq.stats()},
+            "copy_fallback": self.copy_fallback,
+        }
+
+
+def find_ifq_stats(body: Any, task: int | None, area_addr: int) -> dict[str, Any] | None:
+    """The copy-fallback counters of our ifq in a ``stats`` reply (``zcrx.ifqs[*]``: the one
+    of this task whose area starts at ``area_addr``, which is unique in our mm).  Returns
+    ``{"source": "kernel", "count", "bytes", "zc_cqes", "zc_bytes", "counters"}``, or None when
+    the kernel reports no such ifq."""
+    zcrx = body.get("zcrx") if isinstance(body, dict) else None
+    for d in (zcrx or {}).get("ifqs", []):
+        area = d.get("area") or {}
+        if d.get("task") != task or area.get("addr") != area_addr:
+            continue
+        c = d.get("counters") or {}
+        if "copy_count" not in c or "copy_bytes" not in c:
+            return None
+        return {"source": "kernel", "count": int(c["copy_count"]),
+                "bytes": int(c["copy_bytes"]), "zc_cqes": int(c.get("zc_cqes", 0)),
+                "zc_bytes": int(c.get("zc_bytes", 0)), "counters": dict(c)}
+    return None
+
+
+def _size(text: str) -> int:
+    """``123``, ``64K``, ``64M``, ``1G`` (binary units)."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(t[-1:], 1)
+    if mult != 1:
+        t = t[:-1]
+    try:
+        value = int(t, 0) * mult
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}")
+    return value
+
+
+def _pow2(text: str) -> int:
+    n = _size(text)
+    if n <= 0 or n & (n - 1):
+        raise argparse.ArgumentTypeError(f"{text} is not a power of two")
+    return n
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespace]:
+    p = argparse.ArgumentParser(prog="python -m app_proc.zcrx_server",
+                                description="Zero-copy io_uring TCP receiver (RECV_ZC into a "
+                                            "registered area, buffers returned through the "
+                                            "refill queue), as liburing's examples/zcrx.")
+    p.add_argument("-p", "--port", type=int, default=8000, help="port to listen on (8000)")
+    p.add_argument("-a", "--addr", default="0.0.0.0", help="address to bind (0.0.0.0)")
+    p.add_argument("-i", "--ifname", default="eth0", help="netdev of the queue (eth0)")
+    p.add_argument("-q", "--rxq", type=int, help="hardware RX queue to bind (mandatory "
+                                                 "unless --nodev)")
+    p.add_argument("--nodev", action="store_true",
+                   help="ZCRX_REG_NODEV: no device, every byte through the copy fallback")
+    p.add_argument("-s", "--size", type=_size, default=0,
+                   help="bytes per connection: the RECV_ZC budget, checked at the end "
+                        "(0: unlimited, not checked)")
+    p.add_argument("--no-hash", dest="hash", action="store_false",
+                   help="skip the per-connection SHA-256 (benchmarks: -v already reads "
+                        "every byte; the hash would dominate the cost)")
+    p.add_argument("-v", "--verify", action="store_true",
+                   help="check every byte against the pattern stream")
+    p.add_argument("--stream-id", default="sport",
+                   help="pattern stream id: a number, or 'sport' for the peer's source port "
+                        "(what the NIC generator uses; default)")
+    p.add_argument("-r", "--rq-mem", type=int, choices=(0, 1), default=0,
+                   help="refill queue in user memory (0, default) or kernel memory (1)")
+    p.add_argument("-S", "--area-size", type=_size, default=64 << 20,
+                   help="area size (64M; liburing's example uses 256M)")
+    p.add_argument("-C", "--cq-entries", type=_pow2, default=8192, help="CQ entries (8192)")
+    p.add_argument("-R", "--rq-entries", type=_pow2, default=8192, help="RQ entries (8192)")
+    p.add_argument("--sq-entries", type=_pow2, default=256, help="SQ entries (256)")
+    p.add_argument("--rx-buf-len", type=_size, default=0,
+                   help="ifq_reg.rx_buf_len (0: the kernel's default)")
+    p.add_argument("-n", "--connections", type=int, default=0,
+                   help="serve this many connections, then exit (0: until SIGTERM)")
+    p.add_argument("--json", dest="json_path", help="write a JSON summary here ('-': stdout)")
+    p.add_argument("--seconds", type=float, default=0.0, help="give up after this long")
+    p.add_argument("--quiet", action="store_true", help="no per-connection lines")
+    p.add_argument("--rundir", help=f"run directory (default ${L.ENV_RUNDIR})")
+    p.add_argument("--run", help=f"run id (default ${L.ENV_RUN})")
+    p.add_argument("--tag", default="", help="zcrx:<run_id>:<role> (set by the launcher)")
+    a = p.parse_args(argv)
+    if a.stream_id == "sport":
+        stream = None
+    else:
+        try:
+            stream = int(a.stream_id)
+        except ValueError:
+            p.error("--stream-id takes a number or 'sport'")
+        if stream < 0:
+            p.error("--stream-id must be >= 0")
+    if a.nodev and a.rxq not in (None, 0):
+        p.error("--nodev takes no queue (if_rxq must be 0)")
+    if not a.nodev and a.rxq is None:
+        p.error("-q RXQ is required (or --nodev)")
+    if a.rxq is not None and a.rxq < 0:
+        p.error("-q must be >= 0")
+    if a.area_size <= 0:
+        p.error("-S must be positive")
+    opts = Options(port=a.port, addr=a.addr, ifname=a.ifname, rxq=a.rxq, nodev=a.nodev,
+                   size=a.size, verify=a.verify, stream_id=stream, rq_kernel=a.rq_mem == 1,
+                   area_size=a.area_size, cq_entries=a.cq_entries, rq_entries=a.rq_entries,
+                   sq_entries=a.sq_entries, rx_buf_len=a.rx_buf_len,
+                   connections=a.connections, json_path=a.json_path, seconds=a.seconds,
+                   quiet=a.quiet, hash=a.hash)
+    return opts, a
+
+
+def write_json(path: str, summary: dict[str, Any]) -> None:
+    text = json.dumps(summary, indent=2)
+    if path == "-":
+        print(text, flush=True)
+    else:
+        with open(path, "w") as f:
+            f.write(text + "\n")
+
+
+def main(argv: list[str] | None = None, kernel: L.Kernel | None = None,
+         stop: threading.Event | None = None) -> int:
+    opts, a = parse_args(argv)
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+    own = kernel is None
+    try:
+        k = kernel if kernel is not None else L.Kernel(a.rundir, run=a.run, name="zcrx_server")
+        k.attach()
+    except ZcrxError as exc:
+        print(f"zcrx_server: cannot reach the kernel: {exc}", file=sys.stderr)
+        return EXIT_SETUP_FAILED
+    server = ZcrxServer(k, opts, stop, log=sys.stderr if opts.json_path == "-" else None)
+    try:
+        code = server.run()
+    except PeerGone as exc:
+        server.errors.append(f"kernel gone: {exc}")
+        code = EXIT_SETUP_FAILED
+    except ZcrxError as exc:
+        server.errors.append(str(exc))
+        code = EXIT_SETUP_FAILED
+    finally:
+        if own:
+            k.close()
+    if opts.json_path:
+        write_json(opts.json_path, server.summary())
+    for e in server.errors:
+        print(f"zcrx_server: {e}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

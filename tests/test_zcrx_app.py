@@ -1,0 +1,691 @@
+"""The application side of zcrx: uapi encoding of the registration, RQ math, the server.
+
+Three layers:
+
+* pure: struct bytes at the uapi offsets, RQ region sizing, the vectorised CQE batch
+  (offsets, stream offsets, runs, in-place verification) and RQE returns over a refill queue
+  whose kernel side is a :class:`~shared.ring.RingConsumer` in the test;
+* the syscall boundary: the app's registration through the real control plane and the real
+  emulated mm of an in-process kernel thread (``test_liburing.KernelThread``), with the zcrx
+  register opcodes answered by a stand-in that reads the structs where the uapi puts them;
+* end to end, when ``driver_proc.zcrx`` exists: NODEV registration + RECV_ZC through the real
+  kernel handlers, and the zcrx server receiving verified streams.
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib.util
+import json
+import struct
+import threading
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+from test_liburing import KernelThread, tcp_stream
+
+from app_proc import liburing as L
+from app_proc import zcrx_server
+from shared import abi, pattern
+from shared.control import ControlError
+from shared.errors import Misuse, PeerMisbehaved, RingFull
+from shared.ring import RingConsumer, RingLayout
+from shared.shm import PAGE_SIZE, Region, list_run_segments, region_name
+
+pytestmark = pytest.mark.timeout(60)
+
+HAVE_KERNEL_ZCRX = importlib.util.find_spec("driver_proc.zcrx") is not None
+RQE = abi.io_uring_zcrx_rqe
+
+# --------------------------------------------------------------------------------------------
+# Pure: encoding
+# --------------------------------------------------------------------------------------------
+
+
+def test_ifq_reg_area_reg_region_desc_bytes_sit_at_uapi_offsets():
+    reg = L.zcrx_ifq_reg(7, 3, 4096, 0x7F0000001000, 0x7F0000001040, abi.ZCRX_REG_NODEV,
+                         8192).tobytes()
+    assert len(reg) == 96
+    assert struct.unpack_from("<IIII", reg, 0) == (7, 3, 4096, abi.ZCRX_REG_NODEV)
+    assert struct.unpack_from("<QQ", reg, 16) == (0x7F0000001000, 0x7F0000001040)
+    assert reg[32:64] == bytes(32)  # offsets: kernel output
+    assert struct.unpack_from("<II", reg, 64) == (0, 8192)  # zcrx_id (out, 0 in), rx_buf_len
+    assert reg[72:96] == bytes(24)
+
+    area = L.zcrx_area_reg(0x7F0000200000, 1 << 20).tobytes()
+    assert len(area) == 48
+    assert struct.unpack_from("<QQQII", area, 0) == (0x7F0000200000, 1 << 20, 0, 0, 0)
+    assert area[32:] == bytes(16)
+
+    user = L.zcrx_region_desc(8192, 0x7F0000300000).tobytes()
+    assert len(user) == 64
+    assert struct.unpack_from("<QQIIQ", user, 0) == (0x7F0000300000, 8192,
+                                                     abi.IORING_MEM_REGION_TYPE_USER, 0, 0)
+    assert user[32:] == bytes(32)
+    kern = L.zcrx_region_desc(8192).tobytes()
+    assert struct.unpack_from("<QQIIQ", kern, 0) == (0, 8192, 0, 0, 0)
+
+
+def test_prep_recv_zc_fills_only_what_the_kernel_reads():
+    sqes = np.zeros(1, dtype=abi.io_uring_sqe)  # io_uring_get_sqe hands out zeroed slots
+    L.io_uring_prep_recv_zc(sqes[0], 12, 65536, 5, abi.IORING_RECVSEND_POLL_FIRST)
+    L.io_uring_sqe_set_data64(sqes[0], 0xDEADBEEF)
+    b = sqes.tobytes()
+    assert b[0] == abi.IORING_OP_RECV_ZC == 58
+    assert struct.unpack_from("<H", b, 2)[0] == (abi.IORING_RECV_MULTISHOT
+                                                 | abi.IORING_RECVSEND_POLL_FIRST)
+    assert struct.unpack_from("<i", b, 4)[0] == 12
+    assert struct.unpack_from("<I", b, 24)[0] == 65536
+    assert struct.unpack_from("<Q", b, 32)[0] == 0xDEADBEEF
+    assert struct.unpack_from("<I", b, 44)[0] == 5  # zcrx_ifq_idx
+    zero = bytearray(b)
+    for off, n in ((0, 1), (2, 2), (4, 4), (24, 4), (32, 8), (44, 4)):
+        zero[off:off + n] = bytes(n)
+    assert bytes(zero) == bytes(64)  # addr, addr2, addr3, msg_flags, flags... all 0
+
+
+@pytest.mark.parametrize(("entries", "hdr", "align", "size"), [
+    (8192, 8, 64, 135168),      # 6.18+: 64 + 131072, page aligned
+    (8192, None, None, 135168),  # no query: a page for the header + 131072
+    (4095, 8, 64, 69632),       # rounded up to 4096 entries: 64 + 65536, page aligned
+    (128, 8, 64, 4096),
+    (128, 128, 64, 4096),
+    (256, 128, 64, 8192),       # 128 + 4096 spills into a second page
+])
+def test_rq_region_size(entries, hdr, align, size):
+    got = L.zcrx_rq_region_size(entries, hdr, align)
+    assert got == size and got % PAGE_SIZE == 0
+    e = 1 << (entries - 1).bit_length()
+    first = PAGE_SIZE if hdr is None else -(-hdr // align) * align
+    assert got >= first + 16 * e
+
+
+# --------------------------------------------------------------------------------------------
+# Pure: the RQ and the CQE batch, against a refill queue whose kernel side is the test's
+# --------------------------------------------------------------------------------------------
+
+AREA_ADDR = 0x7F00_0040_0000
+
+
+class FakeKernel:
+    """The two syscalls the RQ code may make: ZCRX_CTRL flushes (``on_flush`` acts)."""
+
+    def __init__(self, on_flush=None) -> None:
+        self.on_flush = on_flush
+        self.ctrl: list[tuple[int, bytes]] = []
+
+    def syscall(self, type: str, body: dict[str, Any] | None = None, blobs=(), **kw):
+        assert type == "io_uring_register" and body is not None
+        assert body["opcode"] == abi.IORING_REGISTER_ZCRX_CTRL
+        blobs = list(blobs)
+        self.ctrl.append((body["nr_args"], blobs[0]))
+        if self.on_flush is not None:
+            self.on_flush()
+        return SimpleNamespace(body={"res": 0}, blobs=blobs)
+
+
+def make_ifq(rq_entries: int = 8, area_len: int = 1 << 20, area_id: int = 0, on_flush=None):
+    reg = L.zcrx_ifq_reg(0, 0, rq_entries, 0, 0)
+    reg["zcrx_id"] = 3
+    reg["offsets"]["head"], reg["offsets"]["tail"], reg["offsets"]["rqes"] = 0, 4, 64
+    area = SimpleNamespace(addr=AREA_ADDR, length=area_len,
+                           view=np.zeros(area_len, dtype=np.uint8))
+    kernel = FakeKernel(on_flush)
+    ring = SimpleNamespace(kernel=kernel, fd=9, zcrx_ifqs=[])
+    rq_size = L.zcrx_rq_region_size(rq_entries, 8, 64)
+    buf = np.zeros(rq_size, dtype=np.uint8)
+    ifq = L.ZcrxIfq(ring, reg, area=area, own_area=False, area_token=abi.area_token(area_id),
+                    params=None, rq_buf=buf, rq_size=rq_size, rq_mem=None)
+    kside = RingConsumer(buf, RingLayout(rq_entries, RQE, head=0, tail=4, entries=64),
+                         untrusted=True)
+    return ifq, kside, buf
+
+
+def cqe_batch(rows: list[tuple[int, int, int, int]]) -> np.ndarray:
+    """CQE32 records from ``(user_data, res, flags, off)``."""
+    c = np.zeros(len(rows), dtype=abi.io_uring_cqe32)
+    for i, (ud, res, fl, off) in enumerate(rows):
+        c[i]["user_data"], c[i]["res"], c[i]["flags"], c[i]["zcrx_off"] = ud, res, fl, off
+    return c
+
+
+def test_batch_takes_data_cqes_and_splits_token_and_offset():
+    ifq, _, _ = make_ifq(area_id=0)
+    more = abi.IORING_CQE_F_MORE
+    c = cqe_batch([
+        (0x0502, 4096, more, 0x3000),      # data
+        (0x0501, 7, more, 0),              # an accept: not selected
+        (0x0502, 100, more, 0x10000 + 17),  # data at a mid-buffer offset
+        (0x0502, 0, 0, 0),                 # final: no data
+        (0x0602, -errno.ENOSPC, 0, 0),     # final error
+        (0x0602, 4096, more, 0xFF000),     # data, last buffer of the area
+    ])
+    b = L.zcrx_batch(ifq, c, (c["user_data"] & 0xFF) == 2)
+    assert b.index.tolist() == [0, 2, 5]
+    assert b.start.tolist() == [0x3000, 0x10011, 0xFF000]
+    assert b.length.tolist() == [4096, 100, 4096]
+    assert b.off.tolist() == [0x3000, 0x10011, 0xFF000] and b.nbytes == 8292
+
+
+def test_batch_masks_the_area_token():
+    ifq, _, _ = make_ifq(area_id=1)
+    token = abi.area_token(1)
+    c = cqe_batch([(2, 4096, abi.IORING_CQE_F_MORE, token | 0x5000)])
+    b = L.zcrx_batch(ifq, c)
+    assert b.start.tolist() == [0x5000] and b.off.tolist() == [token | 0x5000]
+
+
+@pytest.mark.parametrize("off,res", [
+    (abi.area_token(1) | 0x1000, 4096),  # another area
+    ((1 << 20) - 4095, 4096),            # runs past the end of the area
+])
+def test_batch_refuses_chunks_outside_the_area(off, res):
+    ifq, _, _ = make_ifq(area_len=1 << 20)
+    with pytest.raises(PeerMisbehaved):
+        L.zcrx_batch(ifq, cqe_batch([(2, res, abi.IORING_CQE_F_MORE, off)]))
+
+
+def test_return_is_one_rqe_per_chunk_and_one_tail_store():
+    ifq, kside, buf = make_ifq(rq_entries=8)
+    stores: list[int] = []
+    submit = ifq.rq.submit
+    ifq.rq.submit = lambda k: (stores.append(k), submit(k))[1]
+    off = np.array([0x3000, 0x10011, 0xFF000], dtype=np.uint64)
+    assert L.io_uring_zcrx_return(ifq, off, np.array([4096, 100, 4096])) == 3
+    assert stores == [3]  # one publish for the whole batch
+    assert struct.unpack_from("<I", buf, 4)[0] == 3  # the tail word at the reported offset
+    assert L.io_uring_zcrx_rq_queued(ifq) == 3
+    got = kside.pop(8)
+    assert got["off"].tolist() == off.tolist()
+    assert got["len"].tolist() == [4096, 100, 4096]
+    assert got["__pad"].tolist() == [0, 0, 0]
+    assert L.io_uring_zcrx_rq_queued(ifq) == 0 and ifq.rqes_returned == 3 and ifq.rq_full == 0
+
+
+def test_return_wraps_the_ring_and_clears_stale_pad():
+    ifq, kside, buf = make_ifq(rq_entries=8)
+    rqes = buf[64:64 + 8 * 16].view(RQE)
+    rqes["__pad"] = 0xFFFF  # garbage left in the slots
+    L.io_uring_zcrx_return(ifq, np.arange(6, dtype=np.uint64) * 4096, np.full(6, 4096))
+    assert len(kside.pop(8)) == 6
+    off = np.array([10, 11, 12, 13], dtype=np.uint64) * 4096
+    L.io_uring_zcrx_return(ifq, off, np.full(4, 4096))
+    assert struct.unpack_from("<I", buf, 4)[0] == 10
+    assert rqes["off"][[6, 7, 0, 1]].tolist() == off.tolist()
+    assert rqes["__pad"][[6, 7, 0, 1]].tolist() == [0, 0, 0, 0]
+    assert kside.pop(8)["off"].tolist() == off.tolist()
+
+
+def test_full_rq_is_flushed_then_the_rest_published():
+    holder: dict[str, Any] = {}
+    seen: list[int] = []
+
+    def flush() -> None:  # the kernel consumes every queued RQE
+        seen.extend(holder["k"].pop(64)["off"].tolist())
+
+    ifq, kside, _ = make_ifq(rq_entries=8, on_flush=flush)
+    holder["k"] = kside
+    L.io_uring_zcrx_return(ifq, np.arange(8, dtype=np.uint64) * 4096, np.full(8, 4096))
+    assert L.io_uring_zcrx_rq_queued(ifq) == 8  # full
+    L.io_uring_zcrx_return(ifq, np.arange(8, 13, dtype=np.uint64) * 4096, np.full(5, 4096))
+    assert ifq.rq_full == 1 and ifq.rq_flushes == 1
+    nr_args, ctrl = ifq.kernel.ctrl[0]
+    assert nr_args == 0 and len(ctrl) == 72
+    assert struct.unpack_from("<II", ctrl, 0) == (3, abi.ZCRX_CTRL_FLUSH_RQ)
+    assert ctrl[8:] == bytes(64)
+    seen.extend(kside.pop(64)["off"].tolist())
+    assert seen == [i * 4096 for i in range(13)]  # every chunk once, in order
+
+
+def test_full_rq_waits_for_the_lazy_refill_when_flush_is_refused():
+    holder: dict[str, Any] = {}
+
+    def refused_but_refilled() -> None:
+        holder["k"].pop(3)  # the page pool took three meanwhile
+        raise ControlError("io_uring_register", errno.EINVAL, "no ZCRX_CTRL")
+
+    ifq, kside, _ = make_ifq(rq_entries=8, on_flush=refused_but_refilled)
+    holder["k"] = kside
+    L.io_uring_zcrx_return(ifq, np.arange(8, dtype=np.uint64), np.ones(8))
+    L.io_uring_zcrx_return(ifq, np.arange(8, 11, dtype=np.uint64), np.ones(3))
+    assert ifq._flush_ok is False and ifq.rq_full == 1
+    assert kside.pop(64)["off"].tolist() == list(range(3, 11))
+
+
+def test_full_rq_that_never_drains_is_ringfull():
+    def refused() -> None:
+        raise ControlError("io_uring_register", errno.EOPNOTSUPP, "no")
+
+    ifq, _, _ = make_ifq(rq_entries=4, on_flush=refused)
+    L.io_uring_zcrx_return(ifq, np.arange(4, dtype=np.uint64), np.ones(4))
+    with pytest.raises(RingFull) as ei:
+        L.io_uring_zcrx_return(ifq, np.arange(2, dtype=np.uint64), np.ones(2), timeout=0.05)
+    assert ei.value.errno == errno.ENOSPC
+
+
+def test_stream_offsets_follow_each_connection_in_cq_order():
+    pos = {5: 1000, 6: 0}
+    keys = np.array([5, 6, 5, 5, 6, 7], dtype=np.uint64)
+    lens = np.array([10, 20, 30, 40, 50, 60], dtype=np.int64)
+    so = L.zcrx_stream_offsets(keys, lens, pos)
+    assert so.tolist() == [1000, 0, 1010, 1040, 20, 0]
+    assert pos == {5: 1080, 6: 70, 7: 60}
+    so = L.zcrx_stream_offsets(np.array([6, 6], dtype=np.uint64), np.array([5, 5]), pos)
+    assert so.tolist() == [70, 75] and pos[6] == 80
+
+
+def test_runs_join_back_to_back_chunks_of_one_stream():
+    start = np.array([0, 4096, 8192, 20000, 24096, 30000, 34096], dtype=np.int64)
+    length = np.array([4096, 4096, 4096, 4096, 100, 4096, 4096], dtype=np.int64)
+    keys = np.array([1, 1, 1, 1, 1, 1, 2])
+    so = np.array([0, 4096, 8192, 12288, 16384, 99, 0])
+    assert L.zcrx_runs(start, length).tolist() == [0, 3, 5]
+    assert L.zcrx_runs(start, length, keys, so).tolist() == [0, 3, 5, 6]
+
+
+def _place(area: np.ndarray, chunks: list[tuple[int, int, int, int]]) -> tuple[np.ndarray, ...]:
+    """Write pattern chunks ``(start, length, stream, stream_off)`` into ``area``."""
+    for s, n, sid, so in chunks:
+        pattern.fill(sid, so, area[s:s + n])
+    cols = list(zip(*chunks, strict=True))
+    return tuple(np.array(c, dtype=np.int64) for c in cols)
+
+
+def test_verify_in_place_finds_the_first_bad_byte_of_each_chunk():
+    area = np.zeros(1 << 20, dtype=np.uint8)
+    rng = np.random.default_rng(1)
+    slots = rng.permutation(200)[:40] * 4096
+    chunks = [(int(s), 4096, 21000, 4096 * i) for i, s in enumerate(slots[:30])]  # scattered
+    chunks += [(900 * 1024 + 4096 * i, 4096, 21001, 4096 * i) for i in range(6)]  # one run
+    chunks += [(int(slots[30]), 1000, 21002, 5), (int(slots[31]), 3000, 21002, 1005)]
+    start, length, stream, so = _place(area, chunks)
+    before = area.copy()
+    assert L.zcrx_verify(area, start, length, stream, so).tolist() == [-1] * len(chunks)
+    assert np.array_equal(area, before)  # read only
+    area[start[3] + 17] ^= 1          # a scattered 4 KiB chunk (gather path)
+    area[start[32] + 5] ^= 0x80       # inside the run
+    area[start[34] + 4095] ^= 1       # the last byte of the run
+    area[start[36] + 999] ^= 1        # an odd-sized chunk
+    bad = L.zcrx_verify(area, start, length, stream, so)
+    expect = [-1] * len(chunks)
+    expect[3], expect[32], expect[34], expect[36] = 17, 5, 4095, 999
+    assert bad.tolist() == expect
+    wrong_stream = stream.copy()
+    wrong_stream[0] = 21001
+    assert L.zcrx_verify(area, start[:1], length[:1], wrong_stream[:1], so[:1])[0] >= 0
+
+
+def test_return_cqes_verifies_then_returns_every_data_cqe():
+    ifq, kside, _ = make_ifq(rq_entries=16)
+    area = ifq.area_view
+    more = abi.IORING_CQE_F_MORE
+    rows = []
+    for i, s in enumerate([0x2000, 0x3000, 0x9000]):
+        pattern.fill(40001, 4096 * i, area[s:s + 4096])
+        rows.append(((9 << 8) | 2, 4096, more, s))
+    pattern.fill(40002, 0, area[0x20000:0x20000 + 512])
+    rows.insert(1, ((10 << 8) | 2, 512, more, 0x20000))
+    rows.append(((9 << 8) | 1, 11, more, 0))  # not data
+    c = cqe_batch(rows)
+    area[0x3000 + 9] ^= 0xFF
+    pos = {(9 << 8) | 2: 0, (10 << 8) | 2: 0}
+    streams = {(9 << 8) | 2: 40001, (10 << 8) | 2: 40002}
+    b = L.io_uring_zcrx_return_cqes(ifq, c, (c["user_data"] & 0xFF) == 2, streams=streams,
+                                    positions=pos)
+    assert b.returned == 4 and b.stream_off.tolist() == [0, 0, 4096, 8192]
+    assert b.bad.tolist() == [-1, -1, 9, -1]
+    assert pos == {(9 << 8) | 2: 12288, (10 << 8) | 2: 512}
+    assert kside.pop(16)["off"].tolist() == [0x2000, 0x20000, 0x3000, 0x9000]
+    with pytest.raises(Misuse):
+        L.io_uring_zcrx_return_cqes(ifq, c, streams=streams)
+
+
+# --------------------------------------------------------------------------------------------
+# The syscall boundary: a stand-in for the kernel's zcrx opcodes in a real kernel thread
+# --------------------------------------------------------------------------------------------
+
+
+class StandIn:
+    """Answers IORING_REGISTER_ZCRX_IFQ / ZCRX_CTRL / QUERY as the uapi says the kernel does,
+    from the kernel thread: reads the structs through the task's mm where the pointers say,
+    writes the outputs back, and keeps the RQ as the kernel sees it."""
+
+    def __init__(self, kt: KernelThread, query: bool = False) -> None:
+        self.kt = kt
+        self.calls: list[dict[str, Any]] = []
+        self.rq: RingConsumer | None = None
+        self.fail: int | None = None
+        self.ctrl: list[bytes] = []
+        ops = [(abi.IORING_REGISTER_ZCRX_IFQ, self.ifq, False),
+               (abi.IORING_REGISTER_ZCRX_CTRL, self.zctrl, False)]
+        if query:
+            ops.append((abi.IORING_REGISTER_QUERY, self.query, True))
+        kt.call(lambda ctx: [ctx.rings.register_register_op(op, fn, blind=blind)
+                             for op, fn, blind in ops])
+
+    def ifq(self, ring, task, nr_args, blobs):
+        if self.fail is not None:
+            raise Misuse("refused", self.fail)
+        reg = np.frombuffer(blobs[0], dtype=abi.io_uring_zcrx_ifq_reg).copy()
+        area = task.mm.resolve(int(reg["area_ptr"][0]), 48, write=True)
+        rdesc = task.mm.resolve(int(reg["region_ptr"][0]), 64, write=True)
+        self.calls.append({"nr_args": nr_args, "nblobs": len(blobs), "reg": bytes(blobs[0]),
+                           "area": area.tobytes(), "region": rdesc.tobytes()})
+        r = rdesc.view(abi.io_uring_region_desc)
+        entries = 1 << (int(reg["rq_entries"][0]) - 1).bit_length()
+        size = int(r["size"][0])
+        if int(r["flags"][0]) & abi.IORING_MEM_REGION_TYPE_USER:
+            buf = task.mm.resolve(int(r["user_addr"][0]), size, write=True)
+        else:
+            offset = abi.zcrx_region_mmap_offset(5)
+            region = Region.create(region_name(self.kt.ctx.run, "kernel",
+                                               f"t{task.tid}.ring{ring.fd}.zcrx5"), size)
+            ring.mmap_regions[offset] = region
+            r["mmap_offset"] = offset
+            buf = region.array(np.uint8)
+        area.view(abi.io_uring_zcrx_area_reg)["rq_area_token"] = abi.area_token(0)
+        out = reg.copy()
+        out["rq_entries"] = entries
+        out["offsets"]["head"], out["offsets"]["tail"], out["offsets"]["rqes"] = 0, 4, 64
+        out["zcrx_id"] = 5
+        self.rq = RingConsumer(buf, RingLayout(entries, RQE, head=0, tail=4, entries=64),
+                               untrusted=True)
+        return 0, [out.tobytes()]
+
+    def zctrl(self, ring, task, nr_args, blobs):
+        self.ctrl.append(bytes(blobs[0]))
+        assert self.rq is not None
+        self.rq.pop(self.rq.nentries)
+        return 0, [bytes(blobs[0])]
+
+    def query(self, ring, task, nr_args, blobs):
+        hdr = np.frombuffer(blobs[0], dtype=abi.io_uring_query_hdr).copy()
+        q = np.zeros(1, dtype=abi.io_uring_query_zcrx)
+        q["register_flags"] = abi.ZCRX_REG_NODEV
+        q["nr_ctrl_opcodes"] = abi.ZCRX_CTRL_LAST
+        q["rq_hdr_size"], q["rq_hdr_alignment"] = abi.ZCRX_RQ_HDR_SIZE, abi.ZCRX_RQ_HDR_ALIGNMENT
+        dst = task.mm.resolve(int(hdr["query_data"][0]), int(hdr["size"][0]), write=True)
+        dst[:] = q.view(np.uint8)[:len(dst)]
+        hdr["result"] = 0
+        return 0, [hdr.tobytes()]
+
+
+@pytest.fixture
+def kt(run_id, tmp_path):
+    k = KernelThread(run_id, tmp_path)
+    yield k
+    k.close()
+
+
+@pytest.fixture
+def app(kt, run_id, tmp_path):
+    k = L.Kernel(tmp_path, run=run_id, name="zcrx-test")
+    yield k
+    k.close()
+
+
+@pytest.mark.parametrize("rq_kernel", [False, True], ids=["rq-user", "rq-kernel"])
+def test_register_ifq_passes_the_uapi_structs_through_app_memory(kt, app, run_id, rq_kernel):
+    si = StandIn(kt)
+    ring = L.io_uring_queue_init(8, L.ZCRX_RING_FLAGS, kernel=app)
+    ifq = L.io_uring_register_ifq(ring, 3, 1, rq_entries=100, area_size=1 << 20,
+                                  rq_kernel=rq_kernel, query=False)
+    (call,) = si.calls
+    assert call["nr_args"] == 1 and call["nblobs"] == 1
+    reg = call["reg"]
+    assert len(reg) == 96 and struct.unpack_from("<IIII", reg, 0) == (3, 1, 100, 0)
+    area_ptr, region_ptr = struct.unpack_from("<QQ", reg, 16)
+    assert (area_ptr, region_ptr) == (ifq.params.addr, ifq.params.addr + 64)
+    assert reg[32:96] == bytes(64)
+    assert struct.unpack_from("<QQQII", call["area"], 0) == (ifq.area_addr, 1 << 20, 0, 0, 0)
+    rq_size = L.zcrx_rq_region_size(128)
+    assert rq_size == 8192
+    region = struct.unpack_from("<QQIIQ", call["region"], 0)
+    if rq_kernel:
+        assert region == (0, rq_size, 0, 0, 0) and ifq.rq_mem is None
+    else:
+        assert region == (ifq.rq_mem.addr, rq_size, abi.IORING_MEM_REGION_TYPE_USER, 0, 0)
+    assert (ifq.zcrx_id, ifq.rq_entries, ifq.area_token) == (5, 128, 0)
+    assert ifq.offsets == {"head": 0, "tail": 4, "rqes": 64}
+    assert ring.zcrx_ifqs == [ifq]
+    # The RQ the app writes is the one the kernel reads.
+    L.io_uring_zcrx_return(ifq, np.array([0x1000, 0x3000 | 17], dtype=np.uint64), [4096, 9])
+    got = kt.call(lambda ctx: si.rq.pop(8))
+    assert got["off"].tolist() == [0x1000, 0x3011] and got["len"].tolist() == [4096, 9]
+    assert got["__pad"].tolist() == [0, 0]
+    # And the area is the app's: what the kernel side writes through the mm, the app sees.
+    kt.call(lambda ctx: ctx.tasks.by_tid(app.task).mm.resolve(ifq.area_addr + 8192, 4, True)
+            .__setitem__(slice(None), [1, 2, 3, 4]))
+    assert ifq.data(8192, 4).tolist() == [1, 2, 3, 4]
+    assert L.io_uring_zcrx_flush_rq(ifq) == 0
+    assert struct.unpack_from("<II", si.ctrl[0], 0) == (5, abi.ZCRX_CTRL_FLUSH_RQ)
+    L.io_uring_queue_exit(ring)
+    assert list_run_segments(run_id) == []
+    assert kt.call(lambda ctx: len(ctx.tasks.by_tid(app.task).mm)) == 0
+
+
+def test_register_ifq_failure_leaves_nothing_allocated(kt, app, run_id):
+    si = StandIn(kt)
+    si.fail = errno.EEXIST
+    ring = L.io_uring_queue_init(8, L.ZCRX_RING_FLAGS, kernel=app)
+    before = list_run_segments(run_id)
+    with pytest.raises(ControlError) as ei:
+        L.io_uring_register_ifq(ring, 3, 1, rq_entries=64, area_size=1 << 20, query=False)
+    assert ei.value.errno == errno.EEXIST
+    assert list_run_segments(run_id) == before and ring.zcrx_ifqs == []
+    with pytest.raises(Misuse):
+        L.io_uring_register_ifq(L.io_uring_queue_init(8, kernel=app), query=False)  # no CQE32
+    L.io_uring_queue_exit(ring)
+
+
+def test_query_sizes_the_rq_region_and_its_absence_falls_back(kt, app):
+    def no_query(ctx):
+        ctx.rings.register_ops.pop(abi.IORING_REGISTER_QUERY, None)
+        ctx.rings.blind_register_ops.discard(abi.IORING_REGISTER_QUERY)
+
+    kt.call(no_query)
+    assert L.io_uring_query_zcrx(app) is None  # EINVAL: an older kernel, no query
+    ring = L.io_uring_queue_init(8, L.ZCRX_RING_FLAGS, kernel=app)
+    StandIn(kt)
+    ifq = L.io_uring_register_ifq(ring, 0, 0, rq_entries=256, area_size=1 << 16)
+    assert ifq.rq_size == 8192  # a page for the header + 4096 of RQEs
+    si = StandIn(kt, query=True)
+    q = L.io_uring_query_zcrx(app)
+    assert int(q["rq_hdr_size"][0]) == 8 and int(q["rq_hdr_alignment"][0]) == 64
+    assert int(q["register_flags"][0]) == abi.ZCRX_REG_NODEV
+    ifq = L.io_uring_register_ifq(ring, 0, 0, rq_entries=256, area_size=1 << 16)
+    assert struct.unpack_from("<Q", si.calls[0]["region"], 8)[0] == 8192 == ifq.rq_size
+    ifq = L.io_uring_register_ifq(ring, 0, 0, rq_entries=128, area_size=1 << 16)
+    assert ifq.rq_size == 4096  # 64 + 2048: one page
+    L.io_uring_queue_exit(ring)
+
+
+# --------------------------------------------------------------------------------------------
+# The server: options
+# --------------------------------------------------------------------------------------------
+
+
+def test_server_options_follow_the_liburing_example():
+    o, _ = zcrx_server.parse_args(["-q", "1"])
+    assert (o.port, o.ifname, o.rxq, o.area_size, o.cq_entries, o.rq_entries) == \
+        (8000, "eth0", 1, 64 << 20, 8192, 8192)
+    assert not o.rq_kernel and not o.verify and o.stream_id is None and o.size == 0
+    o, _ = zcrx_server.parse_args(["--nodev", "-r", "1", "-S", "16M", "-s", "1G", "-v",
+                                   "--stream-id", "7", "-R", "4096", "-n", "2"])
+    assert o.nodev and o.rq_kernel and o.area_size == 16 << 20 and o.size == 1 << 30
+    assert (o.stream_id, o.rq_entries, o.connections) == (7, 4096, 2)
+    for bad in (["-i", "eth0"], ["--nodev", "-q", "2"], ["-q", "0", "-R", "1000"],
+                ["-q", "0", "-r", "2"], ["-q", "0", "--stream-id", "x"]):
+        with pytest.raises(SystemExit):
+            zcrx_server.parse_args(bad)
+
+
+def test_find_ifq_stats_picks_this_ifq():
+    ifq = {"ifq": 4, "task": 2, "area": {"addr": 0x7F0000400000, "len": 1 << 20},
+           "counters": {"copy_count": 7, "copy_bytes": 700, "zc_cqes": 3, "zc_bytes": 12288}}
+    other = {"ifq": 3, "task": 2, "area": {"addr": 0x7F0000100000},
+             "counters": {"copy_count": 5, "copy_bytes": 500}}
+    body = {"zcrx": {"ifqs": [other, ifq]}}
+    got = zcrx_server.find_ifq_stats(body, 2, 0x7F0000400000)
+    assert got is not None and (got["count"], got["bytes"], got["zc_bytes"]) == (7, 700, 12288)
+    assert zcrx_server.find_ifq_stats(body, 9, 0x7F0000400000) is None
+    assert zcrx_server.find_ifq_stats({"io_uring": {}}, 2, 0) is None
+
+
+# --------------------------------------------------------------------------------------------
+# End to end through the kernel's own zcrx (once driver_proc.zcrx exists)
+# --------------------------------------------------------------------------------------------
+
+needs_kernel = pytest.mark.skipif(not HAVE_KERNEL_ZCRX, reason="driver_proc.zcrx not there yet")
+
+
+def _run_server(kt: KernelThread, app: L.Kernel, argv: list[str]):
+    result: dict[str, Any] = {}
+
+    def go() -> None:
+        try:
+            result["code"] = zcrx_server.main(argv, kernel=app)
+        except BaseException as exc:  # surfaced by the test
+            result["exc"] = exc
+
+    t = threading.Thread(target=go, name="zcrx_server")
+    t.start()
+    kt.wait_for(lambda ctx: t.is_alive() is False or any(
+        sf.is_listening for task in ctx.tasks for sf in task.files.values()
+        if hasattr(sf, "is_listening")))
+    return t, result
+
+
+@needs_kernel
+@pytest.mark.parametrize("rq_kernel", [False, True], ids=["rq-user", "rq-kernel"])
+def test_nodev_recv_zc_through_the_kernel_with_returns_and_flushes(kt, app, rq_kernel):
+    """liburing's "2x area with returns and flushes": 16 niovs carry 200 kB only because
+    every chunk goes back through the RQ (and NODEV needs FLUSH_RQ to consume it)."""
+    ring = L.io_uring_queue_init(16, L.ZCRX_RING_FLAGS, kernel=app)
+    ifq = L.io_uring_register_ifq(ring, flags=abi.ZCRX_REG_NODEV, rq_entries=16,
+                                  area_size=16 * 4096, rq_kernel=rq_kernel)
+    assert ifq.nodev and ifq.rq_user is not rq_kernel and ifq.area_len == 65536
+    lfd = app.listen_tcp(8000)
+    sqe = L.io_uring_get_sqe(ring)
+    L.io_uring_prep_accept(sqe, lfd)
+    L.io_uring_sqe_set_data64(sqe, 1)
+    L.io_uring_submit(ring)
+    data = pattern.pattern_bytes(32000, 0, 200_000)
+    tcp_stream(kt, 32000, data)
+    cqe = L.io_uring_wait_cqe(ring, timeout_ms=10_000)
+    fd = int(cqe["res"])
+    assert int(cqe["user_data"]) == 1 and fd >= 0
+    L.io_uring_cqe_seen(ring)
+
+    def arm() -> None:
+        sqe = L.io_uring_get_sqe(ring)
+        L.io_uring_prep_recv_zc(sqe, fd, 0, ifq.zcrx_id)
+        L.io_uring_sqe_set_data64(sqe, 2)
+        L.io_uring_submit(ring)
+
+    arm()
+    pos: dict[int, int] = {}
+    finals: list[int] = []
+    got = hashlib_sha256()
+    while True:
+        cqes = L.io_uring_wait_cqes(ring, 1, timeout_ms=10_000)
+        b = zcrx_read(ifq, cqes, got)
+        b2 = L.io_uring_zcrx_return_cqes(ifq, cqes, streams={2: 32000}, positions=pos)
+        assert b2.bad.tolist() == [-1] * len(b2) and len(b2) == len(b)
+        ends = cqes["res"][(cqes["flags"] & abi.IORING_CQE_F_MORE) == 0].tolist()
+        L.io_uring_cq_advance(ring, len(cqes))
+        L.io_uring_zcrx_flush_rq(ifq)
+        if not ends:
+            continue
+        finals += ends
+        if ends[-1] == 0:
+            break
+        assert ends[-1] in (-errno.ENOMEM, -errno.ENOSPC)  # out of niovs: flushed, re-arm
+        arm()
+    assert pos == {2: 200_000} and got.digest() == hashlib_sha256(data).digest()
+    assert ifq.rqes_returned >= 200_000 // 4096 > 16  # each of the 16 niovs went round
+    counters = kt.call(lambda ctx: dict(ctx.zcrx.ifqs[0].counters))
+    assert counters["copy_bytes"] == 200_000 and counters["zc_bytes"] == 0
+    assert counters["rq_returned"] == counters["copy_count"] == ifq.rqes_returned
+    kt.call(lambda ctx: ctx.zcrx.check_ledger())
+    # What the server reports as copy fallback is this, found in the kernel's stats.
+    fb = zcrx_server.find_ifq_stats({"zcrx": kt.call(lambda ctx: ctx.zcrx.stats())},
+                                    app.task, ifq.area_addr)
+    assert fb is not None and (fb["count"], fb["bytes"]) == (counters["copy_count"], 200_000)
+    L.io_uring_queue_exit(ring)
+    assert kt.call(lambda ctx: len(ctx.zcrx.ifqs)) == 0  # NODEV: nothing left to drain
+
+
+def hashlib_sha256(data: bytes = b""):
+    import hashlib
+
+    return hashlib.sha256(data)
+
+
+def zcrx_read(ifq: L.ZcrxIfq, cqes: np.ndarray, h) -> L.ZcrxBatch:
+    b = L.zcrx_batch(ifq, cqes)
+    for s, n in zip(b.start.tolist(), b.length.tolist(), strict=True):
+        h.update(ifq.data(s, n))
+    return b
+
+
+@needs_kernel
+@pytest.mark.parametrize("rq", ["0", "1"], ids=["rq-user", "rq-kernel"])
+def test_nodev_server_receives_and_verifies_two_connections(kt, app, tmp_path, rq):
+    summary = tmp_path / "s.json"
+    sizes = {31001: 300_000, 31002: 70_001}
+    t, result = _run_server(kt, app, ["--nodev", "-v", "-n", "2", "-S", "256K", "-R", "32",
+                                      "-C", "256", "-r", rq, "--json", str(summary),
+                                      "--seconds", "30", "--quiet"])
+    for sport, size in sizes.items():
+        tcp_stream(kt, sport, pattern.pattern_bytes(sport, 0, size))
+    t.join(30)
+    assert not t.is_alive() and result == {"code": 0}, result
+    s = json.loads(summary.read_text())
+    assert s["ok"] and s["errors"] == [] and s["zcrx"]["nodev"]
+    assert s["zcrx"]["rq_memory"] == ("kernel" if rq == "1" else "user")
+    by_stream = {c["stream"]: c for c in s["connections"]}
+    for sport, size in sizes.items():
+        c = by_stream[sport]
+        assert c["bytes"] == size and c["bad_offset"] is None and c["checks"]["complete"]
+        assert c["sha256"] == pattern.expected_sha256(sport, size)
+    assert s["app"]["read_bytes"] == sum(sizes.values()) and s["app"]["copy_bytes"] == 0
+    assert s["zcrx"]["rqes_returned"] == s["app"]["data_cqes"]
+    assert s["zcrx"]["rq_flushes"] > 0  # NODEV: the server flushes; 64 niovs carried 370 kB
+    assert kt.call(lambda ctx: ctx.zcrx.retired["copy_bytes"]) == sum(sizes.values())
+
+
+@needs_kernel
+def test_server_reports_corruption_and_short_streams(kt, app, tmp_path):
+    summary = tmp_path / "s.json"
+    t, result = _run_server(kt, app, ["--nodev", "-v", "-s", "50000", "-n", "2", "--json",
+                                      str(summary), "--seconds", "30", "--quiet"])
+    good = bytearray(pattern.pattern_bytes(33000, 0, 50_000))
+    good[40_000] ^= 0xFF
+    tcp_stream(kt, 33000, bytes(good))  # one flipped byte
+    tcp_stream(kt, 33001, pattern.pattern_bytes(33001, 0, 20_000))  # short
+    t.join(30)
+    assert result == {"code": zcrx_server.EXIT_CHECK_FAILED}
+    s = json.loads(summary.read_text())
+    by_stream = {c["stream"]: c for c in s["connections"]}
+    assert by_stream[33000]["bad_offset"] == 40_000
+    assert by_stream[33000]["checks"] == {"error": True, "complete": True, "verify": False,
+                                          "size": True}
+    assert by_stream[33001]["checks"] == {"error": True, "complete": True, "verify": True,
+                                          "size": False}
+    assert not s["ok"]
+
+
+@needs_kernel
+def test_server_exits_with_a_clear_error_when_the_kernel_goes(kt, run_id, tmp_path, capsys):
+    k = L.Kernel(tmp_path, run=run_id, name="zcrx-test", timeout_ms=300)
+    try:
+        t, result = _run_server(kt, k, ["--nodev", "-n", "1", "--seconds", "30"])
+        kt.close()  # the kernel process dies
+        t.join(30)
+        assert not t.is_alive() and result == {"code": zcrx_server.EXIT_SETUP_FAILED}
+        assert "kernel gone" in capsys.readouterr().err
+    finally:
+        k.close()
