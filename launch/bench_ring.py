@@ -186,8 +186,7 @@ def _payload_producer(name: str, nslots: int, payload: int, batch: int, seconds:
                 area[s0:s0 + k] = src[p0:p0 + k]  # the common case: one copy
             else:
                 area[offs // payload] = src[(np.arange(k) + p0) % pool_count]
-            out["off"] = offs
-            out["len"] = payload
+            out["off"] = offs  # "len" was written once for every slot at setup
             fill.release(k)
             comp.submit(k)
             sent += k
@@ -287,7 +286,10 @@ def bench_payload(run: str, batch: int, seconds: float, payload: int = 4096,
     size = area_off + nslots * payload
     with Region.create(region_name(run, "bench", f"payload{batch}"), size) as region:
         ctl = _control(region)
-        RingConsumer(region.buf, comp_l).init_words()
+        comp = RingConsumer(region.buf, comp_l)
+        comp.init_words()
+        comp.ring["len"] = payload  # every payload has the same length: set it once
+        comp.detach()
         fill = RingProducer(region.buf, fill_l)
         fill.push(np.arange(nslots, dtype=np.uint64) * payload)  # every slot starts free
         fill.detach()
