@@ -55,8 +55,6 @@ from __future__ import annotations
 import argparse
 import errno
 import hashlib
-import json
-import signal
 import sys
 import threading
 import time
@@ -66,17 +64,15 @@ from typing import IO, Any
 import numpy as np
 
 from app_proc import liburing as L
+from app_proc.server import EXIT_CHECK_FAILED, EXIT_OK, serve
 from shared import abi
 from shared.control import ControlError
-from shared.errors import PeerGone, ZcrxError
+from shared.errors import PeerGone
 from shared.proc import notify_ready
 
 KIND_ACCEPT = 1
 KIND_ZC = 2
 KIND_CLOSE = 3
-EXIT_OK = 0
-EXIT_CHECK_FAILED = 1
-EXIT_SETUP_FAILED = 3
 #: RECV_ZC ``len`` is a u32 and UINT_MAX is refused: larger budgets run unlimited.
 _MAX_BUDGET = 0xFFFFFFFE
 _F_MORE = abi.IORING_CQE_F_MORE
@@ -594,46 +590,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
     return opts, a
 
 
-def write_json(path: str, summary: dict[str, Any]) -> None:
-    text = json.dumps(summary, indent=2)
-    if path == "-":
-        print(text, flush=True)
-    else:
-        with open(path, "w") as f:
-            f.write(text + "\n")
-
-
 def main(argv: list[str] | None = None, kernel: L.Kernel | None = None,
          stop: threading.Event | None = None) -> int:
     opts, a = parse_args(argv)
-    stop = stop or threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        signal.signal(signal.SIGINT, lambda *_: stop.set())
-    own = kernel is None
-    try:
-        k = kernel if kernel is not None else L.Kernel(a.rundir, run=a.run, name="zcrx_server")
-        k.attach()
-    except ZcrxError as exc:
-        print(f"zcrx_server: cannot reach the kernel: {exc}", file=sys.stderr)
-        return EXIT_SETUP_FAILED
-    server = ZcrxServer(k, opts, stop, log=sys.stderr if opts.json_path == "-" else None)
-    try:
-        code = server.run()
-    except PeerGone as exc:
-        server.errors.append(f"kernel gone: {exc}")
-        code = EXIT_SETUP_FAILED
-    except ZcrxError as exc:
-        server.errors.append(str(exc))
-        code = EXIT_SETUP_FAILED
-    finally:
-        if own:
-            k.close()
-    if opts.json_path:
-        write_json(opts.json_path, server.summary())
-    for e in server.errors:
-        print(f"zcrx_server: {e}", file=sys.stderr)
-    return code
+    log = sys.stderr if opts.json_path == "-" else None
+    return serve("zcrx_server", lambda k, ev: ZcrxServer(k, opts, ev, log=log), rundir=a.rundir,
+                 run=a.run, json_path=opts.json_path, kernel=kernel, stop=stop)
 
 
 if __name__ == "__main__":

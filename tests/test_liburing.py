@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from app_proc import copy_server
+from app_proc import copy_server, server
 from app_proc import liburing as L
 from driver_proc.syscalls import KernelContext, handlers, service, task_exit
 from driver_proc.tcp import ACK, FIN, SYN, flow_key
@@ -318,7 +318,7 @@ def test_copy_server_reports_corruption_and_short_streams(kt, app, tmp_path):
     tcp_stream(kt, 31000, bytes(good))  # one flipped byte
     tcp_stream(kt, 31001, pattern.pattern_bytes(31001, 0, 20_000))  # short
     t.join(30)
-    assert result == {"code": copy_server.EXIT_CHECK_FAILED}
+    assert result == {"code": server.EXIT_CHECK_FAILED}
     s = json.loads(summary.read_text())
     by_stream = {c["stream"]: c for c in s["connections"]}
     assert by_stream[31000]["bad_offset"] == 40_000

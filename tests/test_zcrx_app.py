@@ -27,7 +27,7 @@ import pytest
 from test_liburing import KernelThread, tcp_stream
 
 from app_proc import liburing as L
-from app_proc import zcrx_server
+from app_proc import server, zcrx_server
 from shared import abi, pattern
 from shared.control import ControlError
 from shared.errors import Misuse, PeerMisbehaved, RingFull
@@ -667,7 +667,7 @@ def test_server_reports_corruption_and_short_streams(kt, app, tmp_path):
     tcp_stream(kt, 33000, bytes(good))  # one flipped byte
     tcp_stream(kt, 33001, pattern.pattern_bytes(33001, 0, 20_000))  # short
     t.join(30)
-    assert result == {"code": zcrx_server.EXIT_CHECK_FAILED}
+    assert result == {"code": server.EXIT_CHECK_FAILED}
     s = json.loads(summary.read_text())
     by_stream = {c["stream"]: c for c in s["connections"]}
     assert by_stream[33000]["bad_offset"] == 40_000
@@ -685,7 +685,7 @@ def test_server_exits_with_a_clear_error_when_the_kernel_goes(kt, run_id, tmp_pa
         t, result = _run_server(kt, k, ["--nodev", "-n", "1", "--seconds", "30"])
         kt.close()  # the kernel process dies
         t.join(30)
-        assert not t.is_alive() and result == {"code": zcrx_server.EXIT_SETUP_FAILED}
+        assert not t.is_alive() and result == {"code": server.EXIT_SETUP_FAILED}
         assert "kernel gone" in capsys.readouterr().err
     finally:
         k.close()
