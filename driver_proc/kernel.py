@@ -37,7 +37,7 @@ from shared.control import ControlServer, Handler, HandlerResult, Message
 from shared.errors import Misuse, ZcrxError
 
 #: Frames one queue may complete per NAPI poll (the driver's budget).
-NAPI_BUDGET = 256
+NAPI_BUDGET = 1024
 #: How long the idle loop sleeps while a queue waits for buffers to come home.
 STARVED_POLL_MS = 1
 

@@ -69,7 +69,7 @@ __all__ = [
 ]
 
 #: Frames per generator batch unless the spec says otherwise.
-DEFAULT_BATCH = 128
+DEFAULT_BATCH = 512
 #: Most flows one generator drives.
 MAX_FLOWS = 4096
 #: Per-flow entries listed in a progress report (the control header is bounded).
