@@ -16,6 +16,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from launch.topology import APPS
 from shared.errors import ZcrxError
 from shared.shm import list_run_segments
 
@@ -31,7 +32,16 @@ def fail(msg: str, code: int = EXIT_FAILED) -> None:
     sys.exit(code)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+EPILOG = """\b
+Exit codes:
+  0  success
+  1  a check failed (data not verified, a target missed with --check)
+  2  usage error (bad option, argument, topology file or role)
+  3  an operation failed (a one-line reason is printed)
+"""
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
 @click.version_option(package_name="zcrx-emu", prog_name="zcrx")
 def main() -> None:
     """zcrx-emu: an emulation of Linux io_uring zero-copy receive in separate processes.
@@ -270,6 +280,10 @@ def _call(run: Any, endpoint: str, type_: str, body: dict[str, Any] | None = Non
     import shared.syscalls  # noqa: F401  (register the message types)
     from shared.control import ControlClient
 
+    entry = run.m.procs.get(endpoint)
+    if entry is not None and entry.process() is None:
+        fail(f"{type_}: the {endpoint} process of run {run.m.name} (pid {entry.pid}) is not "
+             f"running (zcrx down --name {run.m.name})")
     try:
         with ControlClient(run.endpoint(endpoint), timeout_ms=timeout_ms) as c:
             return c.call(type_, body or {})
@@ -289,41 +303,67 @@ def _reason(remote_msg: str) -> str:
 NAME_OPT = click.option("--name", help="Run name (default: the only run that is up).")
 
 
+def _load_topology(path: str) -> Any:
+    from launch.topology import Topology, TopologyError
+
+    try:
+        return Topology.from_toml(path)
+    except TopologyError as e:
+        fail(str(e), 2)
+
+
 @main.command()
-@click.option("--name", default="zcrx", show_default=True, help="Name of the run.")
+@click.option("-f", "--file", "topo_file", type=click.Path(dir_okay=False),
+              help="A topology file (TOML: netdevs with ethtool settings, apps, traffic); "
+                   "see examples/.")
+@click.option("--name", default=None,
+              help="Name of the run (default: the file's name, else 'zcrx').")
 @click.option("--netdev", "netdevs", multiple=True, metavar="SPEC",
               help="A netdev, e.g. 'eth0:queues=4,mtu=4096'; repeat for several "
-                   "(default: one eth0).")
+                   "(default: one eth0; not with --file).")
 @click.option("--queues", type=click.IntRange(1, 64), default=None,
-              help="Combined queues of every netdev that does not say (default 4).")
+              help="Combined queues of every netdev that does not say (default 4; not with "
+                   "--file).")
 @click.option("--detach/--foreground", default=True, show_default=True,
-              help="Return once the run is up, or stay and bring it down on Ctrl-C.")
-def up(name: str, netdevs: tuple[str, ...], queues: int | None, detach: bool) -> None:
-    """Start the NIC and kernel processes of a run, in order, each once ready."""
+              help="Return once the run is up, or stay (recorded as role 'launcher') and "
+                   "bring it down on Ctrl-C or SIGTERM.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run's name, id and steps as "
+              "JSON.")
+def up(topo_file: str | None, name: str | None, netdevs: tuple[str, ...], queues: int | None,
+       detach: bool, as_json: bool) -> None:
+    """Start a run: NIC, kernel, ethtool settings, apps, traffic; each once ready."""
     from launch import run as runmod
+    from launch.topology import NetdevSpec, Topology, TopologyError
 
-    specs = list(netdevs) or ["eth0"]
-    if queues is not None:
-        specs = [s if "queues=" in s else s + ("," if ":" in s else ":") + f"queues={queues}"
-                 for s in specs]
+    if topo_file is not None:
+        if netdevs or queues is not None:
+            fail("--netdev and --queues do not go with --file (put them in the file)", 2)
+        topo = _load_topology(topo_file)
+    else:
+        specs = list(netdevs) or ["eth0"]
+        if queues is not None:
+            specs = [s if "queues=" in s else s + ("," if ":" in s else ":")
+                     + f"queues={queues}" for s in specs]
+        try:
+            topo = Topology(name=name or "zcrx",
+                            netdevs=[NetdevSpec.from_spec(s) for s in specs])
+            topo.validate("--netdev")
+        except TopologyError as e:
+            fail(str(e), 2)
+    name = name or topo.name
     try:
-        r = runmod.Run.create(name, {"netdevs": specs})
+        r, steps = runmod.bring_up(topo, name, detach=detach)
     except ZcrxError as e:
         fail(str(e))
-    try:
-        nic_args = ["--run", r.run_id, "--rundir", str(r.dir)]
-        for s in specs:
-            nic_args += ["--netdev", s]
-        watch = ["--detached"] if detach else []
-        r.spawn("nic", "nic_proc", nic_args + watch, detach=detach, ready="nic")
-        r.spawn("kernel", "driver_proc", ["--run", r.run_id, "--rundir", str(r.dir), *watch],
-                detach=detach, ready="kernel")
-    except ZcrxError as e:
-        r.down()
-        fail(f"run {name} did not come up: {e}")
     status = _call(r, "kernel", "status")
     devs = ", ".join(f"{d['name']} ({d['queues']} queues)" for d in status["netdevs"])
-    console.print(f"run {name} is up (id {r.run_id}): {devs}", highlight=False)
+    if as_json:
+        click.echo(json.dumps({"name": name, "run_id": r.run_id, "rundir": str(r.dir),
+                               "steps": steps}, indent=2))
+    else:
+        for line in steps[2:]:
+            console.print(f"  {line}", highlight=False)
+        console.print(f"run {name} is up (id {r.run_id}): {devs}", highlight=False)
     if detach:
         return
     import signal as _signal
@@ -360,6 +400,38 @@ def down(name: str | None, timeout: float) -> None:
 
 @main.command()
 @NAME_OPT
+@click.option("--signal", "signame", type=click.Choice(["KILL", "TERM", "STOP", "CONT"],
+                                                        case_sensitive=False),
+              default="KILL", show_default=True, help="Signal to send.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.argument("role")
+def kill(name: str | None, signame: str, as_json: bool, role: str) -> None:
+    """Send a signal to one process of a run: ROLE is nic, kernel, app:N or launcher
+    (the launcher exists only for a foreground `zcrx up`).
+
+    Fault injection: the run is not cleaned up (`zcrx down` still is); with KILL this
+    returns once the process is gone.
+    """
+    from launch import run as runmod
+
+    try:
+        canon = runmod.parse_role(role)
+    except ZcrxError as e:
+        fail(str(e), 2)
+    r = _pick_run(name)
+    signame = signame.upper()
+    try:
+        entry = r.signal(canon, signame)
+    except ZcrxError as err:
+        fail(str(err))
+    if as_json:
+        click.echo(json.dumps({"role": canon, "pid": entry.pid, "signal": signame}))
+    else:
+        console.print(f"sent SIG{signame} to {canon} (pid {entry.pid})", highlight=False)
+
+
+@main.command()
+@NAME_OPT
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def status(name: str | None, as_json: bool) -> None:
     """Processes, netdevs, queues with their bindings and page pools, rings, apps."""
@@ -385,13 +457,125 @@ def status(name: str | None, as_json: bool) -> None:
                           highlight=False)
 
 
+def queue_rates(prev: dict[str, Any], cur: dict[str, Any], dt: float
+                ) -> list[dict[str, Any]]:
+    """Per-queue rx packet/byte deltas between two kernel ``stats`` replies, and GB/s.
+
+    Plain function (no I/O): rows ``{dev, queue, packets, bytes, d_packets, d_bytes, gbps}``
+    in netdev and queue order; a queue new in ``cur`` counts from zero.
+    """
+    rows = []
+    for dev, queues in sorted(cur.get("netdevs", {}).items()):
+        before = prev.get("netdevs", {}).get(dev, {})
+        for q in sorted(queues, key=lambda k: int(k.rpartition("-")[2])
+                        if k.rpartition("-")[2].isdigit() else 1 << 30):
+            c = queues[q]
+            if not isinstance(c, dict) or "rx_packets" not in c:
+                continue
+            b = before.get(q, {})
+            dp = int(c["rx_packets"]) - int(b.get("rx_packets", 0))
+            db = int(c.get("rx_bytes", 0)) - int(b.get("rx_bytes", 0))
+            rows.append({"dev": dev, "queue": q, "packets": int(c["rx_packets"]),
+                         "bytes": int(c.get("rx_bytes", 0)), "d_packets": dp, "d_bytes": db,
+                         "gbps": db / dt / 1e9 if dt > 0 else 0.0})
+    return rows
+
+
+def _rates_table(rows: list[dict[str, Any]], interval: float, n: int) -> Table:
+    t = Table(title=f"rx per queue, every {interval:g} s (sample {n}; Ctrl-C to stop)")
+    for col in ("netdev", "queue", "packets", "bytes", "Δpackets", "Δbytes", "GB/s"):
+        t.add_column(col, justify="left" if col in ("netdev", "queue") else "right")
+    for r in rows:
+        t.add_row(r["dev"], r["queue"], f"{r['packets']:,}", f"{r['bytes']:,}",
+                  f"{r['d_packets']:,}", f"{r['d_bytes']:,}", f"{r['gbps']:.3f}")
+    tot = sum(r["gbps"] for r in rows)
+    t.add_row("total", "", f"{sum(r['packets'] for r in rows):,}",
+              f"{sum(r['bytes'] for r in rows):,}", f"{sum(r['d_packets'] for r in rows):,}",
+              f"{sum(r['d_bytes'] for r in rows):,}", f"{tot:.3f}")
+    return t
+
+
+def _watch(r: Any, interval: float, count: int, as_json: bool) -> None:
+    import time as _time
+
+    from rich.live import Live
+
+    prev = _call(r, "kernel", "stats")
+    t_prev = _time.monotonic()
+    n = 0
+    live = None if as_json else Live(_rates_table([], interval, 0), console=console,
+                                      auto_refresh=False)
+    try:
+        if live is not None:
+            live.start()
+        while count == 0 or n < count:
+            _time.sleep(interval)
+            cur = _call(r, "kernel", "stats")
+            now = _time.monotonic()
+            rows = queue_rates(prev, cur, now - t_prev)
+            prev, t_prev = cur, now
+            n += 1
+            if live is None:
+                click.echo(json.dumps({"sample": n, "seconds": interval, "queues": rows}))
+            else:
+                live.update(_rates_table(rows, interval, n), refresh=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if live is not None:
+            live.stop()
+
+
+def _ledger(st: dict[str, Any], as_json: bool) -> None:
+    z = st.get("zcrx", {})
+    led = z.get("ledger", {})
+    ifqs = {str(i.get("ifq")): i for i in z.get("ifqs", [])}
+    if as_json:
+        click.echo(json.dumps({"ledger": led, "ifqs": list(ifqs.values())}, indent=2,
+                              sort_keys=True))
+        return
+    per = led.get("ifqs", {})
+    if not per:
+        console.print("no zcrx ifq is registered", highlight=False)
+        return
+    states = sorted({k for d in per.values() for k in d})
+    t = Table(title="zcrx buffer ledger (niovs per state, per ifq)")
+    for col in ("ifq", "dev/queue", *states, "niovs"):
+        t.add_column(col, justify="left" if col in ("ifq", "dev/queue") else "right")
+    for serial, d in sorted(per.items(), key=lambda kv: kv[0]):
+        info = ifqs.get(serial, {})
+        where = f"{info.get('dev')}/{info.get('queue')}" if info.get("dev") else "nodev"
+        t.add_row(serial, where, *(str(d.get(k, 0)) for k in states), str(sum(d.values())))
+    tot = led.get("total", {})
+    t.add_row("total", "", *(str(tot.get(k, 0)) for k in states), str(led.get("niovs", 0)))
+    console.print(t)
+
+
 @main.command()
 @NAME_OPT
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def stats(name: str | None, as_json: bool) -> None:
+@click.option("--json", "as_json", is_flag=True,
+              help="Print JSON (with --watch: one JSON object per sample and line).")
+@click.option("--watch", is_flag=True,
+              help="Live table of per-queue rx packets/bytes deltas and GB/s (Ctrl-C stops).")
+@click.option("--interval", type=click.FloatRange(0.05, 3600), default=1.0,
+              show_default=True, help="Seconds between samples of --watch.")
+@click.option("--count", type=click.IntRange(0), default=0, show_default=True,
+              help="Stop --watch after this many samples (0: until Ctrl-C).")
+@click.option("--ledger", is_flag=True,
+              help="Print the zcrx buffer ledger per ifq (niovs per state).")
+def stats(name: str | None, as_json: bool, watch: bool, interval: float, count: int,
+          ledger: bool) -> None:
     """Counters of every layer: NIC queues, page pools, TCP, io_uring, zcrx."""
+    if watch and ledger:
+        fail("--watch and --ledger do not go together", 2)
     r = _pick_run(name)
+    if watch:
+        _watch(r, interval, count, as_json)
+        return
     st = _call(r, "kernel", "stats")
+    if ledger:
+        _ledger(st, as_json)
+        return
     if as_json:
         click.echo(json.dumps(st, indent=2, sort_keys=True))
         return
@@ -453,7 +637,50 @@ def app() -> None:
     """Applications: run a sample program against the run's kernel."""
 
 
-APPS = {"copy-server": "app_proc.copy_server", "zcrx-server": "app_proc.zcrx_server"}
+def _program_of(argv: list[str]) -> str:
+    """The program name of an app's argv (``python -m MODULE ...``)."""
+    mod = argv[argv.index("-m") + 1] if "-m" in argv[:-1] else ""
+    return next((p for p, m in APPS.items() if m == mod), mod or "?")
+
+
+@app.command("list")
+@NAME_OPT
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def app_list(name: str | None, as_json: bool) -> None:
+    """Apps of the run: role, program, pid, alive, log path."""
+    r = _pick_run(name)
+    rows = []
+    for role in r.app_roles():
+        e = r.m.procs[role]
+        rows.append({"role": role, "program": _program_of(e.argv), "pid": e.pid,
+                     "alive": e.process() is not None, "log": e.log})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    t = Table(title=f"apps of run {r.m.name}")
+    for col in ("role", "program", "pid", "alive", "log"):
+        t.add_column(col)
+    for row in rows:
+        t.add_row(row["role"], row["program"], str(row["pid"]),
+                  "yes" if row["alive"] else "DEAD", row["log"])
+    console.print(t)
+
+
+@app.command("stop")
+@NAME_OPT
+@click.option("--timeout", type=click.FloatRange(0.1, 120), default=5.0, show_default=True,
+              help="Seconds the app gets after SIGTERM before SIGKILL.")
+@click.argument("index", type=click.IntRange(0))
+def app_stop(name: str | None, timeout: float, index: int) -> None:
+    """Stop app:INDEX (SIGTERM, wait, SIGKILL) and drop it from the run."""
+    r = _pick_run(name)
+    role = f"app:{index}"
+    if role not in r.m.procs:
+        fail(f"run {r.m.name} has no {role}")
+    alive = r.m.procs[role].process() is not None
+    killed = r.stop(role, timeout)
+    how = "killed" if killed else ("stopped" if alive else "was not running; removed")
+    console.print(f"{role} {how}", highlight=False)
 
 
 @app.command("run", context_settings={"ignore_unknown_options": True})
@@ -465,14 +692,12 @@ def app_run(name: str | None, detach: bool, program: str, args: tuple[str, ...])
     """Run PROGRAM (e.g. copy-server) with ARGS; its exit code is ours."""
     r = _pick_run(name)
     if detach:
-        n = 0
-        while f"app:{n}" in r.m.procs:
-            n += 1
+        role = r.next_app_role()
         try:
-            e = r.spawn(f"app:{n}", APPS[program], list(args), detach=True, notify=True)
+            e = r.spawn(role, APPS[program], list(args), detach=True, notify=True)
         except ZcrxError as err:
             fail(str(err))
-        console.print(f"app:{n} {program} pid {e.pid} (log {e.log})", highlight=False)
+        console.print(f"{role} {program} pid {e.pid} (log {e.log})", highlight=False)
         return
     import subprocess as sp
 
@@ -534,40 +759,49 @@ def wire(name: str | None, dev: str, port: int) -> None:
 # -- demo -------------------------------------------------------------------------------
 
 @main.command()
-@click.option("--flows", type=click.IntRange(1, 64), default=4, show_default=True,
-              help="TCP flows the generator sends.")
+@click.option("--flows", type=click.IntRange(1, 64), default=3, show_default=True,
+              help="Generator flows on the copy path (spread by RSS).")
 @click.option("--mib", type=click.IntRange(1, 4096), default=64, show_default=True,
-              help="MiB per flow.")
-@click.option("--queues", type=click.IntRange(1, 64), default=4, show_default=True,
-              help="Combined queues of eth0.")
+              help="MiB per copy-path flow.")
+@click.option("--zc-mib", type=click.IntRange(1, 8192), default=256, show_default=True,
+              help="MiB of the zero-copy flow.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def demo(flows: int, mib: int, queues: int, as_json: bool) -> None:
+def demo(flows: int, mib: int, zc_mib: int, as_json: bool) -> None:
     """Bring up a default topology, push verified traffic NIC -> kernel -> app, tear down.
 
-    Starts the NIC and kernel processes, a copy server that checks every byte
-    against the generator's pattern, and FLOWS generator flows spread over the
-    queues by RSS; prints what arrived where, then stops everything.
+    eth0 with 4 queues: an ntuple rule steers port 9000 to queue 3, where zcrx-server
+    receives one generator flow zero copy; copy-server receives FLOWS generator flows
+    spread by RSS; with nc installed, a random file goes through the wire gateway.
+    Every byte is verified; the summary shows bytes, GB/s, copies avoided and the
+    buffer ledger, then everything is stopped.
     """
     from launch.demo import run_demo
 
     say = (lambda m: None) if as_json else (lambda m: console.print(m, highlight=False))
     try:
-        res = run_demo(flows=flows, per_flow=mib << 20, queues=queues, say=say)
-    except ZcrxError as e:
+        res = run_demo(flows=flows, per_flow=mib << 20, zc_bytes=zc_mib << 20, say=say)
+    except (ZcrxError, OSError) as e:
         fail(f"demo failed: {e}")
     if as_json:
         click.echo(json.dumps(res, indent=2, sort_keys=True))
     else:
-        t = Table(title=f"zcrx demo: {flows} flows x {mib} MiB through NIC -> kernel -> app")
-        for col in ("connection", "bytes", "verified", "sha256"):
-            t.add_column(col)
-        for c in sorted(res["connections"], key=lambda c: c["stream"]):
-            t.add_row(c["peer"], f"{c['bytes']:,}", "yes" if c["ok"] else "NO",
-                      c["sha256"][:16] + "...")
+        t = Table(title="zcrx demo: NIC -> kernel -> app")
+        for col in ("path", "bytes", "GB/s", "zero copy", "copied", "verified"):
+            t.add_column(col, justify="left" if col == "path" else "right")
+        for leg in res["legs"]:
+            gbps = f"{leg['gbps']:.2f}" if leg["gbps"] else "-"
+            ok = "yes" if leg["verified"] else "NO"
+            t.add_row(leg["leg"], f"{leg['bytes']:,}", gbps, f"{leg['zero_copy']:,}",
+                      f"{leg['copied']:,}", f"{ok} ({leg['how']})")
         console.print(t)
-        q = ", ".join(f"rx-{k}: {v}" for k, v in res["queues"].items())
-        console.print(f"{res['bytes']:,} bytes in {res['seconds']:.2f} s = "
-                      f"{res['gbps']:.2f} GB/s on the copy path; frames per queue: {q}",
+        q = ", ".join(f"rx-{k}: {v}" for k, v in res["frames_per_queue"].items())
+        z = res["zcrx"]
+        avoided = sum(leg["zero_copy"] for leg in res["legs"])
+        console.print(f"frames per queue: {q}; queue bindings: {', '.join(res['bindings'])}",
+                      highlight=False)
+        console.print(f"copies avoided: {avoided:,} bytes; buffer ledger after close: "
+                      f"{z['registered']} ifq registered, {z['destroyed']} destroyed with every "
+                      f"niov home ({z['scrubbed_refs']} user refs scrubbed at close)",
                       highlight=False)
         console.print("teardown: every process stopped, "
                       f"{len(res['leftovers_removed'])} leftover segment(s)", highlight=False)

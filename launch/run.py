@@ -42,6 +42,22 @@ DEFAULT_RUNS_DIR = "/tmp/zcrx-runs"
 MANIFEST = "manifest.json"
 #: Roles in start order; stop runs in reverse, apps first.
 ROLE_ORDER = ("nic", "kernel")
+#: The foreground ``zcrx up`` records itself under this role (never stopped by ``down``).
+LAUNCHER = "launcher"
+#: Signals ``zcrx kill`` may send.
+SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM, "STOP": signal.SIGSTOP,
+           "CONT": signal.SIGCONT}
+
+
+def parse_role(text: str) -> str:
+    """``nic``, ``kernel``, ``launcher`` or ``app:N`` -> the manifest role (Misuse EINVAL)."""
+    t = text.strip().lower()
+    if t in (*ROLE_ORDER, LAUNCHER):
+        return t
+    kind, colon, idx = t.partition(":")
+    if kind == "app" and colon and idx.isdigit():
+        return f"app:{int(idx)}"
+    raise Misuse(f"unknown role {text!r}: nic, kernel, launcher or app:N", errno=22)
 
 
 def runs_dir() -> Path:
@@ -237,12 +253,61 @@ class Run:
         if entry is None:
             return False
         killed = _terminate(entry, timeout)
+        _reap(entry.pid)
         self.m.procs.pop(role, None)
         self.save()
         return killed
 
+    def record_launcher(self) -> ProcEntry:
+        """Record this process (a foreground ``zcrx up``) as the run's ``launcher``."""
+        me = psutil.Process()
+        entry = ProcEntry(role=LAUNCHER, pid=me.pid, create_time=me.create_time(),
+                          argv=list(sys.argv), log="")
+        self.m.procs[LAUNCHER] = entry
+        self.save()
+        return entry
+
+    def app_roles(self) -> list[str]:
+        """``app:N`` roles of the manifest, by N."""
+        apps = [r for r in self.m.procs if r.startswith("app:")]
+        return sorted(apps, key=lambda r: int(r.partition(":")[2]))
+
+    def next_app_role(self) -> str:
+        n = 0
+        while f"app:{n}" in self.m.procs:
+            n += 1
+        return f"app:{n}"
+
+    def signal(self, role: str, signame: str, timeout: float = 5.0) -> ProcEntry:
+        """Send ``signame`` (KILL, TERM, STOP, CONT) to ``role``'s process.
+
+        The entry stays in the manifest (so ``zcrx app list`` shows it dead).  After KILL
+        this waits until the process is gone.  Misuse ENOENT if the run has no such role,
+        ESRCH if its process is not running.
+        """
+        entry = self.m.procs.get(role)
+        if entry is None:
+            have = ", ".join(self.m.procs) or "none"
+            raise Misuse(f"run {self.m.name} has no {role} (roles: {have})", errno=2)
+        p = entry.process()
+        if p is None:
+            _reap(entry.pid)
+            raise Misuse(f"{role} (pid {entry.pid}) is not running", errno=3)
+        try:
+            p.send_signal(SIGNALS[signame])
+        except psutil.Error as e:
+            raise Misuse(f"{role} (pid {entry.pid}): {e}", errno=3) from None
+        if signame == "KILL" and not _wait_gone(entry, timeout):
+            raise Timeout(f"{role} (pid {entry.pid}) survived SIGKILL for {timeout:.0f} s")
+        return entry
+
     def down(self, timeout: float = 5.0) -> dict[str, Any]:
-        """Stop every process (apps first, then kernel, then NIC) and remove the run."""
+        """Stop every process (apps first, then kernel, then NIC) and remove the run.
+
+        A recorded ``launcher`` (a foreground ``zcrx up``) is not signalled: it notices
+        that the NIC and kernel are gone and exits by itself.
+        """
+        self.m.procs.pop(LAUNCHER, None)
         order = [r for r in self.m.procs if r not in ROLE_ORDER]
         order += [r for r in reversed(ROLE_ORDER) if r in self.m.procs]
         killed = [r for r in order if self.stop(r, timeout)]
@@ -251,29 +316,52 @@ class Run:
         return {"stopped": order, "killed": killed, "segments_removed": removed}
 
 
-def _reap(pid: int) -> None:
-    """Collect the exit status of a child of ours that already exited (no zombie)."""
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)
+def _reap(pid: int) -> bool | None:
+    """Collect the exit status of a child of ours that already exited (no zombie).
+
+    True if it was reaped now, False if it is a child of ours still running, None if it is
+    not (or no longer) a child of ours.
+    """
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    except (ChildProcessError, OSError):
+        return None
+    return done == pid
+
+
+def _wait_gone(entry: ProcEntry, timeout: float) -> bool:
+    """Wait until the process has exited; True if it did within ``timeout``.
+
+    A zombie counts as exited: a detached process's new parent (init) may take seconds to
+    reap it, and a child of ours is reaped here.
+    """
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while True:
+        # A child of ours is gone once reaped; anyone else's once it is a zombie or gone.
+        reaped = _reap(entry.pid)
+        if reaped or (reaped is None and entry.process() is None):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 0.02)
 
 
 def _terminate(entry: ProcEntry, timeout: float) -> bool:
+    """TERM, wait up to ``timeout``, KILL.  True if it had to be killed."""
     p = entry.process()
     if p is None:
         _reap(entry.pid)
         return False
     with contextlib.suppress(psutil.Error):
         p.send_signal(signal.SIGTERM)
-    try:
-        p.wait(timeout)
+    if _wait_gone(entry, timeout):
         return False
-    except psutil.TimeoutExpired:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
-            p.wait(timeout)
-        return True
-    except psutil.Error:
-        return False
+    with contextlib.suppress(psutil.Error):
+        p.kill()
+    _wait_gone(entry, timeout)
+    return True
 
 
 def tagged_processes(run_id: str) -> list[psutil.Process]:
@@ -348,3 +436,82 @@ def cleanup_run_id(run_id: str) -> dict[str, Any]:
     return {"run_ids": [run_id], "killed": killed,
             "segments_removed": remove_run_segments(run_id),
             "left": list_run_segments(run_id)}
+
+
+def bring_up(topo: Any, name: str | None = None, *, detach: bool = True,
+             say: Any = None) -> tuple[Run, list[str]]:
+    """Realise a :class:`launch.topology.Topology`, in order, each step once ready.
+
+    NIC, then kernel (each pinged), then every netdev's ethtool settings in order (through
+    the kernel, as ``zcrx ethtool`` sends them), then the apps (detached, ``app:N``, each
+    once it says it is ready), then the traffic sources.  Returns the run and one line per
+    step.  On any failure the run is brought down and the error re-raised with the step
+    that failed; nothing is left behind.
+    """
+    import shlex
+
+    import shared.nicif  # (registers the nic.* message types)
+    import shared.syscalls  # noqa: F401  (register the syscall message types)
+    from launch import ethtool as et
+    from shared.control import ControlError
+
+    note = say or (lambda _m: None)
+    name = name or topo.name
+    specs = topo.netdev_specs()
+    run = Run.create(name, {"netdevs": specs, "topology": topo.to_dict()})
+    steps: list[str] = []
+    step = "start"
+    try:
+        if not detach:
+            run.record_launcher()
+        watch = ["--detached"] if detach else []
+        nic_args = ["--run", run.run_id, "--rundir", str(run.dir)]
+        for s in specs:
+            nic_args += ["--netdev", s]
+        step = "nic"
+        e = run.spawn("nic", "nic_proc", nic_args + watch, detach=detach, ready="nic")
+        steps.append(f"nic pid {e.pid}")
+        note(steps[-1])
+        step = "kernel"
+        e = run.spawn("kernel", "driver_proc",
+                      ["--run", run.run_id, "--rundir", str(run.dir), *watch],
+                      detach=detach, ready="kernel")
+        steps.append(f"kernel pid {e.pid}")
+        note(steps[-1])
+        with ControlClient(run.endpoint("kernel"), timeout_ms=30_000) as kernel:
+            for nd in topo.netdevs:
+                for line in nd.ethtool:
+                    step = f"ethtool {line}"
+                    req = et.parse(shlex.split(line))
+                    try:
+                        kernel.call("ethtool", {"dev": req["dev"], "request": req})
+                    except ControlError as err:
+                        said = et.format_error(req, err.errno or 22).strip().splitlines()
+                        raise Misuse(f"{said[0] if said else 'ethtool'} ({err.remote_msg})",
+                                     errno=err.errno or 22) from None
+                    steps.append(step)
+                    note(step)
+        for app in topo.apps:
+            role = run.next_app_role()
+            step = f"{role} {app.program}"
+            e = run.spawn(role, app.module, app.argv(str(run.dir), name), detach=True,
+                          notify=True)
+            steps.append(f"{role} {app.program} pid {e.pid} (log {e.log})")
+            note(steps[-1])
+        if topo.traffic:
+            with ControlClient(run.endpoint("nic"), timeout_ms=10_000) as nic:
+                for t in topo.traffic:
+                    step = f"traffic {t.kind} on {t.dev}"
+                    type_, body = t.request()
+                    res = nic.call(type_, body)
+                    if t.kind == "wire":
+                        steps.append(f"wire gateway 127.0.0.1:{res.get('port')} -> {t.dev}")
+                    else:
+                        steps.append(f"traffic source {res.get('source')} on {t.dev}")
+                    note(steps[-1])
+    except (ZcrxError, ValueError) as err:
+        run.down()
+        msg = err.remote_msg if isinstance(err, ControlError) else str(err)
+        errno_ = getattr(err, "errno", None) or 5
+        raise Misuse(f"run {name} did not come up: {step}: {msg}", errno=errno_) from None
+    return run, steps
