@@ -61,3 +61,23 @@ def test_ethtool_usage_errors_exit_2_before_touching_a_run() -> None:
     res = CliRunner().invoke(main, ["ethtool", "-N", "eth0", "flow-type", "sctp4"])
     assert res.exit_code == 2
     assert len(res.output.strip().splitlines()) == 1
+
+
+@pytest.mark.timeout(180)
+def test_demo_delivers_verified_traffic_on_every_path(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's demo: zero copy, copy path (and netcat when installed), all verified."""
+    monkeypatch.setenv("ZCRX_RUNS_DIR", str(tmp_path))
+    res = CliRunner().invoke(main, ["demo", "--json", "--flows", "2", "--mib", "4",
+                                    "--zc-mib", "16"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["verified"]
+    legs = {leg["leg"]: leg for leg in out["legs"]}
+    zc = legs["generator -> q3 -> zero copy"]
+    assert zc["bytes"] == zc["zero_copy"] == 16 << 20 and zc["copied"] == 0
+    cp = legs["generator -> RSS -> copy"]
+    assert cp["bytes"] == cp["copied"] == 2 * (4 << 20)
+    assert out["bindings"][3] == "io-uring"
+    assert out["zcrx"]["destroyed"] == out["zcrx"]["registered"] == 1
+    assert out["leftovers_removed"] == []
