@@ -46,7 +46,10 @@ run id (used to name this process's regions) from ``run`` or ``$ZCRX_RUN``, else
 directory's base name.  A failing syscall raises :class:`~shared.control.ControlError` (a
 :class:`~shared.errors.ZcrxError`) whose ``errno`` is Linux's; a kernel that stops answering
 raises :class:`~shared.errors.PeerGone`, and so does every later call on that connection (a
-timed-out control client has lost its identity, hence its task).
+timed-out control client has lost its identity, hence its task).  At ``attach`` the library
+learns the kernel's pid (``hello``) and holds a pidfd on it (:mod:`shared.watch`): once the
+kernel process has exited every syscall raises ``PeerGone("kernel pid N exited")`` at once,
+and a pure CQ wait in flight gives up after a short slack instead of the full reply timeout.
 """
 
 from __future__ import annotations
@@ -65,11 +68,12 @@ from numpy.typing import ArrayLike, NDArray
 
 import shared.syscalls  # noqa: F401  (registers the syscall message types)
 from shared import abi, pattern
-from shared.control import ControlClient, ControlError, Message, ipc_endpoint
-from shared.errors import Misuse, PeerGone, PeerMisbehaved, RingFull, Timeout
+from shared.control import PROTOCOL_VERSION, ControlClient, ControlError, Message, ipc_endpoint
+from shared.errors import Misuse, PeerGone, PeerMisbehaved, RingFull, Timeout, ZcrxError
 from shared.ring import Backoff, RingConsumer, RingLayout, RingProducer
 from shared.shm import PAGE_SIZE, Region, page_align, region_name
 from shared.syscalls import AF_INET, AF_INET6, IPPROTO_TCP, PROT_READ, PROT_WRITE, SOCK_STREAM
+from shared.watch import PidWatch
 
 __all__ = [
     "AF_INET",
@@ -145,6 +149,8 @@ ENV_RUN = "ZCRX_RUN"
 #: reply timeout, and a timed-out client loses its identity, hence its task).
 WAIT_CHUNK_MS = 1000
 _SLACK_MS = 5000
+#: Reply slack of a pure wait while the kernel's pidfd is watched (its death is seen at once).
+_WATCHED_SLACK_MS = 250
 
 
 class Transport(Protocol):
@@ -224,28 +230,69 @@ class Kernel:
         self.transport: Transport = transport
         self.task: int | None = None
         self.closed = False
-        #: the syscall that timed out, once the kernel stopped answering (then every call
-        #: fails at once with PeerGone)
+        #: why the kernel connection is dead (its pid exited, or a syscall timed out); then
+        #: every call fails at once with PeerGone carrying this text
         self.gone: str | None = None
+        #: pidfd on the kernel process (set at attach)
+        self._kernel_watch: PidWatch | None = None
         self._mem_seq = 0
         self._memories: set[Memory] = set()
         self._rings: set[Ring] = set()
 
     # -- plumbing -------------------------------------------------------------------------------
 
+    @property
+    def watched(self) -> bool:
+        """True when this process holds a pidfd on the kernel (set at attach)."""
+        return self._kernel_watch is not None
+
     def syscall(self, type: str, body: dict[str, Any] | None = None,
-                blobs: Iterable[bytes] = (), *, timeout_ms: int | None = None) -> Message:
-        """Send one syscall; ``ControlError`` (errno) on failure, ``PeerGone`` if no answer."""
+                blobs: Iterable[bytes] = (), *, timeout_ms: int | None = None,
+                idempotent: bool = False) -> Message:
+        """Send one syscall; ``ControlError`` (errno) on failure, ``PeerGone`` if no answer.
+
+        ``idempotent``: the call may be repeated (a pure wait): when no reply comes in time
+        but the kernel is watched and alive, raise ``ControlError(ETIME)`` instead of
+        ``PeerGone`` (the connection stays usable: the client keeps its identity)."""
         if self.closed:
             raise Misuse("kernel connection is closed", errno.EBADF)
         if self.gone is not None:
-            raise PeerGone(f"kernel gone (it stopped answering {self.gone})")
+            raise PeerGone(self.gone)
+        if self._kernel_watch is not None and self._kernel_watch.dead:
+            self.gone = f"kernel pid {self._kernel_watch.pid} exited"
+            raise PeerGone(self.gone)
         try:
             return self.transport.request(type, body or {}, blobs, timeout_ms=timeout_ms)
         except Timeout as exc:
+            if idempotent and self._kernel_watch is not None and not self._kernel_watch.dead:
+                raise ControlError(type, errno.ETIME, "no reply in time; kernel alive") \
+                    from None
             # A timed-out client loses its identity, hence its task: the connection is dead.
-            self.gone = type
-            raise PeerGone(f"kernel not answering {type}: {exc}") from None
+            if self._kernel_watch is not None and self._kernel_watch.dead:
+                self.gone = f"kernel pid {self._kernel_watch.pid} exited"
+            else:
+                self.gone = f"kernel not answering {type}: {exc}"
+            raise PeerGone(self.gone) from None
+
+    def _watch_kernel(self) -> None:
+        """Open a pidfd on the kernel process (its pid from the ``hello`` reply), so every
+        later syscall fails at once with PeerGone once it died (DESIGN §6).  Best effort:
+        a transport without ``hello`` (in-process tests) is simply not watched."""
+        try:
+            reply = self.transport.request(
+                "hello", {"role": "app", "pid": os.getpid(), "version": PROTOCOL_VERSION})
+            pid = reply.body.get("pid")
+            if isinstance(pid, int) and pid > 0 and pid != os.getpid():
+                self._kernel_watch = PidWatch(pid)
+        except (ZcrxError, OSError, KeyError, AttributeError, TypeError):
+            pass
+
+    def check_kernel(self) -> None:
+        """Raise PeerGone if the kernel process is known to be gone (no syscall)."""
+        if self.gone is None and self._kernel_watch is not None and self._kernel_watch.dead:
+            self.gone = f"kernel pid {self._kernel_watch.pid} exited"
+        if self.gone is not None:
+            raise PeerGone(self.gone)
 
     def attach(self, cap_net_admin: bool = True) -> int:
         """Announce this process (once); returns the task id."""
@@ -253,6 +300,7 @@ class Kernel:
             body = {"pid": os.getpid(), "name": self.name[:64] or "app",
                     "cap_net_admin": cap_net_admin}
             self.task = int(self.syscall("attach", body).body["task"])
+            self._watch_kernel()
         return self.task
 
     @property
@@ -555,12 +603,17 @@ def io_uring_enter(ring: Ring, to_submit: int, min_complete: int, flags: int,
     client_timeout = None
     if flags & abi.IORING_ENTER_GETEVENTS and min_complete:
         # the kernel answers a wait when it ends; allow it the connection's own timeout more
-        client_timeout = (wait if wait is not None else 10 ** 9) + min(_SLACK_MS,
+        slack = _SLACK_MS
+        if to_submit == 0 and wait is not None and ring.kernel.watched:
+            # A pure wait on a watched kernel: a short slack, then -ETIME if the kernel is
+            # alive (the caller waits again) or PeerGone at once if it died (DESIGN §6).
+            slack = _WATCHED_SLACK_MS
+        client_timeout = (wait if wait is not None else 10 ** 9) + min(slack,
                                                                         ring.kernel.timeout_ms)
     body = {"fd": ring.fd, "to_submit": to_submit, "min_complete": min_complete,
             "flags": flags, "timeout_ms": timeout_ms}
-    return int(ring.kernel.syscall("io_uring_enter", body,
-                                   timeout_ms=client_timeout).body["res"])
+    return int(ring.kernel.syscall("io_uring_enter", body, timeout_ms=client_timeout,
+                                   idempotent=to_submit == 0).body["res"])
 
 
 def io_uring_register(ring: Ring | None, opcode: int, nr_args: int,

@@ -18,23 +18,49 @@ Subsystems (one module each, kernel-style):
 * ``ctx.rings`` - :mod:`driver_proc.io_uring`: io_uring instances and requests.
 * ``zcrx``     - :mod:`driver_proc.zcrx`: zero-copy receive ifqs, their areas (memory
   providers of bound queues), RECV_ZC; its delayed destructions are reaped every poll.
+* ``watch``    - :mod:`shared.watch`: pidfds on the NIC and on every attached app
+  (DESIGN §6); :meth:`Kernel.check_peers` acts on deaths.
+
+Death of a peer (DESIGN §6):
+
+* an app (:meth:`Kernel.task_died`): the same teardown as its ``bye`` / ring close
+  (:func:`driver_proc.syscalls.task_exit`: requests cancelled, user refs scrubbed, queue
+  restarted without the provider, delayed destruction), then the kernel **unlinks the dead
+  app's shm names** (every ``/zcrx.<run>.app<tid>.*``: its areas and buffers).  The kernel
+  is the one that knows them (they are the names its mm accepted), and unlinking a name
+  does not disturb a mapping still in use, so the NIC's DMA mapping of an area whose
+  destruction is delayed stays valid until it is unmapped.  ``zcrx cleanup`` remains the
+  fallback when the kernel itself is gone.
+* the NIC (:meth:`Kernel.nic_gone`): surprise removal.  Every queue goes down without
+  asking the NIC (``NetDevice.close(nic_alive=False)``), the netdevs are unregistered
+  (later ethtool / zcrx registration: ``-ENODEV``), and every open connection gets the
+  socket error ``ENETDOWN`` (what Linux reports for I/O through a network that went
+  down; the sender cannot be reached anymore, but nothing reset the connection, so not
+  ``ECONNRESET``): data already queued is still read first, then armed and later
+  RECV/RECV_ZC requests end with ``-ENETDOWN``.  Niovs come home as sockets and skbs are
+  freed; zcrx ifqs are destroyed when their rings close.  The NIC is not re-probed.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 from driver_proc import syscalls as sc
 from driver_proc.netdev import NapiBatch, NetDevice
 from driver_proc.skb import SkbStore
-from driver_proc.tcp import SocketTable
-from shared.control import ControlServer, Handler, HandlerResult, Message
+from driver_proc.tcp import SocketTable, TcpState
+from shared.control import ControlClient, ControlServer, Handler, HandlerResult, Message
 from shared.errors import Misuse, ZcrxError
+from shared.shm import SHM_DIR
+from shared.watch import Watchlist
 
 #: Frames one queue may complete per NAPI poll (the driver's budget).
 NAPI_BUDGET = 1024
@@ -64,6 +90,11 @@ class Kernel:
         self._doorbells: list[tuple[str, int]] = []
         self._starved = False
         self._started = time.monotonic()
+        #: pidfds on peers: "nic" and "task:<tid>"
+        self.watch: Watchlist[str] = Watchlist()
+        self.nic_dead = False
+        #: monotonic time of the last app death and of its teardown's end (tests, stats)
+        self.deaths: list[dict[str, Any]] = []
 
     # -- setup ------------------------------------------------------------------------
 
@@ -73,6 +104,10 @@ class Kernel:
     def probe(self) -> None:
         """Probe the NIC and bring every netdev up (the driver's probe + ndo_open)."""
         info = self.nic.call("nic.probe", {})
+        if isinstance(self.nic, ControlClient):
+            pid = self.nic.hello("kernel").get("pid")
+            if isinstance(pid, int) and pid > 0:
+                self.watch.add("nic", pid)
         for nd in info["netdevs"]:
             dev = NetDevice(nd, self.nic, self.run, skbs=self.skbs)
             self.netdevs[dev.name] = dev
@@ -80,6 +115,16 @@ class Kernel:
 
     def handlers(self) -> dict[str, Handler]:
         h = dict(sc.handlers(self.ctx))
+        attach = h["attach"]
+
+        def watched_attach(msg: Message, peer: bytes) -> HandlerResult:
+            res = attach(msg, peer)
+            task = self.ctx.tasks.find_peer(peer)
+            if task is not None:
+                self.watch.add(f"task:{task.tid}", task.pid)
+            return res
+
+        h["attach"] = watched_attach
         h.update({"ethtool": self._sys_ethtool, "stats": self._sys_stats,
                   "status": self._sys_status, "shutdown": self._sys_shutdown})
         return h
@@ -157,6 +202,68 @@ class Kernel:
             return 1_000
         return max(0, int((deadline - time.monotonic()) * 1000))
 
+    # -- peer deaths (DESIGN §6) -------------------------------------------------------------
+
+    def check_peers(self) -> int:
+        """Act on every watched peer that died since the last call; returns how many."""
+        dead = self.watch.reap()
+        for key in dead:
+            self.watch.discard(key)
+            if key == "nic":
+                self.nic_gone()
+            elif key.startswith("task:"):
+                self.task_died(int(key[5:]))
+        return len(dead)
+
+    def task_died(self, tid: int) -> None:
+        """An attached app died: tear its task down as its ``bye`` would, unlink its shm."""
+        task = self.ctx.tasks.by_tid(tid)
+        if task is None:
+            return  # said bye before dying: nothing left
+        self.log.warning("app %s (pid %d, task %d) died: tearing down", task.name, task.pid,
+                         tid)
+        self.stats["app_deaths"] += 1
+        prefix = task.mm.allowed_prefix or f"/zcrx.{self.run}.{self.ctx.tasks.owner(tid)}."
+        try:
+            sc.task_exit(self.ctx, task)
+        except ZcrxError as e:
+            self.stats["teardown_errors"] += 1
+            self.log.warning("task %d exit: %s", tid, e)
+        self.stats["app_segments_unlinked"] += _unlink_prefix(prefix)
+        self.deaths.append({"tid": tid, "pid": task.pid, "at": time.monotonic()})
+
+    def nic_gone(self) -> None:
+        """Surprise removal: the NIC process is gone (see the module docstring)."""
+        if self.nic_dead:
+            return
+        self.nic_dead = True
+        self.stats["nic_deaths"] += 1
+        self.log.warning("NIC gone: surprise removal of %s", ", ".join(self.netdevs) or "-")
+        for dev in self.netdevs.values():
+            try:
+                for batch in dev.close(nic_alive=False):
+                    if len(batch):
+                        self.skbs.free(batch.handles)
+                for batch in dev.take_drained():
+                    if len(batch):
+                        self.skbs.free(batch.handles)
+            except ZcrxError as e:
+                self.stats["teardown_errors"] += 1
+                self.log.warning("%s surprise removal: %s", dev.name, e)
+        self.netdevs.clear()  # unregistered (the dict is shared with zcrx: -ENODEV there)
+        self._doorbells.clear()
+        conns = list(getattr(self.table, "_conns", {}).values())
+        for conn in conns:
+            if conn.fin_reached or conn.state is TcpState.CLOSED:
+                continue
+            freed: list[int] = []
+            conn._reset(freed)  # purge out-of-order data, shut the receive side
+            conn.error = errno.ENETDOWN
+            if freed:
+                self.skbs.free(np.asarray(freed, dtype=np.int64))
+        self.ctx.rings.run(conns, ())
+        self.zcrx.poll()
+
     def shutdown(self) -> None:
         """Close every task's files and rings, then every netdev (unlinking regions)."""
         for task in list(self.ctx.tasks):
@@ -173,6 +280,13 @@ class Kernel:
                 self.log.warning("%s close: %s", dev.name, e)
                 dev.close(nic_alive=False)
         self.zcrx.shutdown()
+        self.watch.close()
+        if not self.nic_dead and isinstance(self.nic, ControlClient):
+            # An orderly exit, not a death: the NIC stops watching us and keeps running.
+            try:
+                self.nic.call("bye", {}, timeout_ms=1000)
+            except ZcrxError as e:
+                self.log.warning("NIC bye: %s", e)
 
     # -- admin syscalls ---------------------------------------------------------------
 
@@ -183,10 +297,13 @@ class Kernel:
         return dev
 
     def _sys_ethtool(self, msg: Message, peer: bytes) -> HandlerResult:
+        if self.nic_dead:
+            raise Misuse("the NIC is gone (surprise removal)", errno=errno.ENODEV)
         return self._dev(msg.body["dev"]).ethtool(msg.body["request"])
 
     def _sys_stats(self, msg: Message, peer: bytes) -> HandlerResult:
-        out: dict[str, Any] = {"kernel": dict(self.stats)}
+        out: dict[str, Any] = {"kernel": dict(self.stats), "nic": "gone" if self.nic_dead
+                               else "up"}
         out["netdevs"] = {}
         for name, dev in self.netdevs.items():
             out["netdevs"][name] = {f"rx-{q}": dev.queue_stats(q) for q in sorted(dev.queues)}
@@ -200,6 +317,7 @@ class Kernel:
     def _sys_status(self, msg: Message, peer: bytes) -> HandlerResult:
         return {"run": self.run, "uptime_s": round(time.monotonic() - self._started, 3),
                 "netdevs": [dev.status() for dev in self.netdevs.values()],
+                "nic": "gone" if self.nic_dead else "up",
                 "tasks": [{"tid": t.tid, "pid": t.pid, "name": t.name}
                           for t in self.ctx.tasks],
                 "zcrx": self.zcrx.status()}
@@ -215,3 +333,24 @@ def _as_dict(stats: Any) -> Mapping[str, Any]:
     if isinstance(stats, Mapping):
         return stats
     return {k: v for k, v in vars(stats).items() if not k.startswith("_")}
+
+
+def _unlink_prefix(prefix: str) -> int:
+    """Unlink every shm segment whose name starts with ``prefix`` (``/zcrx.<run>.app7.``);
+    returns how many.  Only the name goes: live mappings stay valid."""
+    stem = prefix.lstrip("/")
+    if not stem.startswith("zcrx.") or stem.count(".") < 3:
+        return 0  # never a broad pattern
+    n = 0
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return 0
+    for name in names:
+        if name.startswith(stem):
+            try:
+                os.unlink(os.path.join(SHM_DIR, name))
+                n += 1
+            except FileNotFoundError:
+                pass
+    return n

@@ -10,6 +10,10 @@ One thread, one loop, like a CPU running softirq and syscalls by turns:
    ``zmq.Poller`` on the control and interrupt sockets (need-wakeup protocol),
    waking at least every few milliseconds for timers.
 
+Peers are watched with pidfds (:mod:`shared.watch`): the NIC's and every attached app's
+pidfd sits in the same ``zmq.Poller``, and :meth:`Kernel.check_peers` (one zero-timeout
+poll of all of them) runs every iteration, so a death is acted on at once.
+
 Everything the kernel owns lives in :class:`driver_proc.kernel.Kernel`.
 """
 
@@ -54,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         poller.register(server.socket, zmq.POLLIN)
         poller.register(irqs.socket, zmq.POLLIN)
         wait = Backoff(spin=200, yields=200, max_sleep=0.0005)
+        watched: set[int] = set()
         while not (life.should_stop() or kernel.shutdown_requested):
             work = 0
             try:
@@ -63,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                 kernel.stats["handler_bugs"] += 1
             for _ in irqs.drain(256):
                 work += 1
+            work += kernel.check_peers()
             work += kernel.poll()
             for dev, q in kernel.take_doorbells():
                 doorbells.send("nic.doorbell", {"dev": dev, "queue": q})
@@ -75,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             # About to sleep: arm interrupts, then re-check (need-wakeup protocol).
             if kernel.arm_interrupts():
                 continue
+            _sync_watch(poller, watched, kernel.watch.fds())
             poller.poll(min(IDLE_POLL_MS, kernel.next_timer_ms()))
     finally:
         log.info("stopping (%s)", life.reason or "shutdown requested")
@@ -84,6 +91,17 @@ def main(argv: list[str] | None = None) -> int:
         doorbells.close()
         nic.close()
     return 0
+
+
+def _sync_watch(poller: zmq.Poller, watched: set[int], fds: list[int]) -> None:
+    """Keep the poller's pidfds equal to the kernel's watch list."""
+    now = set(fds)
+    for fd in watched - now:
+        poller.unregister(fd)
+    for fd in now - watched:
+        poller.register(fd, zmq.POLLIN)
+    watched.clear()
+    watched.update(now)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,14 @@ Lifetime: SIGTERM or SIGINT stop it cleanly (sources closed, mappings dropped,
 stats region unlinked, sockets closed); it also exits by itself when its parent
 (the launcher) dies, noticed as a change of ``os.getppid()``.  Logs go to stderr.
 
+Kernel death (DESIGN §6): the kernel introduces itself with ``hello`` (role ``kernel``,
+its pid) when it probes; the NIC keeps a pidfd on that pid (:mod:`shared.watch`) in its
+``zmq.Poller`` and checks it between batches.  A kernel that exits in order says ``bye``
+first (its devices closed, nothing mapped): then the watch is dropped and the NIC keeps
+running until it is told to stop, as before.  When the kernel dies the NIC can no longer
+trust any mapping: it stops every queue and source (no more DMA), drops every mapping,
+unlinks its stats region and exits with status 0 (an orderly exit; the log says why).
+
 Netdev specs: see :class:`nic_proc.device.NetdevSpec` (``eth0:queues=4,mtu=9000``);
 without ``--netdev`` the NIC has one default ``eth0``.
 """
@@ -44,6 +52,7 @@ import zmq
 from nic_proc.device import NetdevSpec, Nic
 from shared import nicif
 from shared.control import (
+    PROTOCOL_VERSION,
     ControlServer,
     EventReceiver,
     EventSender,
@@ -54,6 +63,7 @@ from shared.control import (
 from shared.errors import Misuse, ZcrxError
 from shared.ring import Backoff
 from shared.shm import Region, region_name
+from shared.watch import Watchlist
 
 log = logging.getLogger("zcrx.nic")
 
@@ -92,6 +102,11 @@ class NicProcess:
         self.stopping = False
         self.ppid = os.getppid() if watch_parent else None
         self._closers: list[Callable[[], None]] = []
+        #: pidfd on the kernel, once it said hello
+        self.watch: Watchlist[str] = Watchlist()
+        self.kernel_gone = False
+        self._kernel_peer: bytes | None = None
+        self._closers.append(self.watch.close)
         try:
             shape = nicif.stats_block_shape()
             self.stats_region = Region.create(region_name(run, "nic", "stats"),
@@ -173,7 +188,40 @@ class NicProcess:
             "nic.ethtool": ethtool, "nic.link": link, "nic.traffic": traffic,
             "nic.wire": wire_gw, "nic.sources": sources, "nic.source_stop": source_stop,
         }
-        return {name: _guard(fn) for name, fn in table.items()}
+        out = {name: _guard(fn) for name, fn in table.items()}
+        out["hello"] = self._on_hello
+        out["bye"] = self._on_bye
+        return out
+
+    def _on_hello(self, m: Message, peer: bytes) -> HandlerResult:
+        """``hello`` (replaces the server's built-in one): a kernel introducing itself is
+        watched through a pidfd from now on."""
+        b = m.body
+        if b["version"] != PROTOCOL_VERSION:
+            raise Misuse(f"peer speaks protocol {b['version']}, server {PROTOCOL_VERSION}",
+                         errno.EPROTO)
+        if b["role"] == "kernel" and b["pid"] > 0:
+            self._forget_kernel()
+            fd = self.watch.add("kernel", b["pid"])
+            if fd >= 0:
+                self.poller.register(fd, zmq.POLLIN)
+            self._kernel_peer = peer
+            log.info("kernel is pid %d (watched)", b["pid"])
+        return {"role": "nic", "pid": os.getpid(), "version": PROTOCOL_VERSION}
+
+    def _on_bye(self, m: Message, peer: bytes) -> HandlerResult:
+        """``bye`` from the kernel: an orderly exit (driver unbound), not a death: stop
+        watching it; the NIC keeps running until told to stop."""
+        if peer == self._kernel_peer:
+            self._forget_kernel()
+            log.info("kernel said bye")
+        return None
+
+    def _forget_kernel(self) -> None:
+        fd = self.watch.discard("kernel")
+        if fd >= 0:
+            self.poller.unregister(fd)
+        self._kernel_peer = None
 
     # -- loop ------------------------------------------------------------------------
 
@@ -202,12 +250,24 @@ class NicProcess:
             return True
         return False
 
+    def _kernel_died(self) -> bool:
+        """Check the kernel's pidfd; on its death stop every queue and source (no DMA into
+        mappings nobody vouches for anymore) and drop every mapping."""
+        if not self.watch.reap():
+            return False
+        self.kernel_gone = True
+        log.warning("kernel is gone: stopping all DMA and exiting")
+        self.nic.close()
+        return True
+
     def loop(self) -> None:
-        """Run until SIGTERM/SIGINT or the parent's death."""
+        """Run until SIGTERM/SIGINT, the parent's death or the kernel's."""
         backoff = Backoff()
         n = 0
         while not self.stopping:
             handled = self._serve()
+            if self._kernel_died():
+                break
             work = self.nic.step()
             self._flush_irqs()
             n += 1
