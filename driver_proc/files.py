@@ -18,8 +18,10 @@ close) is freed here through ``skbs.free``.
 
 Departures from Linux (documented in docs/design.md):
 
-* Only ``AF_INET``/``AF_INET6`` + ``SOCK_STREAM`` sockets exist; other types
-  (``SOCK_DGRAM``, ``SOCK_RAW``...) are ``-ESOCKTNOSUPPORT``.
+* TCP is the only protocol on the emulated wire.  ``SOCK_DGRAM`` (UDP) sockets can be
+  created and closed, so ``RECV_ZC`` can meet a non-TCP socket (``-EPROTONOSUPPORT``), but
+  they cannot be bound (``-EOPNOTSUPP``) and never receive anything; other types
+  (``SOCK_RAW``...) are ``-ESOCKTNOSUPPORT``.
 * Any address can be bound: the emulated host owns every address the NIC receives for.
 * Closing a socket fd cancels the io_uring requests armed on it (they complete with
   ``-ECANCELED``) and releases the socket at once.  Linux keeps the file alive while a request
@@ -68,6 +70,7 @@ SOCK_NONBLOCK = 0o4000
 SOCK_CLOEXEC = 0o2000000
 SOCK_TYPE_MASK = 0xF
 IPPROTO_TCP = 6
+IPPROTO_UDP = 17
 SOMAXCONN = 4096
 _ANY_ADDRS = (bytes(16), bytes(10) + b"\xff\xff" + bytes(4))
 #: RLIMIT_NOFILE soft limit of every task.
@@ -121,6 +124,7 @@ class SocketFile:
 
     domain: int
     nonblock: bool = False
+    protocol: int = 6  # IPPROTO_TCP; IPPROTO_UDP (17) for the datagram stand-in
     state: str = _STATE_NEW
     local_addr: bytes | None = None  # 16-byte form (IPv4-mapped for v4); None = any
     local_port: int = 0
@@ -180,6 +184,11 @@ class Sockets:
             raise Misuse(f"bad socket type flags {type_:#x}", errno.EINVAL)
         if base <= 0 or base >= SOCK_MAX:
             raise Misuse(f"bad socket type {base}", errno.EINVAL)
+        if base == SOCK_DGRAM:
+            if protocol not in (0, IPPROTO_UDP):
+                raise Misuse(f"protocol {protocol} not supported", errno.EPROTONOSUPPORT)
+            return SocketFile(domain, nonblock=bool(type_ & SOCK_NONBLOCK),
+                              protocol=IPPROTO_UDP)
         if base != SOCK_STREAM:
             raise Misuse(f"socket type {base} not emulated", errno.ESOCKTNOSUPPORT)
         if protocol not in (0, IPPROTO_TCP):
@@ -219,6 +228,8 @@ class Sockets:
 
     def bind(self, sf: SocketFile, addr: str, port: int) -> None:
         """``bind(2)``.  Port 0 picks an ephemeral port."""
+        if sf.protocol != IPPROTO_TCP:
+            raise Misuse("UDP is not emulated on the wire: cannot bind", errno.EOPNOTSUPP)
         if sf.state != _STATE_NEW:
             raise Misuse("socket already bound", errno.EINVAL)
         if not 0 <= port <= 0xFFFF:
@@ -234,6 +245,8 @@ class Sockets:
 
     def listen(self, sf: SocketFile, backlog: int) -> None:
         """``listen(2)``: autobinds an unbound socket; a second listen updates the backlog."""
+        if sf.protocol != IPPROTO_TCP:
+            raise Misuse("listen on a datagram socket", errno.EOPNOTSUPP)
         if sf.state == _STATE_NEW:
             port = self._ephemeral(None)
             sf.local_addr, sf.local_port, sf.state = None, port, _STATE_BOUND

@@ -398,11 +398,16 @@ def test_conformance_D29_recv_sqe_fields(kt: KernelThread, app: L.Kernel) -> Non
 
 
 def test_conformance_D30_recv_on_non_tcp_socket(kt: KernelThread, app: L.Kernel) -> None:
-    with pytest.raises(ControlError) as ei:
-        app.socket(L.AF_INET, 2, 0)                                  # SOCK_DGRAM
-    assert ei.value.errno == errno.ESOCKTNOSUPPORT
-    pytest.skip("UDP and AF_UNIX sockets are not emulated (TCP only), so RECV_ZC cannot meet a "
-                "non-TCP socket; the -EPROTONOSUPPORT check exists in _prep_recvzc")
+    """RECV_ZC on a UDP socket ends at once with -EPROTONOSUPPORT (tcp_recvmsg only)."""
+    s = server(kt, app)
+    udp = app.socket(L.AF_INET, 2, 0)                                   # SOCK_DGRAM
+    submit_recvzc(s.ring, udp, s.zq.id, ud=0x30)
+    L.io_uring_wait_cqes(s.ring, 1, timeout_ms=2000)
+    (c,) = reap(s.ring)
+    assert (c.ud, c.res, c.flags) == (0x30, -errno.EPROTONOSUPPORT, 0)
+    with pytest.raises(ControlError) as ei:                             # and it cannot bind
+        app.bind(udp, "0.0.0.0", 9999)
+    assert ei.value.errno == errno.EOPNOTSUPP
 
 
 def test_conformance_D31_armed_recv_without_data_posts_nothing(kt: KernelThread,

@@ -382,7 +382,8 @@ def test_socket_syscall_errnos(ctx, app):
         return ei.value.errno
 
     assert err(app.socket, 1, SOCK_STREAM, 0) == errno.EAFNOSUPPORT  # AF_UNIX
-    assert err(app.socket, AF_INET, 2, 0) == errno.ESOCKTNOSUPPORT  # SOCK_DGRAM
+    assert err(app.socket, AF_INET, 3, 0) == errno.ESOCKTNOSUPPORT  # SOCK_RAW
+    assert err(app.socket, AF_INET, 2, 6) == errno.EPROTONOSUPPORT  # UDP socket, TCP proto
     assert err(app.socket, AF_INET, 99, 0) == errno.EINVAL
     assert err(app.socket, AF_INET, SOCK_STREAM, 17) == errno.EPROTONOSUPPORT
     fd = app.socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0)
