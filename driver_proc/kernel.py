@@ -66,6 +66,8 @@ from shared.watch import Watchlist
 NAPI_BUDGET = 1024
 #: How long the idle loop sleeps while a queue waits for buffers to come home.
 STARVED_POLL_MS = 1
+#: How often a kernel whose NIC died asks whether a restarted one answers.
+REPROBE_INTERVAL_S = 0.25
 
 
 class Kernel:
@@ -89,6 +91,7 @@ class Kernel:
         self.server: ControlServer | None = None
         self._doorbells: list[tuple[str, int]] = []
         self._starved = False
+        self._next_reprobe = 0.0
         self._started = time.monotonic()
         #: pidfds on peers: "nic" and "task:<tid>"
         self.watch: Watchlist[str] = Watchlist()
@@ -113,6 +116,34 @@ class Kernel:
             self.netdevs[dev.name] = dev
             dev.open()
 
+    def reprobe(self) -> int:
+        """After a surprise removal, probe again once a (restarted) NIC answers.
+
+        Called every loop pass; asks at most every :data:`REPROBE_INTERVAL_S` with a
+        short timeout, so a missing NIC never stalls the kernel.  Apps can then
+        register again (until then registration gives ``-ENODEV``).
+        """
+        if not self.nic_dead or not isinstance(self.nic, ControlClient):
+            return 0
+        now = time.monotonic()
+        if now < self._next_reprobe:
+            return 0
+        self._next_reprobe = now + REPROBE_INTERVAL_S
+        try:
+            self.nic.ping(timeout_ms=100)
+        except ZcrxError:
+            return 0
+        try:
+            self.nic_dead = False
+            self.probe()
+        except ZcrxError as e:
+            self.log.warning("re-probe failed: %s", e)
+            self.nic_gone()
+            return 0
+        self.stats["nic_reprobes"] += 1
+        self.log.warning("NIC is back: re-probed %s", ", ".join(self.netdevs))
+        return 1
+
     def handlers(self) -> dict[str, Handler]:
         h = dict(sc.handlers(self.ctx))
         attach = h["attach"]
@@ -133,7 +164,7 @@ class Kernel:
 
     def poll(self) -> int:
         """One pass of softirq + task work: NAPI on every queue, TCP, io_uring."""
-        work = 0
+        work = self.reprobe()
         for dev in self.netdevs.values():
             for batch in dev.take_drained():
                 work += self._deliver(batch)

@@ -215,6 +215,70 @@ def bench_zcrx(total: int, repeat: int, copy_buf: int, timeout: float, json_path
     _rx_report(result, json_path, check)
 
 
+def _queue_list(ctx: Any, param: Any, value: str) -> tuple[int, ...]:
+    try:
+        qs = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is not a comma-separated list of integers") from None
+    if not qs or any(not 1 <= q <= 64 for q in qs):
+        raise click.BadParameter("queue counts must be in [1, 64]")
+    return qs
+
+
+@bench.command("scale")
+@click.option("--queues", "queues", default="1,2,4,8,16,32,64", show_default=True,
+              callback=_queue_list, help="Zero-copy queue counts to measure (comma list).")
+@click.option("--mib-per-queue", type=click.FloatRange(0.01, 1024), default=4.0,
+              show_default=True, help="MiB of traffic per queue (one flow each).")
+@click.option("--timeout", type=click.FloatRange(1, 3600), default=300.0, show_default=True,
+              help="Seconds the traffic of one point may take.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True),
+              help="Write the curve as a PNG (needs matplotlib: the 'plot' extra).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True),
+              help="Also write the figures as JSON to this file ('-' for stdout).")
+def bench_scale(queues: tuple[int, ...], mib_per_queue: float, timeout: float,
+                plot_path: str | None, json_path: str | None) -> None:
+    """Setup, goodput and teardown against the number of zero-copy queues (one run per
+    point, one zcrx-server and one flow per queue, every byte verified)."""
+    from launch.bench_scale import plot, run_scale_bench
+
+    if plot_path:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            fail("--plot needs matplotlib: pip install 'zcrx-emu[plot]'")
+    try:
+        with err_console.status("running") as status:
+            result = run_scale_bench(queues, mib_per_queue, timeout,
+                                     progress=lambda m: status.update(f"running: {m}"))
+        if plot_path:
+            plot(result, plot_path)
+    except ZcrxError as e:
+        fail(f"bench scale: {e}")
+    if json_path != "-":
+        t = Table(title=f"zcrx bench scale: {mib_per_queue:g} MiB per queue")
+        for col in ("queues", "up s", "bind s", "setup s", "GB/s wall", "GB/s app", "down s",
+                    "verified"):
+            t.add_column(col, justify="right")
+        for p in result["points"]:
+            t.add_row(str(p["queues"]), f"{p['up_s']:.2f}", f"{p['bind_s']:.2f}",
+                      f"{p['setup_s']:.2f}", f"{p['gbps']:.3f}", f"{p['app_gbps']:.3f}",
+                      f"{p['down_s']:.2f}", "yes" if p["verified"] else "NO")
+        console.print(t)
+        for p in result["points"]:
+            for msg in p["problems"]:
+                console.print(f"{p['queues']} queues: {msg}", highlight=False)
+    if json_path:
+        text = json.dumps(result, indent=2)
+        if json_path == "-":
+            click.echo(text)
+        else:
+            Path(json_path).write_text(text + "\n")
+    if not result["all_verified"]:
+        fail("a receiver did not get exactly the stream that was sent", EXIT_CHECK_FAILED)
+
+
 # -- cleanup ----------------------------------------------------------------------------
 
 @main.command()
@@ -329,12 +393,21 @@ def _load_topology(path: str) -> Any:
                    "bring it down on Ctrl-C or SIGTERM.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run's name, id and steps as "
               "JSON.")
+@click.option("--restart", "restart", default="", metavar="ROLES",
+              help="With --foreground: bring these roles back when they die "
+                   "(comma list of nic, kernel). A restarted NIC is re-probed by the "
+                   "kernel; a restarted kernel needs a fresh NIC, which is restarted too.")
 def up(topo_file: str | None, name: str | None, netdevs: tuple[str, ...], queues: int | None,
-       detach: bool, as_json: bool) -> None:
+       detach: bool, as_json: bool, restart: str) -> None:
     """Start a run: NIC, kernel, ethtool settings, apps, traffic; each once ready."""
     from launch import run as runmod
     from launch.topology import NetdevSpec, Topology, TopologyError
 
+    restart_roles = {r.strip() for r in restart.split(",") if r.strip()}
+    if restart_roles - {"nic", "kernel"}:
+        fail(f"--restart takes nic and/or kernel, not {restart!r}", 2)
+    if restart_roles and detach:
+        fail("--restart needs --foreground (the launcher is the supervisor)", 2)
     if topo_file is not None:
         if netdevs or queues is not None:
             fail("--netdev and --queues do not go with --file (put them in the file)", 2)
@@ -376,12 +449,61 @@ def up(topo_file: str | None, name: str | None, netdevs: tuple[str, ...], queues
 
     _signal.signal(_signal.SIGTERM, _stop)
     try:
-        while not stop["now"] and set(r.alive_roles()) >= {"nic", "kernel"}:
+        while not stop["now"]:
+            if not (r.dir / runmod.MANIFEST).exists():
+                console.print(f"run {name} was brought down", highlight=False)
+                return  # someone ran `zcrx down`: nothing left to supervise
+            dead = {"nic", "kernel"} - set(r.alive_roles())
+            if dead and not dead <= restart_roles:
+                break
+            if dead:
+                _restart(r, dead, say=lambda m: console.print(m, highlight=False))
             _time.sleep(0.2)
     except KeyboardInterrupt:
         pass
+    except (ZcrxError, OSError) as e:
+        err_console.print(f"zcrx: restart failed: {e}", highlight=False, soft_wrap=True)
     r.down()
     console.print(f"run {name} is down", highlight=False)
+
+
+def _unlink(names: list[str]) -> None:
+    import contextlib
+
+    import posix_ipc
+
+    for n in names:
+        with contextlib.suppress(posix_ipc.ExistentialError):
+            posix_ipc.unlink_shared_memory(n)
+
+
+def _restart(r: Any, dead: set[str], say: Any) -> None:
+    """Bring dead roles back in start order.  The NIC exits when the kernel dies (it can
+    no longer trust its DMA mappings), so a kernel restart waits for it and restarts it."""
+    import time as _time
+
+    if "kernel" in dead:
+        entry = r.m.procs.get("nic")
+        deadline = _time.monotonic() + 5
+        while entry is not None and entry.process() is not None and \
+                _time.monotonic() < deadline:
+            _time.sleep(0.05)
+        dead = dead | ({"nic"} if entry is None or entry.process() is None else set())
+    from shared.shm import list_run_segments
+
+    for role in ("nic", "kernel"):
+        if role not in dead:
+            continue
+        # A SIGKILLed role never unlinked what it owned: its successor creates the same
+        # names exclusively, so the dead one's segments go first.
+        owned = [n for n in list_run_segments(r.run_id)
+                 if n.startswith(f"/zcrx.{r.run_id}.{role}.")]
+        _unlink(owned)
+        old = r.m.procs[role]
+        module, args = old.argv[2], old.argv[5:]
+        r.m.procs.pop(role)
+        e = r.spawn(role, module, args, detach=False, ready=role)
+        say(f"{role} died; restarted as pid {e.pid}")
 
 
 @main.command()
@@ -754,6 +876,62 @@ def wire(name: str | None, dev: str, port: int) -> None:
     res = _call(r, "nic", "nic.wire", {"dev": dev, "port": port})
     console.print(f"wire gateway listening on 127.0.0.1:{res['port']} -> {dev}",
                   highlight=False)
+
+
+# -- chaos ------------------------------------------------------------------------------
+
+@main.command()
+@click.option("--trials", type=click.IntRange(1, 1000), default=20, show_default=True,
+              help="Trials; each brings up its own run and kills one role in it.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the kill plan (role, app, moment): same seed, same kills.")
+@click.option("--roles", default="nic,kernel,app", show_default=True,
+              help="Roles that may be killed (comma separated: nic, kernel, app).")
+@click.option("--mib", type=click.IntRange(1, 1024), default=4, show_default=True,
+              help="MiB per app flow in each trial.")
+@click.option("--seconds", type=click.FloatRange(0.1, 60), default=1.0, show_default=True,
+              help="Pace each flow to last about this long, so the kill lands mid-stream.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True),
+              default=None, help="Write the figures (every trial, totals) here ('-': stdout).")
+def chaos(trials: int, seed: int, roles: str, mib: int, seconds: float,
+          json_path: str | None) -> None:
+    """SIGKILL a random role of a live run at a random moment, TRIALS times, and check the
+    teardown, the survivors' byte-exact streams and that nothing is left; exit 1 on any
+    violation."""
+    from launch.chaos import run_chaos
+
+    wanted = tuple(r.strip() for r in roles.split(",") if r.strip())
+    quiet = json_path == "-"
+
+    def say(t: Any) -> None:
+        if not quiet:
+            verdict = "ok" if not t.violations else f"{len(t.violations)} VIOLATION(S)"
+            console.print(f"trial {t.trial}: kill {t.role} at {t.fraction:.0%}: {verdict}",
+                          highlight=False)
+
+    try:
+        res = run_chaos(trials, seed, wanted, size=mib << 20, say=say, transfer_s=seconds)
+    except ZcrxError as e:
+        fail(str(e), 2)
+    if json_path == "-":
+        click.echo(json.dumps(res, indent=2, sort_keys=True))
+    else:
+        if json_path:
+            Path(json_path).write_text(json.dumps(res, indent=2, sort_keys=True))
+        t = Table(title=f"zcrx chaos: seed {seed}")
+        for col in ("trial", "role killed", "at fraction", "checks", "violations"):
+            t.add_column(col)
+        for tr in res["trials"]:
+            checks = " ".join(f"{k}{'' if v else '!'}" for k, v in tr["checks"].items())
+            t.add_row(str(tr["trial"]), tr["role"], f"{tr['fraction']:.2f} ({tr['reached']:.2f})",
+                      checks, "; ".join(tr["violations"])[:200] or "0")
+        console.print(t)
+        tot = res["totals"]
+        kills = ", ".join(f"{k} {v}" for k, v in sorted(tot["kills"].items())) or "none"
+        console.print(f"trials {tot['trials']}, kills: {kills}, violations "
+                      f"{tot['violations']}", highlight=False)
+    if res["totals"]["violations"]:
+        fail(f"{res['totals']['violations']} violation(s)", EXIT_CHECK_FAILED)
 
 
 # -- demo -------------------------------------------------------------------------------

@@ -156,6 +156,8 @@ class Run:
             raise Misuse(f"run {name!r} has a damaged manifest: {e}", errno=22) from e
 
     def save(self) -> None:
+        if not self.dir.exists():
+            return  # the run is being removed (zcrx down elsewhere): nothing to record
         tmp = self.dir / (MANIFEST + ".tmp")
         tmp.write_text(self.m.to_json())
         os.replace(tmp, self.dir / MANIFEST)
@@ -304,10 +306,19 @@ class Run:
     def down(self, timeout: float = 5.0) -> dict[str, Any]:
         """Stop every process (apps first, then kernel, then NIC) and remove the run.
 
-        A recorded ``launcher`` (a foreground ``zcrx up``) is not signalled: it notices
-        that the NIC and kernel are gone and exits by itself.
+        A recorded ``launcher`` (a foreground ``zcrx up``) other than ourselves is asked
+        to stop first (SIGTERM): it may be supervising with ``--restart`` and would
+        otherwise bring back the roles we stop.  It brings the run down itself; we
+        then finish whatever is left.
         """
-        self.m.procs.pop(LAUNCHER, None)
+        launcher = self.m.procs.pop(LAUNCHER, None)
+        if launcher is not None and launcher.pid != os.getpid():
+            _terminate(launcher, timeout)
+            if not self.dir.exists():  # the launcher brought the run down itself
+                for e in self.m.procs.values():
+                    _wait_gone(e, timeout)  # reaps those that are children of ours
+                return {"stopped": [LAUNCHER, *self.m.procs], "killed": [],
+                        "segments_removed": remove_run_segments(self.run_id)}
         order = [r for r in self.m.procs if r not in ROLE_ORDER]
         order += [r for r in reversed(ROLE_ORDER) if r in self.m.procs]
         killed = [r for r in order if self.stop(r, timeout)]

@@ -1,0 +1,5 @@
+"""``python -m launch`` is the ``zcrx`` command."""
+
+from launch.cli import main
+
+main()
