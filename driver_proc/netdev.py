@@ -767,6 +767,13 @@ class NetDevice:
                                                          "combined": n}
         old = self.n_queues
         removed = [q for q in range(n, old) if q in self.queues]
+        bound = [q for q in removed
+                 if self.queues[q].binding != "none" or q in self.mp_draining]
+        if bound:
+            # Linux: "requested channel counts are too low for existing memory provider
+            # setting" (ethtool channels set checks dev_get_min_mp_channel_count).
+            raise Misuse(f"{self.name}: queue {bound[0]} has a memory provider; cannot "
+                         f"drop to {n} channels", errno.EINVAL)
         for q in removed:
             if self.queues[q].started:
                 self.drained.append(self.queue_stop(q))

@@ -1,0 +1,277 @@
+"""``zcrx bench scale``: how setup, goodput and teardown change with the number of zcrx queues.
+
+For every point N (``--queues 1,2,4,...``) the bench brings up a **fresh run** (one run per
+point, so "up" and "down" are measured as a user sees them): the NIC and kernel processes with
+one netdev ``eth0`` of N+1 RX queues (queue 0 takes RSS default traffic: ``-X eth0 equal 1``),
+then N zero-copy queues 1..N, each bound to its own ifq by its own
+:mod:`app_proc.zcrx_server` (the server takes one queue) listening on port ``9000 + queue``,
+with one ntuple rule per queue (``-N eth0 flow-type tcp4 dst-port 9000+q action q``).  The
+device has at most :data:`shared.nicif.MAX_QUEUES` (64) queues: at N = 64 there is no spare
+queue, so queue 0 is bound as well and the zero-copy queues are 0..63 (the report says so in
+``queues_total`` / ``zc_queues``).
+
+Then one generator flow per queue (``nic.traffic``: ``--mib-per-queue`` MiB of pattern bytes,
+stream id = source port) starts, and the bench waits for every server to exit by itself after
+its one connection.  Every server verifies every byte against :mod:`shared.pattern` in place
+(``-v``, no hash) and checks its byte count; a point whose bytes do not verify says so and its
+goodput is not a result.
+
+Figures per point:
+
+* **up s**: ``Run`` creation + NIC + kernel processes ready + RSS/ntuple configuration.
+* **bind s**: starting the N servers one after another until each listens (each has
+  registered its ifq, bound its queue and armed its accept by then).  ``setup s`` = up + bind.
+* **goodput GB/s** (wall): the sum of delivered bytes / (the last server's exit - the start
+  of traffic), as the launcher sees it; **app GB/s**: the same bytes / (the latest server's
+  last data batch - the earliest server's first data CQE), the apps' own
+  ``time.monotonic_ns()`` (a system-wide clock).
+* **down s**: :meth:`launch.run.Run.down` (every process stopped, every segment removed).
+
+What the curve means on this machine (2 cores shared by NIC, kernel and N app processes):
+total goodput **cannot** scale with the number of queues here, because the NIC and kernel
+processes are single loops and there are only two cores; more queues only add per-queue work
+(more rings to poll, more processes to schedule).  The point of the curve is the cost side:
+how setup and teardown grow with N (process starts, region creation, DMA maps, ifq
+registration; and their reverse) and how much per-queue overhead eats into goodput.
+
+Memory: small by default so 64 queues fit: NIC rings of :data:`RX_RING` entries of 4 KiB per
+queue, and per server an area of :data:`AREA` bytes with :data:`CQ_ENTRIES` /
+:data:`RQ_ENTRIES` (64 x (1 MiB ring + 4 MiB area) plus the processes).
+
+Ownership: this module creates and owns nothing in shared memory itself; the run's NIC,
+kernel and servers own their regions, and ``Run.down`` removes them whatever happens.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from launch.bench_rx import (
+    MTU,
+    RX_BUF_LEN,
+    BenchFailed,
+    BenchRun,
+    Progress,
+    _alive,
+    _expected,
+    _tail,
+    _terminate_as_interrupt,
+)
+from shared.errors import PeerGone, Timeout
+
+#: Queue counts measured by default.
+DEFAULT_QUEUES = (1, 2, 4, 8, 16, 32, 64)
+#: Default MiB of traffic per queue (one flow each).
+DEFAULT_MIB = 4
+#: NIC RX ring entries per queue (4 KiB buffers): small, so 64 queues stay cheap.
+RX_RING = 256
+#: Area bytes per server (1024 niovs of 4 KiB), CQ and RQ entries.
+AREA = 4 << 20
+CQ_ENTRIES = 1024
+RQ_ENTRIES = 1024
+BASE_PORT = 9000
+BASE_SPORT = 20000
+_READY_S = 60.0
+
+
+@dataclass
+class ScalePoint:
+    """One point of the curve."""
+
+    queues: int
+    queues_total: int
+    zc_queues: list[int]
+    bytes: int = 0
+    up_s: float = 0.0
+    bind_s: float = 0.0
+    wall_s: float = 0.0
+    app_s: float = 0.0
+    down_s: float = 0.0
+    verified: bool = False
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def setup_s(self) -> float:
+        return self.up_s + self.bind_s
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / self.wall_s / 1e9 if self.wall_s > 0 else 0.0
+
+    @property
+    def app_gbps(self) -> float:
+        return self.bytes / self.app_s / 1e9 if self.app_s > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(setup_s=self.setup_s, gbps=self.gbps, app_gbps=self.app_gbps)
+        return d
+
+
+class ScaleRun(BenchRun):
+    """A :class:`~launch.bench_rx.BenchRun` with small NIC rings (``rx`` entries per queue)."""
+
+    def __init__(self, queues: int, rx: int = RX_RING) -> None:
+        import shared.nicif
+        import shared.syscalls  # noqa: F401  (register the message types)
+        from launch.run import Run
+
+        self.run = Run.create(f"scale-{secrets.token_hex(3)}",
+                              {"bench": "scale", "queues": queues})
+        self._seq = 0
+        try:
+            args = ["--run", self.run.run_id, "--rundir", str(self.run.dir)]
+            spec = f"eth0:queues={queues},mtu={MTU},rx_buf_len={RX_BUF_LEN},rx={rx}"
+            self.run.spawn("nic", "nic_proc", [*args, "--netdev", spec], detach=False,
+                           ready="nic")
+            self.run.spawn("kernel", "driver_proc", args, detach=False, ready="kernel")
+            kernel = self.run.m.procs["kernel"].process()
+            if kernel is None:
+                raise BenchFailed("the kernel process died at start")
+            self.kernel_proc = kernel
+        except BaseException:
+            self.down()
+            raise
+
+
+def zc_layout(n: int, max_queues: int = 64) -> tuple[int, list[int]]:
+    """``(queues on the netdev, zero-copy queues)`` for ``n`` zero-copy queues: queue 0 stays
+    for RSS while there is room (``n + 1 <= max_queues``), else every queue is zero copy."""
+    if not 1 <= n <= max_queues:
+        raise BenchFailed(f"{n} zero-copy queues: must be in [1, {max_queues}]")
+    total = min(n + 1, max_queues)
+    return total, list(range(total - n, total))
+
+
+def measure_point(n: int, mib_per_queue: float = DEFAULT_MIB, *, timeout: float = 300.0,
+                  progress: Progress | None = None) -> ScalePoint:
+    """Bring up a run with ``n`` bound zero-copy queues, one flow each; tear it down."""
+    say = progress or (lambda m: None)
+    total, zq = zc_layout(n)
+    per_flow = max(1, int(mib_per_queue * (1 << 20)))
+    pt = ScalePoint(n, total, zq)
+    t0 = time.monotonic()
+    say(f"{n} queue(s): up")
+    br = ScaleRun(total)
+    try:
+        if 0 not in zq:
+            br.ethtool("-X", "eth0", "equal", "1")
+        for q in zq:
+            br.ethtool("-N", "eth0", "flow-type", "tcp4", "dst-port", str(BASE_PORT + q),
+                       "action", str(q))
+        t1 = time.monotonic()
+        pt.up_s = t1 - t0
+        say(f"{n} queue(s): binding")
+        roles: dict[int, str] = {}
+        for q in zq:
+            role = f"app:zc{q}"
+            out = br.run.dir / f"zc{q}.json"
+            args = ["-p", str(BASE_PORT + q), "-i", "eth0", "-q", str(q), "-v", "--no-hash",
+                    "--quiet", "-n", "1", "-s", str(per_flow), "-S", str(AREA),
+                    "-C", str(CQ_ENTRIES), "-R", str(RQ_ENTRIES), "--json", str(out),
+                    "--seconds", str(timeout)]
+            try:
+                br.run.spawn(role, "app_proc.zcrx_server", args, detach=False, notify=True,
+                             ready_timeout=_READY_S)
+            except (PeerGone, Timeout) as e:
+                failed = br.run.m.procs.get(role)
+                raise BenchFailed(f"server of queue {q} did not start: "
+                                  f"{_tail(failed.log) if failed else e}") from None
+            roles[q] = role
+        t2 = time.monotonic()
+        pt.bind_s = t2 - t1
+        say(f"{n} queue(s): traffic")
+        procs = {q: br.run.m.procs[r].process() for q, r in roles.items()}
+        t_start = time.monotonic()
+        for q in zq:
+            br.call("nic", "nic.traffic", {"dev": "eth0", "spec": {
+                "dport": BASE_PORT + q, "flows": 1, "bytes": per_flow,
+                "sport": BASE_SPORT + q}})
+        deadline = t_start + timeout + 10
+        t_done = t_start
+        pending = dict(procs)
+        while pending:
+            for q, p in list(pending.items()):
+                if not _alive(p):
+                    t_done = time.monotonic()
+                    del pending[q]
+            if pending and time.monotonic() > deadline:
+                raise BenchFailed(f"{n} queue(s): servers of queues {sorted(pending)} still "
+                                  f"running after {timeout:.0f} s")
+            time.sleep(0.002)
+        pt.wall_s = t_done - t_start
+        firsts, lasts = [], []
+        for q, role in roles.items():
+            br.run.stop(role)
+            try:
+                s = json.loads((br.run.dir / f"zc{q}.json").read_text())
+            except (OSError, ValueError) as e:
+                pt.problems.append(f"queue {q}: no summary ({e})")
+                continue
+            conns = s.get("connections", [])
+            pt.bytes += sum(int(c["bytes"]) for c in conns)
+            probs = list(s.get("errors", [])) + _expected(conns, per_flow, [BASE_SPORT + q])
+            if not s.get("ok"):
+                probs.append("server not ok")
+            pt.problems += [f"queue {q}: {p}" for p in probs]
+            if s.get("first_ns") is not None and s.get("last_ns") is not None:
+                firsts.append(int(s["first_ns"]))
+                lasts.append(int(s["last_ns"]))
+        if firsts:
+            pt.app_s = (max(lasts) - min(firsts)) / 1e9
+        pt.verified = not pt.problems and pt.bytes == per_flow * n
+    finally:
+        say(f"{n} queue(s): down")
+        t3 = time.monotonic()
+        br.down()
+        pt.down_s = time.monotonic() - t3
+    return pt
+
+
+def run_scale_bench(queues: tuple[int, ...] = DEFAULT_QUEUES,
+                    mib_per_queue: float = DEFAULT_MIB, timeout: float = 300.0,
+                    progress: Progress | None = None) -> dict[str, Any]:
+    """Measure every point of ``queues`` (one run each); the JSON-able result."""
+    points = []
+    with _terminate_as_interrupt():
+        for n in queues:
+            points.append(measure_point(n, mib_per_queue, timeout=timeout, progress=progress))
+    return {
+        "bench": "scale", "mib_per_queue": mib_per_queue, "rx_ring": RX_RING,
+        "area_bytes": AREA, "payload": MTU - 40, "points": [p.to_dict() for p in points],
+        "all_verified": all(p.verified for p in points),
+    }
+
+
+def plot(result: dict[str, Any], path: str) -> None:
+    """Write the curve as a PNG (needs matplotlib: the ``plot`` extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise BenchFailed("--plot needs matplotlib: pip install 'zcrx-emu[plot]'") from None
+    pts = result["points"]
+    xs = [p["queues"] for p in pts]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    a1.plot(xs, [p["gbps"] for p in pts], "o-", label="wall GB/s")
+    a1.plot(xs, [p["app_gbps"] for p in pts], "s--", label="app GB/s")
+    a1.set_xscale("log", base=2)
+    a1.set_xlabel("zero-copy queues")
+    a1.set_ylabel("total goodput (GB/s)")
+    a1.legend()
+    for key, label in (("up_s", "up"), ("bind_s", "bind"), ("down_s", "down")):
+        a2.plot(xs, [p[key] for p in pts], "o-", label=label)
+    a2.set_xscale("log", base=2)
+    a2.set_xlabel("zero-copy queues")
+    a2.set_ylabel("seconds")
+    a2.legend()
+    fig.suptitle(f"zcrx bench scale ({result['mib_per_queue']} MiB per queue, 2 cores)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
