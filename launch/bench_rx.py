@@ -201,17 +201,17 @@ def _signals_ignored() -> Iterator[None]:
 class BenchRun:
     """A run with NIC + kernel for the bench (``queues`` RX queues on eth0)."""
 
-    def __init__(self, queues: int) -> None:
+    def __init__(self, queues: int, rx: int = RX_RING, kind: str = "bench") -> None:
         import shared.nicif
         import shared.syscalls  # noqa: F401  (register the message types)
         from launch.run import Run
 
-        self.run = Run.create(f"bench-{secrets.token_hex(3)}",
-                              {"bench": True, "queues": queues})
+        self.run = Run.create(f"{kind}-{secrets.token_hex(3)}",
+                              {"bench": kind, "queues": queues})
         self._seq = 0
         try:
             args = ["--run", self.run.run_id, "--rundir", str(self.run.dir)]
-            spec = f"eth0:queues={queues},mtu={MTU},rx_buf_len={RX_BUF_LEN},rx={RX_RING}"
+            spec = f"eth0:queues={queues},mtu={MTU},rx_buf_len={RX_BUF_LEN},rx={rx}"
             self.run.spawn("nic", "nic_proc", [*args, "--netdev", spec], detach=False,
                            ready="nic")
             self.run.spawn("kernel", "driver_proc", args, detach=False, ready="kernel")

@@ -45,14 +45,12 @@ kernel and servers own their regions, and ``Run.down`` removes them whatever hap
 from __future__ import annotations
 
 import json
-import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from launch.bench_rx import (
     MTU,
-    RX_BUF_LEN,
     BenchFailed,
     BenchRun,
     Progress,
@@ -116,26 +114,7 @@ class ScaleRun(BenchRun):
     """A :class:`~launch.bench_rx.BenchRun` with small NIC rings (``rx`` entries per queue)."""
 
     def __init__(self, queues: int, rx: int = RX_RING) -> None:
-        import shared.nicif
-        import shared.syscalls  # noqa: F401  (register the message types)
-        from launch.run import Run
-
-        self.run = Run.create(f"scale-{secrets.token_hex(3)}",
-                              {"bench": "scale", "queues": queues})
-        self._seq = 0
-        try:
-            args = ["--run", self.run.run_id, "--rundir", str(self.run.dir)]
-            spec = f"eth0:queues={queues},mtu={MTU},rx_buf_len={RX_BUF_LEN},rx={rx}"
-            self.run.spawn("nic", "nic_proc", [*args, "--netdev", spec], detach=False,
-                           ready="nic")
-            self.run.spawn("kernel", "driver_proc", args, detach=False, ready="kernel")
-            kernel = self.run.m.procs["kernel"].process()
-            if kernel is None:
-                raise BenchFailed("the kernel process died at start")
-            self.kernel_proc = kernel
-        except BaseException:
-            self.down()
-            raise
+        super().__init__(queues, rx, kind="scale")
 
 
 def zc_layout(n: int, max_queues: int = 64) -> tuple[int, list[int]]:

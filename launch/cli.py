@@ -27,6 +27,17 @@ console = Console(stderr=False)
 err_console = Console(stderr=True)
 
 
+def _write_json(result: Any, json_path: str | None) -> None:
+    """``--json FILE``: the figures to a file, or to stdout with ``-``."""
+    if not json_path:
+        return
+    text = json.dumps(result, indent=2)
+    if json_path == "-":
+        click.echo(text)
+    else:
+        Path(json_path).write_text(text + "\n")
+
+
 def fail(msg: str, code: int = EXIT_FAILED) -> None:
     err_console.print(f"zcrx: {msg}", highlight=False, markup=False, soft_wrap=True)
     sys.exit(code)
@@ -93,12 +104,7 @@ def bench_ring(seconds: float, spin: int, json_path: str | None, check: bool) ->
         for c in result["checks"]:
             mark = "ok" if c["ok"] else "MISSED"
             console.print(f"target {c['target']}: {c['value']:.2f} {mark}", highlight=False)
-    if json_path:
-        text = json.dumps(result, indent=2)
-        if json_path == "-":
-            click.echo(text)
-        else:
-            Path(json_path).write_text(text + "\n")
+    _write_json(result, json_path)
     if not result["all_verified"]:
         fail("a benchmark did not deliver what was sent (checksum mismatch)",
              EXIT_CHECK_FAILED)
@@ -144,12 +150,7 @@ def _rx_report(result: dict[str, Any], json_path: str | None, check: bool) -> No
         for r in result["rows"]:
             for p in r["problems"]:
                 console.print(f"{r['mode']}/{r['flows']}: {p}", highlight=False)
-    if json_path:
-        text = json.dumps(result, indent=2)
-        if json_path == "-":
-            click.echo(text)
-        else:
-            Path(json_path).write_text(text + "\n")
+    _write_json(result, json_path)
     if not result["all_verified"]:
         fail("a receiver did not get exactly the stream that was sent", EXIT_CHECK_FAILED)
     if check and not all(c["ok"] for c in result["checks"]):
@@ -269,12 +270,7 @@ def bench_scale(queues: tuple[int, ...], mib_per_queue: float, timeout: float,
         for p in result["points"]:
             for msg in p["problems"]:
                 console.print(f"{p['queues']} queues: {msg}", highlight=False)
-    if json_path:
-        text = json.dumps(result, indent=2)
-        if json_path == "-":
-            click.echo(text)
-        else:
-            Path(json_path).write_text(text + "\n")
+    _write_json(result, json_path)
     if not result["all_verified"]:
         fail("a receiver did not get exactly the stream that was sent", EXIT_CHECK_FAILED)
 
