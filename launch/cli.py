@@ -65,9 +65,15 @@ def main() -> None:
 
 # -- bench ------------------------------------------------------------------------------
 
-@main.group()
-def bench() -> None:
-    """Benchmarks: each runs its baselines in the same run and reports ratios."""
+@main.group(invoke_without_command=True)
+@click.pass_context
+def bench(ctx: click.Context) -> None:
+    """Benchmarks: each runs its baselines in the same run and reports ratios.
+
+    Without a subcommand: `zcrx bench zcrx` (zero copy vs the copy path vs loopback TCP).
+    """
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(bench_zcrx)
 
 
 def _ring_table(result: dict[str, Any]) -> Table:
