@@ -33,15 +33,21 @@ from typing import IO, Any
 import numpy as np
 
 from app_proc import liburing as L
-from app_proc.server import EXIT_CHECK_FAILED, EXIT_OK, serve
+from app_proc.server import (
+    EXIT_CHECK_FAILED,
+    EXIT_OK,
+    KIND_ACCEPT,
+    KIND_CLOSE,
+    AcceptingServer,
+    serve,
+    user_data,
+)
 from shared import abi, pattern
 from shared.control import ControlError
 from shared.proc import notify_ready
 
 BGID = 1
-KIND_ACCEPT = 1
 KIND_RECV = 2
-KIND_CLOSE = 3
 
 
 @dataclass
@@ -90,9 +96,6 @@ class Conn:
         }
 
 
-def _ud(kind: int, fd: int) -> int:
-    return (fd << 8) | kind
-
 
 def _out_path(template: str, index: int, single: bool) -> str:
     if "{n}" in template:
@@ -100,77 +103,33 @@ def _out_path(template: str, index: int, single: bool) -> str:
     return template if single else f"{template}.{index}"
 
 
-class CopyServer:
+class CopyServer(AcceptingServer):
     """The server's state; :meth:`run` is the loop."""
 
     def __init__(self, kernel: L.Kernel, opts: Options, stop: threading.Event | None = None,
                  log: IO[str] | None = None) -> None:
-        self.k = kernel
-        self.opts = opts
-        self.stop = stop or threading.Event()
-        self.log = log if log is not None else sys.stdout
+        super().__init__(kernel, opts, stop, log)
+        self.opts: Options = opts
         self.conns: dict[int, Conn] = {}
         self.finished: list[dict[str, Any]] = []
-        self.accepted = 0
-        self.accept_armed = False
-        self.lfd = -1
-        self.errors: list[str] = []
-
-    def say(self, text: str) -> None:
-        if not self.opts.quiet:
-            print(text, file=self.log, flush=True)
-
-    # -- requests -----------------------------------------------------------------------------
-
-    def _sqe(self) -> Any:
-        sqe = L.io_uring_get_sqe(self.ring)
-        if sqe is None:
-            L.io_uring_submit(self.ring)
-            sqe = L.io_uring_get_sqe(self.ring)
-        assert sqe is not None
-        return sqe
-
-    def arm_accept(self) -> None:
-        sqe = self._sqe()
-        L.io_uring_prep_multishot_accept(sqe, self.lfd)
-        L.io_uring_sqe_set_data64(sqe, _ud(KIND_ACCEPT, self.lfd))
-        self.accept_armed = True
 
     def arm_recv(self, fd: int) -> None:
         sqe = self._sqe()
         L.io_uring_prep_recv_multishot(sqe, fd, 0, 0)
         L.io_uring_sqe_set_buf_group(sqe, BGID)
-        L.io_uring_sqe_set_data64(sqe, _ud(KIND_RECV, fd))
+        L.io_uring_sqe_set_data64(sqe, user_data(KIND_RECV, fd))
 
     # -- completions --------------------------------------------------------------------------
 
-    def on_accept(self, res: int, flags: int) -> None:
-        more = bool(flags & abi.IORING_CQE_F_MORE)
-        if not more:
-            self.accept_armed = False
-        if res < 0:
-            if res != -errno.ECANCELED:
-                self.errors.append(f"accept: {errno.errorcode.get(-res, res)}")
-            return
-        self.accepted += 1
-        peer = self.k.getpeername(res)
-        stream = self.opts.stream_id if self.opts.stream_id is not None else peer[1]
-        conn = Conn(res, self.accepted, peer, stream)
+    def open_conn(self, fd: int, peer: tuple[str, int], stream: int) -> None:
+        conn = Conn(fd, self.accepted, peer, stream)
         if not self.opts.hash:
             conn.sha = None
         if self.opts.output:
             single = self.opts.connections == 1
             conn.out = open(_out_path(self.opts.output, conn.index, single), "wb")  # noqa: SIM115
-        self.conns[res] = conn
-        self.arm_recv(res)
-        n = self.opts.connections
-        if n and self.accepted >= n:
-            if self.lfd >= 0:
-                self.k.close_fd(self.lfd)  # enough: stop listening (ends the multishot accept)
-                self.lfd = -1
-            return
-        if not more and not self.stop.is_set():
-            self.arm_accept()
+        self.conns[fd] = conn
+        self.arm_recv(fd)
 
     def on_recv(self, fd: int, res: int, flags: int, data: np.ndarray | None,
                 rearm: list[int]) -> None:
@@ -215,7 +174,7 @@ class CopyServer:
         del self.conns[conn.fd]
         sqe = self._sqe()
         L.io_uring_prep_close(sqe, conn.fd)
-        L.io_uring_sqe_set_data64(sqe, _ud(KIND_CLOSE, conn.fd))
+        L.io_uring_sqe_set_data64(sqe, user_data(KIND_CLOSE, conn.fd))
 
     # -- the loop -----------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ are one call.
 
 from __future__ import annotations
 
+import errno
 import json
 import signal
 import sys
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from app_proc import liburing as L
+from shared import abi
 from shared.errors import PeerGone, ZcrxError
 
 EXIT_OK = 0
@@ -75,3 +77,74 @@ def serve(prog: str, make: Callable[[L.Kernel, threading.Event], Server], *,
     for e in server.errors:
         print(f"{prog}: {e}", file=sys.stderr)
     return code
+
+
+# -- the accept side every sample server shares ------------------------------------------------
+
+KIND_ACCEPT = 1
+KIND_CLOSE = 3
+
+
+def user_data(kind: int, fd: int) -> int:
+    """Request tag in ``user_data``: the fd above the low byte, the request kind in it."""
+    return (fd << 8) | kind
+
+
+class AcceptingServer:
+    """Multishot accept on ``lfd`` until ``opts.connections`` peers came, then stop listening.
+
+    Subclasses set ``ring`` and ``lfd`` when they start, and implement
+    :meth:`open_conn`, which receives each accepted socket (fd, peer, pattern stream id)
+    and arms its receive.  ``opts`` needs ``connections``, ``stream_id`` and ``quiet``.
+    """
+
+    ring: L.Ring
+
+    def __init__(self, kernel: L.Kernel, opts: Any, stop: threading.Event | None = None,
+                 log: Any = None) -> None:
+        self.k = kernel
+        self.opts = opts
+        self.stop = stop or threading.Event()
+        self.log = log if log is not None else sys.stdout
+        self.accepted = 0
+        self.lfd = -1
+        self.errors: list[str] = []
+
+    def say(self, text: str) -> None:
+        if not self.opts.quiet:
+            print(text, file=self.log, flush=True)
+
+    def _sqe(self) -> Any:
+        sqe = L.io_uring_get_sqe(self.ring)
+        if sqe is None:
+            L.io_uring_submit(self.ring)
+            sqe = L.io_uring_get_sqe(self.ring)
+        assert sqe is not None
+        return sqe
+
+    def arm_accept(self) -> None:
+        sqe = self._sqe()
+        L.io_uring_prep_multishot_accept(sqe, self.lfd)
+        L.io_uring_sqe_set_data64(sqe, user_data(KIND_ACCEPT, self.lfd))
+
+    def open_conn(self, fd: int, peer: tuple[str, int], stream: int) -> None:
+        raise NotImplementedError
+
+    def on_accept(self, res: int, flags: int) -> None:
+        if res < 0:
+            # -ECANCELED, or any error once we closed the listener on purpose, is expected.
+            if res != -errno.ECANCELED and self.lfd >= 0:
+                self.errors.append(f"accept: {errno.errorcode.get(-res, res)}")
+            return
+        self.accepted += 1
+        peer = self.k.getpeername(res)
+        stream = self.opts.stream_id if self.opts.stream_id is not None else peer[1]
+        self.open_conn(res, peer, stream)
+        n = self.opts.connections
+        if n and self.accepted >= n:
+            if self.lfd >= 0:
+                self.k.close_fd(self.lfd)  # enough: stop listening (ends the multishot accept)
+                self.lfd = -1
+            return
+        if not flags & abi.IORING_CQE_F_MORE and not self.stop.is_set() and self.lfd >= 0:
+            self.arm_accept()

@@ -64,15 +64,21 @@ from typing import IO, Any
 import numpy as np
 
 from app_proc import liburing as L
-from app_proc.server import EXIT_CHECK_FAILED, EXIT_OK, serve
+from app_proc.server import (
+    EXIT_CHECK_FAILED,
+    EXIT_OK,
+    KIND_ACCEPT,
+    KIND_CLOSE,
+    AcceptingServer,
+    serve,
+    user_data,
+)
 from shared import abi
 from shared.control import ControlError
 from shared.errors import PeerGone
 from shared.proc import notify_ready
 
-KIND_ACCEPT = 1
 KIND_ZC = 2
-KIND_CLOSE = 3
 #: RECV_ZC ``len`` is a u32 and UINT_MAX is refused: larger budgets run unlimited.
 _MAX_BUDGET = 0xFFFFFFFE
 _F_MORE = abi.IORING_CQE_F_MORE
@@ -136,25 +142,17 @@ class Conn:
         }
 
 
-def _ud(kind: int, fd: int) -> int:
-    return (fd << 8) | kind
 
-
-class ZcrxServer:
+class ZcrxServer(AcceptingServer):
     """The server's state; :meth:`run` is the loop."""
 
     def __init__(self, kernel: L.Kernel, opts: Options, stop: threading.Event | None = None,
                  log: IO[str] | None = None) -> None:
-        self.k = kernel
-        self.opts = opts
-        self.stop = stop or threading.Event()
-        self.log = log if log is not None else sys.stdout
+        super().__init__(kernel, opts, stop, log)
+        self.opts: Options = opts
         self.conns: dict[int, Conn] = {}
         self.positions: dict[int, int] = {}  # fd -> next stream offset (Conn.nbytes)
         self.finished: list[dict[str, Any]] = []
-        self.accepted = 0
-        self.lfd = -1
-        self.errors: list[str] = []
         self.ifq: L.ZcrxIfq | None = None
         self.first_ns: int | None = None
         self.last_ns: int | None = None
@@ -164,24 +162,7 @@ class ZcrxServer:
         self.stray_chunks = 0
         self.copy_fallback: dict[str, Any] | None = None
 
-    def say(self, text: str) -> None:
-        if not self.opts.quiet:
-            print(text, file=self.log, flush=True)
-
     # -- requests -----------------------------------------------------------------------------
-
-    def _sqe(self) -> Any:
-        sqe = L.io_uring_get_sqe(self.ring)
-        if sqe is None:
-            L.io_uring_submit(self.ring)
-            sqe = L.io_uring_get_sqe(self.ring)
-        assert sqe is not None
-        return sqe
-
-    def arm_accept(self) -> None:
-        sqe = self._sqe()
-        L.io_uring_prep_multishot_accept(sqe, self.lfd)
-        L.io_uring_sqe_set_data64(sqe, _ud(KIND_ACCEPT, self.lfd))
 
     def arm_recv_zc(self, conn: Conn) -> None:
         assert self.ifq is not None
@@ -191,32 +172,17 @@ class ZcrxServer:
             budget = left if 0 < left <= _MAX_BUDGET else 0
         sqe = self._sqe()
         L.io_uring_prep_recv_zc(sqe, conn.fd, budget, self.ifq.zcrx_id)
-        L.io_uring_sqe_set_data64(sqe, _ud(KIND_ZC, conn.fd))
+        L.io_uring_sqe_set_data64(sqe, user_data(KIND_ZC, conn.fd))
 
     # -- completions --------------------------------------------------------------------------
 
-    def on_accept(self, res: int, flags: int) -> None:
-        if res < 0:
-            if res != -errno.ECANCELED and self.lfd >= 0:
-                self.errors.append(f"accept: {errno.errorcode.get(-res, res)}")
-            return
-        self.accepted += 1
-        peer = self.k.getpeername(res)
-        stream = self.opts.stream_id if self.opts.stream_id is not None else peer[1]
-        conn = Conn(res, self.accepted, peer, stream)
+    def open_conn(self, fd: int, peer: tuple[str, int], stream: int) -> None:
+        conn = Conn(fd, self.accepted, peer, stream)
         if not self.opts.hash:
             conn.sha = None
-        self.conns[res] = conn
-        self.positions[res] = 0
+        self.conns[fd] = conn
+        self.positions[fd] = 0
         self.arm_recv_zc(conn)
-        n = self.opts.connections
-        if n and self.accepted >= n:
-            if self.lfd >= 0:
-                self.k.close_fd(self.lfd)  # enough: stop listening (ends the multishot accept)
-                self.lfd = -1
-            return
-        if not flags & _F_MORE and not self.stop.is_set() and self.lfd >= 0:
-            self.arm_accept()
 
     def on_data(self, cqes: np.ndarray, batch: L.ZcrxBatch, now_ns: int) -> None:
         """Read one batch of chunks in place: hash, verify, then return them all."""
@@ -333,7 +299,7 @@ class ZcrxServer:
         self.positions.pop(conn.fd, None)
         sqe = self._sqe()
         L.io_uring_prep_close(sqe, conn.fd)
-        L.io_uring_sqe_set_data64(sqe, _ud(KIND_CLOSE, conn.fd))
+        L.io_uring_sqe_set_data64(sqe, user_data(KIND_CLOSE, conn.fd))
 
     # -- the loop -----------------------------------------------------------------------------
 
