@@ -156,16 +156,20 @@ def test_killed_app_is_torn_down_and_the_other_app_stays_byte_exact(tmp_path: Pa
     assert rep["copy_fallback"]["zc_bytes"] == size
 
 
+def _zero_copy_flowing(name: str, out: Path) -> None:
+    """A zcrx-server on queue 1 receiving a BIG generator flow, well under way."""
+    _steer(name, 8000, 1)
+    _serve(name, out, 8000, 1, BIG)
+    zcrx("traffic", "--name", name, "--flows", "1", "--port", "8000", "--bytes", str(BIG))
+    _wait_progress(name, 1, 2000)
+
+
 @pytest.mark.timeout(60)
 def test_killed_nic_is_a_surprise_removal(tmp_path: Path) -> None:
     name = "d2"
     out = tmp_path / "app.json"
     with topology(name, "--netdev", NETDEV) as run:
-        _steer(name, 8000, 1)
-        _serve(name, out, 8000, 1, BIG)
-        zcrx("traffic", "--name", name, "--flows", "1", "--port", "8000",
-             "--bytes", str(BIG))
-        _wait_progress(name, 1, 2000)
+        _zero_copy_flowing(name, out)
         _kill(name, "nic")
         t0 = time.monotonic()
         wait_app(name, "app:0", 20)  # no hang
@@ -197,11 +201,7 @@ def test_killed_kernel_makes_nic_and_app_exit(tmp_path: Path) -> None:
     name = "d3"
     out = tmp_path / "app.json"
     with topology(name, "--netdev", NETDEV) as run:
-        _steer(name, 8000, 1)
-        _serve(name, out, 8000, 1, BIG)
-        zcrx("traffic", "--name", name, "--flows", "1", "--port", "8000",
-             "--bytes", str(BIG))
-        _wait_progress(name, 1, 2000)
+        _zero_copy_flowing(name, out)
         _kill(name, "kernel")
         t0 = time.monotonic()
         wait_app(name, "nic", 15)

@@ -30,32 +30,11 @@ from shared import abi, pattern
 from shared.control import ControlError, ControlServer, ipc_endpoint
 from shared.errors import PeerGone
 from shared.shm import list_run_segments
+from tests.test_io_uring import FakeSkbs
 
 pytestmark = pytest.mark.timeout(60)
 
 
-class FakeSkbs:
-    """Each skb's payload in a dict; the two methods io_uring uses."""
-
-    def __init__(self) -> None:
-        self.data: dict[int, np.ndarray] = {}
-        self.next = 1
-
-    def add(self, payload: bytes) -> int:
-        h = self.next
-        self.next += 1
-        self.data[h] = np.frombuffer(payload, dtype=np.uint8)
-        return h
-
-    def copy_out(self, handles, offsets, lengths, dst) -> None:
-        pos = 0
-        for h, o, n in zip(handles.tolist(), offsets.tolist(), lengths.tolist(), strict=True):
-            dst[pos:pos + n] = self.data[h][o:o + n]
-            pos += n
-
-    def free(self, handles) -> None:
-        for h in np.asarray(handles).tolist():
-            del self.data[h]
 
 
 class KernelThread:
