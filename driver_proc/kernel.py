@@ -349,6 +349,7 @@ class Kernel:
         return {"run": self.run, "uptime_s": round(time.monotonic() - self._started, 3),
                 "netdevs": [dev.status() for dev in self.netdevs.values()],
                 "nic": "gone" if self.nic_dead else "up",
+                "nic_reprobes": self.stats["nic_reprobes"],
                 "tasks": [{"tid": t.tid, "pid": t.pid, "name": t.name}
                           for t in self.ctx.tasks],
                 "zcrx": self.zcrx.status()}

@@ -570,6 +570,8 @@ def status(name: str | None, as_json: bool) -> None:
     for role, p in st["processes"].items():
         console.print(f"  {role:<10} pid {p['pid']:<8} {'up' if p['alive'] else 'DEAD'}",
                       highlight=False)
+    console.print(f"  nic: {st.get('nic', '?')} (re-probed {st.get('nic_reprobes', 0)} times)",
+                  highlight=False)
     for d in st["netdevs"]:
         console.print(f"{d['name']}: {'up' if d['up'] else 'down'}, {d['queues']} queues, "
                       f"mtu {d['mtu']}, rx-buf-len {d['rx_buf_len']}, tcp-data-split "
