@@ -210,12 +210,15 @@ class RingProducer(_RingSide):
         wrap point) and at the number of free slots.  Nothing is visible to the
         consumer until :meth:`submit`.
         """
-        free = self.nentries - ((self.tail - self.cached_head) & U32)
+        # Hot path (one call per batch): plain comparisons, no min() or attribute churn.
+        tail = self.tail
+        nent = self.nentries
+        free = nent - ((tail - self.cached_head) & U32)
         if free < n:
             free = self._refresh()
-        start = self.tail & self.mask
-        k = min(n, free, self.nentries - start)
-        return self.ring[start:start + k]
+        start = tail & self.mask
+        end = start + (n if n < free else free)
+        return self.ring[start:end if end < nent else nent]
 
     def submit(self, k: int) -> None:
         """Publish ``k`` entries written into the last :meth:`reserve` view."""
@@ -296,12 +299,14 @@ class RingConsumer(_RingSide):
         Stops at the wrap point of the array.  The entries stay owned by the ring
         until :meth:`release`; after that the producer may overwrite them.
         """
-        avail = (self.cached_tail - self.head) & U32
+        head = self.head
+        nent = self.nentries
+        avail = (self.cached_tail - head) & U32
         if avail < n:
             avail = self._refresh()
-        start = self.head & self.mask
-        k = min(n, avail, self.nentries - start)
-        return self.ring[start:start + k]
+        start = head & self.mask
+        end = start + (n if n < avail else avail)
+        return self.ring[start:end if end < nent else nent]
 
     def release(self, k: int) -> None:
         """Give ``k`` consumed entries back to the producer."""
