@@ -19,7 +19,7 @@ import pytest
 
 import shared.nicif
 import shared.syscalls  # noqa: F401  (register the message types)
-from launch.chaos import APP_ROLES, REPORTS, plan, topology
+from launch.chaos import APP_ROLES, REPORTS, plan, run_trial, topology
 from launch.run import Run, bring_up, cleanup, tagged_processes
 from shared.control import ControlClient
 from tests.e2e import runs_dir, zcrx
@@ -42,23 +42,41 @@ def test_twenty_chaos_trials_find_no_violation(tmp_path: Path) -> None:
     out = tmp_path / "chaos.json"
     with runs_dir():
         res = zcrx("chaos", "--trials", "20", "--seed", str(SEED), "--mib", "3",
-                   "--seconds", "0.5", "--json", str(out), ok=False)
+                   "--seconds", "0.8", "--json", str(out), ok=False)
     print(res.output)
     rep = json.loads(out.read_text())
     assert res.exit_code == 0, res.output
     tot = rep["totals"]
     assert tot["trials"] == 20 and tot["violations"] == 0
-    assert set(tot["kills"]) == {"nic", "kernel", "app"} and sum(tot["kills"].values()) == 20
+    # A late trial (the app had already finished byte-exact when its kill came: the
+    # sampler lagged on a loaded machine) kills nothing; it must stay the exception.
+    assert tot["late"] <= 3, f"{tot['late']} late trials: the kills did not land mid-stream"
+    assert set(tot["kills"]) == {"nic", "kernel", "app"}
+    assert sum(tot["kills"].values()) + tot["late"] == 20
     assert [t["role"] for t in rep["trials"]] == [p["role"] for p in plan(20, SEED)]
     for t in rep["trials"]:
         assert t["violations"] == [] and all(t["checks"].values()), t
-        assert t["checks"]["killed"] and t["checks"]["down"]
+        assert t["checks"]["down"]
+        if t["late"]:
+            assert t["role"] in APP_ROLES and t["checks"]["survivor"]
+            continue
+        assert t["checks"]["killed"]
         if t["role"] in APP_ROLES:
             assert t["checks"]["teardown"] and t["checks"]["survivor"]
         else:
             assert t["checks"]["exit"] and t["exit_s"] is not None
     print("exit after nic/kernel kill (s):",
           sorted(t["exit_s"] for t in rep["trials"] if t["exit_s"] is not None))
+
+
+@pytest.mark.timeout(60)
+def test_a_kill_after_the_app_finished_is_late_not_a_violation() -> None:
+    """The app to kill finished its stream byte-exact first: nothing killed, nothing broken;
+    an app that exits early without its whole stream would still be a violation."""
+    with runs_dir():
+        t = run_trial(0, "app:1", 0.05, 1 << 20, name="late", transfer_s=0.2, delay_s=20)
+    assert t.late and t.violations == [], t
+    assert "killed" not in t.checks and t.checks["survivor"] and t.checks["down"]
 
 
 def _stats(run: Run) -> dict[str, Any]:
