@@ -39,6 +39,8 @@ from app_proc.server import (
     KIND_ACCEPT,
     KIND_CLOSE,
     AcceptingServer,
+    add_common_args,
+    parse_stream_id,
     serve,
     user_data,
 )
@@ -276,16 +278,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
     p = argparse.ArgumentParser(prog="python -m app_proc.copy_server",
                                 description="Copying io_uring TCP receiver (multishot accept + "
                                             "multishot recv from a provided-buffer ring).")
-    p.add_argument("-p", "--port", type=int, default=8000, help="port to listen on (8000)")
-    p.add_argument("-a", "--addr", default="0.0.0.0", help="address to bind (0.0.0.0)")
-    p.add_argument("--no-hash", dest="hash", action="store_false",
-                   help="skip the per-connection SHA-256 (benchmarks: -v already reads "
-                        "every byte; the hash would dominate the cost)")
-    p.add_argument("-v", "--verify", action="store_true",
-                   help="check every byte against the pattern stream")
-    p.add_argument("--stream-id", default="sport",
-                   help="pattern stream id: a number, or 'sport' for the peer's source port "
-                        "(what the NIC generator uses; default)")
+    add_common_args(p, quiet_short=True)
     p.add_argument("-s", "--size", type=int, default=0,
                    help="expected bytes per connection (checked at EOF; 0: not checked)")
     p.add_argument("-o", "--output", help="write received bytes here ('{n}' = connection "
@@ -293,24 +286,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
     p.add_argument("-b", "--buf-size", type=int, default=16384, help="buffer size (16384)")
     p.add_argument("--nbufs", type=int, default=64, help="provided buffers (64, power of 2)")
     p.add_argument("-e", "--entries", type=int, default=64, help="SQ entries (64)")
-    p.add_argument("-n", "--connections", type=int, default=0,
-                   help="serve this many connections, then exit (0: until SIGTERM)")
-    p.add_argument("--json", dest="json_path", help="write a JSON summary here ('-': stdout)")
-    p.add_argument("--seconds", type=float, default=0.0, help="give up after this long")
-    p.add_argument("-q", "--quiet", action="store_true", help="no per-connection lines")
-    p.add_argument("--rundir", help=f"run directory (default ${L.ENV_RUNDIR})")
-    p.add_argument("--run", help=f"run id (default ${L.ENV_RUN})")
-    p.add_argument("--tag", default="", help="zcrx:<run_id>:<role> (set by the launcher)")
     a = p.parse_args(argv)
-    if a.stream_id == "sport":
-        stream = None
-    else:
-        try:
-            stream = int(a.stream_id)
-        except ValueError:
-            p.error("--stream-id takes a number or 'sport'")
-        if stream < 0:
-            p.error("--stream-id must be >= 0")
+    stream = parse_stream_id(p, a.stream_id)
     if a.nbufs <= 0 or a.nbufs & (a.nbufs - 1) or a.nbufs > 32768:
         p.error("--nbufs must be a power of two up to 32768")
     if a.buf_size <= 0:

@@ -8,6 +8,7 @@ are one call.
 
 from __future__ import annotations
 
+import argparse
 import errno
 import json
 import signal
@@ -41,6 +42,44 @@ def write_json(path: str, summary: dict[str, Any]) -> None:
     else:
         with open(path, "w") as f:
             f.write(text + "\n")
+
+
+def add_common_args(p: argparse.ArgumentParser, *, quiet_short: bool) -> None:
+    """The options every sample server takes: where to listen, what to verify, when to stop,
+    the summary, and the launcher's ones.  ``-q`` means ``--quiet`` only where it is free
+    (zcrx-server uses it for the queue, as liburing's example does)."""
+    p.add_argument("-p", "--port", type=int, default=8000, help="port to listen on (8000)")
+    p.add_argument("-a", "--addr", default="0.0.0.0", help="address to bind (0.0.0.0)")
+    p.add_argument("-v", "--verify", action="store_true",
+                   help="check every byte against the pattern stream")
+    p.add_argument("--stream-id", default="sport",
+                   help="pattern stream id: a number, or 'sport' for the peer's source port "
+                        "(what the NIC generator uses; default)")
+    p.add_argument("--no-hash", dest="hash", action="store_false",
+                   help="skip the per-connection SHA-256 (benchmarks: -v already reads "
+                        "every byte; the hash would dominate the cost)")
+    p.add_argument("-n", "--connections", type=int, default=0,
+                   help="serve this many connections, then exit (0: until SIGTERM)")
+    p.add_argument("--json", dest="json_path", help="write a JSON summary here ('-': stdout)")
+    p.add_argument("--seconds", type=float, default=0.0, help="give up after this long")
+    p.add_argument(*(("-q", "--quiet") if quiet_short else ("--quiet",)), action="store_true",
+                   help="no per-connection lines")
+    p.add_argument("--rundir", help=f"run directory (default ${L.ENV_RUNDIR})")
+    p.add_argument("--run", help=f"run id (default ${L.ENV_RUN})")
+    p.add_argument("--tag", default="", help="zcrx:<run_id>:<role> (set by the launcher)")
+
+
+def parse_stream_id(p: argparse.ArgumentParser, value: str) -> int | None:
+    """``--stream-id``: None for 'sport' (the peer's source port), else a number >= 0."""
+    if value == "sport":
+        return None
+    try:
+        stream = int(value)
+    except ValueError:
+        p.error("--stream-id takes a number or 'sport'")
+    if stream < 0:
+        p.error("--stream-id must be >= 0")
+    return stream
 
 
 def serve(prog: str, make: Callable[[L.Kernel, threading.Event], Server], *,

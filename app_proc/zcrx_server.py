@@ -70,6 +70,8 @@ from app_proc.server import (
     KIND_ACCEPT,
     KIND_CLOSE,
     AcceptingServer,
+    add_common_args,
+    parse_stream_id,
     serve,
     user_data,
 )
@@ -494,8 +496,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
                                 description="Zero-copy io_uring TCP receiver (RECV_ZC into a "
                                             "registered area, buffers returned through the "
                                             "refill queue), as liburing's examples/zcrx.")
-    p.add_argument("-p", "--port", type=int, default=8000, help="port to listen on (8000)")
-    p.add_argument("-a", "--addr", default="0.0.0.0", help="address to bind (0.0.0.0)")
+    add_common_args(p, quiet_short=False)
     p.add_argument("-i", "--ifname", default="eth0", help="netdev of the queue (eth0)")
     p.add_argument("-q", "--rxq", type=int, help="hardware RX queue to bind (mandatory "
                                                  "unless --nodev)")
@@ -504,14 +505,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
     p.add_argument("-s", "--size", type=_size, default=0,
                    help="bytes per connection: the RECV_ZC budget, checked at the end "
                         "(0: unlimited, not checked)")
-    p.add_argument("--no-hash", dest="hash", action="store_false",
-                   help="skip the per-connection SHA-256 (benchmarks: -v already reads "
-                        "every byte; the hash would dominate the cost)")
-    p.add_argument("-v", "--verify", action="store_true",
-                   help="check every byte against the pattern stream")
-    p.add_argument("--stream-id", default="sport",
-                   help="pattern stream id: a number, or 'sport' for the peer's source port "
-                        "(what the NIC generator uses; default)")
     p.add_argument("-r", "--rq-mem", type=int, choices=(0, 1), default=0,
                    help="refill queue in user memory (0, default) or kernel memory (1)")
     p.add_argument("-S", "--area-size", type=_size, default=64 << 20,
@@ -521,24 +514,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
     p.add_argument("--sq-entries", type=_pow2, default=256, help="SQ entries (256)")
     p.add_argument("--rx-buf-len", type=_size, default=0,
                    help="ifq_reg.rx_buf_len (0: the kernel's default)")
-    p.add_argument("-n", "--connections", type=int, default=0,
-                   help="serve this many connections, then exit (0: until SIGTERM)")
-    p.add_argument("--json", dest="json_path", help="write a JSON summary here ('-': stdout)")
-    p.add_argument("--seconds", type=float, default=0.0, help="give up after this long")
-    p.add_argument("--quiet", action="store_true", help="no per-connection lines")
-    p.add_argument("--rundir", help=f"run directory (default ${L.ENV_RUNDIR})")
-    p.add_argument("--run", help=f"run id (default ${L.ENV_RUN})")
-    p.add_argument("--tag", default="", help="zcrx:<run_id>:<role> (set by the launcher)")
     a = p.parse_args(argv)
-    if a.stream_id == "sport":
-        stream = None
-    else:
-        try:
-            stream = int(a.stream_id)
-        except ValueError:
-            p.error("--stream-id takes a number or 'sport'")
-        if stream < 0:
-            p.error("--stream-id must be >= 0")
+    stream = parse_stream_id(p, a.stream_id)
     if a.nodev and a.rxq not in (None, 0):
         p.error("--nodev takes no queue (if_rxq must be 0)")
     if not a.nodev and a.rxq is None:
