@@ -236,7 +236,7 @@ def _queue_list(ctx: Any, param: Any, value: str) -> tuple[int, ...]:
 @bench.command("scale")
 @click.option("--queues", "queues", default="1,2,4,8,16,32,64", show_default=True,
               callback=_queue_list, help="Zero-copy queue counts to measure (comma list).")
-@click.option("--mib-per-queue", type=click.FloatRange(0.01, 1024), default=4.0,
+@click.option("--mib-per-queue", type=click.FloatRange(0.01, 1024), default=16.0,
               show_default=True, help="MiB of traffic per queue (one flow each).")
 @click.option("--timeout", type=click.FloatRange(1, 3600), default=300.0, show_default=True,
               help="Seconds the traffic of one point may take.")
