@@ -182,7 +182,8 @@ def run_trial(index: int, role: str, fraction: float, size: int, *, name: str = 
     """Bring up a run, kill ``role`` at ``fraction`` of the transfer, check, tear down.
 
     Each flow is paced to last about ``transfer_s`` seconds so the kill lands mid-stream;
-    ``delay_s`` waits that much longer before the kill (tests use it to force a late kill).
+    ``delay_s``: before the kill, wait up to that long for the victim to exit by itself
+    (tests use it to force a late kill).
     """
     t = Trial(trial=index, role=role, fraction=fraction)
     t0 = time.monotonic()
