@@ -169,7 +169,7 @@ class Kernel:
             for batch in dev.take_drained():
                 work += self._deliver(batch)
             for q in list(dev.queues):
-                if not dev.queues[q].started:
+                if not dev.napi_pending(q):
                     continue
                 batch = dev.napi_poll(q, NAPI_BUDGET)
                 if batch.doorbell:

@@ -533,6 +533,17 @@ class NetDevice:
             return NapiBatch.empty(q)
         return self._poll(rq, budget, refill=True)
 
+    def napi_pending(self, q: int) -> bool:
+        """Whether :meth:`napi_poll` of ``q`` would find anything to do: a completion
+        published (the raw tail differs from our head: one u32 load, validated by the poll
+        itself) or buffers to post.  The kernel loop skips queues without either, the way
+        Linux polls only the NAPI instances on its poll list; a busy loop then costs about
+        nothing per idle queue (it was a full poll, ~5 us, per queue per pass)."""
+        rq = self.queues.get(q)
+        if rq is None or not rq.started or rq.comp is None:
+            return False
+        return rq.comp.shared_tail != rq.comp.head or len(rq.posted) < rq.ring_size
+
     def _poll(self, rq: _RxQueue, budget: int, *, refill: bool) -> NapiBatch:
         q = rq.index
         st = self.stats[q]

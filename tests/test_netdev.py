@@ -672,6 +672,36 @@ def test_doorbell_after_starvation(run_id: str) -> None:
         teardown(nd, nic, store)
 
 
+def test_napi_pending_skips_only_queues_with_nothing_to_do(run_id: str) -> None:
+    """The kernel loop polls a queue only when a completion is published or buffers are
+    missing from its ring; a garbage tail still counts as pending, so the poll (which
+    validates it) sees it."""
+    nic = FakeNic(INFO)
+    store = SkbStore()
+    nd = NetDevice(INFO, nic, run_id, skbs=store, pp_buffers=64)
+    try:
+        nd.open()
+        assert not nd.napi_pending(0) and not nd.napi_pending(1)   # stocked, nothing done
+        assert not nd.napi_pending(7)                             # no such queue
+        flow = Flow()
+        fr, fl, _ = flow.frames([1000] * 64)
+        assert nic.deliver(0, fr, fl) == 64
+        assert nd.napi_pending(0) and not nd.napi_pending(1)
+        b = nd.napi_poll(0)
+        assert b.completions == 64 and b.posted == 0              # every buffer is in skbs
+        assert nd.napi_pending(0)                                 # ...so its ring is short
+        store.free(b.handles)
+        assert nd.napi_poll(0).posted == 64 and not nd.napi_pending(0)
+        words = nic.queues[1].comp._words
+        words[nic.queues[1].comp._t] = 12345                      # a NIC scribbling
+        assert nd.napi_pending(1)
+        nd.napi_poll(1)
+        assert nd.queue_stats(1)["bad_completions"] + nd.queue_stats(1)["ring_faults"] > 0
+        nd.check_ledger()
+    finally:
+        teardown(nd, nic, store)
+
+
 # --------------------------------------------------------------------------------------------
 # Stop, free, restart
 # --------------------------------------------------------------------------------------------
