@@ -39,8 +39,9 @@ from app_proc.server import (
     KIND_ACCEPT,
     KIND_CLOSE,
     AcceptingServer,
+    ServerOptions,
     add_common_args,
-    parse_stream_id,
+    common_options,
     serve,
     user_data,
 )
@@ -53,21 +54,11 @@ KIND_RECV = 2
 
 
 @dataclass
-class Options:
-    port: int = 8000
-    addr: str = "0.0.0.0"
-    verify: bool = False
-    stream_id: int | None = None  # None: the peer's source port
-    size: int = 0  # expected bytes per connection, 0 = not checked
+class Options(ServerOptions):
     output: str | None = None
     buf_size: int = 16384
     nbufs: int = 64
     entries: int = 64
-    connections: int = 0  # 0 = until SIGTERM
-    json_path: str | None = None
-    seconds: float = 0.0  # give up after this long (0 = never)
-    quiet: bool = False
-    hash: bool = True  # SHA-256 of every connection's bytes (--no-hash: off)
 
 
 @dataclass
@@ -287,24 +278,21 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
     p.add_argument("--nbufs", type=int, default=64, help="provided buffers (64, power of 2)")
     p.add_argument("-e", "--entries", type=int, default=64, help="SQ entries (64)")
     a = p.parse_args(argv)
-    stream = parse_stream_id(p, a.stream_id)
+    common = common_options(p, a)
     if a.nbufs <= 0 or a.nbufs & (a.nbufs - 1) or a.nbufs > 32768:
         p.error("--nbufs must be a power of two up to 32768")
     if a.buf_size <= 0:
         p.error("--buf-size must be positive")
-    opts = Options(port=a.port, addr=a.addr, verify=a.verify, stream_id=stream, size=a.size,
-                   output=a.output, buf_size=a.buf_size, nbufs=a.nbufs, entries=a.entries,
-                   connections=a.connections, json_path=a.json_path, seconds=a.seconds,
-                   quiet=a.quiet, hash=a.hash)
+    opts = Options(**common, output=a.output, buf_size=a.buf_size, nbufs=a.nbufs,
+                   entries=a.entries)
     return opts, a
 
 
 def main(argv: list[str] | None = None, kernel: L.Kernel | None = None,
          stop: threading.Event | None = None) -> int:
     opts, a = parse_args(argv)
-    log = sys.stderr if opts.json_path == "-" else None
-    return serve("copy_server", lambda k, ev: CopyServer(k, opts, ev, log=log), rundir=a.rundir,
-                 run=a.run, json_path=opts.json_path, kernel=kernel, stop=stop)
+    return serve("copy_server", lambda k, ev, log: CopyServer(k, opts, ev, log=log),
+                 rundir=a.rundir, run=a.run, json_path=opts.json_path, kernel=kernel, stop=stop)
 
 
 if __name__ == "__main__":

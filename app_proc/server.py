@@ -15,7 +15,8 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import IO, Any, Protocol
 
 from app_proc import liburing as L
 from shared import abi
@@ -42,6 +43,31 @@ def write_json(path: str, summary: dict[str, Any]) -> None:
     else:
         with open(path, "w") as f:
             f.write(text + "\n")
+
+
+@dataclass
+class ServerOptions:
+    """The options every sample server has (see :func:`add_common_args`)."""
+
+    port: int = 8000
+    addr: str = "0.0.0.0"
+    verify: bool = False
+    stream_id: int | None = None  # None: the peer's source port
+    size: int = 0  # bytes per connection, checked at the end (0: not checked)
+    connections: int = 0  # 0: until SIGTERM
+    json_path: str | None = None
+    seconds: float = 0.0  # give up after this long (0: never)
+    quiet: bool = False
+    hash: bool = True  # SHA-256 of every connection's bytes (--no-hash: off)
+
+
+def common_options(p: argparse.ArgumentParser, a: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`ServerOptions` fields from parsed :func:`add_common_args` options (and
+    ``-s``), as keyword arguments for a server's own options class."""
+    return {"port": a.port, "addr": a.addr, "verify": a.verify,
+            "stream_id": parse_stream_id(p, a.stream_id), "size": a.size,
+            "connections": a.connections, "json_path": a.json_path, "seconds": a.seconds,
+            "quiet": a.quiet, "hash": a.hash}
 
 
 def add_common_args(p: argparse.ArgumentParser, *, quiet_short: bool) -> None:
@@ -82,12 +108,13 @@ def parse_stream_id(p: argparse.ArgumentParser, value: str) -> int | None:
     return stream
 
 
-def serve(prog: str, make: Callable[[L.Kernel, threading.Event], Server], *,
+def serve(prog: str, make: Callable[[L.Kernel, threading.Event, IO[str] | None], Server], *,
           rundir: str | None, run: str | None, json_path: str | None,
           kernel: L.Kernel | None = None, stop: threading.Event | None = None) -> int:
     """Attach to the kernel, run the server until done or SIGTERM/SIGINT, write the
     summary, and return the exit code (3 when the kernel cannot be reached or goes
-    away: every later call would fail the same way)."""
+    away: every later call would fail the same way).  ``make`` gets the log stream:
+    stderr when the summary goes to stdout (``--json -``), else None (stdout)."""
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -99,7 +126,7 @@ def serve(prog: str, make: Callable[[L.Kernel, threading.Event], Server], *,
     except ZcrxError as exc:
         print(f"{prog}: cannot reach the kernel: {exc}", file=sys.stderr)
         return EXIT_SETUP_FAILED
-    server = make(k, stop)
+    server = make(k, stop, sys.stderr if json_path == "-" else None)
     try:
         code = server.run()
     except PeerGone as exc:

@@ -70,8 +70,9 @@ from app_proc.server import (
     KIND_ACCEPT,
     KIND_CLOSE,
     AcceptingServer,
+    ServerOptions,
     add_common_args,
-    parse_stream_id,
+    common_options,
     serve,
     user_data,
 )
@@ -87,26 +88,18 @@ _F_MORE = abi.IORING_CQE_F_MORE
 
 
 @dataclass
-class Options:
-    port: int = 8000
-    addr: str = "0.0.0.0"
+class Options(ServerOptions):
+    """``size`` is also the RECV_ZC budget of each connection (0: unlimited)."""
+
     ifname: str = "eth0"
     rxq: int | None = None
     nodev: bool = False
-    size: int = 0  # bytes per connection: the RECV_ZC budget, checked at the end (0: none)
-    verify: bool = False
-    stream_id: int | None = None  # None: the peer's source port
     rq_kernel: bool = False  # -r 1: RQ in kernel memory
     area_size: int = 64 << 20
     cq_entries: int = 8192
     rq_entries: int = 8192
     sq_entries: int = 256
     rx_buf_len: int = 0
-    connections: int = 0  # 0: until SIGTERM
-    json_path: str | None = None
-    seconds: float = 0.0  # give up after this long (0: never)
-    quiet: bool = False
-    hash: bool = True  # SHA-256 of every connection's bytes (--no-hash: off)
 
 
 @dataclass
@@ -515,7 +508,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
     p.add_argument("--rx-buf-len", type=_size, default=0,
                    help="ifq_reg.rx_buf_len (0: the kernel's default)")
     a = p.parse_args(argv)
-    stream = parse_stream_id(p, a.stream_id)
+    common = common_options(p, a)
     if a.nodev and a.rxq not in (None, 0):
         p.error("--nodev takes no queue (if_rxq must be 0)")
     if not a.nodev and a.rxq is None:
@@ -524,21 +517,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
         p.error("-q must be >= 0")
     if a.area_size <= 0:
         p.error("-S must be positive")
-    opts = Options(port=a.port, addr=a.addr, ifname=a.ifname, rxq=a.rxq, nodev=a.nodev,
-                   size=a.size, verify=a.verify, stream_id=stream, rq_kernel=a.rq_mem == 1,
-                   area_size=a.area_size, cq_entries=a.cq_entries, rq_entries=a.rq_entries,
-                   sq_entries=a.sq_entries, rx_buf_len=a.rx_buf_len,
-                   connections=a.connections, json_path=a.json_path, seconds=a.seconds,
-                   quiet=a.quiet, hash=a.hash)
+    opts = Options(**common, ifname=a.ifname, rxq=a.rxq, nodev=a.nodev,
+                   rq_kernel=a.rq_mem == 1, area_size=a.area_size, cq_entries=a.cq_entries,
+                   rq_entries=a.rq_entries, sq_entries=a.sq_entries, rx_buf_len=a.rx_buf_len)
     return opts, a
 
 
 def main(argv: list[str] | None = None, kernel: L.Kernel | None = None,
          stop: threading.Event | None = None) -> int:
     opts, a = parse_args(argv)
-    log = sys.stderr if opts.json_path == "-" else None
-    return serve("zcrx_server", lambda k, ev: ZcrxServer(k, opts, ev, log=log), rundir=a.rundir,
-                 run=a.run, json_path=opts.json_path, kernel=kernel, stop=stop)
+    return serve("zcrx_server", lambda k, ev, log: ZcrxServer(k, opts, ev, log=log),
+                 rundir=a.rundir, run=a.run, json_path=opts.json_path, kernel=kernel, stop=stop)
 
 
 if __name__ == "__main__":
