@@ -46,7 +46,7 @@ from app_proc.server import (
     user_data,
 )
 from shared import abi, pattern
-from shared.control import ControlError
+from shared.msg import ControlError
 from shared.proc import notify_ready
 
 BGID = 1

@@ -68,8 +68,9 @@ from numpy.typing import ArrayLike, NDArray
 
 import shared.syscalls  # noqa: F401  (registers the syscall message types)
 from shared import abi, pattern
-from shared.control import PROTOCOL_VERSION, ControlClient, ControlError, Message, ipc_endpoint
+from shared.control import ControlClient, ipc_endpoint
 from shared.errors import Misuse, PeerGone, PeerMisbehaved, RingFull, Timeout, ZcrxError
+from shared.msg import PROTOCOL_VERSION, ControlError, Message
 from shared.ring import Backoff, RingConsumer, RingLayout, RingProducer
 from shared.shm import PAGE_SIZE, Region, page_align, region_name
 from shared.syscalls import AF_INET, AF_INET6, IPPROTO_TCP, PROT_READ, PROT_WRITE, SOCK_STREAM

@@ -77,8 +77,8 @@ from app_proc.server import (
     user_data,
 )
 from shared import abi
-from shared.control import ControlError
 from shared.errors import PeerGone
+from shared.msg import ControlError
 from shared.proc import notify_ready
 
 KIND_ZC = 2

@@ -57,8 +57,9 @@ from driver_proc import syscalls as sc
 from driver_proc.netdev import NapiBatch, NetDevice
 from driver_proc.skb import SkbStore
 from driver_proc.tcp import SocketTable, TcpState
-from shared.control import ControlClient, ControlServer, Handler, HandlerResult, Message
+from shared.control import ControlClient, ControlServer, Handler, HandlerResult
 from shared.errors import Misuse, ZcrxError
+from shared.msg import Message
 from shared.shm import SHM_DIR
 from shared.watch import Watchlist
 

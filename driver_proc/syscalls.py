@@ -36,8 +36,9 @@ from driver_proc.files import SkbStore, SocketFile, Sockets, Task, Tasks
 from driver_proc.io_uring import IoUring, Wait
 from driver_proc.tcp import SocketTable
 from driver_proc.zcrx import Zcrx
-from shared.control import DEFER, ControlServer, Handler, HandlerResult, Message, Reply
+from shared.control import DEFER, ControlServer, Handler, HandlerResult, Reply
 from shared.errors import Misuse
+from shared.msg import Message
 
 __all__ = [
     "SYSCALLS",

@@ -742,7 +742,8 @@ def ethtool(name: str | None, args: tuple[str, ...]) -> None:
     r = _pick_run(name)
     dev = req["dev"]
     import shared.syscalls  # noqa: F401  (register the message types)
-    from shared.control import ControlClient, ControlError
+    from shared.control import ControlClient
+    from shared.msg import ControlError
 
     try:
         with ControlClient(r.endpoint("kernel"), timeout_ms=30_000) as c:

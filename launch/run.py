@@ -464,7 +464,7 @@ def bring_up(topo: Any, name: str | None = None, *, detach: bool = True,
     import shared.nicif  # (registers the nic.* message types)
     import shared.syscalls  # noqa: F401  (register the syscall message types)
     from launch import ethtool as et
-    from shared.control import ControlError
+    from shared.msg import ControlError
 
     note = say or (lambda _m: None)
     name = name or topo.name

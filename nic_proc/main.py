@@ -51,16 +51,9 @@ import zmq
 
 from nic_proc.device import NetdevSpec, Nic
 from shared import nicif
-from shared.control import (
-    PROTOCOL_VERSION,
-    ControlServer,
-    EventReceiver,
-    EventSender,
-    HandlerResult,
-    Message,
-    ipc_endpoint,
-)
+from shared.control import ControlServer, EventReceiver, EventSender, HandlerResult, ipc_endpoint
 from shared.errors import Misuse, ZcrxError
+from shared.msg import PROTOCOL_VERSION, Message
 from shared.ring import Backoff
 from shared.shm import Region, region_name
 from shared.watch import Watchlist

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from shared import abi
-from shared.control import Schema, register_type
+from shared.msg import Schema, register_type
 from shared.ring import RingLayout
 from shared.shm import PAGE_SIZE, page_align
 

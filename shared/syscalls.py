@@ -24,7 +24,7 @@ Who owns what (DESIGN §2):
 from __future__ import annotations
 
 from shared import abi
-from shared.control import Schema, register_type
+from shared.msg import Schema, register_type
 
 _RES = Schema.make({"res": int})
 

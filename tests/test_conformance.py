@@ -52,7 +52,7 @@ from test_zcrx import (
 
 from app_proc import liburing as L
 from shared import abi
-from shared.control import ControlError
+from shared.msg import ControlError
 from shared.shm import list_run_segments
 
 pytestmark = pytest.mark.timeout(60)

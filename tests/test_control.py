@@ -22,29 +22,32 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 
 from shared import control as C
+from shared import msg as M
 from shared.control import (
     DEFER,
+    ControlClient,
+    ControlServer,
+    EventReceiver,
+    EventSender,
+    Reply,
+    ipc_endpoint,
+)
+from shared.errors import Misuse, Timeout
+from shared.msg import (
     MAGIC_VERSION,
     MAX_BLOBS,
     MAX_FRAMES,
     MAX_HEADER_BYTES,
     MAX_MESSAGE_BYTES,
     BadMessage,
-    ControlClient,
     ControlError,
-    ControlServer,
-    EventReceiver,
-    EventSender,
     Message,
     Registry,
-    Reply,
     Schema,
     decode,
     encode,
-    ipc_endpoint,
     register_type,
 )
-from shared.errors import Misuse, Timeout
 
 # Types used only by these tests (registering the same declaration again is a no-op).
 STRUCT = register_type(
@@ -195,7 +198,7 @@ BUILTIN_SAMPLES = [
     ("ok", {}, []),
     ("ok", {"a": 1, "nested": {"l": [1, -2.5, None, True, "s"]}}, [b"", b"\x00" * 96]),
     ("error", {"errno": E.EINVAL, "msg": "bad"}, []),
-    ("hello", {"role": "app", "pid": 1234, "version": C.PROTOCOL_VERSION}, []),
+    ("hello", {"role": "app", "pid": 1234, "version": M.PROTOCOL_VERSION}, []),
     ("ping", {}, []),
     ("eos", {}, []),
     ("bye", {}, []),
@@ -271,7 +274,7 @@ def test_validator_rejects_with_einval() -> None:
 # --------------------------------------------------------------------------- malformed input
 
 DEEP_OK: dict[str, Any] = {"x": 0}
-for _ in range(C.MAX_DEPTH + 2):
+for _ in range(M.MAX_DEPTH + 2):
     DEEP_OK = {"x": DEEP_OK}
 
 # (case id, frames, expected errno, expected reply id: the request's when readable, else 0)
@@ -368,7 +371,7 @@ def test_malformed_burst_then_valid_requests(served: ServerThread, raw: zmq.Sock
 def test_builtin_requests_over_the_server(served: ServerThread, client: ControlClient) -> None:
     client.ping()
     hello = client.hello("app")
-    assert hello == {"role": "kernel", "pid": hello["pid"], "version": C.PROTOCOL_VERSION}
+    assert hello == {"role": "kernel", "pid": hello["pid"], "version": M.PROTOCOL_VERSION}
     assert client.call("bye") == {}
     reply = client.request("test.struct", {"n": 41, "name": "s"}, [STRUCT_BLOB])
     assert reply.type == "ok"

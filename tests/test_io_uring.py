@@ -21,8 +21,9 @@ from driver_proc.files import AF_INET, AF_INET6, SOCK_NONBLOCK, SOCK_STREAM
 from driver_proc.syscalls import KernelContext, handlers
 from driver_proc.tcp import ACK, FIN, RST, SYN, flow_key
 from shared import abi, pattern
-from shared.control import DEFER, REGISTRY, ControlError, Message, Reply, decode, encode
+from shared.control import DEFER, Reply
 from shared.errors import Misuse, ZcrxError
+from shared.msg import REGISTRY, ControlError, Message, decode, encode
 from shared.shm import list_run_segments
 
 RW = L.PROT_READ | L.PROT_WRITE

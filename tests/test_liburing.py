@@ -27,8 +27,9 @@ from app_proc import liburing as L
 from driver_proc.syscalls import KernelContext, handlers, service, task_exit
 from driver_proc.tcp import ACK, FIN, SYN, flow_key
 from shared import abi, pattern
-from shared.control import ControlError, ControlServer, ipc_endpoint
+from shared.control import ControlServer, ipc_endpoint
 from shared.errors import PeerGone
+from shared.msg import ControlError
 from shared.shm import list_run_segments
 from tests.test_io_uring import FakeSkbs
 

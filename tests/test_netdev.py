@@ -22,8 +22,8 @@ from driver_proc.page_pool import BufferSpace, MemoryProvider, PagePool
 from driver_proc.skb import SkbStore
 from driver_proc.tcp import SocketTable, flow_key
 from shared import abi, nicif, pattern, wire
-from shared.control import ControlError
 from shared.errors import InvariantBroken, Misuse, PeerMisbehaved
+from shared.msg import ControlError
 from shared.ring import RING_F_NEED_WAKEUP, RingConsumer, RingProducer
 from shared.shm import Region, region_name
 

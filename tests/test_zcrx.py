@@ -30,7 +30,8 @@ from driver_proc.kernel import Kernel
 from driver_proc.tcp import ACK, FIN, RST, SYN, flow_key
 from driver_proc.zcrx import IFQ_COUNTERS
 from shared import abi, pattern, wire
-from shared.control import ControlError, ControlServer, ipc_endpoint
+from shared.control import ControlServer, ipc_endpoint
+from shared.msg import ControlError
 from shared.ring import RingLayout, RingProducer
 from shared.shm import PAGE_SIZE, Region, list_run_segments
 

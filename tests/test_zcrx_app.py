@@ -29,8 +29,8 @@ from test_liburing import KernelThread, tcp_stream
 from app_proc import liburing as L
 from app_proc import server, zcrx_server
 from shared import abi, pattern
-from shared.control import ControlError
 from shared.errors import Misuse, PeerMisbehaved, RingFull
+from shared.msg import ControlError
 from shared.ring import RingConsumer, RingLayout
 from shared.shm import PAGE_SIZE, Region, list_run_segments, region_name
 
