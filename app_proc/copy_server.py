@@ -33,6 +33,8 @@ from typing import IO, Any
 import numpy as np
 
 from app_proc import liburing as L
+from app_proc import syscall as S
+from app_proc import verify as V
 from app_proc.server import (
     EXIT_CHECK_FAILED,
     EXIT_OK,
@@ -45,7 +47,7 @@ from app_proc.server import (
     serve,
     user_data,
 )
-from shared import abi, pattern
+from shared import abi
 from shared.msg import ControlError
 from shared.proc import notify_ready
 
@@ -99,7 +101,7 @@ def _out_path(template: str, index: int, single: bool) -> str:
 class CopyServer(AcceptingServer):
     """The server's state; :meth:`run` is the loop."""
 
-    def __init__(self, kernel: L.Kernel, opts: Options, stop: threading.Event | None = None,
+    def __init__(self, kernel: S.Kernel, opts: Options, stop: threading.Event | None = None,
                  log: IO[str] | None = None) -> None:
         super().__init__(kernel, opts, stop, log)
         self.opts: Options = opts
@@ -131,9 +133,7 @@ class CopyServer(AcceptingServer):
             return
         if res > 0 and data is not None:
             if self.opts.verify and conn.bad_offset is None:
-                bad = pattern.verify(conn.stream, conn.nbytes, data)
-                if bad >= 0:
-                    conn.bad_offset = conn.nbytes + bad
+                conn.bad_offset = V.first_bad_offset(conn.stream, conn.nbytes, data)
             if conn.sha is not None:
                 conn.sha.update(data)
             if conn.out is not None:
@@ -288,7 +288,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
     return opts, a
 
 
-def main(argv: list[str] | None = None, kernel: L.Kernel | None = None,
+def main(argv: list[str] | None = None, kernel: S.Kernel | None = None,
          stop: threading.Event | None = None) -> int:
     opts, a = parse_args(argv)
     return serve("copy_server", lambda k, ev, log: CopyServer(k, opts, ev, log=log),

@@ -9,11 +9,11 @@ helpers sit beside them: :func:`peek_cqes` returns a numpy view of every ready C
 :func:`io_uring_cq_advance` releases them in one store; :meth:`BufRing.add` publishes many
 buffers with a few numpy operations.
 
-The kernel is another process (``driver_proc``).  Syscalls travel over the control plane
-(:class:`Kernel`, a :class:`~shared.control.ControlClient` of ``<rundir>/kernel.sock``); data
-never does: the SQ/CQ rings and SQEs are kernel regions this process attaches after the
-``mmap`` syscall names them, and receive buffers are this process's own regions, entered into
-its emulated mm with ``mm_map``.
+The kernel is another process (``driver_proc``).  Syscalls go through the syscall gate
+(:class:`app_proc.syscall.Kernel`: the process-wide :func:`~app_proc.syscall.default_kernel`,
+or the ``kernel=`` a call is given); data never does: the SQ/CQ rings and SQEs are kernel
+regions this process attaches after the ``mmap`` syscall names them, and receive buffers are
+this process's own memory (:class:`~app_proc.syscall.Memory`).
 
 Who owns what in shared memory
 ------------------------------
@@ -21,9 +21,9 @@ Who owns what in shared memory
   the kernel; this process attaches and detaches them.  In the rings region the app writes the
   SQ tail, the SQ index array and the CQ head (and ``cq_flags``); the kernel writes everything
   else.  The app writes SQEs; the kernel copies them at submission.
-* **App memory** (:class:`Memory`: receive buffers, provided-buffer rings): created and unlinked
-  here (``/zcrx.<run>.app<task>.mem<N>``).  The kernel writes received bytes into buffers it was
-  given; the app writes buffer-ring entries and the ring's u16 tail.
+* **App memory** (receive buffers, provided-buffer rings): created and unlinked by the syscall
+  gate.  The kernel writes received bytes into buffers it was given; the app writes buffer-ring
+  entries and the ring's u16 tail.
 
 Zero-copy receive (zcrx): :func:`io_uring_register_ifq` registers an interface queue
 (``IORING_REGISTER_ZCRX_IFQ`` with the uapi structs in app memory) and returns a
@@ -31,69 +31,53 @@ Zero-copy receive (zcrx): :func:`io_uring_register_ifq` registers an interface q
 :class:`~shared.ring.RingProducer` at the offsets the kernel reported, in app or kernel
 memory) and the ``zcrx_id`` for :func:`io_uring_prep_recv_zc`.  A batch of RECV_ZC CQEs is
 handled with a fixed number of numpy operations: :func:`zcrx_batch` (where each chunk lies in
-the area), :func:`zcrx_verify` (in-place check against :mod:`shared.pattern`),
-:func:`io_uring_zcrx_return` (one RQE per chunk, one store of the RQ tail; a full RQ is
-flushed with ``ZCRX_CTRL_FLUSH_RQ``), or all three in :func:`io_uring_zcrx_return_cqes`.
-Payload is read in place, never copied by this library.  See the zcrx section below for who
-owns which memory.
+the area), :func:`io_uring_zcrx_return` (one RQE per chunk, one store of the RQ tail; a full RQ
+is flushed with ``ZCRX_CTRL_FLUSH_RQ``), or both in :func:`io_uring_zcrx_return_cqes`.
+Payload is read in place, never copied by this library; checking it against the sent pattern
+is the program's business (:mod:`app_proc.verify`).  See the zcrx section below for who owns
+which memory.
 
 Clients read every ring offset from ``io_uring_params`` (``sq_off``/``cq_off``) as liburing
 does; nothing here hard-codes the kernel's layout.  CQ reads go through a
 :class:`~shared.ring.RingConsumer` built from those offsets.
 
-Configuration: the run directory comes from the ``rundir`` argument or ``$ZCRX_RUNDIR``; the
-run id (used to name this process's regions) from ``run`` or ``$ZCRX_RUN``, else the run
-directory's base name.  A failing syscall raises :class:`~shared.control.ControlError` (a
-:class:`~shared.errors.ZcrxError`) whose ``errno`` is Linux's; a kernel that stops answering
-raises :class:`~shared.errors.PeerGone`, and so does every later call on that connection (a
-timed-out control client has lost its identity, hence its task).  At ``attach`` the library
-learns the kernel's pid (``hello``) and holds a pidfd on it (:mod:`shared.watch`): once the
-kernel process has exited every syscall raises ``PeerGone("kernel pid N exited")`` at once,
-and a pure CQ wait in flight gives up after a short slack instead of the full reply timeout.
+Errors: a failing syscall raises :class:`~shared.msg.ControlError` whose ``errno`` is Linux's,
+a kernel that is gone :class:`~shared.errors.PeerGone` (see :mod:`app_proc.syscall`).  While
+the kernel's pid is watched, a pure CQ wait in flight gives up after a short slack instead of
+the full reply timeout.
 """
 
 from __future__ import annotations
 
-import atexit
 import errno
-import os
-import sys
 import time
 from collections.abc import Iterable
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-import shared.syscalls  # noqa: F401  (registers the syscall message types)
-from shared import abi, pattern
-from shared.control import ControlClient, ipc_endpoint
-from shared.errors import Misuse, PeerGone, PeerMisbehaved, RingFull, Timeout, ZcrxError
-from shared.msg import PROTOCOL_VERSION, ControlError, Message
+from app_proc.syscall import Kernel, Memory, default_kernel
+from shared import abi
+from shared.errors import Misuse, PeerMisbehaved, RingFull
+from shared.msg import ControlError
 from shared.ring import Backoff, RingConsumer, RingLayout, RingProducer
-from shared.shm import PAGE_SIZE, Region, page_align, region_name
+from shared.shm import PAGE_SIZE, Region, page_align
 from shared.syscalls import AF_INET, AF_INET6, IPPROTO_TCP, PROT_READ, PROT_WRITE, SOCK_STREAM
-from shared.watch import PidWatch
 
 __all__ = [
     "AF_INET",
     "AF_INET6",
-    "ENV_RUN",
-    "ENV_RUNDIR",
     "IPPROTO_TCP",
     "PROT_READ",
     "PROT_WRITE",
     "SOCK_STREAM",
     "ZCRX_RING_FLAGS",
     "BufRing",
-    "Kernel",
-    "Memory",
     "Ring",
     "ZcrxBatch",
     "ZcrxIfq",
     "cqe_bid",
-    "default_kernel",
     "if_nametoindex",
     "io_uring_buf_ring_add",
     "io_uring_buf_ring_advance",
@@ -139,302 +123,14 @@ __all__ = [
     "zcrx_ifq_reg",
     "zcrx_region_desc",
     "zcrx_rq_region_size",
-    "zcrx_runs",
-    "zcrx_stream_offsets",
-    "zcrx_verify",
 ]
 
-ENV_RUNDIR = "ZCRX_RUNDIR"
-ENV_RUN = "ZCRX_RUN"
 #: Longest single wait the kernel is asked for; longer waits loop (the control client has a
 #: reply timeout, and a timed-out client loses its identity, hence its task).
 WAIT_CHUNK_MS = 1000
 _SLACK_MS = 5000
 #: Reply slack of a pure wait while the kernel's pidfd is watched (its death is seen at once).
 _WATCHED_SLACK_MS = 250
-
-
-class Transport(Protocol):
-    """What :class:`Kernel` needs to send syscalls (a ControlClient, or a test double)."""
-
-    def request(self, type: str, body: Any = None, blobs: Iterable[bytes] = (), *,
-                timeout_ms: int | None = None) -> Message: ...
-
-    def close(self) -> None: ...
-
-
-# --------------------------------------------------------------------------------------------
-# The kernel connection
-# --------------------------------------------------------------------------------------------
-
-
-class Memory:
-    """App-owned memory: one region created here and entered into the mm at ``addr``.
-
-    ``view`` is the whole region as ``uint8``; ``addr + i`` is ``view[i]`` to the kernel.
-    :meth:`close` unmaps it from the mm, detaches and unlinks it.
-    """
-
-    def __init__(self, kernel: Kernel, region: Region, addr: int, length: int) -> None:
-        self.kernel = kernel
-        self.region = region
-        self.addr = addr
-        self.length = length
-        self.view: NDArray[np.uint8] = region.array(np.uint8)[:length]
-
-    @property
-    def name(self) -> str:
-        return self.region.name
-
-    def at(self, addr: int, length: int) -> NDArray[np.uint8]:
-        """The bytes at virtual address ``addr`` (must lie inside this memory)."""
-        off = addr - self.addr
-        if off < 0 or off + length > self.length:
-            raise Misuse(f"{addr:#x}+{length} is outside {self.name}", errno.EFAULT)
-        return self.view[off:off + length]
-
-    def close(self) -> None:
-        if self.region.buf is None:
-            return
-        try:
-            if not self.kernel.closed:
-                self.kernel.mm_unmap(self.addr, self.length)
-        finally:
-            self.view = np.empty(0, dtype=np.uint8)
-            self.region.close()
-            self.kernel._memories.discard(self)
-
-
-class Kernel:
-    """This process's connection to the emulated kernel (its syscall interface).
-
-    ``transport`` replaces the control client (tests call the handlers in-process).
-    """
-
-    def __init__(self, rundir: str | Path | None = None, *, run: str | None = None,
-                 name: str | None = None, timeout_ms: int = 5000,
-                 transport: Transport | None = None) -> None:
-        if rundir is None:
-            rundir = os.environ.get(ENV_RUNDIR)
-        if run is None:
-            run = os.environ.get(ENV_RUN) or (Path(rundir).name if rundir else None)
-        if not run:
-            raise Misuse(f"no run id: pass run= or set ${ENV_RUN}")
-        region_name(run, "x", "x")  # validates the run id
-        self.run = run
-        self.name = name or Path(sys.argv[0] or "app").name
-        self.timeout_ms = timeout_ms
-        if transport is None:
-            if rundir is None:
-                raise Misuse(f"no run directory: pass rundir= or set ${ENV_RUNDIR}")
-            transport = ControlClient(ipc_endpoint(rundir, "kernel"), timeout_ms)
-        self.transport: Transport = transport
-        self.task: int | None = None
-        self.closed = False
-        #: why the kernel connection is dead (its pid exited, or a syscall timed out); then
-        #: every call fails at once with PeerGone carrying this text
-        self.gone: str | None = None
-        #: pidfd on the kernel process (set at attach)
-        self._kernel_watch: PidWatch | None = None
-        self._mem_seq = 0
-        self._memories: set[Memory] = set()
-        self._rings: set[Ring] = set()
-
-    # -- plumbing -------------------------------------------------------------------------------
-
-    @property
-    def watched(self) -> bool:
-        """True when this process holds a pidfd on the kernel (set at attach)."""
-        return self._kernel_watch is not None
-
-    def syscall(self, type: str, body: dict[str, Any] | None = None,
-                blobs: Iterable[bytes] = (), *, timeout_ms: int | None = None,
-                idempotent: bool = False) -> Message:
-        """Send one syscall; ``ControlError`` (errno) on failure, ``PeerGone`` if no answer.
-
-        ``idempotent``: the call may be repeated (a pure wait): when no reply comes in time
-        but the kernel is watched and alive, raise ``ControlError(ETIME)`` instead of
-        ``PeerGone`` (the connection stays usable: the client keeps its identity)."""
-        if self.closed:
-            raise Misuse("kernel connection is closed", errno.EBADF)
-        if self.gone is not None:
-            raise PeerGone(self.gone)
-        if self._kernel_watch is not None and self._kernel_watch.dead:
-            self.gone = f"kernel pid {self._kernel_watch.pid} exited"
-            raise PeerGone(self.gone)
-        try:
-            return self.transport.request(type, body or {}, blobs, timeout_ms=timeout_ms)
-        except Timeout as exc:
-            if idempotent and self._kernel_watch is not None and not self._kernel_watch.dead:
-                raise ControlError(type, errno.ETIME, "no reply in time; kernel alive") \
-                    from None
-            # A timed-out client loses its identity, hence its task: the connection is dead.
-            if self._kernel_watch is not None and self._kernel_watch.dead:
-                self.gone = f"kernel pid {self._kernel_watch.pid} exited"
-            else:
-                self.gone = f"kernel not answering {type}: {exc}"
-            raise PeerGone(self.gone) from None
-
-    def _watch_kernel(self) -> None:
-        """Open a pidfd on the kernel process (its pid from the ``hello`` reply), so every
-        later syscall fails at once with PeerGone once it died (DESIGN §6).  Best effort:
-        a transport without ``hello`` (in-process tests) is simply not watched."""
-        try:
-            reply = self.transport.request(
-                "hello", {"role": "app", "pid": os.getpid(), "version": PROTOCOL_VERSION})
-            pid = reply.body.get("pid")
-            if isinstance(pid, int) and pid > 0 and pid != os.getpid():
-                self._kernel_watch = PidWatch(pid)
-        except (ZcrxError, OSError, KeyError, AttributeError, TypeError):
-            pass
-
-    def check_kernel(self) -> None:
-        """Raise PeerGone if the kernel process is known to be gone (no syscall)."""
-        if self.gone is None and self._kernel_watch is not None and self._kernel_watch.dead:
-            self.gone = f"kernel pid {self._kernel_watch.pid} exited"
-        if self.gone is not None:
-            raise PeerGone(self.gone)
-
-    def attach(self, cap_net_admin: bool = True) -> int:
-        """Announce this process (once); returns the task id."""
-        if self.task is None:
-            body = {"pid": os.getpid(), "name": self.name[:64] or "app",
-                    "cap_net_admin": cap_net_admin}
-            self.task = int(self.syscall("attach", body).body["task"])
-            self._watch_kernel()
-        return self.task
-
-    @property
-    def owner(self) -> str:
-        """The owner field of this process's region names (``app<task>``)."""
-        return f"app{self.attach()}"
-
-    # -- memory ---------------------------------------------------------------------------------
-
-    def mm_map(self, name: str, length: int, prot: int = PROT_READ | PROT_WRITE) -> int:
-        return int(self.syscall("mm_map", {"name": name, "length": length,
-                                           "prot": prot}).body["addr"])
-
-    def mm_unmap(self, addr: int, length: int) -> None:
-        self.syscall("mm_unmap", {"addr": addr, "length": length})
-
-    def mm_protect(self, addr: int, length: int, prot: int) -> None:
-        self.syscall("mm_protect", {"addr": addr, "length": length, "prot": prot})
-
-    def mmap(self, fd: int, offset: int, length: int) -> tuple[str, int]:
-        """``mmap(fd, offset)`` of a kernel region: ``(shm name, address)``."""
-        b = self.syscall("mmap", {"fd": fd, "offset": offset, "length": length}).body
-        return str(b["name"]), int(b["addr"])
-
-    def alloc_memory(self, length: int, prot: int = PROT_READ | PROT_WRITE,
-                     tag: str = "mem") -> Memory:
-        """Create ``length`` bytes of app memory (page aligned, pre-touched) and map it."""
-        if length <= 0:
-            raise Misuse(f"length {length}")
-        owner = self.owner
-        self._mem_seq += 1
-        region = Region.create(region_name(self.run, owner, f"{tag}{self._mem_seq}"),
-                               page_align(length))
-        try:
-            addr = self.mm_map(region.name, region.size, prot)
-        except BaseException:
-            region.close()
-            raise
-        mem = Memory(self, region, addr, region.size)
-        self._memories.add(mem)
-        return mem
-
-    # -- sockets --------------------------------------------------------------------------------
-
-    def socket(self, domain: int = AF_INET, type: int = SOCK_STREAM, protocol: int = 0) -> int:
-        return int(self.syscall("socket", {"domain": domain, "type": type,
-                                           "protocol": protocol}).body["res"])
-
-    def bind(self, fd: int, addr: str, port: int) -> None:
-        self.syscall("bind", {"fd": fd, "addr": addr, "port": port})
-
-    def listen(self, fd: int, backlog: int = 128) -> None:
-        self.syscall("listen", {"fd": fd, "backlog": backlog})
-
-    def close_fd(self, fd: int) -> None:
-        self.syscall("close", {"fd": fd})
-
-    def getsockname(self, fd: int) -> tuple[str, int]:
-        b = self.syscall("getsockname", {"fd": fd}).body
-        return str(b["addr"]), int(b["port"])
-
-    def getpeername(self, fd: int) -> tuple[str, int]:
-        b = self.syscall("getpeername", {"fd": fd}).body
-        return str(b["addr"]), int(b["port"])
-
-    def listen_tcp(self, port: int, addr: str = "0.0.0.0", backlog: int = 128) -> int:
-        """socket + bind + listen, the usual server prologue; returns the listening fd."""
-        domain = AF_INET6 if ":" in addr else AF_INET
-        fd = self.socket(domain, SOCK_STREAM, 0)
-        try:
-            self.bind(fd, addr, port)
-            self.listen(fd, backlog)
-        except BaseException:
-            self.close_fd(fd)
-            raise
-        return fd
-
-    # -- teardown -------------------------------------------------------------------------------
-
-    def close(self) -> None:
-        """Exit every ring, free every memory, say bye and close the connection.  Idempotent."""
-        if self.closed:
-            return
-        try:
-            for ring in list(self._rings):
-                try:
-                    io_uring_queue_exit(ring)
-                except (ControlError, PeerGone):
-                    ring._detach()
-            for mem in list(self._memories):
-                try:
-                    mem.close()
-                except (ControlError, PeerGone):
-                    mem.view = np.empty(0, dtype=np.uint8)
-                    mem.region.close()
-            if self.task is not None:
-                try:
-                    self.syscall("bye", timeout_ms=1000)
-                except (ControlError, PeerGone):
-                    pass
-        finally:
-            for ring in list(self._rings):
-                ring._detach()
-            for mem in list(self._memories):
-                mem.view = np.empty(0, dtype=np.uint8)
-                mem.region.close()
-            self._memories.clear()
-            self._rings.clear()
-            self.closed = True
-            self.transport.close()
-
-    def __enter__(self) -> Kernel:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    # liburing-style entry point as a method too
-    def io_uring_queue_init(self, entries: int, flags: int = 0,
-                            params: np.ndarray | None = None) -> Ring:
-        return io_uring_queue_init(entries, flags, params, kernel=self)
-
-
-_default: Kernel | None = None
-
-
-def default_kernel() -> Kernel:
-    """The process-wide connection made from the environment (closed at exit)."""
-    global _default
-    if _default is None or _default.closed:
-        _default = Kernel()
-        atexit.register(_default.close)
-    return _default
 
 
 # --------------------------------------------------------------------------------------------
@@ -526,6 +222,11 @@ class Ring:
     @property
     def sq_flags(self) -> int:
         return int(self.kflags[0])
+
+    def queue_exit(self) -> None:
+        """:func:`io_uring_queue_exit` of this ring (what :meth:`app_proc.syscall.Kernel.close`
+        calls for every ring still open)."""
+        io_uring_queue_exit(self)
 
     def _detach(self) -> None:
         """Drop every view and region mapping (no syscall)."""
@@ -973,9 +674,6 @@ _AREA_LOW = (1 << abi.IORING_ZCRX_AREA_SHIFT) - 1
 _PARAM_AREA_OFF = 0  # io_uring_zcrx_area_reg in the parameter page
 _PARAM_REGION_OFF = 64  # io_uring_region_desc in the parameter page
 _RQE = abi.io_uring_zcrx_rqe
-#: Chunks of one width verified by one gather (rows per gather, and the least worth it).
-_GATHER_ROWS = 256
-_GATHER_MIN = 4
 #: How long a return waits for room in a full RQ (after a flush) before RingFull.
 RQ_FULL_TIMEOUT_S = 5.0
 
@@ -1272,8 +970,9 @@ class ZcrxBatch:
 
     ``index``: positions in the view; ``off``: the CQE's ``off`` (area token | byte offset);
     ``start``/``length``: where the chunk lies in the area (int64); ``stream_off``: per-chunk
-    stream offsets when assigned (:func:`zcrx_stream_offsets`); ``bad``: per chunk the index of
-    the first byte that failed verification, or -1 (when verified); ``returned``: RQEs pushed.
+    stream offsets when assigned (:func:`app_proc.verify.zcrx_stream_offsets`); ``bad``: per
+    chunk the index of the first byte that failed verification, or -1 (when verified);
+    ``returned``: RQEs pushed.
     """
 
     __slots__ = ("bad", "index", "length", "off", "returned", "start", "stream_off")
@@ -1317,107 +1016,6 @@ def zcrx_batch(ifq: ZcrxIfq, cqes: np.ndarray, select: NDArray[np.bool_] | None 
             raise PeerMisbehaved(f"zcrx CQE off {int(off[i]):#x} len {int(length[i])} is not "
                                  f"in area {ifq.area_id} ({ifq.area_len} B)")
     return ZcrxBatch(idx, off, start, length)
-
-
-def zcrx_stream_offsets(keys: NDArray[Any], length: NDArray[np.int64],
-                        positions: dict[int, int]) -> NDArray[np.int64]:
-    """Stream offset of each chunk: chunks of one key (connection) follow each other in CQ
-    order from ``positions[key]``; ``positions`` is advanced past the batch.  A fixed number
-    of numpy operations (plus one dict update per key)."""
-    n = len(keys)
-    if n == 0:
-        return np.empty(0, dtype=np.int64)
-    first_key = int(keys[0])
-    if bool((keys == first_key).all()):
-        start = positions.get(first_key, 0)
-        ends = np.cumsum(length)
-        positions[first_key] = start + int(ends[-1])
-        return start + ends - length
-    uniq, inv = np.unique(keys, return_inverse=True)
-    order = np.argsort(inv, kind="stable")
-    inv_s = inv[order]
-    lens_s = length[order]
-    ends = np.cumsum(lens_s)
-    excl = ends - lens_s
-    first = np.searchsorted(inv_s, np.arange(len(uniq)))
-    base = np.array([positions.get(int(k), 0) for k in uniq.tolist()], dtype=np.int64)
-    out = np.empty(n, dtype=np.int64)
-    out[order] = base[inv_s] + excl - excl[first][inv_s]
-    totals = np.add.reduceat(lens_s, first)
-    for k, b, t in zip(uniq.tolist(), base.tolist(), totals.tolist(), strict=True):
-        positions[int(k)] = b + t
-    return out
-
-
-def zcrx_runs(start: NDArray[np.int64], length: NDArray[np.int64],
-              keys: NDArray[Any] | None = None,
-              stream_off: NDArray[np.int64] | None = None) -> NDArray[np.intp]:
-    """Indices where a run begins: a run is consecutive chunks lying back to back in the area
-    (and, when given, of one key with consecutive stream offsets), so it can be read as one
-    slice.  Chunks landing in consecutive buffers make long runs: one hash update, one compare.
-    """
-    n = len(start)
-    if n == 0:
-        return np.empty(0, dtype=np.intp)
-    brk = np.empty(n, dtype=bool)
-    brk[0] = True
-    np.not_equal(start[1:], start[:-1] + length[:-1], out=brk[1:])
-    if keys is not None:
-        brk[1:] |= keys[1:] != keys[:-1]
-    if stream_off is not None:
-        brk[1:] |= stream_off[1:] != stream_off[:-1] + length[:-1]
-    return np.flatnonzero(brk)
-
-
-def zcrx_verify(area: NDArray[np.uint8], start: NDArray[np.int64], length: NDArray[np.int64],
-                stream: NDArray[np.int64], stream_off: NDArray[np.int64]) -> NDArray[np.int64]:
-    """Check chunks in place against :mod:`shared.pattern`: chunk ``i`` is ``length[i]`` bytes
-    at area offset ``start[i]``, carrying stream ``stream[i]`` from ``stream_off[i]``.
-
-    Returns per chunk the index of its first wrong byte, or -1.  Runs of back-to-back chunks
-    are compared as one slice (:func:`zcrx_runs`); scattered chunks of one width are compared
-    in one gather per :data:`_GATHER_ROWS`.  Nothing is written to the area.
-    """
-    n = len(start)
-    bad = np.full(n, -1, dtype=np.int64)
-    if n == 0:
-        return bad
-    heads = zcrx_runs(start, length, stream, stream_off)
-    counts = np.diff(np.append(heads, n))
-    singles = heads[counts == 1]
-    rest: list[int] = heads[counts > 1].tolist()
-    if len(singles) >= _GATHER_MIN:
-        widths = length[singles]
-        for w in np.unique(widths).tolist():
-            sel = singles[widths == w]
-            if len(sel) < _GATHER_MIN or w > pattern.PERIOD or w > len(area):
-                rest += sel.tolist()
-                continue
-            win = np.lib.stride_tricks.as_strided(area, shape=(len(area) - w + 1, w),
-                                                  strides=(1, 1), writeable=False)
-            for b in range(0, len(sel), _GATHER_ROWS):
-                s = sel[b:b + _GATHER_ROWS]
-                neq = win[start[s]] != pattern.rows(stream[s], stream_off[s], w)
-                rows = np.flatnonzero(neq.any(axis=1))
-                if len(rows):
-                    bad[s[rows]] = neq[rows].argmax(axis=1)
-    else:
-        rest += singles.tolist()
-    if rest:
-        run_end = dict(zip(heads.tolist(), (heads + counts).tolist(), strict=True))
-        ends = start + length
-        for h in rest:
-            i, stop = h, run_end[h]
-            while i < stop:
-                s0 = int(start[i])
-                r = pattern.verify(int(stream[i]), int(stream_off[i]), area[s0:int(ends[stop - 1])])
-                if r < 0:
-                    break
-                pos = s0 + r
-                k = i + int(np.searchsorted(ends[i:stop], pos, side="right"))
-                bad[k] = pos - int(start[k])
-                i = k + 1
-    return bad
 
 
 def io_uring_zcrx_return(ifq: ZcrxIfq, off: NDArray[np.uint64], length: ArrayLike,
@@ -1468,26 +1066,15 @@ def _return_full(ifq: ZcrxIfq, rqes: np.ndarray, done: int, timeout: float) -> N
 
 
 def io_uring_zcrx_return_cqes(ifq: ZcrxIfq, cqes: np.ndarray,
-                              select: NDArray[np.bool_] | None = None, *,
-                              streams: dict[int, int] | None = None,
-                              positions: dict[int, int] | None = None) -> ZcrxBatch:
+                              select: NDArray[np.bool_] | None = None) -> ZcrxBatch:
     """The whole app side of one CQE batch, vectorised: find the data CQEs
-    (:func:`zcrx_batch`), optionally verify them in place (``streams`` maps a CQE's
-    ``user_data`` to its pattern stream id and ``positions`` holds each connection's next
-    stream offset, advanced here), then return one RQE per data CQE with one tail store.
+    (:func:`zcrx_batch`), then return one RQE per data CQE with one tail store.  (A program
+    that checks the bytes in between uses :func:`app_proc.verify.zcrx_return_verified`.)
 
     The caller still releases the CQEs (:func:`io_uring_cq_advance`) and handles non-data
     CQEs.  Read the data (``ifq.data``) before calling this: a returned chunk is the
     kernel's again.
     """
     batch = zcrx_batch(ifq, cqes, select)
-    if streams is not None:
-        if positions is None:
-            raise Misuse("verification needs positions (next stream offset per user_data)")
-        keys = cqes["user_data"][batch.index]
-        batch.stream_off = zcrx_stream_offsets(keys, batch.length, positions)
-        ids = np.array([streams[int(k)] for k in keys.tolist()], dtype=np.int64)
-        batch.bad = zcrx_verify(ifq.area_view, batch.start, batch.length, ids,
-                                batch.stream_off)
     batch.returned = io_uring_zcrx_return(ifq, batch.off, batch.length)
     return batch

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import IO, Any, Protocol
 
 from app_proc import liburing as L
+from app_proc import syscall as S
 from shared import abi
 from shared.errors import PeerGone, ZcrxError
 
@@ -90,8 +91,8 @@ def add_common_args(p: argparse.ArgumentParser, *, quiet_short: bool) -> None:
     p.add_argument("--seconds", type=float, default=0.0, help="give up after this long")
     p.add_argument(*(("-q", "--quiet") if quiet_short else ("--quiet",)), action="store_true",
                    help="no per-connection lines")
-    p.add_argument("--rundir", help=f"run directory (default ${L.ENV_RUNDIR})")
-    p.add_argument("--run", help=f"run id (default ${L.ENV_RUN})")
+    p.add_argument("--rundir", help=f"run directory (default ${S.ENV_RUNDIR})")
+    p.add_argument("--run", help=f"run id (default ${S.ENV_RUN})")
     p.add_argument("--tag", default="", help="zcrx:<run_id>:<role> (set by the launcher)")
 
 
@@ -108,9 +109,9 @@ def parse_stream_id(p: argparse.ArgumentParser, value: str) -> int | None:
     return stream
 
 
-def serve(prog: str, make: Callable[[L.Kernel, threading.Event, IO[str] | None], Server], *,
+def serve(prog: str, make: Callable[[S.Kernel, threading.Event, IO[str] | None], Server], *,
           rundir: str | None, run: str | None, json_path: str | None,
-          kernel: L.Kernel | None = None, stop: threading.Event | None = None) -> int:
+          kernel: S.Kernel | None = None, stop: threading.Event | None = None) -> int:
     """Attach to the kernel, run the server until done or SIGTERM/SIGINT, write the
     summary, and return the exit code (3 when the kernel cannot be reached or goes
     away: every later call would fail the same way).  ``make`` gets the log stream:
@@ -121,7 +122,7 @@ def serve(prog: str, make: Callable[[L.Kernel, threading.Event, IO[str] | None],
         signal.signal(signal.SIGINT, lambda *_: stop.set())
     own = kernel is None
     try:
-        k = kernel if kernel is not None else L.Kernel(rundir, run=run, name=prog)
+        k = kernel if kernel is not None else S.Kernel(rundir, run=run, name=prog)
         k.attach()
     except ZcrxError as exc:
         print(f"{prog}: cannot reach the kernel: {exc}", file=sys.stderr)
@@ -166,7 +167,7 @@ class AcceptingServer:
 
     ring: L.Ring
 
-    def __init__(self, kernel: L.Kernel, opts: Any, stop: threading.Event | None = None,
+    def __init__(self, kernel: S.Kernel, opts: Any, stop: threading.Event | None = None,
                  log: Any = None) -> None:
         self.k = kernel
         self.opts = opts

@@ -64,6 +64,8 @@ from typing import IO, Any
 import numpy as np
 
 from app_proc import liburing as L
+from app_proc import syscall as S
+from app_proc import verify as V
 from app_proc.server import (
     EXIT_CHECK_FAILED,
     EXIT_OK,
@@ -141,7 +143,7 @@ class Conn:
 class ZcrxServer(AcceptingServer):
     """The server's state; :meth:`run` is the loop."""
 
-    def __init__(self, kernel: L.Kernel, opts: Options, stop: threading.Event | None = None,
+    def __init__(self, kernel: S.Kernel, opts: Options, stop: threading.Event | None = None,
                  log: IO[str] | None = None) -> None:
         super().__init__(kernel, opts, stop, log)
         self.opts: Options = opts
@@ -201,21 +203,21 @@ class ZcrxServer(AcceptingServer):
             if not len(keys):
                 return
         start, length = batch.start, batch.length
-        so = L.zcrx_stream_offsets(keys, length, self.positions)
+        so = V.zcrx_stream_offsets(keys, length, self.positions)
         if self.opts.verify:
             if single:
                 ids = np.full(len(keys), self.conns[uniq[0]].stream, dtype=np.int64)
             else:
                 table = np.array([self.conns[k].stream for k in uniq], dtype=np.int64)
                 ids = table[np.searchsorted(np.array(uniq, dtype=keys.dtype), keys)]
-            bad = L.zcrx_verify(area, start, length, ids, so)
+            bad = V.zcrx_verify(area, start, length, ids, so)
             wrong = np.flatnonzero(bad >= 0)
             for i in wrong.tolist():
                 conn = self.conns[int(keys[i])]
                 pos = int(so[i] + bad[i])
                 if conn.bad_offset is None or pos < conn.bad_offset:
                     conn.bad_offset = pos
-        heads = L.zcrx_runs(start, length, keys, so)
+        heads = V.zcrx_runs(start, length, keys, so)
         ends = np.append(heads[1:], len(keys)) - 1
         for h, e in zip(heads.tolist(), ends.tolist(), strict=True):
             sha = self.conns[int(keys[h])].sha
@@ -523,7 +525,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
     return opts, a
 
 
-def main(argv: list[str] | None = None, kernel: L.Kernel | None = None,
+def main(argv: list[str] | None = None, kernel: S.Kernel | None = None,
          stop: threading.Event | None = None) -> int:
     opts, a = parse_args(argv)
     return serve("zcrx_server", lambda k, ev, log: ZcrxServer(k, opts, ev, log=log),

@@ -51,6 +51,7 @@ from test_zcrx import (
 )
 
 from app_proc import liburing as L
+from app_proc import syscall as S
 from shared import abi
 from shared.msg import ControlError
 from shared.shm import list_run_segments
@@ -68,7 +69,7 @@ def kt(run_id: str, tmp_path: Any) -> Iterator[KernelThread]:
 
 
 @pytest.fixture
-def app(kt: KernelThread, run_id: str, tmp_path: Any) -> Iterator[L.Kernel]:
+def app(kt: KernelThread, run_id: str, tmp_path: Any) -> Iterator[S.Kernel]:
     yield from app_fixture(run_id, tmp_path)
 
 
@@ -81,7 +82,7 @@ class Server:
     fd: int
 
 
-def server(kt: KernelThread, app: L.Kernel, ring: L.Ring | None = None, *, sport: int = SPORT,
+def server(kt: KernelThread, app: S.Kernel, ring: L.Ring | None = None, *, sport: int = SPORT,
            port: int = 8000, **kw: Any) -> Server:
     ring = ring if ring is not None else zring(app)
     zq = setup_zcrx(app, ring, **kw)
@@ -89,14 +90,14 @@ def server(kt: KernelThread, app: L.Kernel, ring: L.Ring | None = None, *, sport
     return Server(ring, zq, fd)
 
 
-def hw_server(kt: KernelThread, app: L.Kernel, **kw: Any) -> tuple[Server, tn.Flow]:
+def hw_server(kt: KernelThread, app: S.Kernel, **kw: Any) -> tuple[Server, tn.Flow]:
     ring = zring(app)
     zq = setup_zcrx(app, ring, nodev=False, if_idx=2, if_rxq=1, **kw)
     flow, fd = hw_flow_conn(kt, app, ring)
     return Server(ring, zq, fd), flow
 
 
-def def_ring_bundle(app: L.Kernel, entries: int = 8, flags: int = ZC_FLAGS,
+def def_ring_bundle(app: S.Kernel, entries: int = 8, flags: int = ZC_FLAGS,
                     **kw: Any) -> tuple[L.Ring, Bundle]:
     return zring(app, entries, flags), Bundle.make(app, **kw)
 
@@ -105,7 +106,7 @@ def no_ifq(kt: KernelThread) -> bool:
     return bool(kt.call(lambda k: k.zcrx.ifqs == [] and k.zcrx.bound == {}))
 
 
-def guarded_area(app: L.Kernel, pages: int = AREA_PAGES) -> L.Memory:
+def guarded_area(app: S.Kernel, pages: int = AREA_PAGES) -> S.Memory:
     """Area memory whose neighbouring pages are unmapped."""
     g1 = app.alloc_memory(PAGE, tag="guard")
     area = app.alloc_memory(pages * PAGE, tag="garea")
@@ -136,7 +137,7 @@ def niov_refs(kt: KernelThread, off: int) -> tuple[str, int, int]:
 
 def test_conformance_A1_eperm_without_cap_net_admin(kt: KernelThread, tmp_path: Any,
                                                      run_id: str) -> None:
-    weak = L.Kernel(tmp_path, run=run_id, name="no-cap")
+    weak = S.Kernel(tmp_path, run=run_id, name="no-cap")
     try:
         weak.attach(cap_net_admin=False)
         ring, b = def_ring_bundle(weak)
@@ -147,17 +148,17 @@ def test_conformance_A1_eperm_without_cap_net_admin(kt: KernelThread, tmp_path: 
         weak.close()
 
 
-def test_conformance_A2_ring_without_defer_taskrun(kt: KernelThread, app: L.Kernel) -> None:
+def test_conformance_A2_ring_without_defer_taskrun(kt: KernelThread, app: S.Kernel) -> None:
     ring, b = def_ring_bundle(app, flags=abi.IORING_SETUP_CQE32 | abi.IORING_SETUP_SINGLE_ISSUER)
     assert reg_errno(ring, b.reg) == errno.EINVAL and no_ifq(kt)
 
 
-def test_conformance_A3_ring_without_cqe32_or_mixed(kt: KernelThread, app: L.Kernel) -> None:
+def test_conformance_A3_ring_without_cqe32_or_mixed(kt: KernelThread, app: S.Kernel) -> None:
     ring, b = def_ring_bundle(app, flags=ZC_FLAGS & ~abi.IORING_SETUP_CQE32)
     assert reg_errno(ring, b.reg) == errno.EINVAL and no_ifq(kt)
 
 
-def test_conformance_A4_reserved_fields_or_input_zcrx_id(kt: KernelThread, app: L.Kernel) -> None:
+def test_conformance_A4_reserved_fields_or_input_zcrx_id(kt: KernelThread, app: S.Kernel) -> None:
     ring, b = def_ring_bundle(app)
     for field, value in (("__resv", [0, 0, 1]), ("__resv", [7, 0, 0]), ("zcrx_id", 1)):
         reg = b.reg.copy()
@@ -166,7 +167,7 @@ def test_conformance_A4_reserved_fields_or_input_zcrx_id(kt: KernelThread, app: 
     assert no_ifq(kt)
 
 
-def test_conformance_A5_unknown_reg_flags(kt: KernelThread, app: L.Kernel) -> None:
+def test_conformance_A5_unknown_reg_flags(kt: KernelThread, app: S.Kernel) -> None:
     ring, b = def_ring_bundle(app)
     for bit in (1 << 2, 1 << 5, 1 << 31):
         reg = b.reg.copy()
@@ -175,7 +176,7 @@ def test_conformance_A5_unknown_reg_flags(kt: KernelThread, app: L.Kernel) -> No
     assert no_ifq(kt)
 
 
-def test_conformance_A6_nodev_with_if_idx_or_rxq(kt: KernelThread, app: L.Kernel) -> None:
+def test_conformance_A6_nodev_with_if_idx_or_rxq(kt: KernelThread, app: S.Kernel) -> None:
     ring, b = def_ring_bundle(app)
     for field, value in (("if_idx", 2), ("if_rxq", 1)):
         reg = b.reg.copy()
@@ -184,7 +185,7 @@ def test_conformance_A6_nodev_with_if_idx_or_rxq(kt: KernelThread, app: L.Kernel
     assert no_ifq(kt)
 
 
-def test_conformance_A7_default_registration_writes_back(kt: KernelThread, app: L.Kernel) -> None:
+def test_conformance_A7_default_registration_writes_back(kt: KernelThread, app: S.Kernel) -> None:
     ring, b = def_ring_bundle(app)
     assert b.rq is not None
     out = register_raw(ring, b.reg)
@@ -201,31 +202,31 @@ def test_conformance_A7_default_registration_writes_back(kt: KernelThread, app: 
 # B. Registration: refill queue
 # ============================================================================================
 
-def test_conformance_B8_region_ptr_null(kt: KernelThread, app: L.Kernel) -> None:
+def test_conformance_B8_region_ptr_null(kt: KernelThread, app: S.Kernel) -> None:
     ring, b = def_ring_bundle(app)
     b.reg["region_ptr"] = 0
     assert reg_errno(ring, b.reg) == errno.EFAULT and no_ifq(kt)
 
 
-def test_conformance_B9_region_size_zero(kt: KernelThread, app: L.Kernel) -> None:
+def test_conformance_B9_region_size_zero(kt: KernelThread, app: S.Kernel) -> None:
     ring, b = def_ring_bundle(app)
     b.rd["size"] = 0
     assert reg_errno(ring, b.reg) == errno.EINVAL and no_ifq(kt)
 
 
-def test_conformance_B10_region_user_addr_null(kt: KernelThread, app: L.Kernel) -> None:
+def test_conformance_B10_region_user_addr_null(kt: KernelThread, app: S.Kernel) -> None:
     ring, b = def_ring_bundle(app)
     b.rd["user_addr"] = 0
     assert reg_errno(ring, b.reg) == errno.EFAULT and no_ifq(kt)
 
 
-def test_conformance_B11_rq_entries_zero(kt: KernelThread, app: L.Kernel) -> None:
+def test_conformance_B11_rq_entries_zero(kt: KernelThread, app: S.Kernel) -> None:
     ring, b = def_ring_bundle(app)
     b.reg["rq_entries"] = 0
     assert reg_errno(ring, b.reg) == errno.EINVAL and no_ifq(kt)
 
 
-def test_conformance_B12_rq_entries_rounded_up(kt: KernelThread, app: L.Kernel) -> None:
+def test_conformance_B12_rq_entries_rounded_up(kt: KernelThread, app: S.Kernel) -> None:
     ring, b = def_ring_bundle(app)
     b.reg["rq_entries"] = 127
     out = register_raw(ring, b.reg)
@@ -233,7 +234,7 @@ def test_conformance_B12_rq_entries_rounded_up(kt: KernelThread, app: L.Kernel) 
     assert kt.call(lambda k: k.zcrx.ifqs[-1].rq_entries) == 128
 
 
-def test_conformance_B13_rq_entries_too_many_and_clamp(kt: KernelThread, app: L.Kernel) -> None:
+def test_conformance_B13_rq_entries_too_many_and_clamp(kt: KernelThread, app: S.Kernel) -> None:
     ring, b = def_ring_bundle(app)
     b.reg["rq_entries"] = 0xFFFFFFFF
     assert reg_errno(ring, b.reg) == errno.EINVAL
@@ -244,7 +245,7 @@ def test_conformance_B13_rq_entries_too_many_and_clamp(kt: KernelThread, app: L.
     assert int(out["rq_entries"][0]) == 32768
 
 
-def test_conformance_B14_region_too_small_for_entries(kt: KernelThread, app: L.Kernel) -> None:
+def test_conformance_B14_region_too_small_for_entries(kt: KernelThread, app: S.Kernel) -> None:
     ring, b = def_ring_bundle(app)
     assert int(b.rd["size"][0]) == rq_size(128) == PAGE
     b.reg["rq_entries"] = 128 + PAGE // 16                         # 384 -> 512 entries
@@ -255,25 +256,25 @@ def test_conformance_B14_region_too_small_for_entries(kt: KernelThread, app: L.K
 # C. Registration: area
 # ============================================================================================
 
-def test_conformance_C15_area_ptr_null(kt: KernelThread, app: L.Kernel) -> None:
+def test_conformance_C15_area_ptr_null(kt: KernelThread, app: S.Kernel) -> None:
     ring, b = def_ring_bundle(app)
     b.reg["area_ptr"] = 0
     assert reg_errno(ring, b.reg) == errno.EFAULT and no_ifq(kt)
 
 
-def test_conformance_C16_area_len_zero(kt: KernelThread, app: L.Kernel) -> None:
+def test_conformance_C16_area_len_zero(kt: KernelThread, app: S.Kernel) -> None:
     ring, b = def_ring_bundle(app)
     b.area_reg["len"] = 0
     assert reg_errno(ring, b.reg) == errno.EFAULT and no_ifq(kt)
 
 
-def test_conformance_C17_area_addr_null(kt: KernelThread, app: L.Kernel) -> None:
+def test_conformance_C17_area_addr_null(kt: KernelThread, app: S.Kernel) -> None:
     ring, b = def_ring_bundle(app)
     b.area_reg["addr"] = 0
     assert reg_errno(ring, b.reg) == errno.EFAULT and no_ifq(kt)
 
 
-def test_conformance_C18_area_one_page_below_mapping(kt: KernelThread, app: L.Kernel) -> None:
+def test_conformance_C18_area_one_page_below_mapping(kt: KernelThread, app: S.Kernel) -> None:
     ring, b = def_ring_bundle(app)
     area = guarded_area(app)
     b.area_reg["addr"] = area.addr - PAGE
@@ -282,7 +283,7 @@ def test_conformance_C18_area_one_page_below_mapping(kt: KernelThread, app: L.Ke
     assert reg_errno(ring, b.reg) == 0
 
 
-def test_conformance_C19_area_one_page_past_mapping(kt: KernelThread, app: L.Kernel) -> None:
+def test_conformance_C19_area_one_page_past_mapping(kt: KernelThread, app: S.Kernel) -> None:
     ring, b = def_ring_bundle(app)
     area = guarded_area(app)
     b.area_reg["addr"] = area.addr
@@ -290,7 +291,7 @@ def test_conformance_C19_area_one_page_past_mapping(kt: KernelThread, app: L.Ker
     assert reg_errno(ring, b.reg) == errno.EFAULT and no_ifq(kt)
 
 
-def test_conformance_C20_area_len_or_addr_unaligned(kt: KernelThread, app: L.Kernel) -> None:
+def test_conformance_C20_area_len_or_addr_unaligned(kt: KernelThread, app: S.Kernel) -> None:
     ring, b = def_ring_bundle(app)
     b.area_reg["len"] = AREA_SZ - PAGE // 2
     assert reg_errno(ring, b.reg) == errno.EINVAL
@@ -299,14 +300,14 @@ def test_conformance_C20_area_len_or_addr_unaligned(kt: KernelThread, app: L.Ker
     assert reg_errno(ring, b.reg) == errno.EINVAL and no_ifq(kt)
 
 
-def test_conformance_C21_area_read_only_mapping(kt: KernelThread, app: L.Kernel) -> None:
+def test_conformance_C21_area_read_only_mapping(kt: KernelThread, app: S.Kernel) -> None:
     ring, b = def_ring_bundle(app)
     ro = app.alloc_memory(AREA_SZ, prot=L.PROT_READ, tag="roarea")
     b.area_reg["addr"] = ro.addr
     assert reg_errno(ring, b.reg) == errno.EFAULT and no_ifq(kt)
 
 
-def test_conformance_C22_area_flags_token_resv_dmabuf_fd(kt: KernelThread, app: L.Kernel) -> None:
+def test_conformance_C22_area_flags_token_resv_dmabuf_fd(kt: KernelThread, app: S.Kernel) -> None:
     ring, b = def_ring_bundle(app)
     good = b.area_reg.copy()
     for field, value in (("flags", 2), ("flags", 1 << 31), ("rq_area_token", 1 << 48),
@@ -317,7 +318,7 @@ def test_conformance_C22_area_flags_token_resv_dmabuf_fd(kt: KernelThread, app: 
     assert no_ifq(kt)
 
 
-def test_conformance_C23_nodev_with_dmabuf_area(kt: KernelThread, app: L.Kernel) -> None:
+def test_conformance_C23_nodev_with_dmabuf_area(kt: KernelThread, app: S.Kernel) -> None:
     ring, b = def_ring_bundle(app)
     b.area_reg["flags"] = abi.IORING_ZCRX_AREA_DMABUF
     b.area_reg["dmabuf_fd"] = 3
@@ -325,7 +326,7 @@ def test_conformance_C23_nodev_with_dmabuf_area(kt: KernelThread, app: L.Kernel)
     assert reg_errno(ring, b.reg) == errno.EINVAL and no_ifq(kt)
 
 
-def test_conformance_C24_nodev_rx_buf_len(kt: KernelThread, app: L.Kernel) -> None:
+def test_conformance_C24_nodev_rx_buf_len(kt: KernelThread, app: S.Kernel) -> None:
     ring, b = def_ring_bundle(app)
     b.reg["rx_buf_len"] = 0xFFFFFFFF
     assert reg_errno(ring, b.reg) == errno.EINVAL
@@ -336,7 +337,7 @@ def test_conformance_C24_nodev_rx_buf_len(kt: KernelThread, app: L.Kernel) -> No
     assert int(out["rx_buf_len"][0]) == PAGE
 
 
-def test_conformance_C25_read_only_param_bundle(kt: KernelThread, app: L.Kernel,
+def test_conformance_C25_read_only_param_bundle(kt: KernelThread, app: S.Kernel,
                                                 run_id: str) -> None:
     ring, b = def_ring_bundle(app, entries=128)
     before = list_run_segments(run_id)
@@ -356,7 +357,7 @@ def test_conformance_C25_read_only_param_bundle(kt: KernelThread, app: L.Kernel,
 # D. SQE validation
 # ============================================================================================
 
-def test_conformance_D26_recv_on_fd_minus_one(kt: KernelThread, app: L.Kernel) -> None:
+def test_conformance_D26_recv_on_fd_minus_one(kt: KernelThread, app: S.Kernel) -> None:
     s = server(kt, app)
     submit_recvzc(s.ring, -1, s.zq.id)
     [c] = wait_cqes(s.ring)
@@ -364,21 +365,21 @@ def test_conformance_D26_recv_on_fd_minus_one(kt: KernelThread, app: L.Kernel) -
     assert reap(s.ring) == []
 
 
-def test_conformance_D27_recv_on_non_socket(kt: KernelThread, app: L.Kernel) -> None:
+def test_conformance_D27_recv_on_non_socket(kt: KernelThread, app: S.Kernel) -> None:
     s = server(kt, app)
     submit_recvzc(s.ring, s.ring.fd, s.zq.id)
     [c] = wait_cqes(s.ring)
     assert (c.res, c.flags) == (-errno.ENOTSOCK, 0) and reap(s.ring) == []
 
 
-def test_conformance_D28_recv_with_unknown_zcrx_id(kt: KernelThread, app: L.Kernel) -> None:
+def test_conformance_D28_recv_with_unknown_zcrx_id(kt: KernelThread, app: S.Kernel) -> None:
     s = server(kt, app)
     submit_recvzc(s.ring, s.fd, s.zq.id + 1)
     [c] = wait_cqes(s.ring)
     assert (c.res, c.flags) == (-errno.EINVAL, 0) and reap(s.ring) == []
 
 
-def test_conformance_D29_recv_sqe_fields(kt: KernelThread, app: L.Kernel) -> None:
+def test_conformance_D29_recv_sqe_fields(kt: KernelThread, app: S.Kernel) -> None:
     s = server(kt, app)
     cases: list[dict[str, Any]] = [
         {"ioprio": 0},                                               # multishot is mandatory
@@ -397,7 +398,7 @@ def test_conformance_D29_recv_sqe_fields(kt: KernelThread, app: L.Kernel) -> Non
         (100 + i, -errno.EINVAL, 0) for i in range(len(cases))]
 
 
-def test_conformance_D30_recv_on_non_tcp_socket(kt: KernelThread, app: L.Kernel) -> None:
+def test_conformance_D30_recv_on_non_tcp_socket(kt: KernelThread, app: S.Kernel) -> None:
     """RECV_ZC on a UDP socket ends at once with -EPROTONOSUPPORT (tcp_recvmsg only)."""
     s = server(kt, app)
     udp = app.socket(L.AF_INET, 2, 0)                                   # SOCK_DGRAM
@@ -411,7 +412,7 @@ def test_conformance_D30_recv_on_non_tcp_socket(kt: KernelThread, app: L.Kernel)
 
 
 def test_conformance_D31_armed_recv_without_data_posts_nothing(kt: KernelThread,
-                                                               app: L.Kernel) -> None:
+                                                               app: S.Kernel) -> None:
     s = server(kt, app)
     submit_recvzc(s.ring, s.fd, s.zq.id)
     with pytest.raises(ControlError) as ei:
@@ -424,7 +425,7 @@ def test_conformance_D31_armed_recv_without_data_posts_nothing(kt: KernelThread,
 # E. Refill ring abuse
 # ============================================================================================
 
-def test_conformance_E32_return_without_reference(kt: KernelThread, app: L.Kernel) -> None:
+def test_conformance_E32_return_without_reference(kt: KernelThread, app: S.Kernel) -> None:
     s = server(kt, app)
     zq = s.zq
     for i in range(16):
@@ -438,7 +439,7 @@ def test_conformance_E32_return_without_reference(kt: KernelThread, app: L.Kerne
 
 
 def test_conformance_E33_malformed_rqes_are_consumed_and_ignored(kt: KernelThread,
-                                                                 app: L.Kernel) -> None:
+                                                                 app: S.Kernel) -> None:
     zq = server(kt, app).zq
     zq.raw_rqes([AREA_SZ])                                           # one past the end
     zq.flush()
@@ -464,7 +465,7 @@ def recv_pages(kt: KernelThread, s: Server, n: int, start: int = 0) -> list[Cqe]
 
 
 def test_conformance_E34_flush_stops_at_a_malformed_entry(kt: KernelThread,
-                                                          app: L.Kernel) -> None:
+                                                          app: S.Kernel) -> None:
     s = server(kt, app)
     zq = s.zq
     data = recv_pages(kt, s, 6)
@@ -482,7 +483,7 @@ def test_conformance_E34_flush_stops_at_a_malformed_entry(kt: KernelThread,
     assert (c["rq_returned"], c["rq_invalid_area"], c["flushes"]) == (6, 1, 2)
 
 
-def test_conformance_E35_user_written_head_is_ignored(kt: KernelThread, app: L.Kernel) -> None:
+def test_conformance_E35_user_written_head_is_ignored(kt: KernelThread, app: S.Kernel) -> None:
     zq = server(kt, app).zq
     zq.words[zq.head_off // 4] = 1
     zq.words[zq.tail_off // 4] = 0
@@ -493,7 +494,7 @@ def test_conformance_E35_user_written_head_is_ignored(kt: KernelThread, app: L.K
     assert kt.ledger() == FREE_ALL
 
 
-def test_conformance_E36_tail_far_ahead_is_clamped(kt: KernelThread, app: L.Kernel) -> None:
+def test_conformance_E36_tail_far_ahead_is_clamped(kt: KernelThread, app: S.Kernel) -> None:
     zq = server(kt, app).zq
     zq.rqes[:] = np.zeros(RQ_ENTRIES, dtype=abi.io_uring_zcrx_rqe)
     zq.words[zq.tail_off // 4] = 2 * RQ_ENTRIES
@@ -504,7 +505,7 @@ def test_conformance_E36_tail_far_ahead_is_clamped(kt: KernelThread, app: L.Kern
     assert c["rq_invalid_noref"] == RQ_ENTRIES and kt.ledger() == FREE_ALL
 
 
-def test_conformance_E37_double_return_is_ignored(kt: KernelThread, app: L.Kernel) -> None:
+def test_conformance_E37_double_return_is_ignored(kt: KernelThread, app: S.Kernel) -> None:
     s = server(kt, app)
     [c0] = recv_pages(kt, s, 1)
     assert niov_refs(kt, c0.off) == ("user", 1, 1)
@@ -516,7 +517,7 @@ def test_conformance_E37_double_return_is_ignored(kt: KernelThread, app: L.Kerne
     assert kt.ledger() == FREE_ALL
 
 
-def test_conformance_E38_ctrl_validation(kt: KernelThread, app: L.Kernel) -> None:
+def test_conformance_E38_ctrl_validation(kt: KernelThread, app: S.Kernel) -> None:
     s = server(kt, app)
     zid = s.zq.id
     assert ctrl_errno(s.ring, zid, flush_rq_resv=[0, 0, 0, 0, 0, 1]) == errno.EINVAL
@@ -532,7 +533,7 @@ def test_conformance_E38_ctrl_validation(kt: KernelThread, app: L.Kernel) -> Non
 # F. Data transfer and buffer accounting
 # ============================================================================================
 
-def test_conformance_F39_one_page_with_len_limit(kt: KernelThread, app: L.Kernel) -> None:
+def test_conformance_F39_one_page_with_len_limit(kt: KernelThread, app: S.Kernel) -> None:
     s = server(kt, app)
     submit_recvzc(s.ring, s.fd, s.zq.id, PAGE)
     kt.send(SPORT, stream(SPORT, 0, PAGE), seg=1000)                # 5 skbs
@@ -543,7 +544,7 @@ def test_conformance_F39_one_page_with_len_limit(kt: KernelThread, app: L.Kernel
     assert (final.res, final.flags) == (0, 0) and reap(s.ring) == []
 
 
-def test_conformance_F40_unlimited_len_ends_on_eof(kt: KernelThread, app: L.Kernel) -> None:
+def test_conformance_F40_unlimited_len_ends_on_eof(kt: KernelThread, app: S.Kernel) -> None:
     s = server(kt, app)
     submit_recvzc(s.ring, s.fd, s.zq.id, 0)
     kt.send(SPORT, stream(SPORT, 0, 3 * PAGE + 5))
@@ -573,7 +574,7 @@ def transfer(kt: KernelThread, s: Server, total: int, chunk: int,
 
 
 def test_conformance_F41_eager_return_moves_twice_the_area(kt: KernelThread,
-                                                           app: L.Kernel) -> None:
+                                                           app: S.Kernel) -> None:
     s = server(kt, app)
 
     def eager(c: Cqe) -> None:
@@ -587,7 +588,7 @@ def test_conformance_F41_eager_return_moves_twice_the_area(kt: KernelThread,
     assert c["copy_bytes"] == 2 * AREA_SZ and c["rq_returned"] == 2 * AREA_PAGES
 
 
-def test_conformance_F42_small_rq_lazy_flush(kt: KernelThread, app: L.Kernel) -> None:
+def test_conformance_F42_small_rq_lazy_flush(kt: KernelThread, app: S.Kernel) -> None:
     s = server(kt, app, rq_entries=16)
     assert s.zq.entries == 16
 
@@ -603,7 +604,7 @@ def test_conformance_F42_small_rq_lazy_flush(kt: KernelThread, app: L.Kernel) ->
     assert kt.ledger() == FREE_ALL
 
 
-def test_conformance_F43_no_return_exhausts_the_area(kt: KernelThread, app: L.Kernel) -> None:
+def test_conformance_F43_no_return_exhausts_the_area(kt: KernelThread, app: S.Kernel) -> None:
     s = server(kt, app)
     offs: list[int] = []
     submit_recvzc(s.ring, s.fd, s.zq.id, 2 * AREA_SZ)
@@ -629,7 +630,7 @@ def test_conformance_F43_no_return_exhausts_the_area(kt: KernelThread, app: L.Ke
 
 
 def test_conformance_F44_len_reached_never_ends_with_enospc(kt: KernelThread,
-                                                            app: L.Kernel) -> None:
+                                                            app: S.Kernel) -> None:
     ring = zring(app, 4, cq_entries=8)
     s = server(kt, app, ring=ring)
     submit_recvzc(ring, s.fd, s.zq.id, 8 * PAGE)                    # exactly fills the CQ
@@ -643,7 +644,7 @@ def test_conformance_F44_len_reached_never_ends_with_enospc(kt: KernelThread,
     assert kt.counters()["recv_enospc"] == 0
 
 
-def test_conformance_F45_reset_and_never_connected(kt: KernelThread, app: L.Kernel) -> None:
+def test_conformance_F45_reset_and_never_connected(kt: KernelThread, app: S.Kernel) -> None:
     s = server(kt, app)
     submit_recvzc(s.ring, s.fd, s.zq.id)
     kt.send(SPORT, stream(SPORT, 0, 100))
@@ -656,7 +657,7 @@ def test_conformance_F45_reset_and_never_connected(kt: KernelThread, app: L.Kern
     assert (c.ud, c.res, c.flags) == (9, -errno.ENOTCONN, 0)
 
 
-def test_conformance_F46_user_and_pool_references(kt: KernelThread, app: L.Kernel) -> None:
+def test_conformance_F46_user_and_pool_references(kt: KernelThread, app: S.Kernel) -> None:
     s, flow = hw_server(kt, app)
     fr, fl, _ = flow.frames([1000])
     kt.deliver(1, fr, fl)
@@ -684,7 +685,7 @@ def test_conformance_F46_user_and_pool_references(kt: KernelThread, app: L.Kerne
 # ============================================================================================
 
 def test_conformance_G47_copy_fallback_for_kernel_pages_and_linear(kt: KernelThread,
-                                                                  app: L.Kernel) -> None:
+                                                                  app: S.Kernel) -> None:
     ring = zring(app)
     zq = setup_zcrx(app, ring, nodev=False, if_idx=2, if_rxq=1)
     flow, fd = hw_flow_conn(kt, app, ring, q=0)                     # not steered to the ifq
@@ -705,7 +706,7 @@ def test_conformance_G47_copy_fallback_for_kernel_pages_and_linear(kt: KernelThr
 
 
 def test_conformance_G48_copy_fallback_without_free_niov(kt: KernelThread,
-                                                         app: L.Kernel) -> None:
+                                                         app: S.Kernel) -> None:
     ring = zring(app)
     zq = setup_zcrx(app, ring, nodev=False, if_idx=2, if_rxq=1, area_pages=64)
     assert free_count(kt) == 0                                      # all 64 posted
@@ -717,7 +718,7 @@ def test_conformance_G48_copy_fallback_without_free_niov(kt: KernelThread,
     assert data == [] and (final.res, final.flags) == (-errno.ENOMEM, 0)
 
 
-def test_conformance_G49_dmabuf_area_copy_fallback(kt: KernelThread, app: L.Kernel) -> None:
+def test_conformance_G49_dmabuf_area_copy_fallback(kt: KernelThread, app: S.Kernel) -> None:
     ring, b = def_ring_bundle(app, nodev=False, if_idx=2, if_rxq=1)
     b.area_reg["flags"] = abi.IORING_ZCRX_AREA_DMABUF
     b.area_reg["dmabuf_fd"] = 3
@@ -731,7 +732,7 @@ def test_conformance_G49_dmabuf_area_copy_fallback(kt: KernelThread, app: L.Kern
 # H. CQ overflow
 # ============================================================================================
 
-def test_conformance_H50_cq_full_ends_with_enospc(kt: KernelThread, app: L.Kernel) -> None:
+def test_conformance_H50_cq_full_ends_with_enospc(kt: KernelThread, app: S.Kernel) -> None:
     # copy path: the niov goes back to the area
     ring = zring(app, 8, cq_entries=8)
     s = server(kt, app, ring=ring)
@@ -750,7 +751,7 @@ def test_conformance_H50_cq_full_ends_with_enospc(kt: KernelThread, app: L.Kerne
 
 
 def test_conformance_H50b_cq_full_zero_copy_takes_no_reference(kt: KernelThread,
-                                                               app: L.Kernel) -> None:
+                                                               app: S.Kernel) -> None:
     ring = zring(app, 8, cq_entries=8)
     zq = setup_zcrx(app, ring, nodev=False, if_idx=2, if_rxq=1)
     flow, fd = hw_flow_conn(kt, app, ring)
@@ -769,7 +770,7 @@ def test_conformance_H50b_cq_full_zero_copy_takes_no_reference(kt: KernelThread,
 
 
 def test_conformance_H51_rearm_after_enospc_loses_nothing(kt: KernelThread,
-                                                          app: L.Kernel) -> None:
+                                                          app: S.Kernel) -> None:
     ring = zring(app, 4, cq_entries=8)
     s = server(kt, app, ring=ring)
     kt.send(SPORT, stream(SPORT, 0, 30 * PAGE))
@@ -794,7 +795,7 @@ def test_conformance_H51_rearm_after_enospc_loses_nothing(kt: KernelThread,
 # I. Teardown and abnormal exit
 # ============================================================================================
 
-def test_conformance_I52_destroy_with_armed_recv(kt: KernelThread, app: L.Kernel) -> None:
+def test_conformance_I52_destroy_with_armed_recv(kt: KernelThread, app: S.Kernel) -> None:
     s = server(kt, app)
     submit_recvzc(s.ring, s.fd, s.zq.id)
     assert reap(s.ring) == []
@@ -805,7 +806,7 @@ def test_conformance_I52_destroy_with_armed_recv(kt: KernelThread, app: L.Kernel
     assert int(register_raw(ring2, s.zq.b.reg)["zcrx_id"][0]) == 0
 
 
-def test_conformance_I52b_destroy_releases_the_queue(kt: KernelThread, app: L.Kernel) -> None:
+def test_conformance_I52b_destroy_releases_the_queue(kt: KernelThread, app: S.Kernel) -> None:
     s, _flow = hw_server(kt, app)
     submit_recvzc(s.ring, s.fd, s.zq.id)
     s.zq.close()
@@ -816,7 +817,7 @@ def test_conformance_I52b_destroy_releases_the_queue(kt: KernelThread, app: L.Ke
 
 
 def test_conformance_I53_destroy_with_data_pending_or_async(kt: KernelThread,
-                                                            app: L.Kernel) -> None:
+                                                            app: S.Kernel) -> None:
     s = server(kt, app, rq_entries=16)
     submit_recvzc(s.ring, s.fd, s.zq.id)
     kt.send(SPORT, stream(SPORT, 0, 16))                            # completion pending
@@ -831,7 +832,7 @@ def test_conformance_I53_destroy_with_data_pending_or_async(kt: KernelThread,
     assert no_ifq(kt) and kt.call(lambda k: k.zcrx.retired["scrubbed_refs"]) == 2
 
 
-def test_conformance_I54_exported_zcrx_outlives_its_ring(kt: KernelThread, app: L.Kernel) -> None:
+def test_conformance_I54_exported_zcrx_outlives_its_ring(kt: KernelThread, app: S.Kernel) -> None:
     s = server(kt, app)
     box = int(ctrl(s.ring, s.zq.id, abi.ZCRX_CTRL_EXPORT)["export_zcrx_fd"][0])
     submit_recvzc(s.ring, s.fd, s.zq.id)
@@ -854,7 +855,7 @@ def test_conformance_I54_exported_zcrx_outlives_its_ring(kt: KernelThread, app: 
     assert no_ifq(kt)
 
 
-def test_conformance_I55_last_user_scrubs_held_buffers(kt: KernelThread, app: L.Kernel) -> None:
+def test_conformance_I55_last_user_scrubs_held_buffers(kt: KernelThread, app: S.Kernel) -> None:
     s, flow = hw_server(kt, app)
     submit_recvzc(s.ring, s.fd, s.zq.id)
     fr, fl, _ = flow.frames([1000] * 5)
@@ -870,7 +871,7 @@ def test_conformance_I55_last_user_scrubs_held_buffers(kt: KernelThread, app: L.
     assert kt.call(lambda k: k.netdevs["eth0"].status()["rx_queues"][1]["binding"]) == "none"
 
 
-def test_conformance_I56_register_transfer_destroy_loop(kt: KernelThread, app: L.Kernel,
+def test_conformance_I56_register_transfer_destroy_loop(kt: KernelThread, app: S.Kernel,
                                                         run_id: str) -> None:
     b = Bundle.make(app)
     baseline: tuple[Any, ...] | None = None
@@ -902,7 +903,7 @@ def test_conformance_I56_register_transfer_destroy_loop(kt: KernelThread, app: L
 # J. Export / import
 # ============================================================================================
 
-def test_conformance_J57_export_misuse(kt: KernelThread, app: L.Kernel) -> None:
+def test_conformance_J57_export_misuse(kt: KernelThread, app: S.Kernel) -> None:
     ring = zring(app)
     assert ctrl_errno(ring, 0, abi.ZCRX_CTRL_EXPORT) == errno.ENXIO  # no zcrx on the ring
     c = np.zeros(1, dtype=abi.zcrx_ctrl)
@@ -917,7 +918,7 @@ def test_conformance_J57_export_misuse(kt: KernelThread, app: L.Kernel) -> None:
     assert kt.call(lambda k: k.zcrx.counters["exported"]) == 0
 
 
-def test_conformance_J58_export_with_unreadable_ctrl(kt: KernelThread, app: L.Kernel) -> None:
+def test_conformance_J58_export_with_unreadable_ctrl(kt: KernelThread, app: S.Kernel) -> None:
     ring = zring(app)
     zq = setup_zcrx(app, ring)
     files = kt.call(lambda k: sorted(task_of(k, app).files))
@@ -935,7 +936,7 @@ def test_conformance_J58_export_with_unreadable_ctrl(kt: KernelThread, app: L.Ke
     assert no_ifq(kt)                                               # the ring exits cleanly
 
 
-def test_conformance_J59_export_then_import(kt: KernelThread, app: L.Kernel) -> None:
+def test_conformance_J59_export_then_import(kt: KernelThread, app: S.Kernel) -> None:
     r1, r2 = zring(app), zring(app)
     zq = setup_zcrx(app, r1)
     setup_zcrx(app, r2)                                              # r2 already has id 0
@@ -953,7 +954,7 @@ def test_conformance_J59_export_then_import(kt: KernelThread, app: L.Kernel) -> 
     assert kt.call(lambda k: len(k.zcrx.ifqs)) == 2                  # shared, not copied
 
 
-def test_conformance_J60_import_misuse(kt: KernelThread, app: L.Kernel) -> None:
+def test_conformance_J60_import_misuse(kt: KernelThread, app: S.Kernel) -> None:
     r1, r2 = zring(app), zring(app)
     zq = setup_zcrx(app, r1)
     box = int(ctrl(r1, zq.id, abi.ZCRX_CTRL_EXPORT)["export_zcrx_fd"][0])
@@ -980,7 +981,7 @@ def test_conformance_J60_import_misuse(kt: KernelThread, app: L.Kernel) -> None:
 # K. Queue binding (hardware mode)
 # ============================================================================================
 
-def test_conformance_K61_device_and_queue_index(kt: KernelThread, app: L.Kernel) -> None:
+def test_conformance_K61_device_and_queue_index(kt: KernelThread, app: S.Kernel) -> None:
     ring, b = def_ring_bundle(app, nodev=False, if_idx=99, if_rxq=1)
     assert reg_errno(ring, b.reg) == errno.ENODEV
     b.reg["if_idx"] = 2
@@ -992,12 +993,12 @@ def test_conformance_K61_device_and_queue_index(kt: KernelThread, app: L.Kernel)
     # (A device without a DMA parent cannot exist here: every emulated netdev is a NIC's.)
 
 
-def ethtool(app: L.Kernel, **req: Any) -> None:
+def ethtool(app: S.Kernel, **req: Any) -> None:
     app.syscall("ethtool", {"dev": "eth0", "request": {"cmd": "rings-set", **req}})
 
 
 def test_conformance_K62_hds_must_be_on_with_threshold_zero(kt: KernelThread,
-                                                           app: L.Kernel) -> None:
+                                                           app: S.Kernel) -> None:
     ring, b = def_ring_bundle(app, nodev=False, if_idx=2, if_rxq=1)
     ethtool(app, tcp_data_split="off")
     assert reg_errno(ring, b.reg) == errno.EINVAL
@@ -1007,7 +1008,7 @@ def test_conformance_K62_hds_must_be_on_with_threshold_zero(kt: KernelThread,
     assert no_ifq(kt) and reg_errno(ring, b.reg) == 0
 
 
-def test_conformance_K63_queue_already_bound(kt: KernelThread, app: L.Kernel) -> None:
+def test_conformance_K63_queue_already_bound(kt: KernelThread, app: S.Kernel) -> None:
     ring = zring(app)
     setup_zcrx(app, ring, nodev=False, if_idx=2, if_rxq=1)
     again = Bundle.make(app, nodev=False, if_idx=2, if_rxq=1)
@@ -1019,7 +1020,7 @@ def test_conformance_K63_queue_already_bound(kt: KernelThread, app: L.Kernel) ->
     # (XDP programs and AF_XDP sockets are not emulated: their -EEXIST/-EBUSY cannot happen.)
 
 
-def test_conformance_K64_rebind_while_draining(kt: KernelThread, app: L.Kernel) -> None:
+def test_conformance_K64_rebind_while_draining(kt: KernelThread, app: S.Kernel) -> None:
     s, flow = hw_server(kt, app)
     fr, fl, _ = flow.frames([1000] * 2)
     kt.deliver(1, fr, fl)                                             # left in the socket
@@ -1041,7 +1042,7 @@ def test_conformance_K64_rebind_while_draining(kt: KernelThread, app: L.Kernel) 
 
 
 def test_conformance_K65_empty_rq_and_freelist_starve_the_queue(kt: KernelThread,
-                                                                app: L.Kernel) -> None:
+                                                                app: S.Kernel) -> None:
     s, flow = hw_server(kt, app, area_pages=64)
     submit_recvzc(s.ring, s.fd, s.zq.id)
     fr, fl, _ = flow.frames([1000] * 70)

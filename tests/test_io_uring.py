@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from app_proc import liburing as L
+from app_proc import syscall as S
 from driver_proc.files import AF_INET, AF_INET6, SOCK_NONBLOCK, SOCK_STREAM
 from driver_proc.syscalls import KernelContext, handlers
 from driver_proc.tcp import ACK, FIN, RST, SYN, flow_key
@@ -159,13 +160,13 @@ def ctx(run_id, skbs):
 
 @pytest.fixture
 def app(ctx, run_id):
-    k = L.Kernel(run=run_id, name="test", transport=Direct(ctx, b"peer-1"))
+    k = S.Kernel(run=run_id, name="test", transport=Direct(ctx, b"peer-1"))
     k.attach()
     yield k
     k.close()
 
 
-def task_of(ctx: KernelContext, app: L.Kernel):
+def task_of(ctx: KernelContext, app: S.Kernel):
     return ctx.tasks.by_tid(app.task)
 
 
@@ -893,7 +894,7 @@ def test_close_of_a_ring_unlinks_its_regions_and_drops_requests(ctx, skbs, app):
 
 
 def test_task_exit_closes_everything(ctx, skbs, run_id):
-    k = L.Kernel(run=run_id, name="dying", transport=Direct(ctx, b"peer-2"))
+    k = S.Kernel(run=run_id, name="dying", transport=Direct(ctx, b"peer-2"))
     k.attach()
     ring = L.io_uring_queue_init(8, kernel=k)
     lfd = k.listen_tcp(8000)

@@ -24,6 +24,7 @@ import pytest
 
 from app_proc import copy_server, server
 from app_proc import liburing as L
+from app_proc import syscall as S
 from driver_proc.syscalls import KernelContext, handlers, service, task_exit
 from driver_proc.tcp import ACK, FIN, SYN, flow_key
 from shared import abi, pattern
@@ -137,7 +138,7 @@ def kt(run_id, tmp_path):
 
 @pytest.fixture
 def app(kt, run_id, tmp_path):
-    k = L.Kernel(tmp_path, run=run_id, name="test-app")
+    k = S.Kernel(tmp_path, run=run_id, name="test-app")
     yield k
     k.close()
 
@@ -225,7 +226,7 @@ def test_syscall_errors_carry_linux_errnos(kt, app):
 
 
 def test_kernel_gone_is_peer_gone(tmp_path, run_id):
-    k = L.Kernel(tmp_path, run=run_id, timeout_ms=100)
+    k = S.Kernel(tmp_path, run=run_id, timeout_ms=100)
     with pytest.raises(PeerGone):
         k.attach()
     k.close()
@@ -246,7 +247,7 @@ def test_buf_ring_add_is_batched_and_wraps(kt, app):
     L.io_uring_queue_exit(ring)
 
 
-def run_server(kt: KernelThread, app: L.Kernel, argv: list[str]) -> tuple[threading.Thread,
+def run_server(kt: KernelThread, app: S.Kernel, argv: list[str]) -> tuple[threading.Thread,
                                                                            dict[str, Any]]:
     result: dict[str, Any] = {}
 

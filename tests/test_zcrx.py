@@ -26,6 +26,7 @@ import pytest
 import test_netdev as tn  # FakeNic, INFO, Flow (tests/ is on sys.path under pytest)
 
 from app_proc import liburing as L
+from app_proc import syscall as S
 from driver_proc.kernel import Kernel
 from driver_proc.tcp import ACK, FIN, RST, SYN, flow_key
 from driver_proc.zcrx import IFQ_COUNTERS
@@ -213,9 +214,9 @@ def kernel_fixture(run_id: str, tmp_path: Any) -> Iterator[KernelThread]:
     assert k.kernel.skbs.in_flight == 0
 
 
-def app_fixture(run_id: str, tmp_path: Any) -> Iterator[L.Kernel]:
+def app_fixture(run_id: str, tmp_path: Any) -> Iterator[S.Kernel]:
     """Body of the ``app`` fixture: an attached app (CAP_NET_ADMIN) closed at the end."""
-    a = L.Kernel(tmp_path, run=run_id, name="zcrx-test")
+    a = S.Kernel(tmp_path, run=run_id, name="zcrx-test")
     a.attach()
     yield a
     a.close()
@@ -227,11 +228,11 @@ def kt(run_id: str, tmp_path: Any) -> Iterator[KernelThread]:
 
 
 @pytest.fixture
-def app(kt: KernelThread, run_id: str, tmp_path: Any) -> Iterator[L.Kernel]:
+def app(kt: KernelThread, run_id: str, tmp_path: Any) -> Iterator[S.Kernel]:
     yield from app_fixture(run_id, tmp_path)
 
 
-def task_of(k: Kernel, app: L.Kernel) -> Any:
+def task_of(k: Kernel, app: S.Kernel) -> Any:
     """The kernel's task of ``app`` (run in the kernel thread)."""
     assert app.task is not None
     task = k.ctx.tasks.by_tid(app.task)
@@ -255,10 +256,10 @@ class Bundle:
     """The default registration (conformance "DEF"): area, RQ memory, param structs in one
     page of app memory (area_reg at +0, region_desc at +64) and the ifq_reg blob."""
 
-    app: L.Kernel
-    area: L.Memory
-    rq: L.Memory | None
-    params: L.Memory
+    app: S.Kernel
+    area: S.Memory
+    rq: S.Memory | None
+    params: S.Memory
     reg: np.ndarray
     area_reg: np.ndarray = field(init=False)
     rd: np.ndarray = field(init=False)
@@ -268,7 +269,7 @@ class Bundle:
         self.rd = self.params.view[64:128].view(abi.io_uring_region_desc)
 
     @classmethod
-    def make(cls, app: L.Kernel, *, rq_entries: int = RQ_ENTRIES, area_pages: int = AREA_PAGES,
+    def make(cls, app: S.Kernel, *, rq_entries: int = RQ_ENTRIES, area_pages: int = AREA_PAGES,
              kernel_rq: bool = False, nodev: bool = True, if_idx: int = 0, if_rxq: int = 0,
              rq_mem_entries: int | None = None) -> Bundle:
         area = app.alloc_memory(area_pages * PAGE, tag="area")
@@ -406,7 +407,7 @@ class Zq:
             self.ring.kernel.mm_unmap(*self._map)
 
 
-def zring(app: L.Kernel, entries: int = 128, flags: int = ZC_FLAGS,
+def zring(app: S.Kernel, entries: int = 128, flags: int = ZC_FLAGS,
           cq_entries: int | None = None) -> L.Ring:
     p = None
     if cq_entries is not None:
@@ -416,7 +417,7 @@ def zring(app: L.Kernel, entries: int = 128, flags: int = ZC_FLAGS,
     return L.io_uring_queue_init(entries, flags, p, kernel=app)
 
 
-def setup_zcrx(app: L.Kernel, ring: L.Ring | None = None, **kw: Any) -> Zq:
+def setup_zcrx(app: S.Kernel, ring: L.Ring | None = None, **kw: Any) -> Zq:
     ring = ring if ring is not None else zring(app)
     b = Bundle.make(app, **kw)
     return Zq(ring, b, register_raw(ring, b.reg))
@@ -480,7 +481,7 @@ def until_final(ring: L.Ring, ud: int = UD_RECV, timeout_ms: int = 10_000,
                 on_data(c)
 
 
-def accept_conn(kt: KernelThread, app: L.Kernel, ring: L.Ring, sport: int = 40000,
+def accept_conn(kt: KernelThread, app: S.Kernel, ring: L.Ring, sport: int = 40000,
                 port: int = 8000, lfd: int | None = None) -> tuple[int, int]:
     """Listen (unless ``lfd``), ACCEPT through ``ring``, connect a flow: ``(lfd, fd)``."""
     if lfd is None:
@@ -514,7 +515,7 @@ def check_data(zq: Zq, cqes: list[Cqe], sport: int, start: int = 0) -> int:
 # Registration and query
 # --------------------------------------------------------------------------------------------
 
-def query(app: L.Kernel, op: int = abi.IO_URING_QUERY_ZCRX, size: int = 40) -> tuple[int, bytes]:
+def query(app: S.Kernel, op: int = abi.IO_URING_QUERY_ZCRX, size: int = 40) -> tuple[int, bytes]:
     mem = app.alloc_memory(PAGE, tag="q")
     try:
         hdr = np.zeros(1, dtype=abi.io_uring_query_hdr)
@@ -528,7 +529,7 @@ def query(app: L.Kernel, op: int = abi.IO_URING_QUERY_ZCRX, size: int = 40) -> t
         mem.close()
 
 
-def test_query_reports_nodev_import_and_rq_header(kt: KernelThread, app: L.Kernel) -> None:
+def test_query_reports_nodev_import_and_rq_header(kt: KernelThread, app: S.Kernel) -> None:
     res, data = query(app)
     assert res == 0 and len(data) == 40
     q = np.frombuffer(data, dtype=abi.io_uring_query_zcrx)[0]
@@ -556,7 +557,7 @@ def test_query_reports_nodev_import_and_rq_header(kt: KernelThread, app: L.Kerne
     assert ei.value.errno == errno.EINVAL
 
 
-def test_query_chain_follows_next_entry(kt: KernelThread, app: L.Kernel) -> None:
+def test_query_chain_follows_next_entry(kt: KernelThread, app: S.Kernel) -> None:
     mem = app.alloc_memory(PAGE, tag="q")
     h2 = mem.view[256:296].view(abi.io_uring_query_hdr)
     h2["query_op"] = abi.IO_URING_QUERY_SCQ
@@ -575,7 +576,7 @@ def test_query_chain_follows_next_entry(kt: KernelThread, app: L.Kernel) -> None
 
 
 def test_register_nodev_writes_back_and_zeroes_the_rq_header(kt: KernelThread,
-                                                            app: L.Kernel) -> None:
+                                                            app: S.Kernel) -> None:
     ring = zring(app)
     b = Bundle.make(app, rq_entries=100)
     assert b.rq is not None
@@ -600,7 +601,7 @@ def test_register_nodev_writes_back_and_zeroes_the_rq_header(kt: KernelThread,
 
 
 def test_kernel_rq_region_is_mapped_at_its_offset_and_unlinked(kt: KernelThread,
-                                                               app: L.Kernel,
+                                                               app: S.Kernel,
                                                                run_id: str) -> None:
     ring = zring(app)
     zq = setup_zcrx(app, ring, kernel_rq=True)
@@ -626,7 +627,7 @@ def test_kernel_rq_region_is_mapped_at_its_offset_and_unlinked(kt: KernelThread,
 # RECV_ZC in NODEV mode (copy fallback from any TCP socket)
 # --------------------------------------------------------------------------------------------
 
-def test_nodev_recv_copies_pages_and_flush_recycles(kt: KernelThread, app: L.Kernel) -> None:
+def test_nodev_recv_copies_pages_and_flush_recycles(kt: KernelThread, app: S.Kernel) -> None:
     ring = zring(app)
     zq = setup_zcrx(app, ring)
     _, fd = accept_conn(kt, app, ring)
@@ -666,7 +667,7 @@ def test_nodev_recv_copies_pages_and_flush_recycles(kt: KernelThread, app: L.Ker
 
 
 def test_recv_len_budget_ends_with_zero_and_leaves_the_rest(kt: KernelThread,
-                                                           app: L.Kernel) -> None:
+                                                           app: S.Kernel) -> None:
     ring = zring(app)
     zq = setup_zcrx(app, ring)
     _, fd = accept_conn(kt, app, ring)
@@ -685,7 +686,7 @@ def test_recv_len_budget_ends_with_zero_and_leaves_the_rest(kt: KernelThread,
     zq.b.close()
 
 
-def test_cqe_mixed_ring_posts_32_byte_cqes_with_f_32(kt: KernelThread, app: L.Kernel) -> None:
+def test_cqe_mixed_ring_posts_32_byte_cqes_with_f_32(kt: KernelThread, app: S.Kernel) -> None:
     flags = ZC_FLAGS & ~abi.IORING_SETUP_CQE32 | abi.IORING_SETUP_CQE_MIXED
     ring = zring(app, 16, flags)
     zq = setup_zcrx(app, ring)
@@ -703,7 +704,7 @@ def test_cqe_mixed_ring_posts_32_byte_cqes_with_f_32(kt: KernelThread, app: L.Ke
     zq.b.close()
 
 
-def test_enospc_ends_the_request_and_a_rearm_continues(kt: KernelThread, app: L.Kernel) -> None:
+def test_enospc_ends_the_request_and_a_rearm_continues(kt: KernelThread, app: S.Kernel) -> None:
     ring = zring(app, 4, cq_entries=8)
     zq = setup_zcrx(app, ring)
     _, fd = accept_conn(kt, app, ring)
@@ -740,7 +741,7 @@ def test_enospc_ends_the_request_and_a_rearm_continues(kt: KernelThread, app: L.
     zq.b.close()
 
 
-def test_a_pass_yields_after_20_skbs(kt: KernelThread, app: L.Kernel) -> None:
+def test_a_pass_yields_after_20_skbs(kt: KernelThread, app: S.Kernel) -> None:
     ring = zring(app, 64, cq_entries=256)
     zq = setup_zcrx(app, ring)
     _, fd = accept_conn(kt, app, ring)
@@ -756,7 +757,7 @@ def test_a_pass_yields_after_20_skbs(kt: KernelThread, app: L.Kernel) -> None:
     zq.b.close()
 
 
-def test_requests_take_turns_of_20_skbs(kt: KernelThread, app: L.Kernel) -> None:
+def test_requests_take_turns_of_20_skbs(kt: KernelThread, app: S.Kernel) -> None:
     ring = zring(app, 64, cq_entries=512)
     zq = setup_zcrx(app, ring)
     lfd, fa = accept_conn(kt, app, ring, sport=40000)
@@ -789,7 +790,7 @@ def test_requests_take_turns_of_20_skbs(kt: KernelThread, app: L.Kernel) -> None
 
 
 def test_socket_reset_ends_with_econnreset_after_the_data(kt: KernelThread,
-                                                         app: L.Kernel) -> None:
+                                                         app: S.Kernel) -> None:
     ring = zring(app)
     zq = setup_zcrx(app, ring)
     _, fd = accept_conn(kt, app, ring)
@@ -803,7 +804,7 @@ def test_socket_reset_ends_with_econnreset_after_the_data(kt: KernelThread,
     zq.b.close()
 
 
-def test_niov_of_another_ifq_is_efault(kt: KernelThread, app: L.Kernel) -> None:
+def test_niov_of_another_ifq_is_efault(kt: KernelThread, app: S.Kernel) -> None:
     """A socket whose skbs hold niovs of ifq A, read through ifq B: -EFAULT."""
     ring = zring(app)
     za = setup_zcrx(app, ring, nodev=False, if_idx=2, if_rxq=1)
@@ -838,7 +839,7 @@ def test_niov_of_another_ifq_is_efault(kt: KernelThread, app: L.Kernel) -> None:
 # Hardware queues: binding, zero copy, refill through the RQ, teardown
 # --------------------------------------------------------------------------------------------
 
-def hw_flow_conn(kt: KernelThread, app: L.Kernel, ring: L.Ring, q: int = 1,
+def hw_flow_conn(kt: KernelThread, app: S.Kernel, ring: L.Ring, q: int = 1,
                  flow: tn.Flow | None = None) -> tuple[tn.Flow, int]:
     """A connection arriving on hardware queue ``q`` (frames through the fake NIC)."""
     flow = flow or tn.Flow()
@@ -857,7 +858,7 @@ def hw_flow_conn(kt: KernelThread, app: L.Kernel, ring: L.Ring, q: int = 1,
     return flow, c.res
 
 
-def test_hw_binding_zero_copy_and_lazy_refill(kt: KernelThread, app: L.Kernel) -> None:
+def test_hw_binding_zero_copy_and_lazy_refill(kt: KernelThread, app: S.Kernel) -> None:
     ring = zring(app)
     zq = setup_zcrx(app, ring, nodev=False, if_idx=2, if_rxq=1)
     st = kt.call(lambda k: k.netdevs["eth0"].status()["rx_queues"][1])
@@ -910,7 +911,7 @@ def test_hw_binding_zero_copy_and_lazy_refill(kt: KernelThread, app: L.Kernel) -
     zq.b.close()
 
 
-def test_hw_starvation_counts_alloc_fail_and_pauses(kt: KernelThread, app: L.Kernel) -> None:
+def test_hw_starvation_counts_alloc_fail_and_pauses(kt: KernelThread, app: S.Kernel) -> None:
     ring = zring(app)
     zq = setup_zcrx(app, ring, nodev=False, if_idx=2, if_rxq=1, area_pages=80)
     flow, fd = hw_flow_conn(kt, app, ring)
@@ -942,7 +943,7 @@ def test_hw_starvation_counts_alloc_fail_and_pauses(kt: KernelThread, app: L.Ker
     zq.b.close()
 
 
-def test_hw_unsteered_flow_is_copied_from_kernel_pages(kt: KernelThread, app: L.Kernel) -> None:
+def test_hw_unsteered_flow_is_copied_from_kernel_pages(kt: KernelThread, app: S.Kernel) -> None:
     ring = zring(app)
     zq = setup_zcrx(app, ring, nodev=False, if_idx=2, if_rxq=1)
     flow, fd = hw_flow_conn(kt, app, ring, q=0)             # lands on queue 0: kernel pages
@@ -962,7 +963,7 @@ def test_hw_unsteered_flow_is_copied_from_kernel_pages(kt: KernelThread, app: L.
     zq.b.close()
 
 
-def test_hw_teardown_waits_for_skbs_then_unmaps(kt: KernelThread, app: L.Kernel) -> None:
+def test_hw_teardown_waits_for_skbs_then_unmaps(kt: KernelThread, app: S.Kernel) -> None:
     ring = zring(app)
     zq = setup_zcrx(app, ring, nodev=False, if_idx=2, if_rxq=1)
     flow, fd = hw_flow_conn(kt, app, ring)
@@ -1012,7 +1013,7 @@ def zq_map_id(kt: KernelThread, name: str) -> int:
 # --------------------------------------------------------------------------------------------
 
 def test_hw_refill_skips_bad_rqes_and_counts_each_reason(kt: KernelThread,
-                                                         app: L.Kernel) -> None:
+                                                         app: S.Kernel) -> None:
     ring = zring(app)
     zq = setup_zcrx(app, ring, nodev=False, if_idx=2, if_rxq=1, area_pages=64)
     flow, fd = hw_flow_conn(kt, app, ring)
@@ -1047,7 +1048,7 @@ def test_hw_refill_skips_bad_rqes_and_counts_each_reason(kt: KernelThread,
 # --------------------------------------------------------------------------------------------
 
 def test_export_import_shares_area_and_rq_between_rings(kt: KernelThread,
-                                                        app: L.Kernel) -> None:
+                                                        app: S.Kernel) -> None:
     r1, r2 = zring(app), zring(app)
     zq = setup_zcrx(app, r1)
     box = int(ctrl(r1, zq.id, abi.ZCRX_CTRL_EXPORT)["export_zcrx_fd"][0])
@@ -1076,7 +1077,7 @@ def test_export_import_shares_area_and_rq_between_rings(kt: KernelThread,
 # Large buffers, stats, process exit
 # --------------------------------------------------------------------------------------------
 
-def test_hw_large_rx_buf_len_needs_the_netdev_size(kt: KernelThread, app: L.Kernel) -> None:
+def test_hw_large_rx_buf_len_needs_the_netdev_size(kt: KernelThread, app: S.Kernel) -> None:
     ring = zring(app)
     b = Bundle.make(app, nodev=False, if_idx=2, if_rxq=1, area_pages=64)
     b.reg["rx_buf_len"] = 2 * PAGE
@@ -1107,7 +1108,7 @@ def test_hw_large_rx_buf_len_needs_the_netdev_size(kt: KernelThread, app: L.Kern
     assert kt.ledger()["in_skb"] == 1                             # 2nd frame: 960 unread
 
 
-def test_stats_syscall_carries_ifqs_ledger_and_traffic(kt: KernelThread, app: L.Kernel) -> None:
+def test_stats_syscall_carries_ifqs_ledger_and_traffic(kt: KernelThread, app: S.Kernel) -> None:
     ring = zring(app)
     zq = setup_zcrx(app, ring)
     _, fd = accept_conn(kt, app, ring)
@@ -1125,7 +1126,7 @@ def test_stats_syscall_carries_ifqs_ledger_and_traffic(kt: KernelThread, app: L.
 
 def test_process_exit_tears_down_like_a_ring_close(kt: KernelThread, tmp_path: Any,
                                                    run_id: str) -> None:
-    other = L.Kernel(tmp_path, run=run_id, name="dies")
+    other = S.Kernel(tmp_path, run=run_id, name="dies")
     other.attach()
     ring = zring(other)
     zq = setup_zcrx(other, ring, nodev=False, if_idx=2, if_rxq=1, kernel_rq=True)

@@ -28,6 +28,8 @@ from test_liburing import KernelThread, tcp_stream
 
 from app_proc import liburing as L
 from app_proc import server, zcrx_server
+from app_proc import syscall as S
+from app_proc import verify as V
 from shared import abi, pattern
 from shared.errors import Misuse, PeerMisbehaved, RingFull
 from shared.msg import ControlError
@@ -269,10 +271,10 @@ def test_stream_offsets_follow_each_connection_in_cq_order():
     pos = {5: 1000, 6: 0}
     keys = np.array([5, 6, 5, 5, 6, 7], dtype=np.uint64)
     lens = np.array([10, 20, 30, 40, 50, 60], dtype=np.int64)
-    so = L.zcrx_stream_offsets(keys, lens, pos)
+    so = V.zcrx_stream_offsets(keys, lens, pos)
     assert so.tolist() == [1000, 0, 1010, 1040, 20, 0]
     assert pos == {5: 1080, 6: 70, 7: 60}
-    so = L.zcrx_stream_offsets(np.array([6, 6], dtype=np.uint64), np.array([5, 5]), pos)
+    so = V.zcrx_stream_offsets(np.array([6, 6], dtype=np.uint64), np.array([5, 5]), pos)
     assert so.tolist() == [70, 75] and pos[6] == 80
 
 
@@ -281,8 +283,8 @@ def test_runs_join_back_to_back_chunks_of_one_stream():
     length = np.array([4096, 4096, 4096, 4096, 100, 4096, 4096], dtype=np.int64)
     keys = np.array([1, 1, 1, 1, 1, 1, 2])
     so = np.array([0, 4096, 8192, 12288, 16384, 99, 0])
-    assert L.zcrx_runs(start, length).tolist() == [0, 3, 5]
-    assert L.zcrx_runs(start, length, keys, so).tolist() == [0, 3, 5, 6]
+    assert V.zcrx_runs(start, length).tolist() == [0, 3, 5]
+    assert V.zcrx_runs(start, length, keys, so).tolist() == [0, 3, 5, 6]
 
 
 def _place(area: np.ndarray, chunks: list[tuple[int, int, int, int]]) -> tuple[np.ndarray, ...]:
@@ -302,19 +304,19 @@ def test_verify_in_place_finds_the_first_bad_byte_of_each_chunk():
     chunks += [(int(slots[30]), 1000, 21002, 5), (int(slots[31]), 3000, 21002, 1005)]
     start, length, stream, so = _place(area, chunks)
     before = area.copy()
-    assert L.zcrx_verify(area, start, length, stream, so).tolist() == [-1] * len(chunks)
+    assert V.zcrx_verify(area, start, length, stream, so).tolist() == [-1] * len(chunks)
     assert np.array_equal(area, before)  # read only
     area[start[3] + 17] ^= 1          # a scattered 4 KiB chunk (gather path)
     area[start[32] + 5] ^= 0x80       # inside the run
     area[start[34] + 4095] ^= 1       # the last byte of the run
     area[start[36] + 999] ^= 1        # an odd-sized chunk
-    bad = L.zcrx_verify(area, start, length, stream, so)
+    bad = V.zcrx_verify(area, start, length, stream, so)
     expect = [-1] * len(chunks)
     expect[3], expect[32], expect[34], expect[36] = 17, 5, 4095, 999
     assert bad.tolist() == expect
     wrong_stream = stream.copy()
     wrong_stream[0] = 21001
-    assert L.zcrx_verify(area, start[:1], length[:1], wrong_stream[:1], so[:1])[0] >= 0
+    assert V.zcrx_verify(area, start[:1], length[:1], wrong_stream[:1], so[:1])[0] >= 0
 
 
 def test_return_cqes_verifies_then_returns_every_data_cqe():
@@ -332,14 +334,25 @@ def test_return_cqes_verifies_then_returns_every_data_cqe():
     area[0x3000 + 9] ^= 0xFF
     pos = {(9 << 8) | 2: 0, (10 << 8) | 2: 0}
     streams = {(9 << 8) | 2: 40001, (10 << 8) | 2: 40002}
-    b = L.io_uring_zcrx_return_cqes(ifq, c, (c["user_data"] & 0xFF) == 2, streams=streams,
-                                    positions=pos)
+    b = V.zcrx_return_verified(ifq, c, (c["user_data"] & 0xFF) == 2, streams=streams,
+                               positions=pos)
     assert b.returned == 4 and b.stream_off.tolist() == [0, 0, 4096, 8192]
     assert b.bad.tolist() == [-1, -1, 9, -1]
     assert pos == {(9 << 8) | 2: 12288, (10 << 8) | 2: 512}
     assert kside.pop(16)["off"].tolist() == [0x2000, 0x20000, 0x3000, 0x9000]
     with pytest.raises(Misuse):
-        L.io_uring_zcrx_return_cqes(ifq, c, streams=streams)
+        V.zcrx_return_verified(ifq, c, streams=streams)
+
+
+def test_return_cqes_returns_every_data_cqe_unread():
+    ifq, kside, _ = make_ifq(rq_entries=16)
+    more = abi.IORING_CQE_F_MORE
+    c = cqe_batch([((9 << 8) | 2, 4096, more, 0x2000), ((9 << 8) | 1, 11, more, 0),
+                   ((10 << 8) | 2, 512, more, 0x20000), ((9 << 8) | 2, 0, 0, 0)])
+    b = L.io_uring_zcrx_return_cqes(ifq, c, (c["user_data"] & 0xFF) == 2)
+    assert b.returned == 2 and b.index.tolist() == [0, 2]
+    assert b.stream_off is None and b.bad is None  # checking is the program's (app_proc.verify)
+    assert kside.pop(16)["off"].tolist() == [0x2000, 0x20000]
 
 
 # --------------------------------------------------------------------------------------------
@@ -421,7 +434,7 @@ def kt(run_id, tmp_path):
 
 @pytest.fixture
 def app(kt, run_id, tmp_path):
-    k = L.Kernel(tmp_path, run=run_id, name="zcrx-test")
+    k = S.Kernel(tmp_path, run=run_id, name="zcrx-test")
     yield k
     k.close()
 
@@ -541,7 +554,7 @@ def test_find_ifq_stats_picks_this_ifq():
 needs_kernel = pytest.mark.skipif(not HAVE_KERNEL_ZCRX, reason="driver_proc.zcrx not there yet")
 
 
-def _run_server(kt: KernelThread, app: L.Kernel, argv: list[str]):
+def _run_server(kt: KernelThread, app: S.Kernel, argv: list[str]):
     result: dict[str, Any] = {}
 
     def go() -> None:
@@ -592,7 +605,7 @@ def test_nodev_recv_zc_through_the_kernel_with_returns_and_flushes(kt, app, rq_k
     while True:
         cqes = L.io_uring_wait_cqes(ring, 1, timeout_ms=10_000)
         b = zcrx_read(ifq, cqes, got)
-        b2 = L.io_uring_zcrx_return_cqes(ifq, cqes, streams={2: 32000}, positions=pos)
+        b2 = V.zcrx_return_verified(ifq, cqes, streams={2: 32000}, positions=pos)
         assert b2.bad.tolist() == [-1] * len(b2) and len(b2) == len(b)
         ends = cqes["res"][(cqes["flags"] & abi.IORING_CQE_F_MORE) == 0].tolist()
         L.io_uring_cq_advance(ring, len(cqes))
@@ -680,7 +693,7 @@ def test_server_reports_corruption_and_short_streams(kt, app, tmp_path):
 
 @needs_kernel
 def test_server_exits_with_a_clear_error_when_the_kernel_goes(kt, run_id, tmp_path, capsys):
-    k = L.Kernel(tmp_path, run=run_id, name="zcrx-test", timeout_ms=300)
+    k = S.Kernel(tmp_path, run=run_id, name="zcrx-test", timeout_ms=300)
     try:
         t, result = _run_server(kt, k, ["--nodev", "-n", "1", "--seconds", "30"])
         kt.close()  # the kernel process dies

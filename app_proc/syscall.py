@@ -1,0 +1,347 @@
+"""The syscall gate: this process's connection to the emulated kernel.
+
+The kernel is another process (``driver_proc``).  A syscall is one request over the control
+plane (:class:`Kernel`, a :class:`~shared.control.ControlClient` of ``<rundir>/kernel.sock``;
+the message types are :mod:`shared.syscalls`); data never travels that way: regions are named
+in the replies and attached by whoever uses them.  :mod:`app_proc.liburing` builds io_uring on
+top of :class:`Kernel`; sample programs use it for plain syscalls (``socket``, ``listen``...).
+
+Who owns what in shared memory
+------------------------------
+* **App memory** (:class:`Memory`: receive buffers, provided-buffer rings, zcrx areas): created
+  and unlinked here (``/zcrx.<run>.app<task>.mem<N>``) and entered into this process's emulated
+  mm with ``mm_map``, so the kernel can resolve the addresses it is given.  The kernel writes
+  received bytes into buffers it was given; the app writes everything else in them.
+* **Kernel regions** (``mmap`` of a ring fd) are named by the kernel here and attached by the
+  caller (:mod:`app_proc.liburing`).
+
+Configuration: the run directory comes from the ``rundir`` argument or ``$ZCRX_RUNDIR``; the
+run id (used to name this process's regions) from ``run`` or ``$ZCRX_RUN``, else the run
+directory's base name.  A failing syscall raises :class:`~shared.msg.ControlError` (a
+:class:`~shared.errors.ZcrxError`) whose ``errno`` is Linux's; a kernel that stops answering
+raises :class:`~shared.errors.PeerGone`, and so does every later call on that connection (a
+timed-out control client has lost its identity, hence its task).  At ``attach`` the gate
+learns the kernel's pid (``hello``) and holds a pidfd on it (:mod:`shared.watch`): once the
+kernel process has exited every syscall raises ``PeerGone("kernel pid N exited")`` at once.
+"""
+
+from __future__ import annotations
+
+import atexit
+import errno
+import os
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+
+import shared.syscalls  # noqa: F401  (registers the syscall message types)
+from shared.control import ControlClient, ipc_endpoint
+from shared.errors import Misuse, PeerGone, Timeout, ZcrxError
+from shared.msg import PROTOCOL_VERSION, ControlError, Message
+from shared.shm import Region, page_align, region_name
+from shared.syscalls import AF_INET, AF_INET6, PROT_READ, PROT_WRITE, SOCK_STREAM
+from shared.watch import PidWatch
+
+__all__ = [
+    "ENV_RUN",
+    "ENV_RUNDIR",
+    "Kernel",
+    "Memory",
+    "RingHandle",
+    "Transport",
+    "default_kernel",
+]
+
+ENV_RUNDIR = "ZCRX_RUNDIR"
+ENV_RUN = "ZCRX_RUN"
+
+
+class Transport(Protocol):
+    """What :class:`Kernel` needs to send syscalls (a ControlClient, or a test double)."""
+
+    def request(self, type: str, body: Any = None, blobs: Iterable[bytes] = (), *,
+                timeout_ms: int | None = None) -> Message: ...
+
+    def close(self) -> None: ...
+
+
+
+class RingHandle(Protocol):
+    """What :meth:`Kernel.close` tears down before it says bye: each ring a library built on
+    this connection (:class:`app_proc.liburing.Ring`, kept in ``Kernel._rings``).
+
+    ``queue_exit`` releases it with syscalls; ``_detach`` only drops this process's views of
+    the kernel's regions (no syscall), for when the kernel no longer answers.
+    """
+
+    def queue_exit(self) -> None: ...
+
+    def _detach(self) -> None: ...
+
+
+class Memory:
+    """App-owned memory: one region created here and entered into the mm at ``addr``.
+
+    ``view`` is the whole region as ``uint8``; ``addr + i`` is ``view[i]`` to the kernel.
+    :meth:`close` unmaps it from the mm, detaches and unlinks it.
+    """
+
+    def __init__(self, kernel: Kernel, region: Region, addr: int, length: int) -> None:
+        self.kernel = kernel
+        self.region = region
+        self.addr = addr
+        self.length = length
+        self.view: NDArray[np.uint8] = region.array(np.uint8)[:length]
+
+    @property
+    def name(self) -> str:
+        return self.region.name
+
+    def at(self, addr: int, length: int) -> NDArray[np.uint8]:
+        """The bytes at virtual address ``addr`` (must lie inside this memory)."""
+        off = addr - self.addr
+        if off < 0 or off + length > self.length:
+            raise Misuse(f"{addr:#x}+{length} is outside {self.name}", errno.EFAULT)
+        return self.view[off:off + length]
+
+    def close(self) -> None:
+        if self.region.buf is None:
+            return
+        try:
+            if not self.kernel.closed:
+                self.kernel.mm_unmap(self.addr, self.length)
+        finally:
+            self.view = np.empty(0, dtype=np.uint8)
+            self.region.close()
+            self.kernel._memories.discard(self)
+
+
+class Kernel:
+    """This process's connection to the emulated kernel (its syscall interface).
+
+    ``transport`` replaces the control client (tests call the handlers in-process).
+    """
+
+    def __init__(self, rundir: str | Path | None = None, *, run: str | None = None,
+                 name: str | None = None, timeout_ms: int = 5000,
+                 transport: Transport | None = None) -> None:
+        if rundir is None:
+            rundir = os.environ.get(ENV_RUNDIR)
+        if run is None:
+            run = os.environ.get(ENV_RUN) or (Path(rundir).name if rundir else None)
+        if not run:
+            raise Misuse(f"no run id: pass run= or set ${ENV_RUN}")
+        region_name(run, "x", "x")  # validates the run id
+        self.run = run
+        self.name = name or Path(sys.argv[0] or "app").name
+        self.timeout_ms = timeout_ms
+        if transport is None:
+            if rundir is None:
+                raise Misuse(f"no run directory: pass rundir= or set ${ENV_RUNDIR}")
+            transport = ControlClient(ipc_endpoint(rundir, "kernel"), timeout_ms)
+        self.transport: Transport = transport
+        self.task: int | None = None
+        self.closed = False
+        #: why the kernel connection is dead (its pid exited, or a syscall timed out); then
+        #: every call fails at once with PeerGone carrying this text
+        self.gone: str | None = None
+        #: pidfd on the kernel process (set at attach)
+        self._kernel_watch: PidWatch | None = None
+        self._mem_seq = 0
+        self._memories: set[Memory] = set()
+        self._rings: set[RingHandle] = set()
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    @property
+    def watched(self) -> bool:
+        """True when this process holds a pidfd on the kernel (set at attach)."""
+        return self._kernel_watch is not None
+
+    def syscall(self, type: str, body: dict[str, Any] | None = None,
+                blobs: Iterable[bytes] = (), *, timeout_ms: int | None = None,
+                idempotent: bool = False) -> Message:
+        """Send one syscall; ``ControlError`` (errno) on failure, ``PeerGone`` if no answer.
+
+        ``idempotent``: the call may be repeated (a pure wait): when no reply comes in time
+        but the kernel is watched and alive, raise ``ControlError(ETIME)`` instead of
+        ``PeerGone`` (the connection stays usable: the client keeps its identity)."""
+        if self.closed:
+            raise Misuse("kernel connection is closed", errno.EBADF)
+        if self.gone is not None:
+            raise PeerGone(self.gone)
+        if self._kernel_watch is not None and self._kernel_watch.dead:
+            self.gone = f"kernel pid {self._kernel_watch.pid} exited"
+            raise PeerGone(self.gone)
+        try:
+            return self.transport.request(type, body or {}, blobs, timeout_ms=timeout_ms)
+        except Timeout as exc:
+            if idempotent and self._kernel_watch is not None and not self._kernel_watch.dead:
+                raise ControlError(type, errno.ETIME, "no reply in time; kernel alive") \
+                    from None
+            # A timed-out client loses its identity, hence its task: the connection is dead.
+            if self._kernel_watch is not None and self._kernel_watch.dead:
+                self.gone = f"kernel pid {self._kernel_watch.pid} exited"
+            else:
+                self.gone = f"kernel not answering {type}: {exc}"
+            raise PeerGone(self.gone) from None
+
+    def _watch_kernel(self) -> None:
+        """Open a pidfd on the kernel process (its pid from the ``hello`` reply), so every
+        later syscall fails at once with PeerGone once it died (DESIGN §6).  Best effort:
+        a transport without ``hello`` (in-process tests) is simply not watched."""
+        try:
+            reply = self.transport.request(
+                "hello", {"role": "app", "pid": os.getpid(), "version": PROTOCOL_VERSION})
+            pid = reply.body.get("pid")
+            if isinstance(pid, int) and pid > 0 and pid != os.getpid():
+                self._kernel_watch = PidWatch(pid)
+        except (ZcrxError, OSError, KeyError, AttributeError, TypeError):
+            pass
+
+    def check_kernel(self) -> None:
+        """Raise PeerGone if the kernel process is known to be gone (no syscall)."""
+        if self.gone is None and self._kernel_watch is not None and self._kernel_watch.dead:
+            self.gone = f"kernel pid {self._kernel_watch.pid} exited"
+        if self.gone is not None:
+            raise PeerGone(self.gone)
+
+    def attach(self, cap_net_admin: bool = True) -> int:
+        """Announce this process (once); returns the task id."""
+        if self.task is None:
+            body = {"pid": os.getpid(), "name": self.name[:64] or "app",
+                    "cap_net_admin": cap_net_admin}
+            self.task = int(self.syscall("attach", body).body["task"])
+            self._watch_kernel()
+        return self.task
+
+    @property
+    def owner(self) -> str:
+        """The owner field of this process's region names (``app<task>``)."""
+        return f"app{self.attach()}"
+
+    # -- memory ---------------------------------------------------------------------------------
+
+    def mm_map(self, name: str, length: int, prot: int = PROT_READ | PROT_WRITE) -> int:
+        return int(self.syscall("mm_map", {"name": name, "length": length,
+                                           "prot": prot}).body["addr"])
+
+    def mm_unmap(self, addr: int, length: int) -> None:
+        self.syscall("mm_unmap", {"addr": addr, "length": length})
+
+    def mm_protect(self, addr: int, length: int, prot: int) -> None:
+        self.syscall("mm_protect", {"addr": addr, "length": length, "prot": prot})
+
+    def mmap(self, fd: int, offset: int, length: int) -> tuple[str, int]:
+        """``mmap(fd, offset)`` of a kernel region: ``(shm name, address)``."""
+        b = self.syscall("mmap", {"fd": fd, "offset": offset, "length": length}).body
+        return str(b["name"]), int(b["addr"])
+
+    def alloc_memory(self, length: int, prot: int = PROT_READ | PROT_WRITE,
+                     tag: str = "mem") -> Memory:
+        """Create ``length`` bytes of app memory (page aligned, pre-touched) and map it."""
+        if length <= 0:
+            raise Misuse(f"length {length}")
+        owner = self.owner
+        self._mem_seq += 1
+        region = Region.create(region_name(self.run, owner, f"{tag}{self._mem_seq}"),
+                               page_align(length))
+        try:
+            addr = self.mm_map(region.name, region.size, prot)
+        except BaseException:
+            region.close()
+            raise
+        mem = Memory(self, region, addr, region.size)
+        self._memories.add(mem)
+        return mem
+
+    # -- sockets --------------------------------------------------------------------------------
+
+    def socket(self, domain: int = AF_INET, type: int = SOCK_STREAM, protocol: int = 0) -> int:
+        return int(self.syscall("socket", {"domain": domain, "type": type,
+                                           "protocol": protocol}).body["res"])
+
+    def bind(self, fd: int, addr: str, port: int) -> None:
+        self.syscall("bind", {"fd": fd, "addr": addr, "port": port})
+
+    def listen(self, fd: int, backlog: int = 128) -> None:
+        self.syscall("listen", {"fd": fd, "backlog": backlog})
+
+    def close_fd(self, fd: int) -> None:
+        self.syscall("close", {"fd": fd})
+
+    def getsockname(self, fd: int) -> tuple[str, int]:
+        b = self.syscall("getsockname", {"fd": fd}).body
+        return str(b["addr"]), int(b["port"])
+
+    def getpeername(self, fd: int) -> tuple[str, int]:
+        b = self.syscall("getpeername", {"fd": fd}).body
+        return str(b["addr"]), int(b["port"])
+
+    def listen_tcp(self, port: int, addr: str = "0.0.0.0", backlog: int = 128) -> int:
+        """socket + bind + listen, the usual server prologue; returns the listening fd."""
+        domain = AF_INET6 if ":" in addr else AF_INET
+        fd = self.socket(domain, SOCK_STREAM, 0)
+        try:
+            self.bind(fd, addr, port)
+            self.listen(fd, backlog)
+        except BaseException:
+            self.close_fd(fd)
+            raise
+        return fd
+
+    # -- teardown -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Exit every ring, free every memory, say bye and close the connection.  Idempotent."""
+        if self.closed:
+            return
+        try:
+            for ring in list(self._rings):
+                try:
+                    ring.queue_exit()
+                except (ControlError, PeerGone):
+                    ring._detach()
+            for mem in list(self._memories):
+                try:
+                    mem.close()
+                except (ControlError, PeerGone):
+                    mem.view = np.empty(0, dtype=np.uint8)
+                    mem.region.close()
+            if self.task is not None:
+                try:
+                    self.syscall("bye", timeout_ms=1000)
+                except (ControlError, PeerGone):
+                    pass
+        finally:
+            for ring in list(self._rings):
+                ring._detach()
+            for mem in list(self._memories):
+                mem.view = np.empty(0, dtype=np.uint8)
+                mem.region.close()
+            self._memories.clear()
+            self._rings.clear()
+            self.closed = True
+            self.transport.close()
+
+    def __enter__(self) -> Kernel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_default: Kernel | None = None
+
+
+def default_kernel() -> Kernel:
+    """The process-wide connection made from the environment (closed at exit)."""
+    global _default
+    if _default is None or _default.closed:
+        _default = Kernel()
+        atexit.register(_default.close)
+    return _default

@@ -1,0 +1,164 @@
+"""Byte-pattern verification for the sample programs: is every received byte the one sent?
+
+The NIC's generator sends :mod:`shared.pattern` streams (stream id = the TCP source port), so a
+receiver can check each byte from its stream offset alone.  These helpers do that for a batch of
+zcrx chunks read in place (a fixed number of numpy operations per batch) or for one copied
+buffer.  They live beside the sample programs, not in :mod:`app_proc.liburing`, as liburing
+keeps its verify mode in ``examples/``: the library hands out chunks, the program checks them.
+
+Nothing here writes to the memory it checks: areas stay the kernel's and the NIC's to write.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from app_proc import liburing as L
+from shared import pattern
+from shared.errors import Misuse
+
+__all__ = [
+    "first_bad_offset",
+    "zcrx_return_verified",
+    "zcrx_runs",
+    "zcrx_stream_offsets",
+    "zcrx_verify",
+]
+
+#: Chunks of one width verified by one gather (rows per gather, and the least worth it).
+_GATHER_ROWS = 256
+_GATHER_MIN = 4
+
+
+def first_bad_offset(stream: int, offset: int, data: Any) -> int | None:
+    """The stream offset of the first byte of ``data`` (stream ``stream`` from ``offset``) that
+    differs from the pattern, or None when every byte is right."""
+    bad = pattern.verify(stream, offset, data)
+    return offset + bad if bad >= 0 else None
+
+
+def zcrx_stream_offsets(keys: NDArray[Any], length: NDArray[np.int64],
+                        positions: dict[int, int]) -> NDArray[np.int64]:
+    """Stream offset of each chunk: chunks of one key (connection) follow each other in CQ
+    order from ``positions[key]``; ``positions`` is advanced past the batch.  A fixed number
+    of numpy operations (plus one dict update per key)."""
+    n = len(keys)
+    if n == 0:
+        return np.empty(0, dtype=np.int64)
+    first_key = int(keys[0])
+    if bool((keys == first_key).all()):
+        start = positions.get(first_key, 0)
+        ends = np.cumsum(length)
+        positions[first_key] = start + int(ends[-1])
+        return start + ends - length
+    uniq, inv = np.unique(keys, return_inverse=True)
+    order = np.argsort(inv, kind="stable")
+    inv_s = inv[order]
+    lens_s = length[order]
+    ends = np.cumsum(lens_s)
+    excl = ends - lens_s
+    first = np.searchsorted(inv_s, np.arange(len(uniq)))
+    base = np.array([positions.get(int(k), 0) for k in uniq.tolist()], dtype=np.int64)
+    out = np.empty(n, dtype=np.int64)
+    out[order] = base[inv_s] + excl - excl[first][inv_s]
+    totals = np.add.reduceat(lens_s, first)
+    for k, b, t in zip(uniq.tolist(), base.tolist(), totals.tolist(), strict=True):
+        positions[int(k)] = b + t
+    return out
+
+
+def zcrx_runs(start: NDArray[np.int64], length: NDArray[np.int64],
+              keys: NDArray[Any] | None = None,
+              stream_off: NDArray[np.int64] | None = None) -> NDArray[np.intp]:
+    """Indices where a run begins: a run is consecutive chunks lying back to back in the area
+    (and, when given, of one key with consecutive stream offsets), so it can be read as one
+    slice.  Chunks landing in consecutive buffers make long runs: one hash update, one compare.
+    """
+    n = len(start)
+    if n == 0:
+        return np.empty(0, dtype=np.intp)
+    brk = np.empty(n, dtype=bool)
+    brk[0] = True
+    np.not_equal(start[1:], start[:-1] + length[:-1], out=brk[1:])
+    if keys is not None:
+        brk[1:] |= keys[1:] != keys[:-1]
+    if stream_off is not None:
+        brk[1:] |= stream_off[1:] != stream_off[:-1] + length[:-1]
+    return np.flatnonzero(brk)
+
+
+def zcrx_verify(area: NDArray[np.uint8], start: NDArray[np.int64], length: NDArray[np.int64],
+                stream: NDArray[np.int64], stream_off: NDArray[np.int64]) -> NDArray[np.int64]:
+    """Check chunks in place against :mod:`shared.pattern`: chunk ``i`` is ``length[i]`` bytes
+    at area offset ``start[i]``, carrying stream ``stream[i]`` from ``stream_off[i]``.
+
+    Returns per chunk the index of its first wrong byte, or -1.  Runs of back-to-back chunks
+    are compared as one slice (:func:`zcrx_runs`); scattered chunks of one width are compared
+    in one gather per :data:`_GATHER_ROWS`.  Nothing is written to the area.
+    """
+    n = len(start)
+    bad = np.full(n, -1, dtype=np.int64)
+    if n == 0:
+        return bad
+    heads = zcrx_runs(start, length, stream, stream_off)
+    counts = np.diff(np.append(heads, n))
+    singles = heads[counts == 1]
+    rest: list[int] = heads[counts > 1].tolist()
+    if len(singles) >= _GATHER_MIN:
+        widths = length[singles]
+        for w in np.unique(widths).tolist():
+            sel = singles[widths == w]
+            if len(sel) < _GATHER_MIN or w > pattern.PERIOD or w > len(area):
+                rest += sel.tolist()
+                continue
+            win = np.lib.stride_tricks.as_strided(area, shape=(len(area) - w + 1, w),
+                                                  strides=(1, 1), writeable=False)
+            for b in range(0, len(sel), _GATHER_ROWS):
+                s = sel[b:b + _GATHER_ROWS]
+                neq = win[start[s]] != pattern.rows(stream[s], stream_off[s], w)
+                rows = np.flatnonzero(neq.any(axis=1))
+                if len(rows):
+                    bad[s[rows]] = neq[rows].argmax(axis=1)
+    else:
+        rest += singles.tolist()
+    if rest:
+        run_end = dict(zip(heads.tolist(), (heads + counts).tolist(), strict=True))
+        ends = start + length
+        for h in rest:
+            i, stop = h, run_end[h]
+            while i < stop:
+                s0 = int(start[i])
+                r = pattern.verify(int(stream[i]), int(stream_off[i]), area[s0:int(ends[stop - 1])])
+                if r < 0:
+                    break
+                pos = s0 + r
+                k = i + int(np.searchsorted(ends[i:stop], pos, side="right"))
+                bad[k] = pos - int(start[k])
+                i = k + 1
+    return bad
+
+
+def zcrx_return_verified(ifq: L.ZcrxIfq, cqes: np.ndarray,
+                         select: NDArray[np.bool_] | None = None, *,
+                         streams: dict[int, int],
+                         positions: dict[int, int] | None = None) -> L.ZcrxBatch:
+    """:func:`~app_proc.liburing.io_uring_zcrx_return_cqes` with the check in between: find
+    the data CQEs (:func:`~app_proc.liburing.zcrx_batch`), verify them in place (``streams``
+    maps a CQE's ``user_data`` to its pattern stream id and ``positions`` holds each
+    connection's next stream offset, advanced here), then return one RQE per data CQE with
+    one tail store.  ``batch.stream_off`` and ``batch.bad`` say what the check found.
+
+    The caller still releases the CQEs and handles non-data CQEs.
+    """
+    batch = L.zcrx_batch(ifq, cqes, select)
+    if positions is None:
+        raise Misuse("verification needs positions (next stream offset per user_data)")
+    keys = cqes["user_data"][batch.index]
+    batch.stream_off = zcrx_stream_offsets(keys, batch.length, positions)
+    ids = np.array([streams[int(k)] for k in keys.tolist()], dtype=np.int64)
+    batch.bad = zcrx_verify(ifq.area_view, batch.start, batch.length, ids, batch.stream_off)
+    batch.returned = L.io_uring_zcrx_return(ifq, batch.off, batch.length)
+    return batch
