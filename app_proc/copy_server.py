@@ -1,7 +1,7 @@
 """A copying TCP receiver on io_uring: the baseline the zero-copy server is compared with.
 
     python -m app_proc.copy_server [-p PORT] [-v] [-s BYTES] [-o FILE] [-b SIZE] [-n CONNS]
-                                   [--stream-id ID|sport] [--json PATH]
+                                   [--stream-id ID|sport] [--json PATH] [--timing]
 
 Written like liburing's examples: one ring; a multishot ACCEPT on the listener; per
 connection a multishot RECV that picks buffers from a provided-buffer ring (so steady-state
@@ -15,6 +15,12 @@ optionally checks the total (``-s``) and writes them to a file (``-o``).  At the
 connection it prints one line; ``--json`` writes a summary.  Exit status 0 only if every
 connection passed every check; 1 if one failed; 3 for a setup error.
 
+``--timing`` (for benchmarks) adds to the JSON summary what :mod:`app_proc.zcrx_server` always
+reports: ``first_ns``/``last_ns``, this process's ``time.monotonic_ns()`` at its first data CQE
+and at the end of the last one it handled (first byte -> last byte), and ``kernel_ring``, its
+ring's counters from the kernel's ``stats`` read before the ring is closed (RECV's
+``recv_bytes`` is what the kernel copied).
+
 Memory: the buffer ring and the buffers are this process's regions (``app<task>.*``), created
 and unlinked here; the ring regions are the kernel's, attached and detached here.
 """
@@ -22,6 +28,7 @@ and unlinked here; the ring regions are the kernel's, attached and detached here
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import hashlib
 import sys
@@ -48,6 +55,7 @@ from app_proc.server import (
     user_data,
 )
 from shared import abi
+from shared.errors import ZcrxError
 from shared.msg import ControlError
 from shared.proc import notify_ready
 
@@ -61,6 +69,7 @@ class Options(ServerOptions):
     buf_size: int = 16384
     nbufs: int = 64
     entries: int = 64
+    timing: bool = False  # --timing: first/last data CQE times and the kernel's ring counters
 
 
 @dataclass
@@ -107,6 +116,10 @@ class CopyServer(AcceptingServer):
         self.opts: Options = opts
         self.conns: dict[int, Conn] = {}
         self.finished: list[dict[str, Any]] = []
+        # --timing only
+        self.first_ns: int | None = None
+        self.last_ns: int | None = None
+        self.kernel_ring: dict[str, Any] | None = None
 
     def arm_recv(self, fd: int) -> None:
         sqe = self._sqe()
@@ -192,6 +205,8 @@ class CopyServer(AcceptingServer):
             self.say(f"copy_server listening on {o.addr}:{o.port}")
             notify_ready(f"listening {o.addr}:{o.port}")
             self._loop()
+            if o.timing:
+                self.kernel_ring = self._kernel_ring_stats()
         finally:
             for conn in list(self.conns.values()):
                 if conn.out is not None:
@@ -215,6 +230,7 @@ class CopyServer(AcceptingServer):
         bs = o.buf_size
         deadline = time.monotonic() + o.seconds if o.seconds else None
         ring = self.ring
+        timing = o.timing
         while not self.done() and not self.stop.is_set():
             if deadline is not None and time.monotonic() > deadline:
                 self.errors.append("timed out")
@@ -244,7 +260,11 @@ class CopyServer(AcceptingServer):
                             bids.append(bid)
                             if r > 0:
                                 data = self.mem.view[bid * bs:bid * bs + r]
+                        if timing and r > 0 and self.first_ns is None:
+                            self.first_ns = time.monotonic_ns()
                         self.on_recv(fd, r, fl, data, rearm)
+                        if timing and r > 0:
+                            self.last_ns = time.monotonic_ns()
                     elif kind == KIND_ACCEPT:
                         self.on_accept(r, fl)
                     elif kind == KIND_CLOSE and r < 0:
@@ -259,10 +279,26 @@ class CopyServer(AcceptingServer):
                     self.arm_recv(fd)
             L.io_uring_submit(ring)
 
+    def _kernel_ring_stats(self) -> dict[str, Any] | None:
+        """Our ring's entry in the kernel's ``stats`` (read while the ring is open), or None
+        when the kernel does not answer or does not list it."""
+        found = None
+        with contextlib.suppress(ZcrxError):
+            body = self.k.syscall("stats").body
+            for ring in body.get("io_uring", {}).get("rings", []):
+                if ring.get("fd") == self.ring.fd and ring.get("task") == self.k.task:
+                    found = ring
+        return found
+
     def summary(self) -> dict[str, Any]:
-        return {"connections": self.finished, "errors": self.errors,
-                "bytes": sum(s["bytes"] for s in self.finished),
-                "ok": not self.errors and all(s["ok"] for s in self.finished)}
+        out: dict[str, Any] = {
+            "connections": self.finished, "errors": self.errors,
+            "bytes": sum(s["bytes"] for s in self.finished),
+            "ok": not self.errors and all(s["ok"] for s in self.finished)}
+        if self.opts.timing:
+            out.update(mode="copy", first_ns=self.first_ns, last_ns=self.last_ns,
+                       kernel_ring=self.kernel_ring)
+        return out
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespace]:
@@ -277,6 +313,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
     p.add_argument("-b", "--buf-size", type=int, default=16384, help="buffer size (16384)")
     p.add_argument("--nbufs", type=int, default=64, help="provided buffers (64, power of 2)")
     p.add_argument("-e", "--entries", type=int, default=64, help="SQ entries (64)")
+    p.add_argument("--timing", action="store_true",
+                   help="add first_ns/last_ns (first and last data CQE) and the kernel's "
+                        "counters of this ring (kernel_ring) to the JSON summary")
     a = p.parse_args(argv)
     common = common_options(p, a)
     if a.nbufs <= 0 or a.nbufs & (a.nbufs - 1) or a.nbufs > 32768:
@@ -284,7 +323,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
     if a.buf_size <= 0:
         p.error("--buf-size must be positive")
     opts = Options(**common, output=a.output, buf_size=a.buf_size, nbufs=a.nbufs,
-                   entries=a.entries)
+                   entries=a.entries, timing=a.timing)
     return opts, a
 
 

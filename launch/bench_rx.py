@@ -18,9 +18,9 @@ Modes (each a separate process receiving the same kind of stream):
   queue 0 (``-X eth0 equal 1``): payload is DMA'd by the NIC into the app's area and read in
   place.
 * ``copy``: :mod:`app_proc.copy_server` (multishot RECV from a provided-buffer ring: the
-  kernel copies every byte from its pages into the app's buffers), run through
-  ``python -m launch.bench_rx copy-app`` which only adds the first/last-byte timestamps and
-  the kernel's per-ring copy counter to its JSON summary.
+  kernel copies every byte from its pages into the app's buffers), with ``--timing``, which
+  adds the first/last-byte timestamps and the kernel's per-ring copy counter to its JSON
+  summary.
 * ``loopback``: plain Python TCP over the host's loopback between two processes
   (``python -m launch.bench_rx lb-send`` / ``lb-recv``): the sender sends pattern bytes until
   all are out, the receiver ``recv_into``-s one preallocated buffer (``--copy-buf``).
@@ -347,8 +347,8 @@ def measure_emulated(br: BenchRun, mode: str, flows: int, total: int, sport: int
         module, port = "app_proc.zcrx_server", ZC_PORT
         args = ["-p", str(port), "-i", "eth0", "-q", str(ZC_QUEUE), *common, *(extra or [])]
     elif mode == "copy":
-        module, port = "launch.bench_rx", COPY_PORT
-        args = ["copy-app", "-p", str(port), "-b", str(copy_buf), "--nbufs", "512", *common,
+        module, port = "app_proc.copy_server", COPY_PORT
+        args = ["-p", str(port), "-b", str(copy_buf), "--nbufs", "512", "--timing", *common,
                 *(extra or [])]
     else:
         raise Misuse(f"unknown mode {mode!r}")
@@ -687,65 +687,13 @@ def run_zcrx_bench(total: int = DEFAULT_BYTES, flows: int = 1, repeat: int = 1,
     }
 
 
-# --------------------------------------------------------------------------------------------
-# copy-app: copy_server with the app-side timestamps and the kernel's copy counter
-# --------------------------------------------------------------------------------------------
-
-
-def copy_app_main(argv: list[str]) -> int:
-    """``python -m launch.bench_rx copy-app ARGS``: :mod:`app_proc.copy_server` unchanged
-    but for three additions to its JSON summary: ``first_ns``/``last_ns`` (monotonic ns of
-    its first data CQE and of the end of the last one it handled) and ``kernel_ring`` (its
-    ring's counters from the kernel's ``stats``, read before the ring is closed: RECV's
-    ``recv_bytes`` is the kernel's copy)."""
-    from app_proc import copy_server as cs
-
-    class TimedCopyServer(cs.CopyServer):
-        def __init__(self, *a: Any, **kw: Any) -> None:
-            super().__init__(*a, **kw)
-            self.first_ns: int | None = None
-            self.last_ns: int | None = None
-            self.kernel_ring: dict[str, Any] | None = None
-
-        def on_recv(self, fd: int, res: int, flags: int, data: np.ndarray | None,
-                    rearm: list[int]) -> None:
-            if res > 0 and self.first_ns is None:
-                self.first_ns = time.monotonic_ns()
-            super().on_recv(fd, res, flags, data, rearm)
-            if res > 0:
-                self.last_ns = time.monotonic_ns()
-
-        def _loop(self) -> None:
-            super()._loop()
-            with contextlib.suppress(ZcrxError):
-                body = self.k.syscall("stats").body
-                for ring in body.get("io_uring", {}).get("rings", []):
-                    if ring.get("fd") == self.ring.fd and ring.get("task") == self.k.task:
-                        self.kernel_ring = ring
-
-        def summary(self) -> dict[str, Any]:
-            s = super().summary()
-            s.update(mode="copy", first_ns=self.first_ns, last_ns=self.last_ns,
-                     kernel_ring=self.kernel_ring)
-            return s
-
-    cs.CopyServer = TimedCopyServer  # type: ignore[misc]
-    return cs.main(argv)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m launch.bench_rx",
                                 description="Helper processes of zcrx bench copy / zcrx.")
     p.add_argument("--tag", default="", help="zcrx:<run_id>:<role> (set by the launcher)")
-    p.add_argument("what", choices=("copy-app", "lb-recv", "lb-send"))
+    p.add_argument("what", choices=("lb-recv", "lb-send"))
     p.add_argument("args", nargs=argparse.REMAINDER)
     a = p.parse_args(argv)
-    if a.what == "copy-app":
-        try:
-            return copy_app_main(a.args)
-        except PeerGone as e:
-            print(f"copy-app: kernel gone: {e}", file=sys.stderr)
-            return 3
     q = argparse.ArgumentParser(prog=f"python -m launch.bench_rx {a.what}")
     q.add_argument("--flows", type=int, default=1)
     q.add_argument("--bufsize", type=int, default=DEFAULT_COPY_BUF)

@@ -308,6 +308,22 @@ def test_copy_server_reports_corruption_and_short_streams(kt, app, tmp_path):
     assert not s["ok"]
 
 
+def test_copy_server_timing_adds_first_last_byte_and_kernel_ring(kt, app, tmp_path):
+    summary = tmp_path / "t.json"
+    t, result = run_server(kt, app, ["-p", "8000", "-v", "-n", "1", "--timing",
+                                     "--json", str(summary), "--seconds", "30", "-q"])
+    tcp_stream(kt, 32000, pattern.pattern_bytes(32000, 0, 100_000))
+    t.join(30)
+    assert result == {"code": 0}
+    s = json.loads(summary.read_text())
+    assert s["ok"] and s["mode"] == "copy"
+    assert 0 < s["first_ns"] <= s["last_ns"]
+    # None here: this in-process kernel has no "stats" syscall (bench copy uses the real one)
+    assert s["kernel_ring"] is None or s["kernel_ring"]["recv_bytes"] == 100_000
+    opts, _ = copy_server.parse_args([])
+    assert not opts.timing  # off by default: the summary keeps its usual keys
+
+
 def test_copy_server_parse_args():
     opts, _ = copy_server.parse_args(["-p", "9000", "--stream-id", "7", "-b", "8192"])
     assert (opts.port, opts.stream_id, opts.buf_size, opts.connections) == (9000, 7, 8192, 0)
