@@ -1,15 +1,16 @@
-"""io_uring in the emulated kernel: instances, SQE processing, requests, CQE posting.
+"""The io_uring instance (Linux ``io_uring/io_uring.c``): SQ consumption, CQ posting, overflow.
 
-One :class:`Ring` is one ``struct io_ring_ctx``.  :class:`IoUring` is the subsystem the
-kernel process runs: it creates rings (``io_uring_setup``), serves ``io_uring_enter`` /
-``io_uring_register`` / ``mmap`` of ring fds, and runs the requests armed on sockets when the
-NAPI path reports readiness (:meth:`IoUring.on_socket_ready`, :meth:`IoUring.on_listener_ready`,
-:meth:`IoUring.run`).  No zmq here: the syscall layer (:mod:`driver_proc.syscalls`) turns
-messages into these calls, and replies to deferred ``io_uring_enter`` waits when
-:meth:`IoUring.take_completed_waits` hands them back.
+One :class:`Ring` is one ``struct io_ring_ctx``: it consumes SQEs (``io_submit_sqes``),
+checks each against the opcode table and its prep (``io_init_req``), posts CQEs into the CQ
+or onto the overflow list, and completes the ``io_uring_enter`` calls waiting on it
+(:class:`Wait`; newer Linux keeps ``io_cqring_wait`` in ``io_uring/wait.c``).  A
+:class:`Request` is one in-flight ``struct io_kiocb`` armed on a socket; the opcodes that make
+them live in their own modules (:mod:`driver_proc.net`, ...), the table in
+:mod:`driver_proc.opdef`.  The syscall half of ``io_uring.c`` (``io_uring_setup``,
+``io_uring_enter``, release) is :class:`driver_proc.setup.IoUring`, which owns the rings.
 
-Shared memory, and who writes what (uapi-layouts.md §3-4, §6)
---------------------------------------------------------------
+Shared memory, and who writes what (uapi-layouts.md §3-4)
+--------------------------------------------------------
 * **Rings region** ``/zcrx.<run>.kernel.t<tid>.ring<fd>.rings`` (kernel memory; the app maps it
   at ``IORING_OFF_SQ_RING`` and ``IORING_OFF_CQ_RING``: ``IORING_FEAT_SINGLE_MMAP``).  The
   ``struct io_rings`` header of Linux >= 6.6 (:func:`shared.abi.rings_layout`): SQ head (kernel)
@@ -19,18 +20,14 @@ Shared memory, and who writes what (uapi-layouts.md §3-4, §6)
   ``IORING_SETUP_NO_SQARRAY``.
 * **SQE region** ``...ring<fd>.sqes`` (``IORING_OFF_SQES``): written by the app, read by the
   kernel, which copies each SQE before looking at it (``IORING_FEAT_SUBMIT_STABLE``).
-* **Provided-buffer rings**: app memory (``ring_addr`` resolved through the task's mm, kept
-  mapped while registered, like Linux pins the pages) or, with ``IOU_PBUF_RING_MMAP``, a kernel
-  region ``...ring<fd>.pbuf<bgid>`` mapped at ``IORING_OFF_PBUF_RING | bgid << 16``.  The app
-  writes the entries and the u16 tail; the kernel keeps the head privately.
-* **Receive buffers** (``sqe.addr`` or provided buffers) are app memory: the kernel writes the
-  received bytes there through :meth:`driver_proc.mm.Mm.resolve`.
+* Both are created by :class:`Ring` and unlinked when it closes, with every other region in
+  ``Ring.mmap_regions`` (buffer rings, zcrx refill queues).
 
-Every counter the app writes (SQ tail, CQ head, buffer-ring tail) is read through an untrusted
-ring side: the implied count is clamped to the ring size and the fault counted; every SQE is
-validated field by field as Linux's ``io_init_req`` and the opcode's ``prep`` do, and a bad one
-completes with ``-errno`` in its CQE (counted in ``stats.bad_sqes``).  Nothing an app writes
-raises out of this module.
+Every counter the app writes (SQ tail, CQ head) is read through an untrusted ring side: the
+implied count is clamped to the ring size and the fault counted; every SQE is validated field
+by field as Linux's ``io_init_req`` and the opcode's ``prep`` do, and a bad one completes with
+``-errno`` in its CQE (counted in ``stats.bad_sqes``).  Nothing an app writes raises out of
+this module.
 
 Semantics and departures
 ------------------------
@@ -38,80 +35,52 @@ Semantics and departures
   data is there; ``IORING_SETUP_DEFER_TASKRUN`` is validated (it needs ``SINGLE_ISSUER``) and
   remembered (zcrx registration requires it), but CQEs do not wait for ``io_uring_enter``.
   ``IORING_SQ_TASKRUN`` is therefore never set.
-* **Waiting.**  ``io_uring_enter`` with ``IORING_ENTER_GETEVENTS`` and fewer than
-  ``min_complete`` CQEs ready becomes a :class:`Wait`; it completes when enough CQEs are in the
-  CQ, on its timeout (``-ETIME``), or when the ring is closed (``-EBADF``).  The timeout is a
-  plain ``timeout_ms`` field instead of ``IORING_ENTER_EXT_ARG`` (which is refused).
+* **Waiting.**  A :class:`Wait` completes when enough CQEs are in the CQ (checked on every
+  post), on its timeout (``-ETIME``, by :meth:`driver_proc.setup.IoUring.poll`), or when the
+  ring is closed (``-EBADF``).
 * **CQ overflow.**  A CQE that does not fit goes to a bounded overflow list
   (:data:`OVERFLOW_LIMIT` x CQ size), ``IORING_SQ_CQ_OVERFLOW`` is set, and later CQEs queue
   behind it to keep the order; the list is flushed whenever room appears (every post, every
-  ``io_uring_enter``, every :meth:`IoUring.poll`).  A CQE that does not fit in the list either
-  is dropped and counted in ``cq_overflow``; the next waiting ``io_uring_enter`` then fails
-  once with ``-EBADR``, as Linux does with ``IORING_FEAT_NODROP``.
-* **Multishot and a full CQ** (Linux ``io_req_post_cqe`` failing): the chunk that cannot be
-  posted with ``IORING_CQE_F_MORE`` becomes the request's final CQE (same result and buffer,
-  without F_MORE), queued on the overflow list; nothing is lost and the app re-arms.
-* **Opcodes.**  NOP (``IORING_NOP_INJECT_RESULT``, ``IORING_NOP_CQE32``), ACCEPT (single and
-  ``IORING_ACCEPT_MULTISHOT``, ``IORING_ACCEPT_DONTWAIT``/``POLL_FIRST``, writes the peer's
-  sockaddr when ``addr`` is given), RECV (into ``addr``/``len``, or ``IOSQE_BUFFER_SELECT``
-  from a provided-buffer ring, and ``IORING_RECV_MULTISHOT``), CLOSE.  Other opcodes below
-  ``IORING_OP_LAST`` complete with ``-EOPNOTSUPP`` (not emulated) unless another subsystem
-  registered them (:meth:`IoUring.register_opcode`, e.g. RECV_ZC); opcodes at or past
-  ``IORING_OP_LAST`` are ``-EINVAL``.
-* **Not emulated, refused with -EINVAL:** ``IOSQE_IO_LINK``/``IO_HARDLINK``/``IO_DRAIN``,
-  ``IORING_RECVSEND_BUNDLE``, incremental buffer rings (``IOU_PBUF_RING_INC``), MSG_* flags
-  other than ``MSG_DONTWAIT``/``MSG_WAITALL``/``MSG_NOSIGNAL``/``MSG_CMSG_CLOEXEC``, setup
-  flags ``NO_MMAP``, ``REGISTERED_FD_ONLY``, ``ATTACH_WQ``, ``SQE_MIXED``, ``SQ_REWIND``,
-  ``HYBRID_IOPOLL``.  ``IOSQE_FIXED_FILE`` and direct descriptors find no registered file table
-  (``-EBADF`` / ``-ENXIO``), exactly as on a ring that never registered files.
+  ``io_uring_enter``, every :meth:`driver_proc.setup.IoUring.poll`).  A CQE that does not fit
+  in the list either is dropped and counted in ``cq_overflow``; the next waiting
+  ``io_uring_enter`` then fails once with ``-EBADR``, as Linux does with
+  ``IORING_FEAT_NODROP``.
+* Big CQEs of one request (zcrx's RECV_ZC) are posted by :meth:`Ring.post_big_batch` straight
+  into the CQ and never overflow (Linux ``io_defer_get_uncommited_cqe``).
 * ``IOSQE_CQE_SKIP_SUCCESS`` suppresses the successful final CQE of single-shot requests; it is
   ignored on multishot requests.
-* A RECV multishot ``len`` caps each CQE's bytes (Linux >= 6.10 semantics); its total byte
-  limit (``optlen``) is not emulated (``file_index`` must be 0).
-* **SQPOLL.**  The kernel loop plays the SQ thread: :meth:`IoUring.poll` consumes new SQEs of
-  every SQPOLL ring; after ``sq_thread_idle`` ms without work it sets
-  ``IORING_SQ_NEED_WAKEUP`` (then re-checks the SQ) and stops polling that ring until an
-  ``io_uring_enter`` with ``IORING_ENTER_SQ_WAKEUP``.
+* **Not emulated, refused with -EINVAL:** ``IOSQE_IO_LINK``/``IO_HARDLINK``/``IO_DRAIN``.
+  ``IOSQE_FIXED_FILE`` finds no registered file table (``-EBADF``) and a nonzero
+  ``personality`` no registered personality (``-EINVAL``), exactly as on a ring that never
+  registered any.
 """
 
 from __future__ import annotations
 
 import errno
-import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
 
-from driver_proc.files import (
-    AF_INET,
-    AF_INET6,
-    SOCK_CLOEXEC,
-    SOCK_NONBLOCK,
-    SocketFile,
-    Sockets,
-    Task,
-)
-from driver_proc.mm import PROT_READ, PROT_WRITE
-from driver_proc.tcp import Listener, TcpReceiver
+from driver_proc.files import SocketFile, Task
+from driver_proc.kbuf import BufRing
+from driver_proc.sqpoll import DEFAULT_SQ_IDLE_MS
 from shared import abi
-from shared.errors import InvariantBroken, Misuse, ZcrxError
+from shared.errors import Misuse, ZcrxError
 from shared.ring import U32, RingConsumer, RingLayout, RingProducer
 from shared.shm import Region, region_name
 
+if TYPE_CHECKING:
+    # Only for annotations: setup.py builds the rings and imports this module.
+    from driver_proc.setup import IoUring
+
 __all__ = [
-    "MSG_CMSG_CLOEXEC",
-    "MSG_DONTWAIT",
-    "MSG_NOSIGNAL",
-    "MSG_WAITALL",
     "OVERFLOW_LIMIT",
-    "BufRing",
-    "IoUring",
-    "OpDef",
     "Request",
     "Ring",
     "RingStats",
@@ -119,54 +88,14 @@ __all__ = [
     "Wait",
 ]
 
-MSG_DONTWAIT = 0x40
-MSG_WAITALL = 0x100
-MSG_NOSIGNAL = 0x4000
-MSG_CMSG_CLOEXEC = 0x40000000
-_RECV_MSG_FLAGS = MSG_DONTWAIT | MSG_WAITALL | MSG_NOSIGNAL | MSG_CMSG_CLOEXEC
-
 #: The overflow list holds at most this many times the CQ size.
 OVERFLOW_LIMIT = 2
-#: IORING_SETUP_* flags accepted by io_uring_setup.
-SETUP_FLAGS = (
-    abi.IORING_SETUP_IOPOLL | abi.IORING_SETUP_SQPOLL | abi.IORING_SETUP_SQ_AFF
-    | abi.IORING_SETUP_CQSIZE | abi.IORING_SETUP_CLAMP | abi.IORING_SETUP_R_DISABLED
-    | abi.IORING_SETUP_SUBMIT_ALL | abi.IORING_SETUP_COOP_TASKRUN
-    | abi.IORING_SETUP_TASKRUN_FLAG | abi.IORING_SETUP_SQE128 | abi.IORING_SETUP_CQE32
-    | abi.IORING_SETUP_SINGLE_ISSUER | abi.IORING_SETUP_DEFER_TASKRUN
-    | abi.IORING_SETUP_NO_SQARRAY | abi.IORING_SETUP_CQE_MIXED
-)
-#: Known to Linux (uapi) but not emulated: -EINVAL.
-_SETUP_KNOWN = (SETUP_FLAGS | abi.IORING_SETUP_ATTACH_WQ | abi.IORING_SETUP_NO_MMAP
-                | abi.IORING_SETUP_REGISTERED_FD_ONLY | abi.IORING_SETUP_HYBRID_IOPOLL
-                | abi.IORING_SETUP_SQE_MIXED | abi.IORING_SETUP_SQ_REWIND)
-#: params.features we honour.
-FEATURES = (abi.IORING_FEAT_SINGLE_MMAP | abi.IORING_FEAT_NODROP
-            | abi.IORING_FEAT_SUBMIT_STABLE | abi.IORING_FEAT_FAST_POLL
-            | abi.IORING_FEAT_SQPOLL_NONFIXED | abi.IORING_FEAT_CQE_SKIP)
-ENTER_FLAGS = (abi.IORING_ENTER_GETEVENTS | abi.IORING_ENTER_SQ_WAKEUP
-               | abi.IORING_ENTER_SQ_WAIT | abi.IORING_ENTER_NO_IOWAIT)
-_ENTER_KNOWN = (ENTER_FLAGS | abi.IORING_ENTER_EXT_ARG | abi.IORING_ENTER_REGISTERED_RING
-                | abi.IORING_ENTER_ABS_TIMER | abi.IORING_ENTER_EXT_ARG_REG)
 _SQE_FLAGS_VALID = (1 << 7) - 1
 _SQE_FLAGS_UNSUPPORTED = abi.IOSQE_IO_LINK | abi.IOSQE_IO_HARDLINK | abi.IOSQE_IO_DRAIN
-_RECV_IOPRIO = (abi.IORING_RECVSEND_POLL_FIRST | abi.IORING_RECV_MULTISHOT
-                | abi.IORING_RECVSEND_BUNDLE)
-_ACCEPT_IOPRIO = (abi.IORING_ACCEPT_MULTISHOT | abi.IORING_ACCEPT_DONTWAIT
-                  | abi.IORING_ACCEPT_POLL_FIRST)
-_NOP_FLAGS = abi.IORING_NOP_INJECT_RESULT | abi.IORING_NOP_CQE32
-_DEFAULT_SQ_IDLE_MS = 1000
-_PEEK_FIRST = 64  # provided-buffer entries looked at first in one RECV pass
 
 # struct io_rings words (u32 index = byte offset / 4), >= 6.6 layout (abi.rings_layout).
 _W_SQ_MASK, _W_CQ_MASK, _W_SQ_ENTRIES, _W_CQ_ENTRIES = 4, 5, 6, 7
 _W_SQ_DROPPED, _W_SQ_FLAGS, _W_CQ_OVERFLOW = 8, 9, 11
-
-_EMPTY_I64 = np.empty(0, dtype=np.int64)
-
-
-def _roundup_pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,25 +129,6 @@ _SQE_COLUMNS = ("opcode", "flags", "ioprio", "fd", "off", "addr", "len", "msg_fl
 def _sqes_from_batch(batch: np.ndarray) -> list[Sqe]:
     cols = [batch[name].tolist() for name in _SQE_COLUMNS]
     return [Sqe._make(t) for t in zip(*cols, strict=True)]
-
-
-@dataclass(frozen=True)
-class OpDef:
-    """One opcode's table entry (Linux ``io_issue_defs``).
-
-    ``prep(ring, sqe)`` validates the SQE and returns a :class:`Request` to issue, or None when
-    it completed synchronously (it posted its CQE itself); it raises ``Misuse(errno)`` for a
-    bad SQE.  ``ioprio``: the opcode reads ``sqe.ioprio`` (else it must be 0);
-    ``buffer_select``: ``IOSQE_BUFFER_SELECT`` is allowed; ``iopoll``: allowed on an IOPOLL
-    ring.
-    """
-
-    name: str
-    prep: Callable[[Ring, Sqe], Request | None]
-    ioprio: bool = False
-    buffer_select: bool = False
-    iopoll: bool = False
-
 
 # --------------------------------------------------------------------------------------------
 # Stats, waits
@@ -267,60 +177,6 @@ class Wait:
     deadline: float | None
     token: Any = None
     result: int | None = None
-
-
-# --------------------------------------------------------------------------------------------
-# Provided buffer rings
-# --------------------------------------------------------------------------------------------
-
-
-class BufRing:
-    """A registered provided-buffer ring (``IORING_REGISTER_PBUF_RING``).
-
-    ``bufs`` views the app-written ``io_uring_buf`` entries; the u16 tail sits in entry 0's
-    ``resv`` (offset 14).  The head is kernel-private.  ``region`` is set when the kernel
-    allocated the memory (``IOU_PBUF_RING_MMAP``) and is unlinked on unregister.
-    """
-
-    def __init__(self, bgid: int, entries: int, raw: NDArray[np.uint8],
-                 region: Region | None = None, ring_addr: int = 0) -> None:
-        self.bgid = bgid
-        self.entries = entries
-        self.mask = entries - 1
-        self.raw = raw
-        self.bufs = raw[:entries * abi.io_uring_buf.itemsize].view(abi.io_uring_buf)
-        self._tail = raw[14:16].view("<u2")
-        self.head = 0
-        self.region = region
-        self.ring_addr = ring_addr
-        self.faults = 0
-
-    def available(self) -> int:
-        """Buffers published and not yet taken (clamped to the ring size)."""
-        n = (int(self._tail[0]) - self.head) & 0xFFFF
-        if n > self.entries:
-            self.faults += 1
-            n = self.entries
-        return n
-
-    def peek(self, k: int) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]:
-        """``(addrs, lens, bids)`` of the next ``k`` buffers (copies; nothing is taken)."""
-        idx = (self.head + np.arange(k)) & self.mask
-        e = self.bufs[idx]
-        return (e["addr"].astype(np.int64), e["len"].astype(np.int64),
-                e["bid"].astype(np.int64))
-
-    def advance(self, k: int) -> None:
-        """Take ``k`` buffers (kernel-private head)."""
-        self.head = (self.head + k) & 0xFFFF
-
-    def close(self) -> None:
-        self.bufs = np.empty(0, dtype=abi.io_uring_buf)
-        self.raw = np.empty(0, dtype=np.uint8)
-        self._tail = np.zeros(1, dtype="<u2")
-        if self.region is not None:
-            self.region.close()
-            self.region = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -393,366 +249,6 @@ class Request:
         self.disarm()
 
 
-class RecvRequest(Request):
-    """IORING_OP_RECV: copy from the socket's receive queue into app memory."""
-
-    def __init__(self, ring: Ring, sqe: Sqe, sock: SocketFile) -> None:
-        super().__init__(ring, sqe, sock)
-        self.addr = sqe.addr
-        self.len = sqe.len
-        self.msg_flags = sqe.op_flags
-        self.multishot = bool(sqe.ioprio & abi.IORING_RECV_MULTISHOT)
-        self.poll_first = bool(sqe.ioprio & abi.IORING_RECVSEND_POLL_FIRST)
-        self.bufsel = bool(sqe.flags & abi.IOSQE_BUFFER_SELECT)
-        self.bgid = sqe.buf_index
-        self.nowait = bool(self.msg_flags & MSG_DONTWAIT) or sock.nonblock
-        self.waitall = bool(self.msg_flags & MSG_WAITALL)
-
-    def issue(self) -> None:
-        self.ring.inflight.add(self)
-        if self.poll_first:
-            # Poll first: the poll fires at once if the socket is readable already.
-            conn = self.sock.conn
-            if conn is not None and (conn.rxq.nbytes or conn.end_status() is not None):
-                self.attempt(issue=False)
-            else:
-                self.arm()
-            return
-        self.attempt(issue=True)
-
-    def attempt(self, issue: bool) -> None:
-        conn = self.sock.conn
-        ring = self.ring
-        if conn is None:
-            self.complete(-errno.ENOTCONN)
-            return
-        if not self.bufsel and self.len == 0:
-            self.complete(0)  # tcp_recvmsg with len 0 returns 0 at once
-            return
-        while not self.done:
-            nbytes = conn.rxq.nbytes
-            end = None if nbytes else conn.end_status()
-            if nbytes == 0 and end is None and not issue:
-                self.arm()
-                return
-            br = None
-            if self.bufsel:
-                br = ring.buf_rings.get(self.bgid)
-                if br is None or br.available() == 0:
-                    ring.stats.enobufs += 1
-                    self.complete(-errno.ENOBUFS)
-                    return
-            if nbytes == 0:
-                if end is None:
-                    if self.nowait:
-                        self.complete(-errno.EAGAIN)
-                    else:
-                        self.arm()
-                    return
-                if end < 0:
-                    conn.take_error()
-                self.complete(end)
-                return
-            if self.waitall:
-                want = self.len
-                if br is not None:
-                    blen = int(br.peek(1)[1][0])
-                    want = min(want, blen) if want else blen
-                if nbytes < want and conn.end_status() is None:
-                    self.arm()
-                    return
-            if br is None:
-                self._recv_plain(conn, nbytes)
-            else:
-                self._recv_buffers(conn, nbytes, br)
-            issue = False
-            if not self.multishot:
-                return
-
-    def _recv_plain(self, conn: TcpReceiver, nbytes: int) -> None:
-        """Single-shot RECV into ``addr``/``len``."""
-        ring = self.ring
-        n = min(self.len, nbytes)
-        try:
-            dst = ring.task.mm.resolve(self.addr, n, write=True)
-        except Misuse as exc:
-            ring.stats.efaults += 1
-            self.complete(-(exc.errno or errno.EFAULT))
-            return
-        pieces = conn.rxq.peek(n)
-        ring.uring.skbs.copy_out(pieces.handles, pieces.offsets, pieces.lengths, dst)
-        ring.uring.sockets.free(conn.rxq.consume(n))
-        ring.stats.recv_bytes += n
-        ring.stats.recv_cqes += 1
-        self.complete(n, abi.IORING_CQE_F_SOCK_NONEMPTY if conn.rxq.nbytes else 0)
-
-    def _recv_buffers(self, conn: TcpReceiver, nbytes: int, br: BufRing) -> None:
-        """One pass of buffer-select RECV: fill as many provided buffers as data and CQ room
-        allow, with a few numpy operations per pass (one copy per buffer at most)."""
-        ring = self.ring
-        stats = ring.stats
-        if self.multishot:
-            room = ring.cq_room()
-            k_max = min(br.available(), room + 1)
-        else:
-            room = 0
-            k_max = 1
-        # Look at as few ring entries as the data needs: start small, grow while short.
-        k = min(k_max, _PEEK_FIRST)
-        while True:
-            addrs, lens, bids = br.peek(k)
-            if self.len:
-                np.minimum(lens, self.len, out=lens)
-            if k >= k_max or int(lens.sum()) >= nbytes or not lens.all():
-                break
-            k = min(k_max, 4 * k)
-        zero = np.flatnonzero(lens == 0)
-        zero_at = int(zero[0]) if len(zero) else -1
-        if zero_at >= 0:
-            stats.zero_len_bufs += 1
-            lens = lens[:zero_at]
-        starts = np.cumsum(lens) - lens
-        sizes = np.clip(nbytes - starts, 0, lens)
-        k = int(np.count_nonzero(sizes))
-        if k == 0:
-            # The next buffer has length 0: Linux receives 0 bytes, which ends the request.
-            self.complete(0)
-            return
-        sizes = sizes[:k]
-        addrs = addrs[:k]
-        total = int(starts[k - 1] + sizes[k - 1])
-        good = self._copy_to_buffers(conn, total, addrs, sizes)
-        if good < k:
-            total = int(sizes[:good].sum())
-        if good:
-            ring.uring.sockets.free(conn.rxq.consume(total))
-            br.advance(good)
-        stats.recv_bytes += total
-        stats.recv_cqes += good
-        left = nbytes - np.cumsum(sizes[:good])
-        flags = (abi.IORING_CQE_F_BUFFER | (bids[:good] << abi.IORING_CQE_BUFFER_SHIFT)
-                 | np.where(left > 0, abi.IORING_CQE_F_SOCK_NONEMPTY, 0))
-        res = sizes[:good]
-        if good < k:
-            # A buffer did not resolve: post what landed, then end with -EFAULT.
-            stats.efaults += 1
-            if self.multishot and good:
-                ring.post_batch(self.user_data, res, flags | abi.IORING_CQE_F_MORE)
-            elif good:
-                self.complete(int(res[0]), int(flags[0]))
-                return
-            self.complete(-errno.EFAULT)
-            return
-        if not self.multishot:
-            self.complete(int(res[0]), int(flags[0]))
-            return
-        n_more = min(good, room)
-        if n_more:
-            ring.post_batch(self.user_data, res[:n_more], flags[:n_more] | abi.IORING_CQE_F_MORE)
-        if n_more < good:
-            # No room for an F_MORE CQE: this chunk is the final one (Linux io_recv_finish).
-            stats.mshot_terminated_cq_full += 1
-            self.complete(int(res[n_more]), int(flags[n_more]))
-        elif zero_at >= 0 and zero_at == good and conn.rxq.nbytes:
-            self.complete(0)
-
-    def _copy_to_buffers(self, conn: TcpReceiver, total: int, addrs: NDArray[np.int64],
-                         sizes: NDArray[np.int64]) -> int:
-        """Copy ``total`` stream bytes into the buffers; return how many buffers got theirs."""
-        mm = self.ring.task.mm
-        skbs = self.ring.uring.skbs
-        k = len(addrs)
-        pieces = conn.rxq.peek(total)
-        if k == 1 or bool((addrs[1:] == addrs[:-1] + sizes[:-1]).all()):
-            try:
-                dst = mm.resolve(int(addrs[0]), total, write=True)
-            except Misuse:
-                pass
-            else:
-                skbs.copy_out(pieces.handles, pieces.offsets, pieces.lengths, dst)
-                return k
-        bounce = np.empty(total, dtype=np.uint8)
-        skbs.copy_out(pieces.handles, pieces.offsets, pieces.lengths, bounce)
-        pos = 0
-        for i, (a, n) in enumerate(zip(addrs.tolist(), sizes.tolist(), strict=True)):
-            try:
-                dst = mm.resolve(a, n, write=True)
-            except Misuse:
-                return i
-            dst[:] = bounce[pos:pos + n]
-            pos += n
-        return k
-
-
-_SOCKADDR_IN = 16
-_SOCKADDR_IN6 = 28
-
-
-def _sockaddr(sf: SocketFile) -> bytes:
-    """The peer address of a connected socket as ``struct sockaddr_in`` (16 bytes) or
-    ``struct sockaddr_in6`` (28 bytes): family in host order, port and address in network
-    order."""
-    raw = sf.peer_addr or bytes(16)
-    port = sf.peer_port.to_bytes(2, "big")
-    if sf.domain == AF_INET:
-        return AF_INET.to_bytes(2, "little") + port + raw[12:16] + bytes(8)
-    return AF_INET6.to_bytes(2, "little") + port + bytes(4) + raw + bytes(4)
-
-
-class AcceptRequest(Request):
-    """IORING_OP_ACCEPT: take connections off a listener into new fds."""
-
-    def __init__(self, ring: Ring, sqe: Sqe, sock: SocketFile) -> None:
-        super().__init__(ring, sqe, sock)
-        self.multishot = bool(sqe.ioprio & abi.IORING_ACCEPT_MULTISHOT)
-        self.dontwait = bool(sqe.ioprio & abi.IORING_ACCEPT_DONTWAIT) or sock.nonblock
-        self.poll_first = bool(sqe.ioprio & abi.IORING_ACCEPT_POLL_FIRST)
-        self.addr = sqe.addr
-        self.addrlen_ptr = sqe.off
-        self.nonblock = bool(sqe.op_flags & SOCK_NONBLOCK)
-
-    def issue(self) -> None:
-        self.ring.inflight.add(self)
-        if self.poll_first and not self.ring.uring.sockets.has_pending(self.sock):
-            self.arm()
-            return
-        self.attempt(issue=True)
-
-    def attempt(self, issue: bool) -> None:
-        ring = self.ring
-        sockets = ring.uring.sockets
-        task = ring.task
-        while not self.done:
-            if not self.sock.is_listening:
-                self.complete(-errno.EINVAL)
-                return
-            if not sockets.has_pending(self.sock):
-                if self.dontwait and issue:
-                    self.complete(-errno.EAGAIN)
-                else:
-                    self.arm()
-                return
-            if not task.can_install():
-                self.complete(-errno.EMFILE)
-                return
-            lenview = None
-            if self.addr:
-                try:
-                    lenview = task.mm.resolve(self.addrlen_ptr, 4, write=True)
-                except Misuse:
-                    ring.stats.efaults += 1
-                    self.complete(-errno.EFAULT)
-                    return
-            new = sockets.accept(self.sock)
-            if new is None:  # has_pending said yes; cannot happen
-                raise InvariantBroken("listener lost its pending connection")
-            new.nonblock = self.nonblock
-            fd = task.install(new)
-            ring.stats.accepts += 1
-            if lenview is not None:
-                sa = _sockaddr(new)
-                want = int(lenview.view("<u4")[0])
-                n = min(want, len(sa))
-                try:
-                    if n:
-                        task.mm.resolve(self.addr, n, write=True)[:] = np.frombuffer(
-                            sa[:n], dtype=np.uint8)
-                    lenview.view("<u4")[0] = len(sa)
-                except Misuse:
-                    ring.stats.efaults += 1
-                    self.complete(-errno.EFAULT)
-                    return
-            if not self.multishot:
-                self.complete(fd)
-                return
-            if ring.cq_room() > 0:
-                ring.post(self.user_data, fd, abi.IORING_CQE_F_MORE)
-            else:
-                ring.stats.mshot_terminated_cq_full += 1
-                self.complete(fd)
-                return
-            issue = False
-
-
-# --------------------------------------------------------------------------------------------
-# Opcode preps
-# --------------------------------------------------------------------------------------------
-
-
-def _prep_nop(ring: Ring, sqe: Sqe) -> Request | None:
-    nf = sqe.op_flags
-    if nf & ~_NOP_FLAGS:
-        raise Misuse(f"nop_flags {nf:#x}", errno.EINVAL)
-    res = 0
-    if nf & abi.IORING_NOP_INJECT_RESULT:
-        res = sqe.len - (1 << 32) if sqe.len & 0x8000_0000 else sqe.len
-    if nf & abi.IORING_NOP_CQE32:
-        if not ring.flags & (abi.IORING_SETUP_CQE32 | abi.IORING_SETUP_CQE_MIXED):
-            raise Misuse("IORING_NOP_CQE32 on a ring without big CQEs", errno.EINVAL)
-        ring.post(sqe.user_data, res, 0, big=(sqe.off, sqe.addr))
-        return None
-    if not (res >= 0 and sqe.flags & abi.IOSQE_CQE_SKIP_SUCCESS):
-        ring.post(sqe.user_data, res, 0)
-    else:
-        ring.stats.cqes_skipped += 1
-    return None
-
-
-def _prep_recv(ring: Ring, sqe: Sqe) -> Request | None:
-    if sqe.file_index or sqe.off:
-        raise Misuse("recv: file_index/addr2 must be 0", errno.EINVAL)
-    if sqe.ioprio & ~_RECV_IOPRIO:
-        raise Misuse(f"recv: ioprio {sqe.ioprio:#x}", errno.EINVAL)
-    if sqe.ioprio & abi.IORING_RECVSEND_BUNDLE:
-        raise Misuse("recv: IORING_RECVSEND_BUNDLE is not emulated", errno.EINVAL)
-    if sqe.op_flags & ~_RECV_MSG_FLAGS:
-        raise Misuse(f"recv: msg_flags {sqe.op_flags:#x} not emulated", errno.EINVAL)
-    if sqe.ioprio & abi.IORING_RECV_MULTISHOT:
-        if not sqe.flags & abi.IOSQE_BUFFER_SELECT:
-            raise Misuse("recv multishot needs IOSQE_BUFFER_SELECT", errno.EINVAL)
-        if sqe.op_flags & MSG_WAITALL:
-            raise Misuse("recv multishot with MSG_WAITALL", errno.EINVAL)
-    return RecvRequest(ring, sqe, ring.task.get_socket(sqe.fd))
-
-
-def _prep_accept(ring: Ring, sqe: Sqe) -> Request | None:
-    if sqe.len or sqe.buf_index:
-        raise Misuse("accept: len/buf_index must be 0", errno.EINVAL)
-    if sqe.ioprio & ~_ACCEPT_IOPRIO:
-        raise Misuse(f"accept: ioprio {sqe.ioprio:#x}", errno.EINVAL)
-    if sqe.op_flags & ~(SOCK_CLOEXEC | SOCK_NONBLOCK):
-        raise Misuse(f"accept: flags {sqe.op_flags:#x}", errno.EINVAL)
-    if sqe.file_index:
-        if sqe.op_flags & SOCK_CLOEXEC:
-            raise Misuse("accept: direct descriptor with SOCK_CLOEXEC", errno.EINVAL)
-        if (sqe.ioprio & abi.IORING_ACCEPT_MULTISHOT
-                and sqe.file_index != abi.IORING_FILE_INDEX_ALLOC):
-            raise Misuse("accept multishot into a fixed slot", errno.EINVAL)
-        raise Misuse("no registered file table", errno.ENXIO)
-    return AcceptRequest(ring, sqe, ring.task.get_socket(sqe.fd))
-
-
-def _prep_close(ring: Ring, sqe: Sqe) -> Request | None:
-    if sqe.off or sqe.addr or sqe.len or sqe.op_flags or sqe.buf_index:
-        raise Misuse("close: off/addr/len/rw_flags/buf_index must be 0", errno.EINVAL)
-    if sqe.file_index:
-        if sqe.fd:
-            raise Misuse("close: both fd and file_index", errno.EINVAL)
-        raise Misuse("no registered file table", errno.ENXIO)
-    obj = ring.task.files.get(sqe.fd)
-    if obj is None or isinstance(obj, Ring):
-        raise Misuse(f"close: fd {sqe.fd}", errno.EBADF)
-    ring.uring.close_fd(ring.task, sqe.fd)
-    if not sqe.flags & abi.IOSQE_CQE_SKIP_SUCCESS:
-        ring.post(sqe.user_data, 0, 0)
-    else:
-        ring.stats.cqes_skipped += 1
-    return None
-
-
-_NEEDS_FILE = {abi.IORING_OP_RECV, abi.IORING_OP_ACCEPT}
-
-
 # --------------------------------------------------------------------------------------------
 # The ring
 # --------------------------------------------------------------------------------------------
@@ -762,7 +258,7 @@ class Ring:
     """One io_uring instance of one task (``struct io_ring_ctx``)."""
 
     def __init__(self, uring: IoUring, task: Task, fd: int, flags: int, sq_entries: int,
-                 cq_entries: int, sq_idle_ms: int = _DEFAULT_SQ_IDLE_MS) -> None:
+                 cq_entries: int, sq_idle_ms: int = DEFAULT_SQ_IDLE_MS) -> None:
         self.uring = uring
         self.task = task
         self.fd = fd
@@ -787,7 +283,7 @@ class Ring:
         self.extra: dict[str, Any] = {}
         # SQPOLL emulation
         self.sqpoll = bool(flags & abi.IORING_SETUP_SQPOLL)
-        self.sq_idle = (sq_idle_ms or _DEFAULT_SQ_IDLE_MS) / 1000
+        self.sq_idle = (sq_idle_ms or DEFAULT_SQ_IDLE_MS) / 1000
         self.sq_last_active = time.monotonic()
         self.sq_sleeping = False
         self._sq_dropped = 0
@@ -932,7 +428,7 @@ class Ring:
             raise Misuse(f"{d.name} on an IOPOLL ring", errno.EINVAL)
         if sqe.personality:
             raise Misuse(f"personality {sqe.personality} not registered", errno.EINVAL)
-        if op in _NEEDS_FILE or op in self.uring.file_ops:
+        if d.needs_file:
             if sqe.flags & abi.IOSQE_FIXED_FILE:
                 raise Misuse("no registered files", errno.EBADF)
             self.task.get(sqe.fd)
@@ -1178,413 +674,3 @@ class Ring:
         for br in self.buf_rings.values():
             d["buf_ring_faults"] += br.faults
         return d
-
-
-# --------------------------------------------------------------------------------------------
-# The subsystem
-# --------------------------------------------------------------------------------------------
-
-RegisterHandler = Callable[["Ring | None", Task, int, list[bytes]], tuple[int, list[bytes]]]
-"""``handler(ring, task, nr_args, blobs) -> (res, blobs written back)``; raise Misuse(errno).
-``ring`` is None for the blind ``fd = -1`` register calls (IORING_REGISTER_QUERY)."""
-
-
-class IoUring:
-    """The io_uring subsystem of the kernel process."""
-
-    def __init__(self, run: str, sockets: Sockets, skbs: Any = None) -> None:
-        self.run_id = run
-        self.sockets = sockets
-        self.skbs = skbs if skbs is not None else sockets.skbs
-        self.rings: list[Ring] = []
-        self.completed_waits: list[Wait] = []
-        self.opcodes: dict[int, OpDef] = {
-            abi.IORING_OP_NOP: OpDef("NOP", _prep_nop, iopoll=True),
-            abi.IORING_OP_RECV: OpDef("RECV", _prep_recv, ioprio=True, buffer_select=True),
-            abi.IORING_OP_ACCEPT: OpDef("ACCEPT", _prep_accept, ioprio=True),
-            abi.IORING_OP_CLOSE: OpDef("CLOSE", _prep_close),
-        }
-        #: opcodes registered by other subsystems that take a file in ``sqe.fd``
-        self.file_ops: set[int] = set()
-        self.register_ops: dict[int, RegisterHandler] = {
-            abi.IORING_REGISTER_PBUF_RING: self._reg_pbuf_ring,
-            abi.IORING_UNREGISTER_PBUF_RING: self._unreg_pbuf_ring,
-            abi.IORING_REGISTER_PBUF_STATUS: self._reg_pbuf_status,
-            abi.IORING_REGISTER_ENABLE_RINGS: self._reg_enable_rings,
-        }
-        #: register opcodes served without a ring (``fd == -1``)
-        self.blind_register_ops: set[int] = set()
-        #: other subsystems' periodic work, run by :meth:`poll` as ``hook(now) -> work done``
-        #: (zcrx: requeued RECV_ZC requests, delayed ifq destruction)
-        self.poll_hooks: list[Callable[[float], int]] = []
-
-    # -- extension points ---------------------------------------------------------------------
-
-    def register_opcode(self, opcode: int, opdef: OpDef, *, needs_file: bool = True) -> None:
-        """Add an opcode (e.g. IORING_OP_RECV_ZC from the zcrx subsystem)."""
-        self.opcodes[opcode] = opdef
-        if needs_file:
-            self.file_ops.add(opcode)
-
-    def register_register_op(self, opcode: int, handler: RegisterHandler, *,
-                             blind: bool = False) -> None:
-        """Add an ``io_uring_register`` opcode (ZCRX_IFQ, ZCRX_CTRL, QUERY...)."""
-        self.register_ops[opcode] = handler
-        if blind:
-            self.blind_register_ops.add(opcode)
-
-    # -- io_uring_setup -----------------------------------------------------------------------
-
-    def setup(self, task: Task, entries: int, params: bytes) -> tuple[int, bytes]:
-        """``io_uring_setup(entries, params)``: return ``(fd, params written back)``."""
-        if len(params) != abi.io_uring_params.itemsize:
-            raise Misuse("params must be a 120-byte io_uring_params", errno.EFAULT)
-        p = np.frombuffer(params, dtype=abi.io_uring_params).copy()
-        flags = int(p["flags"][0])
-        if p["resv"].any():
-            raise Misuse("params.resv must be 0", errno.EINVAL)
-        if flags & ~_SETUP_KNOWN:
-            raise Misuse(f"unknown setup flags {flags & ~_SETUP_KNOWN:#x}", errno.EINVAL)
-        if flags & ~SETUP_FLAGS:
-            raise Misuse(f"setup flags {flags & ~SETUP_FLAGS:#x} not emulated", errno.EINVAL)
-        sqpoll = flags & abi.IORING_SETUP_SQPOLL
-        if sqpoll and flags & (abi.IORING_SETUP_COOP_TASKRUN | abi.IORING_SETUP_TASKRUN_FLAG
-                               | abi.IORING_SETUP_DEFER_TASKRUN):
-            raise Misuse("SQPOLL with task-run flags", errno.EINVAL)
-        if flags & abi.IORING_SETUP_SQ_AFF:
-            if not sqpoll:
-                raise Misuse("SQ_AFF without SQPOLL", errno.EINVAL)
-            if int(p["sq_thread_cpu"][0]) >= (os.cpu_count() or 1):
-                raise Misuse("sq_thread_cpu out of range", errno.EINVAL)
-        if flags & abi.IORING_SETUP_TASKRUN_FLAG and not flags & (
-                abi.IORING_SETUP_COOP_TASKRUN | abi.IORING_SETUP_DEFER_TASKRUN):
-            raise Misuse("TASKRUN_FLAG needs COOP_TASKRUN or DEFER_TASKRUN", errno.EINVAL)
-        if flags & abi.IORING_SETUP_DEFER_TASKRUN and not flags & abi.IORING_SETUP_SINGLE_ISSUER:
-            raise Misuse("DEFER_TASKRUN needs SINGLE_ISSUER", errno.EINVAL)
-        if flags & abi.IORING_SETUP_CQE32 and flags & abi.IORING_SETUP_CQE_MIXED:
-            raise Misuse("CQE32 and CQE_MIXED together", errno.EINVAL)
-        if entries <= 0:
-            raise Misuse("entries must be > 0", errno.EINVAL)
-        if entries > abi.IORING_MAX_ENTRIES:
-            if not flags & abi.IORING_SETUP_CLAMP:
-                raise Misuse(f"entries {entries} > {abi.IORING_MAX_ENTRIES}", errno.EINVAL)
-            entries = abi.IORING_MAX_ENTRIES
-        sq_entries = _roundup_pow2(entries)
-        if flags & abi.IORING_SETUP_CQSIZE:
-            want = int(p["cq_entries"][0])
-            if want == 0:
-                raise Misuse("CQSIZE with cq_entries 0", errno.EINVAL)
-            if want > abi.IORING_MAX_CQ_ENTRIES:
-                if not flags & abi.IORING_SETUP_CLAMP:
-                    raise Misuse(f"cq_entries {want} > {abi.IORING_MAX_CQ_ENTRIES}",
-                                 errno.EINVAL)
-                want = abi.IORING_MAX_CQ_ENTRIES
-            cq_entries = _roundup_pow2(want)
-            if cq_entries < sq_entries:
-                raise Misuse("cq_entries < sq_entries", errno.EINVAL)
-        else:
-            cq_entries = 2 * sq_entries
-        if flags & abi.IORING_SETUP_CQE_MIXED and cq_entries < 2:
-            raise Misuse("CQE_MIXED needs 2 CQ entries", errno.EINVAL)
-        if not task.can_install():
-            raise Misuse("too many open files", errno.EMFILE)
-        fd = task.install(None)
-        try:
-            ring = Ring(self, task, fd, flags, sq_entries, cq_entries,
-                        sq_idle_ms=int(p["sq_thread_idle"][0]))
-        except BaseException:
-            del task.files[fd]
-            raise
-        task.files[fd] = ring
-        self.rings.append(ring)
-        sq_off, cq_off, _ = abi.rings_layout(sq_entries, cq_entries, flags)
-        p["sq_entries"] = sq_entries
-        p["cq_entries"] = cq_entries
-        p["features"] = FEATURES
-        for name, value in sq_off.items():
-            p["sq_off"][name] = value
-        for name, value in cq_off.items():
-            p["cq_off"][name] = value
-        return fd, p.tobytes()
-
-    def get_ring(self, task: Task, fd: int) -> Ring:
-        """The ring at ``fd``: ``-EBADF`` if no file, ``-EOPNOTSUPP`` if not a ring (Linux)."""
-        obj = task.get(fd)
-        if not isinstance(obj, Ring):
-            raise Misuse(f"fd {fd} is not an io_uring", errno.EOPNOTSUPP)
-        return obj
-
-    # -- io_uring_enter -----------------------------------------------------------------------
-
-    def enter(self, task: Task, fd: int, to_submit: int, min_complete: int, flags: int,
-              timeout_ms: int = -1, token: Any = None) -> int | Wait:
-        """``io_uring_enter``: submit, then maybe wait.
-
-        Returns the syscall's result (SQEs submitted, or 0), or a :class:`Wait` when the
-        caller must answer later (then :meth:`take_completed_waits` returns it with
-        ``result`` set).  Raises ``Misuse(errno)`` for a failing call.
-        """
-        if flags & ~_ENTER_KNOWN:
-            raise Misuse(f"enter flags {flags:#x}", errno.EINVAL)
-        if flags & ~ENTER_FLAGS:
-            raise Misuse("EXT_ARG / registered rings are not emulated", errno.EINVAL)
-        if to_submit < 0 or min_complete < 0:
-            raise Misuse("negative count", errno.EINVAL)
-        ring = self.get_ring(task, fd)
-        if ring.disabled:
-            raise Misuse("ring is disabled (IORING_SETUP_R_DISABLED)", errno.EBADFD)
-        now = time.monotonic()
-        if ring.overflow:
-            ring.flush_overflow()
-        submitted = 0
-        if ring.sqpoll:
-            if flags & abi.IORING_ENTER_SQ_WAKEUP and ring.sq_sleeping:
-                ring.sq_sleeping = False
-                ring.clear_sq_flag(abi.IORING_SQ_NEED_WAKEUP)
-            ring.sq_last_active = now
-            self._sqpoll_one(ring, now)
-            submitted = to_submit
-        elif to_submit:
-            submitted = ring.submit(to_submit)
-            if submitted != to_submit:
-                return submitted
-        if not flags & abi.IORING_ENTER_GETEVENTS:
-            return submitted
-        if ring.cq_dropped_unreported and not submitted:
-            ring.cq_dropped_unreported = False
-            raise Misuse("CQEs were dropped", errno.EBADR)
-        min_complete = min(min_complete, ring.cq_entries)
-        if ring.cq_ready() >= min_complete:
-            return submitted
-        if timeout_ms == 0:
-            if submitted:
-                return submitted
-            raise Misuse("timed out", errno.ETIME)
-        ring.stats.waits += 1
-        deadline = None if timeout_ms < 0 else now + timeout_ms / 1000
-        w = Wait(ring, min_complete, submitted, deadline, token)
-        ring.waits.append(w)
-        return w
-
-    def take_completed_waits(self) -> list[Wait]:
-        """Waits that finished since the last call (their ``result`` is set)."""
-        out, self.completed_waits = self.completed_waits, []
-        return out
-
-    # -- the loop's hooks ---------------------------------------------------------------------
-
-    def on_socket_ready(self, conn: TcpReceiver) -> None:
-        """Data, EOF or an error may have reached ``conn``: run the requests armed on it."""
-        sf = self.sockets.file_of_conn(conn)
-        if sf is not None and sf.waiters:
-            self.sockets.wake(sf)
-
-    def on_listener_ready(self, lst: Listener) -> None:
-        """``lst``'s accept queue grew: run the ACCEPTs armed on it."""
-        sf = self.sockets.file_of_listener(lst)
-        if sf is not None and sf.waiters:
-            self.sockets.wake(sf)
-
-    def run(self, sockets: Iterable[TcpReceiver] = (),
-            listeners: Iterable[Listener] = ()) -> None:
-        """Both hooks for one ingest result (``BatchResult.sockets`` / ``.listeners``)."""
-        for lst in listeners:
-            self.on_listener_ready(lst)
-        for conn in sockets:
-            self.on_socket_ready(conn)
-
-    def poll(self, now: float | None = None) -> int:
-        """Periodic work: SQPOLL rings, overflow flushes, wait timeouts.  Returns work done."""
-        now = time.monotonic() if now is None else now
-        work = 0
-        for ring in self.rings:
-            if ring.closed:
-                continue
-            if ring.sqpoll:
-                work += self._sqpoll_one(ring, now)
-            if ring.overflow:
-                work += ring.flush_overflow()
-            if ring.waits:
-                ring.check_waits()
-                keep = []
-                for w in ring.waits:
-                    if w.deadline is not None and now >= w.deadline:
-                        w.result = w.submitted if w.submitted else -errno.ETIME
-                        ring.stats.wait_timeouts += 1
-                        self.completed_waits.append(w)
-                    else:
-                        keep.append(w)
-                ring.waits = keep
-        for hook in self.poll_hooks:
-            work += hook(now)
-        return work
-
-    def _sqpoll_one(self, ring: Ring, now: float) -> int:
-        """One pass of the emulated SQ thread over ``ring``."""
-        if ring.sq_sleeping or ring.disabled or ring.closed:
-            return 0
-        n = ring.sq_ready()
-        if n:
-            ring.sq_last_active = now
-            return ring.submit(n)
-        if now - ring.sq_last_active >= ring.sq_idle:
-            ring.set_sq_flag(abi.IORING_SQ_NEED_WAKEUP)
-            n = ring.sq_ready()  # re-check after publishing the flag
-            if n:
-                ring.clear_sq_flag(abi.IORING_SQ_NEED_WAKEUP)
-                ring.sq_last_active = now
-                return ring.submit(n)
-            ring.sq_sleeping = True
-        return 0
-
-    def next_deadline(self) -> float | None:
-        """The earliest wait deadline or SQPOLL idle point (for the loop's sleep)."""
-        best: float | None = None
-        for ring in self.rings:
-            for w in ring.waits:
-                if w.deadline is not None and (best is None or w.deadline < best):
-                    best = w.deadline
-            if ring.sqpoll and not ring.sq_sleeping:
-                t = ring.sq_last_active + ring.sq_idle
-                if best is None or t < best:
-                    best = t
-        return best
-
-    # -- close --------------------------------------------------------------------------------
-
-    def close_ring(self, ring: Ring) -> None:
-        """Tear a ring down (its fd was closed or its task died)."""
-        ring.close()
-        if ring in self.rings:
-            self.rings.remove(ring)
-
-    def close_fd(self, task: Task, fd: int) -> None:
-        """``close(fd)`` for any file: rings are torn down, sockets released."""
-        obj = task.remove(fd)
-        if isinstance(obj, Ring):
-            self.close_ring(obj)
-        elif isinstance(obj, SocketFile):
-            self.sockets.close(obj)
-        elif hasattr(obj, "close"):
-            obj.close()
-
-    # -- mmap -----------------------------------------------------------------------------------
-
-    def mmap(self, task: Task, fd: int, offset: int, length: int) -> tuple[Region, int]:
-        """``mmap(ring_fd, offset)``: the kernel region and the address in the task's mm."""
-        obj = task.get(fd)
-        if not isinstance(obj, Ring):
-            raise Misuse(f"fd {fd} cannot be mapped", errno.ENODEV)
-        if length <= 0 or offset < 0:
-            raise Misuse(f"mmap length {length} offset {offset}", errno.EINVAL)
-        region = obj.mmap_regions.get(offset)
-        if region is None:
-            raise Misuse(f"no io_uring region at offset {offset:#x}", errno.EINVAL)
-        if length > region.size:
-            raise Misuse(f"mmap of {length} bytes, region has {region.size}", errno.EINVAL)
-        addr = task.mm.map(region.name, length, PROT_READ | PROT_WRITE, kernel=True)
-        return region, addr
-
-    # -- io_uring_register ------------------------------------------------------------------------
-
-    def register(self, task: Task, fd: int, opcode: int, nr_args: int,
-                 blobs: list[bytes]) -> tuple[int, list[bytes]]:
-        """``io_uring_register``: dispatch to the opcode's handler."""
-        if opcode & abi.IORING_REGISTER_USE_REGISTERED_RING:
-            raise Misuse("registered ring fds are not emulated", errno.EINVAL)
-        handler = self.register_ops.get(opcode)
-        if fd == -1:
-            if handler is None or opcode not in self.blind_register_ops:
-                raise Misuse(f"register opcode {opcode} needs a ring", errno.EINVAL)
-            return handler(None, task, nr_args, blobs)
-        ring = self.get_ring(task, fd)
-        if handler is None:
-            raise Misuse(f"register opcode {opcode} not supported", errno.EINVAL)
-        return handler(ring, task, nr_args, blobs)
-
-    @staticmethod
-    def _one_blob(nr_args: int, blobs: list[bytes], dtype: np.dtype[Any]) -> np.ndarray:
-        if nr_args != 1:
-            raise Misuse(f"nr_args {nr_args}, expected 1", errno.EINVAL)
-        if not blobs or len(blobs[0]) != dtype.itemsize:
-            raise Misuse(f"argument must be {dtype.itemsize} bytes", errno.EFAULT)
-        return np.frombuffer(blobs[0], dtype=dtype).copy()
-
-    def _reg_pbuf_ring(self, ring: Ring | None, task: Task, nr_args: int,
-                       blobs: list[bytes]) -> tuple[int, list[bytes]]:
-        assert ring is not None
-        reg = self._one_blob(nr_args, blobs, abi.io_uring_buf_reg)
-        flags = int(reg["flags"][0])
-        entries = int(reg["ring_entries"][0])
-        bgid = int(reg["bgid"][0])
-        addr = int(reg["ring_addr"][0])
-        if reg["resv"].any() or reg["min_left"][0]:
-            raise Misuse("buf_reg reserved fields must be 0", errno.EINVAL)
-        if flags & ~(abi.IOU_PBUF_RING_MMAP | abi.IOU_PBUF_RING_INC):
-            raise Misuse(f"buf_reg flags {flags:#x}", errno.EINVAL)
-        if flags & abi.IOU_PBUF_RING_INC:
-            raise Misuse("incremental buffer rings are not emulated", errno.EINVAL)
-        if entries <= 0 or entries & (entries - 1) or entries >= 65536:
-            raise Misuse(f"ring_entries {entries}", errno.EINVAL)
-        if bgid in ring.buf_rings:
-            raise Misuse(f"buffer group {bgid} exists", errno.EEXIST)
-        size = entries * abi.io_uring_buf.itemsize
-        if flags & abi.IOU_PBUF_RING_MMAP:
-            if addr:
-                raise Misuse("ring_addr with IOU_PBUF_RING_MMAP", errno.EINVAL)
-            name = region_name(self.run_id, "kernel", f"t{task.tid}.ring{ring.fd}.pbuf{bgid}")
-            region = Region.create(name, size)
-            br = BufRing(bgid, entries, region.array(np.uint8), region)
-            ring.mmap_regions[abi.IORING_OFF_PBUF_RING
-                              | (bgid << abi.IORING_OFF_PBUF_SHIFT)] = region
-        else:
-            if not addr:
-                raise Misuse("ring_addr is 0", errno.EFAULT)
-            if addr & (abi.PAGE_SIZE - 1):
-                raise Misuse("ring_addr not page aligned", errno.EINVAL)
-            raw = task.mm.resolve(addr, size, write=True)
-            br = BufRing(bgid, entries, raw, None, addr)
-        ring.buf_rings[bgid] = br
-        return 0, [reg.tobytes()]
-
-    def _unreg_pbuf_ring(self, ring: Ring | None, task: Task, nr_args: int,
-                         blobs: list[bytes]) -> tuple[int, list[bytes]]:
-        assert ring is not None
-        reg = self._one_blob(nr_args, blobs, abi.io_uring_buf_reg)
-        if reg["resv"].any() or reg["flags"][0]:
-            raise Misuse("buf_reg reserved fields must be 0", errno.EINVAL)
-        bgid = int(reg["bgid"][0])
-        br = ring.buf_rings.pop(bgid, None)
-        if br is None:
-            raise Misuse(f"no buffer group {bgid}", errno.ENOENT)
-        ring.mmap_regions.pop(abi.IORING_OFF_PBUF_RING | (bgid << abi.IORING_OFF_PBUF_SHIFT),
-                              None)
-        br.close()
-        return 0, [reg.tobytes()]
-
-    def _reg_pbuf_status(self, ring: Ring | None, task: Task, nr_args: int,
-                         blobs: list[bytes]) -> tuple[int, list[bytes]]:
-        assert ring is not None
-        st = self._one_blob(nr_args, blobs, abi.io_uring_buf_status)
-        if st["resv"].any():
-            raise Misuse("buf_status.resv must be 0", errno.EINVAL)
-        br = ring.buf_rings.get(int(st["buf_group"][0]))
-        if br is None:
-            raise Misuse("no such buffer group", errno.ENOENT)
-        st["head"] = br.head
-        return 0, [st.tobytes()]
-
-    def _reg_enable_rings(self, ring: Ring | None, task: Task, nr_args: int,
-                          blobs: list[bytes]) -> tuple[int, list[bytes]]:
-        assert ring is not None
-        if nr_args or blobs:
-            raise Misuse("ENABLE_RINGS takes no argument", errno.EINVAL)
-        if not ring.disabled:
-            raise Misuse("ring is not disabled", errno.EBADFD)
-        ring.disabled = False
-        return 0, []
-
-    # -- stats ----------------------------------------------------------------------------------
-
-    def stats(self) -> dict[str, Any]:
-        return {"rings": [r.stats_dict() for r in self.rings if not r.closed]}

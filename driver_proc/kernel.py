@@ -15,7 +15,8 @@ Subsystems (one module each, kernel-style):
   listeners and connections; receive queues of (skb, offset, length) pieces.
 * ``ctx.tasks`` - :mod:`driver_proc.files`: one per attached process: its file
   table (sockets, rings) and emulated mm (:mod:`driver_proc.mm`).
-* ``ctx.rings`` - :mod:`driver_proc.io_uring`: io_uring instances and requests.
+* ``ctx.rings`` - :mod:`driver_proc.setup` (the io_uring subsystem) over
+  :mod:`driver_proc.io_uring` (instances and requests): see docs/design.md "Module map".
 * ``zcrx``     - :mod:`driver_proc.zcrx`: zero-copy receive ifqs, their areas (memory
   providers of bound queues), RECV_ZC; its delayed destructions are reaped every poll.
 * ``watch``    - :mod:`shared.watch`: pidfds on the NIC and on every attached app

@@ -11,11 +11,11 @@ iteration to run io_uring's periodic work and send the deferred replies.  Nothin
 I/O of its own except through the server passed to :func:`service`.
 
 Who owns what: every object reached from here is kernel-process state (tasks, sockets, rings).
-Shared memory is only created by :mod:`driver_proc.io_uring` (kernel regions) and by apps
-(their memory, entered with ``mm_map``); see those modules.
+Shared memory is only created by io_uring (kernel regions: :mod:`driver_proc.io_uring` and the
+modules beside it) and by apps (their memory, entered with ``mm_map``); see those modules.
 
 Not here: ``ethtool``, ``stats``, ``status``, ``shutdown`` (the integrator's, in the kernel
-loop), and the zcrx register opcodes (plugged into :class:`driver_proc.io_uring.IoUring` by
+loop), and the zcrx register opcodes (plugged into :class:`driver_proc.setup.IoUring` by
 :class:`driver_proc.zcrx.Zcrx`, which :meth:`KernelContext.create` installs).
 
 Departures: the calling task is identified by its control socket, so a process that recreates
@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from driver_proc.files import SkbStore, SocketFile, Sockets, Task, Tasks
-from driver_proc.io_uring import IoUring, Wait
+from driver_proc.io_uring import Wait
+from driver_proc.setup import IoUring
 from driver_proc.tcp import SocketTable
 from driver_proc.zcrx import Zcrx
 from shared.control import DEFER, ControlServer, Handler, HandlerResult, Reply

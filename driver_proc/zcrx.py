@@ -160,8 +160,10 @@ import numpy as np
 from numpy.typing import NDArray
 
 from driver_proc.files import SocketFile, Task
-from driver_proc.io_uring import IoUring, OpDef, Request, Ring, Sqe
+from driver_proc.io_uring import Request, Ring, Sqe
+from driver_proc.opdef import OpDef
 from driver_proc.page_pool import BufferSpace, BufState, MemoryProvider, PagePool
+from driver_proc.setup import IoUring
 from driver_proc.skb import LINEAR
 from driver_proc.tcp import Pieces, TcpReceiver
 from shared import abi
