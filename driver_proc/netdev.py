@@ -12,7 +12,8 @@ NIC with ``nic.dma_map`` (the contract is :mod:`shared.nicif`):
   pages (:class:`~driver_proc.page_pool.BufferSpace`), a new generation per queue setup, so
   a restarted queue gets a fresh pool while skbs still hold buffers of the old one (delayed
   destruction: the old region is unlinked when its last buffer comes home).  A queue bound
-  to a memory provider (the zcrx area, next issue) uses the provider's space instead.
+  to a memory provider (a zcrx area, :meth:`NetDevice.mp_open_rxq`) uses the provider's
+  space instead.
 
 The driver trusts nothing the NIC writes: the completion ring is read as an untrusted peer's
 (tail clamped, faults counted), every completion is validated (header slot = ring index,
@@ -62,10 +63,11 @@ from driver_proc.tcp import FLOW_KEY_LEN, flow_keys
 from shared import abi, nicif, wire
 from shared.errors import InvariantBroken, Misuse, PeerMisbehaved, ZcrxError
 from shared.ring import RingConsumer, RingProducer
-from shared.shm import Region, region_name
+from shared.shm import PAGE_SIZE, Region, region_name
 
 __all__ = [
     "QUEUE_STATS",
+    "MpNetdev",
     "NapiBatch",
     "NetDevice",
     "NicAdmin",
@@ -111,6 +113,26 @@ class NicAdmin(Protocol):
     """The NIC's admin surface as the driver sees it (``ControlClient.call``)."""
 
     def call(self, type: str, body: Mapping[str, Any] | None = None) -> dict[str, Any]: ...
+
+
+class MpNetdev(Protocol):
+    """A netdev as a memory provider (io_uring zcrx) sees it: its identity, DMA mapping of the
+    provider's own memory, and binding the provider to one RX queue (Linux's
+    ``net_mp_open_rxq`` / ``net_mp_close_rxq``).  Everything else (queues, pools, the drained
+    frames) stays the driver's."""
+
+    name: str
+    ifindex: int
+
+    def dma_map(self, name: str, size: int) -> int: ...
+
+    def dma_unmap(self, map_id: int) -> None: ...
+
+    def mp_check_rxq(self, q: int, rx_page_size: int, *, claimed: bool = False) -> None: ...
+
+    def mp_open_rxq(self, q: int, provider: MemoryProvider) -> None: ...
+
+    def mp_close_rxq(self, q: int, provider: MemoryProvider) -> bool: ...
 
 
 @dataclass
@@ -518,6 +540,55 @@ class NetDevice:
         """Frames drained by configuration changes (set_channels, set_rings); feed to TCP."""
         out, self.drained = self.drained, []
         return [b for b in out if len(b) or b.completions]
+
+    # -- memory providers (net_mp_open_rxq / net_mp_close_rxq) ------------------------------
+
+    def mp_check_rxq(self, q: int, rx_page_size: int, *, claimed: bool = False) -> None:
+        """Raise what :meth:`mp_open_rxq` would refuse, in Linux's order, changing nothing.
+
+        ``-ERANGE`` for a queue beyond the channel count; ``-EOPNOTSUPP`` for buffers of
+        ``rx_page_size`` bytes other than ``PAGE_SIZE`` or the configured ``rx-buf-len`` (the
+        driver cannot post them); ``-EINVAL`` without tcp-data-split or with hds-thresh > 0;
+        ``-EEXIST`` when the queue has a memory provider, also one still draining (or
+        ``claimed``: the caller's own earlier binding is not destroyed yet); ``-ENETDOWN``
+        when the queue is not set up (device down).  A provider checks this before it
+        commits anything (io_uring copies its results out only after binding).
+        """
+        if not 0 <= q < self.n_queues:
+            raise Misuse(f"{self.name}: no rx queue {q}", errno=errno.ERANGE)
+        if rx_page_size != PAGE_SIZE and rx_page_size != self.rx_buf_len:
+            raise Misuse(f"{self.name}: rx-buf-len is {self.rx_buf_len}, not {rx_page_size}",
+                         errno=errno.EOPNOTSUPP)
+        if self.tcp_data_split not in (True, "on"):
+            raise Misuse("tcp-data-split is disabled", errno=errno.EINVAL)
+        if self.hds_thresh:
+            raise Misuse("hds-thresh must be 0", errno=errno.EINVAL)
+        if claimed or self.binding(q) != "none":
+            raise Misuse(f"{self.name} queue {q} already has a memory provider",
+                         errno=errno.EEXIST)
+        if q not in self.queues or not self.up:
+            raise Misuse(f"{self.name} is down", errno=errno.ENETDOWN)
+
+    def mp_open_rxq(self, q: int, provider: MemoryProvider) -> None:
+        """Bind ``provider`` to queue ``q`` (``net_mp_open_rxq``): the checks of
+        :meth:`mp_check_rxq`, then a restart whose new page pool takes its buffers from the
+        provider.  Frames drained by the restart go to :meth:`take_drained`.  If the restart
+        fails the queue is back on kernel pages and the error propagates."""
+        self.mp_check_rxq(q, provider.space.buf_len)
+        self.drained.append(self.queue_restart(q, provider))
+
+    def mp_close_rxq(self, q: int, provider: MemoryProvider) -> bool:
+        """Unbind ``provider`` from queue ``q`` (``net_mp_close_rxq``): restart the queue on
+        kernel pages; the provider's pool is destroyed once its buffers come home (until then
+        :meth:`binding` still reports it).  Drained frames go to :meth:`take_drained`.
+
+        Returns False, doing nothing, when the queue is not set up or runs another provider
+        (Linux warns and leaves it); a failing restart raises (:class:`ZcrxError`)."""
+        rq = self.queues.get(q)
+        if rq is None or rq.provider is not provider:
+            return False
+        self.drained.append(self.queue_restart(q, None))
+        return True
 
     # -- NAPI --------------------------------------------------------------------------------
 

@@ -3,16 +3,18 @@
 Who owns what
 -------------
 A :class:`BufferSpace` is one span of ``count`` equal buffers of ``buf_len`` bytes:
-buffer ``i`` is bytes ``[i * buf_len, (i + 1) * buf_len)`` of the span.  Today a space is a
+buffer ``i`` is bytes ``[i * buf_len, (i + 1) * buf_len)`` of the span.  A space is a
 queue's kernel pages, a region ``/zcrx.<run>.kernel.<dev>.q<N>.pp<gen>`` that the kernel
 creates (:meth:`BufferSpace.create`), DMA-maps for the NIC and unlinks when its pool is
-gone.  In the next issue a space is also a zcrx area (the app's memory, split into niovs).
+gone, or a zcrx area: the app's memory split into niovs, attached by
+:mod:`driver_proc.zcrx`, DMA-mapped by the io_uring memory provider.
 
 The **kernel is the single authority** over every buffer of a space: its state, its page-pool
 reference count (``pp_ref``), its user reference count (``user_refs``) and its owning pool
 (``pp``) live in numpy arrays of the space, written only by this module (on behalf of the
-driver, the skb store and, later, the zcrx refill path).  The NIC only ever sees buffers the
-driver posted; the app only ever sees buffers handed to it with a user reference.
+driver, the skb store and zcrx, which call its helpers and never store into the arrays).  The
+NIC only ever sees buffers the driver posted; the app only ever sees buffers handed to it with
+a user reference.
 
 Buffer states (:class:`BufState`), one per buffer, always::
 
@@ -28,6 +30,7 @@ Transitions::
 
     FREE --provider.alloc--> POOL_CACHE --pool.alloc--> DRIVER --pool.post--> POSTED
     POSTED --space.to_skb--> IN_SKB --space.get_user--> USER
+    FREE --space.take_free + space.lend_free--> USER (zcrx copy fallback, no pool)
     any ref-holding state --space.put_ref / put_user (last ref)--> pool.recycle:
         POOL_CACHE (pool alive) or FREE (pool destroying, no pool, or the pool is gone)
     POOL_CACHE --pool.destroy--> FREE
@@ -42,11 +45,15 @@ Memory providers
 A :class:`PagePool` gets its buffers from a :class:`MemoryProvider` (Linux's
 ``memory_provider_ops``): ``alloc(pool, n)`` hands up to ``n`` buffers to the pool and
 ``release(pool, ids)`` takes buffers back when the pool lets them go.  The
-:class:`KernelPagesProvider` hands out the space's freelist.  The io_uring zcrx provider (next
-issue) plugs in the same way: its ``alloc`` first consumes the refill queue (each valid RQE
-drops a user reference with :meth:`BufferSpace.put_user`, which recycles buffers whose last
-reference went straight into the pool's cache), then takes from the area freelist; an empty
-freelist returns fewer buffers (the queue starves, as in Linux).
+:class:`KernelPagesProvider` hands out the space's freelist.  The io_uring zcrx provider
+(:class:`driver_proc.zcrx.ZcrxProvider`) plugs in the same way: its ``alloc`` first consumes
+the refill queue (each valid RQE drops a user reference with :meth:`BufferSpace.put_user`,
+which recycles buffers whose last reference went straight into the pool's cache), then takes
+from the area freelist; an empty freelist returns fewer buffers (the queue starves, as in
+Linux).  The memory provider ops mirrored: ``alloc`` (``alloc_netmems``), ``release``
+(``release_netmem``), ``init`` and ``destroy``; what ``nl_fill`` reports is
+:attr:`MemoryProvider.kind` (status output).  A provider is bound to and unbound from a queue
+by the netdev (:meth:`driver_proc.netdev.NetDevice.mp_open_rxq` / ``mp_close_rxq``).
 
 Delayed destruction
 -------------------
@@ -192,8 +199,18 @@ class BufferSpace:
 
     Attributes ``state`` (u8), ``pp_ref`` (i32), ``user_refs`` (i32) and ``pp`` (i32 pool id,
     -1 for none) are indexed by buffer id and written only through this class and
-    :class:`PagePool`.  ``flat`` is the span as one uint8 array, ``data`` as
-    ``(count, buf_len)``.
+    :class:`PagePool`; everybody else (the driver, the skb store, zcrx) reads them at most
+    and moves buffers with the paired helpers below, each one numpy batch:
+
+    * :meth:`take_free` / :meth:`put_free`: off and back onto the freelist;
+    * :meth:`get_user` / :meth:`put_user`: one page-pool plus one user reference per id
+      (a CQE hands a buffer over; an RQE gives it back);
+    * :meth:`lend_free` / :meth:`put_user`: a buffer fresh off the freelist goes straight
+      to the user (the copy fallback);
+    * :meth:`to_skb` / :meth:`put_ref`: the driver's reference becomes an skb's, and is
+      dropped when the skb is freed; :meth:`scrub` revokes every user reference.
+
+    ``flat`` is the span as one uint8 array, ``data`` as ``(count, buf_len)``.
     """
 
     def __init__(self, buf: Any, count: int, buf_len: int, *, name: str = "",
@@ -374,6 +391,20 @@ class BufferSpace:
             np.add.at(self.pp_ref, a, 1)
             np.add.at(self.user_refs, a, 1)
         self.state[a] = _USER
+
+    def lend_free(self, ids: NDArray[np.int64]) -> None:
+        """Hand buffers taken off the freelist (:meth:`take_free`) straight to the user,
+        outside any pool (zcrx's copy fallback): USER with one page-pool reference
+        (Linux's ``page_pool_fragment_netmem(niov, 1)``) and one user reference each.  The
+        user gives them back with :meth:`put_user`; the last reference sends them to the
+        freelist (no pool owns them).  ``ids`` must be distinct."""
+        if len(ids) == 0:
+            return
+        if np.count_nonzero(self.state[ids] != _FREE):
+            raise InvariantBroken(f"{self}: lend_free of a buffer that is not FREE")
+        self.state[ids] = _USER
+        self.pp_ref[ids] = 1
+        self.user_refs[ids] = 1
 
     def put_user(self, ids: ArrayLike) -> int:
         """The user returns buffers (one reference per occurrence; the refill path).

@@ -2,10 +2,29 @@
 the io_uring memory provider, ``IORING_OP_RECV_ZC`` and teardown (Linux ``io_uring/zcrx.c``).
 
 :class:`Zcrx` is the subsystem the kernel process runs.  It plugs into
-:class:`driver_proc.io_uring.IoUring` through its extension points: the RECV_ZC opcode, the
+:class:`driver_proc.setup.IoUring` through its extension points: the RECV_ZC opcode, the
 ``IORING_REGISTER_ZCRX_IFQ`` / ``ZCRX_CTRL`` / ``QUERY`` register opcodes, a teardown hook per
 ring and a poll hook (requeued requests, delayed destruction).  No I/O here: the NIC is reached
-through :class:`driver_proc.netdev.NetDevice` (``dma_map``, ``queue_restart``).
+only through the netdev's memory-provider interface (:class:`driver_proc.netdev.MpNetdev`:
+``dma_map``/``dma_unmap`` of the area, ``mp_check_rxq``, ``mp_open_rxq``/``mp_close_rxq``); the
+netdev's queues, pools and drained frames are the driver's.
+
+Linux functions mirrored
+------------------------
+* registration: ``io_register_zcrx_ifq`` (:meth:`Zcrx._reg_ifq`), ``io_allocate_rbuf_ring``
+  (:meth:`Zcrx._create_rq`), ``io_zcrx_create_area`` / ``io_import_area``
+  (:meth:`Zcrx._create_area`), ``net_mp_open_rxq`` / ``net_mp_close_rxq`` (the netdev's
+  ``mp_open_rxq`` / ``mp_close_rxq``, called by :meth:`Zcrx._bind` / :meth:`Zcrx._terminate`);
+* the memory provider ``io_uring_pp_zc_ops`` (:class:`ZcrxProvider`): ``alloc_netmems``
+  (``alloc``: ``io_zcrx_ring_refill`` = :meth:`Ifq.consume_rq`, then the area freelist),
+  ``release_netmem`` (``release``), ``init`` / ``destroy``;
+* RECV_ZC: ``io_recvzc`` (:meth:`RecvZcRequest.attempt`), ``io_zcrx_tcp_recvmsg`` /
+  ``tcp_read_sock`` (:meth:`RecvZcRequest._pass`), ``io_zcrx_recv_skb`` /
+  ``io_zcrx_recv_frag`` (:meth:`RecvZcRequest._recv_skb`), ``io_zcrx_copy_chunk``
+  (:meth:`RecvZcRequest._copy_chunk`), ``io_zcrx_queue_cqe`` (:meth:`RecvZcRequest._queue_cqe`),
+  each once per batch of chunks, never per frag;
+* control and teardown: ``io_zcrx_ctrl`` (``FLUSH_RQ`` = :meth:`Ifq.flush`, ``EXPORT``),
+  ``io_zcrx_scrub`` (:meth:`BufferSpace.scrub`), ``io_close_queue`` (:meth:`Zcrx._terminate`).
 
 Who owns what in shared memory
 ------------------------------
@@ -16,8 +35,11 @@ Who owns what in shared memory
   queue, asks the NIC to DMA-map the whole region (``nic.dma_map``).  The NIC writes payload
   only into niovs the driver posted; the app reads niovs only while it holds a user reference
   (a CQE handed it over); the kernel writes copy-fallback data into niovs it took from the
-  freelist.  Every niov's state and refcounts live in the space's arrays, written only here,
-  in :mod:`driver_proc.page_pool` and :mod:`driver_proc.skb` (the kernel is the authority).
+  freelist.  Every niov's state and refcounts live in the space's arrays (the kernel is the
+  authority), written only by :mod:`driver_proc.page_pool`; this module moves niovs only
+  through its paired helpers: ``take_free``/``put_free`` (area freelist), ``lend_free`` (a
+  copy-fallback niov to the user), ``get_user``/``put_user`` (a CQE hands a niov over, an RQE
+  returns it), ``scrub`` (teardown).
 * **Refill queue** (RQ): ``struct io_uring {u32 head, tail}`` then 16-byte RQEs at the offsets
   written back (head 0, tail 4, rqes 64: Linux 6.18+).  Either app memory
   (``IORING_MEM_REGION_TYPE_USER``, resolved through the mm and kept pinned) or a kernel region
@@ -154,15 +176,16 @@ import logging
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
 
 from driver_proc.files import SocketFile, Task
 from driver_proc.io_uring import Request, Ring, Sqe
+from driver_proc.netdev import MpNetdev
 from driver_proc.opdef import OpDef
-from driver_proc.page_pool import BufferSpace, BufState, MemoryProvider, PagePool
+from driver_proc.page_pool import BufferSpace, MemoryProvider, PagePool
 from driver_proc.setup import IoUring
 from driver_proc.skb import LINEAR
 from driver_proc.tcp import Pieces, TcpReceiver
@@ -234,7 +257,6 @@ _LOW48 = (1 << abi.IORING_ZCRX_AREA_SHIFT) - 1
 _RQE_DTYPE = abi.io_uring_zcrx_rqe
 _EMPTY = np.empty(0, dtype=np.int64)
 _EMPTY.flags.writeable = False
-_USER = np.uint8(BufState.USER)
 _REG_FLAGS = abi.ZCRX_REG_IMPORT | abi.ZCRX_REG_NODEV
 _RECVZC_IOPRIO = abi.IORING_RECVSEND_POLL_FIRST | abi.IORING_RECV_MULTISHOT
 _IFQ_RING_FLAGS = abi.IORING_SETUP_CQE32 | abi.IORING_SETUP_CQE_MIXED
@@ -390,7 +412,7 @@ class Ifq:
     rq_entries: int
     rq_mem: NDArray[np.uint8] | None
     rq_region: Region | None
-    dev: Any = None            # NetDevice of a hardware queue (None: NODEV)
+    dev: MpNetdev | None = None  # the netdev of a hardware queue (None: NODEV)
     rxq: int = 0
     provider: ZcrxProvider | None = None
     state: str = "live"
@@ -471,10 +493,10 @@ class Ifq:
             ids = idx
         space = self.space
         if len(ids):
-            before = space.bad_user_returns
+            # every id is in range: a return put_user did not accept had no reference
             accepted = space.put_user(ids)
             st["rq_returned"] += accepted
-            st["rq_invalid_noref"] += space.bad_user_returns - before
+            st["rq_invalid_noref"] += len(ids) - accepted
         rq.release(n)
         st["rq_consumed"] += n
         return n, stopped
@@ -640,11 +662,18 @@ class RecvZcRequest(Request):
         return True
 
     def _pass(self, conn: TcpReceiver, fold: bool = False) -> tuple[int, int | None, bool]:
-        """One ``tcp_read_sock`` walk: ``(bytes delivered, errno that stopped it or None,
-        stopped only by the skb limit)``.  ``fold``: run up to :data:`PASSES_PER_BATCH`
-        passes back to back (nobody else would take a turn in between)."""
-        z, ifq, ring = self.zcrx, self.ifq, self.ring
-        space = ifq.space
+        """One ``tcp_read_sock`` walk (``io_zcrx_tcp_recvmsg``): ``(bytes delivered, errno
+        that stopped it or None, stopped only by the skb limit)``.  ``fold``: run up to
+        :data:`PASSES_PER_BATCH` passes back to back (nobody else would take a turn between).
+
+        The whole walk is one numpy batch, in Linux's steps: :meth:`_recv_skb` (every chunk
+        of the walked skbs, a niov of another ifq ending it with ``-EFAULT`` as
+        ``io_zcrx_recv_frag`` does), :func:`_split_cqes` (one CQE per niov frag, one per
+        :data:`COPY_CHUNK` of copied bytes), :meth:`_cqes_that_fit` (CQ room, free niovs),
+        :meth:`_copy_chunk` (``io_zcrx_copy_chunk``), :meth:`_queue_cqe`
+        (``io_zcrx_queue_cqe``); then the receive queue is consumed past what was delivered.
+        """
+        ifq = self.ifq
         rxq = conn.rxq
         budget = rxq.nbytes if not self.limit else min(rxq.nbytes, self.left)
         pieces = rxq.peek(budget)
@@ -656,98 +685,32 @@ class RecvZcRequest(Request):
         if cut:
             pieces = Pieces(pieces.handles[:most], pieces.offsets[:most],
                             pieces.lengths[:most])
-        piece, src, buf, boff, ln, skb_off = z._chunks(pieces)
-        sid = space.space_id
-        zc = src == sid
-        err: int | None = None
-        all_zc = bool(zc.all())
-        if not all_zc:
-            foreign = z._foreign_ids(sid)
-            if len(foreign):
-                fo = np.isin(src, foreign)
-                if fo.any():
-                    f = int(np.argmax(fo))
-                    piece, src, buf, boff, ln, skb_off, zc = (
-                        a[:f] for a in (piece, src, buf, boff, ln, skb_off, zc))
-                    err = errno.EFAULT
-                    cut = False
-                    all_zc = bool(zc.all())
-        # -- one CQE per zero-copy chunk, one per COPY_CHUNK bytes of a copied chunk
-        if all_zc:
-            c_idx = np.arange(len(ln), dtype=np.int64)
-            c_len = ln
-            c_copy = np.zeros(len(ln), dtype=bool)
-            c_j = np.zeros(len(ln), dtype=np.int64)
-        else:
-            ncq = np.where(zc, 1, (ln + COPY_CHUNK - 1) // COPY_CHUNK)
-            c_idx = np.repeat(np.arange(len(ln), dtype=np.int64), ncq)
-            c_j = np.arange(len(c_idx), dtype=np.int64) - np.repeat(np.cumsum(ncq) - ncq, ncq)
-            c_copy = ~zc[c_idx]
-            c_len = np.where(c_copy, np.minimum(COPY_CHUNK, ln[c_idx] - c_j * COPY_CHUNK),
-                             ln[c_idx])
-        total = len(c_idx)
-        room = ring.cq_room()
-        if ring.mixed:
-            room //= 2  # a 32-byte CQE takes two slots
-        m = min(total, room)
-        m_mem = total
-        if not all_zc:
-            # the first CQE whose copy finds the freelist empty
-            m_mem = int(np.searchsorted(np.cumsum(c_copy), space.free_count, side="right"))
-            m = min(m, m_mem)
+        fr, err = self._recv_skb(pieces)
+        if err is not None:
+            cut = False
+        cq = _split_cqes(fr)
+        total = len(cq.idx)
+        m, limit_err = self._cqes_that_fit(cq)
         if m < total:
-            # Linux takes the niov before it queues the CQE: no niov wins over no room
-            err = errno.ENOMEM if m == m_mem else errno.ENOSPC
+            err = limit_err
             cut = False
         if m == 0:
             return 0, err, False
-        c_idx, c_len, c_copy, c_j = c_idx[:m], c_len[:m], c_copy[:m], c_j[:m]
-        buf_len = space.buf_len
-        offs = buf[c_idx] * buf_len + boff[c_idx]
-        ids = _EMPTY
-        cp = None
-        if not all_zc:
-            cp = np.flatnonzero(c_copy)
-            if len(cp):
-                ids = space.take_free(len(cp))
-                if len(ids) != len(cp):
-                    raise InvariantBroken(f"{ifq}: freelist shrank under a RECV_ZC pass")
-                h = pieces.handles[piece[c_idx[cp]]]
-                o = skb_off[c_idx[cp]] + c_j[cp] * COPY_CHUNK
-                z._copy_into(space, ids, h, o, c_len[cp], src[c_idx[cp]])
-                offs[cp] = ids * buf_len
-        if ifq.token:
-            offs |= ifq.token
-        res = c_len.astype(np.int64, copy=False)
-        flags = np.full(m, abi.IORING_CQE_F_MORE, dtype=np.int64)
-        posted = ring.post_big_batch(self.user_data, res, flags, offs)
+        if m < total:
+            cq = cq.head(m)
+        buf_len = ifq.space.buf_len
+        # a niov frag's CQE points into the area: niov * buf_len + frag offset
+        offs = fr.buf[cq.idx] * buf_len + fr.boff[cq.idx]
+        ids, cp = self._copy_chunk(pieces, fr, cq, offs)
+        posted, n_copy, zc_bytes = self._queue_cqe(fr, cq, offs, ids, cp)
         if posted < m:
             err = errno.ENOSPC
             cut = False
-        # -- references: copies are held by the user only; zero-copy niovs gain one each
-        n_copy = 0
-        if cp is not None and len(cp):
-            n_copy = int(np.searchsorted(cp, posted))
-            if n_copy < len(ids):
-                space.put_free(ids[n_copy:])  # the CQE never went out: back to the area
-            got = ids[:n_copy]
-            if len(got):
-                space.state[got] = _USER
-                space.pp_ref[got] = 1
-                space.user_refs[got] = 1
-        n_zc = posted - n_copy
-        delivered = int(res[:posted].sum())
-        zc_bytes = delivered
-        if n_zc:
-            zc_post = ~c_copy[:posted]
-            space.get_user(buf[c_idx[:posted][zc_post]])
-            if n_copy:
-                zc_bytes = int(res[:posted][zc_post].sum())
-        else:
-            zc_bytes = 0
+        delivered = int(cq.len[:posted].sum())
         if delivered:
-            z.sockets.free(rxq.consume(delivered))
+            self.zcrx.sockets.free(rxq.consume(delivered))
         st = ifq.counters
+        n_zc = posted - n_copy
         if n_zc:
             st["zc_cqes"] += n_zc
             st["zc_bytes"] += zc_bytes
@@ -758,9 +721,158 @@ class RecvZcRequest(Request):
             self.left -= delivered
         if posted:
             # every SKBS_PER_PASS skbs walked, one pass ended by yielding (requeue)
-            walked = int(piece[c_idx[posted - 1]]) + 1
+            walked = int(fr.piece[cq.idx[posted - 1]]) + 1
             st["recv_requeues"] += (walked - 1) // SKBS_PER_PASS + (1 if cut else 0)
         return delivered, err, cut
+
+    def _recv_skb(self, pieces: Pieces) -> tuple[_Frags, int | None]:
+        """``io_zcrx_recv_skb`` over every walked skb: the chunks of ``pieces`` in stream
+        order, each a frag in a niov of this ifq's area (handed over in place) or data to
+        copy (linear data, kernel-page frags).  ``io_zcrx_recv_frag`` refuses a niov of
+        another ifq's area: the walk ends before the first one, with ``EFAULT``."""
+        z = self.zcrx
+        piece, src, buf, boff, ln, skb_off = z._chunks(pieces)
+        sid = self.ifq.space.space_id
+        zc = src == sid
+        all_zc = bool(zc.all())
+        err: int | None = None
+        if not all_zc:
+            foreign = z._foreign_ids(sid)
+            if len(foreign):
+                fo = np.isin(src, foreign)
+                if fo.any():
+                    f = int(np.argmax(fo))
+                    piece, src, buf, boff, ln, skb_off, zc = (
+                        a[:f] for a in (piece, src, buf, boff, ln, skb_off, zc))
+                    err = errno.EFAULT
+                    all_zc = bool(zc.all())
+        return _Frags(piece, src, buf, boff, ln, skb_off, zc, all_zc), err
+
+    def _cqes_that_fit(self, cq: _Cqes) -> tuple[int, int]:
+        """How many of the planned CQEs can go out: the CQ's room (``io_zcrx_queue_cqe``
+        fails without it: ``ENOSPC``; RECV_ZC never overflows) and, for copies, the free
+        niovs (``io_zcrx_copy_chunk`` fails without one: ``ENOMEM``).  Returns ``(count,
+        errno if count falls short)``; Linux takes the niov before it queues the CQE, so no
+        niov wins over no room."""
+        ring = self.ring
+        total = len(cq.idx)
+        room = ring.cq_room()
+        if ring.mixed:
+            room //= 2  # a 32-byte CQE takes two slots
+        m = min(total, room)
+        m_mem = total
+        if not cq.all_zc:
+            # the first CQE whose copy finds the freelist empty
+            m_mem = int(np.searchsorted(np.cumsum(cq.copy), self.ifq.space.free_count,
+                                        side="right"))
+            m = min(m, m_mem)
+        return m, errno.ENOMEM if m == m_mem else errno.ENOSPC
+
+    def _copy_chunk(self, pieces: Pieces, fr: _Frags, cq: _Cqes, offs: NDArray[np.int64]
+                    ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+        """``io_zcrx_copy_chunk`` for every copy CQE of the batch: a niov off the area
+        freelist each (``io_alloc_fallback_niov``; :meth:`_cqes_that_fit` made sure there
+        are enough), the chunk's bytes copied to its start, the CQE's offset pointed at it
+        (``offs``, updated in place).  Returns ``(niovs, indices of the copy CQEs)``; the
+        niovs stay off the freelist, unowned, until :meth:`_queue_cqe` settles them."""
+        if cq.all_zc:
+            return _EMPTY, _EMPTY
+        cp = np.flatnonzero(cq.copy)
+        if not len(cp):
+            return _EMPTY, cp
+        space = self.ifq.space
+        ids = space.take_free(len(cp))
+        if len(ids) != len(cp):
+            raise InvariantBroken(f"{self.ifq}: freelist shrank under a RECV_ZC pass")
+        ci = cq.idx[cp]
+        h = pieces.handles[fr.piece[ci]]
+        o = fr.skb_off[ci] + cq.j[cp] * COPY_CHUNK
+        self.zcrx._copy_into(space, ids, h, o, cq.len[cp], fr.src[ci])
+        offs[cp] = ids * space.buf_len
+        return ids, cp
+
+    def _queue_cqe(self, fr: _Frags, cq: _Cqes, offs: NDArray[np.int64],
+                   ids: NDArray[np.int64], cp: NDArray[np.int64]) -> tuple[int, int, int]:
+        """``io_zcrx_queue_cqe`` for the batch: post the CQEs (``F_MORE``, ``off`` = area
+        token | offset, ``res`` = bytes) in one go, then settle the references of what went
+        out.  A niov frag gains one page-pool reference (``io_zcrx_recv_frag``'s
+        ``page_pool_ref_netmem``) and one user reference (``io_zcrx_get_niov_uref``)
+        (:meth:`BufferSpace.get_user`); a copy niov is lent to the user
+        (:meth:`BufferSpace.lend_free`); a copy niov whose CQE did not fit goes back to the
+        freelist (``io_zcrx_return_niov``).  Returns ``(CQEs posted, of them copies,
+        zero-copy bytes)``."""
+        ifq = self.ifq
+        space = ifq.space
+        if ifq.token:
+            offs |= ifq.token
+        m = len(cq.idx)
+        res = cq.len.astype(np.int64, copy=False)
+        flags = np.full(m, abi.IORING_CQE_F_MORE, dtype=np.int64)
+        posted = self.ring.post_big_batch(self.user_data, res, flags, offs)
+        n_copy = 0
+        if len(cp):
+            n_copy = int(np.searchsorted(cp, posted))
+            if n_copy < len(ids):
+                space.put_free(ids[n_copy:])  # the CQE never went out: back to the area
+            space.lend_free(ids[:n_copy])
+        n_zc = posted - n_copy
+        if not n_zc:
+            return posted, n_copy, 0
+        if not n_copy:
+            space.get_user(fr.buf[cq.idx[:posted]])
+            return posted, n_copy, int(res[:posted].sum())
+        zc_post = ~cq.copy[:posted]
+        space.get_user(fr.buf[cq.idx[:posted][zc_post]])
+        return posted, n_copy, int(res[:posted][zc_post].sum())
+
+
+class _Frags(NamedTuple):
+    """The chunks one RECV_ZC pass walked, in stream order (arrays of one length):
+    ``piece`` (index into the pass's pieces), ``src`` (space id of the memory holding it;
+    ``LINEAR`` for skb linear data), ``buf`` (buffer id in ``src``), ``boff`` (offset in the
+    buffer), ``ln`` (bytes), ``skb_off`` (offset in the skb's payload), ``zc`` (a niov of
+    this ifq's area: handed over in place); ``all_zc`` when every chunk is."""
+
+    piece: NDArray[np.int64]
+    src: NDArray[np.int64]
+    buf: NDArray[np.int64]
+    boff: NDArray[np.int64]
+    ln: NDArray[np.int64]
+    skb_off: NDArray[np.int64]
+    zc: NDArray[np.bool_]
+    all_zc: bool
+
+
+class _Cqes(NamedTuple):
+    """The CQEs one pass plans, in order: ``idx`` (the chunk of :class:`_Frags`), ``len``
+    (bytes), ``copy`` (through the copy fallback), ``j`` (which :data:`COPY_CHUNK` of its
+    chunk); ``all_zc`` when none is a copy."""
+
+    idx: NDArray[np.int64]
+    len: NDArray[np.int64]
+    copy: NDArray[np.bool_]
+    j: NDArray[np.int64]
+    all_zc: bool
+
+    def head(self, m: int) -> _Cqes:
+        """The first ``m`` CQEs."""
+        return _Cqes(self.idx[:m], self.len[:m], self.copy[:m], self.j[:m], self.all_zc)
+
+
+def _split_cqes(fr: _Frags) -> _Cqes:
+    """One CQE per niov frag, one per :data:`COPY_CHUNK` bytes of a chunk to copy (the loop
+    of ``io_zcrx_copy_chunk``), in stream order."""
+    ln = fr.ln
+    if fr.all_zc:
+        n = len(ln)
+        return _Cqes(np.arange(n, dtype=np.int64), ln, np.zeros(n, dtype=bool),
+                     np.zeros(n, dtype=np.int64), True)
+    ncq = np.where(fr.zc, 1, (ln + COPY_CHUNK - 1) // COPY_CHUNK)
+    c_idx = np.repeat(np.arange(len(ln), dtype=np.int64), ncq)
+    c_j = np.arange(len(c_idx), dtype=np.int64) - np.repeat(np.cumsum(ncq) - ncq, ncq)
+    c_copy = ~fr.zc[c_idx]
+    c_len = np.where(c_copy, np.minimum(COPY_CHUNK, ln[c_idx] - c_j * COPY_CHUNK), ln[c_idx])
+    return _Cqes(c_idx, c_len, c_copy, c_j, False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -778,12 +890,12 @@ class Zcrx:
             copies; a store without it is treated as all-linear (every byte copied).
     """
 
-    def __init__(self, uring: IoUring, *, netdevs: Mapping[str, Any] | None = None,
+    def __init__(self, uring: IoUring, *, netdevs: Mapping[str, MpNetdev] | None = None,
                  skbs: Any = None) -> None:
         self.uring = uring
         self.sockets = uring.sockets
         self.skbs = skbs if skbs is not None else uring.skbs
-        self.netdevs: Mapping[str, Any] = netdevs if netdevs is not None else {}
+        self.netdevs: Mapping[str, MpNetdev] = netdevs if netdevs is not None else {}
         self.ifqs: list[Ifq] = []
         #: hardware queues bound (or still draining): (ifindex, queue) -> ifq
         self.bound: dict[tuple[int, int], Ifq] = {}
@@ -807,7 +919,7 @@ class Zcrx:
 
     # -- lookups ------------------------------------------------------------------------------
 
-    def _dev_by_index(self, ifindex: int) -> Any:
+    def _dev_by_index(self, ifindex: int) -> MpNetdev:
         for dev in self.netdevs.values():
             if dev.ifindex == ifindex:
                 return dev
@@ -993,7 +1105,7 @@ class Zcrx:
             raise
         return ZcrxArea(space, addr, length, buf_len.bit_length() - 1, region)
 
-    def _release_area(self, area: ZcrxArea, dev: Any) -> None:
+    def _release_area(self, area: ZcrxArea, dev: MpNetdev | None) -> None:
         if area.map_id is not None and dev is not None:
             dev.dma_unmap(area.map_id)
             area.map_id = None
@@ -1001,27 +1113,18 @@ class Zcrx:
 
     # -- queue binding (net_mp_open_rxq / net_mp_close_rxq) -----------------------------------
 
-    def _check_bindable(self, dev: Any, q: int, buf_len: int) -> None:
-        if not 0 <= q < dev.n_queues:
-            raise _misuse(f"{dev.name}: no rx queue {q}", errno.ERANGE)
-        if buf_len != PAGE_SIZE and buf_len != dev.rx_buf_len:
-            raise _misuse(f"{dev.name}: rx-buf-len is {dev.rx_buf_len}, not {buf_len}",
-                          errno.EOPNOTSUPP)
-        if dev.tcp_data_split not in (True, "on"):
-            raise _misuse("tcp-data-split is disabled", errno.EINVAL)
-        if dev.hds_thresh:
-            raise _misuse("hds-thresh must be 0", errno.EINVAL)
-        if (dev.ifindex, q) in self.bound or dev.binding(q) != "none":
-            raise _misuse(f"{dev.name} queue {q} already has a memory provider", errno.EEXIST)
-        if q not in dev.queues or not dev.up:
-            raise _misuse(f"{dev.name} is down", errno.ENETDOWN)
+    def _check_bindable(self, dev: MpNetdev, q: int, buf_len: int) -> None:
+        """What binding ``q`` would refuse (:meth:`NetDevice.mp_check_rxq`), before anything
+        is committed; an ifq of ours still being destroyed on that queue counts as bound."""
+        dev.mp_check_rxq(q, buf_len, claimed=(dev.ifindex, q) in self.bound)
 
     def _bind(self, ifq: Ifq) -> None:
+        """DMA-map the area and open the queue with a new :class:`ZcrxProvider`."""
         dev, area = ifq.dev, ifq.area
+        assert dev is not None
         area.map_id = dev.dma_map(area.region.name, area.region.size)
         prov = ZcrxProvider(ifq)
-        drained = dev.queue_restart(ifq.rxq, prov)  # on failure the queue is back on pages
-        dev.drained.append(drained)
+        dev.mp_open_rxq(ifq.rxq, prov)  # on failure the queue is back on pages
         ifq.provider = prov
         self.bound[(dev.ifindex, ifq.rxq)] = ifq
 
@@ -1241,13 +1344,11 @@ class Zcrx:
         ifq.counters["scrubbed_refs"] += ifq.space.scrub()
         dev, prov = ifq.dev, ifq.provider
         if dev is not None and prov is not None:
-            rq = dev.queues.get(ifq.rxq)
-            if rq is not None and rq.provider is prov:
-                try:
-                    dev.drained.append(dev.queue_restart(ifq.rxq, None))
-                except ZcrxError as exc:
-                    self.counters["teardown_errors"] += 1
-                    log.warning("%s: queue restart at teardown failed: %s", ifq, exc)
+            try:
+                dev.mp_close_rxq(ifq.rxq, prov)  # nothing if the queue runs without it
+            except ZcrxError as exc:
+                self.counters["teardown_errors"] += 1
+                log.warning("%s: queue restart at teardown failed: %s", ifq, exc)
         self._maybe_finish(ifq)
 
     def _maybe_finish(self, ifq: Ifq) -> bool:

@@ -921,6 +921,58 @@ def test_memory_provider_binding_via_restart(dev: tuple[NetDevice, FakeNic, SkbS
         area.close()
 
 
+def test_mp_open_and_close_rxq(dev: tuple[NetDevice, FakeNic, SkbStore], run_id: str) -> None:
+    """The memory-provider interface: Linux's checks and errnos, drained frames kept, a
+    close by another provider ignored, the provider attached until its pool drained."""
+    nd, nic, store = dev
+    nd.open()
+    area = BufferSpace.create(region_name(run_id, "app1", "area0"), 256, 4096)
+    try:
+        prov = AreaProvider(area)
+        with pytest.raises(Misuse) as ei:
+            nd.mp_open_rxq(2, prov)                           # 2 channels
+        assert ei.value.errno == errno.ERANGE
+        with pytest.raises(Misuse) as ei:
+            nd.mp_check_rxq(1, 8192)                          # rx-buf-len is 4096
+        assert ei.value.errno == errno.EOPNOTSUPP
+        with pytest.raises(Misuse) as ei:
+            nd.mp_check_rxq(1, 4096, claimed=True)
+        assert ei.value.errno == errno.EEXIST
+        flow = Flow()
+        fr, fl, _ = flow.frames([1460] * 2)
+        nic.deliver(1, fr, fl)                                # in the ring while binding
+        nd.mp_open_rxq(1, prov)
+        assert nd.binding(1) == "io-uring" and area.check_ledger()["posted"] == 64
+        (drained,) = nd.take_drained()
+        assert pattern.verify(flow.stream, 0, payload_bytes(store, drained)) == -1
+        store.free(drained.handles)
+        with pytest.raises(Misuse) as ei:
+            nd.mp_open_rxq(1, AreaProvider(area))
+        assert ei.value.errno == errno.EEXIST
+        assert nd.mp_close_rxq(1, AreaProvider(area)) is False   # not this queue's provider
+        assert nd.mp_close_rxq(0, prov) is False
+        assert nd.binding(1) == "io-uring"
+        fr, fl, _ = flow.frames([1460] * 3)
+        nic.deliver(1, fr, fl)
+        b = nd.napi_poll(1)
+        assert nd.mp_close_rxq(1, prov) is True
+        assert nd.status()["rx_queues"][1]["binding"] == "none"
+        assert nd.binding(1) == "io-uring"                    # 3 niovs still in skbs
+        with pytest.raises(Misuse) as ei:
+            nd.mp_check_rxq(1, 4096)
+        assert ei.value.errno == errno.EEXIST
+        nd.check_ledger()
+        store.free(b.handles)
+        assert nd.binding(1) == "none" and area.check_ledger()["free"] == 256
+        nd.mp_check_rxq(1, 4096)                              # bindable again
+        nd.close()
+        with pytest.raises(Misuse) as ei:
+            nd.mp_check_rxq(1, 4096)
+        assert ei.value.errno == errno.ENETDOWN
+    finally:
+        area.close()
+
+
 def test_failed_binding_falls_back_to_kernel_pages(
         dev: tuple[NetDevice, FakeNic, SkbStore], run_id: str) -> None:
     nd, _nic, _store = dev

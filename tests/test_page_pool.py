@@ -139,6 +139,21 @@ def test_user_refs_keep_buffer_after_skb_free_and_bad_returns_are_ignored() -> N
     assert pool.inflight == 0
 
 
+def test_lend_free_hands_a_fresh_buffer_to_the_user_outside_any_pool() -> None:
+    sp = make_space(4)
+    ids = sp.take_free(3)
+    sp.lend_free(ids[:2])                       # the copy fallback: two CQEs went out
+    sp.put_free(ids[2:])                        # the third did not
+    assert [int(sp.pp_ref[i]) for i in ids[:2]] == [1, 1]
+    assert sp.check_ledger() == {"free": 2, "pool_cache": 0, "driver": 0, "posted": 0,
+                                 "in_skb": 0, "user": 2}
+    with pytest.raises(InvariantBroken, match="not FREE"):
+        sp.lend_free(ids[:1])                   # already the user's
+    sp.lend_free(ids[:0])
+    assert sp.put_user(ids[:2]) == 2            # last reference: back to the freelist
+    assert sp.check_ledger()["free"] == 4 and sp.free_count == 4
+
+
 def test_scrub_revokes_user_references() -> None:
     pool = make_pool(4)
     sp = pool.space
