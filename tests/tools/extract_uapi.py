@@ -805,6 +805,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA,
                     help=f"data file for --check (default {DEFAULT_DATA})")
     args = ap.parse_args(argv)
+    if not args.reference.is_file():
+        ap.error(f"reference {args.reference} not found; pass the path of uapi-layouts.md")
     text = render(args.reference.read_text(encoding="utf-8"))
     if not args.check:
         sys.stdout.write(text)
