@@ -4,9 +4,10 @@ Every io_uring / zcrx struct below is a little-endian numpy structured dtype lai
 byte as x86-64 Linux lays out the C struct, with the same field names as the uapi header.
 Sources of truth are ``uapi-layouts.md`` (offsets and sizes compiled from liburing's vendored
 ``io_uring.h`` @27255f4, 2026-08) and ``zcrx-kernel.md`` in the team's reference folder;
-``tests/test_abi.py`` re-checks this module against the former by parsing it.  Where the uapi
-changed over time, the *liburing 2026-08 / kernel <= 7.1* shape is modelled (e.g.
-``io_uring_zcrx_ifq_reg`` has ``rx_buf_len`` at 68 and ``__resv[3]`` at 72, no ``event_desc``).
+``tests/test_abi.py`` re-checks this module against the former's facts, kept in the repo as
+``tests/data/uapi_layouts.toml``.  Where the uapi changed over time, the *liburing 2026-08 /
+kernel <= 7.1* shape is modelled (:data:`LINUX_VERSION`; e.g. ``io_uring_zcrx_ifq_reg`` has
+``rx_buf_len`` at 68 and ``__resv[3]`` at 72, no ``event_desc``).
 
 Conventions
 -----------
@@ -77,6 +78,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+# The newest Linux release whose uapi this module models: the liburing 2026-08 / kernel <= 7.1
+# shape.  tests/test_abi.py requires every fact of tests/data/uapi_layouts.toml up to this
+# release and lets facts of later ones (``since = "7.2"``, ...) be absent; bump it when support
+# for a newer uapi lands, and those facts become required.
+LINUX_VERSION = (7, 1)
 
 # --------------------------------------------------------------------------------------------
 # Scalar formats (x86-64 is little-endian) and the dtype builder
