@@ -94,8 +94,10 @@ class QueueLayout:
 
     def hdr_slots(self, buf: object) -> np.ndarray:
         """The header slots as a ``(ring_size, slot_size)`` uint8 view of ``buf``."""
-        return np.frombuffer(buf, dtype=np.uint8, count=self.ring_size * self.slot_size,  # type: ignore[call-overload]
-                             offset=self.hdr_off).reshape(self.ring_size, self.slot_size)
+        flat: np.ndarray = np.frombuffer(
+            buf, dtype=np.uint8, count=self.ring_size * self.slot_size,  # type: ignore[call-overload]
+            offset=self.hdr_off)
+        return flat.reshape(self.ring_size, self.slot_size)
 
 
 def queue_region_object(dev: str, queue: int) -> str:

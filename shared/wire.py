@@ -283,7 +283,8 @@ def mss(family: int, mtu: int) -> int:
 
 def _be_words_sum(a: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint64]:
     """Row sums of the big-endian 16-bit words of a 2-D uint8 array with an even width."""
-    return a.view(">u2").sum(axis=1, dtype=np.uint64)
+    sums: npt.NDArray[np.uint64] = a.view(">u2").sum(axis=1, dtype=np.uint64)
+    return sums
 
 
 def _csum(s: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
