@@ -40,6 +40,9 @@ Death of a peer (DESIGN §6):
   ``ECONNRESET``): data already queued is still read first, then armed and later
   RECV/RECV_ZC requests end with ``-ENETDOWN``.  Niovs come home as sockets and skbs are
   freed; zcrx ifqs are destroyed when their rings close.  The NIC is not re-probed.
+
+Its own death: an exception out of the loop is an oops (:meth:`Kernel.crash`): no teardown
+and no ``bye`` to the NIC, which then acts on the kernel's exit as on a SIGKILL.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ from typing import Any
 import numpy as np
 
 from driver_proc import syscalls as sc
+from driver_proc.mm import MM_COUNTERS
 from driver_proc.netdev import NapiBatch, NetDevice
 from driver_proc.skb import SkbStore
 from driver_proc.tcp import SocketTable, TcpState
@@ -297,6 +301,24 @@ class Kernel:
         self.ctx.rings.run(conns, ())
         self.zcrx.poll()
 
+    def crash(self) -> None:
+        """The loop died of an exception (an oops): no orderly teardown, no ``bye``.
+
+        A Linux driver that oopses does not unbind: nothing is said to the NIC (no queue stop,
+        no DMA unmap, no ``bye``), since the state that would be walked to do it is suspect.
+        The NIC then sees this process exit through its pidfd and handles a kernel death
+        (stops every queue and source, drops its mappings, exits), exactly as after SIGKILL.
+        Locally the kernel only drops its pidfds and unlinks the names of its own segments
+        (``/zcrx.<run>.kernel.*``; the mappings stay valid for whoever still holds them).
+        """
+        self.stats["oops"] += 1
+        self.shutdown_requested = True
+        try:
+            self.watch.close()
+        except OSError:
+            pass
+        _unlink_prefix(f"/zcrx.{self.run}.kernel.")
+
     def shutdown(self) -> None:
         """Close every task's files and rings, then every netdev (unlinking regions)."""
         for task in list(self.ctx.tasks):
@@ -345,6 +367,7 @@ class Kernel:
         out["skbs"] = {"in_flight": len(self.skbs.live_handles())}
         out["zcrx"] = self.zcrx.stats()
         out["memory_traffic"] = out["zcrx"]["memory_traffic"]
+        out["mm"] = dict(MM_COUNTERS)
         return out
 
     def _sys_status(self, msg: Message, peer: bytes) -> HandlerResult:

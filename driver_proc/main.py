@@ -15,6 +15,13 @@ pidfd sits in the same ``zmq.Poller``, and :meth:`Kernel.check_peers` (one zero-
 poll of all of them) runs every iteration, so a death is acted on at once.
 
 Everything the kernel owns lives in :class:`driver_proc.kernel.Kernel`.
+
+Exit: asked to stop (``shutdown``, SIGTERM, the parent gone), the kernel tears everything down
+in order and says ``bye`` to the NIC (:meth:`Kernel.shutdown`: the driver unbinds, the NIC
+keeps running).  An exception out of the loop is an oops: a crashed Linux driver does not
+unbind either, so the kernel logs it, says nothing to the NIC (:meth:`Kernel.crash`) and exits
+with status 1; the NIC sees the pid go through its pidfd and acts on a kernel death (stops
+all DMA, exits).
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     server = ControlServer(ipc_endpoint(args.rundir, "kernel"), kernel.handlers(),
                            role="kernel", context=ctx)
     kernel.attach_server(server)
+    oops = False
     try:
         kernel.probe()
         log.info("up: %s", ", ".join(kernel.netdevs))
@@ -83,14 +91,21 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             _sync_watch(poller, watched, kernel.watch.fds())
             poller.poll(min(IDLE_POLL_MS, kernel.next_timer_ms()))
+    except Exception:
+        oops = True
+        log.critical("kernel oops: the loop failed; exiting without unbinding the driver",
+                     exc_info=True)
     finally:
-        log.info("stopping (%s)", life.reason or "shutdown requested")
-        kernel.shutdown()
+        if oops:
+            kernel.crash()
+        else:
+            log.info("stopping (%s)", life.reason or "shutdown requested")
+            kernel.shutdown()
         server.close()
         irqs.close()
         doorbells.close()
         nic.close()
-    return 0
+    return 1 if oops else 0
 
 
 def _sync_watch(poller: zmq.Poller, watched: set[int], fds: list[int]) -> None:

@@ -11,8 +11,10 @@ of the backing region with :meth:`Mm.resolve`, exactly where the real kernel wou
 Who owns what
 -------------
 * The **app** creates, writes and unlinks the regions it maps (``/zcrx.<run>.app<tid>.*``).
-  :class:`Mm` only attaches them (lazily, on the first :meth:`Mm.resolve` that needs one) and
-  detaches them when no mapping refers to them any more; it never unlinks an app region.
+  :meth:`Mm.map` opens the segment once (see "Untrusted memory" below) and keeps that file
+  descriptor; :class:`Mm` maps it into the kernel process lazily, on the first
+  :meth:`Mm.resolve` that needs it, and closes both when no mapping refers to it any more.  It
+  never unlinks an app region.
 * **Kernel regions** (io_uring rings, SQEs, kernel-allocated buffer rings, zcrx RQ) enter the
   mm through the ``mmap`` syscall on a ring fd (``map(..., kernel=True)``); the kernel keeps
   owning and unlinking them.  As on Linux the mapping stays valid after the ring is closed,
@@ -33,19 +35,47 @@ Rules (Linux behaviour unless said otherwise)
   A range may cross mapping boundaries only where the next mapping continues the same region
   at the next offset (a split mapping); otherwise it cannot be one numpy view and is
   ``-EFAULT`` (departure: Linux would copy across unrelated mappings).
-* A region that has been unlinked or shrunk under a mapping resolves to ``-EFAULT`` (Linux:
-  SIGBUS on access; the kernel's copy fails with ``-EFAULT``).
+* An app region unlinked before the kernel first touched it, or shorter than the mapping by
+  then, resolves to ``-EFAULT`` (departure: Linux keeps an unlinked file's pages mapped; a
+  truncated one gives SIGBUS, and the kernel's copy ``-EFAULT``).  Kernel regions stay valid
+  after the kernel unlinks them, until the app unmaps them.
+
+Untrusted memory (the app owns the name and can change what it points to at any time)
+--------------------------------------------------------------------------------------
+:meth:`Mm.map` opens the segment **once**, with ``O_NOFOLLOW``, ``fstat``-s that descriptor
+and keeps it: every later access (:meth:`Mm.resolve`, :meth:`Mm.pin_region`) maps the inode
+that was checked, never the name again, so swapping the name afterwards changes nothing.  An
+app region is accepted only if it is
+
+* a **regular file** (else ``-EINVAL``: the name does not name a shm object; a directory
+  such as ``/..`` included),
+* **not a symlink** (``-ELOOP``, what Linux's ``shm_open`` answers, since it opens with
+  ``O_NOFOLLOW`` too),
+* with **one link** (``-EACCES``: a hard link under the app's prefix may be another task's
+  memory),
+* **owned by the task's uid** (``-EACCES``).  ``Mm(uid=...)`` is the owner the kernel expects;
+  it defaults to the kernel's own uid, right as long as every process of a run has one uid.
+
+Each refusal is counted per reason in :attr:`Mm.refused` and in the kernel-wide
+:data:`MM_COUNTERS` (``map_refused_<reason>``).  Kernel regions (``kernel=True``) are opened
+the same way (``O_NOFOLLOW``, regular file) but need no owner or link check.
 
 Every method raises :class:`~shared.errors.Misuse` with the Linux errno; nothing an app passes
-can raise anything else.
+or does to its segments (unlink, replace, symlink, hard link) can raise anything else
+(``OSError`` from attaching becomes ``-EFAULT``).  Residual hole: a segment the app truncates
+*after* the kernel attached it still faults the kernel process (SIGBUS) on the next access;
+Linux pins pages, and tmpfs files opened by name cannot be sealed.
 """
 
 from __future__ import annotations
 
 import bisect
 import errno
+import mmap
 import os
 import re
+import stat
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -54,6 +84,7 @@ from shared.errors import Misuse
 from shared.shm import PAGE_SIZE, SHM_DIR, Region
 
 __all__ = [
+    "MM_COUNTERS",
     "PROT_EXEC",
     "PROT_NONE",
     "PROT_READ",
@@ -83,40 +114,115 @@ def _page_up(n: int) -> int:
     return (n + _PAGE_MASK) & ~_PAGE_MASK
 
 
-def _shm_size(name: str) -> int | None:
-    """Size of shm segment ``name`` (``/zcrx....``), or None if it does not exist."""
+#: Kernel-wide mm counters (every task of this kernel process, live or gone): refusals of
+#: :meth:`Mm.map` by reason (``map_refused_<reason>``) and attaches that failed
+#: (``attach_failed``).  The kernel's ``stats`` shows them under ``mm``.
+MM_COUNTERS: Counter[str] = Counter()
+
+_OPEN_FLAGS = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+
+
+def _open_segment(name: str) -> tuple[int, os.stat_result]:
+    """Open shm segment ``name`` without following links: ``(fd, fstat of that fd)``.
+
+    Raises ``Misuse`` with the errno; a refusal (symlink, not a regular file, permission) is a
+    :class:`_Refused` carrying the reason the caller counts it under.
+    """
+    path = os.path.join(SHM_DIR, name[1:])
     try:
-        return os.stat(os.path.join(SHM_DIR, name.lstrip("/"))).st_size
-    except (FileNotFoundError, NotADirectoryError):
-        return None
+        fd = os.open(path, _OPEN_FLAGS)
+    except FileNotFoundError:
+        raise Misuse(f"no shm segment {name}", errno.ENOENT) from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise _Refused("symlink", f"{name} is a symbolic link", errno.ELOOP) from None
+        if e.errno in (errno.EISDIR, errno.ENXIO, errno.ENODEV, errno.ENOTDIR):
+            raise _Refused("not_regular", f"{name} is not a shm object", errno.EINVAL) from None
+        if e.errno in (errno.EACCES, errno.EPERM):
+            raise _Refused("permission", f"{name}: permission denied", errno.EACCES) from None
+        raise Misuse(f"{name}: {e.strerror}", e.errno or errno.EIO) from None
+    try:
+        st = os.fstat(fd)
+    except OSError as e:
+        os.close(fd)
+        raise Misuse(f"{name}: {e.strerror}", errno.EIO) from None
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise _Refused("not_regular", f"{name} is not a shm object", errno.EINVAL)
+    return fd, st
+
+
+class _Refused(Misuse):
+    """A :meth:`Mm.map` refusal with the reason it is counted under."""
+
+    def __init__(self, reason: str, message: str, errno: int) -> None:
+        self.reason = reason
+        super().__init__(message, errno)
 
 
 @dataclass
 class _Backing:
-    """One shm region referenced by one or more VMAs; attached on first use."""
+    """One shm inode referenced by one or more VMAs.
+
+    ``fd`` is the descriptor :meth:`Mm.map` opened and checked; the region is mapped from it
+    (never from the name) on first use and closed with it.
+    """
 
     key: str
     name: str
     kernel: bool
+    fd: int = -1
     region: Region | None = None
     users: int = 0
     dead: bool = False  # attach failed or the segment is too small: every access faults
 
+    def _gone(self) -> bool:
+        """True when the fd is closed or an app segment lost its name before first use."""
+        if self.fd < 0:
+            return True
+        if self.kernel:
+            return False  # the kernel unlinks its regions; the app's mapping stays valid
+        return os.fstat(self.fd).st_nlink == 0
+
+    def _map(self) -> Region:
+        """A fresh mapping of the whole checked inode (its current size)."""
+        size = os.fstat(self.fd).st_size
+        return Region(self.name, size, mmap.mmap(self.fd, size), owner=False)
+
     def view(self) -> np.ndarray | None:
         if self.region is None and not self.dead:
             try:
-                self.region = Region.attach(self.name)
-            except Misuse:
+                if self._gone():
+                    raise FileNotFoundError(self.name)
+                self.region = self._map()
+            except (OSError, ValueError, OverflowError):
+                # unlinked, emptied or unmappable behind the kernel's back: the task's
+                # accesses fault (-EFAULT); nothing reaches the kernel loop
+                MM_COUNTERS["attach_failed"] += 1
                 self.dead = True
                 return None
         if self.region is None or self.region.buf is None:
             return None
         return self.region.array(np.uint8)
 
+    def pin(self) -> Region:
+        """A separate mapping of the checked inode, owned by the caller (``pin_user_pages``
+        of a zcrx area); ``-EFAULT`` if it cannot be made."""
+        try:
+            if self.dead or self._gone():
+                raise FileNotFoundError(self.name)
+            return self._map()
+        except (OSError, ValueError, OverflowError):
+            MM_COUNTERS["attach_failed"] += 1
+            raise Misuse(f"{self.name} is gone or cannot be mapped", errno.EFAULT) from None
+
     def detach(self) -> None:
         if self.region is not None:
             self.region.detach()
             self.region = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 @dataclass
@@ -143,13 +249,16 @@ class Mm:
 
     ``allowed_prefix``: shm names an app may map with :meth:`map` (its own regions, e.g.
     ``/zcrx.<run>.app7.``); others are refused with ``-EACCES``.  ``None`` allows any name.
+    ``uid``: the owner an app segment must have (the task's uid); ``None`` means the kernel
+    process's own effective uid, which is every task's while a run has a single uid.
     """
 
-    def __init__(self, allowed_prefix: str | None = None, *, base: int = USER_BASE,
-                 top: int = USER_TOP) -> None:
+    def __init__(self, allowed_prefix: str | None = None, *, uid: int | None = None,
+                 base: int = USER_BASE, top: int = USER_TOP) -> None:
         if base & _PAGE_MASK or top & _PAGE_MASK or not 0 < base < top:
             raise Misuse(f"bad address space [{base:#x}, {top:#x})")
         self.allowed_prefix = allowed_prefix
+        self.uid = os.geteuid() if uid is None else uid
         self.base = base
         self.top = top
         self._starts: list[int] = []  # sorted VMA starts, parallel to _vmas
@@ -159,6 +268,8 @@ class Mm:
         self._kseq = 0
         #: -EFAULT results handed out (bad addresses from the app), for stats.
         self.faults = 0
+        #: :meth:`map` refusals by reason (foreign, symlink, links, owner, not_regular...)
+        self.refused: Counter[str] = Counter()
 
     # -- inspection ---------------------------------------------------------------------------
 
@@ -187,10 +298,11 @@ class Mm:
         """Map ``length`` bytes of region ``name`` from ``offset``; return the address.
 
         ``kernel=True`` is the ``mmap`` of a ring fd: a kernel region, not subject to
-        ``allowed_prefix``.  Errors: ``-EINVAL`` (length 0, bad prot, unaligned offset/fixed
-        address), ``-EACCES`` (not the app's region), ``-ENOENT`` (no such segment),
-        ``-ENXIO`` (range past the end of the segment), ``-EEXIST`` (``fixed`` overlaps),
-        ``-ENOMEM`` (no room in the address space).
+        ``allowed_prefix`` nor to the owner and link checks.  Errors: ``-EINVAL`` (length 0,
+        bad prot, unaligned offset/fixed address, not a regular file), ``-EACCES`` (not the
+        app's region: another prefix, more than one link, another owner), ``-ELOOP`` (a
+        symbolic link), ``-ENOENT`` (no such segment), ``-ENXIO`` (range past the end of the
+        segment), ``-EEXIST`` (``fixed`` overlaps), ``-ENOMEM`` (no room in the address space).
         """
         if length <= 0:
             raise Misuse(f"mmap length {length}", errno.EINVAL)
@@ -200,34 +312,64 @@ class Mm:
             raise Misuse(f"unaligned mmap offset {offset:#x}", errno.EINVAL)
         if not _NAME.match(name):
             raise Misuse(f"bad shm name {name!r}", errno.EINVAL)
-        if not kernel and self.allowed_prefix is not None and \
-                not name.startswith(self.allowed_prefix):
-            raise Misuse(f"{name} is not this task's memory", errno.EACCES)
-        size = _shm_size(name)
-        if size is None:
-            raise Misuse(f"no shm segment {name}", errno.ENOENT)
-        length = _page_up(length)
-        if offset + length > _page_up(size):
-            raise Misuse(f"{name}: [{offset}, {offset + length}) past its {size} bytes",
-                         errno.ENXIO)
+        try:
+            if not kernel and self.allowed_prefix is not None and \
+                    not name.startswith(self.allowed_prefix):
+                raise _Refused("foreign", f"{name} is not this task's memory", errno.EACCES)
+            fd, st = _open_segment(name)
+        except _Refused as e:
+            self._refuse(e.reason)
+            raise
+        try:
+            if not kernel:
+                self._check_owned(name, st)
+            length = _page_up(length)
+            if offset + length > _page_up(st.st_size):
+                raise Misuse(f"{name}: [{offset}, {offset + length}) past its {st.st_size} "
+                             "bytes", errno.ENXIO)
+            start = self._place(length, fixed)
+        except BaseException:
+            os.close(fd)
+            raise
+        # A kernel region's name can be reused by a later ring with the same fd: never share
+        # its backing with another mapping.  An app name shares its backing only while it
+        # names the same inode.
+        if kernel:
+            key = f"{name}#k{self._kseq}"
+            self._kseq += 1
+        else:
+            key = f"{name}#{st.st_dev}:{st.st_ino}"
+        backing = self._backings.get(key)
+        if backing is None:
+            backing = self._backings[key] = _Backing(key, name, kernel, fd)
+        else:
+            os.close(fd)  # the backing's own descriptor names the same inode
+        self._insert(Vma(start, start + length, prot, offset, backing))
+        return start
+
+    def _refuse(self, reason: str) -> None:
+        self.refused[reason] += 1
+        MM_COUNTERS[f"map_refused_{reason}"] += 1
+
+    def _check_owned(self, name: str, st: os.stat_result) -> None:
+        """An app segment must have one link and belong to the task (``-EACCES``)."""
+        if st.st_nlink != 1:
+            self._refuse("links")
+            raise Misuse(f"{name} has {st.st_nlink} links", errno.EACCES)
+        if st.st_uid != self.uid:
+            self._refuse("owner")
+            raise Misuse(f"{name} belongs to uid {st.st_uid}, not {self.uid}", errno.EACCES)
+
+    def _place(self, length: int, fixed: int | None) -> int:
+        """Where a new mapping of ``length`` bytes goes (``fixed`` or the lowest gap)."""
         if fixed is not None:
             if fixed & _PAGE_MASK or fixed < self.base or fixed + length > self.top:
                 raise Misuse(f"bad fixed address {fixed:#x}", errno.EINVAL)
             if self._overlaps(fixed, fixed + length):
                 raise Misuse(f"[{fixed:#x}, {fixed + length:#x}) overlaps a mapping",
                              errno.EEXIST)
-            start = fixed
-        else:
-            start = self._find_gap(length)
-        # A kernel region's name can be reused by a later ring with the same fd: never share
-        # its backing with another mapping.
-        key = f"{name}#k{self._kseq}" if kernel else name
-        self._kseq += kernel
-        backing = self._backings.get(key)
-        if backing is None:
-            backing = self._backings[key] = _Backing(key, name, kernel)
-        self._insert(Vma(start, start + length, prot, offset, backing))
-        return start
+            return fixed
+        return self._find_gap(length)
 
     def unmap(self, addr: int, length: int) -> None:
         """``munmap``: drop every page of ``[addr, addr + length)`` (holes are fine)."""
@@ -301,6 +443,15 @@ class Mm:
             self.faults += 1
             raise Misuse(f"{v.name} is gone or shorter than its mapping", errno.EFAULT)
         return buf[off:off + length]
+
+    def pin_region(self, vma: Vma) -> Region:
+        """A mapping of the whole inode behind ``vma``, for the caller to keep and close.
+
+        Linux ``pin_user_pages`` of a long-lived buffer (a zcrx area): the inode :meth:`map`
+        checked, through its descriptor, never the name again.  ``-EFAULT`` when that inode
+        lost its name before the kernel first touched it, or cannot be mapped.
+        """
+        return vma.backing.pin()
 
     def _check_continuation(self, v: Vma, end: int, need: int) -> None:
         i = self._vmas.index(v)

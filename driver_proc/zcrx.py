@@ -1091,7 +1091,7 @@ class Zcrx:
         if buf_len > PAGE_SIZE and (offset % buf_len or length % buf_len):
             raise _misuse(f"area not contiguous at {buf_len}-byte buffers", errno.ERANGE)
         try:
-            region = Region.attach(vma.name)
+            region = task.mm.pin_region(vma)  # the inode mm_map checked, not the name
         except Misuse:
             raise _misuse(f"area region {vma.name} is gone", errno.EFAULT) from None
         try:

@@ -26,7 +26,9 @@ Kernel death (DESIGN §6): the kernel introduces itself with ``hello`` (role ``k
 its pid) when it probes; the NIC keeps a pidfd on that pid (:mod:`shared.watch`) in its
 ``zmq.Poller`` and checks it between batches.  A kernel that exits in order says ``bye``
 first (its devices closed, nothing mapped): then the watch is dropped and the NIC keeps
-running until it is told to stop, as before.  When the kernel dies the NIC can no longer
+running until it is told to stop, as before.  A kernel whose loop dies of an exception (an
+oops) says nothing, as a crashed Linux driver does not unbind (``driver_proc.main``): its
+exit is a death here.  When the kernel dies the NIC can no longer
 trust any mapping: it stops every queue and source (no more DMA), drops every mapping,
 unlinks its stats region and exits with status 0 (an orderly exit; the log says why).
 

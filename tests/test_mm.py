@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import errno
 import itertools
+import os
 
 import numpy as np
 import pytest
 
 from driver_proc.mm import PROT_READ, PROT_WRITE, USER_BASE, Mm
 from shared.errors import Misuse
-from shared.shm import PAGE_SIZE, Region, region_name
+from shared.shm import PAGE_SIZE, SHM_DIR, Region, region_name
 
 RW = PROT_READ | PROT_WRITE
 
@@ -176,3 +177,121 @@ def test_regions_attach_lazily_and_detach_on_unmap(mm, regions):
 def test_names_that_are_not_shm_names_are_refused(mm, run_id):
     for bad in (f"/zcrx.{run_id}.app1./../../etc/passwd", "zcrx.x", "", "/a/b", "/x\0y"):
         assert errno_of(mm.map, bad, PAGE_SIZE, RW) == errno.EINVAL
+
+
+# -- untrusted memory: the app owns the name and can change what it points to -----------------
+
+
+def _path(name: str) -> str:
+    return os.path.join(SHM_DIR, name.lstrip("/"))
+
+
+def test_a_symlink_under_the_tasks_own_prefix_is_eloop(mm, regions, run_id):
+    target = regions("real", PAGE_SIZE)
+    link = region_name(run_id, "app1", "link")
+    os.symlink(_path(target.name), _path(link))
+    try:
+        assert errno_of(mm.map, link, PAGE_SIZE, RW) == errno.ELOOP
+        assert errno_of(mm.map, link, PAGE_SIZE, RW, kernel=True) == errno.ELOOP
+    finally:
+        os.unlink(_path(link))
+    assert mm.refused["symlink"] == 2 and len(mm) == 0
+    assert mm.map(target.name, PAGE_SIZE, RW) >= USER_BASE  # the real name still maps
+
+
+def test_a_hard_link_to_another_tasks_memory_is_eacces(mm, regions, run_id):
+    theirs = regions("area", PAGE_SIZE, owner="app2")
+    link = region_name(run_id, "app1", "area")
+    os.link(_path(theirs.name), _path(link))
+    try:
+        assert errno_of(mm.map, link, PAGE_SIZE, RW) == errno.EACCES
+    finally:
+        os.unlink(_path(link))
+    assert mm.refused["links"] == 1 and len(mm) == 0
+
+
+def test_a_segment_of_another_owner_or_kind_is_refused(regions, run_id):
+    mine = regions("buf", PAGE_SIZE)
+    stranger = Mm(f"/zcrx.{run_id}.app1.", uid=os.geteuid() + 1)
+    try:
+        assert errno_of(stranger.map, mine.name, PAGE_SIZE, RW) == errno.EACCES
+        assert stranger.refused["owner"] == 1
+    finally:
+        stranger.close()
+    m = Mm(f"/zcrx.{run_id}.app1.")
+    d = region_name(run_id, "app1", "dir")
+    f = region_name(run_id, "app1", "fifo")
+    os.mkdir(_path(d))
+    os.mkfifo(_path(f))
+    try:
+        assert errno_of(m.map, d, PAGE_SIZE, RW) == errno.EINVAL
+        assert errno_of(m.map, f, PAGE_SIZE, RW) == errno.EINVAL
+        assert m.refused["not_regular"] == 2
+    finally:
+        os.rmdir(_path(d))
+        os.unlink(_path(f))
+        m.close()
+
+
+def test_swapping_the_name_after_mm_map_never_reaches_the_new_target(mm, regions, run_id):
+    victim = regions("victim", PAGE_SIZE, owner="app2")
+    victim.array()[:8] = 0x11
+    # attached before the swap: the kernel keeps writing the inode it checked
+    a = regions("a", PAGE_SIZE)
+    addr_a = mm.map(a.name, PAGE_SIZE, RW)
+    mm.resolve(addr_a, 8, write=True)[:] = 1
+    # not touched before the swap: the checked inode lost its name, so -EFAULT
+    b = Region.create(region_name(run_id, "app1", "b"), PAGE_SIZE)
+    addr_b = mm.map(b.name, PAGE_SIZE, RW)
+    for r in (a, b):
+        os.unlink(_path(r.name))
+        os.symlink(_path(victim.name), _path(r.name))
+    try:
+        mm.resolve(addr_a, 8, write=True)[:] = 2
+        assert a.array()[:8].tolist() == [2] * 8
+        assert errno_of(mm.resolve, addr_b, 8, write=True) == errno.EFAULT
+        assert errno_of(mm.pin_region, mm.find(addr_b)) == errno.EFAULT
+        # a hard link instead of a symlink: same answer (the checked inode has no name)
+        os.unlink(_path(b.name))
+        os.link(_path(victim.name), _path(b.name))
+        assert errno_of(mm.resolve, addr_b, 8, write=True) == errno.EFAULT
+        assert victim.array()[:8].tolist() == [0x11] * 8
+    finally:
+        os.unlink(_path(a.name))
+        os.unlink(_path(b.name))
+        b.detach()
+
+
+def test_pin_region_maps_the_inode_mm_map_checked(mm, regions, run_id):
+    r = regions("area", 2 * PAGE_SIZE)
+    addr = mm.map(r.name, 2 * PAGE_SIZE, RW)
+    pinned = mm.pin_region(mm.find(addr))
+    try:
+        assert pinned.size == 2 * PAGE_SIZE
+        pinned.array()[PAGE_SIZE:PAGE_SIZE + 4] = 9
+        assert r.array()[PAGE_SIZE:PAGE_SIZE + 4].tolist() == [9] * 4
+    finally:
+        pinned.detach()
+
+
+def test_kernel_regions_stay_valid_after_the_kernel_unlinks_them(mm, run_id):
+    k = Region.create(region_name(run_id, "kernel", "t1.ring3.rings"), PAGE_SIZE)
+    addr = mm.map(k.name, PAGE_SIZE, RW, kernel=True)
+    k.unlink()  # the ring closed before the app touched its mapping
+    try:
+        mm.resolve(addr, 4, write=True)[:] = 5
+        assert k.array()[:4].tolist() == [5] * 4
+    finally:
+        k.detach()
+
+
+def test_the_mm_holds_one_descriptor_per_inode_and_closes_it(mm, regions):
+    r = regions("buf", PAGE_SIZE)
+    fds = len(os.listdir("/proc/self/fd"))
+    x = mm.map(r.name, PAGE_SIZE, RW)
+    y = mm.map(r.name, PAGE_SIZE, PROT_READ)
+    assert mm.find(x).backing is mm.find(y).backing
+    assert len(os.listdir("/proc/self/fd")) == fds + 1
+    mm.unmap(x, PAGE_SIZE)
+    mm.unmap(y, PAGE_SIZE)
+    assert len(os.listdir("/proc/self/fd")) == fds
