@@ -18,6 +18,7 @@ from rich.table import Table
 
 from launch.topology import APPS
 from shared.errors import ZcrxError
+from shared.nicif import MAX_QUEUES
 from shared.shm import list_run_segments
 
 EXIT_CHECK_FAILED = 1
@@ -184,8 +185,9 @@ def _rx_options(fn: Any) -> Any:
 
 @bench.command("copy")
 @_rx_options
-@click.option("--flows", "flows", type=click.IntRange(1, 64), multiple=True,
-              help="Flow counts to measure (default 1 and 4).")
+@click.option("--flows", "flows", type=click.IntRange(1, MAX_QUEUES), multiple=True,
+              help="Flow counts to measure (default 1 and 4); the run has as many queues as "
+                   "the largest.")
 def bench_copy(total: int, repeat: int, copy_buf: int, timeout: float, json_path: str | None,
                flows: tuple[int, ...]) -> None:
     """The copy path (NIC -> kernel pages -> RECV copy -> app) at 4 KiB payloads, 1 and 4
@@ -228,8 +230,8 @@ def _queue_list(ctx: Any, param: Any, value: str) -> tuple[int, ...]:
     except ValueError:
         raise click.BadParameter(
             f"{value!r} is not a comma-separated list of integers") from None
-    if not qs or any(not 1 <= q <= 64 for q in qs):
-        raise click.BadParameter("queue counts must be in [1, 64]")
+    if not qs or any(not 1 <= q <= MAX_QUEUES for q in qs):
+        raise click.BadParameter(f"queue counts must be in [1, {MAX_QUEUES}]")
     return qs
 
 
@@ -387,7 +389,7 @@ def _load_topology(path: str) -> Any:
 @click.option("--netdev", "netdevs", multiple=True, metavar="SPEC",
               help="A netdev, e.g. 'eth0:queues=4,mtu=4096'; repeat for several "
                    "(default: one eth0; not with --file).")
-@click.option("--queues", type=click.IntRange(1, 64), default=None,
+@click.option("--queues", type=click.IntRange(1, MAX_QUEUES), default=None,
               help="Combined queues of every netdev that does not say (default 4; not with "
                    "--file).")
 @click.option("--detach/--foreground", default=True, show_default=True,
@@ -402,11 +404,12 @@ def _load_topology(path: str) -> Any:
 def up(topo_file: str | None, name: str | None, netdevs: tuple[str, ...], queues: int | None,
        detach: bool, as_json: bool, restart: str) -> None:
     """Start a run: NIC, kernel, ethtool settings, apps, traffic; each once ready."""
-    from launch import run as runmod
-    from launch.topology import NetdevSpec, Topology, TopologyError
+    from launch import supervise
+    from launch.topology import NetdevConfig, Topology
+    from shared.nicif import NetdevSpec
 
     restart_roles = {r.strip() for r in restart.split(",") if r.strip()}
-    if restart_roles - {"nic", "kernel"}:
+    if restart_roles - set(supervise.RESTARTABLE):
         fail(f"--restart takes nic and/or kernel, not {restart!r}", 2)
     if restart_roles and detach:
         fail("--restart needs --foreground (the launcher is the supervisor)", 2)
@@ -415,19 +418,16 @@ def up(topo_file: str | None, name: str | None, netdevs: tuple[str, ...], queues
             fail("--netdev and --queues do not go with --file (put them in the file)", 2)
         topo = _load_topology(topo_file)
     else:
-        specs = list(netdevs) or ["eth0"]
-        if queues is not None:
-            specs = [s if "queues=" in s else s + ("," if ":" in s else ":")
-                     + f"queues={queues}" for s in specs]
+        defaults = {"queues": queues} if queues is not None else {}
         try:
-            topo = Topology(name=name or "zcrx",
-                            netdevs=[NetdevSpec.from_spec(s) for s in specs])
+            topo = Topology(name=name or "zcrx", netdevs=[
+                NetdevConfig(NetdevSpec.parse(s, **defaults)) for s in netdevs or ["eth0"]])
             topo.validate("--netdev")
-        except TopologyError as e:
+        except ZcrxError as e:
             fail(str(e), 2)
     name = name or topo.name
     try:
-        r, steps = runmod.bring_up(topo, name, detach=detach)
+        r, steps = supervise.bring_up(topo, name, detach=detach)
     except ZcrxError as e:
         fail(str(e))
     status = _call(r, "kernel", "status")
@@ -441,71 +441,9 @@ def up(topo_file: str | None, name: str | None, netdevs: tuple[str, ...], queues
         console.print(f"run {name} is up (id {r.run_id}): {devs}", highlight=False)
     if detach:
         return
-    import signal as _signal
-    import time as _time
-
-    stop = {"now": False}
-
-    def _stop(*_: Any) -> None:
-        stop["now"] = True
-
-    _signal.signal(_signal.SIGTERM, _stop)
-    try:
-        while not stop["now"]:
-            if not (r.dir / runmod.MANIFEST).exists():
-                console.print(f"run {name} was brought down", highlight=False)
-                return  # someone ran `zcrx down`: nothing left to supervise
-            dead = {"nic", "kernel"} - set(r.alive_roles())
-            if dead and not dead <= restart_roles:
-                break
-            if dead:
-                _restart(r, dead, say=lambda m: console.print(m, highlight=False))
-            _time.sleep(0.2)
-    except KeyboardInterrupt:
-        pass
-    except (ZcrxError, OSError) as e:
-        err_console.print(f"zcrx: restart failed: {e}", highlight=False, soft_wrap=True)
-    r.down()
-    console.print(f"run {name} is down", highlight=False)
-
-
-def _unlink(names: list[str]) -> None:
-    import contextlib
-
-    import posix_ipc
-
-    for n in names:
-        with contextlib.suppress(posix_ipc.ExistentialError):
-            posix_ipc.unlink_shared_memory(n)
-
-
-def _restart(r: Any, dead: set[str], say: Any) -> None:
-    """Bring dead roles back in start order.  The NIC exits when the kernel dies (it can
-    no longer trust its DMA mappings), so a kernel restart waits for it and restarts it."""
-    import time as _time
-
-    if "kernel" in dead:
-        entry = r.m.procs.get("nic")
-        deadline = _time.monotonic() + 5
-        while entry is not None and entry.process() is not None and \
-                _time.monotonic() < deadline:
-            _time.sleep(0.05)
-        dead = dead | ({"nic"} if entry is None or entry.process() is None else set())
-    from shared.shm import list_run_segments
-
-    for role in ("nic", "kernel"):
-        if role not in dead:
-            continue
-        # A SIGKILLed role never unlinked what it owned: its successor creates the same
-        # names exclusively, so the dead one's segments go first.
-        owned = [n for n in list_run_segments(r.run_id)
-                 if n.startswith(f"/zcrx.{r.run_id}.{role}.")]
-        _unlink(owned)
-        old = r.m.procs[role]
-        module, args = old.argv[2], old.argv[5:]
-        r.m.procs.pop(role)
-        e = r.spawn(role, module, args, detach=False, ready=role)
-        say(f"{role} died; restarted as pid {e.pid}")
+    supervise.supervise(
+        r, restart_roles, say=lambda m: console.print(m, highlight=False),
+        warn=lambda m: err_console.print(m, highlight=False, soft_wrap=True))
 
 
 @main.command()
@@ -763,9 +701,9 @@ def app() -> None:
     """Applications: run a sample program against the run's kernel."""
 
 
-def _program_of(argv: list[str]) -> str:
-    """The program name of an app's argv (``python -m MODULE ...``)."""
-    mod = argv[argv.index("-m") + 1] if "-m" in argv[:-1] else ""
+def _program_of(entry: Any) -> str:
+    """The program name of an app, from the module its recorded spec runs."""
+    mod = entry.module
     return next((p for p, m in APPS.items() if m == mod), mod or "?")
 
 
@@ -778,7 +716,7 @@ def app_list(name: str | None, as_json: bool) -> None:
     rows = []
     for role in r.app_roles():
         e = r.m.procs[role]
-        rows.append({"role": role, "program": _program_of(e.argv), "pid": e.pid,
+        rows.append({"role": role, "program": _program_of(e), "pid": e.pid,
                      "alive": e.process() is not None, "log": e.log})
     if as_json:
         click.echo(json.dumps(rows, indent=2))

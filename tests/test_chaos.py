@@ -20,7 +20,8 @@ import pytest
 import shared.nicif
 import shared.syscalls  # noqa: F401  (register the message types)
 from launch.chaos import APP_ROLES, REPORTS, plan, run_trial, topology
-from launch.run import Run, bring_up, cleanup, tagged_processes
+from launch.run import Run, cleanup, tagged_processes
+from launch.supervise import bring_up
 from shared.control import ControlClient
 from tests.e2e import runs_dir, zcrx
 

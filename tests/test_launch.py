@@ -13,8 +13,9 @@ from click.testing import CliRunner
 
 from launch.cli import main, queue_rates
 from launch.run import Run, parse_role
-from launch.topology import NetdevSpec, Topology, TopologyError
+from launch.topology import Topology, TopologyError
 from shared.errors import Misuse
+from shared.nicif import MAX_QUEUES, NetdevSpec
 from tests.e2e import runs_dir, wait_app, zcrx
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -61,8 +62,10 @@ def test_topology_round_trips_through_dict_and_keeps_every_field() -> None:
     topo = Topology.from_toml("full.toml", text=FULL)
     assert topo.name == "full"
     assert [n.name for n in topo.netdevs] == ["eth0", "eth1"]
-    assert topo.netdevs[0].spec() == "eth0:queues=2,mtu=4136,tcp_data_split=on"
-    assert topo.netdevs[1].spec() == "eth1:link=down,addr=10.0.1.1"
+    # The NIC's spec strings carry what differs from NetdevSpec's defaults (tcp_data_split
+    # on is the default).
+    assert topo.netdev_specs() == ["eth0:queues=2,mtu=4136", "eth1:link=down,addr=10.0.1.1"]
+    assert topo.netdevs[0].spec.tcp_data_split is True and topo.netdevs[1].spec.link is False
     assert topo.netdevs[0].ethtool[1] == "-G eth0 rx 1024"
     (app,) = topo.apps
     assert app.module == "app_proc.zcrx_server"
@@ -134,12 +137,28 @@ def test_topology_errors_are_one_clear_line(text: str, want: str) -> None:
 
 
 def test_netdev_spec_strings_parse_into_options() -> None:
-    nd = NetdevSpec.from_spec("eth1:queues=3,ring=1024,tcp-data-split=off")
-    assert nd.options == {"queues": 3, "rx": 1024, "tcp_data_split": "off"}
-    assert nd.spec() == "eth1:queues=3,rx=1024,tcp_data_split=off"
-    for bad in ("eth0:queues=x", "eth0:colour=red", "eth0:queues", "bad.name"):
-        with pytest.raises(TopologyError):
-            NetdevSpec.from_spec(bad)
+    nd = NetdevSpec.parse("eth1:queues=3,ring=1024,tcp-data-split=off")
+    assert nd.options() == {"queues": 3, "rx": 1024, "tcp_data_split": False}
+    assert nd.format() == "eth1:queues=3,rx=1024,tcp_data_split=off"
+    assert NetdevSpec.parse(nd.format()) == nd
+    for bad in ("eth0:queues=x", "eth0:colour=red", "eth0:queues", "bad.name",
+                f"eth0:queues={MAX_QUEUES + 1}", "eth0:link=sideways"):
+        with pytest.raises(Misuse) as ei:
+            NetdevSpec.parse(bad)
+        assert ei.value.errno == 22
+
+
+def test_queues_option_fills_only_netdevs_that_do_not_say() -> None:
+    """``zcrx up --queues N`` sets the field on the parsed spec, never through text."""
+    assert NetdevSpec.parse("eth0", queues=2).queues == 2
+    assert NetdevSpec.parse("eth0:queues=3", queues=2).queues == 3
+    assert NetdevSpec.parse("eth0:mtu=9000", queues=8).format() == "eth0:queues=8,mtu=9000"
+
+
+def test_topology_checks_netdev_ranges_before_anything_starts() -> None:
+    with pytest.raises(TopologyError) as ei:
+        Topology.from_toml("t.toml", text="[[netdev]]\nname = 'eth0'\nqueues = 100")
+    assert str(ei.value).startswith("t.toml: netdev[0]: ") and "queues 100" in str(ei.value)
 
 
 def test_roles_parse_and_unknown_roles_are_refused() -> None:
