@@ -18,7 +18,8 @@ goodput is not a result.
 
 Figures per point:
 
-* **up s**: ``Run`` creation + NIC + kernel processes ready + RSS/ntuple configuration.
+* **up s**: the point's topology brought up (:func:`launch.supervise.bring_up`, as ``zcrx up``
+  does): ``Run`` creation + NIC + kernel processes ready + its RSS/ntuple ethtool lines.
 * **bind s**: starting the N servers one after another until each listens (each has
   registered its ifq, bound its queue and armed its accept by then).  ``setup s`` = up + bind.
 * **goodput GB/s** (wall): the sum of delivered bytes / (the last server's exit - the start

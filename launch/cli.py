@@ -1,8 +1,13 @@
-"""The ``zcrx`` command line.
+"""The ``zcrx`` command line: options and printing only.
+
+Runs are realised by :mod:`launch.supervise` (bring-up, foreground watch, restart policy)
+on :mod:`launch.run`'s primitives; this module parses options and prints.
 
 Exit codes: 0 success; 1 a check failed (data not verified, a target missed
 with ``--check``); 2 usage error (click's own); 3 an operation failed (a clear
-one-line reason is printed, never a traceback for a user mistake).
+one-line reason is printed, never a traceback for a user mistake).  ``--json`` is always
+a flag (JSON on stdout instead of the human output); benches and chaos also take
+``--json-out FILE``.
 """
 
 from __future__ import annotations
@@ -28,15 +33,27 @@ console = Console(stderr=False)
 err_console = Console(stderr=True)
 
 
-def _write_json(result: Any, json_path: str | None) -> None:
-    """``--json FILE``: the figures to a file, or to stdout with ``-``."""
-    if not json_path:
-        return
-    text = json.dumps(result, indent=2)
-    if json_path == "-":
+JSON_FLAG_HELP = "Print JSON on stdout instead of the human output."
+JSON_HELP = "Print the figures as JSON on stdout instead of the human output."
+JSON_OUT_HELP = "Also write the figures as JSON to this file."
+
+
+def _json_options(fn: Any) -> Any:
+    """``--json`` (a flag, as in every zcrx command: JSON on stdout instead of the human
+    output) and ``--json-out FILE`` (also write the JSON to a file)."""
+    fn = click.option("--json-out", "json_out", metavar="FILE",
+                      type=click.Path(dir_okay=False, writable=True), help=JSON_OUT_HELP)(fn)
+    return click.option("--json", "as_json", is_flag=True, help=JSON_HELP)(fn)
+
+
+def _write_json(result: Any, as_json: bool, json_out: str | None,
+                sort_keys: bool = False) -> None:
+    """The figures as JSON: on stdout with ``--json``, to a file with ``--json-out``."""
+    text = json.dumps(result, indent=2, sort_keys=sort_keys)
+    if json_out:
+        Path(json_out).write_text(text + "\n")
+    if as_json:
         click.echo(text)
-    else:
-        Path(json_path).write_text(text + "\n")
 
 
 def fail(msg: str, code: int = EXIT_FAILED) -> None:
@@ -50,6 +67,9 @@ Exit codes:
   1  a check failed (data not verified, a target missed with --check)
   2  usage error (bad option, argument, topology file or role)
   3  an operation failed (a one-line reason is printed)
+\b
+JSON: --json is always a flag that prints JSON on stdout instead of the human
+output; the benches and chaos also take --json-out FILE to write it to a file.
 """
 
 
@@ -94,24 +114,24 @@ def _ring_table(result: dict[str, Any]) -> Table:
               help="How long the producer runs for each measurement.")
 @click.option("--spin", type=click.IntRange(0), default=2000, show_default=True,
               help="Empty polls before a waiter yields the CPU (then it sleeps).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True),
-              help="Also write the figures as JSON to this file ('-' for stdout).")
+@_json_options
 @click.option("--check", is_flag=True,
               help="Exit 1 if a target (batch 512 >= 50 Mpps; 4 KiB path >= 0.5 x copy) "
                    "is missed.")
-def bench_ring(seconds: float, spin: int, json_path: str | None, check: bool) -> None:
+def bench_ring(seconds: float, spin: int, as_json: bool, json_out: str | None,
+               check: bool) -> None:
     """Entries/s at batch 1, 64, 512 and the 4 KiB payload path vs numpy copy."""
     from launch.bench_ring import run_ring_bench
 
     with console.status("running") as status:
         result = run_ring_bench(seconds=seconds, spin=spin,
                                 progress=lambda m: status.update(f"running: {m}"))
-    if json_path != "-":
+    if not as_json:
         console.print(_ring_table(result))
         for c in result["checks"]:
             mark = "ok" if c["ok"] else "MISSED"
             console.print(f"target {c['target']}: {c['value']:.2f} {mark}", highlight=False)
-    _write_json(result, json_path)
+    _write_json(result, as_json, json_out)
     if not result["all_verified"]:
         fail("a benchmark did not deliver what was sent (checksum mismatch)",
              EXIT_CHECK_FAILED)
@@ -140,8 +160,9 @@ def _rx_table(result: dict[str, Any]) -> Table:
     return t
 
 
-def _rx_report(result: dict[str, Any], json_path: str | None, check: bool) -> None:
-    if json_path != "-":
+def _rx_report(result: dict[str, Any], as_json: bool, json_out: str | None,
+               check: bool) -> None:
+    if not as_json:
         console.print(_rx_table(result))
         console.print("kCPU s/GB: kernel-process CPU seconds per 10^9 delivered bytes; "
                       "moved/B: payload bytes moved (NIC DMA + kernel copy reads and writes "
@@ -157,7 +178,7 @@ def _rx_report(result: dict[str, Any], json_path: str | None, check: bool) -> No
         for r in result["rows"]:
             for p in r["problems"]:
                 console.print(f"{r['mode']}/{r['flows']}: {p}", highlight=False)
-    _write_json(result, json_path)
+    _write_json(result, as_json, json_out)
     if not result["all_verified"]:
         fail("a receiver did not get exactly the stream that was sent", EXIT_CHECK_FAILED)
     if check and not all(c["ok"] for c in result["checks"]):
@@ -175,8 +196,7 @@ def _rx_options(fn: Any) -> Any:
                      help="Receive buffer of the copy path and of loopback TCP."),
         click.option("--timeout", type=click.FloatRange(1, 3600), default=120.0,
                      show_default=True, help="Seconds one measurement may take."),
-        click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True),
-                     help="Also write the figures as JSON to this file ('-' for stdout)."),
+        _json_options,
     ]
     for o in reversed(opts):
         fn = o(fn)
@@ -188,8 +208,8 @@ def _rx_options(fn: Any) -> Any:
 @click.option("--flows", "flows", type=click.IntRange(1, MAX_QUEUES), multiple=True,
               help="Flow counts to measure (default 1 and 4); the run has as many queues as "
                    "the largest.")
-def bench_copy(total: int, repeat: int, copy_buf: int, timeout: float, json_path: str | None,
-               flows: tuple[int, ...]) -> None:
+def bench_copy(total: int, repeat: int, copy_buf: int, timeout: float, as_json: bool,
+               json_out: str | None, flows: tuple[int, ...]) -> None:
     """The copy path (NIC -> kernel pages -> RECV copy -> app) at 4 KiB payloads, 1 and 4
     flows, next to loopback TCP between two processes; every byte checked and hashed."""
     from launch.bench_rx import run_copy_bench
@@ -200,7 +220,7 @@ def bench_copy(total: int, repeat: int, copy_buf: int, timeout: float, json_path
                                     progress=lambda m: status.update(f"running: {m}"))
     except ZcrxError as e:
         fail(f"bench copy: {e}")
-    _rx_report(result, json_path, False)
+    _rx_report(result, as_json, json_out, False)
 
 
 @bench.command("zcrx")
@@ -208,8 +228,8 @@ def bench_copy(total: int, repeat: int, copy_buf: int, timeout: float, json_path
 @click.option("--flows", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Flows of each measurement.")
 @click.option("--check", is_flag=True, help="Exit 1 if a target is missed.")
-def bench_zcrx(total: int, repeat: int, copy_buf: int, timeout: float, json_path: str | None,
-               flows: int, check: bool) -> None:
+def bench_zcrx(total: int, repeat: int, copy_buf: int, timeout: float, as_json: bool,
+               json_out: str | None, flows: int, check: bool) -> None:
     """Zero copy (ntuple-steered to a queue bound to an ifq) vs the copy path vs loopback
     TCP at 4 KiB payloads: GB/s, kernel CPU per GB, payload bytes moved per delivered byte;
     targets: >= 1.5x copy, >= 2x loopback, <= 0.55x the copy path's bytes moved."""
@@ -221,7 +241,7 @@ def bench_zcrx(total: int, repeat: int, copy_buf: int, timeout: float, json_path
                                     progress=lambda m: status.update(f"running: {m}"))
     except ZcrxError as e:
         fail(f"bench zcrx: {e}")
-    _rx_report(result, json_path, check)
+    _rx_report(result, as_json, json_out, check)
 
 
 def _queue_list(ctx: Any, param: Any, value: str) -> tuple[int, ...]:
@@ -244,10 +264,9 @@ def _queue_list(ctx: Any, param: Any, value: str) -> tuple[int, ...]:
               help="Seconds the traffic of one point may take.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True),
               help="Write the curve as a PNG (needs matplotlib: the 'plot' extra).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True),
-              help="Also write the figures as JSON to this file ('-' for stdout).")
+@_json_options
 def bench_scale(queues: tuple[int, ...], mib_per_queue: float, timeout: float,
-                plot_path: str | None, json_path: str | None) -> None:
+                plot_path: str | None, as_json: bool, json_out: str | None) -> None:
     """Setup, goodput and teardown against the number of zero-copy queues (one run per
     point, one zcrx-server and one flow per queue, every byte verified)."""
     from launch.bench_scale import plot, run_scale_bench
@@ -265,7 +284,7 @@ def bench_scale(queues: tuple[int, ...], mib_per_queue: float, timeout: float,
             plot(result, plot_path)
     except ZcrxError as e:
         fail(f"bench scale: {e}")
-    if json_path != "-":
+    if not as_json:
         t = Table(title=f"zcrx bench scale: {mib_per_queue:g} MiB per queue")
         for col in ("queues", "up s", "bind s", "setup s", "GB/s wall", "GB/s app", "down s",
                     "verified"):
@@ -278,7 +297,7 @@ def bench_scale(queues: tuple[int, ...], mib_per_queue: float, timeout: float,
         for p in result["points"]:
             for msg in p["problems"]:
                 console.print(f"{p['queues']} queues: {msg}", highlight=False)
-    _write_json(result, json_path)
+    _write_json(result, as_json, json_out)
     if not result["all_verified"]:
         fail("a receiver did not get exactly the stream that was sent", EXIT_CHECK_FAILED)
 
@@ -396,7 +415,7 @@ def _load_topology(path: str) -> Any:
               help="Return once the run is up, or stay (recorded as role 'launcher') and "
                    "bring it down on Ctrl-C or SIGTERM.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run's name, id and steps as "
-              "JSON.")
+              "JSON on stdout instead of the human output.")
 @click.option("--restart", "restart", default="", metavar="ROLES",
               help="With --foreground: bring these roles back when they die "
                    "(comma list of nic, kernel). A restarted NIC is re-probed by the "
@@ -465,7 +484,7 @@ def down(name: str | None, timeout: float) -> None:
 @click.option("--signal", "signame", type=click.Choice(["KILL", "TERM", "STOP", "CONT"],
                                                         case_sensitive=False),
               default="KILL", show_default=True, help="Signal to send.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--json", "as_json", is_flag=True, help=JSON_FLAG_HELP)
 @click.argument("role")
 def kill(name: str | None, signame: str, as_json: bool, role: str) -> None:
     """Send a signal to one process of a run: ROLE is nic, kernel, app:N or launcher
@@ -494,7 +513,7 @@ def kill(name: str | None, signame: str, as_json: bool, role: str) -> None:
 
 @main.command()
 @NAME_OPT
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--json", "as_json", is_flag=True, help=JSON_FLAG_HELP)
 def status(name: str | None, as_json: bool) -> None:
     """Processes, netdevs, queues with their bindings and page pools, rings, apps."""
     r = _pick_run(name)
@@ -709,7 +728,7 @@ def _program_of(entry: Any) -> str:
 
 @app.command("list")
 @NAME_OPT
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--json", "as_json", is_flag=True, help=JSON_FLAG_HELP)
 def app_list(name: str | None, as_json: bool) -> None:
     """Apps of the run: role, program, pid, alive, log path."""
     r = _pick_run(name)
@@ -833,10 +852,9 @@ def wire(name: str | None, dev: str, port: int) -> None:
               help="MiB per app flow in each trial.")
 @click.option("--seconds", type=click.FloatRange(0.1, 60), default=1.0, show_default=True,
               help="Pace each flow to last about this long, so the kill lands mid-stream.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True),
-              default=None, help="Write the figures (every trial, totals) here ('-': stdout).")
-def chaos(trials: int, seed: int, roles: str, mib: int, seconds: float,
-          json_path: str | None) -> None:
+@_json_options
+def chaos(trials: int, seed: int, roles: str, mib: int, seconds: float, as_json: bool,
+          json_out: str | None) -> None:
     """SIGKILL a random role of a live run at a random moment, TRIALS times, and check the
     teardown, the survivors' byte-exact streams and that nothing is left; exit 1 on any
     violation.
@@ -847,10 +865,8 @@ def chaos(trials: int, seed: int, roles: str, mib: int, seconds: float,
     from launch.chaos import run_chaos
 
     wanted = tuple(r.strip() for r in roles.split(",") if r.strip())
-    quiet = json_path == "-"
-
     def say(t: Any) -> None:
-        if not quiet:
+        if not as_json:
             verdict = ("ok" if not t.violations else f"{len(t.violations)} VIOLATION(S)") + (
                 " (late: the app had already finished)" if t.late else "")
             console.print(f"trial {t.trial}: kill {t.role} at {t.fraction:.0%}: {verdict}",
@@ -860,11 +876,8 @@ def chaos(trials: int, seed: int, roles: str, mib: int, seconds: float,
         res = run_chaos(trials, seed, wanted, size=mib << 20, say=say, transfer_s=seconds)
     except ZcrxError as e:
         fail(str(e), 2)
-    if json_path == "-":
-        click.echo(json.dumps(res, indent=2, sort_keys=True))
-    else:
-        if json_path:
-            Path(json_path).write_text(json.dumps(res, indent=2, sort_keys=True))
+    _write_json(res, as_json, json_out, sort_keys=True)
+    if not as_json:
         t = Table(title=f"zcrx chaos: seed {seed}")
         for col in ("trial", "role killed", "at fraction", "checks", "violations"):
             t.add_column(col)
@@ -891,7 +904,8 @@ def chaos(trials: int, seed: int, roles: str, mib: int, seconds: float,
               help="MiB per copy-path flow.")
 @click.option("--zc-mib", type=click.IntRange(1, 8192), default=256, show_default=True,
               help="MiB of the zero-copy flow.")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the summary as JSON on stdout instead of the human output.")
 def demo(flows: int, mib: int, zc_mib: int, as_json: bool) -> None:
     """Bring up a default topology, push verified traffic NIC -> kernel -> app, tear down.
 

@@ -30,7 +30,7 @@ running until it is told to stop, as before.  When the kernel dies the NIC can n
 trust any mapping: it stops every queue and source (no more DMA), drops every mapping,
 unlinks its stats region and exits with status 0 (an orderly exit; the log says why).
 
-Netdev specs: see :class:`nic_proc.device.NetdevSpec` (``eth0:queues=4,mtu=9000``);
+Netdev specs: see :class:`shared.nicif.NetdevSpec` (``eth0:queues=4,mtu=9000``);
 without ``--netdev`` the NIC has one default ``eth0``.
 """
 
@@ -49,7 +49,7 @@ from types import FrameType
 import numpy as np
 import zmq
 
-from nic_proc.device import NetdevSpec, Nic
+from nic_proc.device import Nic
 from shared import nicif
 from shared.control import (
     PROTOCOL_VERSION,
@@ -61,6 +61,7 @@ from shared.control import (
     ipc_endpoint,
 )
 from shared.errors import Misuse, ZcrxError
+from shared.nicif import NetdevSpec
 from shared.ring import Backoff
 from shared.shm import Region, region_name
 from shared.watch import Watchlist
