@@ -161,6 +161,50 @@ def test_topology_checks_netdev_ranges_before_anything_starts() -> None:
     assert str(ei.value).startswith("t.toml: netdev[0]: ") and "queues 100" in str(ei.value)
 
 
+def test_bench_knobs_are_topology_fields() -> None:
+    from launch.bench_rx import MTU, bench_topology
+
+    topo = bench_topology("b", 2, 1024, ["-X eth0 equal 1"])
+    assert topo.netdev_specs() == [f"eth0:queues=2,rx=1024,mtu={MTU}"]
+    assert topo.netdevs[0].ethtool == ["-X eth0 equal 1"] and not topo.apps
+    assert Topology.from_dict(topo.to_dict()) == topo
+
+
+@pytest.mark.timeout(60)
+def test_manifest_records_each_role_spec_and_respawn_uses_it() -> None:
+    """Restart re-spawns from the spec recorded in the manifest, not from argv positions."""
+    from launch.supervise import bring_up, restart
+
+    topo = Topology.from_dict({"name": "rs", "netdev": [{"name": "eth0", "queues": 2}]})
+    with runs_dir():
+        run, _ = bring_up(topo, detach=False, launcher=False)
+        try:
+            again = Run.open("rs")
+            nic = again.m.procs["nic"]
+            assert nic.spec is not None and nic.spec.module == "nic_proc"
+            assert nic.spec.args[nic.spec.args.index("--netdev") + 1] == "eth0:queues=2"
+            assert not nic.spec.detach and nic.spec.ready == "nic"
+            assert again.m.config["netdevs"] == ["eth0:queues=2"]
+            old_pid = nic.pid
+            run.signal("nic", "KILL")
+            restart(run, {"nic"})  # removes the dead NIC's segments, then Run.respawn
+            entry = run.m.procs["nic"]
+            assert entry.pid != old_pid and entry.spec == nic.spec
+            assert Run.open("rs").m.procs["nic"].spec == nic.spec
+        finally:
+            run.down()
+
+
+def test_old_manifests_without_role_specs_still_open() -> None:
+    from launch.run import Manifest
+
+    m = Manifest.from_json(json.dumps({
+        "name": "old", "run_id": "old-1", "rundir": "/x", "created": 0.0, "launcher_pid": 1,
+        "procs": {"nic": {"role": "nic", "pid": 1, "create_time": 0.0,
+                          "argv": ["python", "-m", "nic_proc"], "log": ""}}}))
+    assert m.procs["nic"].spec is None and m.procs["nic"].module == ""
+
+
 def test_roles_parse_and_unknown_roles_are_refused() -> None:
     assert [parse_role(r) for r in ("nic", "KERNEL", "app:0", "app:12", "launcher")] == [
         "nic", "kernel", "app:0", "app:12", "launcher"]
