@@ -95,7 +95,7 @@ def run_demo(flows: int = 3, per_flow: int = 64 << 20, zc_bytes: int = 256 << 20
     topo = demo_topology(name, flows, per_flow, zc_bytes, queues, nc_port)
     traffic = demo_traffic(flows, per_flow, zc_bytes, nc_port)
     # What the topology amounts to, as a user would type it.
-    say(f"$ zcrx up --name {name} --netdev {topo.netdev_specs()[0]}")
+    say(f"$ zcrx up --name {name} --netdev eth0:queues={queues}")
     for line in topo.netdevs[0].ethtool:
         say(f"$ zcrx ethtool {line}")
     for app in topo.apps[:2]:
