@@ -65,7 +65,7 @@ from shared.errors import PeerGone, Timeout
 from shared.nicif import MAX_QUEUES
 
 #: Queue counts measured by default.
-DEFAULT_QUEUES = (1, 2, 4, 8, 16, 32, 64)
+DEFAULT_QUEUES = tuple(1 << i for i in range(MAX_QUEUES.bit_length()))  # 1, 2, ..., 64
 #: Default MiB of traffic per queue (one flow each; the CLI's --mib-per-queue default).
 #: Large enough that a point's wall time is not all process start and exit.
 DEFAULT_MIB = 16

@@ -256,7 +256,8 @@ def _queue_list(ctx: Any, param: Any, value: str) -> tuple[int, ...]:
 
 
 @bench.command("scale")
-@click.option("--queues", "queues", default="1,2,4,8,16,32,64", show_default=True,
+@click.option("--queues", "queues", show_default=True,
+              default=",".join(str(1 << i) for i in range(MAX_QUEUES.bit_length())),
               callback=_queue_list, help="Zero-copy queue counts to measure (comma list).")
 @click.option("--mib-per-queue", type=click.FloatRange(0.01, 1024), default=16.0,
               show_default=True, help="MiB of traffic per queue (one flow each).")
