@@ -30,7 +30,7 @@ from typing import Any
 
 from launch.run import Run
 from launch.supervise import bring_up, start_traffic
-from launch.topology import AppSpec, NetdevConfig, Topology, TrafficSpec
+from launch.topology import APPS, AppSpec, NetdevConfig, Topology, TrafficSpec
 from shared import nicif, syscalls  # noqa: F401  (register the message types)
 from shared.control import ControlClient
 from shared.errors import Timeout
@@ -56,33 +56,24 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def demo_topology(name: str, flows: int, per_flow: int, zc_bytes: int, queues: int = 4,
-                  nc_port: int | None = None) -> Topology:
+def demo_topology(name: str, flows: int, per_flow: int, zc_bytes: int, queues: int = 4
+                  ) -> Topology:
     """The demo's run as data: eth0 with ``queues`` queues and the ntuple rule to
-    :data:`ZC_QUEUE`; zcrx-server there (app:0), copy-server on RSS (app:1) and, with
-    ``nc_port``, the copy-server the wire gateway feeds (app:2).  Traffic is separate
-    (:func:`demo_traffic`): the demo reads the queue bindings before it starts."""
+    :data:`ZC_QUEUE`; zcrx-server there (app:0), copy-server on RSS (app:1).  Traffic is
+    separate (:func:`demo_traffic`): the demo reads the queue bindings before it starts."""
     zc = ["-p", str(ZC_PORT), "-i", "eth0", "-q", str(ZC_QUEUE), "-v", "-n", "1",
           "-s", str(zc_bytes), "--json", "{rundir}/zcrx-server.json"]
     cp = ["-p", str(COPY_PORT), "-v", "-n", str(flows), "-s", str(per_flow),
           "--json", "{rundir}/copy-server.json"]
-    apps = [AppSpec("zcrx-server", zc), AppSpec("copy-server", cp)]
-    if nc_port is not None:
-        apps.append(AppSpec("copy-server", ["-p", str(nc_port), "-n", "1",
-                                            "--json", "{rundir}/nc-server.json"]))
     rule = f"-N eth0 flow-type tcp4 dst-port {ZC_PORT} action {ZC_QUEUE}"
     return Topology(name=name, netdevs=[NetdevConfig(NetdevSpec(queues=queues), [rule])],
-                    apps=apps)
+                    apps=[AppSpec("zcrx-server", zc), AppSpec("copy-server", cp)])
 
 
-def demo_traffic(flows: int, per_flow: int, zc_bytes: int, nc_port: int | None = None
-                 ) -> list[TrafficSpec]:
-    """The demo's traffic sources, in start order."""
-    traffic = [TrafficSpec(port=ZC_PORT, flows=1, bytes=zc_bytes),
-               TrafficSpec(port=COPY_PORT, flows=flows, bytes=per_flow)]
-    if nc_port is not None:
-        traffic.append(TrafficSpec(kind="wire", port=nc_port))
-    return traffic
+def demo_traffic(flows: int, per_flow: int, zc_bytes: int) -> list[TrafficSpec]:
+    """The demo's generator sources, in start order."""
+    return [TrafficSpec(port=ZC_PORT, flows=1, bytes=zc_bytes),
+            TrafficSpec(port=COPY_PORT, flows=flows, bytes=per_flow)]
 
 
 def run_demo(flows: int = 3, per_flow: int = 64 << 20, zc_bytes: int = 256 << 20,
@@ -91,14 +82,12 @@ def run_demo(flows: int = 3, per_flow: int = 64 << 20, zc_bytes: int = 256 << 20
     if queues <= ZC_QUEUE:
         raise ValueError(f"the demo needs at least {ZC_QUEUE + 1} queues")
     name = f"demo-{secrets.token_hex(2)}"
-    nc_port = _free_port() if shutil.which("nc") else None
-    topo = demo_topology(name, flows, per_flow, zc_bytes, queues, nc_port)
-    traffic = demo_traffic(flows, per_flow, zc_bytes, nc_port)
+    topo = demo_topology(name, flows, per_flow, zc_bytes, queues)
     # What the topology amounts to, as a user would type it.
     say(f"$ zcrx up --name {name} --netdev eth0:queues={queues}")
     for line in topo.netdevs[0].ethtool:
         say(f"$ zcrx ethtool {line}")
-    for app in topo.apps[:2]:
+    for app in topo.apps:
         say(f"$ zcrx app run --detach {app.program} -- "
             f"{' '.join(a for a in app.args[:app.args.index('--json')])}")
     run, _ = bring_up(topo, traffic=False)
@@ -110,19 +99,23 @@ def run_demo(flows: int = 3, per_flow: int = 64 << 20, zc_bytes: int = 256 << 20
         binding = [q["binding"] for q in kernel.call("status", {})["netdevs"][0]["rx_queues"]]
 
         t0 = time.monotonic()
-        for t in traffic:
-            if t.kind == "wire":
-                say(f"$ zcrx wire --port {t.port}; nc -N 127.0.0.1 {t.port} < random-16MiB")
-            else:
-                say(f"$ zcrx traffic --flows {t.flows} --port {t.port} --bytes {t.bytes}")
+        for t in demo_traffic(flows, per_flow, zc_bytes):
+            say(f"$ zcrx traffic --flows {t.flows} --port {t.port} --bytes {t.bytes}")
             start_traffic(run, [t])
-        if nc_port is not None:
+        if shutil.which("nc"):
+            # As `zcrx app run` and `zcrx wire` in the live run, once the generator flows
+            # are going (the port is picked just before it is used).
+            port = _free_port()
             nc_json = run.dir / "nc-server.json"
+            run.spawn("app:2", APPS["copy-server"],
+                      ["-p", str(port), "-n", "1", "--json", str(nc_json)], notify=True)
+            say(f"$ zcrx wire --port {port}; nc -N 127.0.0.1 {port} < random-16MiB")
+            start_traffic(run, [TrafficSpec(kind="wire", port=port)])
             nc_file = run.dir / "random-16MiB"
             data = os.urandom(16 << 20)
             nc_file.write_bytes(data)
             with open(nc_file, "rb") as f:
-                subprocess.run(["nc", "-N", "127.0.0.1", str(nc_port)], stdin=f, timeout=120,
+                subprocess.run(["nc", "-N", "127.0.0.1", str(port)], stdin=f, timeout=120,
                                check=True)
             _wait_exit(run, "app:2", 120)
             rep = json.loads(nc_json.read_text())
