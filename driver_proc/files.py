@@ -42,6 +42,7 @@ from numpy.typing import NDArray
 from driver_proc.mm import Mm
 from driver_proc.tcp import Listener, SocketTable, TcpReceiver, TcpState, ip_bytes, split_flow_key
 from shared.errors import Misuse
+from shared.shm import owner_prefix
 
 __all__ = [
     "AF_INET",
@@ -427,7 +428,7 @@ class Tasks:
             raise Misuse(f"bad pid {pid}", errno.EINVAL)
         tid = self._next_tid
         self._next_tid += 1
-        prefix = f"/zcrx.{self.run}.{self.owner(tid)}."
+        prefix = owner_prefix(self.run, self.owner(tid))
         mm = mm_factory(prefix) if mm_factory is not None else Mm(prefix)
         task = Task(tid, pid, name, cap_net_admin=cap_net_admin, mm=mm, peer=peer)
         self._by_tid[tid] = task

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -65,7 +64,7 @@ from driver_proc.tcp import SocketTable, TcpState
 from shared.control import ControlClient, ControlServer, Handler, HandlerResult
 from shared.errors import Misuse, ZcrxError
 from shared.msg import Message
-from shared.shm import SHM_DIR
+from shared.shm import owner_prefix, remove_prefix_segments
 from shared.watch import Watchlist
 
 #: Frames one queue may complete per NAPI poll (the driver's budget).
@@ -260,7 +259,7 @@ class Kernel:
         self.log.warning("app %s (pid %d, task %d) died: tearing down", task.name, task.pid,
                          tid)
         self.stats["app_deaths"] += 1
-        prefix = task.mm.allowed_prefix or f"/zcrx.{self.run}.{self.ctx.tasks.owner(tid)}."
+        prefix = task.mm.allowed_prefix or owner_prefix(self.run, self.ctx.tasks.owner(tid))
         try:
             sc.task_exit(self.ctx, task)
         except ZcrxError as e:
@@ -317,7 +316,7 @@ class Kernel:
             self.watch.close()
         except OSError:
             pass
-        _unlink_prefix(f"/zcrx.{self.run}.kernel.")
+        _unlink_prefix(owner_prefix(self.run, "kernel"))
 
     def shutdown(self) -> None:
         """Close every task's files and rings, then every netdev (unlinking regions)."""
@@ -395,19 +394,4 @@ def _as_dict(stats: Any) -> Mapping[str, Any]:
 def _unlink_prefix(prefix: str) -> int:
     """Unlink every shm segment whose name starts with ``prefix`` (``/zcrx.<run>.app7.``);
     returns how many.  Only the name goes: live mappings stay valid."""
-    stem = prefix.lstrip("/")
-    if not stem.startswith("zcrx.") or stem.count(".") < 3:
-        return 0  # never a broad pattern
-    n = 0
-    try:
-        names = os.listdir(SHM_DIR)
-    except OSError:
-        return 0
-    for name in names:
-        if name.startswith(stem):
-            try:
-                os.unlink(os.path.join(SHM_DIR, name))
-                n += 1
-            except FileNotFoundError:
-                pass
-    return n
+    return len(remove_prefix_segments(prefix))

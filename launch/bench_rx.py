@@ -75,7 +75,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,8 +83,10 @@ from typing import Any
 import numpy as np
 import psutil
 
+from launch.topology import NetdevConfig, Topology
 from shared import pattern, wire
 from shared.errors import Misuse, PeerGone, Timeout, ZcrxError
+from shared.nicif import NetdevSpec
 
 PAYLOAD = 4096
 #: IPv4 MTU whose MSS is exactly :data:`PAYLOAD`.
@@ -198,23 +200,28 @@ def _signals_ignored() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+def bench_topology(name: str, queues: int, rx: int = RX_RING,
+                   ethtool: Sequence[str] = ()) -> Topology:
+    """The bench's run as data: one netdev ``eth0`` with ``queues`` RX queues of ``rx``
+    entries, the MTU whose MSS is :data:`PAYLOAD`, ``rx-buf-len`` :data:`RX_BUF_LEN`, and
+    ``ethtool`` settings applied once it is up; no apps (each measurement starts its own)."""
+    spec = NetdevSpec(name="eth0", queues=queues, mtu=MTU, rx_buf_len=RX_BUF_LEN, rx=rx)
+    return Topology(name=name, netdevs=[NetdevConfig(spec, list(ethtool))])
+
+
 class BenchRun:
-    """A run with NIC + kernel for the bench (``queues`` RX queues on eth0)."""
+    """A run with NIC + kernel for the bench (``queues`` RX queues on eth0), brought up
+    through :func:`launch.supervise.bring_up` from :func:`bench_topology`."""
 
-    def __init__(self, queues: int, rx: int = RX_RING, kind: str = "bench") -> None:
-        import shared.nicif
-        import shared.syscalls  # noqa: F401  (register the message types)
-        from launch.run import Run
+    def __init__(self, queues: int, rx: int = RX_RING, kind: str = "bench",
+                 ethtool: Sequence[str] = ()) -> None:
+        from launch.supervise import bring_up
 
-        self.run = Run.create(f"{kind}-{secrets.token_hex(3)}",
-                              {"bench": kind, "queues": queues})
+        topo = bench_topology(f"{kind}-{secrets.token_hex(3)}", queues, rx, ethtool)
         self._seq = 0
+        # Not detached: NIC and kernel exit with the bench if it dies.
+        self.run, _ = bring_up(topo, detach=False, launcher=False, config={"bench": kind})
         try:
-            args = ["--run", self.run.run_id, "--rundir", str(self.run.dir)]
-            spec = f"eth0:queues={queues},mtu={MTU},rx_buf_len={RX_BUF_LEN},rx={rx}"
-            self.run.spawn("nic", "nic_proc", [*args, "--netdev", spec], detach=False,
-                           ready="nic")
-            self.run.spawn("kernel", "driver_proc", args, detach=False, ready="kernel")
             kernel = self.run.m.procs["kernel"].process()
             if kernel is None:
                 raise BenchFailed("the kernel process died at start")
@@ -644,11 +651,10 @@ def run_zcrx_bench(total: int = DEFAULT_BYTES, flows: int = 1, repeat: int = 1,
     every: dict[str, list[ModeResult]] = {"zcrx": [], "copy": [], "loopback": []}
     with _terminate_as_interrupt():
         say("starting the run")
-        br = BenchRun(queues=2)
+        # RSS: everything else on queue 0; the zero-copy flow steered to ZC_QUEUE.
+        br = BenchRun(queues=2, ethtool=[
+            "-X eth0 equal 1", f"-N eth0 flow-type tcp4 dst-port {ZC_PORT} action {ZC_QUEUE}"])
         try:
-            br.ethtool("-X", "eth0", "equal", "1")  # RSS: everything else on queue 0
-            br.ethtool("-N", "eth0", "flow-type", "tcp4", "dst-port", str(ZC_PORT),
-                       "action", str(ZC_QUEUE))
             sport = 40000
             for rep in range(repeat):
                 for mode in ("zcrx", "copy"):

@@ -18,7 +18,8 @@ goodput is not a result.
 
 Figures per point:
 
-* **up s**: ``Run`` creation + NIC + kernel processes ready + RSS/ntuple configuration.
+* **up s**: the point's topology brought up (:func:`launch.supervise.bring_up`, as ``zcrx up``
+  does): ``Run`` creation + NIC + kernel processes ready + its RSS/ntuple ethtool lines.
 * **bind s**: starting the N servers one after another until each listens (each has
   registered its ifq, bound its queue and armed its accept by then).  ``setup s`` = up + bind.
 * **goodput GB/s** (wall): the sum of delivered bytes / (the last server's exit - the start
@@ -46,6 +47,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -60,9 +62,10 @@ from launch.bench_rx import (
     _terminate_as_interrupt,
 )
 from shared.errors import PeerGone, Timeout
+from shared.nicif import MAX_QUEUES
 
 #: Queue counts measured by default.
-DEFAULT_QUEUES = (1, 2, 4, 8, 16, 32, 64)
+DEFAULT_QUEUES = tuple(1 << i for i in range(MAX_QUEUES.bit_length()))  # 1, 2, ..., 64
 #: Default MiB of traffic per queue (one flow each; the CLI's --mib-per-queue default).
 #: Large enough that a point's wall time is not all process start and exit.
 DEFAULT_MIB = 16
@@ -113,13 +116,14 @@ class ScalePoint:
 
 
 class ScaleRun(BenchRun):
-    """A :class:`~launch.bench_rx.BenchRun` with small NIC rings (``rx`` entries per queue)."""
+    """A :class:`~launch.bench_rx.BenchRun` with small NIC rings (``rx`` entries per queue)
+    and the point's RSS and ntuple settings in its topology."""
 
-    def __init__(self, queues: int, rx: int = RX_RING) -> None:
-        super().__init__(queues, rx, kind="scale")
+    def __init__(self, queues: int, rx: int = RX_RING, ethtool: Sequence[str] = ()) -> None:
+        super().__init__(queues, rx, kind="scale", ethtool=ethtool)
 
 
-def zc_layout(n: int, max_queues: int = 64) -> tuple[int, list[int]]:
+def zc_layout(n: int, max_queues: int = MAX_QUEUES) -> tuple[int, list[int]]:
     """``(queues on the netdev, zero-copy queues)`` for ``n`` zero-copy queues: queue 0 stays
     for RSS while there is room (``n + 1 <= max_queues``), else every queue is zero copy."""
     if not 1 <= n <= max_queues:
@@ -137,13 +141,11 @@ def measure_point(n: int, mib_per_queue: float = DEFAULT_MIB, *, timeout: float 
     pt = ScalePoint(n, total, zq)
     t0 = time.monotonic()
     say(f"{n} queue(s): up")
-    br = ScaleRun(total)
+    # RSS keeps queue 0 when it is not zero copy; one ntuple rule per zero-copy queue.
+    ethtool = [] if 0 in zq else ["-X eth0 equal 1"]
+    ethtool += [f"-N eth0 flow-type tcp4 dst-port {BASE_PORT + q} action {q}" for q in zq]
+    br = ScaleRun(total, ethtool=ethtool)
     try:
-        if 0 not in zq:
-            br.ethtool("-X", "eth0", "equal", "1")
-        for q in zq:
-            br.ethtool("-N", "eth0", "flow-type", "tcp4", "dst-port", str(BASE_PORT + q),
-                       "action", str(q))
         t1 = time.monotonic()
         pt.up_s = t1 - t0
         say(f"{n} queue(s): binding")

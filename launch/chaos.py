@@ -38,9 +38,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launch.run import Run, bring_up, cleanup, tagged_processes
+from launch.run import Run, cleanup, tagged_processes
+from launch.supervise import bring_up
 from launch.topology import Topology
 from shared.errors import Misuse, ZcrxError
+from shared.shm import list_run_segments
 
 #: Roles ``--roles`` accepts.
 ROLES = ("nic", "kernel", "app")
@@ -295,7 +297,7 @@ def _check_down(t: Trial, run: Run) -> None:
             os.waitpid(e.pid, os.WNOHANG)
     left = tagged_processes(run.run_id)
     left += [p for e in entries if (p := e.process()) is not None and p not in left]
-    segs = [n for n in os.listdir("/dev/shm") if n.startswith(f"zcrx.{run.run_id}.")]
+    segs = list_run_segments(run.run_id)
     t.check("down", not left and not segs,
             f"left processes {[p.pid for p in left]} segments {segs}")
     for p in left:  # never leak into the next trial

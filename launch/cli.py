@@ -1,8 +1,13 @@
-"""The ``zcrx`` command line.
+"""The ``zcrx`` command line: options and printing only.
+
+Runs are realised by :mod:`launch.supervise` (bring-up, foreground watch, restart policy)
+on :mod:`launch.run`'s primitives; this module parses options and prints.
 
 Exit codes: 0 success; 1 a check failed (data not verified, a target missed
 with ``--check``); 2 usage error (click's own); 3 an operation failed (a clear
-one-line reason is printed, never a traceback for a user mistake).
+one-line reason is printed, never a traceback for a user mistake).  ``--json`` is always
+a flag (JSON on stdout instead of the human output); benches and chaos also take
+``--json-out FILE``.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from rich.table import Table
 
 from launch.topology import APPS
 from shared.errors import ZcrxError
+from shared.nicif import MAX_QUEUES
 from shared.shm import list_run_segments
 
 EXIT_CHECK_FAILED = 1
@@ -27,15 +33,27 @@ console = Console(stderr=False)
 err_console = Console(stderr=True)
 
 
-def _write_json(result: Any, json_path: str | None) -> None:
-    """``--json FILE``: the figures to a file, or to stdout with ``-``."""
-    if not json_path:
-        return
-    text = json.dumps(result, indent=2)
-    if json_path == "-":
+JSON_FLAG_HELP = "Print JSON on stdout instead of the human output."
+JSON_HELP = "Print the figures as JSON on stdout instead of the human output."
+JSON_OUT_HELP = "Also write the figures as JSON to this file."
+
+
+def _json_options(fn: Any) -> Any:
+    """``--json`` (a flag, as in every zcrx command: JSON on stdout instead of the human
+    output) and ``--json-out FILE`` (also write the JSON to a file)."""
+    fn = click.option("--json-out", "json_out", metavar="FILE",
+                      type=click.Path(dir_okay=False, writable=True), help=JSON_OUT_HELP)(fn)
+    return click.option("--json", "as_json", is_flag=True, help=JSON_HELP)(fn)
+
+
+def _write_json(result: Any, as_json: bool, json_out: str | None,
+                sort_keys: bool = False) -> None:
+    """The figures as JSON: on stdout with ``--json``, to a file with ``--json-out``."""
+    text = json.dumps(result, indent=2, sort_keys=sort_keys)
+    if json_out:
+        Path(json_out).write_text(text + "\n")
+    if as_json:
         click.echo(text)
-    else:
-        Path(json_path).write_text(text + "\n")
 
 
 def fail(msg: str, code: int = EXIT_FAILED) -> None:
@@ -49,6 +67,9 @@ Exit codes:
   1  a check failed (data not verified, a target missed with --check)
   2  usage error (bad option, argument, topology file or role)
   3  an operation failed (a one-line reason is printed)
+\b
+JSON: --json is always a flag that prints JSON on stdout instead of the human
+output; the benches and chaos also take --json-out FILE to write it to a file.
 """
 
 
@@ -93,24 +114,24 @@ def _ring_table(result: dict[str, Any]) -> Table:
               help="How long the producer runs for each measurement.")
 @click.option("--spin", type=click.IntRange(0), default=2000, show_default=True,
               help="Empty polls before a waiter yields the CPU (then it sleeps).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True),
-              help="Also write the figures as JSON to this file ('-' for stdout).")
+@_json_options
 @click.option("--check", is_flag=True,
               help="Exit 1 if a target (batch 512 >= 50 Mpps; 4 KiB path >= 0.5 x copy) "
                    "is missed.")
-def bench_ring(seconds: float, spin: int, json_path: str | None, check: bool) -> None:
+def bench_ring(seconds: float, spin: int, as_json: bool, json_out: str | None,
+               check: bool) -> None:
     """Entries/s at batch 1, 64, 512 and the 4 KiB payload path vs numpy copy."""
     from launch.bench_ring import run_ring_bench
 
     with console.status("running") as status:
         result = run_ring_bench(seconds=seconds, spin=spin,
                                 progress=lambda m: status.update(f"running: {m}"))
-    if json_path != "-":
+    if not as_json:
         console.print(_ring_table(result))
         for c in result["checks"]:
             mark = "ok" if c["ok"] else "MISSED"
             console.print(f"target {c['target']}: {c['value']:.2f} {mark}", highlight=False)
-    _write_json(result, json_path)
+    _write_json(result, as_json, json_out)
     if not result["all_verified"]:
         fail("a benchmark did not deliver what was sent (checksum mismatch)",
              EXIT_CHECK_FAILED)
@@ -139,8 +160,9 @@ def _rx_table(result: dict[str, Any]) -> Table:
     return t
 
 
-def _rx_report(result: dict[str, Any], json_path: str | None, check: bool) -> None:
-    if json_path != "-":
+def _rx_report(result: dict[str, Any], as_json: bool, json_out: str | None,
+               check: bool) -> None:
+    if not as_json:
         console.print(_rx_table(result))
         console.print("kCPU s/GB: kernel-process CPU seconds per 10^9 delivered bytes; "
                       "moved/B: payload bytes moved (NIC DMA + kernel copy reads and writes "
@@ -156,7 +178,7 @@ def _rx_report(result: dict[str, Any], json_path: str | None, check: bool) -> No
         for r in result["rows"]:
             for p in r["problems"]:
                 console.print(f"{r['mode']}/{r['flows']}: {p}", highlight=False)
-    _write_json(result, json_path)
+    _write_json(result, as_json, json_out)
     if not result["all_verified"]:
         fail("a receiver did not get exactly the stream that was sent", EXIT_CHECK_FAILED)
     if check and not all(c["ok"] for c in result["checks"]):
@@ -174,8 +196,7 @@ def _rx_options(fn: Any) -> Any:
                      help="Receive buffer of the copy path and of loopback TCP."),
         click.option("--timeout", type=click.FloatRange(1, 3600), default=120.0,
                      show_default=True, help="Seconds one measurement may take."),
-        click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True),
-                     help="Also write the figures as JSON to this file ('-' for stdout)."),
+        _json_options,
     ]
     for o in reversed(opts):
         fn = o(fn)
@@ -184,10 +205,11 @@ def _rx_options(fn: Any) -> Any:
 
 @bench.command("copy")
 @_rx_options
-@click.option("--flows", "flows", type=click.IntRange(1, 64), multiple=True,
-              help="Flow counts to measure (default 1 and 4).")
-def bench_copy(total: int, repeat: int, copy_buf: int, timeout: float, json_path: str | None,
-               flows: tuple[int, ...]) -> None:
+@click.option("--flows", "flows", type=click.IntRange(1, MAX_QUEUES), multiple=True,
+              help="Flow counts to measure (default 1 and 4); the run has as many queues as "
+                   "the largest.")
+def bench_copy(total: int, repeat: int, copy_buf: int, timeout: float, as_json: bool,
+               json_out: str | None, flows: tuple[int, ...]) -> None:
     """The copy path (NIC -> kernel pages -> RECV copy -> app) at 4 KiB payloads, 1 and 4
     flows, next to loopback TCP between two processes; every byte checked and hashed."""
     from launch.bench_rx import run_copy_bench
@@ -198,7 +220,7 @@ def bench_copy(total: int, repeat: int, copy_buf: int, timeout: float, json_path
                                     progress=lambda m: status.update(f"running: {m}"))
     except ZcrxError as e:
         fail(f"bench copy: {e}")
-    _rx_report(result, json_path, False)
+    _rx_report(result, as_json, json_out, False)
 
 
 @bench.command("zcrx")
@@ -206,8 +228,8 @@ def bench_copy(total: int, repeat: int, copy_buf: int, timeout: float, json_path
 @click.option("--flows", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Flows of each measurement.")
 @click.option("--check", is_flag=True, help="Exit 1 if a target is missed.")
-def bench_zcrx(total: int, repeat: int, copy_buf: int, timeout: float, json_path: str | None,
-               flows: int, check: bool) -> None:
+def bench_zcrx(total: int, repeat: int, copy_buf: int, timeout: float, as_json: bool,
+               json_out: str | None, flows: int, check: bool) -> None:
     """Zero copy (ntuple-steered to a queue bound to an ifq) vs the copy path vs loopback
     TCP at 4 KiB payloads: GB/s, kernel CPU per GB, payload bytes moved per delivered byte;
     targets: >= 1.5x copy, >= 2x loopback, <= 0.55x the copy path's bytes moved."""
@@ -219,7 +241,7 @@ def bench_zcrx(total: int, repeat: int, copy_buf: int, timeout: float, json_path
                                     progress=lambda m: status.update(f"running: {m}"))
     except ZcrxError as e:
         fail(f"bench zcrx: {e}")
-    _rx_report(result, json_path, check)
+    _rx_report(result, as_json, json_out, check)
 
 
 def _queue_list(ctx: Any, param: Any, value: str) -> tuple[int, ...]:
@@ -228,13 +250,14 @@ def _queue_list(ctx: Any, param: Any, value: str) -> tuple[int, ...]:
     except ValueError:
         raise click.BadParameter(
             f"{value!r} is not a comma-separated list of integers") from None
-    if not qs or any(not 1 <= q <= 64 for q in qs):
-        raise click.BadParameter("queue counts must be in [1, 64]")
+    if not qs or any(not 1 <= q <= MAX_QUEUES for q in qs):
+        raise click.BadParameter(f"queue counts must be in [1, {MAX_QUEUES}]")
     return qs
 
 
 @bench.command("scale")
-@click.option("--queues", "queues", default="1,2,4,8,16,32,64", show_default=True,
+@click.option("--queues", "queues", show_default=True,
+              default=",".join(str(1 << i) for i in range(MAX_QUEUES.bit_length())),
               callback=_queue_list, help="Zero-copy queue counts to measure (comma list).")
 @click.option("--mib-per-queue", type=click.FloatRange(0.01, 1024), default=16.0,
               show_default=True, help="MiB of traffic per queue (one flow each).")
@@ -242,10 +265,9 @@ def _queue_list(ctx: Any, param: Any, value: str) -> tuple[int, ...]:
               help="Seconds the traffic of one point may take.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True),
               help="Write the curve as a PNG (needs matplotlib: the 'plot' extra).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True),
-              help="Also write the figures as JSON to this file ('-' for stdout).")
+@_json_options
 def bench_scale(queues: tuple[int, ...], mib_per_queue: float, timeout: float,
-                plot_path: str | None, json_path: str | None) -> None:
+                plot_path: str | None, as_json: bool, json_out: str | None) -> None:
     """Setup, goodput and teardown against the number of zero-copy queues (one run per
     point, one zcrx-server and one flow per queue, every byte verified)."""
     from launch.bench_scale import plot, run_scale_bench
@@ -263,7 +285,7 @@ def bench_scale(queues: tuple[int, ...], mib_per_queue: float, timeout: float,
             plot(result, plot_path)
     except ZcrxError as e:
         fail(f"bench scale: {e}")
-    if json_path != "-":
+    if not as_json:
         t = Table(title=f"zcrx bench scale: {mib_per_queue:g} MiB per queue")
         for col in ("queues", "up s", "bind s", "setup s", "GB/s wall", "GB/s app", "down s",
                     "verified"):
@@ -276,7 +298,7 @@ def bench_scale(queues: tuple[int, ...], mib_per_queue: float, timeout: float,
         for p in result["points"]:
             for msg in p["problems"]:
                 console.print(f"{p['queues']} queues: {msg}", highlight=False)
-    _write_json(result, json_path)
+    _write_json(result, as_json, json_out)
     if not result["all_verified"]:
         fail("a receiver did not get exactly the stream that was sent", EXIT_CHECK_FAILED)
 
@@ -387,14 +409,14 @@ def _load_topology(path: str) -> Any:
 @click.option("--netdev", "netdevs", multiple=True, metavar="SPEC",
               help="A netdev, e.g. 'eth0:queues=4,mtu=4096'; repeat for several "
                    "(default: one eth0; not with --file).")
-@click.option("--queues", type=click.IntRange(1, 64), default=None,
+@click.option("--queues", type=click.IntRange(1, MAX_QUEUES), default=None,
               help="Combined queues of every netdev that does not say (default 4; not with "
                    "--file).")
 @click.option("--detach/--foreground", default=True, show_default=True,
               help="Return once the run is up, or stay (recorded as role 'launcher') and "
                    "bring it down on Ctrl-C or SIGTERM.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run's name, id and steps as "
-              "JSON.")
+              "JSON on stdout instead of the human output.")
 @click.option("--restart", "restart", default="", metavar="ROLES",
               help="With --foreground: bring these roles back when they die "
                    "(comma list of nic, kernel). A restarted NIC is re-probed by the "
@@ -402,11 +424,12 @@ def _load_topology(path: str) -> Any:
 def up(topo_file: str | None, name: str | None, netdevs: tuple[str, ...], queues: int | None,
        detach: bool, as_json: bool, restart: str) -> None:
     """Start a run: NIC, kernel, ethtool settings, apps, traffic; each once ready."""
-    from launch import run as runmod
-    from launch.topology import NetdevSpec, Topology, TopologyError
+    from launch import supervise
+    from launch.topology import NetdevConfig, Topology
+    from shared.nicif import NetdevSpec
 
     restart_roles = {r.strip() for r in restart.split(",") if r.strip()}
-    if restart_roles - {"nic", "kernel"}:
+    if restart_roles - set(supervise.RESTARTABLE):
         fail(f"--restart takes nic and/or kernel, not {restart!r}", 2)
     if restart_roles and detach:
         fail("--restart needs --foreground (the launcher is the supervisor)", 2)
@@ -415,19 +438,16 @@ def up(topo_file: str | None, name: str | None, netdevs: tuple[str, ...], queues
             fail("--netdev and --queues do not go with --file (put them in the file)", 2)
         topo = _load_topology(topo_file)
     else:
-        specs = list(netdevs) or ["eth0"]
-        if queues is not None:
-            specs = [s if "queues=" in s else s + ("," if ":" in s else ":")
-                     + f"queues={queues}" for s in specs]
+        defaults = {"queues": queues} if queues is not None else {}
         try:
-            topo = Topology(name=name or "zcrx",
-                            netdevs=[NetdevSpec.from_spec(s) for s in specs])
+            topo = Topology(name=name or "zcrx", netdevs=[
+                NetdevConfig(NetdevSpec.parse(s, **defaults)) for s in netdevs or ["eth0"]])
             topo.validate("--netdev")
-        except TopologyError as e:
+        except ZcrxError as e:
             fail(str(e), 2)
     name = name or topo.name
     try:
-        r, steps = runmod.bring_up(topo, name, detach=detach)
+        r, steps = supervise.bring_up(topo, name, detach=detach)
     except ZcrxError as e:
         fail(str(e))
     status = _call(r, "kernel", "status")
@@ -441,71 +461,9 @@ def up(topo_file: str | None, name: str | None, netdevs: tuple[str, ...], queues
         console.print(f"run {name} is up (id {r.run_id}): {devs}", highlight=False)
     if detach:
         return
-    import signal as _signal
-    import time as _time
-
-    stop = {"now": False}
-
-    def _stop(*_: Any) -> None:
-        stop["now"] = True
-
-    _signal.signal(_signal.SIGTERM, _stop)
-    try:
-        while not stop["now"]:
-            if not (r.dir / runmod.MANIFEST).exists():
-                console.print(f"run {name} was brought down", highlight=False)
-                return  # someone ran `zcrx down`: nothing left to supervise
-            dead = {"nic", "kernel"} - set(r.alive_roles())
-            if dead and not dead <= restart_roles:
-                break
-            if dead:
-                _restart(r, dead, say=lambda m: console.print(m, highlight=False))
-            _time.sleep(0.2)
-    except KeyboardInterrupt:
-        pass
-    except (ZcrxError, OSError) as e:
-        err_console.print(f"zcrx: restart failed: {e}", highlight=False, soft_wrap=True)
-    r.down()
-    console.print(f"run {name} is down", highlight=False)
-
-
-def _unlink(names: list[str]) -> None:
-    import contextlib
-
-    import posix_ipc
-
-    for n in names:
-        with contextlib.suppress(posix_ipc.ExistentialError):
-            posix_ipc.unlink_shared_memory(n)
-
-
-def _restart(r: Any, dead: set[str], say: Any) -> None:
-    """Bring dead roles back in start order.  The NIC exits when the kernel dies (it can
-    no longer trust its DMA mappings), so a kernel restart waits for it and restarts it."""
-    import time as _time
-
-    if "kernel" in dead:
-        entry = r.m.procs.get("nic")
-        deadline = _time.monotonic() + 5
-        while entry is not None and entry.process() is not None and \
-                _time.monotonic() < deadline:
-            _time.sleep(0.05)
-        dead = dead | ({"nic"} if entry is None or entry.process() is None else set())
-    from shared.shm import list_run_segments
-
-    for role in ("nic", "kernel"):
-        if role not in dead:
-            continue
-        # A SIGKILLed role never unlinked what it owned: its successor creates the same
-        # names exclusively, so the dead one's segments go first.
-        owned = [n for n in list_run_segments(r.run_id)
-                 if n.startswith(f"/zcrx.{r.run_id}.{role}.")]
-        _unlink(owned)
-        old = r.m.procs[role]
-        module, args = old.argv[2], old.argv[5:]
-        r.m.procs.pop(role)
-        e = r.spawn(role, module, args, detach=False, ready=role)
-        say(f"{role} died; restarted as pid {e.pid}")
+    supervise.supervise(
+        r, restart_roles, say=lambda m: console.print(m, highlight=False),
+        warn=lambda m: err_console.print(m, highlight=False, soft_wrap=True))
 
 
 @main.command()
@@ -527,7 +485,7 @@ def down(name: str | None, timeout: float) -> None:
 @click.option("--signal", "signame", type=click.Choice(["KILL", "TERM", "STOP", "CONT"],
                                                         case_sensitive=False),
               default="KILL", show_default=True, help="Signal to send.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--json", "as_json", is_flag=True, help=JSON_FLAG_HELP)
 @click.argument("role")
 def kill(name: str | None, signame: str, as_json: bool, role: str) -> None:
     """Send a signal to one process of a run: ROLE is nic, kernel, app:N or launcher
@@ -556,7 +514,7 @@ def kill(name: str | None, signame: str, as_json: bool, role: str) -> None:
 
 @main.command()
 @NAME_OPT
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--json", "as_json", is_flag=True, help=JSON_FLAG_HELP)
 def status(name: str | None, as_json: bool) -> None:
     """Processes, netdevs, queues with their bindings and page pools, rings, apps."""
     r = _pick_run(name)
@@ -764,22 +722,22 @@ def app() -> None:
     """Applications: run a sample program against the run's kernel."""
 
 
-def _program_of(argv: list[str]) -> str:
-    """The program name of an app's argv (``python -m MODULE ...``)."""
-    mod = argv[argv.index("-m") + 1] if "-m" in argv[:-1] else ""
+def _program_of(entry: Any) -> str:
+    """The program name of an app, from the module its recorded spec runs."""
+    mod = entry.module
     return next((p for p, m in APPS.items() if m == mod), mod or "?")
 
 
 @app.command("list")
 @NAME_OPT
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--json", "as_json", is_flag=True, help=JSON_FLAG_HELP)
 def app_list(name: str | None, as_json: bool) -> None:
     """Apps of the run: role, program, pid, alive, log path."""
     r = _pick_run(name)
     rows = []
     for role in r.app_roles():
         e = r.m.procs[role]
-        rows.append({"role": role, "program": _program_of(e.argv), "pid": e.pid,
+        rows.append({"role": role, "program": _program_of(e), "pid": e.pid,
                      "alive": e.process() is not None, "log": e.log})
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -896,10 +854,9 @@ def wire(name: str | None, dev: str, port: int) -> None:
               help="MiB per app flow in each trial.")
 @click.option("--seconds", type=click.FloatRange(0.1, 60), default=1.0, show_default=True,
               help="Pace each flow to last about this long, so the kill lands mid-stream.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True),
-              default=None, help="Write the figures (every trial, totals) here ('-': stdout).")
-def chaos(trials: int, seed: int, roles: str, mib: int, seconds: float,
-          json_path: str | None) -> None:
+@_json_options
+def chaos(trials: int, seed: int, roles: str, mib: int, seconds: float, as_json: bool,
+          json_out: str | None) -> None:
     """SIGKILL a random role of a live run at a random moment, TRIALS times, and check the
     teardown, the survivors' byte-exact streams and that nothing is left; exit 1 on any
     violation.
@@ -910,10 +867,8 @@ def chaos(trials: int, seed: int, roles: str, mib: int, seconds: float,
     from launch.chaos import run_chaos
 
     wanted = tuple(r.strip() for r in roles.split(",") if r.strip())
-    quiet = json_path == "-"
-
     def say(t: Any) -> None:
-        if not quiet:
+        if not as_json:
             verdict = ("ok" if not t.violations else f"{len(t.violations)} VIOLATION(S)") + (
                 " (late: the app had already finished)" if t.late else "")
             console.print(f"trial {t.trial}: kill {t.role} at {t.fraction:.0%}: {verdict}",
@@ -923,11 +878,8 @@ def chaos(trials: int, seed: int, roles: str, mib: int, seconds: float,
         res = run_chaos(trials, seed, wanted, size=mib << 20, say=say, transfer_s=seconds)
     except ZcrxError as e:
         fail(str(e), 2)
-    if json_path == "-":
-        click.echo(json.dumps(res, indent=2, sort_keys=True))
-    else:
-        if json_path:
-            Path(json_path).write_text(json.dumps(res, indent=2, sort_keys=True))
+    _write_json(res, as_json, json_out, sort_keys=True)
+    if not as_json:
         t = Table(title=f"zcrx chaos: seed {seed}")
         for col in ("trial", "role killed", "at fraction", "checks", "violations"):
             t.add_column(col)
@@ -954,7 +906,8 @@ def chaos(trials: int, seed: int, roles: str, mib: int, seconds: float,
               help="MiB per copy-path flow.")
 @click.option("--zc-mib", type=click.IntRange(1, 8192), default=256, show_default=True,
               help="MiB of the zero-copy flow.")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the summary as JSON on stdout instead of the human output.")
 def demo(flows: int, mib: int, zc_mib: int, as_json: bool) -> None:
     """Bring up a default topology, push verified traffic NIC -> kernel -> app, tear down.
 

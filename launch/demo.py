@@ -1,9 +1,10 @@
 """``zcrx demo``: a default topology, real traffic through NIC -> kernel -> app, a verified
 summary, and a teardown that leaves nothing behind.
 
-The demo is the sequence a user would type (``zcrx up``, ``zcrx ethtool``, ``zcrx app
-run``, ``zcrx traffic``, ``zcrx wire``, ``zcrx down``), driven through
-:mod:`launch.run` and printed as it goes:
+The demo is a topology (:func:`demo_topology`) brought up by the same supervisor as ``zcrx
+up`` (:func:`launch.supervise.bring_up`), then traffic, then ``zcrx down``; it prints the
+sequence a user would type for the same (``zcrx up``, ``zcrx ethtool``, ``zcrx app run``,
+``zcrx traffic``, ``zcrx wire``, ``zcrx down``):
 
 * eth0 with 4 queues; an ntuple rule steers port 9000 to queue 3;
 * ``zcrx-server`` bound to queue 3 receives one generator flow zero copy;
@@ -25,13 +26,15 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from launch.run import Run
+from launch.supervise import bring_up, start_traffic
+from launch.topology import APPS, AppSpec, NetdevConfig, Topology, TrafficSpec
 from shared import nicif, syscalls  # noqa: F401  (register the message types)
 from shared.control import ControlClient
 from shared.errors import Timeout
+from shared.nicif import NetdevSpec
 
 COPY_PORT = 8000
 ZC_PORT = 9000
@@ -53,56 +56,61 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def demo_topology(name: str, flows: int, per_flow: int, zc_bytes: int, queues: int = 4
+                  ) -> Topology:
+    """The demo's run as data: eth0 with ``queues`` queues and the ntuple rule to
+    :data:`ZC_QUEUE`; zcrx-server there (app:0), copy-server on RSS (app:1).  Traffic is
+    separate (:func:`demo_traffic`): the demo reads the queue bindings before it starts."""
+    zc = ["-p", str(ZC_PORT), "-i", "eth0", "-q", str(ZC_QUEUE), "-v", "-n", "1",
+          "-s", str(zc_bytes), "--json", "{rundir}/zcrx-server.json"]
+    cp = ["-p", str(COPY_PORT), "-v", "-n", str(flows), "-s", str(per_flow),
+          "--json", "{rundir}/copy-server.json"]
+    rule = f"-N eth0 flow-type tcp4 dst-port {ZC_PORT} action {ZC_QUEUE}"
+    return Topology(name=name, netdevs=[NetdevConfig(NetdevSpec(queues=queues), [rule])],
+                    apps=[AppSpec("zcrx-server", zc), AppSpec("copy-server", cp)])
+
+
+def demo_traffic(flows: int, per_flow: int, zc_bytes: int) -> list[TrafficSpec]:
+    """The demo's generator sources, in start order."""
+    return [TrafficSpec(port=ZC_PORT, flows=1, bytes=zc_bytes),
+            TrafficSpec(port=COPY_PORT, flows=flows, bytes=per_flow)]
+
+
 def run_demo(flows: int = 3, per_flow: int = 64 << 20, zc_bytes: int = 256 << 20,
              queues: int = 4, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the demo; return the summary.  Raises (after teardown) if anything failed."""
     if queues <= ZC_QUEUE:
         raise ValueError(f"the demo needs at least {ZC_QUEUE + 1} queues")
     name = f"demo-{secrets.token_hex(2)}"
-    spec = f"eth0:queues={queues}"
-    run = Run.create(name, {"netdevs": [spec]})
+    topo = demo_topology(name, flows, per_flow, zc_bytes, queues)
+    # What the topology amounts to, as a user would type it.
+    say(f"$ zcrx up --name {name} --netdev eth0:queues={queues}")
+    for line in topo.netdevs[0].ethtool:
+        say(f"$ zcrx ethtool {line}")
+    for app in topo.apps:
+        say(f"$ zcrx app run --detach {app.program} -- "
+            f"{' '.join(a for a in app.args[:app.args.index('--json')])}")
+    run, _ = bring_up(topo, traffic=False)
+    zc_json = run.dir / "zcrx-server.json"
+    cp_json = run.dir / "copy-server.json"
     legs: list[dict[str, Any]] = []
-    nc_file: Path | None = None
     try:
-        say(f"$ zcrx up --name {name} --netdev {spec}")
-        common = ["--run", run.run_id, "--rundir", str(run.dir), "--detached"]
-        run.spawn("nic", "nic_proc", [*common, "--netdev", spec], ready="nic")
-        run.spawn("kernel", "driver_proc", common, ready="kernel")
         kernel = ControlClient(run.endpoint("kernel"), timeout_ms=20_000)
-        nic = ControlClient(run.endpoint("nic"), timeout_ms=20_000)
-        rule = {"cmd": "ntuple-add", "dev": "eth0", "flow_type": "tcp4",
-                "dst_port": ZC_PORT, "action": ZC_QUEUE}
-        say(f"$ zcrx ethtool -N eth0 flow-type tcp4 dst-port {ZC_PORT} action {ZC_QUEUE}")
-        kernel.call("ethtool", {"dev": "eth0", "request": rule})
-
-        zc_json = run.dir / "zcrx-server.json"
-        say(f"$ zcrx app run --detach zcrx-server -- -p {ZC_PORT} -i eth0 -q {ZC_QUEUE} -v "
-            f"-n 1 -s {zc_bytes}")
-        run.spawn("app:0", "app_proc.zcrx_server",
-                  ["-p", str(ZC_PORT), "-i", "eth0", "-q", str(ZC_QUEUE), "-v", "-n", "1",
-                   "-s", str(zc_bytes), "--json", str(zc_json)], notify=True)
-        cp_json = run.dir / "copy-server.json"
-        say(f"$ zcrx app run --detach copy-server -- -p {COPY_PORT} -v -n {flows} "
-            f"-s {per_flow}")
-        run.spawn("app:1", "app_proc.copy_server",
-                  ["-p", str(COPY_PORT), "-v", "-n", str(flows), "-s", str(per_flow),
-                   "--json", str(cp_json)], notify=True)
         binding = [q["binding"] for q in kernel.call("status", {})["netdevs"][0]["rx_queues"]]
 
         t0 = time.monotonic()
-        say(f"$ zcrx traffic --flows 1 --port {ZC_PORT} --bytes {zc_bytes}")
-        nic.call("nic.traffic", {"dev": "eth0", "spec": {"dport": ZC_PORT, "flows": 1,
-                                                         "bytes": zc_bytes}})
-        say(f"$ zcrx traffic --flows {flows} --port {COPY_PORT} --bytes {per_flow}")
-        nic.call("nic.traffic", {"dev": "eth0", "spec": {"dport": COPY_PORT, "flows": flows,
-                                                         "bytes": per_flow}})
+        for t in demo_traffic(flows, per_flow, zc_bytes):
+            say(f"$ zcrx traffic --flows {t.flows} --port {t.port} --bytes {t.bytes}")
+            start_traffic(run, [t])
         if shutil.which("nc"):
+            # As `zcrx app run` and `zcrx wire` in the live run, once the generator flows
+            # are going (the port is picked just before it is used).
             port = _free_port()
             nc_json = run.dir / "nc-server.json"
-            run.spawn("app:2", "app_proc.copy_server",
+            run.spawn("app:2", APPS["copy-server"],
                       ["-p", str(port), "-n", "1", "--json", str(nc_json)], notify=True)
             say(f"$ zcrx wire --port {port}; nc -N 127.0.0.1 {port} < random-16MiB")
-            nic.call("nic.wire", {"dev": "eth0", "port": port})
+            start_traffic(run, [TrafficSpec(kind="wire", port=port)])
             nc_file = run.dir / "random-16MiB"
             data = os.urandom(16 << 20)
             nc_file.write_bytes(data)
@@ -133,7 +141,6 @@ def run_demo(flows: int = 3, per_flow: int = 64 << 20, zc_bytes: int = 256 << 20
         counters = dict(kernel.call("ethtool", {"dev": "eth0", "request": {
             "cmd": "stats-get", "dev": "eth0"}})["stats"])
         kernel.close()
-        nic.close()
     finally:
         say(f"$ zcrx down --name {name}")
         down = run.down()

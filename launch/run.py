@@ -1,7 +1,8 @@
 """A run: its directory, its manifest, and the processes it starts and stops.
 
-Topology as data (Mininet's lesson): a run is created from a plain config
-dict; the :class:`Run` object realises it.  Everything a run creates is
+These are the primitives; :mod:`launch.supervise` realises a topology with them (every
+way of starting a run goes through it).  The manifest records, per role, how it was
+started (:class:`RoleSpec`).  Everything a run creates is
 findable afterwards without the launcher's memory:
 
 * the run directory ``$ZCRX_RUNS_DIR/<name>/`` (default ``/tmp/zcrx-runs``)
@@ -71,12 +72,41 @@ def check_name(name: str) -> str:
 
 
 @dataclass
+class RoleSpec:
+    """How a role was started, as :meth:`Run.spawn` was asked: ``python -m module args``.
+
+    Recorded in the manifest with the role, so a supervisor restarts a dead role from what
+    it was started with (:meth:`Run.respawn`), never from argv positions.  The NIC's args
+    carry its netdev specs (``--netdev`` :meth:`shared.nicif.NetdevSpec.format` strings).
+    """
+
+    module: str
+    args: list[str] = field(default_factory=list)
+    detach: bool = True
+    ready: str | None = None
+    notify: bool = False
+    ready_timeout: float = 20.0
+
+
+@dataclass
 class ProcEntry:
     role: str
     pid: int
     create_time: float
     argv: list[str]
     log: str
+    #: What it was started with (None for the recorded ``launcher``).
+    spec: RoleSpec | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ProcEntry:
+        spec = d.pop("spec", None)
+        return cls(spec=RoleSpec(**spec) if spec is not None else None, **d)
+
+    @property
+    def module(self) -> str:
+        """The module it runs (``python -m MODULE``), or '' if it is not a spawned role."""
+        return self.spec.module if self.spec is not None else ""
 
     def process(self) -> psutil.Process | None:
         """The live process, or None if it is gone (or the pid was reused)."""
@@ -108,7 +138,7 @@ class Manifest:
     @classmethod
     def from_json(cls, text: str) -> Manifest:
         d = json.loads(text)
-        procs = {k: ProcEntry(**v) for k, v in d.pop("procs", {}).items()}
+        procs = {k: ProcEntry.from_dict(v) for k, v in d.pop("procs", {}).items()}
         return cls(procs=procs, **d)
 
 
@@ -212,7 +242,10 @@ class Run:
                                     env=env, cwd=str(self.dir), start_new_session=detach)
         entry = ProcEntry(role=role, pid=proc.pid,
                           create_time=psutil.Process(proc.pid).create_time(),
-                          argv=argv, log=str(log_path))
+                          argv=argv, log=str(log_path),
+                          spec=RoleSpec(module=module, args=list(args), detach=detach,
+                                        ready=ready, notify=notify,
+                                        ready_timeout=ready_timeout))
         self.m.procs[role] = entry
         self.save()
         if ready is not None:
@@ -220,6 +253,18 @@ class Run:
         if notify:
             self._wait_notify(proc, role, notify_path, ready_timeout)
         return entry
+
+    def respawn(self, role: str) -> ProcEntry:
+        """Start ``role`` again from the spec it was recorded with (a dead NIC or kernel
+        under ``zcrx up --foreground --restart``).  Misuse ENOENT if there is no such role
+        or it has no recorded spec."""
+        entry = self.m.procs.get(role)
+        if entry is None or entry.spec is None:
+            raise Misuse(f"run {self.m.name} has no recorded spec for {role}", errno=2)
+        s = entry.spec
+        self.m.procs.pop(role)
+        return self.spawn(role, s.module, s.args, detach=s.detach, ready=s.ready,
+                          notify=s.notify, ready_timeout=s.ready_timeout)
 
     def _wait_notify(self, proc: subprocess.Popen[bytes], role: str, path: Path,
                      timeout: float) -> None:
@@ -447,82 +492,3 @@ def cleanup_run_id(run_id: str) -> dict[str, Any]:
     return {"run_ids": [run_id], "killed": killed,
             "segments_removed": remove_run_segments(run_id),
             "left": list_run_segments(run_id)}
-
-
-def bring_up(topo: Any, name: str | None = None, *, detach: bool = True,
-             say: Any = None) -> tuple[Run, list[str]]:
-    """Realise a :class:`launch.topology.Topology`, in order, each step once ready.
-
-    NIC, then kernel (each pinged), then every netdev's ethtool settings in order (through
-    the kernel, as ``zcrx ethtool`` sends them), then the apps (detached, ``app:N``, each
-    once it says it is ready), then the traffic sources.  Returns the run and one line per
-    step.  On any failure the run is brought down and the error re-raised with the step
-    that failed; nothing is left behind.
-    """
-    import shlex
-
-    import shared.nicif  # (registers the nic.* message types)
-    import shared.syscalls  # noqa: F401  (register the syscall message types)
-    from launch import ethtool as et
-    from shared.msg import ControlError
-
-    note = say or (lambda _m: None)
-    name = name or topo.name
-    specs = topo.netdev_specs()
-    run = Run.create(name, {"netdevs": specs, "topology": topo.to_dict()})
-    steps: list[str] = []
-    step = "start"
-    try:
-        if not detach:
-            run.record_launcher()
-        watch = ["--detached"] if detach else []
-        nic_args = ["--run", run.run_id, "--rundir", str(run.dir)]
-        for s in specs:
-            nic_args += ["--netdev", s]
-        step = "nic"
-        e = run.spawn("nic", "nic_proc", nic_args + watch, detach=detach, ready="nic")
-        steps.append(f"nic pid {e.pid}")
-        note(steps[-1])
-        step = "kernel"
-        e = run.spawn("kernel", "driver_proc",
-                      ["--run", run.run_id, "--rundir", str(run.dir), *watch],
-                      detach=detach, ready="kernel")
-        steps.append(f"kernel pid {e.pid}")
-        note(steps[-1])
-        with ControlClient(run.endpoint("kernel"), timeout_ms=30_000) as kernel:
-            for nd in topo.netdevs:
-                for line in nd.ethtool:
-                    step = f"ethtool {line}"
-                    req = et.parse(shlex.split(line))
-                    try:
-                        kernel.call("ethtool", {"dev": req["dev"], "request": req})
-                    except ControlError as err:
-                        said = et.format_error(req, err.errno or 22).strip().splitlines()
-                        raise Misuse(f"{said[0] if said else 'ethtool'} ({err.remote_msg})",
-                                     errno=err.errno or 22) from None
-                    steps.append(step)
-                    note(step)
-        for app in topo.apps:
-            role = run.next_app_role()
-            step = f"{role} {app.program}"
-            e = run.spawn(role, app.module, app.argv(str(run.dir), name), detach=True,
-                          notify=True)
-            steps.append(f"{role} {app.program} pid {e.pid} (log {e.log})")
-            note(steps[-1])
-        if topo.traffic:
-            with ControlClient(run.endpoint("nic"), timeout_ms=10_000) as nic:
-                for t in topo.traffic:
-                    step = f"traffic {t.kind} on {t.dev}"
-                    type_, body = t.request()
-                    res = nic.call(type_, body)
-                    if t.kind == "wire":
-                        steps.append(f"wire gateway 127.0.0.1:{res.get('port')} -> {t.dev}")
-                    else:
-                        steps.append(f"traffic source {res.get('source')} on {t.dev}")
-                    note(steps[-1])
-    except (ZcrxError, ValueError) as err:
-        run.down()
-        msg = err.remote_msg if isinstance(err, ControlError) else str(err)
-        errno_ = getattr(err, "errno", None) or 5
-        raise Misuse(f"run {name} did not come up: {step}: {msg}", errno=errno_) from None
-    return run, steps

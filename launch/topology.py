@@ -26,7 +26,9 @@ name when the app starts.  :meth:`Topology.from_toml` rejects unknown keys, bad 
 that do not exist, ethtool strings that do not parse, and references to undeclared netdevs,
 each with one clear line (:class:`TopologyError`, ``EINVAL``).  This module is plain data:
 no processes, no shared memory (the launcher owns only the run directory; the topology is
-stored in its manifest as :meth:`Topology.to_dict`).
+stored in its manifest as :meth:`Topology.to_dict`).  Netdevs use the one netdev grammar,
+:class:`shared.nicif.NetdevSpec` (ranges are checked here, before anything starts), which
+the NIC parses too.
 """
 
 from __future__ import annotations
@@ -39,17 +41,15 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import Misuse
+from shared.nicif import NetdevSpec
 
 #: The sample programs ``zcrx app run`` and topology files can start (program -> module).
 APPS = {"copy-server": "app_proc.copy_server", "zcrx-server": "app_proc.zcrx_server"}
 
-#: Netdev keys passed to the NIC's spec string (``NAME:key=value,...``) and their types.
+#: Netdev keys of a topology file (every :class:`shared.nicif.NetdevSpec` option) and the
+#: TOML types each accepts (booleans may also be written as their on/off words).
 NETDEV_OPTIONS: dict[str, tuple[type, ...]] = {
-    "queues": (int,), "max_queues": (int,), "rx": (int,), "max_rx": (int,), "mtu": (int,),
-    "tcp_data_split": (bool, str), "hds_thresh": (int,), "hds_thresh_max": (int,),
-    "rx_buf_len": (int,), "link": (bool, str), "pause": (bool, str), "addr": (str,),
-    "addr6": (str,), "mac": (str,),
-}
+    k: (bool, str) if t is bool else (t,) for k, t in NetdevSpec.option_types().items()}
 TRAFFIC_KINDS = ("generator", "wire")
 
 
@@ -108,47 +108,20 @@ class _Table:
 
 
 @dataclass
-class NetdevSpec:
-    """One netdev of the NIC: its name, spec options and ethtool settings (applied in order
-    through the kernel once the NIC and kernel are up)."""
+class NetdevConfig:
+    """One netdev of the topology: the NIC's spec (:class:`shared.nicif.NetdevSpec`, the
+    one netdev grammar) and the ethtool settings applied in order through the kernel once
+    the NIC and kernel are up."""
 
-    name: str
-    options: dict[str, Any] = field(default_factory=dict)
+    spec: NetdevSpec = field(default_factory=NetdevSpec)
     ethtool: list[str] = field(default_factory=list)
 
-    @classmethod
-    def from_spec(cls, text: str) -> NetdevSpec:
-        """Parse a command-line spec ``NAME[:key=value,...]`` (values stay as typed;
-        the NIC checks ranges).  ``-`` may replace ``_``; ``ring`` means ``rx``."""
-        name, _, rest = text.partition(":")
-        d: dict[str, Any] = {"name": name}
-        for item in filter(None, (x.strip() for x in rest.split(","))):
-            key, eq, val = item.partition("=")
-            key = key.strip().replace("-", "_")
-            key = "rx" if key == "ring" else key
-            if not eq or key not in NETDEV_OPTIONS or key == "name":
-                raise TopologyError(f"netdev spec {text!r}: bad item {item!r}")
-            if NETDEV_OPTIONS[key] == (int,):
-                try:
-                    d[key] = int(val, 0)
-                except ValueError:
-                    raise TopologyError(f"netdev spec {text!r}: {key} needs an integer") \
-                        from None
-            else:
-                d[key] = val
-        return _netdev(f"netdev spec {text!r}", d)
-
-    def spec(self) -> str:
-        """The NIC's ``NAME:key=value,...`` spec string."""
-        items = []
-        for k, v in self.options.items():
-            if isinstance(v, bool):
-                v = ("up" if v else "down") if k == "link" else ("on" if v else "off")
-            items.append(f"{k}={v}")
-        return self.name + (":" + ",".join(items) if items else "")
+    @property
+    def name(self) -> str:
+        return self.spec.name
 
     def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"name": self.name, **self.options}
+        d = self.spec.to_dict()
         if self.ethtool:
             d["ethtool"] = list(self.ethtool)
         return d
@@ -218,7 +191,7 @@ class Topology:
     """A whole host: netdevs (NIC + kernel), then apps, then traffic sources."""
 
     name: str = "zcrx"
-    netdevs: list[NetdevSpec] = field(default_factory=list)
+    netdevs: list[NetdevConfig] = field(default_factory=list)
     apps: list[AppSpec] = field(default_factory=list)
     traffic: list[TrafficSpec] = field(default_factory=list)
 
@@ -252,7 +225,7 @@ class Topology:
         traffic = [_traffic(f"{where}: traffic[{i}]", d)
                    for i, d in enumerate(_array(top, "traffic"))]
         top.done()
-        topo = cls(name=name, netdevs=netdevs or [NetdevSpec("eth0")], apps=apps,
+        topo = cls(name=name, netdevs=netdevs or [NetdevConfig()], apps=apps,
                    traffic=traffic)
         topo.validate(where)
         return topo
@@ -262,6 +235,11 @@ class Topology:
         netdev, traffic on declared netdevs."""
         from launch import ethtool as et
 
+        for i, nd in enumerate(self.netdevs):
+            try:
+                nd.spec.validate()
+            except Misuse as e:
+                raise TopologyError(f"{where}: netdev[{i}]: {e}") from None
         names = [n.name for n in self.netdevs]
         if len(set(names)) != len(names):
             raise TopologyError(f"{where}: netdev names repeat: {', '.join(names)}")
@@ -292,7 +270,8 @@ class Topology:
         return d
 
     def netdev_specs(self) -> list[str]:
-        return [n.spec() for n in self.netdevs]
+        """The NIC's ``--netdev`` strings, one per netdev."""
+        return [n.spec.format() for n in self.netdevs]
 
 
 def _check_run_name(where: str, name: str) -> None:
@@ -305,24 +284,21 @@ def _array(top: _Table, key: str) -> list[Any]:
     return list(v)
 
 
-def _netdev(where: str, d: Any) -> NetdevSpec:
+def _netdev(where: str, d: Any) -> NetdevConfig:
     t = _Table(where, d)
     name = t.get("name", (str,), required=True)
-    if not name or len(name) > 15 or not all(c.isalnum() or c in "_-" for c in name):
-        raise TopologyError(f"{where}: bad netdev name {name!r} (1-15 of [A-Za-z0-9_-])")
     opts: dict[str, Any] = {}
     for key, types in NETDEV_OPTIONS.items():
         v = t.get(key, types)
-        if v is None:
-            continue
-        if isinstance(v, int) and not isinstance(v, bool) and v < 0:
-            raise TopologyError(f"{where}: {key} must not be negative")
-        if isinstance(v, str) and any(c in v for c in ",:="):
-            raise TopologyError(f"{where}: {key} {v!r} may not contain ',', ':' or '='")
-        opts[key] = v
+        if v is not None:
+            opts[key] = v
     ethtool = t.str_list("ethtool")
     t.done()
-    return NetdevSpec(name=name, options=opts, ethtool=ethtool)
+    try:
+        spec = NetdevSpec.from_options(name, opts)
+    except Misuse as e:
+        raise TopologyError(f"{where}: {e}") from None
+    return NetdevConfig(spec=spec, ethtool=ethtool)
 
 
 def _app(where: str, d: Any) -> AppSpec:

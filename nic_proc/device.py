@@ -15,7 +15,7 @@ areas the apps'.  The NIC writes into them and never unlinks them.
 
 Netdevs
 -------
-A netdev is described by a spec string ``NAME[:key=value,...]`` (:meth:`NetdevSpec.parse`),
+A netdev is described by a spec string ``NAME[:key=value,...]`` (:class:`shared.nicif.NetdevSpec`),
 e.g. ``eth0:queues=4,mtu=9000``.  Keys (defaults in brackets): ``queues`` [4],
 ``max_queues`` [64], ``rx`` ring size [512], ``max_rx`` [4096], ``mtu`` [4096],
 ``tcp_data_split`` on|off [on], ``hds_thresh`` [0], ``hds_thresh_max`` [1024],
@@ -45,10 +45,9 @@ queue 0's row (a real NIC counts them per port).
 from __future__ import annotations
 
 import errno
-import re
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -63,103 +62,23 @@ from shared import wire
 from shared.errors import Misuse
 from shared.nicif import (
     HDR_SLOT_ALIGN,
+    MAX_MTU,
     MAX_NETDEVS,
     MAX_QUEUES,
+    MIN_MTU,
     QC,
     QUEUE_COUNTERS,
+    NetdevSpec,
     QueueLayout,
     hdr_slot_size,
+    is_pow2,
     stats_block_shape,
+    valid_buf_len,
 )
 
 __all__ = ["MAX_MTU", "MIN_MTU", "Netdev", "NetdevSpec", "Nic", "NicQueue"]
 
-MIN_MTU = 576
-MAX_MTU = 9216
-MAX_RING = 4096
-_NAME = re.compile(r"^[A-Za-z0-9_-]{1,15}$")
 _STEER_CACHE = 4096
-
-
-def _is_pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
-
-
-def _onoff(text: str, key: str, on: str = "on", off: str = "off") -> bool:
-    if text in (on, "true", "1", "yes"):
-        return True
-    if text in (off, "false", "0", "no"):
-        return False
-    raise Misuse(f"netdev spec: {key} must be {on} or {off}, got {text!r}")
-
-
-@dataclass
-class NetdevSpec:
-    """The static description of one netdev (see the module docstring for the syntax)."""
-
-    name: str = "eth0"
-    queues: int = 4
-    max_queues: int = MAX_QUEUES
-    rx: int = 512
-    max_rx: int = MAX_RING
-    mtu: int = 4096
-    tcp_data_split: bool = True
-    hds_thresh: int = 0
-    hds_thresh_max: int = 1024
-    rx_buf_len: int = 4096
-    link: bool = True
-    pause: bool = True
-    addr: str = ""
-    addr6: str = ""
-    mac: str = ""
-
-    @classmethod
-    def parse(cls, text: str) -> NetdevSpec:
-        """``NAME[:key=value,...]`` -> a validated spec (:class:`Misuse` on errors)."""
-        name, _, rest = text.partition(":")
-        kw: dict[str, Any] = {"name": name}
-        types = {f.name: f.type for f in fields(cls)}
-        for item in filter(None, rest.split(",")):
-            key, eq, val = item.partition("=")
-            key = key.strip().replace("-", "_")
-            if key == "ring":
-                key = "rx"
-            if not eq or key not in types or key == "name":
-                raise Misuse(f"netdev spec {text!r}: bad item {item!r}")
-            if types[key] in ("bool", bool):
-                kw[key] = _onoff(val, key, *(("up", "down") if key == "link" else ()))
-            elif types[key] in ("int", int):
-                try:
-                    kw[key] = int(val, 0)
-                except ValueError:
-                    raise Misuse(f"netdev spec {text!r}: {key} needs an integer") from None
-            else:
-                kw[key] = val
-        spec = cls(**kw)
-        spec.validate()
-        return spec
-
-    def validate(self) -> None:
-        """Range checks (:class:`Misuse`, EINVAL)."""
-        if not _NAME.match(self.name):
-            raise Misuse(f"bad netdev name {self.name!r} (1-15 of [A-Za-z0-9_-])")
-        if not 1 <= self.max_queues <= MAX_QUEUES or not 1 <= self.queues <= self.max_queues:
-            raise Misuse(f"{self.name}: queues {self.queues} / max {self.max_queues} out of "
-                         f"range (max {MAX_QUEUES})")
-        if not (_is_pow2(self.max_rx) and self.max_rx <= MAX_RING and _is_pow2(self.rx)
-                and self.rx <= self.max_rx):
-            raise Misuse(f"{self.name}: ring sizes must be powers of two <= {MAX_RING}")
-        if not MIN_MTU <= self.mtu <= MAX_MTU:
-            raise Misuse(f"{self.name}: mtu {self.mtu} not in [{MIN_MTU}, {MAX_MTU}]")
-        if not 0 <= self.hds_thresh <= self.hds_thresh_max:
-            raise Misuse(f"{self.name}: hds_thresh {self.hds_thresh} > {self.hds_thresh_max}")
-        if not _valid_buf_len(self.rx_buf_len):
-            raise Misuse(f"{self.name}: rx_buf_len {self.rx_buf_len} is not a power of two "
-                         f"in [1024, 65536]")
-
-
-def _valid_buf_len(n: int) -> bool:
-    return _is_pow2(n) and 1024 <= n <= 65536
 
 
 def _mac_bytes(text: str, default: bytes) -> bytes:
@@ -323,7 +242,7 @@ class Nic:
         q = self._queue(d, queue)
         if q.started:
             raise Misuse(f"{dev} queue {queue} is already started", errno.EBUSY)
-        if not _is_pow2(ring_size) or ring_size > d.spec.max_rx:
+        if not is_pow2(ring_size) or ring_size > d.spec.max_rx:
             raise Misuse(f"{dev}: ring size {ring_size} is not a power of two <= "
                          f"{d.spec.max_rx}")
         if slot_size % HDR_SLOT_ALIGN or slot_size < d.min_slot_size:
@@ -439,10 +358,10 @@ class Nic:
         rx = req.get("rx", s.rx)
         tx = req.get("tx", d.tx_ring)
         for k, v in (("rx", rx), ("tx", tx)):
-            if not isinstance(v, int) or not _is_pow2(v) or v > s.max_rx:
+            if not isinstance(v, int) or not is_pow2(v) or v > s.max_rx:
                 raise Misuse(f"{d.name}: {k} {v} is not a power of two <= {s.max_rx}")
         buf_len = req.get("rx_buf_len", s.rx_buf_len)
-        if not isinstance(buf_len, int) or not _valid_buf_len(buf_len):
+        if not isinstance(buf_len, int) or not valid_buf_len(buf_len):
             raise Misuse(f"{d.name}: rx-buf-len {buf_len} not a power of two in [1024, 65536]")
         thresh = req.get("hds_thresh", d.hds.hds_thresh)
         if not isinstance(thresh, int) or not 0 <= thresh <= s.hds_thresh_max:

@@ -32,7 +32,7 @@ exit is a death here.  When the kernel dies the NIC can no longer
 trust any mapping: it stops every queue and source (no more DMA), drops every mapping,
 unlinks its stats region and exits with status 0 (an orderly exit; the log says why).
 
-Netdev specs: see :class:`nic_proc.device.NetdevSpec` (``eth0:queues=4,mtu=9000``);
+Netdev specs: see :class:`shared.nicif.NetdevSpec` (``eth0:queues=4,mtu=9000``);
 without ``--netdev`` the NIC has one default ``eth0``.
 """
 
@@ -51,11 +51,12 @@ from types import FrameType
 import numpy as np
 import zmq
 
-from nic_proc.device import NetdevSpec, Nic
+from nic_proc.device import Nic
 from shared import nicif
 from shared.control import ControlServer, EventReceiver, EventSender, HandlerResult, ipc_endpoint
 from shared.errors import Misuse, ZcrxError
 from shared.msg import PROTOCOL_VERSION, Message
+from shared.nicif import NetdevSpec
 from shared.ring import Backoff
 from shared.shm import Region, region_name
 from shared.watch import Watchlist

@@ -43,11 +43,15 @@ Rules both sides keep:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 
 from shared import abi
+from shared.errors import Misuse
 from shared.msg import Schema, register_type
 from shared.ring import RingLayout
 from shared.shm import PAGE_SIZE, page_align
@@ -130,6 +134,166 @@ MAX_NETDEVS = 8
 MAX_QUEUES = 64
 
 
+# -- netdev specs -------------------------------------------------------------------------
+#
+# The one grammar of a netdev, shared by the launcher (topology files, ``--netdev``,
+# ``--queues``) and the NIC (``nic_proc --netdev``): a spec string
+# ``NAME[:key=value,...]`` such as ``eth0:queues=4,mtu=9000``.  ``-`` may replace ``_`` in
+# keys and ``ring`` means ``rx``.  The launcher parses it once into a NetdevSpec and hands
+# the NIC the formatted string; the NIC parses it back to an equal NetdevSpec.
+
+MIN_MTU = 576
+MAX_MTU = 9216
+MAX_RING = 4096
+_NETDEV_NAME = re.compile(r"^[A-Za-z0-9_-]{1,15}$")
+#: Boolean keys spelled with words other than on/off in a spec string.
+_BOOL_WORDS = {"link": ("up", "down")}
+
+
+def is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def valid_buf_len(n: int) -> bool:
+    """An ``rx_buf_len`` the NIC accepts: a power of two in [1024, 65536]."""
+    return is_pow2(n) and 1024 <= n <= 65536
+
+
+def _onoff(text: str, key: str) -> bool:
+    on, off = _BOOL_WORDS.get(key, ("on", "off"))
+    if text in (on, "true", "1", "yes"):
+        return True
+    if text in (off, "false", "0", "no"):
+        return False
+    raise Misuse(f"netdev spec: {key} must be {on} or {off}, got {text!r}")
+
+
+@dataclass
+class NetdevSpec:
+    """The static description of one netdev: what the NIC creates it with.
+
+    Defaults are the fields' defaults; :meth:`format` writes only what differs from
+    them, so ``NetdevSpec.parse(spec.format()) == spec``.  ``addr``, ``addr6`` and ``mac``
+    left empty take the traffic sources' defaults (:mod:`nic_proc.sources`).
+    """
+
+    name: str = "eth0"
+    queues: int = 4
+    max_queues: int = MAX_QUEUES
+    rx: int = 512
+    max_rx: int = MAX_RING
+    mtu: int = 4096
+    tcp_data_split: bool = True
+    hds_thresh: int = 0
+    hds_thresh_max: int = 1024
+    rx_buf_len: int = 4096
+    link: bool = True
+    pause: bool = True
+    addr: str = ""
+    addr6: str = ""
+    mac: str = ""
+
+    @classmethod
+    def option_types(cls) -> dict[str, type]:
+        """Every option key (all fields but ``name``) -> its type (int, bool or str)."""
+        kinds = {"int": int, "bool": bool, "str": str}
+        return {f.name: kinds[str(f.type)] if not isinstance(f.type, type) else f.type
+                for f in fields(cls) if f.name != "name"}
+
+    @classmethod
+    def parse(cls, text: str, **defaults: Any) -> NetdevSpec:
+        """``NAME[:key=value,...]`` -> a validated spec (:class:`Misuse`, EINVAL).
+
+        ``defaults`` replace the fields' defaults for the keys the text does not give
+        (``zcrx up --queues N`` sets ``queues`` of every netdev that does not say).
+        """
+        name, _, rest = text.partition(":")
+        types = cls.option_types()
+        items: dict[str, Any] = {}
+        for item in filter(None, (x.strip() for x in rest.split(","))):
+            key, eq, val = item.partition("=")
+            key = key.strip().replace("-", "_")
+            key = "rx" if key == "ring" else key
+            if not eq or key not in types:
+                raise Misuse(f"netdev spec {text!r}: bad item {item!r}", errno=22)
+            if types[key] is int:
+                try:
+                    items[key] = int(val, 0)
+                except ValueError:
+                    raise Misuse(f"netdev spec {text!r}: {key} needs an integer",
+                                 errno=22) from None
+            else:
+                items[key] = val
+        return cls.from_options(name, {**defaults, **items})
+
+    @classmethod
+    def from_options(cls, name: str, options: Mapping[str, Any]) -> NetdevSpec:
+        """A validated spec from option values: ints, booleans (or their on/off words, as
+        a spec string or a TOML file gives them) and strings."""
+        types = cls.option_types()
+        kw: dict[str, Any] = {}
+        for key, v in options.items():
+            want = types.get(key)
+            if want is None:
+                raise Misuse(f"netdev {name}: unknown option {key!r}", errno=22)
+            if want is bool and isinstance(v, str):
+                v = _onoff(v, key)
+            ok = isinstance(v, want) and (want is bool or not isinstance(v, bool))
+            if not ok:
+                raise Misuse(f"netdev {name}: {key} must be {want.__name__}, not {v!r}",
+                             errno=22)
+            kw[key] = v
+        spec = cls(name=name, **kw)
+        spec.validate()
+        return spec
+
+    def validate(self) -> None:
+        """Range checks (:class:`Misuse`, EINVAL)."""
+        if not _NETDEV_NAME.match(self.name):
+            raise Misuse(f"bad netdev name {self.name!r} (1-15 of [A-Za-z0-9_-])", errno=22)
+        if not 1 <= self.max_queues <= MAX_QUEUES or not 1 <= self.queues <= self.max_queues:
+            raise Misuse(f"{self.name}: queues {self.queues} / max {self.max_queues} out of "
+                         f"range (max {MAX_QUEUES})", errno=22)
+        if not (is_pow2(self.max_rx) and self.max_rx <= MAX_RING and is_pow2(self.rx)
+                and self.rx <= self.max_rx):
+            raise Misuse(f"{self.name}: ring sizes must be powers of two <= {MAX_RING}",
+                         errno=22)
+        if not MIN_MTU <= self.mtu <= MAX_MTU:
+            raise Misuse(f"{self.name}: mtu {self.mtu} not in [{MIN_MTU}, {MAX_MTU}]",
+                         errno=22)
+        if not 0 <= self.hds_thresh <= self.hds_thresh_max:
+            raise Misuse(f"{self.name}: hds_thresh {self.hds_thresh} > {self.hds_thresh_max}",
+                         errno=22)
+        if not valid_buf_len(self.rx_buf_len):
+            raise Misuse(f"{self.name}: rx_buf_len {self.rx_buf_len} is not a power of two "
+                         f"in [1024, 65536]", errno=22)
+        for key in ("addr", "addr6", "mac"):
+            if "," in getattr(self, key):
+                raise Misuse(f"{self.name}: {key} {getattr(self, key)!r} may not contain ','",
+                             errno=22)
+
+    def options(self) -> dict[str, Any]:
+        """The options that differ from the defaults, in field order (typed values)."""
+        default = NetdevSpec()
+        return {k: getattr(self, k) for k in self.option_types()
+                if getattr(self, k) != getattr(default, k)}
+
+    def format(self) -> str:
+        """The spec string ``NAME[:key=value,...]`` (only options that differ from the
+        defaults; booleans as on/off, ``link`` as up/down)."""
+        items = []
+        for k, v in self.options().items():
+            if isinstance(v, bool):
+                on, off = _BOOL_WORDS.get(k, ("on", "off"))
+                v = on if v else off
+            items.append(f"{k}={v}")
+        return self.name + (":" + ",".join(items) if items else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"name": ..., **options()}``: plain data :meth:`from_options` reads back."""
+        return {"name": self.name, **self.options()}
+
+
 def stats_block_shape() -> tuple[int, int, int]:
     """``(netdev, queue, counter)``: the NIC's int64 stats region (``nic.stats``)."""
     return (MAX_NETDEVS, MAX_QUEUES, len(QUEUE_COUNTERS))
@@ -181,6 +345,7 @@ register_type("nic.source_stop", {"source": int}, doc="Stop a traffic source.")
 register_type("irq", _DEVQ, doc="NIC -> kernel: completions ready on an armed queue.")
 register_type("nic.doorbell", _DEVQ, doc="kernel -> NIC: buffers posted on a waiting queue.")
 
-__all__ = ["MAX_NETDEVS", "MAX_QUEUES", "NETDEV_FIELDS", "PAGE_SIZE", "QC", "QUEUE_COUNTERS",
-           "QueueLayout", "hdr_slot_size", "queue_region_object", "stats_block_bytes",
-           "stats_block_shape"]
+__all__ = ["MAX_MTU", "MAX_NETDEVS", "MAX_QUEUES", "MAX_RING", "MIN_MTU", "NETDEV_FIELDS",
+           "PAGE_SIZE", "QC", "QUEUE_COUNTERS", "NetdevSpec", "QueueLayout", "hdr_slot_size",
+           "is_pow2", "queue_region_object", "stats_block_bytes", "stats_block_shape",
+           "valid_buf_len"]

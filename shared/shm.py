@@ -173,6 +173,41 @@ def run_prefix(run: str) -> str:
     return f"{NAME_PREFIX}.{run}."
 
 
+def owner_prefix(run: str, owner: str) -> str:
+    """The shm name prefix ``/zcrx.<run>.<owner>.`` of every segment ``owner`` creates."""
+    region_name(run, owner, "x")  # validates the run id and the owner
+    return f"/{NAME_PREFIX}.{run}.{owner}."
+
+
+def is_owner_prefix(prefix: str) -> bool:
+    """True for a prefix naming one owner of one run (``/zcrx.<run>.<owner>.``): narrow
+    enough to unlink by.  Anything broader (``/zcrx.``, a whole run) is refused."""
+    stem = prefix.lstrip("/")
+    return stem.startswith(f"{NAME_PREFIX}.") and stem.count(".") >= 3
+
+
+def remove_prefix_segments(prefix: str) -> list[str]:
+    """Unlink every segment whose name starts with ``prefix`` (one owner of one run: see
+    :func:`is_owner_prefix`, else nothing is removed).  Only the names go: live mappings
+    stay valid.  Returns the names removed (with leading ``/``)."""
+    if not is_owner_prefix(prefix):
+        return []  # never a broad pattern
+    stem = prefix.lstrip("/")
+    try:
+        entries = os.listdir(SHM_DIR)
+    except OSError:
+        return []
+    removed = []
+    for e in sorted(entries):
+        if e.startswith(stem):
+            try:
+                os.unlink(os.path.join(SHM_DIR, e))
+                removed.append("/" + e)
+            except FileNotFoundError:
+                pass
+    return removed
+
+
 def list_run_segments(run: str) -> list[str]:
     """Every shm name (with leading ``/``) that belongs to ``run``, sorted."""
     prefix = run_prefix(run)

@@ -54,7 +54,7 @@ def test_bench_copy_cli_smoke(runs_dir, tmp_path):
     out = tmp_path / "copy.json"
     total = 1 << 20
     res = CliRunner().invoke(main, ["bench", "copy", "--bytes", str(total), "--flows", "1",
-                                    "--flows", "2", "--json", str(out), "--timeout", "60"],
+                                    "--flows", "2", "--json-out", str(out), "--timeout", "60"],
                              catch_exceptions=False)
     assert res.exit_code == 0, res.output
     assert "copy/loopback 1 flow(s)" in res.output and "verified" in res.output

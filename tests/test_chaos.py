@@ -20,7 +20,8 @@ import pytest
 import shared.nicif
 import shared.syscalls  # noqa: F401  (register the message types)
 from launch.chaos import APP_ROLES, REPORTS, plan, run_trial, topology
-from launch.run import Run, bring_up, cleanup, tagged_processes
+from launch.run import Run, cleanup, tagged_processes
+from launch.supervise import bring_up
 from shared.control import ControlClient
 from tests.e2e import runs_dir, zcrx
 
@@ -42,7 +43,7 @@ def test_twenty_chaos_trials_find_no_violation(tmp_path: Path) -> None:
     out = tmp_path / "chaos.json"
     with runs_dir():
         res = zcrx("chaos", "--trials", "20", "--seed", str(SEED), "--mib", "3",
-                   "--seconds", "0.8", "--json", str(out), ok=False)
+                   "--seconds", "0.8", "--json-out", str(out), ok=False)
     print(res.output)
     rep = json.loads(out.read_text())
     assert res.exit_code == 0, res.output

@@ -12,10 +12,14 @@ from launch.cli import main
 from shared.shm import PAGE_SIZE, Region, list_run_segments, region_name
 
 
-def test_bench_ring_runs_and_verifies_every_entry() -> None:
-    res = CliRunner().invoke(main, ["bench", "ring", "--seconds", "0.05", "--json", "-"])
+def test_bench_ring_runs_and_verifies_every_entry(tmp_path: Path) -> None:
+    """``--json`` prints JSON instead of the table; ``--json-out FILE`` also writes it."""
+    path = tmp_path / "ring.json"
+    res = CliRunner().invoke(main, ["bench", "ring", "--seconds", "0.05", "--json",
+                                    "--json-out", str(path)])
     assert res.exit_code == 0, res.output
     out = json.loads(res.output)
+    assert json.loads(path.read_text()) == out
     assert out["all_verified"]
     assert {(r["bench"], r["batch"]) for r in out["rows"]} == {
         ("descriptors 16 B", 1), ("descriptors 16 B", 64), ("descriptors 16 B", 512),

@@ -13,8 +13,9 @@ from click.testing import CliRunner
 
 from launch.cli import main, queue_rates
 from launch.run import Run, parse_role
-from launch.topology import NetdevSpec, Topology, TopologyError
+from launch.topology import Topology, TopologyError
 from shared.errors import Misuse
+from shared.nicif import MAX_QUEUES, NetdevSpec
 from tests.e2e import runs_dir, wait_app, zcrx
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -61,8 +62,10 @@ def test_topology_round_trips_through_dict_and_keeps_every_field() -> None:
     topo = Topology.from_toml("full.toml", text=FULL)
     assert topo.name == "full"
     assert [n.name for n in topo.netdevs] == ["eth0", "eth1"]
-    assert topo.netdevs[0].spec() == "eth0:queues=2,mtu=4136,tcp_data_split=on"
-    assert topo.netdevs[1].spec() == "eth1:link=down,addr=10.0.1.1"
+    # The NIC's spec strings carry what differs from NetdevSpec's defaults (tcp_data_split
+    # on is the default).
+    assert topo.netdev_specs() == ["eth0:queues=2,mtu=4136", "eth1:link=down,addr=10.0.1.1"]
+    assert topo.netdevs[0].spec.tcp_data_split is True and topo.netdevs[1].spec.link is False
     assert topo.netdevs[0].ethtool[1] == "-G eth0 rx 1024"
     (app,) = topo.apps
     assert app.module == "app_proc.zcrx_server"
@@ -134,12 +137,72 @@ def test_topology_errors_are_one_clear_line(text: str, want: str) -> None:
 
 
 def test_netdev_spec_strings_parse_into_options() -> None:
-    nd = NetdevSpec.from_spec("eth1:queues=3,ring=1024,tcp-data-split=off")
-    assert nd.options == {"queues": 3, "rx": 1024, "tcp_data_split": "off"}
-    assert nd.spec() == "eth1:queues=3,rx=1024,tcp_data_split=off"
-    for bad in ("eth0:queues=x", "eth0:colour=red", "eth0:queues", "bad.name"):
-        with pytest.raises(TopologyError):
-            NetdevSpec.from_spec(bad)
+    nd = NetdevSpec.parse("eth1:queues=3,ring=1024,tcp-data-split=off")
+    assert nd.options() == {"queues": 3, "rx": 1024, "tcp_data_split": False}
+    assert nd.format() == "eth1:queues=3,rx=1024,tcp_data_split=off"
+    assert NetdevSpec.parse(nd.format()) == nd
+    for bad in ("eth0:queues=x", "eth0:colour=red", "eth0:queues", "bad.name",
+                f"eth0:queues={MAX_QUEUES + 1}", "eth0:link=sideways"):
+        with pytest.raises(Misuse) as ei:
+            NetdevSpec.parse(bad)
+        assert ei.value.errno == 22
+
+
+def test_queues_option_fills_only_netdevs_that_do_not_say() -> None:
+    """``zcrx up --queues N`` sets the field on the parsed spec, never through text."""
+    assert NetdevSpec.parse("eth0", queues=2).queues == 2
+    assert NetdevSpec.parse("eth0:queues=3", queues=2).queues == 3
+    assert NetdevSpec.parse("eth0:mtu=9000", queues=8).format() == "eth0:queues=8,mtu=9000"
+
+
+def test_topology_checks_netdev_ranges_before_anything_starts() -> None:
+    with pytest.raises(TopologyError) as ei:
+        Topology.from_toml("t.toml", text="[[netdev]]\nname = 'eth0'\nqueues = 100")
+    assert str(ei.value).startswith("t.toml: netdev[0]: ") and "queues 100" in str(ei.value)
+
+
+def test_bench_knobs_are_topology_fields() -> None:
+    from launch.bench_rx import MTU, bench_topology
+
+    topo = bench_topology("b", 2, 1024, ["-X eth0 equal 1"])
+    assert topo.netdev_specs() == [f"eth0:queues=2,rx=1024,mtu={MTU}"]
+    assert topo.netdevs[0].ethtool == ["-X eth0 equal 1"] and not topo.apps
+    assert Topology.from_dict(topo.to_dict()) == topo
+
+
+@pytest.mark.timeout(60)
+def test_manifest_records_each_role_spec_and_respawn_uses_it() -> None:
+    """Restart re-spawns from the spec recorded in the manifest, not from argv positions."""
+    from launch.supervise import bring_up, restart
+
+    topo = Topology.from_dict({"name": "rs", "netdev": [{"name": "eth0", "queues": 2}]})
+    with runs_dir():
+        run, _ = bring_up(topo, detach=False, launcher=False)
+        try:
+            again = Run.open("rs")
+            nic = again.m.procs["nic"]
+            assert nic.spec is not None and nic.spec.module == "nic_proc"
+            assert nic.spec.args[nic.spec.args.index("--netdev") + 1] == "eth0:queues=2"
+            assert not nic.spec.detach and nic.spec.ready == "nic"
+            assert again.m.config["netdevs"] == ["eth0:queues=2"]
+            old_pid = nic.pid
+            run.signal("nic", "KILL")
+            restart(run, {"nic"})  # removes the dead NIC's segments, then Run.respawn
+            entry = run.m.procs["nic"]
+            assert entry.pid != old_pid and entry.spec == nic.spec
+            assert Run.open("rs").m.procs["nic"].spec == nic.spec
+        finally:
+            run.down()
+
+
+def test_old_manifests_without_role_specs_still_open() -> None:
+    from launch.run import Manifest
+
+    m = Manifest.from_json(json.dumps({
+        "name": "old", "run_id": "old-1", "rundir": "/x", "created": 0.0, "launcher_pid": 1,
+        "procs": {"nic": {"role": "nic", "pid": 1, "create_time": 0.0,
+                          "argv": ["python", "-m", "nic_proc"], "log": ""}}}))
+    assert m.procs["nic"].spec is None and m.procs["nic"].module == ""
 
 
 def test_roles_parse_and_unknown_roles_are_refused() -> None:

@@ -25,13 +25,13 @@ import numpy as np
 import psutil
 import pytest
 
-from nic_proc.device import NetdevSpec, Nic
+from nic_proc.device import Nic
 from nic_proc.sources import RawSource
 from shared import abi, pattern, wire
 from shared.control import ControlClient, EventReceiver, EventSender, ipc_endpoint
 from shared.errors import Misuse, Timeout
 from shared.msg import ControlError
-from shared.nicif import QC, QueueLayout, stats_block_shape
+from shared.nicif import QC, NetdevSpec, QueueLayout, stats_block_shape
 from shared.ring import RingConsumer, RingProducer
 from shared.shm import Region, list_run_segments, region_name
 

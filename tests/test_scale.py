@@ -155,7 +155,7 @@ def test_bench_scale_smoke() -> None:
     from tests.e2e import runs_dir
 
     with runs_dir():
-        res = zcrx("bench", "scale", "--queues", "1,4", "--mib-per-queue", "2", "--json", "-")
+        res = zcrx("bench", "scale", "--queues", "1,4", "--mib-per-queue", "2", "--json")
     out = json.loads(res.output)
     assert out["bench"] == "scale" and out["all_verified"]
     pts = out["points"]

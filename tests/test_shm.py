@@ -19,10 +19,29 @@ from shared.shm import (
     Region,
     list_all_runs,
     list_run_segments,
+    owner_prefix,
     page_align,
     region_name,
+    remove_prefix_segments,
     remove_run_segments,
 )
+
+
+def test_owner_prefix_names_one_owner_and_removes_only_its_segments(run_id: str) -> None:
+    assert owner_prefix(run_id, "app3") == f"/zcrx.{run_id}.app3."
+    assert region_name(run_id, "app3", "area0").startswith(owner_prefix(run_id, "app3"))
+    with pytest.raises(Misuse):
+        owner_prefix(run_id, "app.3")
+    mine = Region.create(region_name(run_id, "app3", "area0"), PAGE_SIZE)
+    other = Region.create(region_name(run_id, "app31", "area0"), PAGE_SIZE)
+    try:
+        assert remove_prefix_segments("/zcrx.") == []  # never a broad pattern
+        assert remove_prefix_segments(f"/zcrx.{run_id}.") == []
+        assert remove_prefix_segments(owner_prefix(run_id, "app3")) == [mine.name]
+        assert list_run_segments(run_id) == [other.name]
+    finally:
+        mine.close()
+        other.close()
 
 
 def test_names_follow_the_run_owner_object_scheme(run_id: str) -> None:
