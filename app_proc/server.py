@@ -9,10 +9,9 @@ are one call.
 itself, otherwise one file per connection, ``FILE.N`` (or FILE with ``{n}`` replaced by N; N
 counts connections from 1 in accept order).  ``-o -`` writes to stdout and needs ``-n 1`` (the
 streams of several connections would interleave); the server's own lines then go to stderr,
-as with ``--json -`` (the two cannot both be ``-``).  The file is written from the received
-buffers themselves (zero copy: from the area, in place), chunk by chunk in stream order.
+as with ``--json -`` (the two cannot both be ``-``).  Bytes are written in stream order as
+each batch is read, before its buffers go back (zcrx-server writes straight from the area).
 """
-
 
 from __future__ import annotations
 
