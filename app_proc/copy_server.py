@@ -1,6 +1,6 @@
 """A copying TCP receiver on io_uring: the baseline the zero-copy server is compared with.
 
-    python -m app_proc.copy_server [-p PORT] [-v] [-s BYTES] [-o FILE] [-b SIZE] [-n CONNS]
+    python -m app_proc.copy_server [-p PORT] [-v] [-s BYTES] [-o FILE|-] [-b SIZE] [-n CONNS]
                                    [--stream-id ID|sport] [--json PATH] [--timing]
 
 Written like liburing's examples: one ring; a multishot ACCEPT on the listener; per
@@ -11,7 +11,8 @@ back to the ring with one :meth:`~app_proc.liburing.BufRing.add` and one tail st
 Per connection the server counts bytes, hashes them (SHA-256), optionally verifies them
 against :mod:`shared.pattern` (``-v``; the stream id is the peer's TCP source port, which is
 what the NIC's generator uses, see ``nic_proc/sources.py``, or a fixed ``--stream-id``),
-optionally checks the total (``-s``) and writes them to a file (``-o``).  At the close of each
+optionally checks the total (``-s``) and writes them to a file or stdout (``-o``, see
+:mod:`app_proc.server`).  At the close of each
 connection it prints one line; ``--json`` writes a summary.  Exit status 0 only if every
 connection passed every check; 1 if one failed; 3 for a setup error.
 
@@ -50,7 +51,9 @@ from app_proc.server import (
     AcceptingServer,
     ServerOptions,
     add_common_args,
+    close_output,
     common_options,
+    open_output,
     serve,
     user_data,
 )
@@ -65,7 +68,6 @@ KIND_RECV = 2
 
 @dataclass
 class Options(ServerOptions):
-    output: str | None = None
     buf_size: int = 16384
     nbufs: int = 64
     entries: int = 64
@@ -101,12 +103,6 @@ class Conn:
 
 
 
-def _out_path(template: str, index: int, single: bool) -> str:
-    if "{n}" in template:
-        return template.replace("{n}", str(index))
-    return template if single else f"{template}.{index}"
-
-
 class CopyServer(AcceptingServer):
     """The server's state; :meth:`run` is the loop."""
 
@@ -133,9 +129,7 @@ class CopyServer(AcceptingServer):
         conn = Conn(fd, self.accepted, peer, stream)
         if not self.opts.hash:
             conn.sha = None
-        if self.opts.output:
-            single = self.opts.connections == 1
-            conn.out = open(_out_path(self.opts.output, conn.index, single), "wb")  # noqa: SIM115
+        conn.out = open_output(self.opts.output, conn.index, self.opts.connections)
         self.conns[fd] = conn
         self.arm_recv(fd)
 
@@ -164,8 +158,8 @@ class CopyServer(AcceptingServer):
 
     def close_conn(self, conn: Conn) -> None:
         conn.done = True
-        if conn.out is not None:
-            conn.out.close()
+        close_output(conn.out)
+        conn.out = None
         s = conn.summary(self.opts)
         self.finished.append(s)
         verdict = "ok" if s["ok"] else "FAILED " + ",".join(
@@ -209,8 +203,8 @@ class CopyServer(AcceptingServer):
                 self.kernel_ring = self._kernel_ring_stats()
         finally:
             for conn in list(self.conns.values()):
-                if conn.out is not None:
-                    conn.out.close()
+                close_output(conn.out)
+                conn.out = None
             if getattr(self, "lfd", -1) >= 0:
                 try:
                     k.close_fd(self.lfd)
@@ -308,8 +302,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
     add_common_args(p, quiet_short=True)
     p.add_argument("-s", "--size", type=int, default=0,
                    help="expected bytes per connection (checked at EOF; 0: not checked)")
-    p.add_argument("-o", "--output", help="write received bytes here ('{n}' = connection "
-                                          "number; else FILE.N when serving several)")
     p.add_argument("-b", "--buf-size", type=int, default=16384, help="buffer size (16384)")
     p.add_argument("--nbufs", type=int, default=64, help="provided buffers (64, power of 2)")
     p.add_argument("-e", "--entries", type=int, default=64, help="SQ entries (64)")
@@ -322,7 +314,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
         p.error("--nbufs must be a power of two up to 32768")
     if a.buf_size <= 0:
         p.error("--buf-size must be positive")
-    opts = Options(**common, output=a.output, buf_size=a.buf_size, nbufs=a.nbufs,
+    opts = Options(**common, buf_size=a.buf_size, nbufs=a.nbufs,
                    entries=a.entries, timing=a.timing)
     return opts, a
 
@@ -331,7 +323,8 @@ def main(argv: list[str] | None = None, kernel: S.Kernel | None = None,
          stop: threading.Event | None = None) -> int:
     opts, a = parse_args(argv)
     return serve("copy_server", lambda k, ev, log: CopyServer(k, opts, ev, log=log),
-                 rundir=a.rundir, run=a.run, json_path=opts.json_path, kernel=kernel, stop=stop)
+                 rundir=a.rundir, run=a.run, json_path=opts.json_path, kernel=kernel, stop=stop,
+                 output=opts.output)
 
 
 if __name__ == "__main__":

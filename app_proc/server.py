@@ -4,6 +4,13 @@ Both :mod:`app_proc.copy_server` and :mod:`app_proc.zcrx_server` are one object
 with ``run() -> exit code``, an ``errors`` list and ``summary() -> dict``; this
 module runs such an object the same way for both, so their ``main`` functions
 are one call.
+
+``-o FILE`` (both servers) writes each connection's stream as received: with ``-n 1`` to FILE
+itself, otherwise one file per connection, ``FILE.N`` (or FILE with ``{n}`` replaced by N; N
+counts connections from 1 in accept order).  ``-o -`` writes to stdout and needs ``-n 1`` (the
+streams of several connections would interleave); the server's own lines then go to stderr,
+as with ``--json -`` (the two cannot both be ``-``).  Bytes are written in stream order as
+each batch is read, before its buffers go back (zcrx-server writes straight from the area).
 """
 
 from __future__ import annotations
@@ -25,7 +32,9 @@ from shared.errors import PeerGone, ZcrxError
 
 EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
+EXIT_USAGE = 2  # no run to join (RunNotFound): what to set is in the message
 EXIT_SETUP_FAILED = 3
+STDOUT = "-"
 
 
 class Server(Protocol):
@@ -60,6 +69,7 @@ class ServerOptions:
     seconds: float = 0.0  # give up after this long (0: never)
     quiet: bool = False
     hash: bool = True  # SHA-256 of every connection's bytes (--no-hash: off)
+    output: str | None = None  # -o: where each connection's stream is written ('-': stdout)
 
 
 def common_options(p: argparse.ArgumentParser, a: argparse.Namespace) -> dict[str, Any]:
@@ -68,7 +78,7 @@ def common_options(p: argparse.ArgumentParser, a: argparse.Namespace) -> dict[st
     return {"port": a.port, "addr": a.addr, "verify": a.verify,
             "stream_id": parse_stream_id(p, a.stream_id), "size": a.size,
             "connections": a.connections, "json_path": a.json_path, "seconds": a.seconds,
-            "quiet": a.quiet, "hash": a.hash}
+            "quiet": a.quiet, "hash": a.hash, "output": check_output(p, a)}
 
 
 def add_common_args(p: argparse.ArgumentParser, *, quiet_short: bool) -> None:
@@ -88,12 +98,57 @@ def add_common_args(p: argparse.ArgumentParser, *, quiet_short: bool) -> None:
     p.add_argument("-n", "--connections", type=int, default=0,
                    help="serve this many connections, then exit (0: until SIGTERM)")
     p.add_argument("--json", dest="json_path", help="write a JSON summary here ('-': stdout)")
+    p.add_argument("-o", "--output", metavar="FILE",
+                   help="write the stream received to FILE ('-': stdout); with -n 1 FILE "
+                        "itself, else one file per connection: FILE.N, or FILE with '{n}' "
+                        "replaced by N (N = 1, 2, ... in accept order); '-' needs -n 1")
     p.add_argument("--seconds", type=float, default=0.0, help="give up after this long")
     p.add_argument(*(("-q", "--quiet") if quiet_short else ("--quiet",)), action="store_true",
                    help="no per-connection lines")
-    p.add_argument("--rundir", help=f"run directory (default ${S.ENV_RUNDIR})")
-    p.add_argument("--run", help=f"run id (default ${S.ENV_RUN})")
+    p.add_argument("--rundir", help=f"run directory (default ${S.ENV_RUNDIR}, else the run "
+                                    f"named by ${S.ENV_RUN}, else the only run that is up)")
+    p.add_argument("--run", help="run id, to skip reading it from the run directory's manifest")
     p.add_argument("--tag", default="", help="zcrx:<run_id>:<role> (set by the launcher)")
+
+
+def check_output(p: argparse.ArgumentParser, a: argparse.Namespace) -> str | None:
+    """``-o``: refuse stdout unless exactly one connection is served, and beside ``--json -``."""
+    out: str | None = a.output
+    if out == STDOUT:
+        if a.connections != 1:
+            p.error("-o - needs -n 1 (several streams would interleave on stdout); "
+                    "use -o FILE for one file per connection")
+        if a.json_path == STDOUT:
+            p.error("-o - and --json - cannot both use stdout")
+    elif out is not None and not out:
+        p.error("-o needs a file name (or '-')")
+    return out
+
+
+def output_path(template: str, index: int, single: bool) -> str:
+    """Where connection ``index`` (from 1) is written for ``-o template``."""
+    if "{n}" in template:
+        return template.replace("{n}", str(index))
+    return template if single else f"{template}.{index}"
+
+
+def open_output(template: str | None, index: int, connections: int) -> IO[bytes] | None:
+    """The file connection ``index`` writes to (stdout's bytes for ``-``), or None."""
+    if template is None:
+        return None
+    if template == STDOUT:
+        return sys.stdout.buffer
+    return open(output_path(template, index, connections == 1), "wb")
+
+
+def close_output(f: IO[bytes] | None) -> None:
+    """Close a connection's output (stdout is only flushed)."""
+    if f is None:
+        return
+    if f is sys.stdout.buffer:
+        f.flush()
+    else:
+        f.close()
 
 
 def parse_stream_id(p: argparse.ArgumentParser, value: str) -> int | None:
@@ -111,11 +166,13 @@ def parse_stream_id(p: argparse.ArgumentParser, value: str) -> int | None:
 
 def serve(prog: str, make: Callable[[S.Kernel, threading.Event, IO[str] | None], Server], *,
           rundir: str | None, run: str | None, json_path: str | None,
-          kernel: S.Kernel | None = None, stop: threading.Event | None = None) -> int:
+          kernel: S.Kernel | None = None, stop: threading.Event | None = None,
+          output: str | None = None) -> int:
     """Attach to the kernel, run the server until done or SIGTERM/SIGINT, write the
-    summary, and return the exit code (3 when the kernel cannot be reached or goes
-    away: every later call would fail the same way).  ``make`` gets the log stream:
-    stderr when the summary goes to stdout (``--json -``), else None (stdout)."""
+    summary, and return the exit code (2 when there is no run to join, with what to set;
+    3 when the kernel cannot be reached or goes away: every later call would fail the
+    same way).  ``make`` gets the log stream: stderr when the summary or the received
+    stream goes to stdout (``--json -``, ``-o -``), else None (stdout)."""
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -124,10 +181,13 @@ def serve(prog: str, make: Callable[[S.Kernel, threading.Event, IO[str] | None],
     try:
         k = kernel if kernel is not None else S.Kernel(rundir, run=run, name=prog)
         k.attach()
+    except S.RunNotFound as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except ZcrxError as exc:
         print(f"{prog}: cannot reach the kernel: {exc}", file=sys.stderr)
         return EXIT_SETUP_FAILED
-    server = make(k, stop, sys.stderr if json_path == "-" else None)
+    server = make(k, stop, sys.stderr if STDOUT in (json_path, output) else None)
     try:
         code = server.run()
     except PeerGone as exc:

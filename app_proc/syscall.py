@@ -15,9 +15,16 @@ Who owns what in shared memory
 * **Kernel regions** (``mmap`` of a ring fd) are named by the kernel here and attached by the
   caller (:mod:`app_proc.liburing`).
 
-Configuration: the run directory comes from the ``rundir`` argument or ``$ZCRX_RUNDIR``; the
-run id (used to name this process's regions) from ``run`` or ``$ZCRX_RUN``, else the run
-directory's base name.  A failing syscall raises :class:`~shared.msg.ControlError` (a
+Finding the run (:func:`locate_run`): one variable is enough.  ``$ZCRX_RUNDIR`` (or the
+``rundir`` argument) is the run directory; else ``$ZCRX_RUN`` names a run under the runs
+directory (``$ZCRX_RUNS_DIR/<name>``); with neither, the only run that is up is used.  The run
+id that names this process's regions (``/zcrx.<run_id>.app<task>.*``) is read from the run's
+``manifest.json`` (:mod:`shared.rundir`): it is not the directory's name.  A missing, ambiguous
+or stopped run raises :class:`RunNotFound`, one line that says what to set (sample programs
+print it and exit 2).  An explicit ``run`` argument (a run id, e.g. ``--run`` beside
+``--rundir``) skips the manifest: in-process tests and launchers that know the id use it.
+
+A failing syscall raises :class:`~shared.msg.ControlError` (a
 :class:`~shared.errors.ZcrxError`) whose ``errno`` is Linux's; a kernel that stops answering
 raises :class:`~shared.errors.PeerGone`, and so does every later call on that connection (a
 timed-out control client has lost its identity, hence its task).  At ``attach`` the gate
@@ -42,6 +49,7 @@ import shared.syscalls  # noqa: F401  (registers the syscall message types)
 from shared.control import ControlClient, ipc_endpoint
 from shared.errors import Misuse, PeerGone, Timeout, ZcrxError
 from shared.msg import PROTOCOL_VERSION, ControlError, Message
+from shared.rundir import ENV_RUNS_DIR, RunInfo, list_runs, read_run, runs_dir
 from shared.shm import Region, page_align, region_name
 from shared.syscalls import AF_INET, AF_INET6, PROT_READ, PROT_WRITE, SOCK_STREAM
 from shared.watch import PidWatch
@@ -52,12 +60,77 @@ __all__ = [
     "Kernel",
     "Memory",
     "RingHandle",
+    "RunNotFound",
     "Transport",
     "default_kernel",
+    "locate_run",
 ]
 
 ENV_RUNDIR = "ZCRX_RUNDIR"
 ENV_RUN = "ZCRX_RUN"
+
+
+class RunNotFound(ZcrxError):
+    """No run to join, or not the one meant: the message is one line saying what to set (no
+    errno: a configuration mistake, not a failed syscall)."""
+
+
+def _hint() -> str:
+    return (f"set {ENV_RUNDIR} to a run directory (eval \"$(zcrx env --name NAME)\"), "
+            f"or {ENV_RUN} to a run's name")
+
+
+def _names(runs: list[RunInfo]) -> str:
+    return ", ".join(r.name for r in runs)
+
+
+def _must_be_up(info: RunInfo, how: str) -> tuple[Path, str]:
+    if not info.up:
+        raise RunNotFound(f"run {info.name!r} ({how}) is not up: its kernel is not running; "
+                          f"start it (zcrx up --name {info.name}) or {_hint()}")
+    return info.rundir, info.run_id
+
+
+def locate_run(rundir: str | Path | None = None) -> tuple[Path, str]:
+    """``(run directory, run id)`` of the run this process joins; :class:`RunNotFound` if none.
+
+    ``rundir`` (else ``$ZCRX_RUNDIR``) must hold a run's manifest; else ``$ZCRX_RUN`` names a
+    run under the runs directory (its name; a run id is accepted too); else the only run that
+    is up.  When ``$ZCRX_RUN`` is set beside a run directory it must name that run.  The run
+    must be up (its kernel process running).
+    """
+    env_run = os.environ.get(ENV_RUN) or None
+    given = rundir if rundir is not None else (os.environ.get(ENV_RUNDIR) or None)
+    if given is not None:
+        how = "rundir" if rundir is not None else f"{ENV_RUNDIR}={given}"
+        info = read_run(given)
+        if info is None:
+            what = "no such directory" if not Path(given).is_dir() else "no run manifest there"
+            raise RunNotFound(f"{how}: {what}; {_hint()}")
+        if env_run is not None and env_run not in (info.name, info.run_id):
+            raise RunNotFound(f"{ENV_RUN}={env_run} is not the run in {how} ({info.name}, id "
+                              f"{info.run_id}): unset {ENV_RUN} or make them agree")
+        return _must_be_up(info, how)
+    base = runs_dir()
+    if env_run is not None:
+        how = f"{ENV_RUN}={env_run}"
+        info = read_run(base / env_run) if "/" not in env_run else None
+        if info is None:  # a run id (what older launchers exported) names the run too
+            info = next((r for r in list_runs(base) if r.run_id == env_run), None)
+        if info is None:
+            up = [r for r in list_runs(base) if r.up]
+            have = f"runs up: {_names(up)}" if up else "no run is up"
+            raise RunNotFound(f"{how}: no such run in {base} (${ENV_RUNS_DIR}; {have}); "
+                              f"set {ENV_RUN} to a run's name, or {ENV_RUNDIR}")
+        return _must_be_up(info, how)
+    up = [r for r in list_runs(base) if r.up]
+    if len(up) == 1:
+        return up[0].rundir, up[0].run_id
+    if not up:
+        raise RunNotFound(f"no run is up in {base} (${ENV_RUNS_DIR}): start one (zcrx up), "
+                          f"or {_hint()}")
+    raise RunNotFound(f"{len(up)} runs are up ({_names(up)}): set {ENV_RUN} to one of their "
+                      f"names, or {ENV_RUNDIR}")
 
 
 class Transport(Protocol):
@@ -123,25 +196,28 @@ class Memory:
 class Kernel:
     """This process's connection to the emulated kernel (its syscall interface).
 
+    Without ``run`` the run is found by :func:`locate_run` (``rundir``, else the environment,
+    else the only run that is up); ``run`` (a run id) with ``rundir`` skips that.
     ``transport`` replaces the control client (tests call the handlers in-process).
     """
 
     def __init__(self, rundir: str | Path | None = None, *, run: str | None = None,
                  name: str | None = None, timeout_ms: int = 5000,
                  transport: Transport | None = None) -> None:
-        if rundir is None:
-            rundir = os.environ.get(ENV_RUNDIR)
         if run is None:
-            run = os.environ.get(ENV_RUN) or (Path(rundir).name if rundir else None)
-        if not run:
-            raise Misuse(f"no run id: pass run= or set ${ENV_RUN}")
+            rundir, run = locate_run(rundir)
+        elif rundir is None:
+            rundir = os.environ.get(ENV_RUNDIR) or None
         region_name(run, "x", "x")  # validates the run id
         self.run = run
+        #: the run directory (None with a test transport and no directory)
+        self.rundir: Path | None = Path(rundir) if rundir is not None else None
         self.name = name or Path(sys.argv[0] or "app").name
         self.timeout_ms = timeout_ms
         if transport is None:
             if rundir is None:
-                raise Misuse(f"no run directory: pass rundir= or set ${ENV_RUNDIR}")
+                raise RunNotFound(f"no run directory for run {run!r}: pass rundir= or set "
+                                  f"{ENV_RUNDIR}")
             transport = ControlClient(ipc_endpoint(rundir, "kernel"), timeout_ms)
         self.transport: Transport = transport
         self.task: int | None = None

@@ -2,7 +2,7 @@
 
     python -m app_proc.zcrx_server [-p PORT] [-i IFNAME] (-q RXQ | --nodev) [-s BYTES] [-v]
                                    [--stream-id ID|sport] [-r 0|1] [-S AREA] [-C CQ] [-R RQ]
-                                   [-n CONNS] [--json PATH] [--seconds S]
+                                   [-n CONNS] [-o FILE|-] [--json PATH] [--seconds S]
 
 The flow of the liburing example: one ring set up with ``SINGLE_ISSUER | DEFER_TASKRUN |
 CQE32 | CQSIZE | SUBMIT_ALL``; an interface queue registered on ``IFNAME``/``RXQ``
@@ -14,10 +14,12 @@ connection), verified against :mod:`shared.pattern` with ``-v`` (the stream id i
 source port, which the NIC generator uses, or a fixed ``--stream-id``), then returned with one
 RQE each and a single store of the RQ tail (:func:`~app_proc.liburing.io_uring_zcrx_return`).
 The batch work is a fixed number of numpy operations plus one hash update per *run* (chunks
-lying back to back in the area).  A final CQE ends the request: ``res 0`` is the end (peer
-EOF, or the budget used: the total is checked against ``-s``), ``-ENOSPC`` (CQ full) re-arms
-with the remaining budget, ``-ENOMEM`` (no free buffer for a copy) flushes the RQ and re-arms
-once per progress, anything else is the connection's error.
+lying back to back in the area).  ``-o`` writes each connection's stream from the same runs of
+the area (one ``write`` per run, in place, before the chunks are returned; see
+:mod:`app_proc.server` for the file names).  A final CQE ends the request: ``res 0`` is the
+end (peer EOF, or the budget used: the total is checked against ``-s``), ``-ENOSPC`` (CQ
+full) re-arms with the remaining budget, ``-ENOMEM`` (no free buffer for a copy) flushes the RQ
+and re-arms once per progress, anything else is the connection's error.
 
 ``--nodev`` registers with ``ZCRX_REG_NODEV`` (no device: every byte comes through the copy
 fallback, for any TCP socket); the kernel then never consumes the RQ by itself, so the server
@@ -74,7 +76,9 @@ from app_proc.server import (
     AcceptingServer,
     ServerOptions,
     add_common_args,
+    close_output,
     common_options,
+    open_output,
     serve,
     user_data,
 )
@@ -120,6 +124,7 @@ class Conn:
     first_ns: int | None = None
     last_ns: int | None = None
     enomem_at: int = -1  # nbytes at the last -ENOMEM re-arm
+    out: IO[bytes] | None = None  # -o: where the stream is written
 
     def summary(self, opts: Options) -> dict[str, Any]:
         checks: dict[str, bool] = {"error": self.error is None, "complete": self.done}
@@ -177,6 +182,7 @@ class ZcrxServer(AcceptingServer):
         conn = Conn(fd, self.accepted, peer, stream)
         if not self.opts.hash:
             conn.sha = None
+        conn.out = open_output(self.opts.output, conn.index, self.opts.connections)
         self.conns[fd] = conn
         self.positions[fd] = 0
         self.arm_recv_zc(conn)
@@ -220,10 +226,13 @@ class ZcrxServer(AcceptingServer):
         heads = V.zcrx_runs(start, length, keys, so)
         ends = np.append(heads[1:], len(keys)) - 1
         for h, e in zip(heads.tolist(), ends.tolist(), strict=True):
-            sha = self.conns[int(keys[h])].sha
-            if sha is not None:
-                s0 = int(start[h])
-                sha.update(area[s0:int(start[e] + length[e])])
+            conn = self.conns[int(keys[h])]
+            if conn.sha is not None or conn.out is not None:
+                run = area[int(start[h]):int(start[e] + length[e])]
+                if conn.sha is not None:
+                    conn.sha.update(run)
+                if conn.out is not None:
+                    conn.out.write(run.data)
         if single:
             counts = [len(keys)]
         else:
@@ -281,6 +290,8 @@ class ZcrxServer(AcceptingServer):
 
     def close_conn(self, conn: Conn) -> None:
         conn.done = True
+        close_output(conn.out)
+        conn.out = None
         s = conn.summary(self.opts)
         self.finished.append(s)
         verdict = "ok" if s["ok"] else "FAILED " + ",".join(
@@ -346,6 +357,8 @@ class ZcrxServer(AcceptingServer):
 
     def _teardown(self) -> None:
         for conn in list(self.conns.values()):
+            close_output(conn.out)
+            conn.out = None
             self.finished.append(conn.summary(self.opts))  # cut short: "complete" fails
         self.conns.clear()
         try:
@@ -529,7 +542,8 @@ def main(argv: list[str] | None = None, kernel: S.Kernel | None = None,
          stop: threading.Event | None = None) -> int:
     opts, a = parse_args(argv)
     return serve("zcrx_server", lambda k, ev, log: ZcrxServer(k, opts, ev, log=log),
-                 rundir=a.rundir, run=a.run, json_path=opts.json_path, kernel=kernel, stop=stop)
+                 rundir=a.rundir, run=a.run, json_path=opts.json_path, kernel=kernel, stop=stop,
+                 output=opts.output)
 
 
 if __name__ == "__main__":

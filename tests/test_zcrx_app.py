@@ -19,6 +19,7 @@ import importlib.util
 import json
 import struct
 import threading
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -26,8 +27,8 @@ import numpy as np
 import pytest
 from test_liburing import KernelThread, tcp_stream
 
+from app_proc import copy_server, server, zcrx_server
 from app_proc import liburing as L
-from app_proc import server, zcrx_server
 from app_proc import syscall as S
 from app_proc import verify as V
 from shared import abi, pattern
@@ -668,6 +669,37 @@ def test_nodev_server_receives_and_verifies_two_connections(kt, app, tmp_path, r
     assert s["zcrx"]["rqes_returned"] == s["app"]["data_cqes"]
     assert s["zcrx"]["rq_flushes"] > 0  # NODEV: the server flushes; 64 niovs carried 370 kB
     assert kt.call(lambda ctx: ctx.zcrx.retired["copy_bytes"]) == sum(sizes.values())
+
+
+@needs_kernel
+def test_server_writes_each_connection_to_its_own_file_with_o(kt, app, tmp_path):
+    """-o FILE with -n 2: FILE.1 and FILE.2, in accept order, each its stream byte exact."""
+    out = tmp_path / "got.bin"
+    t, result = _run_server(kt, app, ["--nodev", "-n", "2", "-S", "256K", "-R", "32",
+                                      "-o", str(out), "--seconds", "30", "--quiet"])
+    sizes = {31011: 150_001, 31012: 40_000}
+    for sport, size in sizes.items():
+        tcp_stream(kt, sport, pattern.pattern_bytes(sport, 0, size))
+    t.join(30)
+    assert not t.is_alive() and result == {"code": 0}, result
+    for n, (sport, size) in enumerate(sizes.items(), start=1):
+        assert Path(f"{out}.{n}").read_bytes() == pattern.pattern_bytes(sport, 0, size)
+    assert not out.exists()
+
+
+def test_o_policy_one_stream_on_stdout_else_one_file_per_connection():
+    for mod in (zcrx_server, copy_server):
+        base = ["-q", "1"] if mod is zcrx_server else []
+        o, _ = mod.parse_args([*base, "-o", "-", "-n", "1"])
+        assert o.output == "-"
+        o, _ = mod.parse_args([*base, "-o", "f.bin"])
+        assert o.output == "f.bin"
+        for bad in (["-o", "-"], ["-o", "-", "-n", "2"], ["-o", "-", "-n", "1", "--json", "-"]):
+            with pytest.raises(SystemExit):
+                mod.parse_args([*base, *bad])
+    assert server.output_path("f.bin", 1, single=True) == "f.bin"
+    assert server.output_path("f.bin", 2, single=False) == "f.bin.2"
+    assert server.output_path("f{n}.bin", 3, single=False) == "f3.bin"
 
 
 @needs_kernel
