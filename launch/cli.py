@@ -13,6 +13,7 @@ a flag (JSON on stdout instead of the human output); benches and chaos also take
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from shared.nicif import MAX_QUEUES
 from shared.shm import list_run_segments
 
 EXIT_CHECK_FAILED = 1
+EXIT_USAGE = 2
 EXIT_FAILED = 3
 
 console = Console(stderr=False)
@@ -723,7 +725,11 @@ def app() -> None:
 
 
 def _program_of(entry: Any) -> str:
-    """The program name of an app, from the module its recorded spec runs."""
+    """The program name of an app: the sample its recorded module is, or its command."""
+    if entry.command:
+        import shlex
+
+        return shlex.join(entry.command)
     mod = entry.module
     return next((p for p, m in APPS.items() if m == mod), mod or "?")
 
@@ -768,26 +774,108 @@ def app_stop(name: str | None, timeout: float, index: int) -> None:
     console.print(f"{role} {how}", highlight=False)
 
 
-@app.command("run", context_settings={"ignore_unknown_options": True})
+@app.command("run", context_settings={"ignore_unknown_options": True,
+                                      "allow_interspersed_args": False})
 @NAME_OPT
-@click.option("--detach", is_flag=True, help="Run in the background as app:N.")
-@click.argument("program", type=click.Choice(sorted(APPS)))
+@click.option("--detach", is_flag=True, help="Run in the background as app:N (log in the run "
+              "directory); without it the app runs in the foreground, still listed as app:N, "
+              "and its exit code is ours.")
+@click.option("--ready", "ready", type=click.Choice(["notify", "start"]), default="notify",
+              show_default=True,
+              help="With --detach, when the app counts as up: 'notify' waits until it says so "
+                   "(the sample servers and programs using app_proc.server / "
+                   "shared.proc.notify_ready do once they listen), 'start' as soon as it runs.")
+@click.option("--ready-timeout", type=click.FloatRange(0.1, 600), default=20.0,
+              show_default=True, help="Seconds to wait for --ready notify.")
+@click.argument("program")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def app_run(name: str | None, detach: bool, program: str, args: tuple[str, ...]) -> None:
-    """Run PROGRAM (e.g. copy-server) with ARGS; its exit code is ours."""
+def app_run(name: str | None, detach: bool, ready: str, ready_timeout: float, program: str,
+            args: tuple[str, ...]) -> None:
+    """Run PROGRAM with ARGS as an app of the run.
+
+    PROGRAM is a sample (copy-server, zcrx-server) or any executable, e.g.
+    `zcrx app run --detach -- python examples/zcrx_receiver.py -p 9000 -q 1`.  Its
+    environment names the run (ZCRX_RUN, ZCRX_RUNDIR, as `zcrx env` prints), its death is
+    watched like any app's, and `zcrx app list/stop`, `zcrx kill app:N`, `zcrx down` and
+    `zcrx cleanup` work on it.
+    """
+    import shutil
+
+    if args[:1] == ("--",):  # `zcrx app run zcrx-server -- -q 1`: the -- is ours
+        args = args[1:]
     r = _pick_run(name)
+    command: list[str] | None = None
+    module = APPS.get(program, "")
+    if not module:
+        exe = shutil.which(program)
+        if exe is None:
+            fail(f"app run: {program}: not a sample ({', '.join(sorted(APPS))}) and no such "
+                 "executable", EXIT_USAGE)
+        command = [program, *args]
+    role = r.next_app_role()
     if detach:
-        role = r.next_app_role()
         try:
-            e = r.spawn(role, APPS[program], list(args), detach=True, notify=True)
+            e = r.spawn(role, module, list(args), detach=True, notify=ready == "notify",
+                        ready_timeout=ready_timeout, command=command)
         except ZcrxError as err:
             fail(str(err))
         console.print(f"{role} {program} pid {e.pid} (log {e.log})", highlight=False)
         return
+    sys.exit(_run_foreground(r, role, module, list(args), command))
+
+
+def _run_foreground(r: Any, role: str, module: str, args: list[str],
+                    command: list[str] | None) -> int:
+    """Run an app attached to this terminal, recorded as ``role`` while it lives."""
+    import signal
     import subprocess as sp
 
-    proc = sp.run([sys.executable, "-m", APPS[program], *args], env=r.env(), check=False)
-    sys.exit(proc.returncode)
+    import psutil
+
+    from launch.run import TAG_ENV, ProcEntry, RoleSpec
+
+    env = r.env()
+    env[TAG_ENV] = r.tag(role)
+    argv = command or [sys.executable, "-m", module, "--tag", r.tag(role), *args]
+    try:
+        proc = sp.Popen(argv, env=env)
+    except OSError as e:
+        fail(f"app run: cannot run {argv[0]!r}: {e.strerror}")
+        raise AssertionError from None
+    r.m.procs[role] = ProcEntry(
+        role=role, pid=proc.pid, create_time=psutil.Process(proc.pid).create_time(),
+        argv=argv, log="", spec=RoleSpec(module=module if command is None else "",
+                                         args=args if command is None else [],
+                                         detach=False, command=command, cwd=os.getcwd()))
+    r.save()
+    try:
+        while True:
+            try:
+                return proc.wait()
+            except KeyboardInterrupt:  # the child got the same SIGINT: let it finish
+                proc.send_signal(signal.SIGINT)
+    finally:
+        if r.dir.exists():
+            r.m.procs.pop(role, None)
+            r.save()
+
+
+@main.command("env")
+@NAME_OPT
+@click.option("--json", "as_json", is_flag=True, help=JSON_FLAG_HELP)
+def env_cmd(name: str | None, as_json: bool) -> None:
+    """Print the shell exports that make a program started by hand part of a run:
+    `eval "$(zcrx env)"`, then run your receiver.  Such a program is not in `zcrx app
+    list`; when the run goes down (`zcrx down`) it sees the kernel gone and exits."""
+    import shlex
+
+    r = _pick_run(name)
+    exports = r.exports()
+    if as_json:
+        click.echo(json.dumps(exports, indent=2))
+        return
+    for k, v in exports.items():
+        click.echo(f"export {k}={shlex.quote(v)}")
 
 
 @main.command()

@@ -45,6 +45,8 @@ MANIFEST = "manifest.json"
 ROLE_ORDER = ("nic", "kernel")
 #: The foreground ``zcrx up`` records itself under this role (never stopped by ``down``).
 LAUNCHER = "launcher"
+#: The role's tag (``zcrx:<run_id>:<role>``) in the environment of every process we start.
+TAG_ENV = "ZCRX_TAG"
 #: Signals ``zcrx kill`` may send.
 SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM, "STOP": signal.SIGSTOP,
            "CONT": signal.SIGCONT}
@@ -86,6 +88,10 @@ class RoleSpec:
     ready: str | None = None
     notify: bool = False
     ready_timeout: float = 20.0
+    #: Any program instead of a module (``zcrx app run -- COMMAND``): its whole argv, run in
+    #: ``cwd``; it carries the role's tag in ``$ZCRX_TAG`` since its argv is not ours.
+    command: list[str] | None = None
+    cwd: str | None = None
 
 
 @dataclass
@@ -107,6 +113,11 @@ class ProcEntry:
     def module(self) -> str:
         """The module it runs (``python -m MODULE``), or '' if it is not a spawned role."""
         return self.spec.module if self.spec is not None else ""
+
+    @property
+    def command(self) -> list[str] | None:
+        """The program's argv when the role runs any program, not one of our modules."""
+        return self.spec.command if self.spec is not None else None
 
     def process(self) -> psutil.Process | None:
         """The live process, or None if it is gone (or the pid was reused)."""
@@ -207,10 +218,14 @@ class Run:
     def alive_roles(self) -> list[str]:
         return [r for r, e in self.m.procs.items() if e.process() is not None]
 
+    def exports(self) -> dict[str, str]:
+        """The variables that make a process part of this run (``zcrx env`` prints them):
+        the app library needs only ``ZCRX_RUNDIR``; ``ZCRX_RUN`` is the run id it names."""
+        return {"ZCRX_RUN": self.run_id, "ZCRX_RUNDIR": str(self.dir)}
+
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env["ZCRX_RUN"] = self.run_id
-        env["ZCRX_RUNDIR"] = str(self.dir)
+        env.update(self.exports())
         env["PYTHONUNBUFFERED"] = "1"
         return env
 
@@ -218,7 +233,8 @@ class Run:
 
     def spawn(self, role: str, module: str, args: list[str], *, detach: bool = True,
               ready: str | None = None, notify: bool = False,
-              ready_timeout: float = 20.0) -> ProcEntry:
+              ready_timeout: float = 20.0, command: list[str] | None = None,
+              cwd: str | None = None) -> ProcEntry:
         """Start ``python -m module args`` as ``role`` and wait until it is ready.
 
         ``ready`` names a control endpoint to ping; ``notify`` waits for the
@@ -226,26 +242,42 @@ class Run:
         listen); with neither the process is ready once started.  Processes get
         their own session when ``detach`` so they survive the launcher (``zcrx
         down`` still stops them); otherwise they exit when it dies.
+
+        With ``command`` (any program: ``zcrx app run -- COMMAND``) that argv runs instead,
+        in ``cwd`` (default: ours, so relative paths mean what the user typed); ``module``
+        and ``args`` are ignored.  Misuse ENOENT if the program is not found.
         """
         if role in self.m.procs and self.m.procs[role].process() is not None:
             raise Misuse(f"{role} is already running in run {self.m.name}", errno=17)
         slug = role.replace(":", "-")
         log_path = self.dir / f"{slug}.log"
-        argv = [sys.executable, "-m", module, "--tag", self.tag(role), *args]
         env = self.env()
+        env[TAG_ENV] = self.tag(role)
+        if command is not None:
+            argv = list(command)
+            cwd = cwd or os.getcwd()
+            module, args = "", []
+        else:
+            argv = [sys.executable, "-m", module, "--tag", self.tag(role), *args]
         notify_path = self.dir / f"{slug}.ready"
         notify_path.unlink(missing_ok=True)
         if notify:
             env[NOTIFY_ENV] = str(notify_path)
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                    env=env, cwd=str(self.dir), start_new_session=detach)
+        try:
+            with open(log_path, "ab") as log:
+                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                        env=env, cwd=cwd or str(self.dir),
+                                        start_new_session=detach)
+        except OSError as e:
+            raise Misuse(f"{role}: cannot run {argv[0]!r}: {e.strerror}",
+                         errno=e.errno or 2) from None
         entry = ProcEntry(role=role, pid=proc.pid,
                           create_time=psutil.Process(proc.pid).create_time(),
                           argv=argv, log=str(log_path),
                           spec=RoleSpec(module=module, args=list(args), detach=detach,
                                         ready=ready, notify=notify,
-                                        ready_timeout=ready_timeout))
+                                        ready_timeout=ready_timeout, command=command,
+                                        cwd=cwd))
         self.m.procs[role] = entry
         self.save()
         if ready is not None:
@@ -264,7 +296,8 @@ class Run:
         s = entry.spec
         self.m.procs.pop(role)
         return self.spawn(role, s.module, s.args, detach=s.detach, ready=s.ready,
-                          notify=s.notify, ready_timeout=s.ready_timeout)
+                          notify=s.notify, ready_timeout=s.ready_timeout, command=s.command,
+                          cwd=s.cwd)
 
     def _wait_notify(self, proc: subprocess.Popen[bytes], role: str, path: Path,
                      timeout: float) -> None:
@@ -421,16 +454,20 @@ def _terminate(entry: ProcEntry, timeout: float) -> bool:
 
 
 def tagged_processes(run_id: str) -> list[psutil.Process]:
-    """Processes whose argv carries this run's tag (the fallback when a manifest is lost)."""
+    """Processes that carry this run's tag, in their argv (our roles) or in ``$ZCRX_TAG``
+    (any program run with ``zcrx app run -- COMMAND``): the fallback when a manifest is lost.
+    A shell that merely imported ``zcrx env`` carries no tag and is never matched."""
     needle = f"zcrx:{run_id}:"
     found = []
     for p in psutil.process_iter(["cmdline"]):
+        if p.pid == os.getpid():
+            continue
         try:
             cmd = p.info["cmdline"] or []
+            if any(needle in a for a in cmd) or p.environ().get(TAG_ENV, "").startswith(needle):
+                found.append(p)
         except psutil.Error:
             continue
-        if any(needle in a for a in cmd) and p.pid != os.getpid():
-            found.append(p)
     return found
 
 
