@@ -903,14 +903,13 @@ def traffic(name: str | None, dev: str, flows: int, port: int, sport: int | None
     verify from the stream offset alone."""
     if total == 0 and seconds == 0:
         fail("--bytes 0 needs --seconds", 2)
+    from launch.topology import TrafficSpec
+
     r = _pick_run(name)
-    spec: dict[str, Any] = {"dport": port, "flows": flows, "family": 6 if ipv6 else 4,
-                            "bytes": total}
-    for key, val in (("duration", seconds), ("rate", rate), ("payload", payload),
-                     ("sport", sport)):
-        if val:
-            spec[key] = val
-    res = _call(r, "nic", "nic.traffic", {"dev": dev, "spec": spec})
+    type_, body = TrafficSpec(dev=dev, flows=flows, port=port, sport=sport, bytes=total,
+                              seconds=seconds, rate=rate, payload=payload,
+                              ipv6=ipv6).request()
+    res = _call(r, "nic", type_, body)
     console.print(f"traffic source {res['source']} started on {dev}", highlight=False)
 
 

@@ -167,8 +167,10 @@ class TrafficSpec:
         if self.kind == "wire":
             return "nic.wire", {"dev": self.dev, "port": self.port}
         spec: dict[str, Any] = {"dport": self.port, "flows": self.flows,
-                                "family": 6 if self.ipv6 else 4, "bytes": self.bytes}
-        for key, val in (("duration", self.seconds), ("rate", self.rate),
+                                "family": 6 if self.ipv6 else 4}
+        # bytes = 0 is "unbounded, until seconds" here, as in `zcrx traffic --help`; to the
+        # NIC an absent length is unbounded and 0 an empty flow (SYN then FIN).
+        for key, val in (("bytes", self.bytes), ("duration", self.seconds), ("rate", self.rate),
                          ("payload", self.payload), ("sport", self.sport)):
             if val:
                 spec[key] = val

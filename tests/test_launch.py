@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import psutil
@@ -13,10 +14,10 @@ from click.testing import CliRunner
 
 from launch.cli import main, queue_rates
 from launch.run import Run, parse_role
-from launch.topology import Topology, TopologyError
+from launch.topology import Topology, TopologyError, TrafficSpec
 from shared.errors import Misuse
 from shared.nicif import MAX_QUEUES, NetdevSpec
-from tests.e2e import runs_dir, wait_app, zcrx
+from tests.e2e import runs_dir, topology, wait_app, zcrx
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 ZC_SIZE = 32 << 20  # what examples/zero-copy.toml sends and expects
@@ -365,3 +366,18 @@ def test_twenty_up_down_cycles_leak_no_process_segment_or_fd() -> None:
             assert _zcrx_segments("cyc") <= segs
         assert segs == set()
         assert me.num_fds() <= fds
+
+
+def test_traffic_bytes_zero_means_unbounded_until_seconds() -> None:
+    """`--bytes 0 --seconds N` is an unbounded flow cut after N seconds (the help says so),
+    not an empty one: the NIC gets no length (absent = unbounded), and data frames arrive."""
+    _, body = TrafficSpec(port=8000, bytes=0, seconds=0.4).request()
+    assert "bytes" not in body["spec"] and body["spec"]["duration"] == 0.4
+    assert TrafficSpec(port=8000, bytes=5).request()[1]["spec"]["bytes"] == 5
+    with topology("tb0", "--netdev", "eth0:queues=1"):
+        zcrx("traffic", "--name", "tb0", "--port", "8000", "--bytes", "0", "--seconds", "0.4",
+             "--rate", "20000000")
+        time.sleep(1.2)
+        st = json.loads(zcrx("stats", "--name", "tb0", "--json").output)
+        rx = sum(q["rx_bytes"] for d in st["netdevs"].values() for q in d.values())
+        assert rx > 1 << 20, f"only {rx} bytes reached the NIC"
