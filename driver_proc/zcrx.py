@@ -95,8 +95,9 @@ Semantics (zcrx-kernel.md §1-6, §10; conformance.md §5)
   ``(off & ~AREA_MASK) >> niov_shift`` below the niov count; ``len`` and the low bits are
   ignored.  Rejections are counted per reason (``rq_invalid_area/pad/range/noref``).  The
   refill path skips a bad entry and goes on; ``FLUSH_RQ`` (up to ``rq_entries`` per call, one
-  numpy pass where Linux takes batches of 32) stops after the first malformed entry (consumed, dropped), leaving later ones for
-  the next flush (conformance E34); returns without a reference do not stop it.
+  numpy pass where Linux takes batches of 32) stops after the first malformed entry
+  (consumed, dropped), leaving later ones for the next flush (conformance E34); returns
+  without a reference do not stop it.
 * **RECV_ZC** (multishot mandatory): per pass over the socket's receive queue (at most 20 skbs,
   then the request is requeued at the back of the line, for fairness; when no other request
   could take a turn in between, up to :data:`PASSES_PER_BATCH` such passes run back to back as
