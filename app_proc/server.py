@@ -27,7 +27,7 @@ from typing import IO, Any, Protocol
 
 from app_proc import liburing as L
 from app_proc import syscall as S
-from shared import abi
+from shared import abi, heap
 from shared.errors import PeerGone, ZcrxError
 
 EXIT_OK = 0
@@ -173,6 +173,7 @@ def serve(prog: str, make: Callable[[S.Kernel, threading.Event, IO[str] | None],
     3 when the kernel cannot be reached or goes away: every later call would fail the
     same way).  ``make`` gets the log stream: stderr when the summary or the received
     stream goes to stdout (``--json -``, ``-o -``), else None (stdout)."""
+    heap.tune()  # batch temporaries off mmap (shared/heap.py)
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -35,7 +35,10 @@ Timing: ``first_ns``/``last_ns`` are this process's ``time.monotonic_ns()`` when
 first data CQE and when it finished the last data batch (first byte -> last byte); the
 benchmarks divide by that.  Memory traffic, app side: ``app.read_bytes`` counts payload bytes
 read in place (each delivered byte once: the hash and the compare read the same chunk while it
-is in cache); ``app.copy_bytes`` is 0 by construction.
+is in cache); ``app.copy_bytes`` is 0 by construction.  ``app.hash_staged_bytes``: bytes the
+hash read from a private scratch copy instead of in place (short runs, e.g. 64-byte segments
+each in its own buffer, are gathered and hashed with one update: :func:`app_proc.verify.
+zcrx_hash_runs`); the compare still reads them in place.
 
 Exit status: 0 only if every connection passed every check (no error, ``-s`` total, ``-v``
 bytes) and ``-n`` connections were served; 1 if a check failed; 3 for a setup error or a
@@ -91,6 +94,14 @@ KIND_ZC = 2
 #: RECV_ZC ``len`` is a u32 and UINT_MAX is refused: larger budgets run unlimited.
 _MAX_BUDGET = 0xFFFFFFFE
 _F_MORE = abi.IORING_CQE_F_MORE
+
+
+def _tee(*sinks: Any) -> Any:
+    """One callable that hands the same bytes to every sink (the hash and the -o file)."""
+    def feed(data: Any) -> None:
+        for f in sinks:
+            f(data)
+    return feed
 
 
 @dataclass
@@ -159,6 +170,7 @@ class ZcrxServer(AcceptingServer):
         self.first_ns: int | None = None
         self.last_ns: int | None = None
         self.read_bytes = 0
+        self.hash_staged_bytes = 0  # bytes gathered into scratch for the hash (short runs)
         self.data_cqes = 0
         self.batches = 0
         self.stray_chunks = 0
@@ -225,14 +237,19 @@ class ZcrxServer(AcceptingServer):
                     conn.bad_offset = pos
         heads = V.zcrx_runs(start, length, keys, so)
         ends = np.append(heads[1:], len(keys)) - 1
-        for h, e in zip(heads.tolist(), ends.tolist(), strict=True):
-            conn = self.conns[int(keys[h])]
-            if conn.sha is not None or conn.out is not None:
-                run = area[int(start[h]):int(start[e] + length[e])]
-                if conn.sha is not None:
-                    conn.sha.update(run)
-                if conn.out is not None:
-                    conn.out.write(run.data)
+        for k in uniq:  # one pass per connection, its runs in order (no call per chunk)
+            conn = self.conns[k]
+            sinks = [f for f in (conn.sha.update if conn.sha is not None else None,
+                                 conn.out.write if conn.out is not None else None) if f]
+            if not sinks:
+                continue
+            if single:
+                hk, ek = heads, ends
+            else:
+                mine = keys[heads] == k
+                hk, ek = heads[mine], ends[mine]
+            feed = sinks[0] if len(sinks) == 1 else _tee(*sinks)
+            self.hash_staged_bytes += V.zcrx_hash_runs(feed, area, start, length, hk, ek)
         if single:
             counts = [len(keys)]
         else:
@@ -449,7 +466,8 @@ class ZcrxServer(AcceptingServer):
             "gbps": total / secs / 1e9 if secs > 0 else 0.0,
             "app": {"read_bytes": self.read_bytes, "copy_bytes": 0,
                     "data_cqes": self.data_cqes, "batches": self.batches,
-                    "stray_chunks": self.stray_chunks},
+                    "stray_chunks": self.stray_chunks,
+                    "hash_staged_bytes": self.hash_staged_bytes},
             "zcrx": None if ifq is None else {
                 "zcrx_id": ifq.zcrx_id, "if_idx": ifq.if_idx, "if_rxq": ifq.if_rxq,
                 "nodev": ifq.nodev, "area_bytes": ifq.area_len, "rq_entries": ifq.rq_entries,

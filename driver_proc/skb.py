@@ -511,10 +511,15 @@ class SkbStore:
         src, buf = self._s_src[seg], self._s_buf[seg]
         flat = self._s_flat[seg] + start
         inbuf = flat.copy()  # linear: the arena offset; frags: the offset in the buffer
-        for sid in np.unique(src).tolist():
-            if sid != LINEAR:
-                k = src == sid
-                inbuf[k] -= buf[k] * self._space(sid).buf_len
+        lo, hi = (int(src.min()), int(src.max())) if len(src) else (LINEAR, LINEAR)
+        if lo == hi:  # one source (the common case): no sort, no masks
+            if lo != LINEAR:
+                inbuf -= buf * self._space(lo).buf_len
+        else:
+            for sid in np.unique(src).tolist():
+                if sid != LINEAR:
+                    k = src == sid
+                    inbuf[k] -= buf[k] * self._space(sid).buf_len
         return Chunks(piece, src, buf, inbuf, flat, length.copy())
 
     def frags(self, handles: ArrayLike) -> Chunks:

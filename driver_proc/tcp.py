@@ -280,6 +280,16 @@ def flow_keys(saddr: ArrayLike, sport: ArrayLike, daddr: ArrayLike,
     return out.view(np.dtype(f"V{FLOW_KEY_LEN}"))
 
 
+def _all_equal(keys: NDArray[np.generic]) -> bool:
+    """Every element equals the first.  Raw ``V36`` keys are compared as 32-bit words
+    (numpy compares void scalars byte string by byte string: ~3x slower)."""
+    if keys.dtype.kind == "V" and keys.dtype.fields is None and keys.flags.c_contiguous \
+            and keys.dtype.itemsize % 4 == 0:
+        w = keys.view(np.uint32).reshape(len(keys), -1)
+        return not np.count_nonzero(w != w[0])
+    return bool(np.all(keys == keys[0]))
+
+
 def group_by_flow(keys: NDArray[np.generic]) -> tuple[NDArray[np.intp], NDArray[np.intp]]:
     """Group a NAPI batch by flow so that each flow is ingested with one call.
 
@@ -296,7 +306,7 @@ def group_by_flow(keys: NDArray[np.generic]) -> tuple[NDArray[np.intp], NDArray[
     n = len(keys)
     if n == 0:
         return np.empty(0, dtype=np.intp), np.zeros(1, dtype=np.intp)
-    if bool(np.all(keys == keys[0])):
+    if _all_equal(keys):
         return np.arange(n, dtype=np.intp), np.array([0, n], dtype=np.intp)
     order = np.argsort(keys, kind="stable")
     sk = keys[order]

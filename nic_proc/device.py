@@ -569,6 +569,13 @@ class Nic:
         """True while some source could still send (the loop should not block long)."""
         return any(not s.done and self.netdevs[s.dev].spec.link for s in self.sources.values())
 
+    @property
+    def starved(self) -> bool:
+        """True while some queue waits for posted buffers (paused, doorbell armed): the
+        loop's next useful work comes with the kernel's doorbell, which wakes its poll, so
+        spinning for it only takes the CPU from the kernel that would post them."""
+        return any(bool(d.waiting.any()) for d in self.netdevs.values())
+
     def take_irqs(self) -> list[tuple[str, int]]:
         """The interrupts raised since the last call, each (dev, queue) once."""
         out = list(dict.fromkeys(self.pending_irqs))

@@ -275,7 +275,7 @@ class NicProcess:
             if self._parent_gone():
                 break
             active = self.nic.active
-            if active and not backoff.sleeping:
+            if active and not backoff.sleeping and not self.nic.starved:
                 backoff.idle()
                 continue
             self.poller.poll(WAIT_POLL_MS if active else IDLE_POLL_MS)

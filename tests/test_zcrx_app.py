@@ -288,6 +288,31 @@ def test_runs_join_back_to_back_chunks_of_one_stream():
     assert V.zcrx_runs(start, length, keys, so).tolist() == [0, 3, 5, 6]
 
 
+def test_hash_runs_equals_one_update_per_chunk_staged_or_in_place():
+    import hashlib
+
+    area = np.random.default_rng(3).integers(0, 256, 1 << 20, dtype=np.uint8)
+    before = area.copy()
+    cases = [
+        (np.arange(50, dtype=np.int64) * 4096, np.full(50, 64, np.int64)),      # staged, 1 width
+        (np.arange(9, dtype=np.int64) * 8192 + 7, np.arange(1, 10, dtype=np.int64) * 33),
+        (np.arange(20, dtype=np.int64) * 4096, np.full(20, 1448, np.int64)),    # in place
+        (np.array([0, 64, 4096, 4160, 9000], dtype=np.int64), np.full(5, 64, np.int64)),
+    ]
+    for start, length in cases:
+        heads = V.zcrx_runs(start, length)
+        ends = np.append(heads[1:], len(start)) - 1
+        got = hashlib.sha256()
+        staged = V.zcrx_hash_runs(got.update, area, start, length, heads, ends)
+        want = hashlib.sha256()
+        for s, n in zip(start.tolist(), length.tolist(), strict=True):
+            want.update(area[s:s + n])
+        assert got.hexdigest() == want.hexdigest()
+        assert staged in (0, int(length.sum()))
+    assert V.zcrx_hash_runs(hashlib.sha256().update, area, *cases[0], heads[:0], heads[:0]) == 0
+    assert np.array_equal(area, before)  # read only
+
+
 def _place(area: np.ndarray, chunks: list[tuple[int, int, int, int]]) -> tuple[np.ndarray, ...]:
     """Write pattern chunks ``(start, length, stream, stream_off)`` into ``area``."""
     for s, n, sid, so in chunks:
