@@ -10,6 +10,7 @@ client, or ``nc``).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import socket
@@ -222,3 +223,23 @@ def test_programs_without_a_run_say_what_to_set_and_exit_2(tmp_path: Path) -> No
                          text=True, timeout=60, check=False)
     assert res.returncode == 2 and res.stderr.count("\n") == 1
     assert f"ZCRX_RUNDIR={bad}: no such directory" in res.stderr
+
+
+@pytest.mark.timeout(180)
+def test_zcrx_server_o_with_small_segments_writes_every_byte_in_order(tmp_path: Path) -> None:
+    """64-byte segments: zcrx-server hashes (and writes) short runs from one staged gather,
+    so ``-o`` takes that path too; the file must still be the stream, byte for byte."""
+    size = 384 << 10
+    out, log = tmp_path / "small.bin", tmp_path / "small.log"
+    summary = tmp_path / "small.json"
+    with topology("ex4", "--netdev", NETDEV) as run:
+        steer("ex4", 8000, ZC_QUEUE)
+        with program([sys.executable, "-m", "app_proc.zcrx_server", "-p", "8000", "-q",
+                      str(ZC_QUEUE), "-n", "1", "-o", str(out), "-S", "16M", "--json",
+                      str(summary)], run.dir,
+                     tmp_path, "zc", stdout=log) as zc:
+            zcrx("traffic", "--name", "ex4", "--port", "8000", "--sport", "32000",
+                 "--bytes", str(size), "--payload", "64")
+            finish(zc, tmp_path, "zc")
+    assert json.loads(summary.read_text())["app"]["hash_staged_bytes"] > 0  # the gather path
+    assert sha256_file(out) == pattern.expected_sha256(32000, size)
