@@ -250,6 +250,9 @@ IFQ_COUNTERS = (
     "recv_enospc",          # ... with -ENOSPC (CQ full)
     "recv_efault",          # ... with -EFAULT (a niov of another ifq)
     "scrubbed_refs",        # user references revoked at teardown
+    "events",               # event CQEs posted (7.2)
+    "rq_runs_ignored",      # runs of same-niov RQEs longer than user_refs, ignored (7.3)
+    "refill_capped",        # refill calls that stopped at ZCRX_REFILL_CAP RQEs (7.3)
 )
 
 _U32 = 0xFFFFFFFF
@@ -260,7 +263,6 @@ _EMPTY.flags.writeable = False
 _REG_FLAGS = abi.ZCRX_REG_IMPORT | abi.ZCRX_REG_NODEV
 _RECVZC_IOPRIO = abi.IORING_RECVSEND_POLL_FIRST | abi.IORING_RECV_MULTISHOT
 _IFQ_RING_FLAGS = abi.IORING_SETUP_CQE32 | abi.IORING_SETUP_CQE_MIXED
-_NR_CTRL_OPCODES = abi.ZCRX_CTRL_LAST
 _QUERY_CHAIN_LIMIT = 64
 _serial = itertools.count(1)
 
@@ -273,14 +275,14 @@ def _is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-def _rq_layout(entries: int) -> RingLayout:
-    head, tail, rqes, _ = abi.zcrx_rq_layout(entries)
+def _rq_layout(entries: int, kernel: tuple[int, int]) -> RingLayout:
+    head, tail, rqes, _ = abi.zcrx_rq_layout(entries, kernel)
     return RingLayout(entries, _RQE_DTYPE, head=head, tail=tail, entries=rqes)
 
 
-def _offsets(reg: np.ndarray) -> None:
-    """Write ``io_uring_zcrx_offsets`` (6.18+ layout) into ``reg``."""
-    head, tail, rqes, _ = abi.zcrx_rq_layout(1)
+def _offsets(reg: np.ndarray, kernel: tuple[int, int]) -> None:
+    """Write ``io_uring_zcrx_offsets`` (the layout of release ``kernel``) into ``reg``."""
+    head, tail, rqes, _ = abi.zcrx_rq_layout(1, kernel)
     off = reg["offsets"]  # a view into reg
     off["head"] = head
     off["tail"] = tail
@@ -362,6 +364,8 @@ class ZcrxProvider(MemoryProvider):
         st["alloc_from_freelist"] += len(fresh)
         if got + len(fresh) < n:
             st["alloc_fail"] += 1
+            if not got and not len(fresh) and ifq.event_mask:
+                ifq.event(abi.ZCRX_EVENT_ALLOC_FAIL)  # nothing at all: the queue starves
         return fresh
 
     def release(self, pool: PagePool, ids: NDArray[np.int64]) -> None:
@@ -420,11 +424,23 @@ class Ifq:
     counters: Counter[str] = field(default_factory=Counter)
     rq: RingConsumer | None = None
     token: int = 0
+    #: the Linux release the kernel acts as (RQ layout, refill behaviour)
+    kernel: tuple[int, int] = abi.LINUX_VERSION
+    #: events (7.2): ``zcrx_event_desc.user_data`` and ``type_mask``, the types that fired
+    #: and are not re-armed, the ring that registered the ifq (None once it closed), the
+    #: ``zcrx_stats`` in the RQ region (the kernel writes it, the app reads it)
+    event_user_data: int = 0
+    event_mask: int = 0
+    events_fired: int = 0
+    event_ring: Ring | None = None
+    stats: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.rq_mem is not None:
-            self.rq_mem[:8] = 0  # the kernel zeroes head and tail at registration
-            self.rq = RingConsumer(self.rq_mem, _rq_layout(self.rq_entries), untrusted=True)
+            layout = _rq_layout(self.rq_entries, self.kernel)
+            for word in (layout.head, layout.tail):  # zeroed by the kernel at registration
+                self.rq_mem[word:word + 4] = 0
+            self.rq = RingConsumer(self.rq_mem, layout, untrusted=True)
         for name in IFQ_COUNTERS:
             self.counters[name] = 0
 
@@ -513,6 +529,40 @@ class Ifq:
             if stopped or n < want:
                 break
         return total
+
+    # -- events (Linux 7.2) ---------------------------------------------------------------
+
+    def event(self, etype: int) -> bool:
+        """Post event ``etype`` (``ZCRX_EVENT_*``) if it is wanted and not fired since the
+        last arm: a plain 16-byte CQE on the registering ring (``user_data`` of the event
+        desc, ``res`` = the type, ``flags`` 0; the upper half of a CQE32 slot zeroed).  Linux
+        queues it as task work of that ring; the emulated kernel posts it at once.  True if
+        posted."""
+        bit = 1 << etype
+        ring = self.event_ring
+        if not self.event_mask & bit or self.events_fired & bit or ring is None:
+            return False
+        self.events_fired |= bit
+        self.counters["events"] += 1
+        ring.post(self.event_user_data, etype, 0)
+        return True
+
+    def arm_event(self, etype: int, resv: bool) -> None:
+        """``ZCRX_CTRL_ARM_EVENT``: let a fired event type fire again (``-EINVAL`` for an
+        unknown type, reserved words, or a type that has not fired)."""
+        if etype >= abi.ZCRX_EVENT_TYPE_LAST or resv:
+            raise _misuse(f"arm event type {etype}", errno.EINVAL)
+        if not self.events_fired & (1 << etype):
+            raise _misuse(f"event type {etype} has not fired", errno.EINVAL)
+        self.events_fired &= ~(1 << etype)
+
+    def count_copies(self, n: int, nbytes: int) -> None:
+        """The copy fallback filled ``n`` niovs with ``nbytes``: stats and the COPY event."""
+        if self.stats is not None:
+            self.stats["copy_count"] += n
+            self.stats["copy_bytes"] += nbytes
+        if self.event_mask:
+            self.event(abi.ZCRX_EVENT_COPY)
 
     # -- ledger -------------------------------------------------------------------------------
 
@@ -717,6 +767,8 @@ class RecvZcRequest(Request):
         if n_copy:
             st["copy_count"] += n_copy
             st["copy_bytes"] += delivered - zc_bytes
+            if ifq.stats is not None or ifq.event_mask:
+                ifq.count_copies(n_copy, delivered - zc_bytes)
         if self.limit:
             self.left -= delivered
         if posted:
@@ -891,7 +943,11 @@ class Zcrx:
     """
 
     def __init__(self, uring: IoUring, *, netdevs: Mapping[str, MpNetdev] | None = None,
-                 skbs: Any = None) -> None:
+                 skbs: Any = None, kernel: tuple[int, int] = abi.LINUX_VERSION) -> None:
+        if kernel not in abi.KERNEL_VERSIONS:
+            raise ValueError(f"kernel {kernel} is not one of {abi.KERNEL_VERSIONS}")
+        #: the Linux release this kernel behaves as (``driver_proc --kernel``)
+        self.kernel = kernel
         self.uring = uring
         self.sockets = uring.sockets
         self.skbs = skbs if skbs is not None else uring.skbs
@@ -965,6 +1021,8 @@ class Zcrx:
         reg = np.frombuffer(blobs[0], dtype=dt).copy()
         if reg["__resv"].any() or int(reg["zcrx_id"][0]):
             raise _misuse("ifq_reg reserved fields and zcrx_id must be 0", errno.EINVAL)
+        if self.kernel < (7, 2) and int(reg["event_desc"][0]):
+            raise _misuse("ifq_reg __resv[0] (event_desc since 7.2) must be 0", errno.EINVAL)
         flags = int(reg["flags"][0])
         if flags & abi.ZCRX_REG_IMPORT:
             return self._import(ring, task, reg)
@@ -987,6 +1045,7 @@ class Zcrx:
         buf_len = rbl or PAGE_SIZE
         area_ptr = int(reg["area_ptr"][0])
         area_reg = _read_user(task, area_ptr, abi.io_uring_zcrx_area_reg)
+        ev = self._read_event_desc(task, int(reg["event_desc"][0]))
         dev = None
         if nodev:
             if if_idx or if_rxq:
@@ -998,6 +1057,7 @@ class Zcrx:
         rq_mem, rq_region = self._create_rq(ring, task, rd, entries, serial)
         area: ZcrxArea | None = None
         try:
+            stats = self._event_stats(ev, rq_mem, entries)
             area = self._create_area(task, area_reg, buf_len, nodev)
             if dev is not None:
                 self._check_bindable(dev, if_rxq, buf_len)
@@ -1005,7 +1065,14 @@ class Zcrx:
             # write-back targets are checked before anything becomes visible.
             rd_out = _writable(task, int(reg["region_ptr"][0]), abi.io_uring_region_desc)
             area_out = _writable(task, area_ptr, abi.io_uring_zcrx_area_reg)
-            ifq = Ifq(serial, task, area, entries, rq_mem, rq_region, dev=dev, rxq=if_rxq)
+            ifq = Ifq(serial, task, area, entries, rq_mem, rq_region, dev=dev, rxq=if_rxq,
+                      kernel=self.kernel)
+            if ev is not None:
+                ifq.event_user_data = int(ev["user_data"][0])
+                ifq.event_mask = int(ev["type_mask"][0])
+                ifq.stats = stats
+                if ifq.event_mask:
+                    ifq.event_ring = ring
             if dev is not None:
                 self._bind(ifq)
         except BaseException:
@@ -1032,9 +1099,43 @@ class Zcrx:
         reg["rq_entries"] = entries
         reg["zcrx_id"] = zid
         reg["rx_buf_len"] = buf_len
-        _offsets(reg)
+        _offsets(reg, self.kernel)
         self.counters["registered"] += 1
         return 0, [reg.tobytes()]
+
+    def _read_event_desc(self, task: Task, ptr: int) -> np.ndarray | None:
+        """Read and check ``zcrx_event_desc`` (Linux 7.2; ``event_desc`` 0: none)."""
+        if not ptr:
+            return None
+        ev = _read_user(task, ptr, abi.zcrx_event_desc)
+        types = (1 << abi.ZCRX_EVENT_TYPE_LAST) - 1
+        eflags = int(ev["flags"][0])
+        if int(ev["type_mask"][0]) & ~types or eflags & ~abi.ZCRX_EVENT_DESC_FLAG_STATS:
+            raise _misuse("event_desc: unknown event types or flags", errno.EINVAL)
+        if not eflags & abi.ZCRX_EVENT_DESC_FLAG_STATS and int(ev["stats_offset"][0]):
+            raise _misuse("event_desc: stats_offset without FLAG_STATS", errno.EINVAL)
+        if ev["__resv2"].any():
+            raise _misuse("event_desc: __resv2 must be 0", errno.EINVAL)
+        return ev
+
+    def _event_stats(self, ev: np.ndarray | None, rq_mem: NDArray[np.uint8], entries: int
+                     ) -> np.ndarray | None:
+        """The ``zcrx_stats`` the event desc places in the RQ region (zeroed), or None.
+
+        ``stats_offset`` must be 8-byte aligned (``-EINVAL``), past the RQEs and inside the
+        region (``-ERANGE``)."""
+        if ev is None or not int(ev["flags"][0]) & abi.ZCRX_EVENT_DESC_FLAG_STATS:
+            return None
+        off = int(ev["stats_offset"][0])
+        dt = abi.zcrx_stats
+        if off % 8:
+            raise _misuse(f"stats_offset {off} is not 8-byte aligned", errno.EINVAL)
+        used = abi.zcrx_rq_layout(entries, self.kernel)[3]
+        if off < used or off + dt.itemsize > len(rq_mem):
+            raise _misuse(f"stats_offset {off} outside [{used}, {len(rq_mem)})", errno.ERANGE)
+        stats = rq_mem[off:off + dt.itemsize].view(dt)
+        stats[:] = 0
+        return stats
 
     def _create_rq(self, ring: Ring, task: Task, rd: np.ndarray, entries: int, serial: int
                    ) -> tuple[NDArray[np.uint8], Region | None]:
@@ -1047,7 +1148,7 @@ class Zcrx:
             raise _misuse("region_desc reserved fields, id, mmap_offset or flags", errno.EINVAL)
         if size == 0 or (user_addr | size) & (PAGE_SIZE - 1):
             raise _misuse(f"region size {size} / address {user_addr:#x}", errno.EINVAL)
-        need = abi.zcrx_rq_layout(entries)[3]
+        need = abi.zcrx_rq_layout(entries, self.kernel)[3]
         too_small = _misuse(f"RQ of {entries} entries needs {need} bytes, region has {size}",
                             errno.EINVAL)
         if rflags & abi.IORING_MEM_REGION_TYPE_USER:
@@ -1133,7 +1234,7 @@ class Zcrx:
     def _import(self, ring: Ring, task: Task, reg: np.ndarray) -> tuple[int, list[bytes]]:
         if (int(reg["if_rxq"][0]) or int(reg["rq_entries"][0]) or int(reg["area_ptr"][0])
                 or int(reg["region_ptr"][0]) or int(reg["flags"][0]) != abi.ZCRX_REG_IMPORT
-                or int(reg["rx_buf_len"][0])):
+                or int(reg["rx_buf_len"][0]) or int(reg["event_desc"][0])):
             raise _misuse("IMPORT takes only if_idx (the zcrx fd)", errno.EINVAL)
         fd = int(reg["if_idx"][0])
         box = task.files.get(fd if fd < 1 << 31 else fd - (1 << 32))
@@ -1147,7 +1248,7 @@ class Zcrx:
         if ifq.rq_region is not None:
             ring.mmap_regions[abi.zcrx_region_mmap_offset(zid)] = ifq.rq_region
         reg["zcrx_id"] = zid
-        _offsets(reg)
+        _offsets(reg, self.kernel)
         self.counters["imported"] += 1
         return 0, [reg.tobytes()]
 
@@ -1177,27 +1278,36 @@ class Zcrx:
         if ifq is None:
             raise _misuse(f"no zcrx {int(ctrl['zcrx_id'][0])} on this ring", errno.ENXIO)
         op = int(ctrl["op"][0])
+        if op >= abi.zcrx_nr_ctrl_opcodes(self.kernel):
+            raise _misuse(f"zcrx ctrl op {op} (Linux {self.kernel_name})", errno.EOPNOTSUPP)
         if op == abi.ZCRX_CTRL_FLUSH_RQ:
             if ctrl["flush_rq_resv"].any():
                 raise _misuse("zc_flush.__resv must be 0", errno.EINVAL)
             ifq.flush()
         elif op == abi.ZCRX_CTRL_EXPORT:
             self._export(ring, task, ifq, ctrl)
+        elif op == abi.ZCRX_CTRL_ARM_EVENT:
+            ifq.arm_event(int(ctrl["arm_event_type"][0]), bool(ctrl["arm_event_resv"].any()))
         else:
             raise _misuse(f"zcrx ctrl op {op}", errno.EOPNOTSUPP)
         return 0, [ctrl.tobytes()]
 
     # -- IORING_REGISTER_QUERY ----------------------------------------------------------------
 
-    @staticmethod
-    def query_zcrx() -> np.ndarray:
-        """The ``io_uring_query_zcrx`` this kernel reports."""
+    @property
+    def kernel_name(self) -> str:
+        """The release this kernel acts as, ``"7.3"``."""
+        return abi.kernel_version_name(self.kernel)
+
+    def query_zcrx(self) -> np.ndarray:
+        """The ``io_uring_query_zcrx`` this kernel reports (per release: ``nr_ctrl_opcodes``,
+        ``features``, ``rq_hdr_size``)."""
         q = np.zeros(1, dtype=abi.io_uring_query_zcrx)
         q["register_flags"] = abi.ZCRX_REG_IMPORT | abi.ZCRX_REG_NODEV
         q["area_flags"] = 0
-        q["nr_ctrl_opcodes"] = _NR_CTRL_OPCODES
-        q["features"] = abi.ZCRX_FEATURE_RX_PAGE_SIZE
-        q["rq_hdr_size"] = abi.ZCRX_RQ_HDR_SIZE
+        q["nr_ctrl_opcodes"] = abi.zcrx_nr_ctrl_opcodes(self.kernel)
+        q["features"] = abi.zcrx_features(self.kernel)
+        q["rq_hdr_size"] = abi.zcrx_rq_hdr_size(self.kernel)
         q["rq_hdr_alignment"] = abi.ZCRX_RQ_HDR_ALIGNMENT
         return q
 
@@ -1207,6 +1317,11 @@ class Zcrx:
         payload: np.ndarray | None = None
         if op == abi.IO_URING_QUERY_ZCRX:
             payload = self.query_zcrx()
+        elif op == abi.IO_URING_QUERY_ZCRX_NOTIF and self.kernel >= (7, 2):
+            payload = np.zeros(1, dtype=abi.io_uring_query_zcrx_event)
+            payload["event_flags"] = (1 << abi.ZCRX_EVENT_TYPE_LAST) - 1
+            payload["stats_size"] = abi.zcrx_stats.itemsize
+            payload["stats_off_alignment"] = 8
         elif op == abi.IO_URING_QUERY_SCQ:
             payload = np.zeros(1, dtype=abi.io_uring_query_scq)
             payload["hdr_size"] = abi.IO_RINGS_HDR_SIZE
@@ -1327,6 +1442,8 @@ class Zcrx:
         """Ring teardown hook: its requests are already cancelled; drop its ifq holds."""
         table: dict[int, Ifq] = ring.extra.pop("zcrx", {}) or {}
         for zid, ifq in sorted(table.items()):
+            if ifq.event_ring is ring:
+                ifq.event_ring = None  # events have nowhere to go any more
             region = ring.mmap_regions.get(abi.zcrx_region_mmap_offset(zid))
             if region is not None and region is ifq.rq_region:
                 del ring.mmap_regions[abi.zcrx_region_mmap_offset(zid)]  # unlinked by us

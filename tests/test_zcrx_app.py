@@ -417,8 +417,10 @@ class StandIn:
         hdr = np.frombuffer(blobs[0], dtype=abi.io_uring_query_hdr).copy()
         q = np.zeros(1, dtype=abi.io_uring_query_zcrx)
         q["register_flags"] = abi.ZCRX_REG_NODEV
-        q["nr_ctrl_opcodes"] = abi.ZCRX_CTRL_LAST
-        q["rq_hdr_size"], q["rq_hdr_alignment"] = abi.ZCRX_RQ_HDR_SIZE, abi.ZCRX_RQ_HDR_ALIGNMENT
+        old = (7, 2)  # the stand-in answers as a 7.2 kernel (its RQ header is 0 / 4 / 64)
+        q["nr_ctrl_opcodes"] = abi.zcrx_nr_ctrl_opcodes(old)
+        q["rq_hdr_size"] = abi.zcrx_rq_hdr_size(old)
+        q["rq_hdr_alignment"] = abi.ZCRX_RQ_HDR_ALIGNMENT
         dst = task.mm.resolve(int(hdr["query_data"][0]), int(hdr["size"][0]), write=True)
         dst[:] = q.view(np.uint8)[:len(dst)]
         hdr["result"] = 0
