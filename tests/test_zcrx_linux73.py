@@ -1,0 +1,333 @@
+"""Linux 7.2 / 7.3 zcrx in the emulated kernel (issue 12): kernel versions as a setting, events.
+
+Each test drives a real ``Kernel`` acting as one release (``driver_proc --kernel X.Y``, here the
+``kt`` fixture of ``test_zcrx`` parametrized indirectly) through its syscall handlers, from an
+app that builds the uapi structs raw with ``shared.abi`` dtypes.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from test_zcrx import (
+    PAGE,
+    RQ_ENTRIES,
+    Bundle,
+    Cqe,
+    KernelThread,
+    Zq,
+    accept_conn,
+    app_fixture,
+    check_data,
+    ctrl,
+    ctrl_errno,
+    hw_flow_conn,
+    kernel_fixture,
+    reap,
+    reg_errno,
+    register_raw,
+    stream,
+    submit_recvzc,
+    wait_cqes,
+    zring,
+)
+
+from app_proc import liburing as L
+from app_proc import syscall as S
+from driver_proc.main import main as driver_main
+from shared import abi
+from shared.ring import RingLayout, RingProducer
+
+pytestmark = pytest.mark.timeout(60)
+
+EV_UD = 0xE7E7
+ALLOC_FAIL, COPY = abi.ZCRX_EVENT_ALLOC_FAIL, abi.ZCRX_EVENT_COPY
+BOTH = (1 << ALLOC_FAIL) | (1 << COPY)
+V71, V72, V73 = abi.KERNEL_VERSIONS
+
+
+def on(*versions: tuple[int, int]) -> pytest.MarkDecorator:
+    """Run the test on a kernel acting as each of ``versions``."""
+    return pytest.mark.parametrize("kt", versions, indirect=True,
+                                   ids=[abi.kernel_version_name(v) for v in versions])
+
+
+@pytest.fixture
+def kt(run_id: str, tmp_path: Any, request: pytest.FixtureRequest) -> Iterator[KernelThread]:
+    yield from kernel_fixture(run_id, tmp_path, getattr(request, "param", abi.LINUX_VERSION))
+
+
+@pytest.fixture
+def app(kt: KernelThread, run_id: str, tmp_path: Any) -> Iterator[S.Kernel]:
+    yield from app_fixture(run_id, tmp_path)
+
+
+def event_bundle(app: S.Kernel, *, type_mask: int = BOTH, stats: bool = True,
+                 stats_offset: int | None = None, **kw: Any) -> Bundle:
+    """The default registration plus a ``zcrx_event_desc`` at +128 of the parameter page; with
+    ``stats`` the RQ region gets room for ``zcrx_stats`` right after the RQEs."""
+    entries = kw.get("rq_entries", RQ_ENTRIES)
+    b = Bundle.make(app, rq_mem_entries=2 * entries, **kw)
+    ev = b.params.view[128:224].view(abi.zcrx_event_desc)
+    ev["user_data"] = EV_UD
+    ev["type_mask"] = type_mask
+    if stats:
+        ev["flags"] = abi.ZCRX_EVENT_DESC_FLAG_STATS
+        ev["stats_offset"] = (abi.zcrx_rq_layout(entries)[3] if stats_offset is None
+                              else stats_offset)
+    b.reg["event_desc"] = b.params.addr + 128
+    return b
+
+
+def event_desc(b: Bundle) -> np.ndarray:
+    out: np.ndarray = b.params.view[128:224].view(abi.zcrx_event_desc)
+    return out
+
+
+def stats_of(zq: Zq) -> tuple[int, int]:
+    off = int(event_desc(zq.b)["stats_offset"][0])
+    s = zq.mem[off:off + 16].view(abi.zcrx_stats)[0]
+    return int(s["copy_count"]), int(s["copy_bytes"])
+
+
+def events(cqes: list[Cqe]) -> list[int]:
+    """The event types among ``cqes`` (each checked to be a plain event CQE)."""
+    out = []
+    for c in cqes:
+        if c.ud == EV_UD:
+            assert c.flags == 0 and c.off == 0, c   # 16-byte CQE, upper half of CQE32 zeroed
+            out.append(c.res)
+    return out
+
+
+# ============================================================================================
+# Kernel versions as a setting
+# ============================================================================================
+
+@on(V71, V72, V73)
+def test_status_reports_the_kernel_release(kt: KernelThread, app: S.Kernel) -> None:
+    assert app.syscall("status").body["kernel"] == abi.kernel_version_name(kt.kernel.zcrx.kernel)
+
+
+def test_driver_proc_refuses_an_unknown_release(capsys: pytest.CaptureFixture[str]) -> None:
+    for bad in ("7.0", "7.4", "seven"):
+        with pytest.raises(SystemExit) as ei:
+            driver_main(["--kernel", bad])
+        assert ei.value.code == 2
+    assert "is not" in capsys.readouterr().err
+
+
+@on(V71, V72)
+def test_older_kernels_refuse_newer_ctrl_ops(kt: KernelThread, app: S.Kernel) -> None:
+    ring = zring(app)
+    b = Bundle.make(app)
+    zid = int(register_raw(ring, b.reg)["zcrx_id"][0])
+    newer = [abi.ZCRX_CTRL_ADD_AREA] + ([abi.ZCRX_CTRL_ARM_EVENT]
+                                        if kt.kernel.zcrx.kernel < V72 else [])
+    for op in newer:
+        assert ctrl_errno(ring, zid, op) == errno.EOPNOTSUPP, op
+    L.io_uring_queue_exit(ring)
+    b.close()
+
+
+@on(V71)
+def test_7_1_refuses_an_event_desc_as_a_reserved_word(kt: KernelThread, app: S.Kernel) -> None:
+    ring = zring(app)
+    b = event_bundle(app)
+    assert reg_errno(ring, b.reg) == errno.EINVAL
+    assert kt.call(lambda k: k.zcrx.ifqs) == []
+    L.io_uring_queue_exit(ring)
+    b.close()
+
+
+def _hw_starve(kt: KernelThread, app: S.Kernel, *, hard_coded: bool
+               ) -> tuple[Zq, L.Ring, list[Cqe], int, Any]:
+    """A hardware-queue ifq of 80 niovs with events, starved by 80 received frames, then 30
+    buffers returned: through the reported offsets, or an RQ hard-coded as 0 / 4 / 64."""
+    ring = zring(app)
+    hw: dict[str, Any] = {"nodev": False, "if_idx": 2, "if_rxq": 1, "area_pages": 80}
+    with_events = kt.kernel.zcrx.kernel >= V72
+    b = event_bundle(app, stats=False, **hw) if with_events else Bundle.make(app, **hw)
+    zq = Zq(ring, b, register_raw(ring, b.reg))
+    flow, fd = hw_flow_conn(kt, app, ring)
+    submit_recvzc(ring, fd, zq.id)
+    fr, fl, _ = flow.frames([1460] * 100)
+    sent = kt.deliver(1, fr, fl)
+    got: list[Cqe] = []
+    while sum(c.res for c in got if c.ud != EV_UD) < sent * 1460:
+        got += wait_cqes(ring)
+    sent += kt.deliver(1, fr[sent:], fl[sent:])
+    while sum(c.res for c in got if c.ud != EV_UD) < sent * 1460:
+        got += wait_cqes(ring)
+    assert sent == 80 and kt.deliver(1, fr[sent:], fl[sent:]) == 0     # starved
+    got += reap(ring)
+    # the provider found nothing: the event fires once (7.2+)
+    assert events(got) == ([ALLOC_FAIL] if with_events else [])
+    data = [c for c in got if c.ud != EV_UD]
+    assert check_data(zq, data, flow.stream) == 80 * 1460
+    back = sorted(c.off for c in data)[:30]             # niov 0 (offset 0) goes first
+    if hard_coded:
+        # What an app written for <= 7.2 does: head 0, tail 4, RQEs at 64, never looking.
+        old = RingProducer(zq.mem, RingLayout(zq.entries, abi.io_uring_zcrx_rqe, head=0,
+                                              tail=4, entries=64))
+        e = np.zeros(len(back), dtype=abi.io_uring_zcrx_rqe)
+        e["off"] = back
+        assert old.push(e) == len(back)
+    else:
+        assert zq.give_back(back) == len(back)
+    kt.call(lambda k: k.netdevs["eth0"].refill(1))
+    return zq, ring, data, kt.deliver(1, fr[sent:], fl[sent:]), flow
+
+
+@on(V71, V72, V73)
+def test_an_app_that_reads_the_offsets_works_on_every_release(kt: KernelThread,
+                                                                app: S.Kernel) -> None:
+    zq, ring, _, more, flow = _hw_starve(kt, app, hard_coded=False)
+    assert more == 20                                   # the returns unblocked the queue
+    got: list[Cqe] = []
+    while len(got) < 20:
+        got += wait_cqes(ring)
+    assert check_data(zq, got, flow.stream, 80 * 1460) == 20 * 1460
+    assert kt.counters()["rq_returned"] >= 20
+    zq.close()
+    L.io_uring_queue_exit(ring)
+    zq.b.close()
+
+
+@on(V72, V73)
+def test_an_app_hard_coding_0_4_64_breaks_on_7_3(kt: KernelThread, app: S.Kernel) -> None:
+    """The bug this setting catches: on 7.2 the hard-coded RQ is the real one; on 7.3 the
+    kernel reads the tail at 64 (where the app put RQE 0: niov 0, offset 0), never sees the
+    returns, and the queue stays starved."""
+    zq, ring, _, more, _ = _hw_starve(kt, app, hard_coded=True)
+    c = kt.counters()
+    if kt.kernel.zcrx.kernel < V73:
+        assert more == 20 and c["rq_returned"] >= 20
+    else:
+        assert more == 0 and c["rq_consumed"] == 0 and c["rq_returned"] == 0
+        assert c["alloc_fail"] >= 2 and c["events"] == 1   # ALLOC_FAIL stays off: not re-armed
+        assert kt.ledger()["user"] == 80
+    zq.close()
+    L.io_uring_queue_exit(ring)
+    zq.b.close()
+
+
+# ============================================================================================
+# Events (7.2)
+# ============================================================================================
+
+@on(V72, V73)
+def test_event_desc_checks(kt: KernelThread, app: S.Kernel) -> None:
+    ring = zring(app)
+    rq_end = abi.zcrx_rq_layout(RQ_ENTRIES, kt.kernel.zcrx.kernel)[3]
+    cases: list[tuple[dict[str, Any], int]] = [
+        ({"type_mask": 1 << 2}, errno.EINVAL),                 # unknown event type
+        ({"flags": 2}, errno.EINVAL),                          # unknown flag
+        ({"flags": 0, "stats_offset": rq_end}, errno.EINVAL),  # offset without FLAG_STATS
+        ({"__resv2": [0] * 8 + [1]}, errno.EINVAL),
+        ({"stats_offset": rq_end + 4}, errno.EINVAL),          # not 8-byte aligned
+        ({"stats_offset": rq_end - 16}, errno.ERANGE),         # over the RQEs
+        ({"stats_offset": 1 << 20}, errno.ERANGE),             # past the region
+    ]
+    for fields, want in cases:
+        b = event_bundle(app)
+        for k, v in fields.items():
+            event_desc(b)[k] = v
+        assert reg_errno(ring, b.reg) == want, fields
+        b.close()
+    b = event_bundle(app)
+    b.reg["event_desc"] = 0x1000                               # unmapped
+    assert reg_errno(ring, b.reg) == errno.EFAULT
+    b.close()
+    assert kt.call(lambda k: k.zcrx.ifqs) == []
+    L.io_uring_queue_exit(ring)
+
+
+@on(V72, V73)
+def test_copy_event_fires_once_until_armed_and_stats_count(kt: KernelThread,
+                                                          app: S.Kernel) -> None:
+    ring = zring(app)
+    b = event_bundle(app)
+    zq = Zq(ring, b, register_raw(ring, b.reg))
+    assert stats_of(zq) == (0, 0)
+    _, fd = accept_conn(kt, app, ring)
+    submit_recvzc(ring, fd, zq.id)
+    # arming a type that has not fired, or an unknown type, is -EINVAL
+    assert ctrl_errno(ring, zq.id, abi.ZCRX_CTRL_ARM_EVENT, arm_event_type=COPY) == errno.EINVAL
+    assert ctrl_errno(ring, zq.id, abi.ZCRX_CTRL_ARM_EVENT, arm_event_type=2) == errno.EINVAL
+    got: list[Cqe] = []
+    sent = 0
+    for rnd in range(3):
+        data = stream(40000, sent, 3 * PAGE)
+        kt.send(40000, data)
+        sent += len(data)
+        while sum(c.res for c in got if c.ud != EV_UD) < sent:
+            got += wait_cqes(ring)
+        got += reap(ring)
+        assert events(got) == [COPY] * (1 if rnd < 2 else 2), rnd
+        if rnd == 1:                                   # re-arm: the next copy fires again
+            ctrl(ring, zq.id, abi.ZCRX_CTRL_ARM_EVENT, arm_event_type=COPY)
+    assert ctrl_errno(ring, zq.id, abi.ZCRX_CTRL_ARM_EVENT,
+                      arm_event_type=ALLOC_FAIL) == errno.EINVAL
+    c = kt.counters()
+    assert stats_of(zq) == (c["copy_count"], c["copy_bytes"]) and c["copy_bytes"] == sent
+    assert c["events"] == 2
+    data_cqes = [x for x in got if x.ud != EV_UD]
+    assert check_data(zq, data_cqes, 40000) == sent
+    zq.close()
+    L.io_uring_queue_exit(ring)
+    b.close()
+
+
+@on(V73)
+def test_events_on_a_cqe_mixed_ring_are_16_bytes(kt: KernelThread, app: S.Kernel) -> None:
+    flags = (abi.IORING_SETUP_DEFER_TASKRUN | abi.IORING_SETUP_SINGLE_ISSUER
+             | abi.IORING_SETUP_CQE_MIXED | abi.IORING_SETUP_SUBMIT_ALL)
+    ring = zring(app, flags=flags)
+    b = event_bundle(app, type_mask=1 << COPY, stats=False)
+    zid = int(register_raw(ring, b.reg)["zcrx_id"][0])
+    assert kt.call(lambda k: k.zcrx.ifqs[-1].event(COPY)) is True
+    assert kt.call(lambda k: k.zcrx.ifqs[-1].event(COPY)) is False       # off until armed
+    assert kt.call(lambda k: k.zcrx.ifqs[-1].event(ALLOC_FAIL)) is False  # not in the mask
+    v = L.peek_cqes(ring)
+    assert len(v) == 1 and int(v[0]["user_data"]) == EV_UD and int(v[0]["res"]) == COPY
+    assert int(v[0]["flags"]) == 0                                # no IORING_CQE_F_32
+    L.io_uring_cq_advance(ring, 1)
+    ctrl(ring, zid, abi.ZCRX_CTRL_ARM_EVENT, arm_event_type=COPY)
+    L.io_uring_queue_exit(ring)
+    b.close()
+
+
+@on(V72, V73)
+def test_import_with_an_event_desc_is_einval_and_events_stay_on_the_registering_ring(
+        kt: KernelThread, app: S.Kernel) -> None:
+    r1, r2 = zring(app), zring(app)
+    b = event_bundle(app, type_mask=1 << COPY)
+    zq = Zq(r1, b, register_raw(r1, b.reg))
+    box = int(ctrl(r1, zq.id, abi.ZCRX_CTRL_EXPORT)["export_zcrx_fd"][0])
+    imp = np.zeros(1, dtype=abi.io_uring_zcrx_ifq_reg)
+    imp["flags"] = abi.ZCRX_REG_IMPORT
+    imp["if_idx"] = box
+    imp["event_desc"] = b.params.addr + 128
+    assert reg_errno(r2, imp) == errno.EINVAL
+    imp["event_desc"] = 0
+    zid2 = int(register_raw(r2, imp)["zcrx_id"][0])
+    _, fd = accept_conn(kt, app, r2)
+    submit_recvzc(r2, fd, zid2)
+    kt.send(40000, stream(40000, 0, PAGE))
+    got = wait_cqes(r2)
+    assert events(got) == [] and sum(c.res for c in got) == PAGE
+    assert events(wait_cqes(r1)) == [COPY]                  # on the ring that registered it
+    L.io_uring_queue_exit(r1)                               # events have nowhere to go now
+    ctrl(r2, zid2, abi.ZCRX_CTRL_ARM_EVENT, arm_event_type=COPY)
+    kt.send(40000, stream(40000, PAGE, PAGE))
+    assert sum(c.res for c in wait_cqes(r2)) == PAGE
+    assert kt.counters()["events"] == 1
+    app.close_fd(box)
+    zq.close()
+    L.io_uring_queue_exit(r2)
+    b.close()
