@@ -331,3 +331,38 @@ def test_import_with_an_event_desc_is_einval_and_events_stay_on_the_registering_
     zq.close()
     L.io_uring_queue_exit(r2)
     b.close()
+
+
+@on(V72, V73)
+def test_liburing_helpers_for_events_and_stats(kt: KernelThread, app: S.Kernel) -> None:
+    q = L.io_uring_query_zcrx_event(app)
+    assert q is not None and int(q["event_flags"][0]) == BOTH
+    ring = L.io_uring_queue_init(64, L.ZCRX_RING_FLAGS, kernel=app)
+    ifq = L.io_uring_register_ifq(ring, 0, 0, rq_entries=128, area_size=64 * PAGE,
+                                  flags=abi.ZCRX_REG_NODEV, events=BOTH,
+                                  event_user_data=EV_UD, stats=True)
+    assert ifq.stats_off is not None and ifq.stats_off >= ifq.offsets["rqes"] + 128 * 16
+    assert L.io_uring_zcrx_copy_stats(ifq) == (0, 0)
+    _, fd = accept_conn(kt, app, ring)
+    sqe = L.io_uring_get_sqe(ring)
+    assert sqe is not None
+    L.io_uring_prep_recv_zc(sqe, fd, 0, ifq.zcrx_id)
+    L.io_uring_submit(ring)
+    kt.send(40000, stream(40000, 0, 2 * PAGE))
+    seen: list[int] = []
+    nbytes = 0
+    while nbytes < 2 * PAGE or not seen:
+        L.io_uring_wait_cqes(ring, 1, 10_000)
+        v = L.peek_cqes(ring)
+        seen += L.io_uring_zcrx_events(ifq, v).tolist()
+        nbytes += int(v["res"][v["user_data"] != EV_UD].sum())
+        L.io_uring_cq_advance(ring, len(v))
+    assert seen == [COPY] and L.io_uring_zcrx_copy_stats(ifq) == (2, 2 * PAGE)
+    assert L.io_uring_zcrx_arm_event(ifq, COPY) == 0
+    L.io_uring_queue_exit(ring)
+    assert L.io_uring_zcrx_copy_stats(ifq) is None       # unmapped with the ring
+
+
+@on(V71)
+def test_liburing_event_query_is_none_before_7_2(kt: KernelThread, app: S.Kernel) -> None:
+    assert L.io_uring_query_zcrx_event(app) is None
