@@ -199,6 +199,7 @@ __all__ = [
     "IFQ_COUNTERS",
     "MAX_AREA_LEN",
     "PASSES_PER_BATCH",
+    "REFILL_CAP",
     "REQUEUE_ROUNDS",
     "SKBS_PER_PASS",
     "Ifq",
@@ -220,6 +221,8 @@ PASSES_PER_BATCH = 16
 REQUEUE_ROUNDS = 64
 #: RQEs one FLUSH_RQ batch consumes.
 FLUSH_BATCH = 32
+#: RQEs one refill call consumes at most on Linux 7.3 (``ZCRX_REFILL_CAP``: 256 at 4 KiB).
+REFILL_CAP = min(64 * max(PAGE_SIZE // 1024, 1), 1024)
 #: Largest area (io_validate_user_buf_range's arbitrary limit).
 MAX_AREA_LEN = 1 << 30
 #: Copy fallback fills at most this much of a niov.
@@ -474,7 +477,12 @@ class Ifq:
         if not rq.check_own():
             st["rq_head_tampered"] += 1
         f0 = rq.faults
-        n = min(rq.ready(), limit)
+        ready = rq.ready()  # the tail, read once per call
+        n = min(ready, limit)
+        coalesce = not flush and self.kernel >= (7, 3)
+        if coalesce and n > REFILL_CAP:
+            n = REFILL_CAP  # 7.3: a refill call does at most ZCRX_REFILL_CAP RQEs
+            st["refill_capped"] += 1
         if rq.faults != f0:
             st["rq_tail_faults"] += rq.faults - f0
         if n <= 0:
@@ -508,6 +516,8 @@ class Ifq:
         else:
             ids = idx
         space = self.space
+        if coalesce and len(ids) > 1:
+            ids = self._coalesce(ids)
         if len(ids):
             # every id is in range: a return put_user did not accept had no reference
             accepted = space.put_user(ids)
@@ -516,6 +526,35 @@ class Ifq:
         rq.release(n)
         st["rq_consumed"] += n
         return n, stopped
+
+    def _coalesce(self, ids: NDArray[np.int64]) -> NDArray[np.int64]:
+        """Linux 7.3's refill: a run of consecutive RQEs naming one niov (malformed entries
+        in between are skipped, they do not end it) drops its references in one step, and a
+        run longer than the niov's ``user_refs`` is ignored whole (counted in
+        ``rq_runs_ignored``; its RQEs in ``rq_invalid_noref``).  Returns the returns to
+        apply, each run's niov repeated run-length times."""
+        starts = np.flatnonzero(np.concatenate(([True], ids[1:] != ids[:-1])))
+        lens = np.diff(np.append(starts, len(ids)))
+        niov = ids[starts]
+        refs = self.space.user_refs[niov].astype(np.int64)
+        ok = lens <= refs
+        _, inv, cnt = np.unique(niov, return_inverse=True, return_counts=True)
+        multi = np.flatnonzero(cnt[inv] > 1)
+        if len(multi):
+            # a niov in several runs (rare): each run sees the references earlier ones left;
+            # a loop over those runs only
+            left: dict[int, int] = {}
+            for i in multi.tolist():
+                v, ln = int(niov[i]), int(lens[i])
+                rem = left.get(v, int(refs[i]))
+                ok[i] = ln <= rem
+                left[v] = rem - ln if ok[i] else rem
+        if ok.all():
+            return ids
+        st = self.counters
+        st["rq_runs_ignored"] += int(np.count_nonzero(~ok))
+        st["rq_invalid_noref"] += int(lens[~ok].sum())
+        return np.repeat(niov[ok], lens[ok])
 
     def flush(self) -> int:
         """``ZCRX_CTRL_FLUSH_RQ``: consume the RQ in batches of :data:`FLUSH_BATCH`, up to

@@ -366,3 +366,69 @@ def test_liburing_helpers_for_events_and_stats(kt: KernelThread, app: S.Kernel) 
 @on(V71)
 def test_liburing_event_query_is_none_before_7_2(kt: KernelThread, app: S.Kernel) -> None:
     assert L.io_uring_query_zcrx_event(app) is None
+
+
+# ============================================================================================
+# Refill as 7.3 does it
+# ============================================================================================
+
+def _lend(k: Any, refs: list[int]) -> list[int]:
+    """White box, in the kernel thread: niovs lent to the user with ``refs`` references each
+    (as a copy hands one over and zero-copy frags of the same niov add more)."""
+    sp = k.zcrx.ifqs[-1].space
+    ids = sp.take_free(len(refs))
+    sp.lend_free(ids)
+    extra = np.repeat(ids, np.asarray(refs) - 1)
+    sp.get_user(extra)
+    out: list[int] = ids.tolist()
+    return out
+
+
+@on(V71, V73)
+def test_refill_coalesces_runs_and_ignores_a_run_longer_than_its_refs(kt: KernelThread,
+                                                                      app: S.Kernel) -> None:
+    ring = zring(app)
+    b = Bundle.make(app)
+    zq = Zq(ring, b, register_raw(ring, b.reg))
+    a, bb, c = kt.call(lambda k: _lend(k, [2, 1, 1]))
+    # A A (bad pad) B B C: a run of A within its refs, a run of B longer than its refs
+    zq.give_back([a * PAGE, a * PAGE])
+    zq.give_back([0], pad=1)
+    zq.give_back([bb * PAGE, bb * PAGE, c * PAGE])
+    n, stopped = kt.call(lambda k: k.zcrx.ifqs[-1].consume_rq(100, flush=False))
+    assert (n, stopped) == (6, False)
+    refs = kt.call(lambda k: k.zcrx.ifqs[-1].space.user_refs[[a, bb, c]].tolist())
+    ctr = kt.counters()
+    if kt.kernel.zcrx.kernel >= V73:
+        assert refs == [0, 1, 0]                         # B's run was ignored whole
+        assert (ctr["rq_runs_ignored"], ctr["rq_invalid_noref"], ctr["rq_returned"]) \
+            == (1, 2, 3)
+    else:
+        assert refs == [0, 0, 0]                         # one return per RQE while refs last
+        assert (ctr["rq_runs_ignored"], ctr["rq_invalid_noref"], ctr["rq_returned"]) \
+            == (0, 1, 4)
+    assert ctr["rq_invalid_pad"] == 1
+    kt.ledger()
+    zq.close()
+    L.io_uring_queue_exit(ring)
+    b.close()
+
+
+@on(V71, V73)
+def test_refill_is_capped_on_7_3(kt: KernelThread, app: S.Kernel) -> None:
+    from driver_proc.zcrx import REFILL_CAP
+    assert REFILL_CAP == 256
+    ring = zring(app)
+    b = Bundle.make(app, rq_entries=512)
+    zq = Zq(ring, b, register_raw(ring, b.reg))
+    zq.raw_rqes([abi.area_token(1)] * 300)               # 300 RQEs of an unknown area
+    n, _ = kt.call(lambda k: k.zcrx.ifqs[-1].consume_rq(1000, flush=False))
+    capped = kt.kernel.zcrx.kernel >= V73
+    assert n == (REFILL_CAP if capped else 300)
+    assert kt.counters()["refill_capped"] == int(capped)
+    assert zq.queued() == 300 - n
+    n2, _ = kt.call(lambda k: k.zcrx.ifqs[-1].consume_rq(1000, flush=False))
+    assert n + n2 == 300 and zq.queued() == 0            # the next call takes the rest
+    zq.close()
+    L.io_uring_queue_exit(ring)
+    b.close()
