@@ -41,7 +41,8 @@ Who owns what in shared memory
   copy-fallback niov to the user), ``get_user``/``put_user`` (a CQE hands a niov over, an RQE
   returns it), ``scrub`` (teardown).
 * **Refill queue** (RQ): ``struct io_uring {u32 head, tail}`` then 16-byte RQEs at the offsets
-  written back (head 0, tail 4, rqes 64: Linux 6.18+).  Either app memory
+  written back (head 0, tail 4, rqes 64 up to Linux 7.2; head 0, tail 64, rqes 128 on 7.3,
+  whose ``struct zcrx_rq_hdr`` gives each its own cache line).  Either app memory
   (``IORING_MEM_REGION_TYPE_USER``, resolved through the mm and kept pinned) or a kernel region
   ``/zcrx.<run>.kernel.t<tid>.zcrx<serial>.rq`` the app maps with ``mmap(ring_fd,
   IORING_MAP_OFF_ZCRX_REGION + (zcrx_id << 16))``.  The app writes RQEs and the tail; the kernel
@@ -72,11 +73,15 @@ Semantics (zcrx-kernel.md §1-6, §10; conformance.md §5)
   without CQE32/CQE_MIXED ``-EINVAL``; reserved fields, input ``zcrx_id``, unknown flags,
   ``if_rxq == -1``, ``rq_entries == 0`` ``-EINVAL``; ``rq_entries > 32768`` ``-EINVAL`` unless
   the ring has SETUP_CLAMP (clamped), then rounded up to a power of two; region descriptor
-  (``size`` 0, unaligned, ``id``/``mmap_offset``/``__resv``/unknown flags ``-EINVAL``, user
-  memory at 0 or unmapped or read-only ``-EFAULT``, too small for ``64 + 16 * entries``
-  ``-EINVAL``); area (unknown flags, input token, ``__resv2``, ``dmabuf_fd`` without DMABUF
-  ``-EINVAL``; ``len`` 0 or > 1 GiB ``-EFAULT``; unaligned ``-EINVAL``; unmapped/read-only
-  ``-EFAULT``).  Several ifqs per ring get distinct ids, the smallest free one first.
+  (``id``/``mmap_offset``/``__resv``/unknown flags ``-EINVAL``; then user memory at 0 or
+  kernel memory with a ``user_addr`` ``-EFAULT``, as ``io_create_region``; ``size`` 0 or
+  unaligned ``-EINVAL``; user memory unmapped or read-only ``-EFAULT``; too small for the
+  release's ``rqes + 16 * entries`` ``-EINVAL``); area (unknown flags, input token,
+  ``__resv2``, ``dmabuf_fd`` without DMABUF ``-EINVAL``; ``len`` 0 or > 1 GiB ``-EFAULT``;
+  unaligned ``-EINVAL``; unmapped/read-only ``-EFAULT``); event desc (7.2+: unreadable
+  ``-EFAULT``; unknown types/flags, ``stats_offset`` without FLAG_STATS, ``__resv2``
+  ``-EINVAL``; ``stats_offset`` unaligned ``-EINVAL``, over the RQEs or past the region
+  ``-ERANGE``).  Several ifqs per ring get distinct ids, the smallest free one first.
 * **NODEV** (``ZCRX_REG_NODEV``, Linux 7.1): ``if_idx``/``if_rxq`` must be 0, no device, no
   DMA, no page pool; RECV_ZC copies every byte of ANY TCP socket into free niovs; the RQ is
   consumed only by ``ZCRX_CTRL_FLUSH_RQ``.
@@ -90,7 +95,17 @@ Semantics (zcrx-kernel.md §1-6, §10; conformance.md §5)
   when the pool is short) and at most as many RQEs as buffers are needed; each valid RQE drops
   one user reference (a return without one is ignored and counted), and a niov whose last
   reference went is recycled into the pool's cache; then it takes from the area freelist; with
-  neither the pool gets fewer buffers and the queue starves (the NIC pauses or drops).
+  neither the pool gets fewer buffers and the queue starves (the NIC pauses or drops).  On
+  Linux 7.3 one refill call consumes at most :data:`REFILL_CAP` RQEs and a run of RQEs naming
+  one niov drops its references at once, a run longer than ``user_refs`` being ignored whole
+  (:meth:`Ifq._coalesce`).
+* **Events** (Linux 7.2, ``ifq_reg.event_desc`` -> ``zcrx_event_desc``): ALLOC_FAIL (an
+  allocation got no buffer at all) and COPY (the copy fallback ran) post one 16-byte CQE each
+  on the registering ring, then stay off until ``ZCRX_CTRL_ARM_EVENT`` (:meth:`Ifq.event`);
+  with ``ZCRX_EVENT_DESC_FLAG_STATS`` the kernel keeps ``zcrx_stats`` (copy fallback niovs and
+  bytes, as ``copy_count``/``copy_bytes``) at ``stats_offset`` in the RQ region.  An import
+  with an event desc is ``-EINVAL``; a 7.1 kernel refuses a non-zero ``event_desc`` (its
+  ``__resv[0]``) with ``-EINVAL``.
 * **RQE parsing**: area id (``off >> 48``) must be 0, ``__pad`` 0, niov index
   ``(off & ~AREA_MASK) >> niov_shift`` below the niov count; ``len`` and the low bits are
   ignored.  Rejections are counted per reason (``rq_invalid_area/pad/range/noref``).  The
@@ -115,17 +130,23 @@ Semantics (zcrx-kernel.md §1-6, §10; conformance.md §5)
   never connected.  An error ends the request only when a pass delivered nothing (Linux's
   ``tcp_read_sock`` returns the bytes read, if any).  No data is not an error: the request
   stays armed on the socket.
-* **Control** (``IORING_REGISTER_ZCRX_CTRL``, nr_args 0, blob 0 = 72-byte ``zcrx_ctrl``):
+* **Control** (``IORING_REGISTER_ZCRX_CTRL``, nr_args 0, blob 0 = 72-byte ``zcrx_ctrl``, or
+  8 bytes: the user address of one, read and written back through the mm):
   ``__resv`` non-zero ``-EFAULT`` (the kernel quirk noted in conformance E38), unknown id
-  ``-ENXIO``, unknown op ``-EOPNOTSUPP``; FLUSH_RQ (its ``__resv`` must be 0, ``-EINVAL``);
+  ``-ENXIO``, an op the release does not have (``nr_ctrl_opcodes``) ``-EOPNOTSUPP``;
+  FLUSH_RQ (its ``__resv`` must be 0, ``-EINVAL``);
   EXPORT (payload must be 0, ``-EINVAL``) installs a ``[zcrx]`` box fd (:class:`ZcrxBox`) that
-  keeps the ifq alive; ``ZCRX_REG_IMPORT`` with ``if_idx`` = that fd (every other field 0,
+  keeps the ifq alive (pointer form: a copy-out that faults releases the box and the fd,
+  ``-EFAULT``); ARM_EVENT (7.2, :meth:`Ifq.arm_event`); ``ZCRX_REG_IMPORT`` with ``if_idx``
+  = that fd (every other field and ``event_desc`` 0,
   ``-EINVAL``; not a box ``-EBADF``) gives another ring its own id for the same ifq (area and
   RQ are shared; user space serialises RQ writes).
 * **Query** (``IORING_REGISTER_QUERY``, fd -1, nr_args 0): blob 0 is the ``io_uring_query_hdr``
   (written back in the reply); ``query_data`` and ``next_entry`` are user addresses (mm).
   ``IO_URING_QUERY_ZCRX`` reports register flags IMPORT|NODEV, area flags 0 (dmabuf is not
-  emulated), ``nr_ctrl_opcodes`` 2, features RX_PAGE_SIZE, RQ header 8 bytes aligned to 64;
+  emulated), and per release ``nr_ctrl_opcodes`` (7.1: 2, 7.2: 3, 7.3: 4), features
+  (RX_PAGE_SIZE, 7.2+: EVENT), RQ header (8 bytes up to 7.2, 128 on 7.3) aligned to 64;
+  query op 3 (7.2+) the event types, ``zcrx_stats`` size 16 and offset alignment 8;
   ``IO_URING_QUERY_SCQ`` reports the rings header; other ops answer ``result = -EOPNOTSUPP``.
 * **Teardown** (ring close or process death, same path; no unregister): the ring's requests are
   cancelled by the ring; when an ifq's last user (ring or box) goes: **scrub** (every user
@@ -151,8 +172,8 @@ Departures and choices (also in the report of this issue)
   device, as Linux) and ``-EOPNOTSUPP`` on a hardware queue.
 * Every emulated netdev has a DMA parent and queue-management ops; XDP programs and AF_XDP
   sockets do not exist, so their ``-EEXIST``/``-EBUSY`` cannot happen.  A queue that is not set
-  up (device down) gives ``-ENETDOWN``.  All sockets are TCP, so ``-EPROTONOSUPPORT`` cannot
-  happen either (the check is there).
+  up (device down) gives ``-ENETDOWN``.  RECV_ZC on a socket that is not TCP gives
+  ``-EPROTONOSUPPORT`` (checked at issue, as Linux's ``sock->sk->sk_protocol`` test).
 * The provider's ``alloc`` takes the RQ first and tops up from the freelist in the same call
   (Linux takes the slow path only when the RQ gave nothing).
 * ``copy_count`` counts niovs (CQEs) filled by the copy fallback; ``copy_bytes`` their bytes.
@@ -1185,20 +1206,20 @@ class Zcrx:
         if (rd["__resv"].any() or int(rd["id"][0]) or int(rd["mmap_offset"][0])
                 or rflags & ~abi.IORING_MEM_REGION_TYPE_USER):
             raise _misuse("region_desc reserved fields, id, mmap_offset or flags", errno.EINVAL)
+        # io_create_region: the memory kind and the address must agree, before size checks
+        if bool(rflags & abi.IORING_MEM_REGION_TYPE_USER) != bool(user_addr):
+            raise _misuse("user region at address 0, or kernel region with an address",
+                          errno.EFAULT)
         if size == 0 or (user_addr | size) & (PAGE_SIZE - 1):
             raise _misuse(f"region size {size} / address {user_addr:#x}", errno.EINVAL)
         need = abi.zcrx_rq_layout(entries, self.kernel)[3]
         too_small = _misuse(f"RQ of {entries} entries needs {need} bytes, region has {size}",
                             errno.EINVAL)
         if rflags & abi.IORING_MEM_REGION_TYPE_USER:
-            if not user_addr:
-                raise _misuse("user region at address 0", errno.EFAULT)
             mem = task.mm.resolve(user_addr, size, write=True)  # pinned while the ifq lives
             if need > size:
                 raise too_small
             return mem, None
-        if user_addr:
-            raise _misuse("kernel region with a user address", errno.EINVAL)
         if need > size:
             raise too_small
         region = Region.create(
@@ -1291,13 +1312,26 @@ class Zcrx:
         self.counters["imported"] += 1
         return 0, [reg.tobytes()]
 
-    def _export(self, ring: Ring, task: Task, ifq: Ifq, ctrl: np.ndarray) -> None:
+    def _export(self, ring: Ring, task: Task, ifq: Ifq, ctrl: np.ndarray,
+                uptr: int | None = None) -> None:
+        """``ZCRX_CTRL_EXPORT``: a ``[zcrx]`` file holding the ifq, its fd written into
+        ``ctrl``.  With the pointer form the struct is copied out to ``uptr`` after the fd
+        was made; if that faults the file is released and the fd given back (no fd
+        installed, no extra hold) and the call is ``-EFAULT``, as ``zcrx_export``."""
         if int(ctrl["export_zcrx_fd"][0]) or ctrl["export_resv1"].any():
             raise _misuse("zc_export must be zero", errno.EINVAL)
         if not task.can_install():
             raise _misuse("too many open files", errno.EMFILE)
         box = ZcrxBox(self, ifq)
-        ctrl["export_zcrx_fd"] = task.install(box)
+        fd = task.install(box)
+        ctrl["export_zcrx_fd"] = fd
+        if uptr is not None:
+            try:
+                _writable(task, uptr, abi.zcrx_ctrl)[:] = ctrl.view(np.uint8)
+            except Misuse:
+                task.remove(fd)
+                box.close()
+                raise
         self.counters["exported"] += 1
 
     # -- IORING_REGISTER_ZCRX_CTRL ------------------------------------------------------------
@@ -1308,9 +1342,16 @@ class Zcrx:
         if nr_args != 0:
             raise _misuse("ZCRX_CTRL nr_args must be 0", errno.EINVAL)
         dt = abi.zcrx_ctrl
-        if not blobs or len(blobs[0]) != dt.itemsize:
+        uptr: int | None = None
+        if blobs and len(blobs[0]) == 8:
+            # the pointer form: blob 0 is the user address of the struct, read and (EXPORT)
+            # written back through the task's mm, as Linux's copy_from_user/copy_to_user
+            uptr = int.from_bytes(blobs[0], "little")
+            ctrl = _read_user(task, uptr, dt)
+        elif not blobs or len(blobs[0]) != dt.itemsize:
             raise _misuse(f"zcrx_ctrl must be {dt.itemsize} bytes", errno.EFAULT)
-        ctrl = np.frombuffer(blobs[0], dtype=dt).copy()
+        else:
+            ctrl = np.frombuffer(blobs[0], dtype=dt).copy()
         if ctrl["__resv"].any():
             raise _misuse("zcrx_ctrl.__resv must be 0", errno.EFAULT)  # kernel quirk
         ifq = self.ring_ifqs(ring).get(int(ctrl["zcrx_id"][0]))
@@ -1324,7 +1365,7 @@ class Zcrx:
                 raise _misuse("zc_flush.__resv must be 0", errno.EINVAL)
             ifq.flush()
         elif op == abi.ZCRX_CTRL_EXPORT:
-            self._export(ring, task, ifq, ctrl)
+            self._export(ring, task, ifq, ctrl, uptr)
         elif op == abi.ZCRX_CTRL_ARM_EVENT:
             ifq.arm_event(int(ctrl["arm_event_type"][0]), bool(ctrl["arm_event_resv"].any()))
         else:
