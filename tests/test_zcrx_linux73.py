@@ -432,3 +432,70 @@ def test_refill_is_capped_on_7_3(kt: KernelThread, app: S.Kernel) -> None:
     zq.close()
     L.io_uring_queue_exit(ring)
     b.close()
+
+
+# ============================================================================================
+# CVE-2026-43121: returns racing the ring's close
+# ============================================================================================
+
+def _audit(k: Any) -> int:
+    """In the kernel thread: every ledger sums and every invariant holds (a niov on the
+    freelist twice, or FREE while referenced, raises); returns the live ifqs."""
+    k.zcrx.check_ledger()
+    for dev in k.netdevs.values():
+        dev.check_ledger()
+    for ifq in k.zcrx.ifqs:
+        assert sum(ifq.ledger().values()) == ifq.area.count
+    return len(k.zcrx.ifqs)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_returns_racing_ring_close_never_free_a_niov_twice(kt: KernelThread, app: S.Kernel,
+                                                          seed: int) -> None:
+    """The scrub (ring close) and the refill both drop user references; CVE-2026-43121 was a
+    check-then-decrement race between them that freed one niov twice.  Our kernel is one
+    thread, so the interleaving is of whole steps, seeded: frames, reaps, returns (fresh,
+    stale and duplicated ones, and returns written after the close), refills, and the ring's
+    close at a random step.  After every step the ledgers sum and no niov is free twice."""
+    rng = np.random.default_rng(seed)
+    ring = zring(app)
+    b = Bundle.make(app, nodev=False, if_idx=2, if_rxq=1, area_pages=80)
+    zq = Zq(ring, b, register_raw(ring, b.reg))
+    flow, fd = hw_flow_conn(kt, app, ring)
+    submit_recvzc(ring, fd, zq.id)
+    fr, fl, _ = flow.frames([1460] * 600)
+    sent, held, stale = 0, [], []
+    close_at = int(rng.integers(3, 25))
+    closed = False
+    for step in range(30):
+        if step == close_at:
+            L.io_uring_queue_exit(ring)                  # scrub: every user reference revoked
+            closed = True
+        op = int(rng.integers(4))
+        if op == 0 and sent < len(fr):
+            k = int(rng.integers(1, 40))
+            sent += kt.deliver(1, fr[sent:sent + k], fl[sent:sent + k])
+        elif op == 1 and not closed:
+            held += [c.off for c in reap(ring) if c.res > 0 and c.ud != EV_UD]
+        elif op == 2 and (held or stale):
+            pick = [held.pop(int(rng.integers(len(held))))
+                    for _ in range(min(len(held), int(rng.integers(1, 20))))]
+            again = [stale[int(i)] for i in rng.integers(0, len(stale), 3)] if stale else []
+            offs = pick + again + pick[:2]               # stale and duplicated returns too
+            room = zq.entries - zq.queued()
+            zq.give_back(offs[:room])
+            stale += pick
+        elif op == 3:
+            kt.call(lambda k: k.netdevs["eth0"].refill(1))
+        kt.call(_audit)
+    if not closed:
+        L.io_uring_queue_exit(ring)
+    zq.give_back(held[:zq.entries - zq.queued()])       # after the close: nobody reads them
+    kt.call(_audit)
+    zq.close()
+    app.close_fd(fd)
+    kt.wait_for(lambda k: _audit(k) == 0)               # the area came home and was released
+    # every user reference a CQE handed out came back exactly once: returned or scrubbed
+    r = kt.call(lambda k: dict(k.zcrx.retired))
+    assert r["zc_cqes"] + r["copy_count"] == r["rq_returned"] + r["scrubbed_refs"] > 0
+    b.close()
