@@ -458,6 +458,8 @@ class Ifq:
     events_fired: int = 0
     event_ring: Ring | None = None
     stats: np.ndarray | None = None
+    #: areas added with ZCRX_CTRL_ADD_AREA (7.3): area id i + 1 is ``more_areas[i]``
+    more_areas: list[ZcrxArea] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.rq_mem is not None:
@@ -479,7 +481,36 @@ class Ifq:
 
     @property
     def space(self) -> BufferSpace:
+        """The first area's niovs (the only ones the hardware queue's page pool uses)."""
         return self.area.space
+
+    @property
+    def areas(self) -> list[ZcrxArea]:
+        """Every area, by area id (the token is ``id << 48``)."""
+        return [self.area, *self.more_areas]
+
+    @property
+    def niovs(self) -> int:
+        """niovs over every area."""
+        return self.area.count + sum(a.count for a in self.more_areas)
+
+    @property
+    def free_count(self) -> int:
+        """Free niovs over every area (what the copy fallback can take)."""
+        n = self.area.space.free_count
+        for a in self.more_areas:
+            n += a.space.free_count
+        return n
+
+    def take_free(self, n: int) -> list[NDArray[np.int64]]:
+        """Up to ``n`` free niovs walking the areas in order (Linux 7.3's slow path and
+        ``io_alloc_fallback_niov``): the ids taken from each area, by area id."""
+        out = []
+        for a in self.areas:
+            ids = a.space.take_free(n) if n > 0 else _EMPTY
+            out.append(ids)
+            n -= len(ids)
+        return out
 
     # -- the refill queue ---------------------------------------------------------------------
 
@@ -515,10 +546,18 @@ class Ifq:
         else:
             ents = np.concatenate((rq.ring[start:], rq.ring[:n - first]))
         off = ents["off"]
-        area_bad = (off >> np.uint64(abi.IORING_ZCRX_AREA_SHIFT)) != 0
+        more = self.more_areas
+        aid = off >> np.uint64(abi.IORING_ZCRX_AREA_SHIFT)
+        area_bad = aid != 0 if not more else aid > len(more)  # an area this ifq has
         pad_bad = (ents["__pad"] != 0) & ~area_bad
         idx = ((off & np.uint64(_LOW48)) >> np.uint64(self.area.niov_shift)).astype(np.int64)
-        range_bad = (idx >= self.area.count) & ~area_bad & ~pad_bad
+        aidx = _EMPTY
+        if not more:
+            range_bad = (idx >= self.area.count) & ~area_bad & ~pad_bad
+        else:
+            aidx = np.minimum(aid, len(more)).astype(np.int64)
+            counts = np.array([a.count for a in self.areas], dtype=np.int64)
+            range_bad = (idx >= counts[aidx]) & ~area_bad & ~pad_bad
         bad = area_bad | pad_bad | range_bad
         stopped = False
         if np.count_nonzero(bad):
@@ -527,6 +566,7 @@ class Ifq:
                 if k < n:
                     n, stopped = k, True
                     bad, idx = bad[:n], idx[:n]
+                    aidx = aidx[:n] if more else aidx
                     area_bad, pad_bad, range_bad = area_bad[:n], pad_bad[:n], range_bad[:n]
                 else:
                     stopped = True
@@ -534,11 +574,20 @@ class Ifq:
             st["rq_invalid_pad"] += int(np.count_nonzero(pad_bad))
             st["rq_invalid_range"] += int(np.count_nonzero(range_bad))
             ids = idx[~bad]
+            if more:
+                aidx = aidx[~bad]
         else:
             ids = idx
+        if more:
+            self._put_areas(ids, aidx, coalesce)
+            rq.release(n)
+            st["rq_consumed"] += n
+            return n, stopped
         space = self.space
         if coalesce and len(ids) > 1:
-            ids = self._coalesce(ids)
+            ok = self._coalesce(ids, space.user_refs[ids])
+            if ok is not None:
+                ids = ids[ok]
         if len(ids):
             # every id is in range: a return put_user did not accept had no reference
             accepted = space.put_user(ids)
@@ -548,16 +597,41 @@ class Ifq:
         st["rq_consumed"] += n
         return n, stopped
 
-    def _coalesce(self, ids: NDArray[np.int64]) -> NDArray[np.int64]:
+    def _put_areas(self, ids: NDArray[np.int64], aid: NDArray[np.int64], coalesce: bool
+                   ) -> None:
+        """The valid returns of an ifq with several areas (7.3): niov ``ids[i]`` of area
+        ``aid[i]``, coalesced like :meth:`_coalesce` (runs are of one niov of one area),
+        then one :meth:`BufferSpace.put_user` per area."""
+        st = self.counters
+        if not len(ids):
+            return
+        spaces = [a.space for a in self.areas]
+        if coalesce and len(ids) > 1:
+            key = (aid << 32) | ids
+            refs = np.empty(len(ids), dtype=np.int64)
+            for a in np.unique(aid).tolist():
+                sel = aid == a
+                refs[sel] = spaces[a].user_refs[ids[sel]]
+            ok = self._coalesce(key, refs)
+            if ok is not None:
+                ids, aid = ids[ok], aid[ok]
+        for a in np.unique(aid).tolist():
+            mine = ids[aid == a]
+            accepted = spaces[a].put_user(mine)
+            st["rq_returned"] += accepted
+            st["rq_invalid_noref"] += len(mine) - accepted
+
+    def _coalesce(self, ids: NDArray[np.int64], urefs: NDArray[Any]
+                  ) -> NDArray[np.bool_] | None:
         """Linux 7.3's refill: a run of consecutive RQEs naming one niov (malformed entries
         in between are skipped, they do not end it) drops its references in one step, and a
-        run longer than the niov's ``user_refs`` is ignored whole (counted in
-        ``rq_runs_ignored``; its RQEs in ``rq_invalid_noref``).  Returns the returns to
-        apply, each run's niov repeated run-length times."""
+        run longer than the niov's ``user_refs`` (``urefs``, per entry) is ignored whole
+        (counted in ``rq_runs_ignored``; its RQEs in ``rq_invalid_noref``).  Returns which
+        entries to apply (None: all)."""
         starts = np.flatnonzero(np.concatenate(([True], ids[1:] != ids[:-1])))
         lens = np.diff(np.append(starts, len(ids)))
         niov = ids[starts]
-        refs = self.space.user_refs[niov].astype(np.int64)
+        refs = urefs[starts].astype(np.int64)
         ok = lens <= refs
         _, inv, cnt = np.unique(niov, return_inverse=True, return_counts=True)
         multi = np.flatnonzero(cnt[inv] > 1)
@@ -571,11 +645,11 @@ class Ifq:
                 ok[i] = ln <= rem
                 left[v] = rem - ln if ok[i] else rem
         if ok.all():
-            return ids
+            return None
         st = self.counters
         st["rq_runs_ignored"] += int(np.count_nonzero(~ok))
         st["rq_invalid_noref"] += int(lens[~ok].sum())
-        return np.repeat(niov[ok], lens[ok])
+        return np.repeat(ok, lens)
 
     def flush(self) -> int:
         """``ZCRX_CTRL_FLUSH_RQ``: consume the RQ in batches of :data:`FLUSH_BATCH`, up to
@@ -627,24 +701,39 @@ class Ifq:
     # -- ledger -------------------------------------------------------------------------------
 
     def ledger(self) -> dict[str, int]:
-        """niovs per state (sums to the niov count)."""
-        return self.space.ledger()
+        """niovs per state over every area (sums to :attr:`niovs`)."""
+        if not self.more_areas:
+            return self.space.ledger()
+        total: Counter[str] = Counter()
+        for a in self.areas:
+            total.update(a.space.ledger())
+        return dict(total)
+
+    def area_ledgers(self) -> list[dict[str, Any]]:
+        """Per area: its id, niov count and ledger (``zcrx stats --ledger``)."""
+        return [{"area_id": i, "niovs": a.count, "ledger": a.space.ledger()}
+                for i, a in enumerate(self.areas)]
 
     def check_ledger(self, skb_refs: Mapping[int, int] | None = None) -> dict[str, int]:
-        """Verify the area's ledger (:meth:`BufferSpace.check_ledger`) and that every page-pool
-        reference has a holder: the driver (DRIVER/POSTED), an skb frag (``skb_refs`` per space
-        id, when given) or a user reference.  Raises InvariantBroken."""
-        sp = self.space
-        led = sp.check_ledger()
-        if skb_refs is not None:
-            refs = int(sp.pp_ref.sum())
-            held = (led["driver"] + led["posted"] + skb_refs.get(sp.space_id, 0)
-                    + int(sp.user_refs.sum()))
-            if refs != held:
-                raise InvariantBroken(f"{self}: {refs} page-pool references, {held} holders")
-        if self.nodev and (led["pool_cache"] or led["driver"] or led["posted"]):
-            raise InvariantBroken(f"{self}: a NODEV area has niovs in a page pool")
-        return led
+        """Verify every area's ledger (:meth:`BufferSpace.check_ledger`) and that every
+        page-pool reference has a holder: the driver (DRIVER/POSTED), an skb frag
+        (``skb_refs`` per space id, when given) or a user reference.  Raises InvariantBroken.
+        Returns the ledger over every area."""
+        total: Counter[str] = Counter()
+        for a in self.areas:
+            sp = a.space
+            led = sp.check_ledger()
+            if skb_refs is not None:
+                refs = int(sp.pp_ref.sum())
+                held = (led["driver"] + led["posted"] + skb_refs.get(sp.space_id, 0)
+                        + int(sp.user_refs.sum()))
+                if refs != held:
+                    raise InvariantBroken(f"{self}: {refs} page-pool references in {sp}, "
+                                          f"{held} holders")
+            if self.nodev and (led["pool_cache"] or led["driver"] or led["posted"]):
+                raise InvariantBroken(f"{self}: a NODEV area has niovs in a page pool")
+            total.update(led)
+        return dict(total)
 
     # -- introspection ------------------------------------------------------------------------
 
@@ -662,6 +751,8 @@ class Ifq:
             "area": {"addr": self.area.addr, "len": self.area.length,
                      "niovs": self.area.count, "buf_len": self.area.buf_len,
                      "region": self.area.region.name},
+            "areas": 1 + len(self.more_areas),
+            "niovs": self.niovs,
             "users": len(self.users),
             "pools": 0 if self.provider is None else len(self.provider.pools),
         }
@@ -672,6 +763,7 @@ class Ifq:
         d["counters"]["rq_invalid"] = sum(self.counters[k] for k in (
             "rq_invalid_area", "rq_invalid_pad", "rq_invalid_range", "rq_invalid_noref"))
         d["ledger"] = self.ledger() if self.state != "dead" else {}
+        d["area_ledgers"] = self.area_ledgers() if self.state != "dead" else []
         return d
 
 
@@ -875,7 +967,9 @@ class RecvZcRequest(Request):
         m_mem = total
         if not cq.all_zc:
             # the first CQE whose copy finds the freelist empty
-            m_mem = int(np.searchsorted(np.cumsum(cq.copy), self.ifq.space.free_count,
+            ifq = self.ifq
+            free = ifq.space.free_count if not ifq.more_areas else ifq.free_count
+            m_mem = int(np.searchsorted(np.cumsum(cq.copy), free,
                                         side="right"))
             m = min(m, m_mem)
         return m, errno.ENOMEM if m == m_mem else errno.ENOSPC
@@ -892,16 +986,42 @@ class RecvZcRequest(Request):
         cp = np.flatnonzero(cq.copy)
         if not len(cp):
             return _EMPTY, cp
+        ci = cq.idx[cp]
+        h = pieces.handles[fr.piece[ci]]
+        o = fr.skb_off[ci] + cq.j[cp] * COPY_CHUNK
+        if self.ifq.more_areas:
+            return self._copy_chunk_areas(fr, cq, offs, cp, ci, h, o), cp
         space = self.ifq.space
         ids = space.take_free(len(cp))
         if len(ids) != len(cp):
             raise InvariantBroken(f"{self.ifq}: freelist shrank under a RECV_ZC pass")
-        ci = cq.idx[cp]
-        h = pieces.handles[fr.piece[ci]]
-        o = fr.skb_off[ci] + cq.j[cp] * COPY_CHUNK
         self.zcrx._copy_into(space, ids, h, o, cq.len[cp], fr.src[ci])
         offs[cp] = ids * space.buf_len
         return ids, cp
+
+    def _copy_chunk_areas(self, fr: _Frags, cq: _Cqes, offs: NDArray[np.int64],
+                          cp: NDArray[np.int64], ci: NDArray[np.int64],
+                          h: NDArray[np.int64], o: NDArray[np.int64]) -> NDArray[np.int64]:
+        """:meth:`_copy_chunk` of an ifq with several areas (7.3): the niovs come from the
+        areas in order (``io_alloc_fallback_niov`` walks them); one copy per area.  Returns
+        the niovs as ``area_id << 32 | niov``."""
+        ifq = self.ifq
+        taken = ifq.take_free(len(cp))
+        if sum(len(t) for t in taken) != len(cp):
+            raise InvariantBroken(f"{ifq}: freelists shrank under a RECV_ZC pass")
+        out = np.empty(len(cp), dtype=np.int64)
+        pos = 0
+        for a, ids in enumerate(taken):
+            k = len(ids)
+            if not k:
+                continue
+            sl = slice(pos, pos + k)
+            space = ifq.areas[a].space
+            self.zcrx._copy_into(space, ids, h[sl], o[sl], cq.len[cp[sl]], fr.src[ci[sl]])
+            offs[cp[sl]] = abi.area_token(a) | (ids * space.buf_len)
+            out[sl] = (a << 32) | ids
+            pos += k
+        return out
 
     def _queue_cqe(self, fr: _Frags, cq: _Cqes, offs: NDArray[np.int64],
                    ids: NDArray[np.int64], cp: NDArray[np.int64]) -> tuple[int, int, int]:
@@ -922,7 +1042,17 @@ class RecvZcRequest(Request):
         flags = np.full(m, abi.IORING_CQE_F_MORE, dtype=np.int64)
         posted = self.ring.post_big_batch(self.user_data, res, flags, offs)
         n_copy = 0
-        if len(cp):
+        if len(cp) and ifq.more_areas:
+            n_copy = int(np.searchsorted(cp, posted))
+            spaces = [a.space for a in ifq.areas]
+            for a in np.unique(ids >> 32).tolist():
+                lent = (ids >> 32) == a
+                back = lent.copy()
+                back[:n_copy] = False  # the CQE never went out: back to its area
+                lent[n_copy:] = False
+                spaces[a].put_free(ids[back] & _U32)
+                spaces[a].lend_free(ids[lent] & _U32)
+        elif len(cp):
             n_copy = int(np.searchsorted(cp, posted))
             if n_copy < len(ids):
                 space.put_free(ids[n_copy:])  # the CQE never went out: back to the area
@@ -1047,9 +1177,12 @@ class Zcrx:
         return table
 
     def _foreign_ids(self, sid: int) -> NDArray[np.int64]:
+        """Space ids of the areas of other ifqs than the one owning area ``sid``."""
         if len(self._areas) <= 1 and sid in self._areas:
             return _EMPTY
-        return np.fromiter((i for i in self._areas if i != sid), dtype=np.int64)
+        owner = self._areas.get(sid)
+        return np.fromiter((i for i, q in self._areas.items() if q is not owner),
+                           dtype=np.int64)
 
     def _alloc_id(self, ring: Ring) -> int:
         table = self.ring_ifqs(ring)
@@ -1312,6 +1445,42 @@ class Zcrx:
         self.counters["imported"] += 1
         return 0, [reg.tobytes()]
 
+    def _add_area(self, task: Task, ifq: Ifq, ctrl: np.ndarray) -> None:
+        """``ZCRX_CTRL_ADD_AREA`` (Linux 7.3): register one more area of ``ifq``'s buffer size.
+
+        ``zc_area.area_ptr`` points to an ``io_uring_zcrx_area_reg`` (unreadable ``-EFAULT``;
+        ``__resv`` or an input token ``-EINVAL``).  As Linux, the token (``area_id << 48``) is
+        written back before the area is made (an append cannot be undone; unwritable
+        ``-EFAULT``, nothing made); then the area is checked, pinned and split as at
+        registration (:meth:`_create_area`) and, on a hardware queue, DMA-mapped.  At most
+        ``ZCRX_MAX_AREAS`` areas (``-EINVAL``).  The new niovs serve the copy fallback and come
+        back through the RQ like any other; the queue's page pool keeps the first area's."""
+        if ctrl["add_area_resv"].any():
+            raise _misuse("zc_area.__resv must be 0", errno.EINVAL)
+        ptr = int(ctrl["add_area_ptr"][0])
+        a = _read_user(task, ptr, abi.io_uring_zcrx_area_reg)
+        if int(a["rq_area_token"][0]):
+            raise _misuse("area rq_area_token must be 0", errno.EINVAL)
+        area_id = 1 + len(ifq.more_areas)
+        if area_id >= abi.ZCRX_MAX_AREAS:
+            raise _misuse(f"an ifq has at most {abi.ZCRX_MAX_AREAS} areas", errno.EINVAL)
+        if ifq.state != "live":
+            raise _misuse(f"{ifq} is going away", errno.ENXIO)
+        out = a.copy()
+        out["rq_area_token"] = abi.area_token(area_id)
+        _writable(task, ptr, abi.io_uring_zcrx_area_reg)[:] = out.view(np.uint8)
+        area = self._create_area(task, a, ifq.area.buf_len, ifq.nodev)
+        try:
+            if ifq.dev is not None:
+                area.map_id = ifq.dev.dma_map(area.region.name, area.region.size)
+        except BaseException:
+            self._release_area(area, ifq.dev)
+            raise
+        ifq.more_areas.append(area)
+        self._areas[area.space.space_id] = ifq
+        self._area_ids_seen.add(area.space.space_id)
+        self.counters["areas_added"] += 1
+
     def _export(self, ring: Ring, task: Task, ifq: Ifq, ctrl: np.ndarray,
                 uptr: int | None = None) -> None:
         """``ZCRX_CTRL_EXPORT``: a ``[zcrx]`` file holding the ifq, its fd written into
@@ -1368,6 +1537,8 @@ class Zcrx:
             self._export(ring, task, ifq, ctrl, uptr)
         elif op == abi.ZCRX_CTRL_ARM_EVENT:
             ifq.arm_event(int(ctrl["arm_event_type"][0]), bool(ctrl["arm_event_resv"].any()))
+        elif op == abi.ZCRX_CTRL_ADD_AREA:
+            self._add_area(task, ifq, ctrl)
         else:
             raise _misuse(f"zcrx ctrl op {op}", errno.EOPNOTSUPP)
         return 0, [ctrl.tobytes()]
@@ -1538,7 +1709,8 @@ class Zcrx:
     def _terminate(self, ifq: Ifq) -> None:
         """The last user went: scrub, unbind the queue, then destroy once drained."""
         ifq.state = "closing"
-        ifq.counters["scrubbed_refs"] += ifq.space.scrub()
+        for area in ifq.areas:
+            ifq.counters["scrubbed_refs"] += area.space.scrub()
         dev, prov = ifq.dev, ifq.provider
         if dev is not None and prov is not None:
             try:
@@ -1567,8 +1739,9 @@ class Zcrx:
             ifq.rq_region.close()
         if ifq.dev is not None and self.bound.get((ifq.dev.ifindex, ifq.rxq)) is ifq:
             del self.bound[(ifq.dev.ifindex, ifq.rxq)]
-        self._areas.pop(ifq.space.space_id, None)
-        self._release_area(ifq.area, ifq.dev)
+        for area in ifq.areas:
+            self._areas.pop(area.space.space_id, None)
+            self._release_area(area, ifq.dev)
         if ifq in self.ifqs:
             self.ifqs.remove(ifq)
         self.retired.update(ifq.counters)
@@ -1625,7 +1798,7 @@ class Zcrx:
         for led in per.values():
             total.update(led)
         return {"ifqs": per, "total": dict(total),
-                "niovs": sum(ifq.area.count for ifq in self.ifqs)}
+                "niovs": sum(ifq.niovs for ifq in self.ifqs)}
 
     def check_ledger(self) -> dict[str, Any]:
         """Verify every ifq's ledger (raises InvariantBroken); returns :meth:`ledger`."""

@@ -499,3 +499,232 @@ def test_returns_racing_ring_close_never_free_a_niov_twice(kt: KernelThread, app
     r = kt.call(lambda k: dict(k.zcrx.retired))
     assert r["zc_cqes"] + r["copy_count"] == r["rq_returned"] + r["scrubbed_refs"] > 0
     b.close()
+
+
+# ============================================================================================
+# Several areas per ifq (7.3)
+# ============================================================================================
+
+F_MORE = abi.IORING_CQE_F_MORE
+
+
+def add_area(ring: L.Ring, zid: int, app: S.Kernel, pages: int = 16, *,
+             mem: S.Memory | None = None, **area: Any) -> tuple[int, S.Memory, S.Memory]:
+    """ZCRX_CTRL_ADD_AREA of ``pages`` pages of fresh app memory (or ``mem``); ``area``
+    overrides area_reg fields.  Returns ``(errno or 0, area memory, param page)``; the token
+    is in the param page's ``rq_area_token``."""
+    mem = mem if mem is not None else app.alloc_memory(pages * PAGE, tag="area2")
+    params = app.alloc_memory(PAGE, tag="addarea")
+    reg = params.view[:48].view(abi.io_uring_zcrx_area_reg)
+    reg["addr"] = mem.addr
+    reg["len"] = pages * PAGE
+    for k, v in area.items():
+        reg[k] = v
+    return ctrl_errno(ring, zid, abi.ZCRX_CTRL_ADD_AREA, add_area_ptr=params.addr), mem, params
+
+
+def token_of(params: S.Memory) -> int:
+    return int(params.view[16:24].view("<u8")[0])
+
+
+def area_of(zq: Zq, areas: dict[int, Any], off: int, n: int) -> bytes:
+    """The ``n`` bytes a CQE ``off`` points at, in whichever area its token names."""
+    a = off >> abi.IORING_ZCRX_AREA_SHIFT
+    start = off & ((1 << abi.IORING_ZCRX_AREA_SHIFT) - 1)
+    mem = zq.b.area if a == 0 else areas[a]
+    return mem.view[start:start + n].tobytes()
+
+
+@on(V73)
+def test_area_add_invalid(kt: KernelThread, app: S.Kernel,
+                          monkeypatch: pytest.MonkeyPatch) -> None:
+    ring = zring(app)
+    b = Bundle.make(app)
+    zq = Zq(ring, b, register_raw(ring, b.reg))
+    bad: list[tuple[dict[str, Any], int]] = [
+        ({"addr": 0}, errno.EFAULT),                        # NULL address
+        ({"len": 0}, errno.EFAULT),
+        ({"len": 1}, errno.EINVAL),
+        ({"len": (1 << 64) - 1}, errno.EFAULT),
+        ({"rq_area_token": 1 << 48}, errno.EINVAL),         # an input token
+        ({"flags": abi.IORING_ZCRX_AREA_DMABUF}, errno.EINVAL),   # dmabuf with user memory
+        ({"__resv2": [0, 1]}, errno.EINVAL),
+    ]
+    for fields, want in bad:
+        err, mem, params = add_area(ring, zq.id, app, **fields)
+        assert err == want, fields
+        mem.close()
+        params.close()
+    assert ctrl_errno(ring, zq.id, abi.ZCRX_CTRL_ADD_AREA, add_area_ptr=0x1000) == errno.EFAULT
+    assert ctrl_errno(ring, zq.id, abi.ZCRX_CTRL_ADD_AREA, add_area_ptr=0,
+                      add_area_resv=[0, 0, 0, 0, 1]) == errno.EINVAL
+    # a read-only area_reg: the token cannot be written back, nothing is made
+    mem = app.alloc_memory(4 * PAGE, tag="a")
+    params = app.alloc_memory(PAGE, tag="p")
+    reg = params.view[:48].view(abi.io_uring_zcrx_area_reg)
+    reg["addr"], reg["len"] = mem.addr, 4 * PAGE
+    app.mm_protect(params.addr, PAGE, L.PROT_READ)
+    assert ctrl_errno(ring, zq.id, abi.ZCRX_CTRL_ADD_AREA,
+                      add_area_ptr=params.addr) == errno.EFAULT
+    assert kt.call(lambda k: len(k.zcrx.ifqs[-1].more_areas)) == 0
+    # at most ZCRX_MAX_AREAS areas (1024; 3 here to keep the test small)
+    monkeypatch.setattr(abi, "ZCRX_MAX_AREAS", 3)
+    for _ in range(2):
+        assert add_area(ring, zq.id, app, 4)[0] == 0
+    assert add_area(ring, zq.id, app, 4)[0] == errno.EINVAL
+    assert kt.call(lambda k: len(k.zcrx.ifqs[-1].areas)) == 3
+    kt.ledger()
+    zq.close()
+    L.io_uring_queue_exit(ring)
+    assert kt.call(lambda k: k.zcrx.ifqs) == []
+    b.close()
+
+
+@on(V73)
+def test_area_add_doubles_what_can_be_received_without_returns(kt: KernelThread,
+                                                              app: S.Kernel) -> None:
+    """liburing's area_add: the second area's token differs from the first; twice the area
+    can be received without returns; once more ends with -ENOMEM."""
+    pages = 32
+    ring = zring(app)
+    b = Bundle.make(app, area_pages=pages)
+    zq = Zq(ring, b, register_raw(ring, b.reg))
+    err, mem2, params = add_area(ring, zq.id, app, pages)
+    assert err == 0 and token_of(params) == 1 << 48 != int(b.area_reg["rq_area_token"][0])
+    _, fd = accept_conn(kt, app, ring)
+    submit_recvzc(ring, fd, zq.id)
+    kt.send(40000, stream(40000, 0, 2 * pages * PAGE))
+    got: list[Cqe] = []
+    while sum(c.res for c in got) < 2 * pages * PAGE:
+        got += wait_cqes(ring)
+    pos = 0
+    for c in got:
+        assert c.flags & F_MORE
+        assert area_of(zq, {1: mem2}, c.off, c.res) == stream(40000, pos, c.res)
+        pos += c.res
+    assert {c.off >> 48 for c in got} == {0, 1}
+    st = kt.call(lambda k: k.zcrx.stats()["ifqs"][0])
+    assert st["areas"] == 2 and st["niovs"] == 2 * pages
+    assert [a["ledger"]["user"] for a in st["area_ledgers"]] == [pages, pages]
+    kt.send(40000, stream(40000, pos, PAGE))              # once more: no niov anywhere
+    [final] = wait_cqes(ring)
+    assert (final.res, final.flags) == (-errno.ENOMEM, 0)
+    zq.close()
+    L.io_uring_queue_exit(ring)                          # teardown scrubs every area
+    assert kt.call(lambda k: k.zcrx.ifqs) == []
+    assert kt.call(lambda k: k.zcrx.retired["scrubbed_refs"]) == 2 * pages
+    b.close()
+    mem2.close()
+
+
+@on(V73)
+def test_area_add_refill_returns_niovs_to_their_area(kt: KernelThread, app: S.Kernel) -> None:
+    pages = 8
+    ring = zring(app)
+    b = Bundle.make(app, area_pages=pages)
+    zq = Zq(ring, b, register_raw(ring, b.reg))
+    assert add_area(ring, zq.id, app, pages)[0] == 0
+    _, fd = accept_conn(kt, app, ring)
+    submit_recvzc(ring, fd, zq.id)
+    sent = 0
+    for _ in range(5):                                   # 5 x 12 pages through 16 niovs
+        kt.send(40000, stream(40000, sent, 12 * PAGE))
+        sent += 12 * PAGE
+        got: list[Cqe] = []
+        while sum(c.res for c in got) < 12 * PAGE:
+            got += wait_cqes(ring)
+        zq.rq.push(_rqes([c.off for c in got]))          # tokens as the CQEs gave them
+        zq.flush()
+        led = kt.call(lambda k: [a["ledger"] for a in k.zcrx.ifqs[0].area_ledgers()])
+        assert [x["free"] for x in led] == [pages, pages]
+    c = kt.counters()
+    assert c["rq_returned"] == 60 and c["rq_invalid_area"] == 0 and c["copy_bytes"] == sent
+    zq.raw_rqes([2 << 48])                               # an area that does not exist
+    zq.flush()
+    assert kt.counters()["rq_invalid_area"] == 1
+    zq.close()
+    L.io_uring_queue_exit(ring)
+    b.close()
+
+
+def _rqes(offs: list[int]) -> np.ndarray:
+    e = np.zeros(len(offs), dtype=abi.io_uring_zcrx_rqe)
+    e["off"] = offs
+    return e
+
+
+@on(V73)
+def test_area_add_concurrent_from_an_importing_ring(kt: KernelThread, app: S.Kernel) -> None:
+    """liburing's area_add_concurrent: while traffic flows on one ring, another ring that
+    imported the ifq adds areas (128), and the data stays intact and the ledgers sum.
+    (liburing uses a thread of an importing process; here a second ring of the same app.)"""
+    ring, r2 = zring(app), zring(app)
+    b = Bundle.make(app, area_pages=4)
+    zq = Zq(ring, b, register_raw(ring, b.reg))
+    box = int(ctrl(ring, zq.id, abi.ZCRX_CTRL_EXPORT)["export_zcrx_fd"][0])
+    imp = np.zeros(1, dtype=abi.io_uring_zcrx_ifq_reg)
+    imp["flags"] = abi.ZCRX_REG_IMPORT
+    imp["if_idx"] = box
+    zid2 = int(register_raw(r2, imp)["zcrx_id"][0])
+    _, fd = accept_conn(kt, app, ring)
+    submit_recvzc(ring, fd, zq.id)
+    big = app.alloc_memory(128 * 2 * PAGE, tag="areas")  # 128 areas of 2 pages, one mapping
+    areas: dict[int, Any] = {}
+    sent = pos = 0
+    for i in range(128):
+        params = app.alloc_memory(PAGE, tag="p")
+        reg = params.view[:48].view(abi.io_uring_zcrx_area_reg)
+        reg["addr"], reg["len"] = big.addr + i * 2 * PAGE, 2 * PAGE
+        assert ctrl_errno(r2, zid2, abi.ZCRX_CTRL_ADD_AREA, add_area_ptr=params.addr) == 0
+        aid = token_of(params) >> 48
+        assert aid == i + 1
+        areas[aid] = _Slice(big, i * 2 * PAGE)
+        params.close()
+        if i % 8 == 0:                                   # traffic between the additions
+            kt.send(40000, stream(40000, sent, 3 * PAGE))
+            sent += 3 * PAGE
+            got: list[Cqe] = []
+            while pos + sum(c.res for c in got) < sent:
+                got += wait_cqes(ring)
+            for c in got:
+                assert area_of(zq, areas, c.off, c.res) == stream(40000, pos, c.res)
+                pos += c.res
+            zq.rq.push(_rqes([c.off for c in got]))
+            zq.flush()
+            kt.ledger()
+    assert kt.call(lambda k: k.zcrx.ifqs[0].niovs) == 4 + 128 * 2
+    app.close_fd(box)
+    zq.close()
+    L.io_uring_queue_exit(ring)
+    L.io_uring_queue_exit(r2)
+    assert kt.call(lambda k: k.zcrx.ifqs) == []
+    big.close()
+    b.close()
+
+
+class _Slice:
+    """A window of app memory standing in for an area's own mapping (``view`` from ``off``)."""
+
+    def __init__(self, mem: S.Memory, off: int) -> None:
+        self.view = mem.view[off:]
+
+
+@on(V73)
+def test_area_add_on_a_hardware_queue_is_dma_mapped_and_unmapped(kt: KernelThread,
+                                                                 app: S.Kernel) -> None:
+    ring = zring(app)
+    b = Bundle.make(app, nodev=False, if_idx=2, if_rxq=1)
+    zq = Zq(ring, b, register_raw(ring, b.reg))
+    err, mem2, params = add_area(ring, zq.id, app, 8)
+    assert err == 0 and token_of(params) == 1 << 48
+    maps = [c for t, c in kt.nic.calls if t == "nic.dma_map"]
+    assert maps[-1]["name"] == mem2.name
+    ids = kt.call(lambda k: [a.map_id for a in k.zcrx.ifqs[0].areas])
+    assert None not in ids and len(set(ids)) == 2
+    zq.close()
+    L.io_uring_queue_exit(ring)
+    kt.wait_for(lambda k: k.zcrx.ifqs == [])
+    unmapped = {c.get("map_id", c.get("id")) for t, c in kt.nic.calls if t == "nic.dma_unmap"}
+    assert set(ids) <= unmapped                            # every area unmapped at teardown
+    b.close()
+    mem2.close()
