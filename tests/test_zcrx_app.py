@@ -704,3 +704,16 @@ def test_server_exits_with_a_clear_error_when_the_kernel_goes(kt, run_id, tmp_pa
         assert "kernel gone" in capsys.readouterr().err
     finally:
         k.close()
+
+
+@needs_kernel
+def test_nodev_server_prints_zcrx_events_with_e(kt, app, tmp_path, capsys):
+    """``-E`` (Linux 7.2+): the COPY event of the NODEV copy fallback is printed, once."""
+    t, result = _run_server(kt, app, ["--nodev", "-E", "-n", "1", "-S", "256K", "-R", "32",
+                                      "-C", "256", "--seconds", "30"])
+    tcp_stream(kt, 31001, pattern.pattern_bytes(31001, 0, 100_000))
+    t.join(30)
+    assert not t.is_alive() and result == {"code": 0}, result
+    out = capsys.readouterr().out
+    assert out.count("zcrx event COPY") == 1 and "copy stats:" in out
+    assert kt.call(lambda ctx: ctx.zcrx.retired["events"]) == 1
