@@ -23,7 +23,8 @@ Linux functions mirrored
   ``io_zcrx_recv_frag`` (:meth:`RecvZcRequest._recv_skb`), ``io_zcrx_copy_chunk``
   (:meth:`RecvZcRequest._copy_chunk`), ``io_zcrx_queue_cqe`` (:meth:`RecvZcRequest._queue_cqe`),
   each once per batch of chunks, never per frag;
-* control and teardown: ``io_zcrx_ctrl`` (``FLUSH_RQ`` = :meth:`Ifq.flush`, ``EXPORT``),
+* control and teardown: ``io_zcrx_ctrl`` (``FLUSH_RQ`` = :meth:`Ifq.flush`, ``EXPORT``,
+  ``ARM_EVENT`` = :meth:`Ifq.arm_event`, ``ADD_AREA`` = :meth:`Zcrx._add_area`),
   ``io_zcrx_scrub`` (:meth:`BufferSpace.scrub`), ``io_close_queue`` (:meth:`Zcrx._terminate`).
 
 Who owns what in shared memory
@@ -106,8 +107,9 @@ Semantics (zcrx-kernel.md §1-6, §10; conformance.md §5)
   bytes, as ``copy_count``/``copy_bytes``) at ``stats_offset`` in the RQ region.  An import
   with an event desc is ``-EINVAL``; a 7.1 kernel refuses a non-zero ``event_desc`` (its
   ``__resv[0]``) with ``-EINVAL``.
-* **RQE parsing**: area id (``off >> 48``) must be 0, ``__pad`` 0, niov index
-  ``(off & ~AREA_MASK) >> niov_shift`` below the niov count; ``len`` and the low bits are
+* **RQE parsing**: area id (``off >> 48``) must name an area of the ifq (0 unless areas were
+  added, 7.3), ``__pad`` 0, niov index ``(off & ~AREA_MASK) >> niov_shift`` below that
+  area's niov count; ``len`` and the low bits are
   ignored.  Rejections are counted per reason (``rq_invalid_area/pad/range/noref``).  The
   refill path skips a bad entry and goes on; ``FLUSH_RQ`` (batches of 32, up to ``rq_entries``
   per call) stops after the first malformed entry (consumed, dropped), leaving later ones for
