@@ -97,7 +97,8 @@ Semantics (zcrx-kernel.md §1-6, §10; conformance.md §5)
   one user reference (a return without one is ignored and counted), and a niov whose last
   reference went is recycled into the pool's cache; then it takes from the area freelist; with
   neither the pool gets fewer buffers and the queue starves (the NIC pauses or drops).  On
-  Linux 7.3 one refill call consumes at most :data:`REFILL_CAP` RQEs and a run of RQEs naming
+  Linux 7.3 the refill walks past malformed RQEs until it has the buffers wanted, at most
+  :data:`REFILL_CAP` RQEs per :data:`PP_ALLOC_CACHE_REFILL` buffers, and a run of RQEs naming
   one niov drops its references at once, a run longer than ``user_refs`` being ignored whole
   (:meth:`Ifq._coalesce`).
 * **Events** (Linux 7.2, ``ifq_reg.event_desc`` -> ``zcrx_event_desc``): ALLOC_FAIL (an
@@ -222,6 +223,7 @@ __all__ = [
     "IFQ_COUNTERS",
     "MAX_AREA_LEN",
     "PASSES_PER_BATCH",
+    "PP_ALLOC_CACHE_REFILL",
     "REFILL_CAP",
     "REQUEUE_ROUNDS",
     "SKBS_PER_PASS",
@@ -246,6 +248,9 @@ REQUEUE_ROUNDS = 64
 FLUSH_BATCH = 32
 #: RQEs one refill call consumes at most on Linux 7.3 (``ZCRX_REFILL_CAP``: 256 at 4 KiB).
 REFILL_CAP = min(64 * max(PAGE_SIZE // 1024, 1), 1024)
+#: Buffers one Linux page-pool refill asks its provider for (``PP_ALLOC_CACHE_REFILL``); a
+#: batched :meth:`ZcrxProvider.alloc` of ``n`` stands for ``ceil(n / 64)`` such calls.
+PP_ALLOC_CACHE_REFILL = 64
 #: Largest area (io_validate_user_buf_range's arbitrary limit).
 MAX_AREA_LEN = 1 << 30
 #: Copy fallback fills at most this much of a niov.
@@ -534,32 +539,31 @@ class Ifq:
         ready = rq.ready()  # the tail, read once per call
         n = min(ready, limit)
         coalesce = not flush and self.kernel >= (7, 3)
-        if coalesce and n > REFILL_CAP:
-            n = REFILL_CAP  # 7.3: a refill call does at most ZCRX_REFILL_CAP RQEs
-            st["refill_capped"] += 1
+        window = cap = n
+        if coalesce:
+            # 7.3: Linux's refill runs once per PP_ALLOC_CACHE_REFILL buffers the pool needs
+            # and walks RQEs until it has them or ZCRX_REFILL_CAP RQEs were consumed: RQEs
+            # that give no buffer (malformed ones) do not count against ``limit``
+            cap = REFILL_CAP * -(-limit // PP_ALLOC_CACHE_REFILL)
+            window = min(ready, cap)
         if rq.faults != f0:
             st["rq_tail_faults"] += rq.faults - f0
         if n <= 0:
             return 0, False
-        start = rq.head & rq.mask
-        first = min(n, rq.nentries - start)
-        if first == n:
-            ents = rq.ring[start:start + n].copy()  # read the peer's entries once
-        else:
-            ents = np.concatenate((rq.ring[start:], rq.ring[:n - first]))
-        off = ents["off"]
         more = self.more_areas
-        aid = off >> np.uint64(abi.IORING_ZCRX_AREA_SHIFT)
-        area_bad = aid != 0 if not more else aid > len(more)  # an area this ifq has
-        pad_bad = (ents["__pad"] != 0) & ~area_bad
-        idx = ((off & np.uint64(_LOW48)) >> np.uint64(self.area.niov_shift)).astype(np.int64)
-        aidx = _EMPTY
-        if not more:
-            range_bad = (idx >= self.area.count) & ~area_bad & ~pad_bad
-        else:
-            aidx = np.minimum(aid, len(more)).astype(np.int64)
-            counts = np.array([a.count for a in self.areas], dtype=np.int64)
-            range_bad = (idx >= counts[aidx]) & ~area_bad & ~pad_bad
+        area_bad, pad_bad, range_bad, idx, aidx = self._parse_rqes(self._read_rqes(rq, n))
+        if window > n and np.count_nonzero(area_bad | pad_bad | range_bad):
+            n = window  # read on past the malformed ones (rare)
+            area_bad, pad_bad, range_bad, idx, aidx = self._parse_rqes(self._read_rqes(rq, n))
+        if n > limit:
+            good = np.cumsum(~(area_bad | pad_bad | range_bad))
+            k = int(np.searchsorted(good, limit))  # the RQE that gave the last buffer wanted
+            if k < n:
+                n = k + 1
+                area_bad, pad_bad, range_bad = area_bad[:n], pad_bad[:n], range_bad[:n]
+                idx, aidx = idx[:n], aidx[:n] if more else aidx
+            elif n == cap:
+                st["refill_capped"] += 1
         bad = area_bad | pad_bad | range_bad
         stopped = False
         if np.count_nonzero(bad):
@@ -599,6 +603,36 @@ class Ifq:
         st["rq_consumed"] += n
         return n, stopped
 
+    @staticmethod
+    def _read_rqes(rq: RingConsumer, n: int) -> np.ndarray:
+        """A private copy of the next ``n`` RQEs (the peer's entries are read once)."""
+        start = rq.head & rq.mask
+        first = min(n, rq.nentries - start)
+        if first == n:
+            return rq.ring[start:start + n].copy()
+        return np.concatenate((rq.ring[start:], rq.ring[:n - first]))
+
+    def _parse_rqes(self, ents: np.ndarray) -> tuple[NDArray[np.bool_], NDArray[np.bool_],
+                                                     NDArray[np.bool_], NDArray[np.int64],
+                                                     NDArray[np.int64]]:
+        """``io_parse_rqe`` over a batch: ``(area_bad, pad_bad, range_bad, niov index, area
+        index)``; each RQE is counted under its first fault only; the area index is only
+        computed for an ifq with several areas (else empty)."""
+        off = ents["off"]
+        more = self.more_areas
+        aid = off >> np.uint64(abi.IORING_ZCRX_AREA_SHIFT)
+        area_bad = aid != 0 if not more else aid > len(more)  # an area this ifq has
+        pad_bad = (ents["__pad"] != 0) & ~area_bad
+        idx = ((off & np.uint64(_LOW48)) >> np.uint64(self.area.niov_shift)).astype(np.int64)
+        aidx = _EMPTY
+        if not more:
+            range_bad = (idx >= self.area.count) & ~area_bad & ~pad_bad
+        else:
+            aidx = np.minimum(aid, len(more)).astype(np.int64)
+            counts = np.array([a.count for a in self.areas], dtype=np.int64)
+            range_bad = (idx >= counts[aidx]) & ~area_bad & ~pad_bad
+        return area_bad, pad_bad, range_bad, idx, aidx
+
     def _put_areas(self, ids: NDArray[np.int64], aid: NDArray[np.int64], coalesce: bool
                    ) -> None:
         """The valid returns of an ifq with several areas (7.3): niov ``ids[i]`` of area
@@ -630,7 +664,12 @@ class Ifq:
         run longer than the niov's ``user_refs`` (``urefs``, per entry) is ignored whole
         (counted in ``rq_runs_ignored``; its RQEs in ``rq_invalid_noref``).  Returns which
         entries to apply (None: all)."""
-        starts = np.flatnonzero(np.concatenate(([True], ids[1:] != ids[:-1])))
+        new_run = ids[1:] != ids[:-1]
+        if new_run.all():
+            # no run longer than one RQE: one return per RQE while references last, which
+            # is what BufferSpace.put_user does by itself
+            return None
+        starts = np.flatnonzero(np.concatenate(([True], new_run)))
         lens = np.diff(np.append(starts, len(ids)))
         niov = ids[starts]
         refs = urefs[starts].astype(np.int64)

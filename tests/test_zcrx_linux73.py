@@ -416,19 +416,33 @@ def test_refill_coalesces_runs_and_ignores_a_run_longer_than_its_refs(kt: Kernel
 
 @on(V71, V73)
 def test_refill_is_capped_on_7_3(kt: KernelThread, app: S.Kernel) -> None:
-    from driver_proc.zcrx import REFILL_CAP
-    assert REFILL_CAP == 256
+    """7.3: one refill (per 64 buffers the pool needs) walks RQEs until it has its buffers or
+    consumed ZCRX_REFILL_CAP RQEs, so malformed RQEs do not use up the buffers it wants but
+    cannot make it walk a whole ring either.  7.1 consumes exactly as many RQEs as buffers
+    are needed."""
+    from driver_proc.zcrx import PP_ALLOC_CACHE_REFILL, REFILL_CAP
+    assert (REFILL_CAP, PP_ALLOC_CACHE_REFILL) == (256, 64)
     ring = zring(app)
     b = Bundle.make(app, rq_entries=512)
     zq = Zq(ring, b, register_raw(ring, b.reg))
+    lent = kt.call(lambda k: _lend(k, [1] * 10))
     zq.raw_rqes([abi.area_token(1)] * 300)               # 300 RQEs of an unknown area
-    n, _ = kt.call(lambda k: k.zcrx.ifqs[-1].consume_rq(1000, flush=False))
+    zq.give_back([i * PAGE for i in lent])               # then 10 real returns
+    call = lambda k: k.zcrx.ifqs[-1].consume_rq(64, flush=False)  # noqa: E731
+    n, _ = kt.call(call)
     capped = kt.kernel.zcrx.kernel >= V73
-    assert n == (REFILL_CAP if capped else 300)
+    assert n == (REFILL_CAP if capped else 64)
     assert kt.counters()["refill_capped"] == int(capped)
-    assert zq.queued() == 300 - n
-    n2, _ = kt.call(lambda k: k.zcrx.ifqs[-1].consume_rq(1000, flush=False))
-    assert n + n2 == 300 and zq.queued() == 0            # the next call takes the rest
+    n2, _ = kt.call(call)
+    assert n2 == (310 - REFILL_CAP if capped else 64)
+    if capped:                                           # the real returns made it
+        assert zq.queued() == 0 and kt.counters()["rq_returned"] == 10
+    # walking on stops at the RQE that gave the last buffer wanted
+    lent = kt.call(lambda k: _lend(k, [1] * 4))
+    zq.raw_rqes([abi.area_token(1)] * 5)
+    zq.give_back([i * PAGE for i in lent])
+    n3, _ = kt.call(lambda k: k.zcrx.ifqs[-1].consume_rq(2, flush=False))
+    assert n3 == (7 if capped else 2)
     zq.close()
     L.io_uring_queue_exit(ring)
     b.close()
