@@ -98,6 +98,7 @@ __all__ = [
     "io_uring_prep_recv_zc",
     "io_uring_prep_rw",
     "io_uring_query_zcrx",
+    "io_uring_query_zcrx_event",
     "io_uring_queue_exit",
     "io_uring_queue_init",
     "io_uring_register",
@@ -113,6 +114,9 @@ __all__ = [
     "io_uring_submit_and_wait",
     "io_uring_wait_cqe",
     "io_uring_wait_cqes",
+    "io_uring_zcrx_arm_event",
+    "io_uring_zcrx_copy_stats",
+    "io_uring_zcrx_events",
     "io_uring_zcrx_flush_rq",
     "io_uring_zcrx_return",
     "io_uring_zcrx_return_cqes",
@@ -120,6 +124,7 @@ __all__ = [
     "peek_cqes",
     "zcrx_area_reg",
     "zcrx_batch",
+    "zcrx_event_desc",
     "zcrx_ifq_reg",
     "zcrx_region_desc",
     "zcrx_rq_region_size",
@@ -673,6 +678,8 @@ ZCRX_RING_FLAGS = (abi.IORING_SETUP_SINGLE_ISSUER | abi.IORING_SETUP_DEFER_TASKR
 _AREA_LOW = (1 << abi.IORING_ZCRX_AREA_SHIFT) - 1
 _PARAM_AREA_OFF = 0  # io_uring_zcrx_area_reg in the parameter page
 _PARAM_REGION_OFF = 64  # io_uring_region_desc in the parameter page
+_PARAM_EVENT_OFF = 128  # zcrx_event_desc in the parameter page (7.2)
+_STATS_ALIGN = 8  # zcrx_stats alignment when the kernel's query does not say
 _RQE = abi.io_uring_zcrx_rqe
 #: How long a return waits for room in a full RQ (after a flush) before RingFull.
 RQ_FULL_TIMEOUT_S = 5.0
@@ -698,14 +705,26 @@ def io_uring_query_zcrx(kernel: Kernel | None = None) -> np.ndarray | None:
     user address of the 40-byte payload, in a scratch page of app memory; the kernel writes the
     payload there and ``result`` in the header it sends back.
     """
+    return _query(kernel, abi.IO_URING_QUERY_ZCRX, abi.io_uring_query_zcrx)
+
+
+def io_uring_query_zcrx_event(kernel: Kernel | None = None) -> np.ndarray | None:
+    """Query op 3 (``IO_URING_QUERY_ZCRX_NOTIF``, Linux 7.2): an ``io_uring_query_zcrx_event``
+    record (supported event types, ``zcrx_stats`` size and offset alignment), or None on a
+    kernel without events."""
+    return _query(kernel, abi.IO_URING_QUERY_ZCRX_NOTIF, abi.io_uring_query_zcrx_event)
+
+
+def _query(kernel: Kernel | None, op: int, dtype: np.dtype[Any]) -> np.ndarray | None:
+    """One ``IORING_REGISTER_QUERY`` of ``op``: its payload record, or None if unanswered."""
     k = kernel if kernel is not None else default_kernel()
     k.attach()
     mem = k.alloc_memory(PAGE_SIZE, tag="query")
     try:
-        size = abi.io_uring_query_zcrx.itemsize
+        size = dtype.itemsize
         hdr = np.zeros(1, dtype=abi.io_uring_query_hdr)
         hdr["query_data"] = mem.addr
-        hdr["query_op"] = abi.IO_URING_QUERY_ZCRX
+        hdr["query_op"] = op
         hdr["size"] = size
         try:
             _, blobs = io_uring_register(None, abi.IORING_REGISTER_QUERY, 0, [hdr], kernel=k)
@@ -717,7 +736,7 @@ def io_uring_query_zcrx(kernel: Kernel | None = None) -> np.ndarray | None:
             hdr = np.frombuffer(blobs[0], dtype=abi.io_uring_query_hdr).copy()
         if int(hdr["result"][0]) < 0:
             return None
-        return mem.view[:size].view(abi.io_uring_query_zcrx).copy()
+        return mem.view[:size].view(dtype).copy()
     finally:
         mem.close()
 
@@ -774,6 +793,20 @@ def zcrx_ifq_reg(if_idx: int, if_rxq: int, rq_entries: int, area_ptr: int, regio
     return rec
 
 
+def zcrx_event_desc(user_data: int, type_mask: int, stats_offset: int | None = None
+                    ) -> np.ndarray:
+    """A ``zcrx_event_desc`` record (array of 1, Linux 7.2): event CQEs carry ``user_data``;
+    ``type_mask`` has bit ``1 << ZCRX_EVENT_*`` per type wanted; ``stats_offset`` (an offset
+    into the RQ region, past the RQEs) asks for ``zcrx_stats`` there."""
+    rec = np.zeros(1, dtype=abi.zcrx_event_desc)
+    rec["user_data"] = user_data
+    rec["type_mask"] = type_mask
+    if stats_offset is not None:
+        rec["flags"] = abi.ZCRX_EVENT_DESC_FLAG_STATS
+        rec["stats_offset"] = stats_offset
+    return rec
+
+
 class ZcrxIfq:
     """A registered zcrx interface queue, as the app sees it.
 
@@ -818,6 +851,11 @@ class ZcrxIfq:
         layout = RingLayout(entries, _RQE, head=off["head"], tail=off["tail"],
                             entries=off["rqes"])
         self.rq = RingProducer(rq_buf, layout)
+        #: events (7.2): the user_data of event CQEs (None: no events asked for), the offset
+        #: of ``zcrx_stats`` in the RQ region (None: no stats)
+        self.event_user_data: int | None = None
+        self.stats_off: int | None = None
+        self._rq_buf = rq_buf
         self.rqes_returned = 0
         self.rq_full = 0
         self.rq_flushes = 0
@@ -862,7 +900,8 @@ def io_uring_register_ifq(ring: Ring, if_idx: int = 0, if_rxq: int = 0, *,
                           rq_entries: int = 4096, area_size: int = 64 << 20,
                           area: Memory | None = None, rq_kernel: bool = False,
                           flags: int = 0, rx_buf_len: int = 0,
-                          query: np.ndarray | bool | None = True) -> ZcrxIfq:
+                          query: np.ndarray | bool | None = True, events: int = 0,
+                          event_user_data: int = 0, stats: bool = False) -> ZcrxIfq:
     """Register a zcrx interface queue on ``ring`` (``IORING_REGISTER_ZCRX_IFQ``).
 
     Allocates the area (``area_size`` bytes of app memory, unless ``area`` is given), the RQ
@@ -871,8 +910,11 @@ def io_uring_register_ifq(ring: Ring, if_idx: int = 0, if_rxq: int = 0, *,
     ``io_uring_zcrx_ifq_reg`` (nr_args 1) whose ``area_ptr``/``region_ptr`` point into that
     page.  ``flags`` are ``ZCRX_REG_*`` (``ZCRX_REG_NODEV``: ``if_idx``/``if_rxq`` must be 0).
     ``query``: True asks :func:`io_uring_query_zcrx` for the RQ header size, a record uses it,
-    False/None keeps a page for the header.  Raises ``ControlError`` with Linux's errno
-    (EPERM, EINVAL, EFAULT, ENODEV, EEXIST, ERANGE...); nothing is left allocated then.
+    False/None keeps a page for the header.  ``events`` (a mask of ``1 << ZCRX_EVENT_*``,
+    Linux 7.2) asks for event CQEs with ``event_user_data`` on this ring; ``stats`` places
+    ``zcrx_stats`` in the RQ region after the RQEs (sized by :func:`io_uring_query_zcrx_event`)
+    for :func:`io_uring_zcrx_copy_stats`.  Raises ``ControlError`` with Linux's errno (EPERM,
+    EINVAL, EFAULT, ENODEV, EEXIST, ERANGE...); nothing is left allocated then.
     """
     k = ring.kernel
     if not ring.flags & abi.IORING_SETUP_CQE32:
@@ -881,10 +923,23 @@ def io_uring_register_ifq(ring: Ring, if_idx: int = 0, if_rxq: int = 0, *,
     q = io_uring_query_zcrx(k) if query is True else (query if query is not None and
                                                           query is not False else None)
     if isinstance(q, np.ndarray):
-        rq_size = zcrx_rq_region_size(rq_entries, int(q["rq_hdr_size"][0]),
-                                      int(q["rq_hdr_alignment"][0]))
+        hdr_size, hdr_align = int(q["rq_hdr_size"][0]), int(q["rq_hdr_alignment"][0])
+        rq_size = zcrx_rq_region_size(rq_entries, hdr_size, hdr_align)
     else:
+        hdr_size, hdr_align = PAGE_SIZE, PAGE_SIZE
         rq_size = zcrx_rq_region_size(rq_entries)
+    ev: np.ndarray | None = None
+    if events or stats:
+        stats_off = None
+        if stats:
+            eq = io_uring_query_zcrx_event(k)
+            ssize = int(eq["stats_size"][0]) if eq is not None else abi.zcrx_stats.itemsize
+            salign = int(eq["stats_off_alignment"][0]) if eq is not None else _STATS_ALIGN
+            rqes_end = (-(-hdr_size // hdr_align) * hdr_align
+                        + (1 << (rq_entries - 1).bit_length()) * _RQE.itemsize)
+            stats_off = -(-rqes_end // salign) * salign
+            rq_size = max(rq_size, page_align(stats_off + ssize))
+        ev = zcrx_event_desc(event_user_data, events, stats_off)
     allocated: list[Memory] = []
     try:
         own_area = area is None
@@ -904,6 +959,9 @@ def io_uring_register_ifq(ring: Ring, if_idx: int = 0, if_rxq: int = 0, *,
         pv[_PARAM_REGION_OFF:_PARAM_REGION_OFF + region.itemsize] = region.view(np.uint8)
         reg = zcrx_ifq_reg(if_idx, if_rxq, rq_entries, params.addr + _PARAM_AREA_OFF,
                            params.addr + _PARAM_REGION_OFF, flags, rx_buf_len)
+        if ev is not None:
+            pv[_PARAM_EVENT_OFF:_PARAM_EVENT_OFF + ev.itemsize] = ev.view(np.uint8)
+            reg["event_desc"] = params.addr + _PARAM_EVENT_OFF
         _, blobs = io_uring_register(ring, abi.IORING_REGISTER_ZCRX_IFQ, 1, [reg])
     except BaseException:
         for mem in reversed(allocated):
@@ -924,6 +982,9 @@ def io_uring_register_ifq(ring: Ring, if_idx: int = 0, if_rxq: int = 0, *,
         rq_buf = ring._map(int(region_out["mmap_offset"][0]), rq_size)
     ifq = ZcrxIfq(ring, out, area=area, own_area=own_area, area_token=token, params=params,
                   rq_buf=rq_buf, rq_size=rq_size, rq_mem=rq_mem)
+    if ev is not None:
+        ifq.event_user_data = event_user_data if events else None
+        ifq.stats_off = int(ev["stats_offset"][0]) if stats else None
     ring.zcrx_ifqs.append(ifq)
     return ifq
 
@@ -948,6 +1009,36 @@ def io_uring_zcrx_flush_rq(ifq: ZcrxIfq) -> int:
     res, _ = io_uring_register_zcrx_ctrl(ifq.ring, ctrl)
     ifq.rq_flushes += 1
     return res
+
+
+def io_uring_zcrx_arm_event(ifq: ZcrxIfq, event_type: int) -> int:
+    """``ZCRX_CTRL_ARM_EVENT`` (Linux 7.2): let event ``event_type`` fire again after it fired
+    (``-EINVAL`` as ``ControlError`` if it has not).  Returns the syscall result."""
+    ctrl = np.zeros(1, dtype=abi.zcrx_ctrl)
+    ctrl["zcrx_id"] = ifq.zcrx_id
+    ctrl["op"] = abi.ZCRX_CTRL_ARM_EVENT
+    ctrl["arm_event_type"] = event_type
+    res, _ = io_uring_register_zcrx_ctrl(ifq.ring, ctrl)
+    return res
+
+
+def io_uring_zcrx_events(ifq: ZcrxIfq, cqes: np.ndarray) -> NDArray[np.int32]:
+    """The event types among a CQE view (``user_data`` = the ifq's event user_data,
+    ``flags`` 0; ``res`` is the ``ZCRX_EVENT_*`` type), in CQ order."""
+    if ifq.event_user_data is None or not len(cqes):
+        return np.empty(0, dtype=np.int32)
+    m = (cqes["user_data"] == ifq.event_user_data) & (cqes["flags"] == 0)
+    out: NDArray[np.int32] = cqes["res"][m].astype(np.int32)
+    return out
+
+
+def io_uring_zcrx_copy_stats(ifq: ZcrxIfq) -> tuple[int, int] | None:
+    """``(copy_count, copy_bytes)`` the kernel keeps in the RQ region (Linux 7.2), or None
+    when the ifq was registered without stats."""
+    if ifq.stats_off is None or ifq._detached:
+        return None
+    s = ifq._rq_buf[ifq.stats_off:ifq.stats_off + abi.zcrx_stats.itemsize].view(abi.zcrx_stats)
+    return int(s["copy_count"][0]), int(s["copy_bytes"][0])
 
 
 def io_uring_prep_recv_zc(sqe: np.void, fd: int, length: int, zcrx_id: int,

@@ -91,6 +91,9 @@ from shared.msg import ControlError
 from shared.proc import notify_ready
 
 KIND_ZC = 2
+#: ``user_data`` kind of zcrx event CQEs (``-E``, Linux 7.2+)
+KIND_EVENT = 4
+_EVENT_NAMES = {abi.ZCRX_EVENT_ALLOC_FAIL: "ALLOC_FAIL", abi.ZCRX_EVENT_COPY: "COPY"}
 #: RECV_ZC ``len`` is a u32 and UINT_MAX is refused: larger budgets run unlimited.
 _MAX_BUDGET = 0xFFFFFFFE
 _F_MORE = abi.IORING_CQE_F_MORE
@@ -117,6 +120,7 @@ class Options(ServerOptions):
     rq_entries: int = 8192
     sq_entries: int = 256
     rx_buf_len: int = 0
+    events: bool = False  # -E: zcrx events (ALLOC_FAIL re-armed each time, COPY once)
 
 
 @dataclass
@@ -167,6 +171,7 @@ class ZcrxServer(AcceptingServer):
         self.positions: dict[int, int] = {}  # fd -> next stream offset (Conn.nbytes)
         self.finished: list[dict[str, Any]] = []
         self.ifq: L.ZcrxIfq | None = None
+        self.events = 0  # zcrx event CQEs seen (-E)
         self.first_ns: int | None = None
         self.last_ns: int | None = None
         self.read_bytes = 0
@@ -347,7 +352,9 @@ class ZcrxServer(AcceptingServer):
                 if_idx, rxq, reg_flags = L.if_nametoindex(k, o.ifname), o.rxq or 0, 0
             self.ifq = L.io_uring_register_ifq(
                 self.ring, if_idx, rxq, rq_entries=o.rq_entries, area_size=o.area_size,
-                rq_kernel=o.rq_kernel, flags=reg_flags, rx_buf_len=o.rx_buf_len)
+                rq_kernel=o.rq_kernel, flags=reg_flags, rx_buf_len=o.rx_buf_len,
+                events=((1 << abi.ZCRX_EVENT_TYPE_LAST) - 1) if o.events else 0,
+                event_user_data=KIND_EVENT, stats=o.events)
             self.lfd = k.listen_tcp(o.port, o.addr)
             self.arm_accept()
             L.io_uring_submit(self.ring)
@@ -440,8 +447,22 @@ class ZcrxServer(AcceptingServer):
                 self.on_zc_end(fd, r, f)
             elif kd == KIND_ACCEPT:
                 self.on_accept(r, f)
+            elif kd == KIND_EVENT:
+                self.on_event(r)
             elif kd == KIND_CLOSE and r < 0:
                 self.errors.append(f"close({fd}): {errno.errorcode.get(-r, r)}")
+
+    def on_event(self, etype: int) -> None:
+        """A zcrx event CQE (``-E``): say it; ALLOC_FAIL is re-armed (each starvation
+        episode shows), COPY stays off after the first (it would fire on every copy)."""
+        assert self.ifq is not None
+        stats = L.io_uring_zcrx_copy_stats(self.ifq)
+        self.say(f"zcrx event {_EVENT_NAMES.get(etype, etype)}"
+                 + ("" if stats is None else f" (copy stats: {stats[0]} chunks, "
+                                             f"{stats[1]} bytes)"))
+        self.events += 1
+        if etype == abi.ZCRX_EVENT_ALLOC_FAIL:
+            L.io_uring_zcrx_arm_event(self.ifq, etype)
 
     def _kernel_copy_stats(self) -> dict[str, Any] | None:
         """The kernel's copy-fallback counters for our ifq (read while the ring is alive)."""
@@ -540,6 +561,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
     p.add_argument("--sq-entries", type=_pow2, default=256, help="SQ entries (256)")
     p.add_argument("--rx-buf-len", type=_size, default=0,
                    help="ifq_reg.rx_buf_len (0: the kernel's default)")
+    p.add_argument("-E", "--events", action="store_true",
+                   help="ask for zcrx events (Linux 7.2+) and print each one")
     a = p.parse_args(argv)
     common = common_options(p, a)
     if a.nodev and a.rxq not in (None, 0):
@@ -552,7 +575,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
         p.error("-S must be positive")
     opts = Options(**common, ifname=a.ifname, rxq=a.rxq, nodev=a.nodev,
                    rq_kernel=a.rq_mem == 1, area_size=a.area_size, cq_entries=a.cq_entries,
-                   rq_entries=a.rq_entries, sq_entries=a.sq_entries, rx_buf_len=a.rx_buf_len)
+                   rq_entries=a.rq_entries, sq_entries=a.sq_entries, rx_buf_len=a.rx_buf_len,
+                   events=a.events)
     return opts, a
 
 

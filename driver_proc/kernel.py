@@ -61,6 +61,7 @@ from driver_proc.mm import MM_COUNTERS
 from driver_proc.netdev import NapiBatch, NetDevice
 from driver_proc.skb import SkbStore
 from driver_proc.tcp import SocketTable, TcpState
+from shared import abi
 from shared.control import ControlClient, ControlServer, Handler, HandlerResult
 from shared.errors import Misuse, ZcrxError
 from shared.msg import Message
@@ -79,14 +80,15 @@ class Kernel:
     """All kernel state plus the verbs the process loop drives."""
 
     def __init__(self, run: str, rundir: str, nic: Any, *,
-                 log: logging.Logger | None = None) -> None:
+                 log: logging.Logger | None = None,
+                 kernel: tuple[int, int] = abi.LINUX_VERSION) -> None:
         self.run = run
         self.rundir = rundir
         self.nic = nic
         self.log = log or logging.getLogger("kernel")
         self.skbs = SkbStore()
         self.table = SocketTable()
-        self.ctx = sc.KernelContext.create(run, self.skbs, self.table)
+        self.ctx = sc.KernelContext.create(run, self.skbs, self.table, kernel=kernel)
         self.netdevs: dict[str, NetDevice] = {}
         assert self.ctx.zcrx is not None
         self.zcrx = self.ctx.zcrx
@@ -371,6 +373,7 @@ class Kernel:
 
     def _sys_status(self, msg: Message, peer: bytes) -> HandlerResult:
         return {"run": self.run, "uptime_s": round(time.monotonic() - self._started, 3),
+                "kernel": self.zcrx.kernel_name,
                 "netdevs": [dev.status() for dev in self.netdevs.values()],
                 "nic": "gone" if self.nic_dead else "up",
                 "nic_reprobes": self.stats["nic_reprobes"],

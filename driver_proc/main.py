@@ -31,7 +31,7 @@ import sys
 import zmq
 
 from driver_proc.kernel import Kernel
-from shared import nicif, syscalls  # noqa: F401  (registers the message types)
+from shared import abi, nicif, syscalls  # noqa: F401  (registers the message types)
 from shared.control import ControlClient, ControlServer, EventReceiver, EventSender, ipc_endpoint
 from shared.proc import Lifecycle, base_parser, setup_logging
 from shared.ring import Backoff
@@ -44,7 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     p = base_parser("driver_proc", "The emulated kernel: driver, page pools, TCP, io_uring.")
     p.add_argument("--nic-timeout-ms", type=int, default=10_000,
                    help="Timeout of admin requests to the NIC.")
+    p.add_argument("--kernel", default=abi.kernel_version_name(abi.LINUX_VERSION), metavar="X.Y",
+                   help="The Linux release to behave as: "
+                   + ", ".join(abi.kernel_version_name(v) for v in abi.KERNEL_VERSIONS)
+                   + " (default: the newest).")
     args = p.parse_args(argv)
+    try:
+        kernel_version = abi.parse_kernel_version(args.kernel)
+    except ValueError as e:
+        p.error(str(e))
     log = setup_logging("kernel", args.quiet)
     if not args.run or not args.rundir:
         p.error("--run and --rundir (or $ZCRX_RUN / $ZCRX_RUNDIR) are required")
@@ -54,14 +62,14 @@ def main(argv: list[str] | None = None) -> int:
                         context=ctx)
     doorbells = EventSender(ipc_endpoint(args.rundir, "nic-events"), context=ctx)
     irqs = EventReceiver(ipc_endpoint(args.rundir, "kernel-events"), context=ctx)
-    kernel = Kernel(args.run, args.rundir, nic, log=log)
+    kernel = Kernel(args.run, args.rundir, nic, log=log, kernel=kernel_version)
     server = ControlServer(ipc_endpoint(args.rundir, "kernel"), kernel.handlers(),
                            role="kernel", context=ctx)
     kernel.attach_server(server)
     oops = False
     try:
         kernel.probe()
-        log.info("up: %s", ", ".join(kernel.netdevs))
+        log.info("up: %s (Linux %s)", ", ".join(kernel.netdevs), args.kernel)
         poller = zmq.Poller()
         poller.register(server.socket, zmq.POLLIN)
         poller.register(irqs.socket, zmq.POLLIN)

@@ -37,6 +37,7 @@ from driver_proc.io_uring import Wait
 from driver_proc.setup import IoUring
 from driver_proc.tcp import SocketTable
 from driver_proc.zcrx import Zcrx
+from shared import abi
 from shared.control import DEFER, ControlServer, Handler, HandlerResult, Reply
 from shared.errors import Misuse
 from shared.msg import Message
@@ -66,12 +67,13 @@ class KernelContext:
         return self.sockets.skbs
 
     @classmethod
-    def create(cls, run: str, skbs: SkbStore, table: SocketTable | None = None) -> KernelContext:
+    def create(cls, run: str, skbs: SkbStore, table: SocketTable | None = None, *,
+               kernel: tuple[int, int] = abi.LINUX_VERSION) -> KernelContext:
         """A context with a fresh socket layer (over ``table``, or a new one), io_uring and
         zcrx (no netdevs: NODEV only, until the kernel hands it its netdevs)."""
         sockets = Sockets(table if table is not None else SocketTable(), skbs)
         rings = IoUring(run, sockets, skbs)
-        return cls(run, sockets, rings, Tasks(run), Zcrx(rings, skbs=skbs))
+        return cls(run, sockets, rings, Tasks(run), Zcrx(rings, skbs=skbs, kernel=kernel))
 
 
 def _task(ctx: KernelContext, peer: Any) -> Task:

@@ -23,7 +23,8 @@ Linux functions mirrored
   ``io_zcrx_recv_frag`` (:meth:`RecvZcRequest._recv_skb`), ``io_zcrx_copy_chunk``
   (:meth:`RecvZcRequest._copy_chunk`), ``io_zcrx_queue_cqe`` (:meth:`RecvZcRequest._queue_cqe`),
   each once per batch of chunks, never per frag;
-* control and teardown: ``io_zcrx_ctrl`` (``FLUSH_RQ`` = :meth:`Ifq.flush`, ``EXPORT``),
+* control and teardown: ``io_zcrx_ctrl`` (``FLUSH_RQ`` = :meth:`Ifq.flush`, ``EXPORT``,
+  ``ARM_EVENT`` = :meth:`Ifq.arm_event`, ``ADD_AREA`` = :meth:`Zcrx._add_area`),
   ``io_zcrx_scrub`` (:meth:`BufferSpace.scrub`), ``io_close_queue`` (:meth:`Zcrx._terminate`).
 
 Who owns what in shared memory
@@ -41,7 +42,8 @@ Who owns what in shared memory
   copy-fallback niov to the user), ``get_user``/``put_user`` (a CQE hands a niov over, an RQE
   returns it), ``scrub`` (teardown).
 * **Refill queue** (RQ): ``struct io_uring {u32 head, tail}`` then 16-byte RQEs at the offsets
-  written back (head 0, tail 4, rqes 64: Linux 6.18+).  Either app memory
+  written back (head 0, tail 4, rqes 64 up to Linux 7.2; head 0, tail 64, rqes 128 on 7.3,
+  whose ``struct zcrx_rq_hdr`` gives each its own cache line).  Either app memory
   (``IORING_MEM_REGION_TYPE_USER``, resolved through the mm and kept pinned) or a kernel region
   ``/zcrx.<run>.kernel.t<tid>.zcrx<serial>.rq`` the app maps with ``mmap(ring_fd,
   IORING_MAP_OFF_ZCRX_REGION + (zcrx_id << 16))``.  The app writes RQEs and the tail; the kernel
@@ -72,11 +74,15 @@ Semantics (zcrx-kernel.md §1-6, §10; conformance.md §5)
   without CQE32/CQE_MIXED ``-EINVAL``; reserved fields, input ``zcrx_id``, unknown flags,
   ``if_rxq == -1``, ``rq_entries == 0`` ``-EINVAL``; ``rq_entries > 32768`` ``-EINVAL`` unless
   the ring has SETUP_CLAMP (clamped), then rounded up to a power of two; region descriptor
-  (``size`` 0, unaligned, ``id``/``mmap_offset``/``__resv``/unknown flags ``-EINVAL``, user
-  memory at 0 or unmapped or read-only ``-EFAULT``, too small for ``64 + 16 * entries``
-  ``-EINVAL``); area (unknown flags, input token, ``__resv2``, ``dmabuf_fd`` without DMABUF
-  ``-EINVAL``; ``len`` 0 or > 1 GiB ``-EFAULT``; unaligned ``-EINVAL``; unmapped/read-only
-  ``-EFAULT``).  Several ifqs per ring get distinct ids, the smallest free one first.
+  (``id``/``mmap_offset``/``__resv``/unknown flags ``-EINVAL``; then user memory at 0 or
+  kernel memory with a ``user_addr`` ``-EFAULT``, as ``io_create_region``; ``size`` 0 or
+  unaligned ``-EINVAL``; user memory unmapped or read-only ``-EFAULT``; too small for the
+  release's ``rqes + 16 * entries`` ``-EINVAL``); area (unknown flags, input token,
+  ``__resv2``, ``dmabuf_fd`` without DMABUF ``-EINVAL``; ``len`` 0 or > 1 GiB ``-EFAULT``;
+  unaligned ``-EINVAL``; unmapped/read-only ``-EFAULT``); event desc (7.2+: unreadable
+  ``-EFAULT``; unknown types/flags, ``stats_offset`` without FLAG_STATS, ``__resv2``
+  ``-EINVAL``; ``stats_offset`` unaligned ``-EINVAL``, over the RQEs or past the region
+  ``-ERANGE``).  Several ifqs per ring get distinct ids, the smallest free one first.
 * **NODEV** (``ZCRX_REG_NODEV``, Linux 7.1): ``if_idx``/``if_rxq`` must be 0, no device, no
   DMA, no page pool; RECV_ZC copies every byte of ANY TCP socket into free niovs; the RQ is
   consumed only by ``ZCRX_CTRL_FLUSH_RQ``.
@@ -90,9 +96,21 @@ Semantics (zcrx-kernel.md §1-6, §10; conformance.md §5)
   when the pool is short) and at most as many RQEs as buffers are needed; each valid RQE drops
   one user reference (a return without one is ignored and counted), and a niov whose last
   reference went is recycled into the pool's cache; then it takes from the area freelist; with
-  neither the pool gets fewer buffers and the queue starves (the NIC pauses or drops).
-* **RQE parsing**: area id (``off >> 48``) must be 0, ``__pad`` 0, niov index
-  ``(off & ~AREA_MASK) >> niov_shift`` below the niov count; ``len`` and the low bits are
+  neither the pool gets fewer buffers and the queue starves (the NIC pauses or drops).  On
+  Linux 7.3 the refill walks past malformed RQEs until it has the buffers wanted, at most
+  :data:`REFILL_CAP` RQEs per :data:`PP_ALLOC_CACHE_REFILL` buffers, and a run of RQEs naming
+  one niov drops its references at once, a run longer than ``user_refs`` being ignored whole
+  (:meth:`Ifq._coalesce`).
+* **Events** (Linux 7.2, ``ifq_reg.event_desc`` -> ``zcrx_event_desc``): ALLOC_FAIL (an
+  allocation got no buffer at all) and COPY (the copy fallback ran) post one 16-byte CQE each
+  on the registering ring, then stay off until ``ZCRX_CTRL_ARM_EVENT`` (:meth:`Ifq.event`);
+  with ``ZCRX_EVENT_DESC_FLAG_STATS`` the kernel keeps ``zcrx_stats`` (copy fallback niovs and
+  bytes, as ``copy_count``/``copy_bytes``) at ``stats_offset`` in the RQ region.  An import
+  with an event desc is ``-EINVAL``; a 7.1 kernel refuses a non-zero ``event_desc`` (its
+  ``__resv[0]``) with ``-EINVAL``.
+* **RQE parsing**: area id (``off >> 48``) must name an area of the ifq (0 unless areas were
+  added, 7.3), ``__pad`` 0, niov index ``(off & ~AREA_MASK) >> niov_shift`` below that
+  area's niov count; ``len`` and the low bits are
   ignored.  Rejections are counted per reason (``rq_invalid_area/pad/range/noref``).  The
   refill path skips a bad entry and goes on; ``FLUSH_RQ`` (up to ``rq_entries`` per call, one
   numpy pass where Linux takes batches of 32) stops after the first malformed entry
@@ -116,17 +134,23 @@ Semantics (zcrx-kernel.md §1-6, §10; conformance.md §5)
   never connected.  An error ends the request only when a pass delivered nothing (Linux's
   ``tcp_read_sock`` returns the bytes read, if any).  No data is not an error: the request
   stays armed on the socket.
-* **Control** (``IORING_REGISTER_ZCRX_CTRL``, nr_args 0, blob 0 = 72-byte ``zcrx_ctrl``):
+* **Control** (``IORING_REGISTER_ZCRX_CTRL``, nr_args 0, blob 0 = 72-byte ``zcrx_ctrl``, or
+  8 bytes: the user address of one, read and written back through the mm):
   ``__resv`` non-zero ``-EFAULT`` (the kernel quirk noted in conformance E38), unknown id
-  ``-ENXIO``, unknown op ``-EOPNOTSUPP``; FLUSH_RQ (its ``__resv`` must be 0, ``-EINVAL``);
+  ``-ENXIO``, an op the release does not have (``nr_ctrl_opcodes``) ``-EOPNOTSUPP``;
+  FLUSH_RQ (its ``__resv`` must be 0, ``-EINVAL``);
   EXPORT (payload must be 0, ``-EINVAL``) installs a ``[zcrx]`` box fd (:class:`ZcrxBox`) that
-  keeps the ifq alive; ``ZCRX_REG_IMPORT`` with ``if_idx`` = that fd (every other field 0,
+  keeps the ifq alive (pointer form: a copy-out that faults releases the box and the fd,
+  ``-EFAULT``); ARM_EVENT (7.2, :meth:`Ifq.arm_event`); ``ZCRX_REG_IMPORT`` with ``if_idx``
+  = that fd (every other field and ``event_desc`` 0,
   ``-EINVAL``; not a box ``-EBADF``) gives another ring its own id for the same ifq (area and
   RQ are shared; user space serialises RQ writes).
 * **Query** (``IORING_REGISTER_QUERY``, fd -1, nr_args 0): blob 0 is the ``io_uring_query_hdr``
   (written back in the reply); ``query_data`` and ``next_entry`` are user addresses (mm).
   ``IO_URING_QUERY_ZCRX`` reports register flags IMPORT|NODEV, area flags 0 (dmabuf is not
-  emulated), ``nr_ctrl_opcodes`` 2, features RX_PAGE_SIZE, RQ header 8 bytes aligned to 64;
+  emulated), and per release ``nr_ctrl_opcodes`` (7.1: 2, 7.2: 3, 7.3: 4), features
+  (RX_PAGE_SIZE, 7.2+: EVENT), RQ header (8 bytes up to 7.2, 128 on 7.3) aligned to 64;
+  query op 3 (7.2+) the event types, ``zcrx_stats`` size 16 and offset alignment 8;
   ``IO_URING_QUERY_SCQ`` reports the rings header; other ops answer ``result = -EOPNOTSUPP``.
 * **Teardown** (ring close or process death, same path; no unregister): the ring's requests are
   cancelled by the ring; when an ifq's last user (ring or box) goes: **scrub** (every user
@@ -152,8 +176,8 @@ Departures and choices (also in the report of this issue)
   device, as Linux) and ``-EOPNOTSUPP`` on a hardware queue.
 * Every emulated netdev has a DMA parent and queue-management ops; XDP programs and AF_XDP
   sockets do not exist, so their ``-EEXIST``/``-EBUSY`` cannot happen.  A queue that is not set
-  up (device down) gives ``-ENETDOWN``.  All sockets are TCP, so ``-EPROTONOSUPPORT`` cannot
-  happen either (the check is there).
+  up (device down) gives ``-ENETDOWN``.  RECV_ZC on a socket that is not TCP gives
+  ``-EPROTONOSUPPORT`` (checked at issue, as Linux's ``sock->sk->sk_protocol`` test).
 * The provider's ``alloc`` takes the RQ first and tops up from the freelist in the same call
   (Linux takes the slow path only when the RQ gave nothing).
 * ``copy_count`` counts niovs (CQEs) filled by the copy fallback; ``copy_bytes`` their bytes.
@@ -200,6 +224,8 @@ __all__ = [
     "IFQ_COUNTERS",
     "MAX_AREA_LEN",
     "PASSES_PER_BATCH",
+    "PP_ALLOC_CACHE_REFILL",
+    "REFILL_CAP",
     "REQUEUE_ROUNDS",
     "SKBS_PER_PASS",
     "Ifq",
@@ -223,6 +249,11 @@ PASSES_PER_BATCH = 64
 REQUEUE_ROUNDS = 64
 #: RQEs one FLUSH_RQ batch consumes.
 FLUSH_BATCH = 32
+#: RQEs one refill call consumes at most on Linux 7.3 (``ZCRX_REFILL_CAP``: 256 at 4 KiB).
+REFILL_CAP = min(64 * max(PAGE_SIZE // 1024, 1), 1024)
+#: Buffers one Linux page-pool refill asks its provider for (``PP_ALLOC_CACHE_REFILL``); a
+#: batched :meth:`ZcrxProvider.alloc` of ``n`` stands for ``ceil(n / 64)`` such calls.
+PP_ALLOC_CACHE_REFILL = 64
 #: Largest area (io_validate_user_buf_range's arbitrary limit).
 MAX_AREA_LEN = 1 << 30
 #: Copy fallback fills at most this much of a niov.
@@ -253,6 +284,9 @@ IFQ_COUNTERS = (
     "recv_enospc",          # ... with -ENOSPC (CQ full)
     "recv_efault",          # ... with -EFAULT (a niov of another ifq)
     "scrubbed_refs",        # user references revoked at teardown
+    "events",               # event CQEs posted (7.2)
+    "rq_runs_ignored",      # runs of same-niov RQEs longer than user_refs, ignored (7.3)
+    "refill_capped",        # refill calls that stopped at ZCRX_REFILL_CAP RQEs (7.3)
 )
 
 _U32 = 0xFFFFFFFF
@@ -263,7 +297,6 @@ _EMPTY.flags.writeable = False
 _REG_FLAGS = abi.ZCRX_REG_IMPORT | abi.ZCRX_REG_NODEV
 _RECVZC_IOPRIO = abi.IORING_RECVSEND_POLL_FIRST | abi.IORING_RECV_MULTISHOT
 _IFQ_RING_FLAGS = abi.IORING_SETUP_CQE32 | abi.IORING_SETUP_CQE_MIXED
-_NR_CTRL_OPCODES = abi.ZCRX_CTRL_LAST
 _QUERY_CHAIN_LIMIT = 64
 _serial = itertools.count(1)
 
@@ -276,14 +309,14 @@ def _is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-def _rq_layout(entries: int) -> RingLayout:
-    head, tail, rqes, _ = abi.zcrx_rq_layout(entries)
+def _rq_layout(entries: int, kernel: tuple[int, int]) -> RingLayout:
+    head, tail, rqes, _ = abi.zcrx_rq_layout(entries, kernel)
     return RingLayout(entries, _RQE_DTYPE, head=head, tail=tail, entries=rqes)
 
 
-def _offsets(reg: np.ndarray) -> None:
-    """Write ``io_uring_zcrx_offsets`` (6.18+ layout) into ``reg``."""
-    head, tail, rqes, _ = abi.zcrx_rq_layout(1)
+def _offsets(reg: np.ndarray, kernel: tuple[int, int]) -> None:
+    """Write ``io_uring_zcrx_offsets`` (the layout of release ``kernel``) into ``reg``."""
+    head, tail, rqes, _ = abi.zcrx_rq_layout(1, kernel)
     off = reg["offsets"]  # a view into reg
     off["head"] = head
     off["tail"] = tail
@@ -365,6 +398,8 @@ class ZcrxProvider(MemoryProvider):
         st["alloc_from_freelist"] += len(fresh)
         if got + len(fresh) < n:
             st["alloc_fail"] += 1
+            if not got and not len(fresh) and ifq.event_mask:
+                ifq.event(abi.ZCRX_EVENT_ALLOC_FAIL)  # nothing at all: the queue starves
         return fresh
 
     def release(self, pool: PagePool, ids: NDArray[np.int64]) -> None:
@@ -423,11 +458,25 @@ class Ifq:
     counters: Counter[str] = field(default_factory=Counter)
     rq: RingConsumer | None = None
     token: int = 0
+    #: the Linux release the kernel acts as (RQ layout, refill behaviour)
+    kernel: tuple[int, int] = abi.LINUX_VERSION
+    #: events (7.2): ``zcrx_event_desc.user_data`` and ``type_mask``, the types that fired
+    #: and are not re-armed, the ring that registered the ifq (None once it closed), the
+    #: ``zcrx_stats`` in the RQ region (the kernel writes it, the app reads it)
+    event_user_data: int = 0
+    event_mask: int = 0
+    events_fired: int = 0
+    event_ring: Ring | None = None
+    stats: np.ndarray | None = None
+    #: areas added with ZCRX_CTRL_ADD_AREA (7.3): area id i + 1 is ``more_areas[i]``
+    more_areas: list[ZcrxArea] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.rq_mem is not None:
-            self.rq_mem[:8] = 0  # the kernel zeroes head and tail at registration
-            self.rq = RingConsumer(self.rq_mem, _rq_layout(self.rq_entries), untrusted=True)
+            layout = _rq_layout(self.rq_entries, self.kernel)
+            for word in (layout.head, layout.tail):  # zeroed by the kernel at registration
+                self.rq_mem[word:word + 4] = 0
+            self.rq = RingConsumer(self.rq_mem, layout, untrusted=True)
         for name in IFQ_COUNTERS:
             self.counters[name] = 0
 
@@ -442,7 +491,36 @@ class Ifq:
 
     @property
     def space(self) -> BufferSpace:
+        """The first area's niovs (the only ones the hardware queue's page pool uses)."""
         return self.area.space
+
+    @property
+    def areas(self) -> list[ZcrxArea]:
+        """Every area, by area id (the token is ``id << 48``)."""
+        return [self.area, *self.more_areas]
+
+    @property
+    def niovs(self) -> int:
+        """niovs over every area."""
+        return self.area.count + sum(a.count for a in self.more_areas)
+
+    @property
+    def free_count(self) -> int:
+        """Free niovs over every area (what the copy fallback can take)."""
+        n = self.area.space.free_count
+        for a in self.more_areas:
+            n += a.space.free_count
+        return n
+
+    def take_free(self, n: int) -> list[NDArray[np.int64]]:
+        """Up to ``n`` free niovs walking the areas in order (Linux 7.3's slow path and
+        ``io_alloc_fallback_niov``): the ids taken from each area, by area id."""
+        out = []
+        for a in self.areas:
+            ids = a.space.take_free(n) if n > 0 else _EMPTY
+            out.append(ids)
+            n -= len(ids)
+        return out
 
     # -- the refill queue ---------------------------------------------------------------------
 
@@ -461,22 +539,34 @@ class Ifq:
         if not rq.check_own():
             st["rq_head_tampered"] += 1
         f0 = rq.faults
-        n = min(rq.ready(), limit)
+        ready = rq.ready()  # the tail, read once per call
+        n = min(ready, limit)
+        coalesce = not flush and self.kernel >= (7, 3)
+        window = cap = n
+        if coalesce:
+            # 7.3: Linux's refill runs once per PP_ALLOC_CACHE_REFILL buffers the pool needs
+            # and walks RQEs until it has them or ZCRX_REFILL_CAP RQEs were consumed: RQEs
+            # that give no buffer (malformed ones) do not count against ``limit``
+            cap = REFILL_CAP * -(-limit // PP_ALLOC_CACHE_REFILL)
+            window = min(ready, cap)
         if rq.faults != f0:
             st["rq_tail_faults"] += rq.faults - f0
         if n <= 0:
             return 0, False
-        start = rq.head & rq.mask
-        first = min(n, rq.nentries - start)
-        if first == n:
-            ents = rq.ring[start:start + n].copy()  # read the peer's entries once
-        else:
-            ents = np.concatenate((rq.ring[start:], rq.ring[:n - first]))
-        off = ents["off"]
-        area_bad = (off >> np.uint64(abi.IORING_ZCRX_AREA_SHIFT)) != 0
-        pad_bad = (ents["__pad"] != 0) & ~area_bad
-        idx = ((off & np.uint64(_LOW48)) >> np.uint64(self.area.niov_shift)).astype(np.int64)
-        range_bad = (idx >= self.area.count) & ~area_bad & ~pad_bad
+        more = self.more_areas
+        area_bad, pad_bad, range_bad, idx, aidx = self._parse_rqes(self._read_rqes(rq, n))
+        if window > n and np.count_nonzero(area_bad | pad_bad | range_bad):
+            n = window  # read on past the malformed ones (rare)
+            area_bad, pad_bad, range_bad, idx, aidx = self._parse_rqes(self._read_rqes(rq, n))
+        if n > limit:
+            good = np.cumsum(~(area_bad | pad_bad | range_bad))
+            k = int(np.searchsorted(good, limit))  # the RQE that gave the last buffer wanted
+            if k < n:
+                n = k + 1
+                area_bad, pad_bad, range_bad = area_bad[:n], pad_bad[:n], range_bad[:n]
+                idx, aidx = idx[:n], aidx[:n] if more else aidx
+            elif n == cap:
+                st["refill_capped"] += 1
         bad = area_bad | pad_bad | range_bad
         stopped = False
         if np.count_nonzero(bad):
@@ -485,6 +575,7 @@ class Ifq:
                 if k < n:
                     n, stopped = k, True
                     bad, idx = bad[:n], idx[:n]
+                    aidx = aidx[:n] if more else aidx
                     area_bad, pad_bad, range_bad = area_bad[:n], pad_bad[:n], range_bad[:n]
                 else:
                     stopped = True
@@ -492,9 +583,20 @@ class Ifq:
             st["rq_invalid_pad"] += int(np.count_nonzero(pad_bad))
             st["rq_invalid_range"] += int(np.count_nonzero(range_bad))
             ids = idx[~bad]
+            if more:
+                aidx = aidx[~bad]
         else:
             ids = idx
+        if more:
+            self._put_areas(ids, aidx, coalesce)
+            rq.release(n)
+            st["rq_consumed"] += n
+            return n, stopped
         space = self.space
+        if coalesce and len(ids) > 1:
+            ok = self._coalesce(ids, space.user_refs[ids])
+            if ok is not None:
+                ids = ids[ok]
         if len(ids):
             # every id is in range: a return put_user did not accept had no reference
             accepted = space.put_user(ids)
@@ -503,6 +605,95 @@ class Ifq:
         rq.release(n)
         st["rq_consumed"] += n
         return n, stopped
+
+    @staticmethod
+    def _read_rqes(rq: RingConsumer, n: int) -> np.ndarray:
+        """A private copy of the next ``n`` RQEs (the peer's entries are read once)."""
+        start = rq.head & rq.mask
+        first = min(n, rq.nentries - start)
+        if first == n:
+            return rq.ring[start:start + n].copy()
+        return np.concatenate((rq.ring[start:], rq.ring[:n - first]))
+
+    def _parse_rqes(self, ents: np.ndarray) -> tuple[NDArray[np.bool_], NDArray[np.bool_],
+                                                     NDArray[np.bool_], NDArray[np.int64],
+                                                     NDArray[np.int64]]:
+        """``io_parse_rqe`` over a batch: ``(area_bad, pad_bad, range_bad, niov index, area
+        index)``; each RQE is counted under its first fault only; the area index is only
+        computed for an ifq with several areas (else empty)."""
+        off = ents["off"]
+        more = self.more_areas
+        aid = off >> np.uint64(abi.IORING_ZCRX_AREA_SHIFT)
+        area_bad = aid != 0 if not more else aid > len(more)  # an area this ifq has
+        pad_bad = (ents["__pad"] != 0) & ~area_bad
+        idx = ((off & np.uint64(_LOW48)) >> np.uint64(self.area.niov_shift)).astype(np.int64)
+        aidx = _EMPTY
+        if not more:
+            range_bad = (idx >= self.area.count) & ~area_bad & ~pad_bad
+        else:
+            aidx = np.minimum(aid, len(more)).astype(np.int64)
+            counts = np.array([a.count for a in self.areas], dtype=np.int64)
+            range_bad = (idx >= counts[aidx]) & ~area_bad & ~pad_bad
+        return area_bad, pad_bad, range_bad, idx, aidx
+
+    def _put_areas(self, ids: NDArray[np.int64], aid: NDArray[np.int64], coalesce: bool
+                   ) -> None:
+        """The valid returns of an ifq with several areas (7.3): niov ``ids[i]`` of area
+        ``aid[i]``, coalesced like :meth:`_coalesce` (runs are of one niov of one area),
+        then one :meth:`BufferSpace.put_user` per area."""
+        st = self.counters
+        if not len(ids):
+            return
+        spaces = [a.space for a in self.areas]
+        if coalesce and len(ids) > 1:
+            key = (aid << 32) | ids
+            refs = np.empty(len(ids), dtype=np.int64)
+            for a in np.unique(aid).tolist():
+                sel = aid == a
+                refs[sel] = spaces[a].user_refs[ids[sel]]
+            ok = self._coalesce(key, refs)
+            if ok is not None:
+                ids, aid = ids[ok], aid[ok]
+        for a in np.unique(aid).tolist():
+            mine = ids[aid == a]
+            accepted = spaces[a].put_user(mine)
+            st["rq_returned"] += accepted
+            st["rq_invalid_noref"] += len(mine) - accepted
+
+    def _coalesce(self, ids: NDArray[np.int64], urefs: NDArray[Any]
+                  ) -> NDArray[np.bool_] | None:
+        """Linux 7.3's refill: a run of consecutive RQEs naming one niov (malformed entries
+        in between are skipped, they do not end it) drops its references in one step, and a
+        run longer than the niov's ``user_refs`` (``urefs``, per entry) is ignored whole
+        (counted in ``rq_runs_ignored``; its RQEs in ``rq_invalid_noref``).  Returns which
+        entries to apply (None: all)."""
+        new_run = ids[1:] != ids[:-1]
+        if new_run.all():
+            # no run longer than one RQE: one return per RQE while references last, which
+            # is what BufferSpace.put_user does by itself
+            return None
+        starts = np.flatnonzero(np.concatenate(([True], new_run)))
+        lens = np.diff(np.append(starts, len(ids)))
+        niov = ids[starts]
+        refs = urefs[starts].astype(np.int64)
+        ok = lens <= refs
+        _, inv, cnt = np.unique(niov, return_inverse=True, return_counts=True)
+        multi = np.flatnonzero(cnt[inv] > 1)
+        if len(multi):
+            # a niov in several runs (rare): each run sees the references earlier ones left;
+            # a loop over those runs only
+            left: dict[int, int] = {}
+            for i in multi.tolist():
+                v, ln = int(niov[i]), int(lens[i])
+                rem = left.get(v, int(refs[i]))
+                ok[i] = ln <= rem
+                left[v] = rem - ln if ok[i] else rem
+        if ok.all():
+            return None
+        st = self.counters
+        st["rq_runs_ignored"] += int(np.count_nonzero(~ok))
+        st["rq_invalid_noref"] += int(lens[~ok].sum())
+        return np.repeat(ok, lens)
 
     def flush(self) -> int:
         """``ZCRX_CTRL_FLUSH_RQ``: consume up to ``rq_entries`` RQEs, stopping right after a
@@ -514,27 +705,76 @@ class Ifq:
         n, _ = self.consume_rq(self.rq_entries, flush=True)
         return n
 
+    # -- events (Linux 7.2) ---------------------------------------------------------------
+
+    def event(self, etype: int) -> bool:
+        """Post event ``etype`` (``ZCRX_EVENT_*``) if it is wanted and not fired since the
+        last arm: a plain 16-byte CQE on the registering ring (``user_data`` of the event
+        desc, ``res`` = the type, ``flags`` 0; the upper half of a CQE32 slot zeroed).  Linux
+        queues it as task work of that ring; the emulated kernel posts it at once.  True if
+        posted."""
+        bit = 1 << etype
+        ring = self.event_ring
+        if not self.event_mask & bit or self.events_fired & bit or ring is None:
+            return False
+        self.events_fired |= bit
+        self.counters["events"] += 1
+        ring.post(self.event_user_data, etype, 0)
+        return True
+
+    def arm_event(self, etype: int, resv: bool) -> None:
+        """``ZCRX_CTRL_ARM_EVENT``: let a fired event type fire again (``-EINVAL`` for an
+        unknown type, reserved words, or a type that has not fired)."""
+        if etype >= abi.ZCRX_EVENT_TYPE_LAST or resv:
+            raise _misuse(f"arm event type {etype}", errno.EINVAL)
+        if not self.events_fired & (1 << etype):
+            raise _misuse(f"event type {etype} has not fired", errno.EINVAL)
+        self.events_fired &= ~(1 << etype)
+
+    def count_copies(self, n: int, nbytes: int) -> None:
+        """The copy fallback filled ``n`` niovs with ``nbytes``: stats and the COPY event."""
+        if self.stats is not None:
+            self.stats["copy_count"] += n
+            self.stats["copy_bytes"] += nbytes
+        if self.event_mask:
+            self.event(abi.ZCRX_EVENT_COPY)
+
     # -- ledger -------------------------------------------------------------------------------
 
     def ledger(self) -> dict[str, int]:
-        """niovs per state (sums to the niov count)."""
-        return self.space.ledger()
+        """niovs per state over every area (sums to :attr:`niovs`)."""
+        if not self.more_areas:
+            return self.space.ledger()
+        total: Counter[str] = Counter()
+        for a in self.areas:
+            total.update(a.space.ledger())
+        return dict(total)
+
+    def area_ledgers(self) -> list[dict[str, Any]]:
+        """Per area: its id, niov count and ledger (``zcrx stats --ledger``)."""
+        return [{"area_id": i, "niovs": a.count, "ledger": a.space.ledger()}
+                for i, a in enumerate(self.areas)]
 
     def check_ledger(self, skb_refs: Mapping[int, int] | None = None) -> dict[str, int]:
-        """Verify the area's ledger (:meth:`BufferSpace.check_ledger`) and that every page-pool
-        reference has a holder: the driver (DRIVER/POSTED), an skb frag (``skb_refs`` per space
-        id, when given) or a user reference.  Raises InvariantBroken."""
-        sp = self.space
-        led = sp.check_ledger()
-        if skb_refs is not None:
-            refs = int(sp.pp_ref.sum())
-            held = (led["driver"] + led["posted"] + skb_refs.get(sp.space_id, 0)
-                    + int(sp.user_refs.sum()))
-            if refs != held:
-                raise InvariantBroken(f"{self}: {refs} page-pool references, {held} holders")
-        if self.nodev and (led["pool_cache"] or led["driver"] or led["posted"]):
-            raise InvariantBroken(f"{self}: a NODEV area has niovs in a page pool")
-        return led
+        """Verify every area's ledger (:meth:`BufferSpace.check_ledger`) and that every
+        page-pool reference has a holder: the driver (DRIVER/POSTED), an skb frag
+        (``skb_refs`` per space id, when given) or a user reference.  Raises InvariantBroken.
+        Returns the ledger over every area."""
+        total: Counter[str] = Counter()
+        for a in self.areas:
+            sp = a.space
+            led = sp.check_ledger()
+            if skb_refs is not None:
+                refs = int(sp.pp_ref.sum())
+                held = (led["driver"] + led["posted"] + skb_refs.get(sp.space_id, 0)
+                        + int(sp.user_refs.sum()))
+                if refs != held:
+                    raise InvariantBroken(f"{self}: {refs} page-pool references in {sp}, "
+                                          f"{held} holders")
+            if self.nodev and (led["pool_cache"] or led["driver"] or led["posted"]):
+                raise InvariantBroken(f"{self}: a NODEV area has niovs in a page pool")
+            total.update(led)
+        return dict(total)
 
     # -- introspection ------------------------------------------------------------------------
 
@@ -552,6 +792,8 @@ class Ifq:
             "area": {"addr": self.area.addr, "len": self.area.length,
                      "niovs": self.area.count, "buf_len": self.area.buf_len,
                      "region": self.area.region.name},
+            "areas": 1 + len(self.more_areas),
+            "niovs": self.niovs,
             "users": len(self.users),
             "pools": 0 if self.provider is None else len(self.provider.pools),
         }
@@ -562,6 +804,7 @@ class Ifq:
         d["counters"]["rq_invalid"] = sum(self.counters[k] for k in (
             "rq_invalid_area", "rq_invalid_pad", "rq_invalid_range", "rq_invalid_noref"))
         d["ledger"] = self.ledger() if self.state != "dead" else {}
+        d["area_ledgers"] = self.area_ledgers() if self.state != "dead" else []
         return d
 
 
@@ -717,6 +960,8 @@ class RecvZcRequest(Request):
         if n_copy:
             st["copy_count"] += n_copy
             st["copy_bytes"] += delivered - zc_bytes
+            if ifq.stats is not None or ifq.event_mask:
+                ifq.count_copies(n_copy, delivered - zc_bytes)
         if self.limit:
             self.left -= delivered
         if posted:
@@ -763,7 +1008,9 @@ class RecvZcRequest(Request):
         m_mem = total
         if not cq.all_zc:
             # the first CQE whose copy finds the freelist empty
-            m_mem = int(np.searchsorted(np.cumsum(cq.copy), self.ifq.space.free_count,
+            ifq = self.ifq
+            free = ifq.space.free_count if not ifq.more_areas else ifq.free_count
+            m_mem = int(np.searchsorted(np.cumsum(cq.copy), free,
                                         side="right"))
             m = min(m, m_mem)
         return m, errno.ENOMEM if m == m_mem else errno.ENOSPC
@@ -780,16 +1027,42 @@ class RecvZcRequest(Request):
         cp = np.flatnonzero(cq.copy)
         if not len(cp):
             return _EMPTY, cp
+        ci = cq.idx[cp]
+        h = pieces.handles[fr.piece[ci]]
+        o = fr.skb_off[ci] + cq.j[cp] * COPY_CHUNK
+        if self.ifq.more_areas:
+            return self._copy_chunk_areas(fr, cq, offs, cp, ci, h, o), cp
         space = self.ifq.space
         ids = space.take_free(len(cp))
         if len(ids) != len(cp):
             raise InvariantBroken(f"{self.ifq}: freelist shrank under a RECV_ZC pass")
-        ci = cq.idx[cp]
-        h = pieces.handles[fr.piece[ci]]
-        o = fr.skb_off[ci] + cq.j[cp] * COPY_CHUNK
         self.zcrx._copy_into(space, ids, h, o, cq.len[cp], fr.src[ci])
         offs[cp] = ids * space.buf_len
         return ids, cp
+
+    def _copy_chunk_areas(self, fr: _Frags, cq: _Cqes, offs: NDArray[np.int64],
+                          cp: NDArray[np.int64], ci: NDArray[np.int64],
+                          h: NDArray[np.int64], o: NDArray[np.int64]) -> NDArray[np.int64]:
+        """:meth:`_copy_chunk` of an ifq with several areas (7.3): the niovs come from the
+        areas in order (``io_alloc_fallback_niov`` walks them); one copy per area.  Returns
+        the niovs as ``area_id << 32 | niov``."""
+        ifq = self.ifq
+        taken = ifq.take_free(len(cp))
+        if sum(len(t) for t in taken) != len(cp):
+            raise InvariantBroken(f"{ifq}: freelists shrank under a RECV_ZC pass")
+        out = np.empty(len(cp), dtype=np.int64)
+        pos = 0
+        for a, ids in enumerate(taken):
+            k = len(ids)
+            if not k:
+                continue
+            sl = slice(pos, pos + k)
+            space = ifq.areas[a].space
+            self.zcrx._copy_into(space, ids, h[sl], o[sl], cq.len[cp[sl]], fr.src[ci[sl]])
+            offs[cp[sl]] = abi.area_token(a) | (ids * space.buf_len)
+            out[sl] = (a << 32) | ids
+            pos += k
+        return out
 
     def _queue_cqe(self, fr: _Frags, cq: _Cqes, offs: NDArray[np.int64],
                    ids: NDArray[np.int64], cp: NDArray[np.int64]) -> tuple[int, int, int]:
@@ -810,7 +1083,17 @@ class RecvZcRequest(Request):
         flags = np.full(m, abi.IORING_CQE_F_MORE, dtype=np.int64)
         posted = self.ring.post_big_batch(self.user_data, res, flags, offs)
         n_copy = 0
-        if len(cp):
+        if len(cp) and ifq.more_areas:
+            n_copy = int(np.searchsorted(cp, posted))
+            spaces = [a.space for a in ifq.areas]
+            for a in np.unique(ids >> 32).tolist():
+                lent = (ids >> 32) == a
+                back = lent.copy()
+                back[:n_copy] = False  # the CQE never went out: back to its area
+                lent[n_copy:] = False
+                spaces[a].put_free(ids[back] & _U32)
+                spaces[a].lend_free(ids[lent] & _U32)
+        elif len(cp):
             n_copy = int(np.searchsorted(cp, posted))
             if n_copy < len(ids):
                 space.put_free(ids[n_copy:])  # the CQE never went out: back to the area
@@ -891,7 +1174,11 @@ class Zcrx:
     """
 
     def __init__(self, uring: IoUring, *, netdevs: Mapping[str, MpNetdev] | None = None,
-                 skbs: Any = None) -> None:
+                 skbs: Any = None, kernel: tuple[int, int] = abi.LINUX_VERSION) -> None:
+        if kernel not in abi.KERNEL_VERSIONS:
+            raise ValueError(f"kernel {kernel} is not one of {abi.KERNEL_VERSIONS}")
+        #: the Linux release this kernel behaves as (``driver_proc --kernel``)
+        self.kernel = kernel
         self.uring = uring
         self.sockets = uring.sockets
         self.skbs = skbs if skbs is not None else uring.skbs
@@ -931,9 +1218,12 @@ class Zcrx:
         return table
 
     def _foreign_ids(self, sid: int) -> NDArray[np.int64]:
+        """Space ids of the areas of other ifqs than the one owning area ``sid``."""
         if len(self._areas) <= 1 and sid in self._areas:
             return _EMPTY
-        return np.fromiter((i for i in self._areas if i != sid), dtype=np.int64)
+        owner = self._areas.get(sid)
+        return np.fromiter((i for i, q in self._areas.items() if q is not owner),
+                           dtype=np.int64)
 
     def _alloc_id(self, ring: Ring) -> int:
         table = self.ring_ifqs(ring)
@@ -965,6 +1255,8 @@ class Zcrx:
         reg = np.frombuffer(blobs[0], dtype=dt).copy()
         if reg["__resv"].any() or int(reg["zcrx_id"][0]):
             raise _misuse("ifq_reg reserved fields and zcrx_id must be 0", errno.EINVAL)
+        if self.kernel < (7, 2) and int(reg["event_desc"][0]):
+            raise _misuse("ifq_reg __resv[0] (event_desc since 7.2) must be 0", errno.EINVAL)
         flags = int(reg["flags"][0])
         if flags & abi.ZCRX_REG_IMPORT:
             return self._import(ring, task, reg)
@@ -987,6 +1279,7 @@ class Zcrx:
         buf_len = rbl or PAGE_SIZE
         area_ptr = int(reg["area_ptr"][0])
         area_reg = _read_user(task, area_ptr, abi.io_uring_zcrx_area_reg)
+        ev = self._read_event_desc(task, int(reg["event_desc"][0]))
         dev = None
         if nodev:
             if if_idx or if_rxq:
@@ -998,6 +1291,7 @@ class Zcrx:
         rq_mem, rq_region = self._create_rq(ring, task, rd, entries, serial)
         area: ZcrxArea | None = None
         try:
+            stats = self._event_stats(ev, rq_mem, entries)
             area = self._create_area(task, area_reg, buf_len, nodev)
             if dev is not None:
                 self._check_bindable(dev, if_rxq, buf_len)
@@ -1005,7 +1299,14 @@ class Zcrx:
             # write-back targets are checked before anything becomes visible.
             rd_out = _writable(task, int(reg["region_ptr"][0]), abi.io_uring_region_desc)
             area_out = _writable(task, area_ptr, abi.io_uring_zcrx_area_reg)
-            ifq = Ifq(serial, task, area, entries, rq_mem, rq_region, dev=dev, rxq=if_rxq)
+            ifq = Ifq(serial, task, area, entries, rq_mem, rq_region, dev=dev, rxq=if_rxq,
+                      kernel=self.kernel)
+            if ev is not None:
+                ifq.event_user_data = int(ev["user_data"][0])
+                ifq.event_mask = int(ev["type_mask"][0])
+                ifq.stats = stats
+                if ifq.event_mask:
+                    ifq.event_ring = ring
             if dev is not None:
                 self._bind(ifq)
         except BaseException:
@@ -1032,9 +1333,43 @@ class Zcrx:
         reg["rq_entries"] = entries
         reg["zcrx_id"] = zid
         reg["rx_buf_len"] = buf_len
-        _offsets(reg)
+        _offsets(reg, self.kernel)
         self.counters["registered"] += 1
         return 0, [reg.tobytes()]
+
+    def _read_event_desc(self, task: Task, ptr: int) -> np.ndarray | None:
+        """Read and check ``zcrx_event_desc`` (Linux 7.2; ``event_desc`` 0: none)."""
+        if not ptr:
+            return None
+        ev = _read_user(task, ptr, abi.zcrx_event_desc)
+        types = (1 << abi.ZCRX_EVENT_TYPE_LAST) - 1
+        eflags = int(ev["flags"][0])
+        if int(ev["type_mask"][0]) & ~types or eflags & ~abi.ZCRX_EVENT_DESC_FLAG_STATS:
+            raise _misuse("event_desc: unknown event types or flags", errno.EINVAL)
+        if not eflags & abi.ZCRX_EVENT_DESC_FLAG_STATS and int(ev["stats_offset"][0]):
+            raise _misuse("event_desc: stats_offset without FLAG_STATS", errno.EINVAL)
+        if ev["__resv2"].any():
+            raise _misuse("event_desc: __resv2 must be 0", errno.EINVAL)
+        return ev
+
+    def _event_stats(self, ev: np.ndarray | None, rq_mem: NDArray[np.uint8], entries: int
+                     ) -> np.ndarray | None:
+        """The ``zcrx_stats`` the event desc places in the RQ region (zeroed), or None.
+
+        ``stats_offset`` must be 8-byte aligned (``-EINVAL``), past the RQEs and inside the
+        region (``-ERANGE``)."""
+        if ev is None or not int(ev["flags"][0]) & abi.ZCRX_EVENT_DESC_FLAG_STATS:
+            return None
+        off = int(ev["stats_offset"][0])
+        dt = abi.zcrx_stats
+        if off % 8:
+            raise _misuse(f"stats_offset {off} is not 8-byte aligned", errno.EINVAL)
+        used = abi.zcrx_rq_layout(entries, self.kernel)[3]
+        if off < used or off + dt.itemsize > len(rq_mem):
+            raise _misuse(f"stats_offset {off} outside [{used}, {len(rq_mem)})", errno.ERANGE)
+        stats = rq_mem[off:off + dt.itemsize].view(dt)
+        stats[:] = 0
+        return stats
 
     def _create_rq(self, ring: Ring, task: Task, rd: np.ndarray, entries: int, serial: int
                    ) -> tuple[NDArray[np.uint8], Region | None]:
@@ -1045,20 +1380,20 @@ class Zcrx:
         if (rd["__resv"].any() or int(rd["id"][0]) or int(rd["mmap_offset"][0])
                 or rflags & ~abi.IORING_MEM_REGION_TYPE_USER):
             raise _misuse("region_desc reserved fields, id, mmap_offset or flags", errno.EINVAL)
+        # io_create_region: the memory kind and the address must agree, before size checks
+        if bool(rflags & abi.IORING_MEM_REGION_TYPE_USER) != bool(user_addr):
+            raise _misuse("user region at address 0, or kernel region with an address",
+                          errno.EFAULT)
         if size == 0 or (user_addr | size) & (PAGE_SIZE - 1):
             raise _misuse(f"region size {size} / address {user_addr:#x}", errno.EINVAL)
-        need = abi.zcrx_rq_layout(entries)[3]
+        need = abi.zcrx_rq_layout(entries, self.kernel)[3]
         too_small = _misuse(f"RQ of {entries} entries needs {need} bytes, region has {size}",
                             errno.EINVAL)
         if rflags & abi.IORING_MEM_REGION_TYPE_USER:
-            if not user_addr:
-                raise _misuse("user region at address 0", errno.EFAULT)
             mem = task.mm.resolve(user_addr, size, write=True)  # pinned while the ifq lives
             if need > size:
                 raise too_small
             return mem, None
-        if user_addr:
-            raise _misuse("kernel region with a user address", errno.EINVAL)
         if need > size:
             raise too_small
         region = Region.create(
@@ -1133,7 +1468,7 @@ class Zcrx:
     def _import(self, ring: Ring, task: Task, reg: np.ndarray) -> tuple[int, list[bytes]]:
         if (int(reg["if_rxq"][0]) or int(reg["rq_entries"][0]) or int(reg["area_ptr"][0])
                 or int(reg["region_ptr"][0]) or int(reg["flags"][0]) != abi.ZCRX_REG_IMPORT
-                or int(reg["rx_buf_len"][0])):
+                or int(reg["rx_buf_len"][0]) or int(reg["event_desc"][0])):
             raise _misuse("IMPORT takes only if_idx (the zcrx fd)", errno.EINVAL)
         fd = int(reg["if_idx"][0])
         box = task.files.get(fd if fd < 1 << 31 else fd - (1 << 32))
@@ -1147,17 +1482,66 @@ class Zcrx:
         if ifq.rq_region is not None:
             ring.mmap_regions[abi.zcrx_region_mmap_offset(zid)] = ifq.rq_region
         reg["zcrx_id"] = zid
-        _offsets(reg)
+        _offsets(reg, self.kernel)
         self.counters["imported"] += 1
         return 0, [reg.tobytes()]
 
-    def _export(self, ring: Ring, task: Task, ifq: Ifq, ctrl: np.ndarray) -> None:
+    def _add_area(self, task: Task, ifq: Ifq, ctrl: np.ndarray) -> None:
+        """``ZCRX_CTRL_ADD_AREA`` (Linux 7.3): register one more area of ``ifq``'s buffer size.
+
+        ``zc_area.area_ptr`` points to an ``io_uring_zcrx_area_reg`` (unreadable ``-EFAULT``;
+        ``__resv`` or an input token ``-EINVAL``).  As Linux, the token (``area_id << 48``) is
+        written back before the area is made (an append cannot be undone; unwritable
+        ``-EFAULT``, nothing made); then the area is checked, pinned and split as at
+        registration (:meth:`_create_area`) and, on a hardware queue, DMA-mapped.  At most
+        ``ZCRX_MAX_AREAS`` areas (``-EINVAL``).  The new niovs serve the copy fallback and come
+        back through the RQ like any other; the queue's page pool keeps the first area's."""
+        if ctrl["add_area_resv"].any():
+            raise _misuse("zc_area.__resv must be 0", errno.EINVAL)
+        ptr = int(ctrl["add_area_ptr"][0])
+        a = _read_user(task, ptr, abi.io_uring_zcrx_area_reg)
+        if int(a["rq_area_token"][0]):
+            raise _misuse("area rq_area_token must be 0", errno.EINVAL)
+        area_id = 1 + len(ifq.more_areas)
+        if area_id >= abi.ZCRX_MAX_AREAS:
+            raise _misuse(f"an ifq has at most {abi.ZCRX_MAX_AREAS} areas", errno.EINVAL)
+        if ifq.state != "live":
+            raise _misuse(f"{ifq} is going away", errno.ENXIO)
+        out = a.copy()
+        out["rq_area_token"] = abi.area_token(area_id)
+        _writable(task, ptr, abi.io_uring_zcrx_area_reg)[:] = out.view(np.uint8)
+        area = self._create_area(task, a, ifq.area.buf_len, ifq.nodev)
+        try:
+            if ifq.dev is not None:
+                area.map_id = ifq.dev.dma_map(area.region.name, area.region.size)
+        except BaseException:
+            self._release_area(area, ifq.dev)
+            raise
+        ifq.more_areas.append(area)
+        self._areas[area.space.space_id] = ifq
+        self._area_ids_seen.add(area.space.space_id)
+        self.counters["areas_added"] += 1
+
+    def _export(self, ring: Ring, task: Task, ifq: Ifq, ctrl: np.ndarray,
+                uptr: int | None = None) -> None:
+        """``ZCRX_CTRL_EXPORT``: a ``[zcrx]`` file holding the ifq, its fd written into
+        ``ctrl``.  With the pointer form the struct is copied out to ``uptr`` after the fd
+        was made; if that faults the file is released and the fd given back (no fd
+        installed, no extra hold) and the call is ``-EFAULT``, as ``zcrx_export``."""
         if int(ctrl["export_zcrx_fd"][0]) or ctrl["export_resv1"].any():
             raise _misuse("zc_export must be zero", errno.EINVAL)
         if not task.can_install():
             raise _misuse("too many open files", errno.EMFILE)
         box = ZcrxBox(self, ifq)
-        ctrl["export_zcrx_fd"] = task.install(box)
+        fd = task.install(box)
+        ctrl["export_zcrx_fd"] = fd
+        if uptr is not None:
+            try:
+                _writable(task, uptr, abi.zcrx_ctrl)[:] = ctrl.view(np.uint8)
+            except Misuse:
+                task.remove(fd)
+                box.close()
+                raise
         self.counters["exported"] += 1
 
     # -- IORING_REGISTER_ZCRX_CTRL ------------------------------------------------------------
@@ -1168,36 +1552,54 @@ class Zcrx:
         if nr_args != 0:
             raise _misuse("ZCRX_CTRL nr_args must be 0", errno.EINVAL)
         dt = abi.zcrx_ctrl
-        if not blobs or len(blobs[0]) != dt.itemsize:
+        uptr: int | None = None
+        if blobs and len(blobs[0]) == 8:
+            # the pointer form: blob 0 is the user address of the struct, read and (EXPORT)
+            # written back through the task's mm, as Linux's copy_from_user/copy_to_user
+            uptr = int.from_bytes(blobs[0], "little")
+            ctrl = _read_user(task, uptr, dt)
+        elif not blobs or len(blobs[0]) != dt.itemsize:
             raise _misuse(f"zcrx_ctrl must be {dt.itemsize} bytes", errno.EFAULT)
-        ctrl = np.frombuffer(blobs[0], dtype=dt).copy()
+        else:
+            ctrl = np.frombuffer(blobs[0], dtype=dt).copy()
         if ctrl["__resv"].any():
             raise _misuse("zcrx_ctrl.__resv must be 0", errno.EFAULT)  # kernel quirk
         ifq = self.ring_ifqs(ring).get(int(ctrl["zcrx_id"][0]))
         if ifq is None:
             raise _misuse(f"no zcrx {int(ctrl['zcrx_id'][0])} on this ring", errno.ENXIO)
         op = int(ctrl["op"][0])
+        if op >= abi.zcrx_nr_ctrl_opcodes(self.kernel):
+            raise _misuse(f"zcrx ctrl op {op} (Linux {self.kernel_name})", errno.EOPNOTSUPP)
         if op == abi.ZCRX_CTRL_FLUSH_RQ:
             if ctrl["flush_rq_resv"].any():
                 raise _misuse("zc_flush.__resv must be 0", errno.EINVAL)
             ifq.flush()
         elif op == abi.ZCRX_CTRL_EXPORT:
-            self._export(ring, task, ifq, ctrl)
+            self._export(ring, task, ifq, ctrl, uptr)
+        elif op == abi.ZCRX_CTRL_ARM_EVENT:
+            ifq.arm_event(int(ctrl["arm_event_type"][0]), bool(ctrl["arm_event_resv"].any()))
+        elif op == abi.ZCRX_CTRL_ADD_AREA:
+            self._add_area(task, ifq, ctrl)
         else:
             raise _misuse(f"zcrx ctrl op {op}", errno.EOPNOTSUPP)
         return 0, [ctrl.tobytes()]
 
     # -- IORING_REGISTER_QUERY ----------------------------------------------------------------
 
-    @staticmethod
-    def query_zcrx() -> np.ndarray:
-        """The ``io_uring_query_zcrx`` this kernel reports."""
+    @property
+    def kernel_name(self) -> str:
+        """The release this kernel acts as, ``"7.3"``."""
+        return abi.kernel_version_name(self.kernel)
+
+    def query_zcrx(self) -> np.ndarray:
+        """The ``io_uring_query_zcrx`` this kernel reports (per release: ``nr_ctrl_opcodes``,
+        ``features``, ``rq_hdr_size``)."""
         q = np.zeros(1, dtype=abi.io_uring_query_zcrx)
         q["register_flags"] = abi.ZCRX_REG_IMPORT | abi.ZCRX_REG_NODEV
         q["area_flags"] = 0
-        q["nr_ctrl_opcodes"] = _NR_CTRL_OPCODES
-        q["features"] = abi.ZCRX_FEATURE_RX_PAGE_SIZE
-        q["rq_hdr_size"] = abi.ZCRX_RQ_HDR_SIZE
+        q["nr_ctrl_opcodes"] = abi.zcrx_nr_ctrl_opcodes(self.kernel)
+        q["features"] = abi.zcrx_features(self.kernel)
+        q["rq_hdr_size"] = abi.zcrx_rq_hdr_size(self.kernel)
         q["rq_hdr_alignment"] = abi.ZCRX_RQ_HDR_ALIGNMENT
         return q
 
@@ -1207,6 +1609,11 @@ class Zcrx:
         payload: np.ndarray | None = None
         if op == abi.IO_URING_QUERY_ZCRX:
             payload = self.query_zcrx()
+        elif op == abi.IO_URING_QUERY_ZCRX_NOTIF and self.kernel >= (7, 2):
+            payload = np.zeros(1, dtype=abi.io_uring_query_zcrx_event)
+            payload["event_flags"] = (1 << abi.ZCRX_EVENT_TYPE_LAST) - 1
+            payload["stats_size"] = abi.zcrx_stats.itemsize
+            payload["stats_off_alignment"] = 8
         elif op == abi.IO_URING_QUERY_SCQ:
             payload = np.zeros(1, dtype=abi.io_uring_query_scq)
             payload["hdr_size"] = abi.IO_RINGS_HDR_SIZE
@@ -1327,6 +1734,8 @@ class Zcrx:
         """Ring teardown hook: its requests are already cancelled; drop its ifq holds."""
         table: dict[int, Ifq] = ring.extra.pop("zcrx", {}) or {}
         for zid, ifq in sorted(table.items()):
+            if ifq.event_ring is ring:
+                ifq.event_ring = None  # events have nowhere to go any more
             region = ring.mmap_regions.get(abi.zcrx_region_mmap_offset(zid))
             if region is not None and region is ifq.rq_region:
                 del ring.mmap_regions[abi.zcrx_region_mmap_offset(zid)]  # unlinked by us
@@ -1341,7 +1750,8 @@ class Zcrx:
     def _terminate(self, ifq: Ifq) -> None:
         """The last user went: scrub, unbind the queue, then destroy once drained."""
         ifq.state = "closing"
-        ifq.counters["scrubbed_refs"] += ifq.space.scrub()
+        for area in ifq.areas:
+            ifq.counters["scrubbed_refs"] += area.space.scrub()
         dev, prov = ifq.dev, ifq.provider
         if dev is not None and prov is not None:
             try:
@@ -1370,8 +1780,9 @@ class Zcrx:
             ifq.rq_region.close()
         if ifq.dev is not None and self.bound.get((ifq.dev.ifindex, ifq.rxq)) is ifq:
             del self.bound[(ifq.dev.ifindex, ifq.rxq)]
-        self._areas.pop(ifq.space.space_id, None)
-        self._release_area(ifq.area, ifq.dev)
+        for area in ifq.areas:
+            self._areas.pop(area.space.space_id, None)
+            self._release_area(area, ifq.dev)
         if ifq in self.ifqs:
             self.ifqs.remove(ifq)
         self.retired.update(ifq.counters)
@@ -1428,7 +1839,7 @@ class Zcrx:
         for led in per.values():
             total.update(led)
         return {"ifqs": per, "total": dict(total),
-                "niovs": sum(ifq.area.count for ifq in self.ifqs)}
+                "niovs": sum(ifq.niovs for ifq in self.ifqs)}
 
     def check_ledger(self) -> dict[str, Any]:
         """Verify every ifq's ledger (raises InvariantBroken); returns :meth:`ledger`."""

@@ -6,8 +6,11 @@ Sources of truth are ``uapi-layouts.md`` (offsets and sizes compiled from liburi
 ``io_uring.h`` @27255f4, 2026-08) and ``zcrx-kernel.md`` in the team's reference folder;
 ``tests/test_abi.py`` re-checks this module against the former's facts, kept in the repo as
 ``tests/data/uapi_layouts.toml``.  Where the uapi changed over time, the *liburing 2026-08 /
-kernel <= 7.1* shape is modelled (:data:`LINUX_VERSION`; e.g. ``io_uring_zcrx_ifq_reg`` has
-``rx_buf_len`` at 68 and ``__resv[3]`` at 72, no ``event_desc``).
+kernel 7.3* shape is modelled (:data:`LINUX_VERSION`; e.g. ``io_uring_zcrx_ifq_reg`` has
+``rx_buf_len`` at 68 and ``event_desc`` at 72).  The emulated kernel can act as any release of
+:data:`KERNEL_VERSIONS` (``--kernel``); the per-release facts are the functions taking a
+``kernel`` argument (:func:`zcrx_rq_layout`, :func:`zcrx_rq_hdr_size`,
+:func:`zcrx_nr_ctrl_opcodes`, :func:`zcrx_features`).
 
 Conventions
 -----------
@@ -79,11 +82,32 @@ from typing import Any
 
 import numpy as np
 
-# The newest Linux release whose uapi this module models: the liburing 2026-08 / kernel <= 7.1
-# shape.  tests/test_abi.py requires every fact of tests/data/uapi_layouts.toml up to this
-# release and lets facts of later ones (``since = "7.2"``, ...) be absent; bump it when support
-# for a newer uapi lands, and those facts become required.
-LINUX_VERSION = (7, 1)
+# The Linux releases the emulated kernel can behave as (``driver_proc --kernel X.Y``), oldest
+# first.  7.1: NODEV; 7.2: zcrx events; 7.3: several areas per ifq, the split RQ header, the
+# refill cap (uapi-layouts.md §5b).
+KERNEL_VERSIONS: tuple[tuple[int, int], ...] = ((7, 1), (7, 2), (7, 3))
+
+# The newest Linux release whose uapi this module models (and the emulated kernel's default).
+# tests/test_abi.py requires every fact of tests/data/uapi_layouts.toml up to this release and
+# lets facts of later ones be absent; bump it when support for a newer uapi lands.
+LINUX_VERSION = KERNEL_VERSIONS[-1]
+
+
+def kernel_version_name(version: tuple[int, int]) -> str:
+    """``(7, 3)`` -> ``"7.3"``."""
+    return f"{version[0]}.{version[1]}"
+
+
+def parse_kernel_version(text: str) -> tuple[int, int]:
+    """``"7.3"`` -> ``(7, 3)``; ``ValueError`` unless it is one of :data:`KERNEL_VERSIONS`."""
+    try:
+        major, minor = (int(x) for x in text.strip().split("."))
+    except ValueError:
+        raise ValueError(f"kernel version {text!r} is not MAJOR.MINOR") from None
+    if (major, minor) not in KERNEL_VERSIONS:
+        known = ", ".join(kernel_version_name(v) for v in KERNEL_VERSIONS)
+        raise ValueError(f"kernel {text} is not emulated (known: {known})")
+    return major, minor
 
 # --------------------------------------------------------------------------------------------
 # Scalar formats (x86-64 is little-endian) and the dtype builder
@@ -267,12 +291,26 @@ io_uring_zcrx_ifq_reg = _struct(
         ("offsets", io_uring_zcrx_offsets, 32),  # out
         ("zcrx_id", U32, 64),  # out; input must be 0
         ("rx_buf_len", U32, 68),  # 7.0+ (was __resv2)
-        ("__resv", _arr(U64, 3), 72),
+        ("event_desc", U64, 72),  # 7.2+: -> zcrx_event_desc (was __resv[0], must be 0)
+        ("__resv", _arr(U64, 2), 80),
     ),
 )
-"""``struct io_uring_zcrx_ifq_reg`` (96 B), the liburing 2026-08 / kernel <= 7.1 shape
-(argument of ``IORING_REGISTER_ZCRX_IFQ``, nr_args = 1).  Post-7.1 mainline turns
-``__resv[0]`` into ``event_desc``; that is not modelled."""
+"""``struct io_uring_zcrx_ifq_reg`` (96 B, argument of ``IORING_REGISTER_ZCRX_IFQ``, nr_args =
+1), the 7.2+ shape: ``event_desc`` at 72 was ``__resv[0]`` up to 7.1 (a 7.1 kernel refuses it
+non-zero with ``-EINVAL``, as any reserved word)."""
+
+zcrx_event_desc = _struct(
+    96,
+    (
+        ("user_data", U64, 0),  # user_data of the event CQEs
+        ("type_mask", U32, 8),  # 1 << ZCRX_EVENT_* for each type wanted
+        ("flags", U32, 12),  # ZCRX_EVENT_DESC_FLAG_STATS
+        ("stats_offset", U64, 16),  # zcrx_stats at this offset of the RQ region
+        ("__resv2", _arr(U64, 9), 24),
+    ),
+)
+"""``struct zcrx_event_desc`` (96 B, Linux 7.2), pointed to by ``ifq_reg.event_desc``: the app
+fills it, the kernel only reads it."""
 
 io_uring_region_desc = _struct(
     64,
@@ -307,13 +345,18 @@ zcrx_ctrl = _struct(
         ("flush_rq_resv", _arr(U64, 6), 24),  # zc_flush.__resv[6]
         ("export_zcrx_fd", U32, 24),  # zc_export.zcrx_fd (out)
         ("export_resv1", _arr(U32, 11), 28),  # zc_export.__resv1[11]
+        ("arm_event_type", U32, 24),  # zc_arm_event.event_type (7.2)
+        ("arm_event_resv", _arr(U32, 11), 28),  # zc_arm_event.__resv[11]
+        ("add_area_ptr", U64, 24),  # zc_area.area_ptr -> io_uring_zcrx_area_reg (7.3)
+        ("add_area_resv", _arr(U64, 5), 32),  # zc_area.__resv[5]
     ),
 )
 """``struct zcrx_ctrl`` (72 B), argument of ``IORING_REGISTER_ZCRX_CTRL`` (nr_args = 0).  The
 union at 24 is exposed through its members (see the name table in the module docstring)."""
 
 zcrx_stats = _struct(16, (("copy_count", U64, 0), ("copy_bytes", U64, 8)))
-"""``struct zcrx_stats`` (16 B): copy-fallback counters (post-7.1 mainline, in the RQ region)."""
+"""``struct zcrx_stats`` (16 B, Linux 7.2): copy-fallback counters.  They live in the RQ region at
+``zcrx_event_desc.stats_offset``; the kernel writes them, the app reads them."""
 
 # --------------------------------------------------------------------------------------------
 # Ring setup (§3)
@@ -442,6 +485,20 @@ io_uring_query_zcrx = _struct(
     ),
 )
 """``struct io_uring_query_zcrx`` (40 B), payload of ``IO_URING_QUERY_ZCRX``."""
+
+io_uring_query_zcrx_event = _struct(
+    48,
+    (
+        ("event_flags", U32, 0),  # supported event types, as a mask of 1 << ZCRX_EVENT_*
+        ("stats_size", U32, 4),  # sizeof(struct zcrx_stats)
+        ("stats_off_alignment", U32, 8),  # zcrx_event_desc.stats_offset alignment
+        ("__resv1", U32, 12),
+        ("__resv2", _arr(U64, 4), 16),
+    ),
+)
+"""``struct io_uring_query_zcrx_event`` (48 B, Linux 7.2), payload of query op 3
+(``IO_URING_QUERY_ZCRX_NOTIF``).  Read from a 7.3-era header (the reference says 40 bytes and
+gives no table; an earlier ``_notif`` shape had ``__resv2[10]``)."""
 
 io_uring_query_scq = _struct(16, (("hdr_size", U64, 0), ("hdr_alignment", U64, 8)))
 """``struct io_uring_query_scq`` (16 B), payload of ``IO_URING_QUERY_SCQ``."""
@@ -674,12 +731,22 @@ ZCRX_REG_NODEV = 2  # (7.1)
 ZCRX_FEATURE_RX_PAGE_SIZE = 1 << 0  # io_uring_query_zcrx.features (7.0)
 ZCRX_CTRL_FLUSH_RQ = 0  # zcrx_ctrl.op
 ZCRX_CTRL_EXPORT = 1
-ZCRX_CTRL_LAST = 2  # uapi name __ZCRX_CTRL_LAST (liburing 2026-08; 3 in post-7.1 mainline)
+ZCRX_CTRL_ARM_EVENT = 2  # (7.2)
+ZCRX_CTRL_ADD_AREA = 3  # (7.3)
+ZCRX_CTRL_LAST = 4  # uapi name __ZCRX_CTRL_LAST (7.3; 3 in 7.2, 2 in 7.1 / liburing 2026-08)
+ZCRX_FEATURE_EVENT = 1 << 1  # (7.2)
+ZCRX_EVENT_ALLOC_FAIL = 0  # enum zcrx_event_type (7.2): the provider found no buffer
+ZCRX_EVENT_COPY = 1  # the copy fallback ran
+ZCRX_EVENT_TYPE_LAST = 2  # uapi name __ZCRX_EVENT_TYPE_LAST
+ZCRX_EVENT_DESC_FLAG_STATS = 1  # zcrx_event_desc.flags: stats_offset is valid
+ZCRX_MAX_AREAS = 1024  # areas per ifq (7.3; one before)
 IORING_MEM_REGION_TYPE_USER = 1  # io_uring_region_desc.flags
 IORING_MEM_REGION_REG_WAIT_ARG = 1  # io_uring_mem_region_reg.flags
 IO_URING_QUERY_OPCODES = 0  # io_uring_query_hdr.query_op
 IO_URING_QUERY_ZCRX = 1
 IO_URING_QUERY_SCQ = 2
+IO_URING_QUERY_ZCRX_NOTIF = 3  # (7.2) renamed during 7.2-rc; the reference's name
+IO_URING_QUERY_ZCRX_EVENT = IO_URING_QUERY_ZCRX_NOTIF  # the post-rename name (inferred)
 IORING_FILE_INDEX_ALLOC = 0xFFFFFFFF
 IOU_PBUF_RING_MMAP = 1  # io_uring_buf_reg.flags
 IOU_PBUF_RING_INC = 2
@@ -695,8 +762,10 @@ SMP_CACHE_BYTES = 64
 L1_CACHE_BYTES = 64
 IO_RINGS_HDR_SIZE = 64  # sizeof(struct io_rings) on >= 6.6 (compact heads/tails)
 
-# zcrx refill-queue header (kernel-internal `struct io_uring {u32 head, tail}`), Linux 6.18+
-ZCRX_RQ_HDR_SIZE = 8  # io_uring_query_zcrx.rq_hdr_size
+# zcrx refill-queue header: 6.18 - 7.2 the kernel-internal `struct io_uring {u32 head, tail}`
+# (8 bytes); 7.3 `struct zcrx_rq_hdr` with head and tail on cache lines of their own (128).
+ZCRX_RQ_HDR_SIZE = 128  # io_uring_query_zcrx.rq_hdr_size of LINUX_VERSION (7.3)
+ZCRX_RQ_HDR_SIZE_OLD = 8  # ... of 6.18 - 7.2
 ZCRX_RQ_HDR_ALIGNMENT = 64  # io_uring_query_zcrx.rq_hdr_alignment (L1_CACHE_BYTES)
 
 # --------------------------------------------------------------------------------------------
@@ -774,18 +843,40 @@ def sqes_size(sq_entries: int, setup_flags: int) -> int:
     return sq_entries * per
 
 
-def zcrx_rq_layout(rq_entries: int) -> tuple[int, int, int, int]:
-    """``(head, tail, rqes, region_bytes)`` of a zcrx refill queue, Linux 6.18+.
+def zcrx_rq_hdr_size(kernel: tuple[int, int] = LINUX_VERSION) -> int:
+    """``io_uring_query_zcrx.rq_hdr_size`` of release ``kernel``: 8 up to 7.2, 128 from 7.3."""
+    return ZCRX_RQ_HDR_SIZE if kernel >= (7, 3) else ZCRX_RQ_HDR_SIZE_OLD
 
-    Mirrors ``io_allocate_rbuf_ring()`` / ``io_fill_zcrx_offsets()`` in io_uring/zcrx.c: the
-    region starts with ``struct io_uring {u32 head; u32 tail;}`` (head @0, tail @4) and the
-    RQE array starts on the next cache line, ``ALIGN(8, L1_CACHE_BYTES)`` = 64.  The region
-    must hold ``rqes + 16 * rq_entries`` bytes (the kernel rejects smaller regions).
+
+def zcrx_nr_ctrl_opcodes(kernel: tuple[int, int] = LINUX_VERSION) -> int:
+    """``__ZCRX_CTRL_LAST`` of release ``kernel`` (query ``nr_ctrl_opcodes``): 2, 3 or 4."""
+    if kernel >= (7, 3):
+        return ZCRX_CTRL_LAST
+    return ZCRX_CTRL_ARM_EVENT + 1 if kernel >= (7, 2) else ZCRX_CTRL_EXPORT + 1
+
+
+def zcrx_features(kernel: tuple[int, int] = LINUX_VERSION) -> int:
+    """``io_uring_query_zcrx.features`` of release ``kernel``."""
+    return ZCRX_FEATURE_RX_PAGE_SIZE | (ZCRX_FEATURE_EVENT if kernel >= (7, 2) else 0)
+
+
+def zcrx_rq_layout(rq_entries: int, kernel: tuple[int, int] = LINUX_VERSION
+                   ) -> tuple[int, int, int, int]:
+    """``(head, tail, rqes, region_bytes)`` of a zcrx refill queue on release ``kernel``.
+
+    Mirrors ``io_allocate_rbuf_ring()`` / ``io_fill_zcrx_offsets()`` in io_uring/zcrx.c.  Up to
+    7.2 the region starts with ``struct io_uring {u32 head; u32 tail;}`` (head @0, tail @4) and
+    the RQE array starts on the next cache line, ``ALIGN(8, L1_CACHE_BYTES)`` = 64.  From 7.3
+    the header gives head and tail a cache line each (head @0, tail @64) and the RQEs follow at
+    128.  The region must hold ``rqes + 16 * rq_entries`` bytes (the kernel rejects smaller
+    regions).
     """
     if rq_entries <= 0:
         raise ValueError(f"rq_entries must be positive, got {rq_entries}")
-    rqes = _align(ZCRX_RQ_HDR_SIZE, ZCRX_RQ_HDR_ALIGNMENT)
-    return 0, 4, rqes, rqes + io_uring_zcrx_rqe.itemsize * rq_entries
+    hdr = zcrx_rq_hdr_size(kernel)
+    tail = L1_CACHE_BYTES if kernel >= (7, 3) else 4
+    rqes = _align(hdr, ZCRX_RQ_HDR_ALIGNMENT)
+    return 0, tail, rqes, rqes + io_uring_zcrx_rqe.itemsize * rq_entries
 
 
 # The largest id whose region offset still decodes under IORING_OFF_MMAP_MASK.
@@ -948,6 +1039,7 @@ def _check_sizes() -> None:
         "io_uring_mem_region_reg": (io_uring_mem_region_reg, 32),
         "zcrx_ctrl": (zcrx_ctrl, 72),
         "zcrx_stats": (zcrx_stats, 16),
+        "zcrx_event_desc": (zcrx_event_desc, 96),
         "io_sqring_offsets": (io_sqring_offsets, 40),
         "io_cqring_offsets": (io_cqring_offsets, 40),
         "io_uring_params": (io_uring_params, 120),
@@ -959,6 +1051,7 @@ def _check_sizes() -> None:
         "io_uring_query_hdr": (io_uring_query_hdr, 40),
         "io_uring_query_zcrx": (io_uring_query_zcrx, 40),
         "io_uring_query_scq": (io_uring_query_scq, 16),
+        "io_uring_query_zcrx_event": (io_uring_query_zcrx_event, 48),
         "nic_rx_desc": (nic_rx_desc, 16),
         "nic_rx_cqe": (nic_rx_cqe, 32),
     }

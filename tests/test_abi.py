@@ -143,6 +143,7 @@ class TableSpec:
     key: str  # [struct.KEY] in the data file (a table in the reference)
     min_entries: int = 1  # guards against a truncated data file
     aliases: dict[str, Alias] = field(default_factory=dict)
+    partial: bool = False  # the table documents only some fields (a per-release column)
 
 
 @dataclass
@@ -177,14 +178,23 @@ TABLES = [
     TableSpec("io_uring_zcrx_rqe", "io_uring_zcrx_rqe", 3),
     TableSpec("io_uring_zcrx_offsets", "io_uring_zcrx_offsets", 5),
     TableSpec("io_uring_zcrx_area_reg", "io_uring_zcrx_area_reg", 6),
-    TableSpec("io_uring_zcrx_ifq_reg", "io_uring_zcrx_ifq_reg", 11),
+    TableSpec(
+        "io_uring_zcrx_ifq_reg", "io_uring_zcrx_ifq_reg", 11,
+        # the <= 7.1 column's reserved words, as 7.2 named them (same offsets and sizes)
+        aliases={"__resv[0]": "event_desc", "__resv[1..2]": "__resv"},
+    ),
+    TableSpec(
+        "io_uring_zcrx_ifq_reg", "io_uring_zcrx_ifq_reg_7_2", 2,
+        aliases={"__resv[2]": "__resv"},  # the C declaration `__u64 __resv[2]`, not an index
+        partial=True,
+    ),
     TableSpec("io_uring_region_desc", "io_uring_region_desc", 6),
     TableSpec(
         "zcrx_ctrl", "zcrx_ctrl", 6,
         aliases={
             # The anonymous 48-byte union: exposed through its members (InlineSpecs below).
             "zc_export": None, "zc_flush": None,
-            "zc_arm_event": None,  # post-7.1 mainline only, not modelled
+            "zc_arm_event": None,
         },
     ),
     TableSpec("io_uring_query_zcrx", "io_uring_query_zcrx", 7),
@@ -208,6 +218,15 @@ INLINES = [
         "zcrx_ctrl", "zcrx_ctrl_export", 2,
         aliases={"zcrx_fd": "export_zcrx_fd", "__resv1": "export_resv1"}, base=24,
     ),
+    InlineSpec(
+        "zcrx_ctrl", "zcrx_ctrl_arm_event", 2,
+        aliases={"event_type": "arm_event_type", "__resv": "arm_event_resv"}, base=24,
+    ),
+    InlineSpec(
+        "zcrx_ctrl", "zcrx_ctrl_add_area", 2,
+        aliases={"area_ptr": "add_area_ptr", "__resv": "add_area_resv"}, base=24,
+    ),
+    InlineSpec("zcrx_event_desc", "zcrx_event_desc", 5),
     InlineSpec("io_uring_query_scq", "io_uring_query_scq", 2),
     InlineSpec("zcrx_stats", "zcrx_stats", 2),
     InlineSpec("io_uring_buf_status", "io_uring_buf_status", 3),
@@ -271,7 +290,7 @@ def _check_entry(dtype_name: str, entry: Entry, aliases: dict[str, Alias], base:
             assert sub.base == entry.ctype, f"{where}: type {sub.base} != {entry.ctype}"
 
 
-@pytest.mark.parametrize("spec", TABLES, ids=[f"{s.dtype}" for s in TABLES])
+@pytest.mark.parametrize("spec", TABLES, ids=[f"{s.key}" for s in TABLES])
 def test_struct_table(spec: TableSpec) -> None:
     """Every field of a reference struct table sits at the documented offset/size/type."""
     entries = _entries(spec.key)
@@ -285,6 +304,8 @@ def test_struct_table(spec: TableSpec) -> None:
         assert _dtype(spec.dtype).itemsize == size
     for e in entries:
         _check_entry(spec.dtype, e, spec.aliases, 0)
+    if spec.partial:
+        return
     # Reverse direction: every field of our dtype is documented by this table.
     documented = set()
     for e in entries:
@@ -294,7 +315,8 @@ def test_struct_table(spec: TableSpec) -> None:
     undocumented = set(_dtype(spec.dtype).names or ()) - documented
     allowed = {
         # the zcrx_ctrl union members are documented inline (test_inline_struct)
-        "zcrx_ctrl": {"flush_rq_resv", "export_zcrx_fd", "export_resv1"},
+        "zcrx_ctrl": {"flush_rq_resv", "export_zcrx_fd", "export_resv1", "arm_event_type",
+                      "arm_event_resv", "add_area_ptr", "add_area_resv"},
         # big_cqe is in the io_uring_cqe table (size 0/16)
         "io_uring_cqe32": {"big_cqe"},
     }.get(spec.dtype, set())
@@ -416,17 +438,43 @@ def test_sqes_size() -> None:
         abi.sqes_size(0, 0)
 
 
+def _rq_row(version: tuple[int, int]) -> dict[str, Any]:
+    """The §5a row that holds for ``version``."""
+    rows = [r for r in UAPI["zcrx_rq"]
+            if _release(r.get("since", "0.0")) <= version <= _release(r.get("until", "99.0"))]
+    assert len(rows) == 1, (version, rows)
+    return rows[0]
+
+
 def test_zcrx_rq_layout() -> None:
-    """§5a: the row of the release abi models (6.18 - 7.2: head 0, tail 4, rqes 64, size 8)."""
+    """§5a: the row of the release abi models (7.3: head 0, tail 64, rqes 128, size 128), and
+    the row of every release the emulated kernel can act as (7.1, 7.2: 0 / 4 / 64, size 8)."""
     row = _for_this_release(UAPI["zcrx_rq"])
     head, tail, rqes, hdr = (row[h] for h in ("head", "tail", "rqes", "rq_hdr_size"))
-    assert abi.zcrx_rq_layout(16)[:3] == (head, tail, rqes) == (0, 4, 64)
-    assert abi.ZCRX_RQ_HDR_SIZE == hdr == 8
-    for n in (1, 16, 4096, abi.IO_RQ_MAX_ENTRIES):
-        aligned = -(-abi.ZCRX_RQ_HDR_SIZE // abi.ZCRX_RQ_HDR_ALIGNMENT) * abi.ZCRX_RQ_HDR_ALIGNMENT
-        assert abi.zcrx_rq_layout(n)[3] == aligned + 16 * n == 64 + 16 * n
+    assert abi.zcrx_rq_layout(16)[:3] == (head, tail, rqes) == (0, 64, 128)
+    assert abi.ZCRX_RQ_HDR_SIZE == abi.zcrx_rq_hdr_size() == hdr == 128
+    for v in abi.KERNEL_VERSIONS:
+        r = _rq_row(v)
+        assert abi.zcrx_rq_layout(16, v)[:3] == (r["head"], r["tail"], r["rqes"])
+        assert abi.zcrx_rq_hdr_size(v) == r["rq_hdr_size"]
+        hsz = abi.zcrx_rq_hdr_size(v)
+        for n in (1, 16, 4096, abi.IO_RQ_MAX_ENTRIES):
+            aligned = -(-hsz // abi.ZCRX_RQ_HDR_ALIGNMENT) * abi.ZCRX_RQ_HDR_ALIGNMENT
+            assert abi.zcrx_rq_layout(n, v)[3] == aligned + 16 * n
+    assert abi.zcrx_rq_layout(16, (7, 1))[:3] == abi.zcrx_rq_layout(16, (7, 2))[:3] == (0, 4, 64)
     with pytest.raises(ValueError):
         abi.zcrx_rq_layout(0)
+
+
+def test_kernel_versions() -> None:
+    """The releases the emulated kernel can act as, and what the query reports on each."""
+    assert abi.KERNEL_VERSIONS == ((7, 1), (7, 2), (7, 3)) and abi.LINUX_VERSION == (7, 3)
+    assert [abi.zcrx_nr_ctrl_opcodes(v) for v in abi.KERNEL_VERSIONS] == [2, 3, 4]
+    assert [abi.zcrx_features(v) for v in abi.KERNEL_VERSIONS] == [1, 3, 3]
+    assert abi.parse_kernel_version(" 7.2") == (7, 2)
+    for bad in ("7.0", "7", "x.y", "7.4"):
+        with pytest.raises(ValueError):
+            abi.parse_kernel_version(bad)
 
 
 def test_zcrx_region_mmap_offset() -> None:
@@ -477,10 +525,7 @@ _FULL_PREFIXES = ("IORING_", "IOSQE_", "IO_URING_", "ZCRX_", "IOU_")
 
 # Constants the reference lists that we deliberately do not define (post-7.1 mainline only:
 # our ifq_reg is the kernel <= 7.1 shape without event_desc).
-NOT_MODELLED = {
-    "ZCRX_FEATURE_EVENT", "ZCRX_CTRL_ARM_EVENT", "ZCRX_EVENT_ALLOC_FAIL", "ZCRX_EVENT_COPY",
-    "ZCRX_EVENT_DESC_FLAG_STATS", "IO_URING_QUERY_ZCRX_NOTIF",
-}
+NOT_MODELLED: set[str] = set()  # the 7.2 event constants are modelled since LINUX_VERSION 7.3
 
 
 def _check_constant(c: dict[str, Any], where: str) -> bool:
@@ -544,7 +589,8 @@ def test_misc_constants() -> None:
     assert abi.IO_RQ_MAX_ENTRIES == 32768 and abi.IO_SKBS_PER_CALL_LIMIT == 20
     assert abi.PAGE_SIZE == 4096 and abi.SMP_CACHE_BYTES == abi.L1_CACHE_BYTES == 64
     assert abi.ZCRX_RQ_HDR_ALIGNMENT == abi.L1_CACHE_BYTES
-    assert abi.ZCRX_CTRL_LAST == 2
+    assert abi.ZCRX_CTRL_LAST == abi.ZCRX_CTRL_ADD_AREA + 1 == 4
+    assert abi.ZCRX_EVENT_TYPE_LAST == abi.ZCRX_EVENT_COPY + 1
     # Buffer ids live above the flag bits that carry meaning on buffer CQEs.
     low = [
         v for k, v in vars(abi).items()
@@ -616,8 +662,11 @@ def _documented_ifq_layout() -> list[_Slot]:
     ``__resv[1..2]`` becomes (("__resv",), 1, 80, "Q", 2).
     """
     sub_rows = _entries("io_uring_zcrx_offsets")
+    # the <= 7.1 column's reserved words, as 7.2 named them
+    renamed = {"__resv[0]": "event_desc", "__resv[1..2]": "__resv[0..1]"}
     out: list[_Slot] = []
     for e in _entries("io_uring_zcrx_ifq_reg"):
+        e = Entry(renamed.get(e.name, e.name), e.off, e.sizes, e.ctype, e.source, e.future)
         if e.name == "offsets":
             for sub in sub_rows:
                 assert sub.ctype is not None
@@ -673,7 +722,8 @@ def test_ifq_reg_bytes_match_documented_offsets(
     assert back.tobytes() == raw
     assert int(back["zcrx_id"][0]) == expected[64][0]
     assert int(back["offsets"]["rqes"][0]) == expected[40][0]
-    assert int(back["__resv"][0, 2]) == expected[80][1]
+    assert int(back["event_desc"][0]) == expected[72][0]
+    assert int(back["__resv"][0, 1]) == expected[80][1]
 
 
 @given(

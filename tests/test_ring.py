@@ -259,6 +259,20 @@ def _producer(name: str, nentries: int, total: int) -> None:
     region.detach()
 
 
+def _batch_in_order(offs: np.ndarray, start: int) -> bool:
+    """Every entry of a consumed batch is the next one: ``start, start + 1, ...``."""
+    want = np.arange(start, start + len(offs), dtype=np.uint64)
+    return bool(np.array_equal(offs.astype(np.uint64, copy=False), want))
+
+
+def test_batch_check_catches_a_swap_inside_a_batch() -> None:
+    offs = np.arange(100, 110, dtype=np.uint64)
+    assert _batch_in_order(offs, 100)
+    offs[[3, 4]] = offs[[4, 3]]          # first and last still right, the checksum too
+    assert not _batch_in_order(offs, 100)
+    assert int(offs[0]) == 100 and int(offs[-1]) == 109
+
+
 @pytest.mark.timeout(120)
 def test_two_processes_move_ten_million_entries_with_checksum(run_id: str) -> None:
     from shared.ring import Backoff
@@ -286,8 +300,8 @@ def test_two_processes_move_ten_million_entries_with_checksum(run_id: str) -> No
                 continue
             wait.reset()
             offs = view["off"]
-            # Every batch continues exactly where the previous one ended.
-            in_order &= int(offs[0]) == got and int(offs[-1]) == got + k - 1
+            # Every entry of every batch is the next one (a swap inside a batch fails it).
+            in_order &= _batch_in_order(offs, got)
             checksum += int(offs.sum(dtype=np.uint64))
             c.release(k)
             got += k

@@ -72,9 +72,10 @@ class KernelThread:
     traffic helpers build TCP flows there.
     """
 
-    def __init__(self, run_id: str, rundir: Any, **info: Any) -> None:
+    def __init__(self, run_id: str, rundir: Any, *,
+                 kernel: tuple[int, int] = abi.LINUX_VERSION, **info: Any) -> None:
         self.nic = ZNic({**tn.INFO, **info})
-        self.kernel = Kernel(run_id, str(rundir), self.nic)
+        self.kernel = Kernel(run_id, str(rundir), self.nic, kernel=kernel)
         self.kernel.probe()
         self.endpoint = ipc_endpoint(rundir, "kernel")
         self.seq: dict[int, int] = {}
@@ -206,9 +207,11 @@ class KernelThread:
         return int(self.call(lambda k: self.nic.deliver(q, frames, flen)))
 
 
-def kernel_fixture(run_id: str, tmp_path: Any) -> Iterator[KernelThread]:
-    """Body of the ``kt`` fixture (shared with test_conformance)."""
-    k = KernelThread(run_id, tmp_path)
+def kernel_fixture(run_id: str, tmp_path: Any,
+                   kernel: tuple[int, int] = abi.LINUX_VERSION) -> Iterator[KernelThread]:
+    """Body of the ``kt`` fixture (shared with test_conformance): a kernel acting as Linux
+    ``kernel``."""
+    k = KernelThread(run_id, tmp_path, kernel=kernel)
     yield k
     k.close()
     assert k.kernel.skbs.in_flight == 0
@@ -222,9 +225,16 @@ def app_fixture(run_id: str, tmp_path: Any) -> Iterator[S.Kernel]:
     a.close()
 
 
+#: The RQ header each emulated release reports: (head, tail, rqes), rq_hdr_size.
+RQ_LAYOUTS = {(7, 1): ((0, 4, 64), 8), (7, 2): ((0, 4, 64), 8), (7, 3): ((0, 64, 128), 128)}
+#: Releases a version-sensitive case runs on (``kt`` parametrized indirectly).
+VERSIONS = pytest.mark.parametrize("kt", abi.KERNEL_VERSIONS, indirect=True,
+                                   ids=[abi.kernel_version_name(v) for v in abi.KERNEL_VERSIONS])
+
+
 @pytest.fixture
-def kt(run_id: str, tmp_path: Any) -> Iterator[KernelThread]:
-    yield from kernel_fixture(run_id, tmp_path)
+def kt(run_id: str, tmp_path: Any, request: pytest.FixtureRequest) -> Iterator[KernelThread]:
+    yield from kernel_fixture(run_id, tmp_path, getattr(request, "param", abi.LINUX_VERSION))
 
 
 @pytest.fixture
@@ -356,7 +366,7 @@ class Zq:
             self._region = Region.attach(name)
             mem = self._region.array(np.uint8)
         self.mem = mem
-        self.words = mem[:8].view("<u4")
+        self.words = mem[:self.rqes_off].view("<u4")  # the RQ header, wherever it puts them
         self.rqes = mem[self.rqes_off:self.rqes_off + 16 * self.entries].view(
             abi.io_uring_zcrx_rqe)
         self.rq = RingProducer(mem, RingLayout(self.entries, abi.io_uring_zcrx_rqe,
@@ -529,15 +539,25 @@ def query(app: S.Kernel, op: int = abi.IO_URING_QUERY_ZCRX, size: int = 40) -> t
         mem.close()
 
 
+@VERSIONS
 def test_query_reports_nodev_import_and_rq_header(kt: KernelThread, app: S.Kernel) -> None:
+    v = kt.kernel.zcrx.kernel
     res, data = query(app)
     assert res == 0 and len(data) == 40
     q = np.frombuffer(data, dtype=abi.io_uring_query_zcrx)[0]
     assert int(q["register_flags"]) == abi.ZCRX_REG_NODEV | abi.ZCRX_REG_IMPORT
     assert int(q["area_flags"]) == 0                      # dmabuf is not emulated
-    assert int(q["nr_ctrl_opcodes"]) == 2
-    assert int(q["features"]) == abi.ZCRX_FEATURE_RX_PAGE_SIZE
-    assert (int(q["rq_hdr_size"]), int(q["rq_hdr_alignment"])) == (8, 64)
+    assert int(q["nr_ctrl_opcodes"]) == {(7, 1): 2, (7, 2): 3, (7, 3): 4}[v]
+    events = abi.ZCRX_FEATURE_EVENT if v >= (7, 2) else 0
+    assert int(q["features"]) == abi.ZCRX_FEATURE_RX_PAGE_SIZE | events
+    assert (int(q["rq_hdr_size"]), int(q["rq_hdr_alignment"])) == (RQ_LAYOUTS[v][1], 64)
+    res, data = query(app, abi.IO_URING_QUERY_ZCRX_NOTIF, 48)
+    if v >= (7, 2):
+        ev = np.frombuffer(data, dtype=abi.io_uring_query_zcrx_event)[0]
+        assert res == 0 and (int(ev["event_flags"]), int(ev["stats_size"]),
+                             int(ev["stats_off_alignment"])) == (3, 16, 8)
+    else:
+        assert res == -errno.EOPNOTSUPP                   # no query op 3 before 7.2
     res, data = query(app, abi.IO_URING_QUERY_SCQ, 16)
     assert res == 0 and np.frombuffer(data, dtype="<u8").tolist() == [64, 64]
     assert query(app, abi.IO_URING_QUERY_OPCODES)[0] == -errno.EOPNOTSUPP
@@ -571,24 +591,27 @@ def test_query_chain_follows_next_entry(kt: KernelThread, app: S.Kernel) -> None
     L.io_uring_register(None, abi.IORING_REGISTER_QUERY, 0, [hdr], kernel=app)
     assert int(h2["result"][0]) == 0 and int(h2["size"][0]) == 16
     assert mem.view[512:528].view("<u8").tolist() == [64, 64]
-    assert int(mem.view[24:28].view("<u4")[0]) == 8        # rq_hdr_size of the first entry
+    assert int(mem.view[24:28].view("<u4")[0]) == 128      # rq_hdr_size of the first entry
     mem.close()
 
 
+@VERSIONS
 def test_register_nodev_writes_back_and_zeroes_the_rq_header(kt: KernelThread,
                                                             app: S.Kernel) -> None:
+    layout = RQ_LAYOUTS[kt.kernel.zcrx.kernel][0]
     ring = zring(app)
     b = Bundle.make(app, rq_entries=100)
     assert b.rq is not None
-    b.rq.view[:8] = 0xAB                                   # garbage in head and tail
+    b.rq.view[:layout[2]] = 0xAB                           # garbage in the whole header
     out = register_raw(ring, b.reg)
     assert int(out["rq_entries"][0]) == 128 and int(out["zcrx_id"][0]) == 0
     off = out["offsets"][0]
-    assert (int(off["head"]), int(off["tail"]), int(off["rqes"])) == (0, 4, 64)
+    assert (int(off["head"]), int(off["tail"]), int(off["rqes"])) == layout
     assert int(out["rx_buf_len"][0]) == PAGE
     assert int(b.area_reg["rq_area_token"][0]) == 0
     assert int(b.rd["mmap_offset"][0]) == 0
-    assert b.rq.view[:8].tolist() == [0] * 8
+    for word in layout[:2]:                                # head and tail zeroed
+        assert b.rq.view[word:word + 4].tolist() == [0] * 4
     st = kt.call(lambda k: k.zcrx.stats())
     [ifq] = st["ifqs"]
     assert ifq["mode"] == "nodev" and ifq["area"]["niovs"] == AREA_PAGES
@@ -1057,7 +1080,7 @@ def test_export_import_shares_area_and_rq_between_rings(kt: KernelThread,
     imp["flags"] = abi.ZCRX_REG_IMPORT
     imp["if_idx"] = box
     out = register_raw(r2, imp)
-    assert int(out["zcrx_id"][0]) == 0 and int(out["offsets"]["rqes"][0]) == 64
+    assert int(out["zcrx_id"][0]) == 0 and int(out["offsets"]["rqes"][0]) == 128
     L.io_uring_queue_exit(r1)                               # the box and r2 keep it alive
     assert kt.call(lambda k: [i.state for i in k.zcrx.ifqs]) == ["live"]
     _, fd = accept_conn(kt, app, r2)

@@ -443,8 +443,10 @@ class StandIn:
         hdr = np.frombuffer(blobs[0], dtype=abi.io_uring_query_hdr).copy()
         q = np.zeros(1, dtype=abi.io_uring_query_zcrx)
         q["register_flags"] = abi.ZCRX_REG_NODEV
-        q["nr_ctrl_opcodes"] = abi.ZCRX_CTRL_LAST
-        q["rq_hdr_size"], q["rq_hdr_alignment"] = abi.ZCRX_RQ_HDR_SIZE, abi.ZCRX_RQ_HDR_ALIGNMENT
+        old = (7, 2)  # the stand-in answers as a 7.2 kernel (its RQ header is 0 / 4 / 64)
+        q["nr_ctrl_opcodes"] = abi.zcrx_nr_ctrl_opcodes(old)
+        q["rq_hdr_size"] = abi.zcrx_rq_hdr_size(old)
+        q["rq_hdr_alignment"] = abi.ZCRX_RQ_HDR_ALIGNMENT
         dst = task.mm.resolve(int(hdr["query_data"][0]), int(hdr["size"][0]), write=True)
         dst[:] = q.view(np.uint8)[:len(dst)]
         hdr["result"] = 0
@@ -759,3 +761,16 @@ def test_server_exits_with_a_clear_error_when_the_kernel_goes(kt, run_id, tmp_pa
         assert "kernel gone" in capsys.readouterr().err
     finally:
         k.close()
+
+
+@needs_kernel
+def test_nodev_server_prints_zcrx_events_with_e(kt, app, tmp_path, capsys):
+    """``-E`` (Linux 7.2+): the COPY event of the NODEV copy fallback is printed, once."""
+    t, result = _run_server(kt, app, ["--nodev", "-E", "-n", "1", "-S", "256K", "-R", "32",
+                                      "-C", "256", "--seconds", "30"])
+    tcp_stream(kt, 31001, pattern.pattern_bytes(31001, 0, 100_000))
+    t.join(30)
+    assert not t.is_alive() and result == {"code": 0}, result
+    out = capsys.readouterr().out
+    assert out.count("zcrx event COPY") == 1 and "copy stats:" in out
+    assert kt.call(lambda ctx: ctx.zcrx.retired["events"]) == 1

@@ -304,6 +304,8 @@ class TableSpec:
     field_col: str = "field"
     min_entries: int = 1
     title: str = ""
+    since: str | None = None  # the column describes a release from this one on
+    source: str | None = None
 
 
 @dataclass
@@ -313,6 +315,7 @@ class InlineSpec:
     end: str
     min_entries: int = 1
     source: str | None = None
+    since: str | None = None  # when the paragraph does not say it (a §5b bullet)
 
 
 def _struct_anchor(name: str) -> str:
@@ -337,6 +340,12 @@ TABLES = [
         "io_uring_zcrx_ifq_reg", _struct_anchor("io_uring_zcrx_ifq_reg"), "liburing 2026-08", 11,
         "struct io_uring_zcrx_ifq_reg (liburing 2026-08 / kernel <= 7.1 column)",
     ),
+    TableSpec(
+        "io_uring_zcrx_ifq_reg_7_2", _struct_anchor("io_uring_zcrx_ifq_reg"),
+        "mainline post-7.1", 2,
+        "struct io_uring_zcrx_ifq_reg (mainline post-7.1 column: the rows not 'same')",
+        since="7.2", source="mainline",
+    ),
     TableSpec("io_uring_region_desc", _struct_anchor("io_uring_region_desc"), "field", 6),
     TableSpec("zcrx_ctrl", _struct_anchor("zcrx_ctrl"), "field", 6),
     TableSpec("io_uring_query_zcrx", _struct_anchor("io_uring_query_zcrx"), "field", 7),
@@ -360,6 +369,13 @@ INLINES = [
     InlineSpec(
         "zcrx_stats", r"`struct zcrx_stats \{[^}]*\}`\s*is (\d+) bytes", "}", 2, "mainline"
     ),
+    InlineSpec(
+        "zcrx_event_desc", r"`struct zcrx_event_desc` is (\d+) bytes", ".", 5, "mainline"
+    ),
+    InlineSpec("zcrx_ctrl_arm_event", r"`zcrx_ctrl_arm_event \{", "}", 2, "mainline", "7.2"),
+    InlineSpec(
+        "zcrx_ctrl_add_area", r"`zcrx_ctrl_add_area \{", "}", 2, "update-2026-12", "7.3"
+    ),
     InlineSpec("io_uring_buf_status", r"`struct io_uring_buf_status` is (\d+) bytes", ")", 3),
     InlineSpec(
         "io_uring_getevents_arg", r"`struct io_uring_getevents_arg` is (\d+) bytes", ")", 4
@@ -378,7 +394,7 @@ def structs(md: str) -> list[Struct]:
         assert m is not None
         size = int(m.group(1)) if m.re.groups >= 1 and m.group(1) else None
         out.append(Struct(t.key, t.title or f"struct {t.key}", _section_at(md, m.end()),
-                          "table", size, entries))
+                          "table", size, entries, t.since, t.source))
     for s in INLINES:
         size, entries, since = _inline_struct(md, s.anchor, s.end)
         assert len(entries) >= s.min_entries, (
@@ -387,7 +403,7 @@ def structs(md: str) -> list[Struct]:
         m = re.search(s.anchor, md, re.S)
         assert m is not None
         out.append(Struct(s.key, f"struct {s.key}", _section_at(md, m.end()), "prose", size,
-                          entries, since, s.source))
+                          entries, since or s.since, s.source))
     return out
 
 
