@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from launch.topology import APPS
+from shared import abi
 from shared.errors import ZcrxError
 from shared.nicif import MAX_QUEUES
 from shared.shm import list_run_segments
@@ -419,12 +420,17 @@ def _load_topology(path: str) -> Any:
                    "bring it down on Ctrl-C or SIGTERM.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run's name, id and steps as "
               "JSON on stdout instead of the human output.")
+@click.option("--kernel", "kernel", default=None,
+              type=click.Choice([abi.kernel_version_name(v) for v in abi.KERNEL_VERSIONS]),
+              help="The Linux release the emulated kernel behaves as (RQ layout, query "
+                   "results, ctrl ops; see docs/design.md 'Kernel versions'). Default: the "
+                   "file's 'kernel', else the newest.")
 @click.option("--restart", "restart", default="", metavar="ROLES",
               help="With --foreground: bring these roles back when they die "
                    "(comma list of nic, kernel). A restarted NIC is re-probed by the "
                    "kernel; a restarted kernel needs a fresh NIC, which is restarted too.")
 def up(topo_file: str | None, name: str | None, netdevs: tuple[str, ...], queues: int | None,
-       detach: bool, as_json: bool, restart: str) -> None:
+       detach: bool, as_json: bool, kernel: str | None, restart: str) -> None:
     """Start a run: NIC, kernel, ethtool settings, apps, traffic; each once ready."""
     from launch import supervise
     from launch.topology import NetdevConfig, Topology
@@ -447,6 +453,8 @@ def up(topo_file: str | None, name: str | None, netdevs: tuple[str, ...], queues
             topo.validate("--netdev")
         except ZcrxError as e:
             fail(str(e), 2)
+    if kernel is not None:
+        topo.kernel = kernel
     name = name or topo.name
     try:
         r, steps = supervise.bring_up(topo, name, detach=detach)
@@ -460,7 +468,8 @@ def up(topo_file: str | None, name: str | None, netdevs: tuple[str, ...], queues
     else:
         for line in steps[2:]:
             console.print(f"  {line}", highlight=False)
-        console.print(f"run {name} is up (id {r.run_id}): {devs}", highlight=False)
+        console.print(f"run {name} is up (id {r.run_id}, Linux {status.get('kernel', '?')}): "
+                      f"{devs}", highlight=False)
     if detach:
         return
     supervise.supervise(
@@ -526,7 +535,8 @@ def status(name: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(st, indent=2, sort_keys=True))
         return
-    console.print(f"run {r.m.name} (id {r.run_id})", highlight=False)
+    console.print(f"run {r.m.name} (id {r.run_id}), kernel behaves as Linux "
+                  f"{st.get('kernel', '?')}", highlight=False)
     for role, p in st["processes"].items():
         console.print(f"  {role:<10} pid {p['pid']:<8} {'up' if p['alive'] else 'DEAD'}",
                       highlight=False)

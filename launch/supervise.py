@@ -45,8 +45,10 @@ def nic_args(run: Run, topo: Topology, *, detach: bool) -> list[str]:
     return args + (["--detached"] if detach else [])
 
 
-def kernel_args(run: Run, *, detach: bool) -> list[str]:
-    return ["--run", run.run_id, "--rundir", str(run.dir)] + (["--detached"] if detach else [])
+def kernel_args(run: Run, topo: Topology, *, detach: bool) -> list[str]:
+    """The kernel's arguments: the run, and the Linux release it behaves as."""
+    return (["--run", run.run_id, "--rundir", str(run.dir), "--kernel", topo.kernel]
+            + (["--detached"] if detach else []))
 
 
 def bring_up(topo: Topology, name: str | None = None, *, detach: bool = True,
@@ -92,7 +94,7 @@ def bring_up(topo: Topology, name: str | None = None, *, detach: bool = True,
                       ready="nic")
         done(f"nic pid {e.pid}")
         step = "kernel"
-        e = run.spawn("kernel", "driver_proc", kernel_args(run, detach=detach),
+        e = run.spawn("kernel", "driver_proc", kernel_args(run, topo, detach=detach),
                       detach=detach, ready="kernel")
         done(f"kernel pid {e.pid}")
         with ControlClient(run.endpoint("kernel"), timeout_ms=30_000) as kernel:

@@ -3,6 +3,7 @@
 A topology file describes one emulated host::
 
     name = "zc"                                   # run name (``zcrx up --name`` overrides)
+    kernel = "7.3"                                # Linux release emulated (7.1, 7.2, 7.3)
 
     [[netdev]]                                    # started first, by the NIC process
     name = "eth0"
@@ -40,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shared import abi
 from shared.errors import Misuse
 from shared.nicif import NetdevSpec
 
@@ -52,6 +54,9 @@ NETDEV_OPTIONS: dict[str, tuple[type, ...]] = {
     k: (bool, str) if t is bool else (t,) for k, t in NetdevSpec.option_types().items()}
 TRAFFIC_KINDS = ("generator", "wire")
 
+
+#: ``zcrx up``'s kernel release when nothing says: the newest the emulator knows.
+DEFAULT_KERNEL = abi.kernel_version_name(abi.LINUX_VERSION)
 
 class TopologyError(Misuse):
     """A topology file that cannot be realised (EINVAL), found before anything starts."""
@@ -196,6 +201,9 @@ class Topology:
     netdevs: list[NetdevConfig] = field(default_factory=list)
     apps: list[AppSpec] = field(default_factory=list)
     traffic: list[TrafficSpec] = field(default_factory=list)
+    #: The Linux release the emulated kernel behaves as (``kernel = "7.1"``; docs/design.md
+    #: "Kernel versions"): RQ layout, query results, which ctrl ops exist.
+    kernel: str = DEFAULT_KERNEL
 
     # -- reading ------------------------------------------------------------------------
 
@@ -221,6 +229,7 @@ class Topology:
         top = _Table(where, data)
         name = top.get("name", (str,), "zcrx")
         _check_run_name(where, name)
+        kernel = top.get("kernel", (str,), DEFAULT_KERNEL)
         netdevs = [_netdev(f"{where}: netdev[{i}]", d)
                    for i, d in enumerate(_array(top, "netdev"))]
         apps = [_app(f"{where}: app[{i}]", d) for i, d in enumerate(_array(top, "app"))]
@@ -228,7 +237,7 @@ class Topology:
                    for i, d in enumerate(_array(top, "traffic"))]
         top.done()
         topo = cls(name=name, netdevs=netdevs or [NetdevConfig()], apps=apps,
-                   traffic=traffic)
+                   traffic=traffic, kernel=kernel)
         topo.validate(where)
         return topo
 
@@ -237,6 +246,10 @@ class Topology:
         netdev, traffic on declared netdevs."""
         from launch import ethtool as et
 
+        try:
+            abi.parse_kernel_version(self.kernel)
+        except ValueError as e:
+            raise TopologyError(f"{where}: {e}") from None
         for i, nd in enumerate(self.netdevs):
             try:
                 nd.spec.validate()
@@ -265,6 +278,8 @@ class Topology:
         """Plain data (TOML/JSON-able) that :meth:`from_dict` reads back to an equal object."""
         d: dict[str, Any] = {"name": self.name,
                              "netdev": [n.to_dict() for n in self.netdevs]}
+        if self.kernel != DEFAULT_KERNEL:
+            d["kernel"] = self.kernel
         if self.apps:
             d["app"] = [a.to_dict() for a in self.apps]
         if self.traffic:

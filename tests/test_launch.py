@@ -381,3 +381,26 @@ def test_traffic_bytes_zero_means_unbounded_until_seconds() -> None:
         st = json.loads(zcrx("stats", "--name", "tb0", "--json").output)
         rx = sum(q["rx_bytes"] for d in st["netdevs"].values() for q in d.values())
         assert rx > 1 << 20, f"only {rx} bytes reached the NIC"
+
+
+def test_up_kernel_release_reaches_the_kernel_and_status(tmp_path: Path) -> None:
+    """`zcrx up --kernel 7.1` (or a file's `kernel = "7.2"`) makes the kernel process behave
+    as that release; `zcrx status` says which; an unknown release is one line, exit 2."""
+    with topology("kv1", "--netdev", "eth0:queues=1", "--kernel", "7.1"):
+        st = json.loads(zcrx("status", "--name", "kv1", "--json").output)
+        assert st["kernel"] == "7.1"
+        assert "Linux 7.1" in zcrx("status", "--name", "kv1").output
+    f = tmp_path / "k.toml"
+    f.write_text('name = "kv2"\nkernel = "7.2"\n[[netdev]]\nname = "eth0"\nqueues = 1\n')
+    topo = Topology.from_toml(f)
+    assert topo.kernel == "7.2" and Topology.from_dict(topo.to_dict()) == topo
+    with runs_dir():
+        zcrx("up", "-f", str(f))
+        try:
+            assert json.loads(zcrx("status", "--name", "kv2", "--json").output)["kernel"] == "7.2"
+        finally:
+            zcrx("down", "--name", "kv2")
+    f.write_text('name = "kv3"\nkernel = "6.1"\n')
+    res = zcrx("up", "-f", str(f), ok=False)
+    assert res.exit_code == 2 and "6.1" in res.output and len(res.output.splitlines()) == 1
+    assert zcrx("up", "--kernel", "9.9", ok=False).exit_code == 2
