@@ -24,7 +24,13 @@ e.g. ``eth0:queues=4,mtu=9000``.  Keys (defaults in brackets): ``queues`` [4],
 
 RX queue ``q`` of a netdev is *started* by ``nic.queue_start`` (the kernel has laid
 out and mapped its region) and *stopped* by ``nic.queue_stop``; only a started queue
-receives DMA.  Frames steered to a stopped queue are dropped (``rx_queue_stopped``).
+receives DMA.  With pause on (the default), frames steered to a stopped queue of the
+device are held back like those of a starved queue (counted in ``rx_pause``) until the
+queue starts again: a queue restart (binding or unbinding a memory provider, ring or channel
+changes) loses nothing, since the emulated senders never retransmit.  A real NIC drops
+them and the sender's TCP recovers; a real TCP peer (a later issue) will see drops in drop
+mode.  With pause off, or for a queue past the channel count, they are dropped
+(``rx_queue_stopped``).
 
 Pause
 -----
@@ -491,6 +497,12 @@ class Nic:
                 self._count(d, 0, "rx_dropped", cnt)
                 continue
             nq = d.queues[qi] if qi < d.n_queues else None
+            if nq is not None and nq.dma is None and d.spec.pause:
+                # A queue of the device that is stopped (a restart: a memory provider bound
+                # or unbound, ring or channel changes) holds its flows back like a starved
+                # one: the sources offer them again, nothing is lost.
+                self._count(d, qi, "rx_pause", 1)
+                continue
             if nq is None or nq.dma is None:
                 consumed[rows] = True
                 self._count(d, qi, "rx_queue_stopped", cnt)

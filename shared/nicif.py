@@ -123,7 +123,7 @@ QUEUE_COUNTERS = (
     "rx_no_buffer",     # frames dropped for lack of buffers (pause off)
     "rx_bad_frame",     # malformed frames (truncated, unknown headers)
     "rx_oversize",      # frames longer than the MTU allows
-    "rx_queue_stopped", # frames for a stopped queue (dropped)
+    "rx_queue_stopped", # frames for a stopped queue, dropped (pause off)
     "rx_frags",         # data buffers consumed
     "rx_irq",           # interrupts raised
 )

@@ -362,12 +362,42 @@ def test_pause_off_drops_and_counts(run_id: str) -> None:
             r.close()
 
 
-def test_stopped_queue_drops_and_raw_frames_are_parsed(nic: NicFixture, run_id: str) -> None:
+def test_stopped_queue_drops_with_pause_off(run_id: str) -> None:
+    n = Nic([NetdevSpec.parse("eth0:queues=2,rx=16,pause=off")])
+    try:
+        n.add_traffic("eth0", {"dport": 9000, "flows": 4, "bytes": 4056})
+        while n.step():
+            pass
+        assert stat(n, 0, "rx_queue_stopped") + stat(n, 1, "rx_queue_stopped") == 4 * 3
+        assert stat(n, 0, "rx_pause") + stat(n, 1, "rx_pause") == 0
+    finally:
+        n.close()
+
+
+def test_stopped_queue_holds_flows_back_until_it_starts(nic: NicFixture, run_id: str) -> None:
+    """Pause on: frames for a stopped queue (as during a queue restart) wait, and arrive
+    once the queue is started and posted; nothing is dropped."""
     n, regions = nic
     n.add_traffic("eth0", {"dport": 9000, "flows": 4, "bytes": 4056})
-    while n.step():
-        pass
-    assert stat(n, 0, "rx_queue_stopped") + stat(n, 1, "rx_queue_stopped") == 4 * 3
+    for _ in range(5):
+        n.step()
+    assert stat(n, 0, "rx_queue_stopped") + stat(n, 1, "rx_queue_stopped") == 0
+    assert stat(n, 0, "rx_pause") + stat(n, 1, "rx_pause") > 0
+    assert not all(s.done for s in n.sources.values())
+    _, qs = setup_queues(n, run_id, regions, [0, 1])
+    for _ in range(20):
+        for kq in qs.values():
+            kq.post()
+        n.step()
+        if all(s.done for s in n.sources.values()):
+            break
+    got = [f for kq in qs.values() for _, f in kq.reap()]
+    assert len(got) == 4 * 3  # SYN, one data segment, FIN per flow
+    assert stat(n, 0, "rx_dropped") + stat(n, 1, "rx_dropped") == 0
+
+
+def test_raw_frames_are_parsed(nic: NicFixture, run_id: str) -> None:
+    n, regions = nic
     _, qs = setup_queues(n, run_id, regions, [0, 1])
     ok = [wire.FlowSpec.from_addresses(["10.0.0.9"], ["10.0.0.1"], [1234], [80])]
     buf = np.zeros((2, 200), np.uint8)
