@@ -2,7 +2,7 @@
 
 A :class:`Task` is an attached application process (``attach`` syscall): its pid and uid (what
 the OS said about its control connection, never what it wrote: :class:`shared.control.Peer`),
-its name, its CAP_NET_ADMIN (DESIGN §9: what the run's launcher granted its pid or uid,
+its name, its CAP_NET_ADMIN (DESIGN §9: what the run's launcher granted its pid,
 :class:`CapGrants`, and that the app did not drop at attach), its emulated mm
 (:class:`driver_proc.mm.Mm`) and its file table ``fd -> file``.  Files are kernel objects: a
 :class:`SocketFile` (a TCP socket: new, bound, listening or connected) or an io_uring instance
@@ -416,24 +416,40 @@ class Task:
         return None
 
 
+def _ppid(pid: int) -> int:
+    """The parent of ``pid`` as /proc says (0 when gone or unreadable)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(b")") + 2:].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 class CapGrants:
-    """CAP_NET_ADMIN as the run's launcher granted it: to a pid (the process it started, while
-    that process lives: the kernel drops the grant when the pid dies) or to a uid (an app's own
-    uid when the launcher runs as root).  Kernel-process state; only the launcher's control
-    connection adds to it (``cap_grant``)."""
+    """CAP_NET_ADMIN as the run's launcher granted it: to the pid of a process it started (and
+    what that process runs), while that process lives (the kernel drops the grant when the
+    pid dies, so a reused pid inherits nothing).  Kernel-process state; only the launcher's
+    control connection adds to it (``cap_grant``)."""
 
     def __init__(self) -> None:
         self.pids: set[int] = set()
-        self.uids: set[int] = set()
 
-    def has(self, pid: int, uid: int | None) -> bool:
-        return pid in self.pids or (uid is not None and uid in self.uids)
+    def has(self, pid: int, uid: int | None = None) -> bool:
+        """True if ``pid`` or one of its ancestors was granted (a capability the launcher
+        gives a process is inherited by what it runs, like an ambient capability)."""
+        if not self.pids:
+            return False
+        for _ in range(64):
+            if pid in self.pids:
+                return True
+            pid = _ppid(pid)
+            if pid <= 1:
+                return False
+        return False
 
-    def grant(self, pid: int | None = None, uid: int | None = None) -> None:
-        if pid is not None:
-            self.pids.add(pid)
-        if uid is not None:
-            self.uids.add(uid)
+    def grant(self, pid: int) -> None:
+        self.pids.add(pid)
 
     def revoke_pid(self, pid: int) -> None:
         self.pids.discard(pid)

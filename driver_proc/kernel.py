@@ -444,21 +444,18 @@ class Kernel:
         return {}
 
     def _sys_cap_grant(self, msg: Message, peer: bytes) -> HandlerResult:
-        """``cap_grant``: the launcher says a process (or uid) has CAP_NET_ADMIN.  A pid
+        """``cap_grant``: the launcher says a process it started has CAP_NET_ADMIN.  The
         grant lasts while that process lives (a pidfd drops it at death: no pid reuse)."""
         self._require_launcher(peer, "cap_grant")
-        pid, uid = msg.body["pid"], msg.body["uid"]
-        if pid > 0:
-            if self.watch.add(f"grant:{pid}", pid) < 0:
-                raise Misuse(f"no process {pid}", errno=errno.ESRCH)
-            self.ctx.tasks.grants.grant(pid=pid)
-        if uid >= 0:
-            self.ctx.tasks.grants.grant(uid=uid)
+        pid = msg.body["pid"]
+        if pid <= 0 or self.watch.add(f"grant:{pid}", pid) < 0:
+            raise Misuse(f"no process {pid}", errno=errno.ESRCH)
+        self.ctx.tasks.grants.grant(pid)
         return {}
 
-    def grant_cap(self, pid: int | None = None, uid: int | None = None) -> None:
+    def grant_cap(self, pid: int) -> None:
         """In-process form of ``cap_grant`` (tests, an embedding launcher)."""
-        self.ctx.tasks.grants.grant(pid=pid, uid=uid)
+        self.ctx.tasks.grants.grant(pid)
 
 
 def _as_dict(stats: Any) -> Mapping[str, Any]:

@@ -26,6 +26,7 @@ all DMA, exits).
 
 from __future__ import annotations
 
+import os
 import sys
 
 import zmq
@@ -44,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     p = base_parser("driver_proc", "The emulated kernel: driver, page pools, TCP, io_uring.")
     p.add_argument("--nic-timeout-ms", type=int, default=10_000,
                    help="Timeout of admin requests to the NIC.")
+    p.add_argument("--launcher-uid", type=int, default=None,
+                   help="uid of the run's launcher: only it may shut the kernel down or grant "
+                        "CAP_NET_ADMIN (default: the kernel's own uid).")
     args = p.parse_args(argv)
     log = setup_logging("kernel", args.quiet)
     if not args.run or not args.rundir:
@@ -54,9 +58,12 @@ def main(argv: list[str] | None = None) -> int:
                         context=ctx)
     doorbells = EventSender(ipc_endpoint(args.rundir, "nic-events"), context=ctx)
     irqs = EventReceiver(ipc_endpoint(args.rundir, "kernel-events"), context=ctx)
-    kernel = Kernel(args.run, args.rundir, nic, log=log)
-    server = ControlServer(ipc_endpoint(args.rundir, "kernel"), kernel.handlers(),
-                           role="kernel", context=ctx)
+    kernel = Kernel(args.run, args.rundir, nic, log=log, launcher_uid=args.launcher_uid)
+    endpoint = ipc_endpoint(args.rundir, "kernel")
+    server = ControlServer(endpoint, kernel.handlers(), role="kernel", context=ctx)
+    # Every app connects here, under its own uid when the run is root's: the socket is open
+    # to all, and the kernel decides what each caller may do from its peer credentials.
+    os.chmod(endpoint[len("ipc://"):], 0o666)
     kernel.attach_server(server)
     oops = False
     try:

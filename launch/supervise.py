@@ -39,14 +39,16 @@ def _quiet(_msg: str) -> None:
 
 def nic_args(run: Run, topo: Topology, *, detach: bool) -> list[str]:
     """The NIC's arguments: the run, and one ``--netdev`` per netdev of ``topo``."""
-    args = ["--run", run.run_id, "--rundir", str(run.dir)]
+    args = ["--run", run.run_id, "--rundir", str(run.dir),
+            "--launcher-uid", str(run.m.launcher_uid)]
     for spec in topo.netdev_specs():
         args += ["--netdev", spec]
     return args + (["--detached"] if detach else [])
 
 
 def kernel_args(run: Run, *, detach: bool) -> list[str]:
-    return ["--run", run.run_id, "--rundir", str(run.dir)] + (["--detached"] if detach else [])
+    return ["--run", run.run_id, "--rundir", str(run.dir),
+            "--launcher-uid", str(run.m.launcher_uid)] + (["--detached"] if detach else [])
 
 
 def bring_up(topo: Topology, name: str | None = None, *, detach: bool = True,
@@ -111,7 +113,7 @@ def bring_up(topo: Topology, name: str | None = None, *, detach: bool = True,
             role = run.next_app_role()
             step = f"{role} {app.program}"
             e = run.spawn(role, app.module, app.argv(str(run.dir), name), detach=True,
-                          notify=True)
+                          notify=True, cap_net_admin=app.cap_net_admin)
             done(f"{role} {app.program} pid {e.pid} (log {e.log})")
         for t in topo.traffic if traffic else ():
             step = f"traffic {t.kind} on {t.dev}"

@@ -193,9 +193,10 @@ def peer_cred(peer: bytes) -> PeerCred | None:
 
 def _frame_cred(frame: zmq.Frame) -> PeerCred | None:
     try:
-        return PeerCred.from_peer_address(frame.get("Peer-Address"))
+        text = frame.get("Peer-Address")
     except (zmq.ZMQError, UnicodeDecodeError):
         return None
+    return PeerCred.from_peer_address(text if isinstance(text, str) else None)
 
 
 # --------------------------------------------------------------------------- server

@@ -77,9 +77,9 @@ register_type("status", reply=Schema.make(open=True),
               doc="Netdevs, queues and their bindings, page pools, ifqs, tasks.")
 register_type("shutdown", reply=Schema.make(open=True),
               doc="Stop the kernel process (the run's launcher only: EPERM otherwise).")
-register_type("cap_grant", optional={"pid": (int, 0), "uid": (int, -1)},
-              doc="launcher -> kernel: the process ``pid`` (or every process of ``uid``) has "
-                  "CAP_NET_ADMIN.  The launcher only (EPERM otherwise).")
+register_type("cap_grant", {"pid": int},
+              doc="launcher -> kernel: the process ``pid`` (one it started) has "
+                  "CAP_NET_ADMIN while it lives.  The launcher only (EPERM otherwise).")
 
 # -- events -----------------------------------------------------------------------------
 register_type("cq_wake", {"fd": int}, doc="kernel -> app: CQEs posted on a ring whose "

@@ -64,7 +64,7 @@ def test_app_run_any_command_is_an_app_of_the_run(tmp_path: Path) -> None:
     out = tmp_path / "received.bin"
     with topology("ar1", "--netdev", NETDEV):
         steer("ar1", 8000, ZC_QUEUE)
-        res = zcrx("app", "run", "--name", "ar1", "--detach", "--",
+        res = zcrx("app", "run", "--name", "ar1", "--detach", "--cap-net-admin", "--",
                    *receiver("-p", "8000", "-q", str(ZC_QUEUE), "-o", str(out)))
         assert res.output.startswith("app:0 "), res.output
         rows = json.loads(zcrx("app", "list", "--name", "ar1", "--json").output)
@@ -119,6 +119,8 @@ def test_hand_started_program_with_zcrx_env(tmp_path: Path) -> None:
         steer("ar4", 8000, ZC_QUEUE)
         proc = subprocess.Popen(receiver("-p", "8000", "-q", str(ZC_QUEUE), "-o", str(out)),
                                 env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # by hand, as a user would: the launcher's uid grants what binds a hardware queue
+        zcrx("app", "grant", "--name", "ar4", str(proc.pid))
         waiting = subprocess.Popen([sys.executable, str(EXAMPLES / "copy_receiver.py"),
                                     "-p", "8001"], env=env,
                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,

@@ -152,7 +152,7 @@ def skbs() -> FakeSkbs:
 @pytest.fixture
 def ctx(run_id, skbs):
     c = KernelContext.create(run_id, skbs)
-    c.tasks.grants.grant(pid=os.getpid())  # what a launcher grants a test app
+    c.tasks.grants.grant(os.getpid())  # what a launcher grants a test app
     yield c
     from driver_proc.syscalls import task_exit
     for t in c.tasks:

@@ -46,7 +46,7 @@ class KernelThread:
     def __init__(self, run_id: str, rundir) -> None:
         self.skbs = FakeSkbs()
         self.ctx = KernelContext.create(run_id, self.skbs)
-        self.ctx.tasks.grants.grant(pid=os.getpid())  # the launcher's CAP_NET_ADMIN grant
+        self.ctx.tasks.grants.grant(os.getpid())  # the launcher's CAP_NET_ADMIN grant
         self.endpoint = ipc_endpoint(rundir, "kernel")
         self._cmds: queue.Queue[tuple[Callable[[KernelContext], Any], Future[Any]]] = \
             queue.Queue()

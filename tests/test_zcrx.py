@@ -76,7 +76,7 @@ class KernelThread:
     def __init__(self, run_id: str, rundir: Any, **info: Any) -> None:
         self.nic = ZNic({**tn.INFO, **info})
         self.kernel = Kernel(run_id, str(rundir), self.nic)
-        self.kernel.grant_cap(pid=os.getpid())  # the launcher's CAP_NET_ADMIN grant
+        self.kernel.grant_cap(os.getpid())  # the launcher's CAP_NET_ADMIN grant
         self.kernel.probe()
         self.endpoint = ipc_endpoint(rundir, "kernel")
         self.seq: dict[int, int] = {}
