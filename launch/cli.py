@@ -455,9 +455,6 @@ def up(topo_file: str | None, name: str | None, netdevs: tuple[str, ...], queues
             fail(str(e), 2)
     name = name or topo.name
     base, why_not = isolation(app_uid_base)
-    if why_not and not as_json:  # once, at start: the user should know what an app can reach
-        err_console.print(f"note: apps are not isolated from each other: {why_not}",
-                          highlight=False, soft_wrap=True)
     try:
         r, steps = supervise.bring_up(topo, name, detach=detach,
                                       config={"app_uid_base": base})
@@ -474,6 +471,9 @@ def up(topo_file: str | None, name: str | None, netdevs: tuple[str, ...], queues
         for line in steps[2:]:
             console.print(f"  {line}", highlight=False)
         console.print(f"run {name} is up (id {r.run_id}): {devs}", highlight=False)
+        if why_not:  # once, at start: the user should know what an app can reach
+            err_console.print(f"note: apps are not isolated from each other: {why_not}",
+                              highlight=False, soft_wrap=True)
     if detach:
         return
     supervise.supervise(
@@ -860,30 +860,23 @@ def _run_foreground(r: Any, role: str, module: str, args: list[str],
                     command: list[str] | None, cap_net_admin: bool = False) -> int:
     """Run an app attached to this terminal, recorded as ``role`` while it lives."""
     import signal
-    import subprocess as sp
 
     import psutil
 
-    from launch.run import TAG_ENV, ProcEntry, RoleSpec
+    from launch.run import TAG_ENV, ProcEntry, RoleSpec, popen_app
 
     env = r.env()
     env[TAG_ENV] = r.tag(role)
     argv = command or [sys.executable, "-m", module, "--tag", r.tag(role), *args]
     uid = r.app_uid(role)
-    ids: dict[str, Any] = {} if uid is None else {"user": uid, "group": uid,
-                                                    "extra_groups": []}
     try:
-        proc = sp.Popen(argv, env=env, **ids)
+        proc = popen_app(argv, uid=uid, grant=r.grant_cap if cap_net_admin else None, env=env)
     except OSError as e:
         fail(f"app run: cannot run {argv[0]!r}: {e.strerror}")
         raise AssertionError from None
-    if cap_net_admin:
-        try:
-            r.grant_cap(proc.pid)
-        except ZcrxError as e:
-            proc.kill()
-            proc.wait()
-            fail(f"app run: cannot grant CAP_NET_ADMIN: {e}")
+    except ZcrxError as e:
+        fail(f"app run: cannot grant CAP_NET_ADMIN: {e}")
+        raise AssertionError from None
     r.m.procs[role] = ProcEntry(
         role=role, pid=proc.pid, create_time=psutil.Process(proc.pid).create_time(),
         argv=argv, log="", spec=RoleSpec(module=module if command is None else "",

@@ -20,10 +20,10 @@ Identity and privilege (DESIGN §10): the manifest records the launcher's uid (a
 foreground ``zcrx up``, its pid as role ``launcher``); NIC and kernel are told that uid
 (``--launcher-uid``) and serve privileged requests only to peers the OS says have it.  An app
 gets CAP_NET_ADMIN only if started with it (:meth:`Run.spawn` ``cap_net_admin``): the
-launcher then tells the kernel its pid (``cap_grant``) right after starting it, before the
-app can have reached its first privileged call.  Run as root with ``app_uid_base`` in the
-config (``zcrx up --app-uid-base``), app ``app:N`` runs as uid/gid ``base + N``, so its
-segments are its own (0600) and no other app can open them.
+launcher tells the kernel its pid (``cap_grant``) while the new process holds before
+``exec`` (:func:`popen_app`), so the grant is there before the app runs.  Run as root with
+``app_uid_base`` in the config (``zcrx up --app-uid-base``), app ``app:N`` runs as uid/gid
+``base + N``, so its segments are its own (0600) and no other app can open them.
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,6 +80,56 @@ def parse_role(text: str) -> str:
 
 def runs_dir() -> Path:
     return Path(os.environ.get("ZCRX_RUNS_DIR", DEFAULT_RUNS_DIR))
+
+
+def popen_app(argv: list[str], *, uid: int | None = None,
+              grant: Callable[[int], None] | None = None,
+              **kw: Any) -> subprocess.Popen[bytes]:
+    """``subprocess.Popen(argv, **kw)`` for an app: as ``uid`` (and gid, no supplementary
+    groups) when given, and with ``grant`` the child holds before ``exec`` until
+    ``grant(its pid)`` returned, so the app cannot reach a privileged call before the
+    kernel knows its capability.  A failed grant kills the child before it runs anything
+    and is raised here."""
+    if uid is not None:
+        kw.update(user=uid, group=uid, extra_groups=[])
+    if grant is None:
+        return subprocess.Popen(argv, **kw)
+    pid_r, pid_w = os.pipe()
+    go_r, go_w = os.pipe()
+    failed: list[BaseException] = []
+
+    def granter() -> None:
+        try:
+            data = os.read(pid_r, 32)
+            if data:
+                grant(int(data))
+                os.write(go_w, b"1")
+        except BaseException as e:
+            failed.append(e)
+        finally:
+            os.close(pid_r)
+            os.close(go_w)  # a child still holding reads EOF and exits
+
+    def hold() -> None:  # in the child, between fork and exec
+        os.close(go_w)  # else our own copy keeps the "go" pipe from ever reading EOF
+        os.close(pid_r)
+        os.write(pid_w, str(os.getpid()).encode())
+        if os.read(go_r, 1) != b"1":
+            os._exit(126)
+
+    t = threading.Thread(target=granter, name="cap-grant", daemon=True)
+    t.start()
+    try:
+        proc = subprocess.Popen(argv, preexec_fn=hold, **kw)
+    finally:
+        os.close(pid_w)
+        os.close(go_r)
+        t.join(30)
+    if failed:
+        proc.kill()
+        proc.wait()
+        raise failed[0]
+    return proc
 
 
 def isolation(app_uid_base: int | None) -> tuple[int | None, str]:
@@ -280,6 +332,8 @@ class Run:
 
     def grant_cap(self, pid: int) -> None:
         """Tell the kernel that process ``pid`` (an app we started) has CAP_NET_ADMIN."""
+        import shared.syscalls  # noqa: F401  (registers cap_grant)
+
         with ControlClient(self.endpoint("kernel"), timeout_ms=10_000) as kernel:
             kernel.call("cap_grant", {"pid": pid})
 
@@ -332,23 +386,14 @@ class Run:
         notify_path.unlink(missing_ok=True)
         if notify:
             env[NOTIFY_ENV] = str(notify_path)
-        ids: dict[str, Any] = {} if uid is None else {"user": uid, "group": uid,
-                                                        "extra_groups": []}
         try:
             with open(log_path, "ab") as log:
-                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                        env=env, cwd=cwd or str(self.dir),
-                                        start_new_session=detach, **ids)
+                proc = popen_app(argv, uid=uid, grant=self.grant_cap if cap_net_admin else None,
+                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+                                 cwd=cwd or str(self.dir), start_new_session=detach)
         except OSError as e:
             raise Misuse(f"{role}: cannot run {argv[0]!r}: {e.strerror}",
                          errno=e.errno or 2) from None
-        if cap_net_admin:
-            try:
-                self.grant_cap(proc.pid)
-            except ZcrxError:
-                proc.kill()
-                proc.wait()
-                raise
         entry = ProcEntry(role=role, pid=proc.pid,
                           create_time=psutil.Process(proc.pid).create_time(),
                           argv=argv, log=str(log_path),

@@ -435,3 +435,29 @@ def test_root_zcrx_app_run_starts_each_app_under_its_own_uid() -> None:
         procs = Run.open(run.m.name).m.procs
         uids = [procs[r].process().uids().effective for r in ("app:0", "app:1")]
         assert uids == [A_UID, A_UID + 1]
+
+
+def test_a_granted_app_holds_before_exec_until_the_kernel_knows(tmp_path: Path) -> None:
+    """The launcher's grant reaches the kernel before the app runs a single instruction of
+    its own (no race with its first registration); a failed grant means it never runs."""
+    from launch.run import popen_app
+    from shared.errors import Misuse
+
+    seen: list[int] = []
+    marker = tmp_path / "ran"
+
+    def grant(pid: int) -> None:
+        assert not marker.exists()  # the program has not started yet
+        time.sleep(0.2)
+        seen.append(pid)
+
+    proc = popen_app(["sh", "-c", f"touch {marker}"], grant=grant)
+    assert proc.wait(10) == 0 and marker.exists() and seen == [proc.pid]
+
+    def refuse(pid: int) -> None:
+        raise Misuse("no", errno.EPERM)
+
+    marker.unlink()
+    with pytest.raises(Misuse):
+        popen_app(["sh", "-c", f"touch {marker}"], grant=refuse)
+    assert not marker.exists()
