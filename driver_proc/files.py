@@ -1,7 +1,9 @@
 """Tasks, their file tables, and socket files: the kernel's per-process state.
 
-A :class:`Task` is an attached application process (``attach`` syscall): its pid and name, the
-``cap_net_admin`` flag (DESIGN §9: a per-app flag set at launch), its emulated mm
+A :class:`Task` is an attached application process (``attach`` syscall): its pid and uid (what
+the OS said about its control connection, never what it wrote: :class:`shared.control.Peer`),
+its name, its CAP_NET_ADMIN (DESIGN §9: what the run's launcher granted its pid,
+:class:`CapGrants`, and that the app did not drop at attach), its emulated mm
 (:class:`driver_proc.mm.Mm`) and its file table ``fd -> file``.  Files are kernel objects: a
 :class:`SocketFile` (a TCP socket: new, bound, listening or connected) or an io_uring instance
 (:class:`driver_proc.io_uring.Ring`).  Descriptors are allocated lowest-free from 3 (0-2 stand
@@ -346,11 +348,17 @@ class Task:
     """One attached process: identity, capability, mm and file table."""
 
     def __init__(self, tid: int, pid: int, name: str, *, cap_net_admin: bool = True,
-                 mm: Mm | None = None, peer: Any = None) -> None:
+                 mm: Mm | None = None, peer: Any = None, uid: int | None = None,
+                 grants: CapGrants | None = None) -> None:
         self.tid = tid
+        #: the process, as the OS named it (SO_PEERCRED of the control connection)
         self.pid = pid
+        #: its uid (the owner its memory must have), None when unknown (direct construction)
+        self.uid = uid
         self.name = name
-        self.cap_net_admin = cap_net_admin
+        #: what the app asked for at attach (it may drop the capability, never add it)
+        self.cap_requested = cap_net_admin
+        self.grants = grants
         self.mm = mm if mm is not None else Mm()
         #: the control-plane identity that speaks for this task (zmq routing id)
         self.peer = peer
@@ -359,6 +367,14 @@ class Task:
 
     def __repr__(self) -> str:
         return f"<Task {self.tid} pid={self.pid} {self.name!r} fds={sorted(self.files)}>"
+
+    @property
+    def cap_net_admin(self) -> bool:
+        """CAP_NET_ADMIN: asked for at attach and granted by the launcher (checked on every
+        privileged call, so a grant that arrives after attach counts)."""
+        if not self.cap_requested:
+            return False
+        return self.grants is None or self.grants.has(self.pid, self.uid)
 
     def install(self, obj: Any) -> int:
         """Put ``obj`` in the lowest free descriptor (>= 3); ``-EMFILE`` when full."""
@@ -400,11 +416,51 @@ class Task:
         return None
 
 
+def _ppid(pid: int) -> int:
+    """The parent of ``pid`` as /proc says (0 when gone or unreadable)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(b")") + 2:].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class CapGrants:
+    """CAP_NET_ADMIN as the run's launcher granted it: to the pid of a process it started (and
+    what that process runs), while that process lives (the kernel drops the grant when the
+    pid dies, so a reused pid inherits nothing).  Kernel-process state; only the launcher's
+    control connection adds to it (``cap_grant``)."""
+
+    def __init__(self) -> None:
+        self.pids: set[int] = set()
+
+    def has(self, pid: int, uid: int | None = None) -> bool:
+        """True if ``pid`` or one of its ancestors was granted (a capability the launcher
+        gives a process is inherited by what it runs, like an ambient capability)."""
+        if not self.pids:
+            return False
+        for _ in range(64):
+            if pid in self.pids:
+                return True
+            pid = _ppid(pid)
+            if pid <= 1:
+                return False
+        return False
+
+    def grant(self, pid: int) -> None:
+        self.pids.add(pid)
+
+    def revoke_pid(self, pid: int) -> None:
+        self.pids.discard(pid)
+
+
 class Tasks:
     """Every attached task, by task id and by control-plane peer."""
 
     def __init__(self, run: str) -> None:
         self.run = run
+        self.grants = CapGrants()
         self._by_tid: dict[int, Task] = {}
         self._by_peer: dict[Any, Task] = {}
         self._next_tid = 1
@@ -420,8 +476,11 @@ class Tasks:
         return f"app{tid}"
 
     def attach(self, peer: Any, pid: int, name: str, cap_net_admin: bool = True,
-               mm_factory: Callable[[str], Mm] | None = None) -> Task:
-        """Create the task of a new process; ``-EEXIST`` if this peer already attached."""
+               mm_factory: Callable[[str], Mm] | None = None, *,
+               uid: int | None = None) -> Task:
+        """Create the task of a new process; ``-EEXIST`` if this peer already attached.
+
+        ``pid`` and ``uid`` must come from the OS (the connection's peer credentials)."""
         if peer in self._by_peer:
             raise Misuse("this peer is already attached", errno.EEXIST)
         if pid <= 0:
@@ -429,21 +488,27 @@ class Tasks:
         tid = self._next_tid
         self._next_tid += 1
         prefix = owner_prefix(self.run, self.owner(tid))
-        mm = mm_factory(prefix) if mm_factory is not None else Mm(prefix)
-        task = Task(tid, pid, name, cap_net_admin=cap_net_admin, mm=mm, peer=peer)
+        mm = mm_factory(prefix) if mm_factory is not None else Mm(prefix, uid=uid)
+        task = Task(tid, pid, name, cap_net_admin=cap_net_admin, mm=mm, peer=peer, uid=uid,
+                    grants=self.grants)
         self._by_tid[tid] = task
         self._by_peer[peer] = task
         return task
 
     def by_peer(self, peer: Any) -> Task:
-        """The task speaking through ``peer``; ``-ESRCH`` if it never attached."""
-        task = self._by_peer.get(peer)
+        """The task speaking through ``peer``; ``-ESRCH`` if it never attached (or the
+        process now speaking with that routing identity is not the one that attached)."""
+        task = self.find_peer(peer)
         if task is None:
             raise Misuse("process is not attached (call attach first)", errno.ESRCH)
         return task
 
     def find_peer(self, peer: Any) -> Task | None:
-        return self._by_peer.get(peer)
+        task = self._by_peer.get(peer)
+        cred = getattr(peer, "cred", None)
+        if task is not None and cred is not None and cred.pid != task.pid:
+            return None  # another process took over the identity (ROUTER_HANDOVER)
+        return task
 
     def by_tid(self, tid: int) -> Task | None:
         return self._by_tid.get(tid)

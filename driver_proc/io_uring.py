@@ -294,10 +294,11 @@ class Ring:
         tag = f"t{task.tid}.ring{fd}"
         run = uring.run_id
         sqe_dtype = abi.io_uring_sqe128 if flags & abi.IORING_SETUP_SQE128 else abi.io_uring_sqe
-        self.rings_region = Region.create(region_name(run, "kernel", f"{tag}.rings"), size)
+        self.rings_region = Region.create(region_name(run, "kernel", f"{tag}.rings"), size,
+                                          uid=task.uid)
         try:
             self.sqes_region = Region.create(region_name(run, "kernel", f"{tag}.sqes"),
-                                             abi.sqes_size(sq_entries, flags))
+                                             abi.sqes_size(sq_entries, flags), uid=task.uid)
         except BaseException:
             self.rings_region.close()
             raise

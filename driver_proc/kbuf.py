@@ -126,7 +126,7 @@ def register_pbuf_ring(ring: Ring | None, task: Task, nr_args: int,
             raise Misuse("ring_addr with IOU_PBUF_RING_MMAP", errno.EINVAL)
         name = region_name(ring.uring.run_id, "kernel",
                            f"t{task.tid}.ring{ring.fd}.pbuf{bgid}")
-        region = Region.create(name, size)
+        region = Region.create(name, size, uid=task.uid)  # the task's memory
         br = BufRing(bgid, entries, region.array(np.uint8), region)
         ring.mmap_regions[abi.IORING_OFF_PBUF_RING
                           | (bgid << abi.IORING_OFF_PBUF_SHIFT)] = region

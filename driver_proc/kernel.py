@@ -41,6 +41,20 @@ Death of a peer (DESIGN §6):
   RECV/RECV_ZC requests end with ``-ENETDOWN``.  Niovs come home as sockets and skbs are
   freed; zcrx ifqs are destroyed when their rings close.  The NIC is not re-probed.
 
+Who may do what (DESIGN §10; the connection's peer credentials decide, never a message):
+
+* the run's **launcher** is a peer whose uid is ``launcher_uid`` (the uid ``zcrx up`` ran as,
+  given with ``--launcher-uid``; by default the kernel's own) and that is not an attached task.
+  Only it may ``shutdown`` the kernel and ``cap_grant``; ``stats``/``status`` show it
+  everything.  Run as root, every app has its own uid, so no app is the launcher; run as a
+  normal user, apps share the launcher's uid and are not isolated (``zcrx up`` says so).
+* an **app** (an attached task) gets CAP_NET_ADMIN only as granted by the launcher
+  (:class:`driver_proc.files.CapGrants`); ethtool writes need it (or the launcher), reads do
+  not; ``stats``/``status`` show it only its own tasks (their rings and ifqs); device
+  state (like sysfs) stays visible.
+* every task is watched through a pidfd on the pid the OS gave: a process that went away
+  without ``bye`` is reaped at once, whatever it ever said.
+
 Its own death: an exception out of the loop is an oops (:meth:`Kernel.crash`): no teardown
 and no ``bye`` to the NIC, which then acts on the kernel's exit as on a SIGKILL.
 """
@@ -49,6 +63,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -62,7 +77,7 @@ from driver_proc.netdev import NapiBatch, NetDevice
 from driver_proc.skb import SkbStore
 from driver_proc.tcp import SocketTable, TcpState
 from shared import abi
-from shared.control import ControlClient, ControlServer, Handler, HandlerResult
+from shared.control import ControlClient, ControlServer, Handler, HandlerResult, peer_cred
 from shared.errors import Misuse, ZcrxError
 from shared.msg import Message
 from shared.shm import owner_prefix, remove_prefix_segments
@@ -80,9 +95,11 @@ class Kernel:
     """All kernel state plus the verbs the process loop drives."""
 
     def __init__(self, run: str, rundir: str, nic: Any, *,
-                 log: logging.Logger | None = None,
+                 log: logging.Logger | None = None, launcher_uid: int | None = None,
                  kernel: tuple[int, int] = abi.LINUX_VERSION) -> None:
         self.run = run
+        #: the uid of the run's launcher (see the module docstring)
+        self.launcher_uid = os.geteuid() if launcher_uid is None else launcher_uid
         self.rundir = rundir
         self.nic = nic
         self.log = log or logging.getLogger("kernel")
@@ -158,14 +175,32 @@ class Kernel:
         def watched_attach(msg: Message, peer: bytes) -> HandlerResult:
             res = attach(msg, peer)
             task = self.ctx.tasks.find_peer(peer)
-            if task is not None:
-                self.watch.add(f"task:{task.tid}", task.pid)
+            if task is not None and self.watch.add(f"task:{task.tid}", task.pid) < 0:
+                # gone between connect and attach: reap it now, never keep it unwatched
+                self.task_died(task.tid)
+                raise Misuse(f"process {task.pid} is gone", errno=errno.ESRCH)
             return res
 
         h["attach"] = watched_attach
         h.update({"ethtool": self._sys_ethtool, "stats": self._sys_stats,
-                  "status": self._sys_status, "shutdown": self._sys_shutdown})
+                  "status": self._sys_status, "shutdown": self._sys_shutdown,
+                  "cap_grant": self._sys_cap_grant})
         return h
+
+    # -- who is calling -----------------------------------------------------------------
+
+    def is_launcher(self, peer: bytes) -> bool:
+        """True if ``peer`` speaks for the run's launcher: the OS says its uid is the
+        launcher's, and it is not an attached task (an app)."""
+        cred = peer_cred(peer)
+        if cred is None or cred.uid != self.launcher_uid:
+            return False
+        return self.ctx.tasks.find_peer(peer) is None
+
+    def _require_launcher(self, peer: bytes, what: str) -> None:
+        if not self.is_launcher(peer):
+            self.stats["refused_not_launcher"] += 1
+            raise Misuse(f"{what}: only the run's launcher may do this", errno=errno.EPERM)
 
     # -- the loop's verbs -------------------------------------------------------------
 
@@ -251,6 +286,8 @@ class Kernel:
                 self.nic_gone()
             elif key.startswith("task:"):
                 self.task_died(int(key[5:]))
+            elif key.startswith("grant:"):
+                self.ctx.tasks.grants.revoke_pid(int(key[6:]))
         return len(dead)
 
     def task_died(self, tid: int) -> None:
@@ -353,11 +390,19 @@ class Kernel:
         return dev
 
     def _sys_ethtool(self, msg: Message, peer: bytes) -> HandlerResult:
+        req = msg.body["request"]
+        cmd = req.get("cmd") if isinstance(req, Mapping) else None
+        if not (isinstance(cmd, str) and cmd.endswith("-get")):
+            task = self.ctx.tasks.find_peer(peer)
+            if not (task.cap_net_admin if task is not None else self.is_launcher(peer)):
+                self.stats["refused_no_cap"] += 1
+                raise Misuse(f"ethtool {cmd}: needs CAP_NET_ADMIN", errno=errno.EPERM)
         if self.nic_dead:
             raise Misuse("the NIC is gone (surprise removal)", errno=errno.ENODEV)
-        return self._dev(msg.body["dev"]).ethtool(msg.body["request"])
+        return self._dev(msg.body["dev"]).ethtool(req)
 
     def _sys_stats(self, msg: Message, peer: bytes) -> HandlerResult:
+        mine = None if self.is_launcher(peer) else self._own_tids(peer)
         out: dict[str, Any] = {"kernel": dict(self.stats), "nic": "gone" if self.nic_dead
                                else "up"}
         out["netdevs"] = {}
@@ -369,21 +414,51 @@ class Kernel:
         out["zcrx"] = self.zcrx.stats()
         out["memory_traffic"] = out["zcrx"]["memory_traffic"]
         out["mm"] = dict(MM_COUNTERS)
+        if mine is not None:  # an app sees only its own rings and ifqs
+            out["io_uring"]["rings"] = [r for r in out["io_uring"]["rings"]
+                                        if r.get("task") in mine]
+            out["zcrx"]["ifqs"] = [i for i in out["zcrx"]["ifqs"] if i.get("task") in mine]
+            own = {i["ifq"] for i in out["zcrx"]["ifqs"]}
+            out["zcrx"]["bound"] = {k: v for k, v in out["zcrx"]["bound"].items() if v in own}
         return out
 
+    def _own_tids(self, peer: bytes) -> set[int]:
+        """Task ids of the calling process (by the pid the OS gave): what an app may see."""
+        cred = peer_cred(peer)
+        if cred is None:
+            return set()
+        return {t.tid for t in self.ctx.tasks.by_pid(cred.pid)}
+
     def _sys_status(self, msg: Message, peer: bytes) -> HandlerResult:
+        mine = None if self.is_launcher(peer) else self._own_tids(peer)
+        tasks = [{"tid": t.tid, "pid": t.pid, "name": t.name} for t in self.ctx.tasks
+                 if mine is None or t.tid in mine]
+        ifqs = [i for i in self.zcrx.status() if mine is None or i.get("task") in mine]
         return {"run": self.run, "uptime_s": round(time.monotonic() - self._started, 3),
                 "kernel": self.zcrx.kernel_name,
                 "netdevs": [dev.status() for dev in self.netdevs.values()],
                 "nic": "gone" if self.nic_dead else "up",
                 "nic_reprobes": self.stats["nic_reprobes"],
-                "tasks": [{"tid": t.tid, "pid": t.pid, "name": t.name}
-                          for t in self.ctx.tasks],
-                "zcrx": self.zcrx.status()}
+                "tasks": tasks, "zcrx": ifqs}
 
     def _sys_shutdown(self, msg: Message, peer: bytes) -> HandlerResult:
+        self._require_launcher(peer, "shutdown")
         self.shutdown_requested = True
         return {}
+
+    def _sys_cap_grant(self, msg: Message, peer: bytes) -> HandlerResult:
+        """``cap_grant``: the launcher says a process it started has CAP_NET_ADMIN.  The
+        grant lasts while that process lives (a pidfd drops it at death: no pid reuse)."""
+        self._require_launcher(peer, "cap_grant")
+        pid = msg.body["pid"]
+        if pid <= 0 or self.watch.add(f"grant:{pid}", pid) < 0:
+            raise Misuse(f"no process {pid}", errno=errno.ESRCH)
+        self.ctx.tasks.grants.grant(pid)
+        return {}
+
+    def grant_cap(self, pid: int) -> None:
+        """In-process form of ``cap_grant`` (tests, an embedding launcher)."""
+        self.ctx.tasks.grants.grant(pid)
 
 
 def _as_dict(stats: Any) -> Mapping[str, Any]:

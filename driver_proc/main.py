@@ -26,6 +26,7 @@ all DMA, exits).
 
 from __future__ import annotations
 
+import os
 import sys
 
 import zmq
@@ -48,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="The Linux release to behave as: "
                    + ", ".join(abi.kernel_version_name(v) for v in abi.KERNEL_VERSIONS)
                    + " (default: the newest).")
+    p.add_argument("--launcher-uid", type=int, default=None,
+                   help="uid of the run's launcher: only it may shut the kernel down or grant "
+                        "CAP_NET_ADMIN (default: the kernel's own uid).")
     args = p.parse_args(argv)
     try:
         kernel_version = abi.parse_kernel_version(args.kernel)
@@ -62,9 +66,13 @@ def main(argv: list[str] | None = None) -> int:
                         context=ctx)
     doorbells = EventSender(ipc_endpoint(args.rundir, "nic-events"), context=ctx)
     irqs = EventReceiver(ipc_endpoint(args.rundir, "kernel-events"), context=ctx)
-    kernel = Kernel(args.run, args.rundir, nic, log=log, kernel=kernel_version)
-    server = ControlServer(ipc_endpoint(args.rundir, "kernel"), kernel.handlers(),
-                           role="kernel", context=ctx)
+    kernel = Kernel(args.run, args.rundir, nic, log=log, launcher_uid=args.launcher_uid,
+                    kernel=kernel_version)
+    endpoint = ipc_endpoint(args.rundir, "kernel")
+    server = ControlServer(endpoint, kernel.handlers(), role="kernel", context=ctx)
+    # Every app connects here, under its own uid when the run is root's: the socket is open
+    # to all, and the kernel decides what each caller may do from its peer credentials.
+    os.chmod(endpoint[len("ipc://"):], 0o666)
     kernel.attach_server(server)
     oops = False
     try:

@@ -18,6 +18,10 @@ Not here: ``ethtool``, ``stats``, ``status``, ``shutdown`` (the integrator's, in
 loop), and the zcrx register opcodes (plugged into :class:`driver_proc.setup.IoUring` by
 :class:`driver_proc.zcrx.Zcrx`, which :meth:`KernelContext.create` installs).
 
+Identity: a task's pid and uid are what the OS says about its control connection (the
+:class:`~shared.control.Peer` credentials), never what a message says; a request whose
+connection's pid is not the task's is treated as coming from a process that never attached.
+
 Departures: the calling task is identified by its control socket, so a process that recreates
 its control socket (after a timeout) must ``attach`` again and gets a new task; syscalls from a
 peer that never attached fail with ``-ESRCH``.
@@ -38,7 +42,7 @@ from driver_proc.setup import IoUring
 from driver_proc.tcp import SocketTable
 from driver_proc.zcrx import Zcrx
 from shared import abi
-from shared.control import DEFER, ControlServer, Handler, HandlerResult, Reply
+from shared.control import DEFER, ControlServer, Handler, HandlerResult, Reply, peer_cred
 from shared.errors import Misuse
 from shared.msg import Message
 
@@ -84,9 +88,19 @@ def _task(ctx: KernelContext, peer: Any) -> Task:
 
 
 def sys_attach(ctx: KernelContext, msg: Message, peer: Any) -> HandlerResult:
-    """Create the calling process's task."""
+    """Create the calling process's task, as the OS names it.
+
+    The pid and uid are the connection's peer credentials (SO_PEERCRED, :class:`Peer`); the
+    ``pid`` the message carries is ignored (apps still send it; nothing believes it).  A
+    connection the OS says nothing about (not ``ipc://``) cannot attach: ``-EPERM``.
+    ``cap_net_admin`` in the message can only drop the capability the launcher granted.
+    """
     b = msg.body
-    task = ctx.tasks.attach(peer, b["pid"], b["name"], b["cap_net_admin"])
+    cred = peer_cred(peer)
+    if cred is None:
+        raise Misuse("attach needs a unix (ipc://) connection: the kernel learns who you are "
+                     "from the socket's peer credentials", errno.EPERM)
+    task = ctx.tasks.attach(peer, cred.pid, b["name"], b["cap_net_admin"], uid=cred.uid)
     return {"task": task.tid}
 
 

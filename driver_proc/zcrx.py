@@ -1397,7 +1397,8 @@ class Zcrx:
         if need > size:
             raise too_small
         region = Region.create(
-            region_name(self.uring.run_id, "kernel", f"t{task.tid}.zcrx{serial}.rq"), size)
+            region_name(self.uring.run_id, "kernel", f"t{task.tid}.zcrx{serial}.rq"), size,
+            uid=task.uid)  # the task's memory: its uid's, 0600
         assert region.buf is not None
         return np.frombuffer(region.buf, dtype=np.uint8), region
 

@@ -366,7 +366,8 @@ def measure_emulated(br: BenchRun, mode: str, flows: int, total: int, sport: int
     for attempt in range(5):
         try:
             entry = run.spawn(role, module, args, detach=False, notify=True,
-                              ready_timeout=_READY_S)  # the app says when it listens
+                              ready_timeout=_READY_S,  # the app says when it listens
+                              cap_net_admin=mode == "zcrx")
             break
         except (PeerGone, Timeout) as e:
             failed = run.m.procs.get(role)

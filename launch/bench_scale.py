@@ -159,7 +159,7 @@ def measure_point(n: int, mib_per_queue: float = DEFAULT_MIB, *, timeout: float 
                     "--seconds", str(timeout)]
             try:
                 br.run.spawn(role, "app_proc.zcrx_server", args, detach=False, notify=True,
-                             ready_timeout=_READY_S)
+                             ready_timeout=_READY_S, cap_net_admin=True)
             except (PeerGone, Timeout) as e:
                 failed = br.run.m.procs.get(role)
                 raise BenchFailed(f"server of queue {q} did not start: "

@@ -65,7 +65,7 @@ def topology(name: str, size: int, rate: float = 0.0) -> Topology:
                     "ethtool": [f"-N eth0 flow-type tcp4 dst-port {ZC_PORT} action {ZC_QUEUE}",
                                 "-X eth0 equal 1"]}],
         "app": [
-            {"program": "zcrx-server",
+            {"program": "zcrx-server", "cap_net_admin": True,
              "args": ["-p", str(ZC_PORT), "-i", "eth0", "-q", str(ZC_QUEUE), "-v", "-n", "1",
                       "-s", str(size), "--json", "{rundir}/" + REPORTS["app:0"]]},
             {"program": "copy-server",

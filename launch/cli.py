@@ -22,6 +22,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from launch.run import DEFAULT_APP_UID_BASE
 from launch.topology import APPS
 from shared import abi
 from shared.errors import ZcrxError
@@ -429,10 +430,16 @@ def _load_topology(path: str) -> Any:
               help="With --foreground: bring these roles back when they die "
                    "(comma list of nic, kernel). A restarted NIC is re-probed by the "
                    "kernel; a restarted kernel needs a fresh NIC, which is restarted too.")
+@click.option("--app-uid-base", type=click.IntRange(0, 2**31 - 2000),
+              default=DEFAULT_APP_UID_BASE, show_default=True,
+              help="As root: app:N runs as uid/gid BASE+N, so no app can open another's "
+                   "memory (0: apps run as root, not isolated).")
 def up(topo_file: str | None, name: str | None, netdevs: tuple[str, ...], queues: int | None,
-       detach: bool, as_json: bool, kernel: str | None, restart: str) -> None:
+       detach: bool, as_json: bool, kernel: str | None, restart: str,
+       app_uid_base: int) -> None:
     """Start a run: NIC, kernel, ethtool settings, apps, traffic; each once ready."""
     from launch import supervise
+    from launch.run import isolation
     from launch.topology import NetdevConfig, Topology
     from shared.nicif import NetdevSpec
 
@@ -456,20 +463,27 @@ def up(topo_file: str | None, name: str | None, netdevs: tuple[str, ...], queues
     if kernel is not None:
         topo.kernel = kernel
     name = name or topo.name
+    base, why_not = isolation(app_uid_base)
     try:
-        r, steps = supervise.bring_up(topo, name, detach=detach)
+        r, steps = supervise.bring_up(topo, name, detach=detach,
+                                      config={"app_uid_base": base})
     except ZcrxError as e:
         fail(str(e))
     status = _call(r, "kernel", "status")
     devs = ", ".join(f"{d['name']} ({d['queues']} queues)" for d in status["netdevs"])
     if as_json:
         click.echo(json.dumps({"name": name, "run_id": r.run_id, "rundir": str(r.dir),
-                               "steps": steps}, indent=2))
+                               "steps": steps, "apps_isolated": not why_not,
+                               **({"not_isolated_because": why_not} if why_not else {})},
+                              indent=2))
     else:
         for line in steps[2:]:
             console.print(f"  {line}", highlight=False)
         console.print(f"run {name} is up (id {r.run_id}, Linux {status.get('kernel', '?')}): "
                       f"{devs}", highlight=False)
+        if why_not:  # once, at start: the user should know what an app can reach
+            err_console.print(f"note: apps are not isolated from each other: {why_not}",
+                              highlight=False, soft_wrap=True)
     if detach:
         return
     supervise.supervise(
@@ -784,6 +798,21 @@ def app_stop(name: str | None, timeout: float, index: int) -> None:
     console.print(f"{role} {how}", highlight=False)
 
 
+@app.command("grant")
+@NAME_OPT
+@click.argument("pid", type=click.IntRange(1))
+def app_grant(name: str | None, pid: int) -> None:
+    """Grant CAP_NET_ADMIN to the running process PID (one you started by hand after `zcrx
+    env`), and to what it runs, for as long as it lives.  Only the run's launcher (its uid)
+    may; `zcrx app run --cap-net-admin` does this for the apps it starts."""
+    r = _pick_run(name)
+    try:
+        r.grant_cap(pid)
+    except ZcrxError as e:
+        fail(f"app grant: {e}")
+    console.print(f"pid {pid} has CAP_NET_ADMIN in run {r.m.name}", highlight=False)
+
+
 @app.command("run", context_settings={"ignore_unknown_options": True,
                                       "allow_interspersed_args": False})
 @NAME_OPT
@@ -797,10 +826,13 @@ def app_stop(name: str | None, timeout: float, index: int) -> None:
                    "shared.proc.notify_ready do once they listen), 'start' as soon as it runs.")
 @click.option("--ready-timeout", type=click.FloatRange(0.1, 600), default=20.0,
               show_default=True, help="Seconds to wait for --ready notify.")
+@click.option("--cap-net-admin", is_flag=True,
+              help="Grant the app CAP_NET_ADMIN (registering a zcrx ifq on a hardware queue, "
+                   "ethtool changes); off by default, as for a normal user's process.")
 @click.argument("program")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def app_run(name: str | None, detach: bool, ready: str, ready_timeout: float, program: str,
-            args: tuple[str, ...]) -> None:
+def app_run(name: str | None, detach: bool, ready: str, ready_timeout: float,
+            cap_net_admin: bool, program: str, args: tuple[str, ...]) -> None:
     """Run PROGRAM with ARGS as an app of the run.
 
     PROGRAM is a sample (copy-server, zcrx-server) or any executable, e.g.
@@ -826,37 +858,42 @@ def app_run(name: str | None, detach: bool, ready: str, ready_timeout: float, pr
     if detach:
         try:
             e = r.spawn(role, module, list(args), detach=True, notify=ready == "notify",
-                        ready_timeout=ready_timeout, command=command)
+                        ready_timeout=ready_timeout, command=command,
+                        cap_net_admin=cap_net_admin)
         except ZcrxError as err:
             fail(str(err))
         console.print(f"{role} {program} pid {e.pid} (log {e.log})", highlight=False)
         return
-    sys.exit(_run_foreground(r, role, module, list(args), command))
+    sys.exit(_run_foreground(r, role, module, list(args), command, cap_net_admin))
 
 
 def _run_foreground(r: Any, role: str, module: str, args: list[str],
-                    command: list[str] | None) -> int:
+                    command: list[str] | None, cap_net_admin: bool = False) -> int:
     """Run an app attached to this terminal, recorded as ``role`` while it lives."""
     import signal
-    import subprocess as sp
 
     import psutil
 
-    from launch.run import TAG_ENV, ProcEntry, RoleSpec
+    from launch.run import TAG_ENV, ProcEntry, RoleSpec, popen_app
 
     env = r.env()
     env[TAG_ENV] = r.tag(role)
     argv = command or [sys.executable, "-m", module, "--tag", r.tag(role), *args]
+    uid = r.app_uid(role)
     try:
-        proc = sp.Popen(argv, env=env)
+        proc = popen_app(argv, uid=uid, grant=r.grant_cap if cap_net_admin else None, env=env)
     except OSError as e:
         fail(f"app run: cannot run {argv[0]!r}: {e.strerror}")
+        raise AssertionError from None
+    except ZcrxError as e:
+        fail(f"app run: cannot grant CAP_NET_ADMIN: {e}")
         raise AssertionError from None
     r.m.procs[role] = ProcEntry(
         role=role, pid=proc.pid, create_time=psutil.Process(proc.pid).create_time(),
         argv=argv, log="", spec=RoleSpec(module=module if command is None else "",
                                          args=args if command is None else [],
-                                         detach=False, command=command, cwd=os.getcwd()))
+                                         detach=False, command=command, cwd=os.getcwd(),
+                                         cap_net_admin=cap_net_admin, uid=uid))
     r.save()
     try:
         while True:

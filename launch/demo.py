@@ -67,7 +67,8 @@ def demo_topology(name: str, flows: int, per_flow: int, zc_bytes: int, queues: i
           "--json", "{rundir}/copy-server.json"]
     rule = f"-N eth0 flow-type tcp4 dst-port {ZC_PORT} action {ZC_QUEUE}"
     return Topology(name=name, netdevs=[NetdevConfig(NetdevSpec(queues=queues), [rule])],
-                    apps=[AppSpec("zcrx-server", zc), AppSpec("copy-server", cp)])
+                    apps=[AppSpec("zcrx-server", zc, cap_net_admin=True),
+                          AppSpec("copy-server", cp)])
 
 
 def demo_traffic(flows: int, per_flow: int, zc_bytes: int) -> list[TrafficSpec]:

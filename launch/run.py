@@ -15,6 +15,15 @@ So :func:`cleanup` removes a crashed run from the manifest, with the argv tag
 and the name prefix as fallbacks, and is idempotent.
 
 The launcher owns the run directory; each role owns the segments it creates.
+
+Identity and privilege (DESIGN §10): the manifest records the launcher's uid (and, for a
+foreground ``zcrx up``, its pid as role ``launcher``); NIC and kernel are told that uid
+(``--launcher-uid``) and serve privileged requests only to peers the OS says have it.  An app
+gets CAP_NET_ADMIN only if started with it (:meth:`Run.spawn` ``cap_net_admin``): the
+launcher tells the kernel its pid (``cap_grant``) while the new process holds before
+``exec`` (:func:`popen_app`), so the grant is there before the app runs.  Run as root with
+``app_uid_base`` in the config (``zcrx up --app-uid-base``), app ``app:N`` runs as uid/gid
+``base + N``, so its segments are its own (0600) and no other app can open them.
 """
 
 from __future__ import annotations
@@ -27,7 +36,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +58,10 @@ ROLE_ORDER = ("nic", "kernel")
 LAUNCHER = "launcher"
 #: The role's tag (``zcrx:<run_id>:<role>``) in the environment of every process we start.
 TAG_ENV = "ZCRX_TAG"
+#: Default first uid of the per-app uids a root run reserves (``zcrx up --app-uid-base``).
+DEFAULT_APP_UID_BASE = 60000
+#: How many app uids a run reserves from its base (app:0 .. app:N-1).
+APP_UID_RANGE = 1000
 #: Signals ``zcrx kill`` may send.
 SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM, "STOP": signal.SIGSTOP,
            "CONT": signal.SIGCONT}
@@ -65,6 +80,81 @@ def parse_role(text: str) -> str:
 
 def runs_dir() -> Path:
     return Path(os.environ.get("ZCRX_RUNS_DIR", DEFAULT_RUNS_DIR))
+
+
+def popen_app(argv: list[str], *, uid: int | None = None,
+              grant: Callable[[int], None] | None = None,
+              **kw: Any) -> subprocess.Popen[bytes]:
+    """``subprocess.Popen(argv, **kw)`` for an app: as ``uid`` (and gid, no supplementary
+    groups) when given, and with ``grant`` the child holds before ``exec`` until
+    ``grant(its pid)`` returned, so the app cannot reach a privileged call before the
+    kernel knows its capability.  A failed grant kills the child before it runs anything
+    and is raised here."""
+    if uid is not None:
+        kw.update(user=uid, group=uid, extra_groups=[])
+    if grant is None:
+        return subprocess.Popen(argv, **kw)
+    pid_r, pid_w = os.pipe()
+    go_r, go_w = os.pipe()
+    failed: list[BaseException] = []
+
+    def granter() -> None:
+        try:
+            data = os.read(pid_r, 32)
+            if data:
+                grant(int(data))
+                os.write(go_w, b"1")
+        except BaseException as e:
+            failed.append(e)
+        finally:
+            os.close(pid_r)
+            os.close(go_w)  # a child still holding reads EOF and exits
+
+    def hold() -> None:  # in the child, between fork and exec
+        os.close(go_w)  # else our own copy keeps the "go" pipe from ever reading EOF
+        os.close(pid_r)
+        os.write(pid_w, str(os.getpid()).encode())
+        if os.read(go_r, 1) != b"1":
+            os._exit(126)
+
+    t = threading.Thread(target=granter, name="cap-grant", daemon=True)
+    t.start()
+    try:
+        proc = subprocess.Popen(argv, preexec_fn=hold, **kw)
+    finally:
+        os.close(pid_w)
+        os.close(go_r)
+        t.join(30)
+    if failed:
+        proc.kill()
+        proc.wait()
+        raise failed[0]
+    return proc
+
+
+def isolation(app_uid_base: int | None) -> tuple[int | None, str]:
+    """Whether a run started now can give each app its own uid: ``(base, "")`` if so, else
+    ``(None, why not)``.  Needs root (only root can run a process as another uid), a base,
+    and a runs directory every uid can reach (apps find their sockets there)."""
+    if os.geteuid() != 0:
+        return None, ("zcrx up runs as a normal user, so every app runs under your uid: "
+                      "apps can open each other's shared memory and speak to the kernel as "
+                      "the launcher (run as root to give each app its own uid)")
+    if app_uid_base is None or app_uid_base <= 0:
+        return None, "--app-uid-base 0: every app runs as root, apps are not isolated"
+    base = runs_dir().absolute()
+    base.mkdir(parents=True, exist_ok=True)
+    for d in (base, *base.parents):
+        if not os.stat(d).st_mode & 0o001:
+            return None, (f"{d} is not searchable by other uids, so apps cannot run under "
+                          f"their own uid (set ZCRX_RUNS_DIR elsewhere)")
+    python = Path(os.path.realpath(sys.executable))
+    if not python.stat().st_mode & 0o001 or \
+            any(not os.stat(d).st_mode & 0o001 for d in python.parents):
+        return None, (f"the interpreter {python} is not reachable by other uids, so apps "
+                      f"cannot run under their own uid (use a Python installed where every "
+                      f"user can run it)")
+    return app_uid_base, ""
 
 
 def check_name(name: str) -> str:
@@ -92,6 +182,10 @@ class RoleSpec:
     #: ``cwd``; it carries the role's tag in ``$ZCRX_TAG`` since its argv is not ours.
     command: list[str] | None = None
     cwd: str | None = None
+    #: CAP_NET_ADMIN granted by the launcher (``zcrx app run --cap-net-admin``)
+    cap_net_admin: bool = False
+    #: the uid (and gid) it runs as, when a root run gives each app its own; None: ours
+    uid: int | None = None
 
 
 @dataclass
@@ -141,6 +235,8 @@ class Manifest:
     launcher_pid: int
     config: dict[str, Any] = field(default_factory=dict)
     procs: dict[str, ProcEntry] = field(default_factory=dict)
+    #: the launcher's uid: only peers with it may stop the kernel or configure the NIC
+    launcher_uid: int = field(default_factory=os.geteuid)
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -178,6 +274,11 @@ class Run:
                              errno=17)
             cleanup(name)
         rundir.mkdir(mode=0o700)
+        if (config or {}).get("app_uid_base") is not None:
+            # Apps under their own uids write their ready notes and reports here, like in
+            # /tmp: sticky (nobody removes or replaces what is not theirs), not listable by
+            # them; the sockets are reached by path and decide by peer credentials.
+            rundir.chmod(0o1733)
         run_id = f"{name}-{secrets.token_hex(3)}"
         m = Manifest(name=name, run_id=run_id, rundir=str(rundir), created=time.time(),
                      launcher_pid=os.getpid(), config=config or {})
@@ -218,6 +319,24 @@ class Run:
     def alive_roles(self) -> list[str]:
         return [r for r, e in self.m.procs.items() if e.process() is not None]
 
+    def app_uid(self, role: str) -> int | None:
+        """The uid ``role`` (``app:N``) runs as: ``app_uid_base + N`` in a run that
+        reserved a range (root only), else None (ours)."""
+        base = self.m.config.get("app_uid_base")
+        if base is None or not role.startswith("app:") or os.geteuid() != 0:
+            return None
+        n = int(role.partition(":")[2])
+        if n >= APP_UID_RANGE:
+            raise Misuse(f"{role}: the run reserved uids for {APP_UID_RANGE} apps", errno=28)
+        return int(base) + n
+
+    def grant_cap(self, pid: int) -> None:
+        """Tell the kernel that process ``pid`` (an app we started) has CAP_NET_ADMIN."""
+        import shared.syscalls  # noqa: F401  (registers cap_grant)
+
+        with ControlClient(self.endpoint("kernel"), timeout_ms=10_000) as kernel:
+            kernel.call("cap_grant", {"pid": pid})
+
     def exports(self) -> dict[str, str]:
         """The variables that make a process part of this run (``zcrx env`` prints them):
         the app library needs only ``ZCRX_RUNDIR``; ``ZCRX_RUN`` is the run id it names."""
@@ -234,7 +353,7 @@ class Run:
     def spawn(self, role: str, module: str, args: list[str], *, detach: bool = True,
               ready: str | None = None, notify: bool = False,
               ready_timeout: float = 20.0, command: list[str] | None = None,
-              cwd: str | None = None) -> ProcEntry:
+              cwd: str | None = None, cap_net_admin: bool = False) -> ProcEntry:
         """Start ``python -m module args`` as ``role`` and wait until it is ready.
 
         ``ready`` names a control endpoint to ping; ``notify`` waits for the
@@ -246,6 +365,9 @@ class Run:
         With ``command`` (any program: ``zcrx app run -- COMMAND``) that argv runs instead,
         in ``cwd`` (default: ours, so relative paths mean what the user typed); ``module``
         and ``args`` are ignored.  Misuse ENOENT if the program is not found.
+
+        An ``app:N`` role runs as :meth:`app_uid` when that is set, and gets CAP_NET_ADMIN
+        from the kernel only with ``cap_net_admin`` (granted to its pid once started).
         """
         if role in self.m.procs and self.m.procs[role].process() is not None:
             raise Misuse(f"{role} is already running in run {self.m.name}", errno=17)
@@ -259,15 +381,16 @@ class Run:
             module, args = "", []
         else:
             argv = [sys.executable, "-m", module, "--tag", self.tag(role), *args]
+        uid = self.app_uid(role)
         notify_path = self.dir / f"{slug}.ready"
         notify_path.unlink(missing_ok=True)
         if notify:
             env[NOTIFY_ENV] = str(notify_path)
         try:
             with open(log_path, "ab") as log:
-                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                        env=env, cwd=cwd or str(self.dir),
-                                        start_new_session=detach)
+                proc = popen_app(argv, uid=uid, grant=self.grant_cap if cap_net_admin else None,
+                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+                                 cwd=cwd or str(self.dir), start_new_session=detach)
         except OSError as e:
             raise Misuse(f"{role}: cannot run {argv[0]!r}: {e.strerror}",
                          errno=e.errno or 2) from None
@@ -277,7 +400,7 @@ class Run:
                           spec=RoleSpec(module=module, args=list(args), detach=detach,
                                         ready=ready, notify=notify,
                                         ready_timeout=ready_timeout, command=command,
-                                        cwd=cwd))
+                                        cwd=cwd, cap_net_admin=cap_net_admin, uid=uid))
         self.m.procs[role] = entry
         self.save()
         if ready is not None:
@@ -297,7 +420,7 @@ class Run:
         self.m.procs.pop(role)
         return self.spawn(role, s.module, s.args, detach=s.detach, ready=s.ready,
                           notify=s.notify, ready_timeout=s.ready_timeout, command=s.command,
-                          cwd=s.cwd)
+                          cwd=s.cwd, cap_net_admin=s.cap_net_admin)
 
     def _wait_notify(self, proc: subprocess.Popen[bytes], role: str, path: Path,
                      timeout: float) -> None:

@@ -39,15 +39,18 @@ def _quiet(_msg: str) -> None:
 
 def nic_args(run: Run, topo: Topology, *, detach: bool) -> list[str]:
     """The NIC's arguments: the run, and one ``--netdev`` per netdev of ``topo``."""
-    args = ["--run", run.run_id, "--rundir", str(run.dir)]
+    args = ["--run", run.run_id, "--rundir", str(run.dir),
+            "--launcher-uid", str(run.m.launcher_uid)]
     for spec in topo.netdev_specs():
         args += ["--netdev", spec]
     return args + (["--detached"] if detach else [])
 
 
 def kernel_args(run: Run, topo: Topology, *, detach: bool) -> list[str]:
-    """The kernel's arguments: the run, and the Linux release it behaves as."""
-    return (["--run", run.run_id, "--rundir", str(run.dir), "--kernel", topo.kernel]
+    """The kernel's arguments: the run, its launcher's uid, and the Linux release it
+    behaves as."""
+    return (["--run", run.run_id, "--rundir", str(run.dir), "--launcher-uid",
+             str(run.m.launcher_uid), "--kernel", topo.kernel]
             + (["--detached"] if detach else []))
 
 
@@ -113,7 +116,7 @@ def bring_up(topo: Topology, name: str | None = None, *, detach: bool = True,
             role = run.next_app_role()
             step = f"{role} {app.program}"
             e = run.spawn(role, app.module, app.argv(str(run.dir), name), detach=True,
-                          notify=True)
+                          notify=True, cap_net_admin=app.cap_net_admin)
             done(f"{role} {app.program} pid {e.pid} (log {e.log})")
         for t in topo.traffic if traffic else ():
             step = f"traffic {t.kind} on {t.dev}"

@@ -14,6 +14,7 @@ A topology file describes one emulated host::
     [[app]]                                       # started detached, after the netdevs
     program = "zcrx-server"
     args = ["-p", "8000", "-q", "1", "--json", "{rundir}/zc.json"]
+    cap_net_admin = true                          # granted by the launcher (default false)
 
     [[traffic]]                                   # started last
     kind = "generator"                            # or "wire"
@@ -138,6 +139,8 @@ class AppSpec:
 
     program: str
     args: list[str] = field(default_factory=list)
+    #: CAP_NET_ADMIN granted by the launcher (zcrx-server binding a hardware queue needs it)
+    cap_net_admin: bool = False
 
     @property
     def module(self) -> str:
@@ -148,7 +151,8 @@ class AppSpec:
         return [a.replace("{rundir}", rundir).replace("{name}", name) for a in self.args]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"program": self.program, "args": list(self.args)}
+        return {"program": self.program, "args": list(self.args),
+                "cap_net_admin": self.cap_net_admin}
 
 
 @dataclass
@@ -325,8 +329,9 @@ def _app(where: str, d: Any) -> AppSpec:
         raise TopologyError(f"{where}: unknown program {program!r} "
                             f"(one of {', '.join(sorted(APPS))})")
     args = t.str_list("args")
+    cap = t.get("cap_net_admin", (bool,), False)
     t.done()
-    return AppSpec(program=program, args=args)
+    return AppSpec(program=program, args=args, cap_net_admin=bool(cap))
 
 
 def _traffic(where: str, d: Any) -> TrafficSpec:

@@ -53,7 +53,15 @@ import zmq
 
 from nic_proc.device import Nic
 from shared import nicif
-from shared.control import ControlServer, EventReceiver, EventSender, HandlerResult, ipc_endpoint
+from shared.control import (
+    ControlServer,
+    EventReceiver,
+    EventSender,
+    HandlerResult,
+    Peer,
+    ipc_endpoint,
+    peer_cred,
+)
 from shared.errors import Misuse, ZcrxError
 from shared.msg import PROTOCOL_VERSION, Message
 from shared.nicif import NetdevSpec
@@ -92,9 +100,15 @@ class NicProcess:
     """The NIC's sockets, stats region and loop around one :class:`Nic`."""
 
     def __init__(self, run: str, rundir: str | Path, specs: Sequence[NetdevSpec], *,
-                 watch_parent: bool = True) -> None:
-        """Create the stats region, the device and the sockets (cleans up if any fails)."""
+                 watch_parent: bool = True, launcher_uid: int | None = None) -> None:
+        """Create the stats region, the device and the sockets (cleans up if any fails).
+
+        The control socket serves only the kernel and the run's launcher: peers whose uid
+        (what the OS says about the connection) is ``launcher_uid`` (default: ours, the
+        uid the launcher started us with).  Anyone else gets EPERM: apps reach the NIC only
+        through the kernel, as on Linux."""
         self.run_id = run
+        self.launcher_uid = os.geteuid() if launcher_uid is None else launcher_uid
         self.stopping = False
         self.ppid = os.getppid() if watch_parent else None
         self._closers: list[Callable[[], None]] = []
@@ -112,7 +126,7 @@ class NicProcess:
             self.nic = Nic(specs, stats)
             self._closers.insert(0, self.nic.close)
             self.server = ControlServer(ipc_endpoint(rundir, "nic"), self._handlers(),
-                                        role="nic")
+                                        role="nic", admit=self._admit)
             self._closers.insert(0, self.server.close)
             self.events = EventReceiver(ipc_endpoint(rundir, "nic-events"))
             self._closers.insert(0, self.events.close)
@@ -189,6 +203,11 @@ class NicProcess:
         out["bye"] = self._on_bye
         return out
 
+    def _admit(self, peer: Peer, mtype: str) -> bool:
+        """Only the kernel and the launcher (the launcher's uid, by the OS's word)."""
+        cred = peer.cred
+        return cred is not None and cred.uid == self.launcher_uid
+
     def _on_hello(self, m: Message, peer: bytes) -> HandlerResult:
         """``hello`` (replaces the server's built-in one): a kernel introducing itself is
         watched through a pidfd from now on."""
@@ -196,13 +215,15 @@ class NicProcess:
         if b["version"] != PROTOCOL_VERSION:
             raise Misuse(f"peer speaks protocol {b['version']}, server {PROTOCOL_VERSION}",
                          errno.EPROTO)
-        if b["role"] == "kernel" and b["pid"] > 0:
+        cred = peer_cred(peer)
+        pid = cred.pid if cred is not None else b["pid"]  # the OS's word over the message's
+        if b["role"] == "kernel" and pid > 0:
             self._forget_kernel()
-            fd = self.watch.add("kernel", b["pid"])
+            fd = self.watch.add("kernel", pid)
             if fd >= 0:
                 self.poller.register(fd, zmq.POLLIN)
             self._kernel_peer = peer
-            log.info("kernel is pid %d (watched)", b["pid"])
+            log.info("kernel is pid %d (watched)", pid)
         return {"role": "nic", "pid": os.getpid(), "version": PROTOCOL_VERSION}
 
     def _on_bye(self, m: Message, peer: bytes) -> HandlerResult:
@@ -302,6 +323,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="netdev spec NAME[:key=value,...], repeatable (default eth0)")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--tag", default="", help="zcrx:<run_id>:<role> (set by the launcher)")
+    p.add_argument("--launcher-uid", type=int, default=None,
+                   help="uid of the run's launcher: only it and the kernel may use the "
+                        "control socket (default: ours)")
     p.add_argument("--detached", action="store_true",
                    help="keep running when the process that started us exits "
                         "(zcrx up --detach); by default the NIC exits with its parent")
@@ -319,7 +343,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("%s", e)
         return 2
     try:
-        proc = NicProcess(args.run, args.rundir, specs, watch_parent=not args.detached)
+        proc = NicProcess(args.run, args.rundir, specs, watch_parent=not args.detached,
+                          launcher_uid=args.launcher_uid)
     except (Misuse, zmq.ZMQError) as e:
         log.error("cannot start: %s", e)
         return 1

@@ -14,6 +14,13 @@ Sockets
   request id when it can be read, else id 0) and counted in :attr:`ControlServer.stats`; it
   never raises.  The socket is exposed as ``.socket`` so a process can poll it together with
   anything else.
+* Who is calling: over ``ipc://`` the OS tells the server the peer's credentials (libzmq reads
+  ``SO_PEERCRED`` when the connection is accepted and reports it as the ``Peer-Address``
+  property of every message, ``<host>:<uid>:<gid>:<pid>``).  Handlers get the routing identity
+  as a :class:`Peer`, a ``bytes`` that also carries that :class:`PeerCred` (``peer.cred``;
+  None over inproc:// or tcp://, where the OS says nothing).  No field of a message can change
+  it, so a server decides who may do what from ``peer.cred``, never from the body.  A server
+  may also refuse whole peers (:class:`ControlServer` ``admit``): they get EPERM.
 * :class:`ControlClient`: one DEALER socket (LINGER 0), one request in flight at a time.
   Replies are matched by id; anything else is a stale reply and is discarded.  After a timeout
   the socket is closed and recreated ("lazy pirate"): the unsent request is dropped by LINGER 0
@@ -72,6 +79,8 @@ __all__ = [
     "EventSender",
     "Handler",
     "HandlerResult",
+    "Peer",
+    "PeerCred",
     "Reply",
     "ServerStats",
     "ipc_endpoint",
@@ -133,6 +142,63 @@ def _context(ctx: zmq.Context[Any] | None) -> zmq.Context[Any]:
     return zmq.Context.instance() if ctx is None else ctx
 
 
+# --------------------------------------------------------------------------- peers
+
+
+@dataclass(frozen=True)
+class PeerCred:
+    """What the OS says about the process at the other end of a unix socket (SO_PEERCRED):
+    the process that connected, its effective uid and gid at ``connect()`` time."""
+
+    pid: int
+    uid: int
+    gid: int
+
+    @classmethod
+    def from_peer_address(cls, text: str | None) -> PeerCred | None:
+        """Parse libzmq's ``Peer-Address`` of an ipc connection (``host:uid:gid:pid``);
+        None for anything else (a tcp peer's address, inproc, a missing property)."""
+        if not text:
+            return None
+        parts = text.rsplit(":", 3)
+        if len(parts) != 4:
+            return None
+        try:
+            uid, gid, pid = int(parts[1]), int(parts[2]), int(parts[3])
+        except ValueError:
+            return None
+        if pid <= 0 or uid < 0 or gid < 0:
+            return None
+        return cls(pid=pid, uid=uid, gid=gid)
+
+
+class Peer(bytes):
+    """A caller's routing identity (the bytes zmq routes replies by), plus ``cred``: what the
+    OS said about the connection the request came over (None when it said nothing).
+
+    Equal to and hashed as its bytes, so state keyed by routing identity keeps working."""
+
+    cred: PeerCred | None
+
+    def __new__(cls, identity: bytes, cred: PeerCred | None = None) -> Peer:
+        self = super().__new__(cls, identity)
+        self.cred = cred
+        return self
+
+
+def peer_cred(peer: bytes) -> PeerCred | None:
+    """The OS credentials carried by ``peer`` (a :class:`Peer`), else None."""
+    return peer.cred if isinstance(peer, Peer) else None
+
+
+def _frame_cred(frame: zmq.Frame) -> PeerCred | None:
+    try:
+        text = frame.get("Peer-Address")
+    except (zmq.ZMQError, UnicodeDecodeError):
+        return None
+    return PeerCred.from_peer_address(text if isinstance(text, str) else None)
+
+
 # --------------------------------------------------------------------------- server
 
 
@@ -154,7 +220,8 @@ DEFER: Final = _Defer()
 
 HandlerResult = Reply | Mapping[str, Any] | None | _Defer
 Handler = Callable[[Message, bytes], HandlerResult]
-"""``handler(request, peer)``: ``peer`` is the caller's routing identity (stable per socket).
+"""``handler(request, peer)``: ``peer`` is the caller's routing identity (stable per socket),
+a :class:`Peer` whose ``cred`` is what the OS said about the caller (:func:`peer_cred`).
 
 Return None / a dict / a :class:`Reply` for ``ok``, or :data:`DEFER`; raise a
 :class:`~shared.errors.ZcrxError` with an errno for an ``error`` reply."""
@@ -175,12 +242,15 @@ class ServerStats:
     """Replies dropped because the peer is gone or its queue is full."""
     handler_bugs: int = 0
     """Handlers that raised something without an errno (answered with EIO, then re-raised)."""
+    refused: int = 0
+    """Requests from peers ``admit`` turned away (EPERM)."""
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly form, errnos by name."""
         return {"requests": self.requests, "ok": self.ok, "errors": self.errors,
                 "rejected": {E.errorcode.get(k, str(k)): v for k, v in self.rejected.items()},
-                "undeliverable": self.undeliverable, "handler_bugs": self.handler_bugs}
+                "undeliverable": self.undeliverable, "handler_bugs": self.handler_bugs,
+                "refused": self.refused}
 
 
 class ControlServer:
@@ -202,7 +272,8 @@ class ControlServer:
 
     def __init__(self, endpoint: str, handlers: Mapping[str, Handler] | None = None, *,
                  role: str = "server", context: zmq.Context[Any] | None = None,
-                 registry: Registry | None = None) -> None:
+                 registry: Registry | None = None,
+                 admit: Callable[[Peer, str], bool] | None = None) -> None:
         """Bind ``endpoint`` (ipc://, inproc:// or loopback tcp://, port ``*`` allowed).
 
         Raises :class:`Misuse` for a disallowed endpoint, ``zmq.ZMQError`` if bind fails.
@@ -215,6 +286,7 @@ class ControlServer:
             "bye": self._on_ping,
         }
         self.handlers.update(handlers or {})
+        self.admit = admit
         self.stats = ServerStats()
         self.ended: set[bytes] = set()
         """Routing identities of peers that sent ``eos``."""
@@ -253,6 +325,12 @@ class ControlServer:
             log.debug("rejected message from %r: %s", peer, exc)
             return error_frames(exc.msg_id or 0, exc.errno or E.EBADMSG, exc.text), None
         self.stats.requests += 1
+        if self.admit is not None:
+            who = peer if isinstance(peer, Peer) else Peer(peer)
+            if not self.admit(who, msg.type):
+                self.stats.refused += 1
+                self.stats.errors += 1
+                return error_frames(msg.id, E.EPERM, f"{msg.type}: not permitted"), None
         if peer in self.ended and msg.type != "eos":
             self.stats.errors += 1
             return error_frames(msg.id, E.EPIPE, f"{msg.type} after end of stream"), None
@@ -308,7 +386,7 @@ class ControlServer:
 
     def _send(self, peer: bytes, frames: list[bytes]) -> bool:
         try:
-            self.socket.send_multipart([peer, *frames], flags=zmq.NOBLOCK)
+            self.socket.send_multipart([bytes(peer), *frames], flags=zmq.NOBLOCK)
         except zmq.Again:
             self.stats.undeliverable += 1
             return False
@@ -329,10 +407,11 @@ class ControlServer:
         if not self.socket.poll(timeout_ms, zmq.POLLIN):
             return False
         try:
-            parts = self.socket.recv_multipart(zmq.NOBLOCK)
+            parts = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
         except zmq.Again:
             return False
-        peer, frames = parts[0], parts[1:]
+        peer = Peer(parts[0].bytes, _frame_cred(parts[-1]))
+        frames = [f.bytes for f in parts[1:]]
         reply, exc = self._respond(peer, frames)
         if reply is not None:
             self._send(peer, reply)

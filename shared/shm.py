@@ -81,14 +81,21 @@ class Region:
     # -- paired verbs: create/unlink, attach/detach -------------------------------
 
     @classmethod
-    def create(cls, name: str, size: int, *, pretouch: bool = True) -> Region:
-        """Create the segment exclusively (mode 0600), size it, map it, touch it."""
+    def create(cls, name: str, size: int, *, pretouch: bool = True,
+               uid: int | None = None) -> Region:
+        """Create the segment exclusively (mode 0600), size it, map it, touch it.
+
+        ``uid``: the process whose memory this is, when not the creator's (the kernel
+        creating an app's rings as root): the segment is given to that uid, still 0600, so
+        that process and root reach it and no other app does."""
         size = page_align(size)
         try:
             shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=size)
         except posix_ipc.ExistentialError as e:
             raise Misuse(f"shm segment {name} already exists", errno=17) from e
         try:
+            if uid is not None and uid != os.geteuid():
+                os.fchown(shm.fd, uid, -1)
             mm = mmap.mmap(shm.fd, size)
         except BaseException:
             shm.close_fd()

@@ -28,9 +28,11 @@ from shared.msg import Schema, register_type
 
 _RES = Schema.make({"res": int})
 
-register_type("attach", {"pid": int, "name": str}, optional={"cap_net_admin": (bool, True)},
+register_type("attach", {"name": str}, optional={"pid": (int, 0), "cap_net_admin": (bool, True)},
               reply=Schema.make({"task": int}),
-              doc="A new process announces itself (the emulated task); first call of an app.")
+              doc="A new process announces itself (the emulated task); first call of an app. "
+                  "The kernel takes its pid and uid from the connection (SO_PEERCRED): "
+                  "``pid`` is ignored; ``cap_net_admin`` false drops a granted capability.")
 
 # -- memory -----------------------------------------------------------------------------
 register_type("mm_map", {"name": str, "length": int, "prot": int},
@@ -73,7 +75,11 @@ register_type("stats", optional={"what": (str, "all")}, reply=Schema.make(open=T
               doc="Counters of every layer (netdev queues, page pools, sockets, rings).")
 register_type("status", reply=Schema.make(open=True),
               doc="Netdevs, queues and their bindings, page pools, ifqs, tasks.")
-register_type("shutdown", reply=Schema.make(open=True), doc="Stop the kernel process.")
+register_type("shutdown", reply=Schema.make(open=True),
+              doc="Stop the kernel process (the run's launcher only: EPERM otherwise).")
+register_type("cap_grant", {"pid": int},
+              doc="launcher -> kernel: the process ``pid`` (one it started) has "
+                  "CAP_NET_ADMIN while it lives.  The launcher only (EPERM otherwise).")
 
 # -- events -----------------------------------------------------------------------------
 register_type("cq_wake", {"fd": int}, doc="kernel -> app: CQEs posted on a ring whose "

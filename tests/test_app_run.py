@@ -22,6 +22,7 @@ import pytest
 
 from launch.run import Run, tagged_processes
 from shared import pattern
+from shared.proc import NOTIFY_ENV
 from shared.shm import list_run_segments
 from tests.e2e import runs_dir, topology, wait_app, zcrx
 from tests.test_own_receiver import EXAMPLES, sha256_file, steer
@@ -64,7 +65,7 @@ def test_app_run_any_command_is_an_app_of_the_run(tmp_path: Path) -> None:
     out = tmp_path / "received.bin"
     with topology("ar1", "--netdev", NETDEV):
         steer("ar1", 8000, ZC_QUEUE)
-        res = zcrx("app", "run", "--name", "ar1", "--detach", "--",
+        res = zcrx("app", "run", "--name", "ar1", "--detach", "--cap-net-admin", "--",
                    *receiver("-p", "8000", "-q", str(ZC_QUEUE), "-o", str(out)))
         assert res.output.startswith("app:0 "), res.output
         rows = json.loads(zcrx("app", "list", "--name", "ar1", "--json").output)
@@ -117,14 +118,28 @@ def test_hand_started_program_with_zcrx_env(tmp_path: Path) -> None:
         env = {**base, **exports("ar4")}
         assert set(exports("ar4")) == {"ZCRX_RUN", "ZCRX_RUNDIR"}
         steer("ar4", 8000, ZC_QUEUE)
-        proc = subprocess.Popen(receiver("-p", "8000", "-q", str(ZC_QUEUE), "-o", str(out)),
-                                env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # By hand, as a user would: binding a hardware queue needs CAP_NET_ADMIN, which the
+        # launcher's uid grants to the process (`zcrx app grant PID`) before it gets that far:
+        # the shell holds until granted, then becomes the receiver (same pid).
+        ready = tmp_path / "zc.ready"  # it says when it listens (notify_ready)
+        proc = subprocess.Popen(["sh", "-c", 'read go && exec "$@"', "sh",
+                                 *receiver("-p", "8000", "-q", str(ZC_QUEUE), "-o", str(out))],
+                                env={**env, NOTIFY_ENV: str(ready)}, stdin=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        zcrx("app", "grant", "--name", "ar4", str(proc.pid))
+        assert proc.stdin is not None
+        proc.stdin.write(b"go\n")
+        proc.stdin.close()
+        proc.stdin = None
         waiting = subprocess.Popen([sys.executable, str(EXAMPLES / "copy_receiver.py"),
                                     "-p", "8001"], env=env,
                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.PIPE)
         try:
             time.sleep(1.0)  # the generator never resends a SYN: let both listen first
+            deadline = time.monotonic() + 60
+            while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)  # (the granted one passes a grant first: wait for it)
             zcrx("traffic", "--name", "ar4", "--port", "8000", "--sport", "41000",
                  "--bytes", str(size))
             _, err = proc.communicate(timeout=60)

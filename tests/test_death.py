@@ -59,7 +59,7 @@ def test_pidwatch_sees_a_sigkill_and_the_watchlist_reports_it_once() -> None:
 
 
 def _serve(name: str, out: Path, port: int, queue: int, size: int) -> None:
-    zcrx("app", "run", "--name", name, "--detach", "zcrx-server", "--",
+    zcrx("app", "run", "--name", name, "--detach", "--cap-net-admin", "zcrx-server", "--",
          "-p", str(port), "-i", "eth0", "-q", str(queue), "-v", "-n", "1",
          "-s", str(size), "--json", str(out))
 

@@ -24,7 +24,7 @@ NETDEV = "eth0:queues=2,mtu=4136"  # 4096-byte TCP payloads, one niov each
 
 
 def _serve(name: str, out: Path, size: int) -> None:
-    zcrx("app", "run", "--name", name, "--detach", "zcrx-server", "--",
+    zcrx("app", "run", "--name", name, "--detach", "--cap-net-admin", "zcrx-server", "--",
          "-p", str(PORT), "-i", "eth0", "-q", str(ZC_QUEUE), "-v", "-n", "1",
          "-s", str(size), "--json", str(out))
 

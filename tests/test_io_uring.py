@@ -10,6 +10,7 @@ two methods the io_uring layer uses (``copy_out``, ``free``).
 from __future__ import annotations
 
 import errno
+import os
 import time
 from typing import Any
 
@@ -22,7 +23,7 @@ from driver_proc.files import AF_INET, AF_INET6, SOCK_NONBLOCK, SOCK_STREAM
 from driver_proc.syscalls import KernelContext, handlers
 from driver_proc.tcp import ACK, FIN, RST, SYN, flow_key
 from shared import abi, pattern
-from shared.control import DEFER, Reply
+from shared.control import DEFER, Peer, PeerCred, Reply
 from shared.errors import Misuse, ZcrxError
 from shared.msg import REGISTRY, ControlError, Message, decode, encode
 from shared.shm import list_run_segments
@@ -67,7 +68,8 @@ class Direct:
 
     def __init__(self, ctx: KernelContext, peer: bytes) -> None:
         self.ctx = ctx
-        self.peer = peer
+        # what the OS would say about a unix connection from this process
+        self.peer = Peer(peer, PeerCred(os.getpid(), os.geteuid(), os.getegid()))
         self.h = handlers(ctx)
 
     def request(self, type: str, body: Any = None, blobs=(), *, timeout_ms=None) -> Message:
@@ -150,6 +152,7 @@ def skbs() -> FakeSkbs:
 @pytest.fixture
 def ctx(run_id, skbs):
     c = KernelContext.create(run_id, skbs)
+    c.tasks.grants.grant(os.getpid())  # what a launcher grants a test app
     yield c
     from driver_proc.syscalls import task_exit
     for t in c.tasks:

@@ -40,6 +40,7 @@ addr = "10.0.1.1"
 [[app]]
 program = "zcrx-server"
 args = ["-p", "8000", "-q", "1", "--json", "{rundir}/zc.json"]
+cap_net_admin = true
 
 [[traffic]]
 dev = "eth0"

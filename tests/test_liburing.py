@@ -13,6 +13,7 @@ import errno
 import hashlib
 import io
 import json
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -45,6 +46,7 @@ class KernelThread:
     def __init__(self, run_id: str, rundir) -> None:
         self.skbs = FakeSkbs()
         self.ctx = KernelContext.create(run_id, self.skbs)
+        self.ctx.tasks.grants.grant(os.getpid())  # the launcher's CAP_NET_ADMIN grant
         self.endpoint = ipc_endpoint(rundir, "kernel")
         self._cmds: queue.Queue[tuple[Callable[[KernelContext], Any], Future[Any]]] = \
             queue.Queue()

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from launch.run import Run
 from shared import pattern
 from shared.proc import NOTIFY_ENV
 from tests.e2e import stats, topology, zcrx
@@ -48,15 +49,19 @@ def run_env(rundir: Path | None, **extra: str) -> dict[str, str]:
 
 @contextmanager
 def program(argv: list[str], rundir: Path, tmp: Path, tag: str, *,
-            stdout: Path | None = None) -> Iterator[subprocess.Popen[bytes]]:
+            stdout: Path | None = None, cap_net_admin: bool = False
+            ) -> Iterator[subprocess.Popen[bytes]]:
     """Start ``argv`` in the run; yield once it listens (it calls notify_ready); kill it on
-    the way out if it is still running.  Its stderr goes to ``tmp/<tag>.err``."""
+    the way out if it is still running.  Its stderr goes to ``tmp/<tag>.err``.  With
+    ``cap_net_admin`` we, the run's launcher, grant it CAP_NET_ADMIN."""
     ready = tmp / f"{tag}.ready"
     err = tmp / f"{tag}.err"
     with open(err, "wb") as ef, open(stdout or os.devnull, "wb") as of:
         proc = subprocess.Popen(argv, env=run_env(rundir, **{NOTIFY_ENV: str(ready)}),
                                 stdin=subprocess.DEVNULL, stdout=of, stderr=ef)
     try:
+        if cap_net_admin:
+            Run.open(rundir.name).grant_cap(proc.pid)
         deadline = time.monotonic() + 30
         while not ready.exists():
             if proc.poll() is not None:
@@ -127,7 +132,7 @@ def test_examples_write_a_generator_flow_byte_exact(tmp_path: Path) -> None:
         steer("ex1", 8000, ZC_QUEUE)
         steer("ex1", 8001, COPY_QUEUE)
         with program(example("zcrx_receiver.py", "-p", "8000", "-q", str(ZC_QUEUE), "-o",
-                             str(zc_out)), run.dir, tmp_path, "zc") as zc, \
+                             str(zc_out)), run.dir, tmp_path, "zc", cap_net_admin=True) as zc, \
                 program(example("copy_receiver.py", "-p", "8001"), run.dir, tmp_path, "copy",
                         stdout=copy_out) as cp:
             zcrx("traffic", "--name", "ex1", "--port", "8000", "--sport", "30000",
@@ -156,7 +161,7 @@ def test_examples_write_real_bytes_from_the_wire_gateway(tmp_path: Path) -> None
         for port in (zc_port, cp_port):  # the gateway's flows go to its own port number
             zcrx("wire", "--name", "ex2", "--port", str(port))
         with program(example("zcrx_receiver.py", "-p", str(zc_port), "-q", str(ZC_QUEUE)),
-                     run.dir, tmp_path, "zc", stdout=zc_out) as zc, \
+                     run.dir, tmp_path, "zc", stdout=zc_out, cap_net_admin=True) as zc, \
                 program(example("copy_receiver.py", "-p", str(cp_port), "-o", str(copy_out)),
                         run.dir, tmp_path, "copy") as cp:
             send(zc_port, zc_data)
@@ -187,7 +192,7 @@ def test_sample_servers_write_what_nc_sent_with_o(tmp_path: Path) -> None:
             zcrx("wire", "--name", "ex3", "--port", str(port))
         with program([*server, "app_proc.zcrx_server", "-p", str(zc_port), "-q", str(ZC_QUEUE),
                       "-n", "1", "-o", str(zc_out), "-S", "16M"], run.dir, tmp_path, "zc",
-                     stdout=zc_log) as zc, \
+                     stdout=zc_log, cap_net_admin=True) as zc, \
                 program([*server, "app_proc.copy_server", "-p", str(cp_port), "-n", "1",
                          "-o", "-"], run.dir, tmp_path, "copy", stdout=copy_out) as cp:
             for port in (zc_port, cp_port):

@@ -59,8 +59,9 @@ def _zero_copy_works(tmp: Path, tag: str) -> None:
     out = tmp / f"{tag}.json"
     zcrx("ethtool", "--name", NAME, "-N", "eth0", "flow-type", "tcp4", "dst-port", "8000",
          "action", "1")
-    zcrx("app", "run", "--name", NAME, "--detach", "zcrx-server", "--", "-p", "8000", "-i",
-         "eth0", "-q", "1", "-v", "-n", "1", "-s", str(4 << 20), "--json", str(out))
+    zcrx("app", "run", "--name", NAME, "--detach", "--cap-net-admin", "zcrx-server", "--",
+         "-p", "8000", "-i", "eth0", "-q", "1", "-v", "-n", "1", "-s", str(4 << 20),
+         "--json", str(out))
     zcrx("traffic", "--name", NAME, "--flows", "1", "--port", "8000", "--bytes", str(4 << 20))
     role = max(r for r in Run.open(NAME).m.procs if r.startswith("app:"))
     wait_app(NAME, role, 60)

@@ -31,7 +31,7 @@ def _queues(name: str) -> list[dict[str, Any]]:
 
 
 def _serve(name: str, out: Path, size: int, *extra: str) -> None:
-    zcrx("app", "run", "--name", name, "--detach", "zcrx-server", "--",
+    zcrx("app", "run", "--name", name, "--detach", "--cap-net-admin", "zcrx-server", "--",
          "-p", str(PORT), "-i", "eth0", "-q", str(ZC_QUEUE), "-v", "-n", "1",
          "-s", str(size), "-S", str(8 << 20), "--json", str(out), *extra)
 
@@ -86,7 +86,7 @@ def test_shrinking_below_a_bound_queue_is_refused(tmp_path: Path) -> None:
 
 
 def _rebind(name: str, out: Path, ok: bool) -> Any:
-    return zcrx("app", "run", "--name", name, "--detach", "zcrx-server", "--",
+    return zcrx("app", "run", "--name", name, "--detach", "--cap-net-admin", "zcrx-server", "--",
                 "-p", str(PORT), "-i", "eth0", "-q", str(ZC_QUEUE), "-n", "1",
                 "-S", str(8 << 20), "--json", str(out), ok=ok)
 

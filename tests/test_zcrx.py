@@ -14,6 +14,7 @@ The harness here is shared with ``test_conformance.py``.
 from __future__ import annotations
 
 import errno
+import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -76,6 +77,7 @@ class KernelThread:
                  kernel: tuple[int, int] = abi.LINUX_VERSION, **info: Any) -> None:
         self.nic = ZNic({**tn.INFO, **info})
         self.kernel = Kernel(run_id, str(rundir), self.nic, kernel=kernel)
+        self.kernel.grant_cap(os.getpid())  # the launcher's CAP_NET_ADMIN grant
         self.kernel.probe()
         self.endpoint = ipc_endpoint(rundir, "kernel")
         self.seq: dict[int, int] = {}
