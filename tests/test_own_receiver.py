@@ -242,7 +242,7 @@ def test_zcrx_server_o_with_small_segments_writes_every_byte_in_order(tmp_path: 
         with program([sys.executable, "-m", "app_proc.zcrx_server", "-p", "8000", "-q",
                       str(ZC_QUEUE), "-n", "1", "-o", str(out), "-S", "16M", "--json",
                       str(summary)], run.dir,
-                     tmp_path, "zc", stdout=log) as zc:
+                     tmp_path, "zc", stdout=log, cap_net_admin=True) as zc:
             zcrx("traffic", "--name", "ex4", "--port", "8000", "--sport", "32000",
                  "--bytes", str(size), "--payload", "64")
             finish(zc, tmp_path, "zc")
