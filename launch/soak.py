@@ -25,7 +25,7 @@ Samples: after each round at idle (the comparable points) and once mid-round (ap
 per role (``nic``, ``kernel``, ``apps`` summed over live apps): RSS, open fds and the run's
 ``/dev/shm`` segments the role owns (by the owner field of the name; an app's rings are the
 kernel's regions and counted there).  The verdict compares the idle samples after a warm-up
-(the first quarter of the soak, at least one round): RSS slope by least squares in MiB per
+(the first quarter of the soak, at least one round): RSS slope (Theil-Sen) in MiB per
 minute, fds and segments first vs last.  Flat means within :data:`BOUNDS`.
 
 Ownership: this module owns nothing in shared memory; it reads ``/proc`` (psutil), the
@@ -51,13 +51,16 @@ from shared.shm import list_run_segments
 #: The roles sampled; ``apps`` is the sum over the apps alive at the sample.
 ROLES = ("nic", "kernel", "apps")
 #: What "flat" means for ``--check`` (idle samples after the warm-up): RSS growth of the NIC
-#: and the kernel in MiB per minute (least squares; Python's allocator settles within a few
-#: rounds, a leak of one page per round is already ~1 MiB/min at 15 rounds a minute), open
-#: fds and segments of the NIC and the kernel last minus first.
+#: and the kernel in MiB per minute (Theil-Sen; at about 25 rounds a minute 1 MiB/min is
+#: some 40 KiB kept per round, far above what a settled Python heap drifts), open fds (one
+#: or two come and go with the control plane) and segments of the NIC and the kernel, last
+#: minus first.
 BOUNDS = {"rss_mib_per_min": 1.0, "fds": 2, "segments": 0}
 #: Idle in the run: every dead app torn down within this many seconds.
 IDLE_BOUND = 20.0
 SPORT_BASE = 20000
+#: Samples the slope looks at, at most (evenly thinned).
+MAX_SLOPE_POINTS = 400
 
 
 def _owner_role(name: str, run_id: str) -> str:
@@ -154,15 +157,20 @@ def _round(run: Run, topo: Topology, rnd: int, rng: random.Random, size: int,
 
 
 def slope_per_min(xs_s: list[float], ys: list[float]) -> float:
-    """Least-squares slope of ``ys`` against ``xs_s`` (seconds), per minute; 0 if < 2 points."""
-    n = len(xs_s)
-    if n < 2:
+    """Theil-Sen slope of ``ys`` against ``xs_s`` (seconds), per minute: the median of the
+    slopes of every pair of samples, so one sample caught mid-allocation (the NIC's RSS jumps
+    by a batch buffer and falls back) does not tilt it; 0 with fewer than 2 points."""
+    pts = list(zip(xs_s, ys, strict=True))
+    if len(pts) > MAX_SLOPE_POINTS:  # O(n^2) pairs: thin evenly
+        step = len(pts) / MAX_SLOPE_POINTS
+        pts = [pts[int(i * step)] for i in range(MAX_SLOPE_POINTS)]
+    slopes = sorted((y2 - y1) / (x2 - x1) for i, (x1, y1) in enumerate(pts)
+                    for x2, y2 in pts[i + 1:] if x2 != x1)
+    if not slopes:
         return 0.0
-    mx, my = sum(xs_s) / n, sum(ys) / n
-    var = sum((x - mx) ** 2 for x in xs_s)
-    if var == 0:
-        return 0.0
-    return 60.0 * sum((x - mx) * (y - my) for x, y in zip(xs_s, ys, strict=True)) / var
+    mid = len(slopes) // 2
+    med = slopes[mid] if len(slopes) % 2 else (slopes[mid - 1] + slopes[mid]) / 2
+    return 60.0 * med
 
 
 def verdict(samples: list[dict[str, Any]], minutes: float,
