@@ -62,9 +62,13 @@ the same way (``O_NOFOLLOW``, regular file) but need no owner or link check.
 
 Every method raises :class:`~shared.errors.Misuse` with the Linux errno; nothing an app passes
 or does to its segments (unlink, replace, symlink, hard link) can raise anything else
-(``OSError`` from attaching becomes ``-EFAULT``).  Residual hole: a segment the app truncates
-*after* the kernel attached it still faults the kernel process (SIGBUS) on the next access;
-Linux pins pages, and tmpfs files opened by name cannot be sealed.
+(``OSError`` from attaching becomes ``-EFAULT``).  A segment the app truncates *after* the
+kernel attached it would fault the kernel process (SIGBUS) on its next access past the new end:
+every :meth:`Mm.resolve` therefore ``fstat``-s an app backing and serves only the bytes it
+still has (``-EFAULT`` past them, counted in ``access_shrunk``).  Residual holes: a truncate
+racing the copy itself, and the long-lived pins (:meth:`Mm.pin_region` of a zcrx area, the
+user RQ and buffer-ring memory the kernel keeps a view of), which are not re-checked per
+access; Linux pins pages, and tmpfs files opened by name cannot be sealed.
 """
 
 from __future__ import annotations
@@ -190,6 +194,21 @@ class _Backing:
         return Region(self.name, size, mmap.mmap(self.fd, size), owner=False)
 
     def view(self) -> np.ndarray | None:
+        """The mapped bytes the inode still has: an app may shrink its segment at any time,
+        and touching the mapping past the new end is SIGBUS (for a kernel region: all)."""
+        buf = self._view()
+        if buf is None or self.kernel:
+            return buf
+        try:
+            size = _page_up(os.fstat(self.fd).st_size)
+        except OSError:
+            return None
+        if size < len(buf):
+            MM_COUNTERS["access_shrunk"] += 1
+            return buf[:size]
+        return buf
+
+    def _view(self) -> np.ndarray | None:
         if self.region is None and not self.dead:
             try:
                 if self._gone():

@@ -1031,6 +1031,90 @@ def chaos(trials: int, seed: int, roles: str, mib: int, seconds: float, as_json:
         fail(f"{res['totals']['violations']} violation(s)", EXIT_CHECK_FAILED)
 
 
+# -- soak -------------------------------------------------------------------------------
+
+@main.command()
+@click.option("--minutes", type=click.FloatRange(0.1, 1440), default=30.0, show_default=True,
+              help="How long to soak (the last round may run over).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the kill plan (which app dies, when): same seed, same kills.")
+@click.option("--mib", type=click.IntRange(1, 1024), default=4, show_default=True,
+              help="MiB per app flow in each round.")
+@click.option("--seconds", type=click.FloatRange(0.1, 60), default=1.0, show_default=True,
+              help="Pace each flow to last about this long.")
+@click.option("--max-rss-growth", type=click.FloatRange(0), default=None, metavar="MIB",
+              help="RSS growth per minute the NIC and the kernel may show with --check "
+                   "(default 1.0).")
+@click.option("--check", is_flag=True,
+              help="Exit 1 if not flat: NIC or kernel RSS growth over the bound, fds or "
+                   "segments growing, or an app's task or segment left at idle.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True),
+              help="Write RSS, fds and segments over time as a PNG (needs matplotlib: the "
+                   "'plot' extra).")
+@_json_options
+def soak(minutes: float, seed: int, mib: int, seconds: float, max_rss_growth: float | None,
+         check: bool, plot_path: str | None, as_json: bool, json_out: str | None) -> None:
+    """Mixed traffic (zero copy and the copy path) for MINUTES with apps coming and going and
+    random app kills, printing per role (nic, kernel, apps) the RSS, open fds and /dev/shm
+    segments over time and their growth; flat is the goal.  Exit 1 on a violation (a
+    survivor not byte-exact, a dead app not torn down) and, with --check, if not flat.
+    """
+    from launch.soak import BOUNDS, ROLES, plot, run_soak, verdict
+
+    if plot_path:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            fail("--plot needs matplotlib: pip install 'zcrx-emu[plot]'")
+    say = (lambda m: None) if as_json else (lambda m: err_console.print(m, highlight=False))
+    try:
+        res = run_soak(minutes, seed, size=mib << 20, transfer_s=seconds, say=say)
+    except ZcrxError as e:
+        fail(f"soak: {e}")
+    if max_rss_growth is not None:
+        res["verdict"] = verdict(res["samples"], minutes,
+                                 {**BOUNDS, "rss_mib_per_min": max_rss_growth})
+    if plot_path:
+        plot(res, plot_path)
+    _write_json(res, as_json, json_out)
+    v = res["verdict"]
+    if not as_json:
+        t = Table(title=f"zcrx soak: {res['rounds']} rounds in {res['seconds'] / 60:.1f} min, "
+                        f"seed {seed} (idle samples; apps: mid-round)")
+        t.add_column("min", justify="right")
+        for role in ROLES:
+            for col in ("MiB", "fds", "segs"):
+                t.add_column(f"{role} {col}", justify="right")
+        idle = [s for s in res["samples"] if s["phase"] == "idle"]
+        busy = {s["round"]: s for s in res["samples"] if s["phase"] == "busy"}
+        step = max(1, len(idle) // 20)
+        for s in idle[::step] + ([idle[-1]] if (len(idle) - 1) % step else []):
+            row = [f"{s['t_s'] / 60:.1f}"]
+            for role in ROLES:
+                src = busy.get(s["round"], s) if role == "apps" else s
+                row += [f"{src[role]['rss'] / 2**20:.1f}", str(src[role]["fds"]),
+                        str(src[role]["segments"])]
+            t.add_row(*row)
+        console.print(t)
+        for role in ("nic", "kernel"):
+            g = v["growth"][role]
+            console.print(f"{role}: RSS {g['rss_first_mib']} -> {g['rss_last_mib']} MiB "
+                          f"({g['rss_mib_per_min']:+.2f} MiB/min after a "
+                          f"{v['warmup_s']:.0f} s warm-up), fds {g['fds_first']} -> "
+                          f"{g['fds_last']}, segments {g['segments_first']} -> "
+                          f"{g['segments_last']}", highlight=False)
+        console.print(f"kills {res['kills']} (late {res['late']}), violations "
+                      f"{len(res['violations'])}; "
+                      + ("flat" if v["flat"] else "NOT flat: " + "; ".join(v["problems"])),
+                      highlight=False)
+        for line in res["violations"][:20]:
+            console.print(line, highlight=False, markup=False)
+    if res["violations"]:
+        fail(f"{len(res['violations'])} violation(s)", EXIT_CHECK_FAILED)
+    if check and not v["flat"]:
+        fail("not flat: " + "; ".join(v["problems"]), EXIT_CHECK_FAILED)
+
+
 # -- demo -------------------------------------------------------------------------------
 
 @main.command()

@@ -85,6 +85,8 @@ from shared.nicif import (
 __all__ = ["MAX_MTU", "MIN_MTU", "Netdev", "NetdevSpec", "Nic", "NicQueue"]
 
 _STEER_CACHE = 4096
+#: Finished traffic sources ``nic.sources`` still lists; older ones are forgotten.
+DONE_SOURCES_KEPT = 16
 
 
 def _mac_bytes(text: str, default: bytes) -> bytes:
@@ -397,7 +399,14 @@ class Nic:
     # -- sources -------------------------------------------------------------------------
 
     def add_source(self, make: Callable[[int], Source]) -> Source:
-        """Register the source ``make(id)`` builds (it may raise :class:`Misuse`)."""
+        """Register the source ``make(id)`` builds (it may raise :class:`Misuse`).
+
+        Finished sources stay listed (``nic.sources``) until :data:`DONE_SOURCES_KEPT` newer
+        ones finished: each holds its flows and frame buffers, and a long run that keeps
+        starting traffic (``zcrx soak``) must not grow without bound."""
+        done = [i for i, s in self.sources.items() if s.done]
+        for old in done[:max(0, len(done) - DONE_SOURCES_KEPT + 1)]:
+            self.source_stop(old)
         sid = self._next_source
         src = make(sid)
         self._next_source += 1
