@@ -120,7 +120,7 @@ def _round(run: Run, topo: Topology, rnd: int, rng: random.Random, size: int,
     for app in topo.apps:
         role = run.next_app_role()
         run.spawn(role, app.module, app.argv(str(run.dir), topo.name), detach=True,
-                  notify=True)
+                  notify=True, cap_net_admin=app.cap_net_admin)
     base = chaos._rx_bytes(chaos._kernel_call(run, "stats"))
     sport = SPORT_BASE + 2 * (rnd % 20000)
     rate = size / transfer_s
