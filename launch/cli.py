@@ -12,6 +12,7 @@ a flag (JSON on stdout instead of the human output); benches and chaos also take
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -944,10 +945,27 @@ def env_cmd(name: str | None, as_json: bool) -> None:
 @click.option("--payload", type=click.IntRange(0), default=0,
               help="Payload per segment (0: the MSS for the MTU).")
 @click.option("--ipv6", is_flag=True, help="IPv6 flows instead of IPv4.")
+@click.option("--pcap", "pcap_file", type=click.Path(dir_okay=False), default=None,
+              help="Replay this capture (pcap or pcapng, Ethernet) instead of generating; "
+                   "the NIC reads the file.")
+@click.option("--dst", default=None, metavar="ADDR:PORT",
+              help="With --pcap: replay the TCP packets sent to this endpoint (ADDR, :PORT, "
+                   "[ADDR6]:PORT); default: every packet sent to a receiver of the capture.")
+@click.option("--rewrite", is_flag=True,
+              help="With --pcap: rewrite destination MAC and address to the netdev's own.")
+@click.option("--speed", type=click.FloatRange(0), default=0.0,
+              help="With --pcap: pace as recorded, X times faster (0: as fast as the "
+                   "host allows).")
 def traffic(name: str | None, dev: str, flows: int, port: int, sport: int | None, total: int,
-            seconds: float, rate: float, payload: int, ipv6: bool) -> None:
+            seconds: float, rate: float, payload: int, ipv6: bool, pcap_file: str | None,
+            dst: str | None, rewrite: bool, speed: float) -> None:
     """Start the traffic generator: TCP flows (SYN, data, FIN) whose bytes receivers can
-    verify from the stream offset alone."""
+    verify from the stream offset alone; or, with --pcap, replay a capture."""
+    if pcap_file is not None:
+        _traffic_pcap(name, dev, pcap_file, dst, rewrite, speed)
+        return
+    if dst is not None or rewrite or speed:
+        fail("--dst, --rewrite and --speed go with --pcap", 2)
     if total == 0 and seconds == 0:
         fail("--bytes 0 needs --seconds", 2)
     from launch.topology import TrafficSpec
@@ -960,19 +978,98 @@ def traffic(name: str | None, dev: str, flows: int, port: int, sport: int | None
     console.print(f"traffic source {res['source']} started on {dev}", highlight=False)
 
 
+def _traffic_pcap(name: str | None, dev: str, path: str, dst: str | None, rewrite: bool,
+                  speed: float) -> None:
+    """``zcrx traffic --pcap``: check the file here for a clear message, the NIC reads it."""
+    from launch.capture import pcap_request
+
+    r = _pick_run(name)
+    try:
+        body = pcap_request(dev, path, dst, rewrite, speed)
+    except ZcrxError as e:
+        fail(str(e), 2)
+    res = _call_usage(r, "nic", "nic.pcap", body)
+    console.print(f"pcap replay {res['source']} started on {dev}: {res['frames']} frames, "
+                  f"{res['flows']} flow(s) from {path}", highlight=False)
+
+
+def _call_usage(run: Any, endpoint: str, type_: str, body: dict[str, Any]) -> dict[str, Any]:
+    """Like _call, but a request the NIC rejects as invalid (bad input) exits 2."""
+    import shared.nicif  # noqa: F401
+    from shared.control import ControlClient
+
+    try:
+        with ControlClient(run.endpoint(endpoint), timeout_ms=60_000) as c:
+            return c.call(type_, body)
+    except ZcrxError as e:
+        code = 2 if getattr(e, "errno", None) in (errno.EINVAL, errno.ENOENT) else 3
+        fail(_reason(str(e)), code)
+    raise AssertionError
+
+
 @main.command()
 @NAME_OPT
 @click.option("--dev", default="eth0", show_default=True, help="Netdev that receives it.")
 @click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True,
               help="Loopback port to listen on (0: pick one); it is also the flows' "
                    "destination port.")
-def wire(name: str | None, dev: str, port: int) -> None:
-    """Start the wire gateway: a real TCP listener on 127.0.0.1 whose connections become
-    flows into the netdev (so `nc 127.0.0.1 PORT < file` works)."""
+@click.option("--host", type=click.Choice(["both", "127.0.0.1", "::1"]), default="both",
+              show_default=True,
+              help="Loopback address(es) to listen on; a connection to ::1 becomes an IPv6 "
+                   "flow to the netdev's IPv6 address.")
+def wire(name: str | None, dev: str, port: int, host: str) -> None:
+    """Start the wire gateway: a real TCP listener on 127.0.0.1 and ::1 whose connections
+    become flows into the netdev, each its own flow (so `nc 127.0.0.1 PORT < file` and
+    `nc ::1 PORT < file` work, several at once)."""
     r = _pick_run(name)
-    res = _call(r, "nic", "nic.wire", {"dev": dev, "port": port})
-    console.print(f"wire gateway listening on 127.0.0.1:{res['port']} -> {dev}",
-                  highlight=False)
+    hosts = ["127.0.0.1", "::1"] if host == "both" else [host]
+    for h in hosts:
+        if h == "::1" and host == "both" and not _has_ipv6_loopback():
+            console.print("wire gateway: no IPv6 loopback here, IPv4 only", highlight=False)
+            continue
+        res = _call(r, "nic", "nic.wire", {"dev": dev, "port": port, "host": h})
+        port = res["port"]  # the second listener takes the port the first one got
+        shown = f"[{h}]" if ":" in h else h
+        console.print(f"wire gateway listening on {shown}:{res['port']} -> {dev}",
+                      highlight=False)
+
+
+def _has_ipv6_loopback() -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@main.command()
+@NAME_OPT
+@click.option("--dev", default="eth0", show_default=True, help="Netdev to capture on.")
+@click.option("--queue", type=click.IntRange(0, MAX_QUEUES - 1), default=None,
+              help="Only the frames steered to this queue (default: every queue).")
+@click.option("-c", "count", type=click.IntRange(0), default=0,
+              help="Stop after this many frames (0: at Ctrl-C or SIGTERM).")
+@click.option("-s", "snaplen", type=click.IntRange(1, 262144), default=262144,
+              show_default=True, help="Bytes kept of each frame.")
+@click.option("-w", "out", required=True, metavar="FILE",
+              help="pcap file to write; - streams it to stdout (| tcpdump -r -).")
+def capture(name: str | None, dev: str, queue: int | None, count: int, snaplen: int,
+            out: str) -> None:
+    """Write what the NIC receives on a netdev, before DMA, to a pcap file (nanosecond
+    timestamps, Ethernet) that tcpdump and Wireshark read."""
+    from launch.capture import run_capture
+
+    r = _pick_run(name)
+
+    def call(type_: str, body: dict[str, Any]) -> dict[str, Any]:
+        return _call_usage(r, "nic", type_, body)
+
+    st = run_capture(call, Path(r.dir), dev, out, queue=-1 if queue is None else queue,
+                     count=count, snaplen=snaplen)
+    err_console.print(f"{st['frames']} packets captured", highlight=False)
 
 
 # -- chaos ------------------------------------------------------------------------------

@@ -59,9 +59,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from nic_proc.capture import Capture
 from nic_proc.dma import DmaQueue, Frames, HdsConfig, Index
 from nic_proc.iommu import Iommu
 from nic_proc.ntuple import Steering
+from nic_proc.pcap import PcapSource
 from nic_proc.rss import Flows
 from nic_proc.sources import Generator, RawBatch, Source, WireGateway, WireInfo, parse_raw
 from shared import wire
@@ -131,6 +133,8 @@ class Netdev:
     #: steering result of -1 (drop) indexes it harmlessly.
     waiting: npt.NDArray[np.bool_] = field(init=False)
     tx_ring: int = field(init=False)
+    #: open ``zcrx capture`` writers (nic_proc.capture); empty when nothing captures
+    captures: list[Capture] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
         s = self.spec
@@ -206,6 +210,7 @@ class Nic:
         #: (dev, queue) interrupts to raise, drained by the loop
         self.pending_irqs: list[tuple[str, int]] = []
         self._rr = 0
+        self._next_capture = 0
 
     # -- lookups -------------------------------------------------------------------------
 
@@ -425,6 +430,43 @@ class Nic:
         assert isinstance(src, WireGateway)
         return src.id, src.port
 
+    def add_pcap(self, dev: str, request: Mapping[str, Any]) -> PcapSource:
+        """Start a :class:`~nic_proc.pcap.PcapSource` replaying the file the request names."""
+        d = self.dev(dev)
+        src = self.add_source(lambda sid: PcapSource(
+            sid, d.info, request["path"], dst=request.get("dst") or None,
+            rewrite=bool(request.get("rewrite", False)), speed=float(request.get("speed", 0))))
+        assert isinstance(src, PcapSource)
+        return src
+
+    def capture_start(self, dev: str, path: str, *, queue: int = -1, count: int = 0,
+                      snaplen: int = 262144) -> int:
+        """Write what ``dev`` (queue ``queue``, -1 all) takes off the wire to ``path``."""
+        d = self.dev(dev)
+        if queue >= d.n_queues or queue < -1:
+            raise Misuse(f"{dev} has no queue {queue}", errno.EINVAL)
+        self._next_capture += 1
+        cap = Capture(self._next_capture, dev, path, queue=queue, count=count, snaplen=snaplen)
+        d.captures.append(cap)
+        return cap.id
+
+    def _find_capture(self, cap_id: int) -> tuple[Netdev, Capture]:
+        for d in self.netdevs.values():
+            for c in d.captures:
+                if c.id == cap_id:
+                    return d, c
+        raise Misuse(f"no capture {cap_id}", errno.ENOENT)
+
+    def capture_status(self, cap_id: int) -> dict[str, Any]:
+        return self._find_capture(cap_id)[1].status()
+
+    def capture_stop(self, cap_id: int) -> dict[str, Any]:
+        """Close a capture's file and forget it; its last status."""
+        d, c = self._find_capture(cap_id)
+        c.close()
+        d.captures.remove(c)
+        return c.status()
+
     def source_stop(self, source: int) -> None:
         """Stop and forget a source (ENOENT if unknown)."""
         src = self.sources.pop(source, None)
@@ -536,6 +578,9 @@ class Nic:
                     k = cnt - res.consumed
                     self._count(d, qi, "rx_no_buffer", k)
                     self._count(d, qi, "rx_dropped", k)
+        if d.captures:
+            for cap in d.captures:
+                cap.record(frames, consumed, qf[frames.flow])
         return consumed
 
     def rx_raw(self, d: Netdev, raw: RawBatch) -> npt.NDArray[np.bool_]:
@@ -607,6 +652,10 @@ class Nic:
         """Stop every source and queue and drop every mapping (device shutdown)."""
         for sid in list(self.sources):
             self.source_stop(sid)
+        for d in self.netdevs.values():
+            for cap in d.captures:
+                cap.close()
+            d.captures.clear()
         for d in self.netdevs.values():
             for q in d.started():
                 self.queue_stop(d.name, q.index)

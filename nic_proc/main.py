@@ -185,6 +185,26 @@ class NicProcess:
                      m.body["host"], port)
             return {"source": sid, "port": port}
 
+        def pcap(m: Message) -> HandlerResult:
+            src = nic.add_pcap(m.body["dev"], m.body)
+            log.info("pcap replay %d on %s: %s (%d frames, %d flows)", src.id, m.body["dev"],
+                     src.path, len(src.plan.lengths), src.plan.flows)
+            return {"source": src.id, "frames": len(src.plan.lengths),
+                    "flows": src.plan.flows}
+
+        def capture_start(m: Message) -> HandlerResult:
+            b = m.body
+            cid = nic.capture_start(b["dev"], b["path"], queue=b["queue"], count=b["count"],
+                                    snaplen=b["snaplen"])
+            log.info("capture %d of %s (queue %d) to %s", cid, b["dev"], b["queue"], b["path"])
+            return {"capture": cid}
+
+        def capture_status(m: Message) -> HandlerResult:
+            return nic.capture_status(m.body["capture"])
+
+        def capture_stop(m: Message) -> HandlerResult:
+            return nic.capture_stop(m.body["capture"])
+
         def sources(m: Message) -> HandlerResult:
             return {"sources": nic.sources_progress()}
 
@@ -197,6 +217,8 @@ class NicProcess:
             "nic.queue_start": queue_start, "nic.queue_stop": queue_stop,
             "nic.ethtool": ethtool, "nic.link": link, "nic.traffic": traffic,
             "nic.wire": wire_gw, "nic.sources": sources, "nic.source_stop": source_stop,
+            "nic.pcap": pcap, "nic.capture_start": capture_start,
+            "nic.capture_status": capture_status, "nic.capture_stop": capture_stop,
         }
         out = {name: _guard(fn) for name, fn in table.items()}
         out["hello"] = self._on_hello

@@ -336,6 +336,18 @@ register_type("nic.traffic", {**_DEV, "spec": dict}, reply=Schema.make({"source"
 register_type("nic.wire", {**_DEV, "port": int}, optional={"host": (str, "127.0.0.1")},
               reply=Schema.make({"source": int, "port": int}),
               doc="Start a wire gateway: a real TCP listener whose connections become flows.")
+register_type("nic.pcap", {**_DEV, "path": str},
+              optional={"dst": (str, ""), "rewrite": (bool, False), "speed": (float, 0.0)},
+              reply=Schema.make({"source": int, "frames": int, "flows": int}),
+              doc="Replay a capture file the NIC reads (see nic_proc.pcap).")
+register_type("nic.capture_start", {**_DEV, "path": str},
+              optional={"queue": (int, -1), "count": (int, 0), "snaplen": (int, 262144)},
+              reply=Schema.make({"capture": int}),
+              doc="Write what the netdev takes off the wire to a pcap file (nic_proc.capture).")
+register_type("nic.capture_status", {"capture": int}, reply=Schema.make(open=True),
+              doc="Frames written by a capture and whether it is done.")
+register_type("nic.capture_stop", {"capture": int}, reply=Schema.make(open=True),
+              doc="Stop a capture and close its file.")
 register_type("nic.sources", reply=Schema.make({"sources": list}),
               doc="Progress of every traffic source.")
 register_type("nic.source_stop", {"source": int}, doc="Stop a traffic source.")
