@@ -53,7 +53,7 @@ def _zc_replay(tmp_path: Path, pcap: Path, tag: str, ipv6: bool, *extra: str) ->
         zcrx("ethtool", "--name", tag, "-N", "eth0", *flow)
         with program([sys.executable, "-m", "app_proc.zcrx_server", "-p",
                       str(netns_capture.PORT), "-q", str(ZC_QUEUE), "-n", "1", "-o", str(out)],
-                     run.dir, tmp_path, tag) as app:
+                     run.dir, tmp_path, tag, cap_net_admin=True) as app:
             res = zcrx("traffic", "--name", tag, "--pcap", str(pcap), *extra)
             assert "pcap replay" in res.output and "1 flow(s)" in res.output, res.output
             finish(app, tmp_path, tag)
