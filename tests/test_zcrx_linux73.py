@@ -2,7 +2,9 @@
 
 Each test drives a real ``Kernel`` acting as one release (``driver_proc --kernel X.Y``, here the
 ``kt`` fixture of ``test_zcrx`` parametrized indirectly) through its syscall handlers, from an
-app that builds the uapi structs raw with ``shared.abi`` dtypes.
+app that builds the uapi structs raw with ``shared.abi`` dtypes.  liburing's ``area_add*`` cases
+are named ``test_conformance_area_add_*`` so that ``-k conformance`` runs them with the checklist
+of ``test_conformance``.
 """
 
 from __future__ import annotations
@@ -550,8 +552,8 @@ def area_of(zq: Zq, areas: dict[int, Any], off: int, n: int) -> bytes:
 
 
 @on(V73)
-def test_area_add_invalid(kt: KernelThread, app: S.Kernel,
-                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_conformance_area_add_invalid(kt: KernelThread, app: S.Kernel,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
     ring = zring(app)
     b = Bundle.make(app)
     zq = Zq(ring, b, register_raw(ring, b.reg))
@@ -595,8 +597,8 @@ def test_area_add_invalid(kt: KernelThread, app: S.Kernel,
 
 
 @on(V73)
-def test_area_add_doubles_what_can_be_received_without_returns(kt: KernelThread,
-                                                              app: S.Kernel) -> None:
+def test_conformance_area_add_doubles_what_can_be_received_without_returns(
+        kt: KernelThread, app: S.Kernel) -> None:
     """liburing's area_add: the second area's token differs from the first; twice the area
     can be received without returns; once more ends with -ENOMEM."""
     pages = 32
@@ -632,7 +634,8 @@ def test_area_add_doubles_what_can_be_received_without_returns(kt: KernelThread,
 
 
 @on(V73)
-def test_area_add_refill_returns_niovs_to_their_area(kt: KernelThread, app: S.Kernel) -> None:
+def test_conformance_area_add_refill_returns_niovs_to_their_area(kt: KernelThread,
+                                                                 app: S.Kernel) -> None:
     pages = 8
     ring = zring(app)
     b = Bundle.make(app, area_pages=pages)
@@ -668,7 +671,8 @@ def _rqes(offs: list[int]) -> np.ndarray:
 
 
 @on(V73)
-def test_area_add_concurrent_from_an_importing_ring(kt: KernelThread, app: S.Kernel) -> None:
+def test_conformance_area_add_concurrent_from_an_importing_ring(kt: KernelThread,
+                                                                app: S.Kernel) -> None:
     """liburing's area_add_concurrent: while traffic flows on one ring, another ring that
     imported the ifq adds areas (128), and the data stays intact and the ledgers sum.
     (liburing uses a thread of an importing process; here a second ring of the same app.)"""
@@ -724,8 +728,8 @@ class _Slice:
 
 
 @on(V73)
-def test_area_add_on_a_hardware_queue_is_dma_mapped_and_unmapped(kt: KernelThread,
-                                                                 app: S.Kernel) -> None:
+def test_conformance_area_add_on_a_hardware_queue_is_dma_mapped_and_unmapped(
+        kt: KernelThread, app: S.Kernel) -> None:
     ring = zring(app)
     b = Bundle.make(app, nodev=False, if_idx=2, if_rxq=1)
     zq = Zq(ring, b, register_raw(ring, b.reg))
