@@ -642,6 +642,12 @@ def _ledger(st: dict[str, Any], as_json: bool) -> None:
         info = ifqs.get(serial, {})
         where = f"{info.get('dev')}/{info.get('queue')}" if info.get("dev") else "nodev"
         t.add_row(serial, where, *(str(d.get(k, 0)) for k in states), str(sum(d.values())))
+        areas = info.get("area_ledgers", [])
+        if len(areas) > 1:  # several areas (7.3): the niovs of each, under its ifq
+            for a in areas:
+                al = a.get("ledger", {})
+                t.add_row(f"  area {a.get('area_id')}", "", *(str(al.get(k, 0)) for k in states),
+                          str(a.get("niovs", 0)))
     tot = led.get("total", {})
     t.add_row("total", "", *(str(tot.get(k, 0)) for k in states), str(led.get("niovs", 0)))
     console.print(t)
@@ -658,7 +664,7 @@ def _ledger(st: dict[str, Any], as_json: bool) -> None:
 @click.option("--count", type=click.IntRange(0), default=0, show_default=True,
               help="Stop --watch after this many samples (0: until Ctrl-C).")
 @click.option("--ledger", is_flag=True,
-              help="Print the zcrx buffer ledger per ifq (niovs per state).")
+              help="Print the zcrx buffer ledger per ifq and per area (niovs per state).")
 def stats(name: str | None, as_json: bool, watch: bool, interval: float, count: int,
           ledger: bool) -> None:
     """Counters of every layer: NIC queues, page pools, TCP, io_uring, zcrx."""

@@ -10,11 +10,15 @@ of ``test_conformance``.
 from __future__ import annotations
 
 import errno
+import json
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
+import test_netdev as tn
 from test_zcrx import (
     PAGE,
     RQ_ENTRIES,
@@ -40,8 +44,9 @@ from test_zcrx import (
 
 from app_proc import liburing as L
 from app_proc import syscall as S
+from app_proc import zcrx_server
 from driver_proc.main import main as driver_main
-from shared import abi
+from shared import abi, wire
 from shared.ring import RingLayout, RingProducer
 
 pytestmark = pytest.mark.timeout(60)
@@ -746,3 +751,82 @@ def test_conformance_area_add_on_a_hardware_queue_is_dma_mapped_and_unmapped(
     assert set(ids) <= unmapped                            # every area unmapped at teardown
     b.close()
     mem2.close()
+
+
+# ============================================================================================
+# zcrx-server --grow: events and several areas together (7.3)
+# ============================================================================================
+
+def _server(app: S.Kernel, argv: list[str]) -> tuple[threading.Thread, dict[str, Any]]:
+    """``zcrx_server.main(argv)`` in a thread of this app; returns once it listens."""
+    result: dict[str, Any] = {}
+
+    def go() -> None:
+        try:
+            result["code"] = zcrx_server.main(argv, kernel=app)
+        except BaseException as exc:  # surfaced by the test
+            result["exc"] = exc
+
+    t = threading.Thread(target=go, name="zcrx_server")
+    t.start()
+    return t, result
+
+
+@on(V73)
+def test_server_grows_its_area_on_alloc_fail(kt: KernelThread, app: S.Kernel,
+                                            tmp_path: Any) -> None:
+    """``--grow``: a server on hardware queue 1 with an 80-niov area gets ALLOC_FAIL while a
+    600-frame stream arrives, adds areas (ZCRX_CTRL_ADD_AREA) up to MAX and re-arms; the
+    stream arrives byte-exact and the ledger shows the niovs of every area."""
+    n, seg = 600, 1460
+    out = tmp_path / "zc.json"
+    t, result = _server(app, ["-p", str(tn.DPORT), "-q", "1", "-S", "320K", "--grow", "1M",
+                              "-R", "128", "-C", "512", "-v", "--stream-id", "3",
+                              "-s", str(n * seg), "-n", "1", "--json", str(out),
+                              "--seconds", "40"])
+    kt.wait_for(lambda k: any(q.provider is not None for q in k.zcrx.ifqs)
+                and any(getattr(sf, "is_listening", False)
+                        for task in k.ctx.tasks for sf in task.files.values()))
+    flow = tn.Flow()
+    for flags in (wire.TCP_SYN, wire.TCP_ACK):
+        fr, fl, _ = flow.frames([0], flags)
+        assert kt.deliver(1, fr, fl) == 1
+    fr, fl, _ = flow.frames([seg] * n)
+    sent, ledgers = 0, []
+    deadline = time.monotonic() + 40
+    while sent < n and time.monotonic() < deadline:
+        took = kt.deliver(1, fr[sent:], fl[sent:])
+        sent += took
+        if not took:                                      # starved: wait for returns
+            time.sleep(0.002)
+            kt.call(lambda k: k.netdevs["eth0"].refill(1))
+        led = kt.call(lambda k: k.zcrx.ifqs[0].area_ledgers() if k.zcrx.ifqs else [])
+        if len(led) > len(ledgers):
+            ledgers = led
+    t.join(40)
+    assert not t.is_alive() and result == {"code": 0}, result
+    rep = json.loads(out.read_text())
+    z = rep["zcrx"]
+    assert rep["ok"] and rep["bytes"] == n * seg          # byte-exact (-v and the total)
+    assert z["events"]["ALLOC_FAIL"] >= 1 and z["areas"] >= 2
+    assert z["area_bytes"] == (80 + 80 * (z["areas"] - 1)) * PAGE or z["area_bytes"] == 1 << 20
+    assert len(ledgers) >= 2 and ledgers[0]["niovs"] == 80
+    for a in ledgers:                                     # niovs per area, each ledger sums
+        assert sum(a["ledger"].values()) == a["niovs"] > 0
+    kt.wait_for(lambda k: k.zcrx.ifqs == [])
+
+
+def test_stats_ledger_prints_a_row_per_area(capsys: pytest.CaptureFixture[str]) -> None:
+    """``zcrx stats --ledger``: an ifq with several areas gets one row per area under it."""
+    from launch import cli
+    led = {"free": 70, "user": 10}
+    st = {"zcrx": {
+        "ledger": {"ifqs": {"1": {"free": 90, "user": 10}}, "total": {"free": 90, "user": 10},
+                   "niovs": 100},
+        "ifqs": [{"ifq": 1, "dev": "eth0", "queue": 1, "area_ledgers": [
+            {"area_id": 0, "niovs": 80, "ledger": led},
+            {"area_id": 1, "niovs": 20, "ledger": {"free": 20}}]}]}}
+    cli._ledger(st, False)
+    text = capsys.readouterr().out
+    rows = [ln for ln in text.splitlines() if "area" in ln]
+    assert len(rows) == 2 and "80" in rows[0] and "20" in rows[1], text
