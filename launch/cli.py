@@ -1048,6 +1048,11 @@ def demo(flows: int, mib: int, zc_mib: int, as_json: bool) -> None:
                       f"{z['registered']} ifq registered, {z['destroyed']} destroyed with every "
                       f"niov home ({z['scrubbed_refs']} user refs scrubbed at close)",
                       highlight=False)
+        if "areas" in z:
+            ev = ", ".join(f"{k} x{v}" for k, v in sorted(z["events"].items())) or "none"
+            console.print(f"zcrx events: {ev}; areas: {z['areas']} ({z['area_bytes'] >> 10} KiB"
+                          f"{', grown by ALLOC_FAIL' if z['areas'] > 1 else ''})",
+                          highlight=False)
         console.print("teardown: every process stopped, "
                       f"{len(res['leftovers_removed'])} leftover segment(s)", highlight=False)
     if not res["verified"]:
