@@ -643,11 +643,11 @@ def _ledger(st: dict[str, Any], as_json: bool) -> None:
         where = f"{info.get('dev')}/{info.get('queue')}" if info.get("dev") else "nodev"
         t.add_row(serial, where, *(str(d.get(k, 0)) for k in states), str(sum(d.values())))
         areas = info.get("area_ledgers", [])
-        if len(areas) > 1:  # several areas (7.3): the niovs of each, under its ifq
+        if len(areas) > 1:  # several areas (7.3): ifq 1's area 0 is row "1.a0"
             for a in areas:
                 al = a.get("ledger", {})
-                t.add_row(f"  area {a.get('area_id')}", "", *(str(al.get(k, 0)) for k in states),
-                          str(a.get("niovs", 0)))
+                t.add_row(f"{serial}.a{a.get('area_id')}", "area",
+                          *(str(al.get(k, 0)) for k in states), str(a.get("niovs", 0)))
     tot = led.get("total", {})
     t.add_row("total", "", *(str(tot.get(k, 0)) for k in states), str(led.get("niovs", 0)))
     console.print(t)

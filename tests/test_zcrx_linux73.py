@@ -816,17 +816,25 @@ def test_server_grows_its_area_on_alloc_fail(kt: KernelThread, app: S.Kernel,
     kt.wait_for(lambda k: k.zcrx.ifqs == [])
 
 
-def test_stats_ledger_prints_a_row_per_area(capsys: pytest.CaptureFixture[str]) -> None:
-    """``zcrx stats --ledger``: an ifq with several areas gets one row per area under it."""
+@on(V73)
+def test_stats_ledger_prints_a_row_per_area(kt: KernelThread, app: S.Kernel,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """``zcrx stats --ledger`` (what the kernel's ``stats`` reply says): an ifq with several
+    areas gets one row per area under it, with that area's niovs."""
     from launch import cli
-    led = {"free": 70, "user": 10}
-    st = {"zcrx": {
-        "ledger": {"ifqs": {"1": {"free": 90, "user": 10}}, "total": {"free": 90, "user": 10},
-                   "niovs": 100},
-        "ifqs": [{"ifq": 1, "dev": "eth0", "queue": 1, "area_ledgers": [
-            {"area_id": 0, "niovs": 80, "ledger": led},
-            {"area_id": 1, "niovs": 20, "ledger": {"free": 20}}]}]}}
-    cli._ledger(st, False)
+    ring = zring(app)
+    b = Bundle.make(app, area_pages=8)
+    zq = Zq(ring, b, register_raw(ring, b.reg))
+    cli._ledger({"zcrx": kt.call(lambda k: k.zcrx.stats())}, False)
+    assert ".a0" not in capsys.readouterr().out           # one area: the ifq row says it
+    err, mem2, _ = add_area(ring, zq.id, app, 4)
+    assert err == 0
+    cli._ledger({"zcrx": kt.call(lambda k: k.zcrx.stats())}, False)
     text = capsys.readouterr().out
-    rows = [ln for ln in text.splitlines() if "area" in ln]
-    assert len(rows) == 2 and "80" in rows[0] and "20" in rows[1], text
+    rows = [ln.split() for ln in text.splitlines() if ".a" in ln]
+    assert [r[1] for r in rows] == ["1.a0", "1.a1"], text
+    assert [r[-2] for r in rows] == ["8", "4"], text       # niovs of each area
+    zq.close()
+    L.io_uring_queue_exit(ring)
+    b.close()
+    mem2.close()
