@@ -114,6 +114,7 @@ __all__ = [
     "io_uring_submit_and_wait",
     "io_uring_wait_cqe",
     "io_uring_wait_cqes",
+    "io_uring_zcrx_add_area",
     "io_uring_zcrx_arm_event",
     "io_uring_zcrx_copy_stats",
     "io_uring_zcrx_events",
@@ -679,6 +680,7 @@ _AREA_LOW = (1 << abi.IORING_ZCRX_AREA_SHIFT) - 1
 _PARAM_AREA_OFF = 0  # io_uring_zcrx_area_reg in the parameter page
 _PARAM_REGION_OFF = 64  # io_uring_region_desc in the parameter page
 _PARAM_EVENT_OFF = 128  # zcrx_event_desc in the parameter page (7.2)
+_PARAM_ADD_AREA_OFF = 256  # io_uring_zcrx_area_reg of ZCRX_CTRL_ADD_AREA (7.3)
 _STATS_ALIGN = 8  # zcrx_stats alignment when the kernel's query does not say
 _RQE = abi.io_uring_zcrx_rqe
 #: How long a return waits for room in a full RQ (after a flush) before RingFull.
@@ -813,14 +815,19 @@ class ZcrxIfq:
     ``zcrx_id`` goes into RECV_ZC SQEs; ``area_view`` is the area as ``uint8`` (byte ``i`` is
     user address ``area_addr + i``); ``rq`` is a :class:`~shared.ring.RingProducer` over the
     refill queue at the offsets the kernel reported (``offsets``); ``area_token`` is the
-    ``rq_area_token`` the kernel wrote back (``area_id << 48``).  Counters: ``rqes_returned``
+    ``rq_area_token`` the kernel wrote back (``area_id << 48``).  Several areas (Linux 7.3,
+    :func:`io_uring_zcrx_add_area`) are slices of one app mapping reserved at registration
+    (``area_reserve``): ``area_view`` covers the whole reservation, area ``i`` is bytes
+    ``area_bases[i]:area_bases[i] + area_lens[i]`` of it, so a chunk of any area is read in
+    place through the one view (:func:`zcrx_batch` turns its offset into a view offset);
+    ``area_len`` is the bytes registered over every area.  Counters: ``rqes_returned``
     (RQEs published), ``rq_full`` (returns that found the RQ full), ``rq_flushes``
     (``ZCRX_CTRL_FLUSH_RQ`` calls).
     """
 
     def __init__(self, ring: Ring, reg: np.ndarray, *, area: Memory, own_area: bool,
                  area_token: int, params: Memory, rq_buf: NDArray[np.uint8], rq_size: int,
-                 rq_mem: Memory | None) -> None:
+                 rq_mem: Memory | None, area_len: int | None = None) -> None:
         r = reg[0]
         self.ring = ring
         self.kernel = ring.kernel
@@ -835,10 +842,13 @@ class ZcrxIfq:
         self.area = area
         self.own_area = own_area
         self.area_addr = area.addr
-        self.area_len = area.length
+        self.area_len = area.length if area_len is None else area_len
         self.area_token = area_token
         self.area_id = area_token >> abi.IORING_ZCRX_AREA_SHIFT
         self.area_view: NDArray[np.uint8] = area.view
+        #: per area id: where the area starts in ``area_view`` and its length
+        self.area_bases: list[int] = [0]
+        self.area_lens: list[int] = [self.area_len]
         self.params = params
         self.rq_mem = rq_mem
         self.rq_user = rq_mem is not None
@@ -901,7 +911,8 @@ def io_uring_register_ifq(ring: Ring, if_idx: int = 0, if_rxq: int = 0, *,
                           area: Memory | None = None, rq_kernel: bool = False,
                           flags: int = 0, rx_buf_len: int = 0,
                           query: np.ndarray | bool | None = True, events: int = 0,
-                          event_user_data: int = 0, stats: bool = False) -> ZcrxIfq:
+                          event_user_data: int = 0, stats: bool = False,
+                          area_reserve: int = 0) -> ZcrxIfq:
     """Register a zcrx interface queue on ``ring`` (``IORING_REGISTER_ZCRX_IFQ``).
 
     Allocates the area (``area_size`` bytes of app memory, unless ``area`` is given), the RQ
@@ -913,7 +924,9 @@ def io_uring_register_ifq(ring: Ring, if_idx: int = 0, if_rxq: int = 0, *,
     False/None keeps a page for the header.  ``events`` (a mask of ``1 << ZCRX_EVENT_*``,
     Linux 7.2) asks for event CQEs with ``event_user_data`` on this ring; ``stats`` places
     ``zcrx_stats`` in the RQ region after the RQEs (sized by :func:`io_uring_query_zcrx_event`)
-    for :func:`io_uring_zcrx_copy_stats`.  Raises ``ControlError`` with Linux's errno (EPERM,
+    for :func:`io_uring_zcrx_copy_stats`.  ``area_reserve`` (> ``area_size``, no ``area``)
+    maps that many bytes and registers only the first ``area_size``: the rest is for
+    :func:`io_uring_zcrx_add_area`.  Raises ``ControlError`` with Linux's errno (EPERM,
     EINVAL, EFAULT, ENODEV, EEXIST, ERANGE...); nothing is left allocated then.
     """
     k = ring.kernel
@@ -944,8 +957,9 @@ def io_uring_register_ifq(ring: Ring, if_idx: int = 0, if_rxq: int = 0, *,
     try:
         own_area = area is None
         if area is None:
-            area = k.alloc_memory(area_size, tag="zcrx_area")
+            area = k.alloc_memory(max(area_size, area_reserve), tag="zcrx_area")
             allocated.append(area)
+        area_len = min(area_size, area.length) if own_area else area.length
         rq_mem = None
         if not rq_kernel:
             rq_mem = k.alloc_memory(rq_size, tag="zcrx_rq")
@@ -953,7 +967,7 @@ def io_uring_register_ifq(ring: Ring, if_idx: int = 0, if_rxq: int = 0, *,
         params = k.alloc_memory(PAGE_SIZE, tag="zcrx_param")
         allocated.append(params)
         pv = params.view
-        area_reg = zcrx_area_reg(area.addr, area.length)
+        area_reg = zcrx_area_reg(area.addr, area_len)
         region = zcrx_region_desc(rq_size, rq_mem.addr if rq_mem is not None else 0)
         pv[_PARAM_AREA_OFF:_PARAM_AREA_OFF + area_reg.itemsize] = area_reg.view(np.uint8)
         pv[_PARAM_REGION_OFF:_PARAM_REGION_OFF + region.itemsize] = region.view(np.uint8)
@@ -981,7 +995,7 @@ def io_uring_register_ifq(ring: Ring, if_idx: int = 0, if_rxq: int = 0, *,
     else:
         rq_buf = ring._map(int(region_out["mmap_offset"][0]), rq_size)
     ifq = ZcrxIfq(ring, out, area=area, own_area=own_area, area_token=token, params=params,
-                  rq_buf=rq_buf, rq_size=rq_size, rq_mem=rq_mem)
+                  rq_buf=rq_buf, rq_size=rq_size, rq_mem=rq_mem, area_len=area_len)
     if ev is not None:
         ifq.event_user_data = event_user_data if events else None
         ifq.stats_off = int(ev["stats_offset"][0]) if stats else None
@@ -1020,6 +1034,37 @@ def io_uring_zcrx_arm_event(ifq: ZcrxIfq, event_type: int) -> int:
     ctrl["arm_event_type"] = event_type
     res, _ = io_uring_register_zcrx_ctrl(ifq.ring, ctrl)
     return res
+
+
+def io_uring_zcrx_add_area(ifq: ZcrxIfq, length: int) -> int:
+    """``ZCRX_CTRL_ADD_AREA`` (Linux 7.3): register the next ``length`` bytes of the area
+    reservation (see :func:`io_uring_register_ifq`'s ``area_reserve``) as one more area of
+    ``ifq``.  Returns the new area id (the token the kernel wrote back, ``>> 48``).  Raises
+    ``Misuse`` when the reservation has no ``length`` bytes left (nothing is sent),
+    ``ControlError`` with the kernel's errno (``-EINVAL`` past ``ZCRX_MAX_AREAS`` or before
+    7.3's ``-EOPNOTSUPP``...)."""
+    base = ifq.area_bases[-1] + ifq.area_lens[-1]
+    if length <= 0 or length % PAGE_SIZE or base + length > len(ifq.area_view):
+        raise Misuse(f"no {length} bytes left in the zcrx area reservation "
+                     f"({len(ifq.area_view) - base} of {len(ifq.area_view)})")
+    pv = ifq.params.view
+    reg = zcrx_area_reg(ifq.area_addr + base, length)
+    end = _PARAM_ADD_AREA_OFF + reg.itemsize
+    pv[_PARAM_ADD_AREA_OFF:end] = reg.view(np.uint8)
+    ctrl = np.zeros(1, dtype=abi.zcrx_ctrl)
+    ctrl["zcrx_id"] = ifq.zcrx_id
+    ctrl["op"] = abi.ZCRX_CTRL_ADD_AREA
+    ctrl["add_area_ptr"] = ifq.params.addr + _PARAM_ADD_AREA_OFF
+    io_uring_register_zcrx_ctrl(ifq.ring, ctrl)
+    token = int(pv[_PARAM_ADD_AREA_OFF:end].view(abi.io_uring_zcrx_area_reg)["rq_area_token"][0])
+    area_id = token >> abi.IORING_ZCRX_AREA_SHIFT
+    if area_id != len(ifq.area_bases):
+        raise PeerMisbehaved(f"ZCRX_CTRL_ADD_AREA wrote back token {token:#x}; "
+                             f"area {len(ifq.area_bases)} expected")
+    ifq.area_bases.append(base)
+    ifq.area_lens.append(length)
+    ifq.area_len += length
+    return area_id
 
 
 def io_uring_zcrx_events(ifq: ZcrxIfq, cqes: np.ndarray) -> NDArray[np.int32]:
@@ -1090,7 +1135,9 @@ def zcrx_batch(ifq: ZcrxIfq, cqes: np.ndarray, select: NDArray[np.bool_] | None 
                ) -> ZcrxBatch:
     """The data chunks of a CQE view: CQEs with ``res > 0`` (and ``select``, e.g. "this is a
     RECV_ZC of mine").  A chunk outside the area or of another area is the kernel's bug:
-    ``PeerMisbehaved``.  About ten numpy operations, whatever the batch size."""
+    ``PeerMisbehaved``.  With several areas ``start`` is the chunk's offset in
+    ``ifq.area_view`` (its area's base added).  About ten numpy operations, whatever the
+    batch size."""
     res = cqes["res"]
     m = res > 0
     if select is not None:
@@ -1099,7 +1146,17 @@ def zcrx_batch(ifq: ZcrxIfq, cqes: np.ndarray, select: NDArray[np.bool_] | None 
     off = cqes["zcrx_off"][idx]
     length = res[idx].astype(np.int64)
     start = (off & np.uint64(_AREA_LOW)).astype(np.int64)
-    if len(idx):
+    if len(idx) and len(ifq.area_bases) > 1:
+        aid = (off >> np.uint64(abi.IORING_ZCRX_AREA_SHIFT)).astype(np.int64)
+        wrong = aid >= len(ifq.area_bases)
+        aid[wrong] = 0
+        wrong |= start + length > np.asarray(ifq.area_lens, dtype=np.int64)[aid]
+        if wrong.any():
+            i = int(np.argmax(wrong))
+            raise PeerMisbehaved(f"zcrx CQE off {int(off[i]):#x} len {int(length[i])} is not "
+                                 f"in any of the {len(ifq.area_bases)} areas")
+        start += np.asarray(ifq.area_bases, dtype=np.int64)[aid]
+    elif len(idx):
         wrong = ((off >> np.uint64(abi.IORING_ZCRX_AREA_SHIFT)) != ifq.area_id) \
             | (start + length > ifq.area_len)
         if wrong.any():

@@ -3,6 +3,7 @@
     python -m app_proc.zcrx_server [-p PORT] [-i IFNAME] (-q RXQ | --nodev) [-s BYTES] [-v]
                                    [--stream-id ID|sport] [-r 0|1] [-S AREA] [-C CQ] [-R RQ]
                                    [-n CONNS] [-o FILE|-] [--json PATH] [--seconds S]
+                                   [-E] [--grow MAX]
 
 The flow of the liburing example: one ring set up with ``SINGLE_ISSUER | DEFER_TASKRUN |
 CQE32 | CQSIZE | SUBMIT_ALL``; an interface queue registered on ``IFNAME``/``RXQ``
@@ -53,6 +54,12 @@ Area size: the default is 64 MiB, not liburing's 256 MiB.  Every region is pre-t
 creation (about 45 ms per 64 MiB here) and sits in ``/dev/shm`` of a small shared machine;
 64 MiB is 16384 buffers of 4 KiB, more than the CQ (8192) and the RQ (8192) can hold lent out
 at once, so the area never runs dry because of its size.
+
+``--grow MAX`` (Linux 7.3; implies ``-E``): the two new features working together.  MAX bytes
+are mapped at start and the first ``-S`` registered; on each ALLOC_FAIL event (the queue's page
+pool found no buffer) the next ``-S`` bytes (or what is left) are added as one more area
+(``ZCRX_CTRL_ADD_AREA``) before the event is re-armed, until MAX bytes are registered.  Every
+area is a slice of the one mapping, so chunks of any area are read in place the same way.
 """
 
 from __future__ import annotations
@@ -89,6 +96,7 @@ from shared import abi
 from shared.errors import PeerGone
 from shared.msg import ControlError
 from shared.proc import notify_ready
+from shared.shm import PAGE_SIZE
 
 KIND_ZC = 2
 #: ``user_data`` kind of zcrx event CQEs (``-E``, Linux 7.2+)
@@ -121,6 +129,7 @@ class Options(ServerOptions):
     sq_entries: int = 256
     rx_buf_len: int = 0
     events: bool = False  # -E: zcrx events (ALLOC_FAIL re-armed each time, COPY once)
+    grow: int = 0  # --grow MAX: add an area on ALLOC_FAIL until MAX bytes are registered
 
 
 @dataclass
@@ -172,6 +181,8 @@ class ZcrxServer(AcceptingServer):
         self.finished: list[dict[str, Any]] = []
         self.ifq: L.ZcrxIfq | None = None
         self.events = 0  # zcrx event CQEs seen (-E)
+        self.event_counts: dict[str, int] = {}  # per event name
+        self.grow_error: str | None = None  # why --grow stopped adding areas, if it did
         self.first_ns: int | None = None
         self.last_ns: int | None = None
         self.read_bytes = 0
@@ -354,7 +365,7 @@ class ZcrxServer(AcceptingServer):
                 self.ring, if_idx, rxq, rq_entries=o.rq_entries, area_size=o.area_size,
                 rq_kernel=o.rq_kernel, flags=reg_flags, rx_buf_len=o.rx_buf_len,
                 events=((1 << abi.ZCRX_EVENT_TYPE_LAST) - 1) if o.events else 0,
-                event_user_data=KIND_EVENT, stats=o.events)
+                event_user_data=KIND_EVENT, stats=o.events, area_reserve=o.grow)
             self.lfd = k.listen_tcp(o.port, o.addr)
             self.arm_accept()
             L.io_uring_submit(self.ring)
@@ -461,8 +472,29 @@ class ZcrxServer(AcceptingServer):
                  + ("" if stats is None else f" (copy stats: {stats[0]} chunks, "
                                              f"{stats[1]} bytes)"))
         self.events += 1
+        name = _EVENT_NAMES.get(etype, str(etype))
+        self.event_counts[name] = self.event_counts.get(name, 0) + 1
         if etype == abi.ZCRX_EVENT_ALLOC_FAIL:
+            if self.opts.grow:
+                self._grow()
             L.io_uring_zcrx_arm_event(self.ifq, etype)
+
+    def _grow(self) -> None:
+        """``--grow``: one more area of ``-S`` bytes (or what is left of MAX)."""
+        ifq = self.ifq
+        assert ifq is not None
+        length = min(self.opts.area_size, self.opts.grow - ifq.area_len)
+        length -= length % PAGE_SIZE
+        if length <= 0 or self.grow_error is not None:
+            return
+        try:
+            area_id = L.io_uring_zcrx_add_area(ifq, length)
+        except ControlError as exc:  # e.g. a kernel before 7.3: stop trying
+            self.grow_error = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+            self.say(f"zcrx: cannot add an area ({self.grow_error}); not growing")
+            return
+        self.say(f"zcrx: added area {area_id} ({length >> 10} KiB): "
+                 f"{len(ifq.area_bases)} areas, {ifq.area_len >> 10} KiB")
 
     def _kernel_copy_stats(self) -> dict[str, Any] | None:
         """The kernel's copy-fallback counters for our ifq (read while the ring is alive)."""
@@ -491,7 +523,9 @@ class ZcrxServer(AcceptingServer):
                     "hash_staged_bytes": self.hash_staged_bytes},
             "zcrx": None if ifq is None else {
                 "zcrx_id": ifq.zcrx_id, "if_idx": ifq.if_idx, "if_rxq": ifq.if_rxq,
-                "nodev": ifq.nodev, "area_bytes": ifq.area_len, "rq_entries": ifq.rq_entries,
+                "nodev": ifq.nodev, "area_bytes": ifq.area_len, "areas": len(ifq.area_bases),
+                "events": dict(self.event_counts), "grow_error": self.grow_error,
+                "rq_entries": ifq.rq_entries,
                 "rq_memory": "user" if ifq.rq_user else "kernel", **ifq.stats()},
             "copy_fallback": self.copy_fallback,
         }
@@ -563,6 +597,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
                    help="ifq_reg.rx_buf_len (0: the kernel's default)")
     p.add_argument("-E", "--events", action="store_true",
                    help="ask for zcrx events (Linux 7.2+) and print each one")
+    p.add_argument("--grow", type=_size, default=0, metavar="MAX",
+                   help="on ALLOC_FAIL add an area of -S bytes (Linux 7.3) until MAX bytes "
+                        "are registered (implies -E)")
     a = p.parse_args(argv)
     common = common_options(p, a)
     if a.nodev and a.rxq not in (None, 0):
@@ -573,10 +610,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
         p.error("-q must be >= 0")
     if a.area_size <= 0:
         p.error("-S must be positive")
+    if a.grow and a.grow < a.area_size:
+        p.error("--grow MAX must be at least -S")
     opts = Options(**common, ifname=a.ifname, rxq=a.rxq, nodev=a.nodev,
                    rq_kernel=a.rq_mem == 1, area_size=a.area_size, cq_entries=a.cq_entries,
                    rq_entries=a.rq_entries, sq_entries=a.sq_entries, rx_buf_len=a.rx_buf_len,
-                   events=a.events)
+                   events=a.events or bool(a.grow), grow=a.grow)
     return opts, a
 
 

@@ -657,6 +657,12 @@ def _ledger(st: dict[str, Any], as_json: bool) -> None:
         info = ifqs.get(serial, {})
         where = f"{info.get('dev')}/{info.get('queue')}" if info.get("dev") else "nodev"
         t.add_row(serial, where, *(str(d.get(k, 0)) for k in states), str(sum(d.values())))
+        areas = info.get("area_ledgers", [])
+        if len(areas) > 1:  # several areas (7.3): ifq 1's area 0 is row "1.a0"
+            for a in areas:
+                al = a.get("ledger", {})
+                t.add_row(f"{serial}.a{a.get('area_id')}", "area",
+                          *(str(al.get(k, 0)) for k in states), str(a.get("niovs", 0)))
     tot = led.get("total", {})
     t.add_row("total", "", *(str(tot.get(k, 0)) for k in states), str(led.get("niovs", 0)))
     console.print(t)
@@ -673,7 +679,7 @@ def _ledger(st: dict[str, Any], as_json: bool) -> None:
 @click.option("--count", type=click.IntRange(0), default=0, show_default=True,
               help="Stop --watch after this many samples (0: until Ctrl-C).")
 @click.option("--ledger", is_flag=True,
-              help="Print the zcrx buffer ledger per ifq (niovs per state).")
+              help="Print the zcrx buffer ledger per ifq and per area (niovs per state).")
 def stats(name: str | None, as_json: bool, watch: bool, interval: float, count: int,
           ledger: bool) -> None:
     """Counters of every layer: NIC queues, page pools, TCP, io_uring, zcrx."""
@@ -1260,6 +1266,11 @@ def demo(flows: int, mib: int, zc_mib: int, as_json: bool) -> None:
                       f"{z['registered']} ifq registered, {z['destroyed']} destroyed with every "
                       f"niov home ({z['scrubbed_refs']} user refs scrubbed at close)",
                       highlight=False)
+        if "areas" in z:
+            ev = ", ".join(f"{k} x{v}" for k, v in sorted(z["events"].items())) or "none"
+            console.print(f"zcrx events: {ev}; areas: {z['areas']} ({z['area_bytes'] >> 10} KiB"
+                          f"{', grown by ALLOC_FAIL' if z['areas'] > 1 else ''})",
+                          highlight=False)
         console.print("teardown: every process stopped, "
                       f"{len(res['leftovers_removed'])} leftover segment(s)", highlight=False)
     if not res["verified"]:

@@ -7,7 +7,10 @@ sequence a user would type for the same (``zcrx up``, ``zcrx ethtool``, ``zcrx a
 ``zcrx traffic``, ``zcrx wire``, ``zcrx down``):
 
 * eth0 with 4 queues; an ntuple rule steers port 9000 to queue 3;
-* ``zcrx-server`` bound to queue 3 receives one generator flow zero copy;
+* ``zcrx-server`` bound to queue 3 receives one generator flow zero copy, starting with a
+  small area and events on (``-S 4M --grow 16M``, Linux 7.3): when the queue's page pool
+  finds no buffer the ALLOC_FAIL event fires and the server adds an area (the summary
+  line shows the events seen and the areas);
 * ``copy-server`` receives three generator flows on port 8000, spread by RSS over the
   other queues, through the copy path;
 * when ``nc`` is installed, a random file goes through the wire gateway to a second
@@ -39,6 +42,8 @@ from shared.nicif import NetdevSpec
 COPY_PORT = 8000
 ZC_PORT = 9000
 ZC_QUEUE = 3
+#: The zero-copy leg's first area and what ``--grow`` may add up to (events + areas, 7.3).
+ZC_AREA, ZC_GROW = "4M", "16M"
 
 
 def _wait_exit(run: Run, role: str, timeout: float) -> None:
@@ -62,7 +67,8 @@ def demo_topology(name: str, flows: int, per_flow: int, zc_bytes: int, queues: i
     :data:`ZC_QUEUE`; zcrx-server there (app:0), copy-server on RSS (app:1).  Traffic is
     separate (:func:`demo_traffic`): the demo reads the queue bindings before it starts."""
     zc = ["-p", str(ZC_PORT), "-i", "eth0", "-q", str(ZC_QUEUE), "-v", "-n", "1",
-          "-s", str(zc_bytes), "--json", "{rundir}/zcrx-server.json"]
+          "-s", str(zc_bytes), "-E", "-S", ZC_AREA, "--grow", ZC_GROW,
+          "--json", "{rundir}/zcrx-server.json"]
     cp = ["-p", str(COPY_PORT), "-v", "-n", str(flows), "-s", str(per_flow),
           "--json", "{rundir}/copy-server.json"]
     rule = f"-N eth0 flow-type tcp4 dst-port {ZC_PORT} action {ZC_QUEUE}"
@@ -95,6 +101,7 @@ def run_demo(flows: int = 3, per_flow: int = 64 << 20, zc_bytes: int = 256 << 20
     zc_json = run.dir / "zcrx-server.json"
     cp_json = run.dir / "copy-server.json"
     legs: list[dict[str, Any]] = []
+    grow: dict[str, Any] = {}
     try:
         kernel = ControlClient(run.endpoint("kernel"), timeout_ms=20_000)
         binding = [q["binding"] for q in kernel.call("status", {})["netdevs"][0]["rx_queues"]]
@@ -132,6 +139,10 @@ def run_demo(flows: int = 3, per_flow: int = 64 << 20, zc_bytes: int = 256 << 20
             wall = time.monotonic() - t0
             rep = json.loads(path.read_text())
             fb = rep.get("copy_fallback")
+            if role == "app:0" and rep.get("zcrx"):
+                z0 = rep["zcrx"]
+                grow = {"events": z0.get("events", {}), "areas": z0.get("areas", 1),
+                        "area_bytes": z0.get("area_bytes", 0)}
             legs.append({"leg": leg, "bytes": rep["bytes"],
                          # zcrx-server times first to last byte; copy-server: wall clock
                          "gbps": rep.get("gbps") or rep["bytes"] / wall / 1e9,
@@ -152,7 +163,7 @@ def run_demo(flows: int = 3, per_flow: int = 64 << 20, zc_bytes: int = 256 << 20
         "zcrx": {"registered": zc["counters"].get("registered", 0),
                  "destroyed": zc["counters"].get("destroyed", 0),
                  "scrubbed_refs": zc.get("retired", {}).get("scrubbed_refs", 0),
-                 "live_ifqs": len(zc["ifqs"])},
+                 "live_ifqs": len(zc["ifqs"]), **grow},
         "tcp": st["tcp"], "leftovers_removed": down["segments_removed"],
         "verified": all(leg["verified"] for leg in legs),
     }

@@ -84,4 +84,9 @@ def test_demo_delivers_verified_traffic_on_every_path(tmp_path: Path,
     assert cp["bytes"] == cp["copied"] == 2 * (4 << 20)
     assert out["bindings"][3] == "io-uring"
     assert out["zcrx"]["destroyed"] == out["zcrx"]["registered"] == 1
+    # zcrx-server -E --grow: the events it saw and the areas it ended with (>= 1; more when
+    # the queue starved and ALLOC_FAIL fired)
+    z = out["zcrx"]
+    assert z["areas"] >= 1 and z["area_bytes"] >= 4 << 20
+    assert (z["areas"] > 1) == (z["events"].get("ALLOC_FAIL", 0) > 0)
     assert out["leftovers_removed"] == []

@@ -2,17 +2,23 @@
 
 Each test drives a real ``Kernel`` acting as one release (``driver_proc --kernel X.Y``, here the
 ``kt`` fixture of ``test_zcrx`` parametrized indirectly) through its syscall handlers, from an
-app that builds the uapi structs raw with ``shared.abi`` dtypes.
+app that builds the uapi structs raw with ``shared.abi`` dtypes.  liburing's ``area_add*`` cases
+are named ``test_conformance_area_add_*`` so that ``-k conformance`` runs them with the checklist
+of ``test_conformance``.
 """
 
 from __future__ import annotations
 
 import errno
+import json
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
+import test_netdev as tn
 from test_zcrx import (
     PAGE,
     RQ_ENTRIES,
@@ -38,8 +44,9 @@ from test_zcrx import (
 
 from app_proc import liburing as L
 from app_proc import syscall as S
+from app_proc import zcrx_server
 from driver_proc.main import main as driver_main
-from shared import abi
+from shared import abi, wire
 from shared.ring import RingLayout, RingProducer
 
 pytestmark = pytest.mark.timeout(60)
@@ -550,8 +557,8 @@ def area_of(zq: Zq, areas: dict[int, Any], off: int, n: int) -> bytes:
 
 
 @on(V73)
-def test_area_add_invalid(kt: KernelThread, app: S.Kernel,
-                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_conformance_area_add_invalid(kt: KernelThread, app: S.Kernel,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
     ring = zring(app)
     b = Bundle.make(app)
     zq = Zq(ring, b, register_raw(ring, b.reg))
@@ -595,8 +602,8 @@ def test_area_add_invalid(kt: KernelThread, app: S.Kernel,
 
 
 @on(V73)
-def test_area_add_doubles_what_can_be_received_without_returns(kt: KernelThread,
-                                                              app: S.Kernel) -> None:
+def test_conformance_area_add_doubles_what_can_be_received_without_returns(
+        kt: KernelThread, app: S.Kernel) -> None:
     """liburing's area_add: the second area's token differs from the first; twice the area
     can be received without returns; once more ends with -ENOMEM."""
     pages = 32
@@ -632,7 +639,8 @@ def test_area_add_doubles_what_can_be_received_without_returns(kt: KernelThread,
 
 
 @on(V73)
-def test_area_add_refill_returns_niovs_to_their_area(kt: KernelThread, app: S.Kernel) -> None:
+def test_conformance_area_add_refill_returns_niovs_to_their_area(kt: KernelThread,
+                                                                 app: S.Kernel) -> None:
     pages = 8
     ring = zring(app)
     b = Bundle.make(app, area_pages=pages)
@@ -668,51 +676,82 @@ def _rqes(offs: list[int]) -> np.ndarray:
 
 
 @on(V73)
-def test_area_add_concurrent_from_an_importing_ring(kt: KernelThread, app: S.Kernel) -> None:
-    """liburing's area_add_concurrent: while traffic flows on one ring, another ring that
-    imported the ifq adds areas (128), and the data stays intact and the ledgers sum.
-    (liburing uses a thread of an importing process; here a second ring of the same app.)"""
-    ring, r2 = zring(app), zring(app)
+def test_conformance_area_add_concurrent_from_an_importing_process(
+        kt: KernelThread, app: S.Kernel, run_id: str, tmp_path: Any) -> None:
+    """liburing's area_add_concurrent: while traffic flows on one process's ring, another
+    process that imported the ifq adds 128 areas of its own memory from its own thread; the
+    data stays intact (some of it lands in the added areas) and the ledgers sum.  The
+    export box goes to the importer as SCM_RIGHTS would move it (out of one file table,
+    into the other), which the test does in the kernel thread."""
+    ring = zring(app)
     b = Bundle.make(app, area_pages=4)
     zq = Zq(ring, b, register_raw(ring, b.reg))
     box = int(ctrl(ring, zq.id, abi.ZCRX_CTRL_EXPORT)["export_zcrx_fd"][0])
+    imp_app = S.Kernel(tmp_path, run=run_id, name="zcrx-importer")
+    imp_app.attach()
+    t1, t2 = app.task, imp_app.task
+    box2 = kt.call(lambda k: k.ctx.tasks.by_tid(t2).install(k.ctx.tasks.by_tid(t1).remove(box)))
+    r2 = zring(imp_app)
     imp = np.zeros(1, dtype=abi.io_uring_zcrx_ifq_reg)
     imp["flags"] = abi.ZCRX_REG_IMPORT
-    imp["if_idx"] = box
+    imp["if_idx"] = box2
     zid2 = int(register_raw(r2, imp)["zcrx_id"][0])
+    big = imp_app.alloc_memory(128 * 2 * PAGE, tag="areas")   # the importer's memory
+    added: list[int] = []
+    failed: list[BaseException] = []
+
+    def importer() -> None:                  # the importing process's thread
+        try:
+            params = imp_app.alloc_memory(PAGE, tag="p")
+            reg = params.view[:48].view(abi.io_uring_zcrx_area_reg)
+            for i in range(128):
+                reg["addr"], reg["len"], reg["rq_area_token"] = big.addr + i * 2 * PAGE, \
+                    2 * PAGE, 0
+                assert ctrl_errno(r2, zid2, abi.ZCRX_CTRL_ADD_AREA,
+                                  add_area_ptr=params.addr) == 0
+                added.append(token_of(params) >> 48)
+                time.sleep(0.001)
+            params.close()
+        except BaseException as exc:  # surfaced by the test
+            failed.append(exc)
+
+    th = threading.Thread(target=importer, name="importer")
+    th.start()
     _, fd = accept_conn(kt, app, ring)
     submit_recvzc(ring, fd, zq.id)
-    big = app.alloc_memory(128 * 2 * PAGE, tag="areas")  # 128 areas of 2 pages, one mapping
-    areas: dict[int, Any] = {}
+    areas = {a: _Slice(big, (a - 1) * 2 * PAGE) for a in range(1, 129)}
+    kt.wait_for(lambda k: k.zcrx.ifqs[0].niovs > 4)        # an area to spill into
     sent = pos = 0
-    for i in range(128):
-        params = app.alloc_memory(PAGE, tag="p")
-        reg = params.view[:48].view(abi.io_uring_zcrx_area_reg)
-        reg["addr"], reg["len"] = big.addr + i * 2 * PAGE, 2 * PAGE
-        assert ctrl_errno(r2, zid2, abi.ZCRX_CTRL_ADD_AREA, add_area_ptr=params.addr) == 0
-        aid = token_of(params) >> 48
-        assert aid == i + 1
-        areas[aid] = _Slice(big, i * 2 * PAGE)
-        params.close()
-        if i % 8 == 0:                                   # traffic between the additions
-            kt.send(40000, stream(40000, sent, 3 * PAGE))
-            sent += 3 * PAGE
-            got: list[Cqe] = []
-            while pos + sum(c.res for c in got) < sent:
-                got += wait_cqes(ring)
-            for c in got:
-                assert area_of(zq, areas, c.off, c.res) == stream(40000, pos, c.res)
-                pos += c.res
-            zq.rq.push(_rqes([c.off for c in got]))
-            zq.flush()
-            kt.ledger()
+    held: list[Cqe] = []
+    in_added = 0
+    while th.is_alive() or sent < 64 * PAGE:
+        kt.send(40000, stream(40000, sent, 3 * PAGE))        # 3 pages while 3 are held
+        sent += 3 * PAGE
+        got: list[Cqe] = []
+        while pos + sum(c.res for c in got) < sent:
+            got += wait_cqes(ring)
+        for c in got:
+            assert c.flags & F_MORE, c
+            assert area_of(zq, areas, c.off, c.res) == stream(40000, pos, c.res)
+            pos += c.res
+            in_added += c.off >> 48 != 0
+        zq.rq.push(_rqes([c.off for c in held]))            # give back the round before
+        zq.flush()
+        held = got
+        kt.ledger()
+    th.join(20)
+    assert not failed, failed
+    assert added == list(range(1, 129)) and in_added > 0
     assert kt.call(lambda k: k.zcrx.ifqs[0].niovs) == 4 + 128 * 2
-    app.close_fd(box)
+    kt.ledger()
+    app.close_fd(fd)
     zq.close()
     L.io_uring_queue_exit(ring)
-    L.io_uring_queue_exit(r2)
-    assert kt.call(lambda k: k.zcrx.ifqs) == []
+    L.io_uring_queue_exit(r2)                                # the box's hold goes with it
+    imp_app.close_fd(box2)
+    kt.wait_for(lambda k: k.zcrx.ifqs == [])
     big.close()
+    imp_app.close()
     b.close()
 
 
@@ -724,8 +763,8 @@ class _Slice:
 
 
 @on(V73)
-def test_area_add_on_a_hardware_queue_is_dma_mapped_and_unmapped(kt: KernelThread,
-                                                                 app: S.Kernel) -> None:
+def test_conformance_area_add_on_a_hardware_queue_is_dma_mapped_and_unmapped(
+        kt: KernelThread, app: S.Kernel) -> None:
     ring = zring(app)
     b = Bundle.make(app, nodev=False, if_idx=2, if_rxq=1)
     zq = Zq(ring, b, register_raw(ring, b.reg))
@@ -740,5 +779,104 @@ def test_area_add_on_a_hardware_queue_is_dma_mapped_and_unmapped(kt: KernelThrea
     kt.wait_for(lambda k: k.zcrx.ifqs == [])
     unmapped = {c.get("map_id", c.get("id")) for t, c in kt.nic.calls if t == "nic.dma_unmap"}
     assert set(ids) <= unmapped                            # every area unmapped at teardown
+    b.close()
+    mem2.close()
+
+
+# ============================================================================================
+# zcrx-server --grow: events and several areas together (7.3)
+# ============================================================================================
+
+def _server(app: S.Kernel, argv: list[str]) -> tuple[threading.Thread, dict[str, Any]]:
+    """``zcrx_server.main(argv)`` in a thread of this app; returns once it listens."""
+    result: dict[str, Any] = {}
+
+    def go() -> None:
+        try:
+            result["code"] = zcrx_server.main(argv, kernel=app)
+        except BaseException as exc:  # surfaced by the test
+            result["exc"] = exc
+
+    t = threading.Thread(target=go, name="zcrx_server")
+    t.start()
+    return t, result
+
+
+@on(V73)
+def test_server_grows_its_area_on_alloc_fail(kt: KernelThread, app: S.Kernel,
+                                            tmp_path: Any) -> None:
+    """``--grow``: a server on hardware queue 1 with an 80-niov area gets ALLOC_FAIL while a
+    600-frame stream arrives, adds areas (ZCRX_CTRL_ADD_AREA) up to MAX and re-arms; the
+    stream arrives byte-exact and the ledger shows the niovs of every area."""
+    n, seg = 600, 1460
+    out = tmp_path / "zc.json"
+    t, result = _server(app, ["-p", str(tn.DPORT), "-q", "1", "-S", "320K", "--grow", "1M",
+                              "-R", "128", "-C", "512", "-v", "--stream-id", "3",
+                              "-s", str(n * seg), "-n", "1", "--json", str(out),
+                              "--seconds", "40"])
+    kt.wait_for(lambda k: any(q.provider is not None for q in k.zcrx.ifqs)
+                and any(getattr(sf, "is_listening", False)
+                        for task in k.ctx.tasks for sf in task.files.values()))
+    flow = tn.Flow()
+    for flags in (wire.TCP_SYN, wire.TCP_ACK):
+        fr, fl, _ = flow.frames([0], flags)
+        assert kt.deliver(1, fr, fl) == 1
+    fr, fl, _ = flow.frames([seg] * n)
+
+    def burst(k: Any) -> int:
+        """Deliver and poll three times in one go: the server cannot return anything in
+        between (its wait for CQEs is a syscall this thread answers later), so the pool
+        runs dry for sure and ALLOC_FAIL fires."""
+        took = 0
+        for _ in range(3):
+            took += kt.nic.deliver(1, fr[took:], fl[took:])
+            k.poll()
+        return took
+
+    sent, ledgers = kt.call(burst), []
+    deadline = time.monotonic() + 40
+    while sent < n and time.monotonic() < deadline:
+        took = kt.deliver(1, fr[sent:], fl[sent:])
+        sent += took
+        if not took:                                      # starved: wait for returns
+            time.sleep(0.002)
+            kt.call(lambda k: k.netdevs["eth0"].refill(1))
+        led = kt.call(lambda k: k.zcrx.ifqs[0].area_ledgers() if k.zcrx.ifqs else [])
+        if len(led) > len(ledgers):
+            ledgers = led
+    t.join(40)
+    assert not t.is_alive() and result == {"code": 0}, result
+    rep = json.loads(out.read_text())
+    z = rep["zcrx"]
+    assert rep["ok"] and rep["bytes"] == n * seg          # byte-exact (-v and the total)
+    assert z["events"]["ALLOC_FAIL"] >= 1 and z["areas"] >= 2
+    assert z["area_bytes"] == (80 + 80 * (z["areas"] - 1)) * PAGE or z["area_bytes"] == 1 << 20
+    assert len(ledgers) >= 2 and ledgers[0]["niovs"] == 80
+    for a in ledgers:                                     # niovs per area, each ledger sums
+        assert sum(a["ledger"].values()) == a["niovs"] > 0
+    kt.wait_for(lambda k: k.zcrx.ifqs == [])
+
+
+@on(V73)
+def test_stats_ledger_prints_a_row_per_area(kt: KernelThread, app: S.Kernel,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """``zcrx stats --ledger`` (what the kernel's ``stats`` reply says): an ifq with several
+    areas gets one row per area under it, with that area's niovs."""
+    from launch import cli
+    ring = zring(app)
+    b = Bundle.make(app, area_pages=8)
+    zq = Zq(ring, b, register_raw(ring, b.reg))
+    cli._ledger({"zcrx": kt.call(lambda k: k.zcrx.stats())}, False)
+    assert ".a0" not in capsys.readouterr().out           # one area: the ifq row says it
+    err, mem2, _ = add_area(ring, zq.id, app, 4)
+    assert err == 0
+    cli._ledger({"zcrx": kt.call(lambda k: k.zcrx.stats())}, False)
+    text = capsys.readouterr().out
+    rows = [ln.split() for ln in text.splitlines() if ".a" in ln]
+    serial = kt.call(lambda k: k.zcrx.ifqs[0].serial)
+    assert [r[1] for r in rows] == [f"{serial}.a0", f"{serial}.a1"], text
+    assert [r[-2] for r in rows] == ["8", "4"], text       # niovs of each area
+    zq.close()
+    L.io_uring_queue_exit(ring)
     b.close()
     mem2.close()
