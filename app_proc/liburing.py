@@ -103,6 +103,7 @@ __all__ = [
     "io_uring_queue_init",
     "io_uring_register",
     "io_uring_register_ifq",
+    "io_uring_register_napi",
     "io_uring_register_zcrx_ctrl",
     "io_uring_setup_buf_ring",
     "io_uring_sq_ready",
@@ -112,6 +113,7 @@ __all__ = [
     "io_uring_sqe_set_flags",
     "io_uring_submit",
     "io_uring_submit_and_wait",
+    "io_uring_unregister_napi",
     "io_uring_wait_cqe",
     "io_uring_wait_cqes",
     "io_uring_zcrx_add_area",
@@ -334,6 +336,27 @@ def io_uring_register(ring: Ring | None, opcode: int, nr_args: int,
     reply = k.syscall("io_uring_register", {"fd": -1 if ring is None else ring.fd,
                                             "opcode": opcode, "nr_args": nr_args}, blobs)
     return int(reply.body["res"]), list(reply.blobs)
+
+
+def io_uring_register_napi(ring: Ring, napi: np.ndarray) -> int:
+    """``IORING_REGISTER_NAPI`` with one ``abi.io_uring_napi`` record (``napi``): busy polling
+    for ``busy_poll_to`` us before a GETEVENTS wait sleeps, or an ``IO_URING_NAPI_STATIC_*``
+    edit.  The kernel's previous settings are written back into ``napi``.  Returns 0; a
+    refusal raises ``ControlError`` with Linux's errno."""
+    res, blobs = io_uring_register(ring, abi.IORING_REGISTER_NAPI, 1, [napi])
+    if blobs and len(blobs[0]) == abi.io_uring_napi.itemsize:
+        napi.reshape(-1)[:1] = np.frombuffer(blobs[0], dtype=abi.io_uring_napi)
+    return res
+
+
+def io_uring_unregister_napi(ring: Ring, napi: np.ndarray | None = None) -> int:
+    """``IORING_UNREGISTER_NAPI``: busy polling off; the previous settings are written back
+    into ``napi`` when given.  Returns 0 (refusals raise ``ControlError``)."""
+    res, blobs = io_uring_register(ring, abi.IORING_UNREGISTER_NAPI, 1,
+                                   [] if napi is None else [napi])
+    if napi is not None and blobs and len(blobs[0]) == abi.io_uring_napi.itemsize:
+        napi.reshape(-1)[:1] = np.frombuffer(blobs[0], dtype=abi.io_uring_napi)
+    return res
 
 
 # -- submission --------------------------------------------------------------------------------

@@ -130,6 +130,7 @@ class Options(ServerOptions):
     rx_buf_len: int = 0
     events: bool = False  # -E: zcrx events (ALLOC_FAIL re-armed each time, COPY once)
     grow: int = 0  # --grow MAX: add an area on ALLOC_FAIL until MAX bytes are registered
+    napi_busy_poll: int = 0  # --napi-busy-poll US: IORING_REGISTER_NAPI (0: not registered)
 
 
 @dataclass
@@ -366,6 +367,10 @@ class ZcrxServer(AcceptingServer):
                 rq_kernel=o.rq_kernel, flags=reg_flags, rx_buf_len=o.rx_buf_len,
                 events=((1 << abi.ZCRX_EVENT_TYPE_LAST) - 1) if o.events else 0,
                 event_user_data=KIND_EVENT, stats=o.events, area_reserve=o.grow)
+            if o.napi_busy_poll:
+                napi = np.zeros(1, dtype=abi.io_uring_napi)
+                napi["busy_poll_to"] = o.napi_busy_poll
+                L.io_uring_register_napi(self.ring, napi)
             self.lfd = k.listen_tcp(o.port, o.addr)
             self.arm_accept()
             L.io_uring_submit(self.ring)
@@ -600,6 +605,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
     p.add_argument("--grow", type=_size, default=0, metavar="MAX",
                    help="on ALLOC_FAIL add an area of -S bytes (Linux 7.3) until MAX bytes "
                         "are registered (implies -E)")
+    p.add_argument("--napi-busy-poll", type=int, default=0, metavar="US",
+                   help="register io_uring NAPI busy polling: a wait for CQEs polls the RX "
+                        "queues for up to US microseconds before sleeping (0: off)")
     a = p.parse_args(argv)
     common = common_options(p, a)
     if a.nodev and a.rxq not in (None, 0):
@@ -612,10 +620,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
         p.error("-S must be positive")
     if a.grow and a.grow < a.area_size:
         p.error("--grow MAX must be at least -S")
+    if not 0 <= a.napi_busy_poll <= 0xFFFFFFFF:
+        p.error("--napi-busy-poll must be in [0, 2^32)")
     opts = Options(**common, ifname=a.ifname, rxq=a.rxq, nodev=a.nodev,
                    rq_kernel=a.rq_mem == 1, area_size=a.area_size, cq_entries=a.cq_entries,
                    rq_entries=a.rq_entries, sq_entries=a.sq_entries, rx_buf_len=a.rx_buf_len,
-                   events=a.events or bool(a.grow), grow=a.grow)
+                   events=a.events or bool(a.grow), grow=a.grow,
+                   napi_busy_poll=a.napi_busy_poll)
     return opts, a
 
 

@@ -267,6 +267,8 @@ class Ring:
         self.cq_entries = cq_entries
         self.stats = RingStats()
         self.closed = False
+        #: IORING_REGISTER_NAPI settings (:class:`driver_proc.napi.RingNapi`); None: never set
+        self.napi: Any = None
         self.disabled = bool(flags & abi.IORING_SETUP_R_DISABLED)
         self.mixed = bool(flags & abi.IORING_SETUP_CQE_MIXED)
         self.inflight: set[Request] = set()
@@ -674,4 +676,9 @@ class Ring:
                  overflow=len(self.overflow), buf_rings=sorted(self.buf_rings))
         for br in self.buf_rings.values():
             d["buf_ring_faults"] += br.faults
+        if self.napi is not None:  # only rings that used IORING_REGISTER_NAPI
+            n = self.napi
+            d["napi"] = {"track_mode": n.track_mode, "busy_poll_to": n.busy_poll_to,
+                         "prefer_busy_poll": n.prefer_busy_poll, "ids": sorted(n.ids),
+                         "busy_polls": n.busy_polls, "busy_poll_hits": n.busy_poll_hits}
         return d

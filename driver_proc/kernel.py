@@ -106,6 +106,7 @@ class Kernel:
         self.skbs = SkbStore()
         self.table = SocketTable()
         self.ctx = sc.KernelContext.create(run, self.skbs, self.table, kernel=kernel)
+        self.ctx.rings.napi_poll = self.napi_pass  # io_uring NAPI busy polling
         self.netdevs: dict[str, NetDevice] = {}
         assert self.ctx.zcrx is not None
         self.zcrx = self.ctx.zcrx
@@ -207,6 +208,16 @@ class Kernel:
     def poll(self) -> int:
         """One pass of softirq + task work: NAPI on every queue, TCP, io_uring."""
         work = self.reprobe()
+        work += self.napi_pass()
+        if self.server is not None:
+            work += sc.service(self.ctx, self.server)
+        work += self.zcrx.poll()  # requeued RECV_ZC passes, delayed ifq destruction
+        return work
+
+    def napi_pass(self) -> int:
+        """NAPI on every queue with work pending (drained frames first); returns the
+        completions handled.  Also io_uring's NAPI busy poll (``IoUring.napi_poll``)."""
+        work = 0
         for dev in self.netdevs.values():
             for batch in dev.take_drained():
                 work += self._deliver(batch)
@@ -219,9 +230,6 @@ class Kernel:
                 if batch.completions:
                     work += batch.completions
                     self._deliver(batch)
-        if self.server is not None:
-            work += sc.service(self.ctx, self.server)
-        work += self.zcrx.poll()  # requeued RECV_ZC passes, delayed ifq destruction
         return work
 
     def _deliver(self, batch: NapiBatch) -> int:

@@ -46,6 +46,7 @@ from driver_proc.files import SocketFile, Sockets, Task
 from driver_proc.io_uring import Ring, Wait
 from driver_proc.kbuf import register_pbuf_ring, register_pbuf_status, unregister_pbuf_ring
 from driver_proc.memmap import io_uring_mmap
+from driver_proc.napi import busy_poll, register_napi, unregister_napi
 from driver_proc.opdef import OpDef, io_issue_defs
 from driver_proc.register import RegisterHandler, enable_rings, io_uring_register
 from driver_proc.sqpoll import sq_thread_enter, sq_thread_pass
@@ -104,12 +105,17 @@ class IoUring:
             abi.IORING_UNREGISTER_PBUF_RING: unregister_pbuf_ring,
             abi.IORING_REGISTER_PBUF_STATUS: register_pbuf_status,
             abi.IORING_REGISTER_ENABLE_RINGS: enable_rings,
+            abi.IORING_REGISTER_NAPI: register_napi,
+            abi.IORING_UNREGISTER_NAPI: unregister_napi,
         }
         #: register opcodes served without a ring (``fd == -1``)
         self.blind_register_ops: set[int] = set()
         #: other subsystems' periodic work, run by :meth:`poll` as ``hook(now) -> work done``
         #: (zcrx: requeued RECV_ZC requests, delayed ifq destruction)
         self.poll_hooks: list[Callable[[float], int]] = []
+        #: one NAPI pass of the kernel (segments delivered, woken requests run; returns the
+        #: completions handled), used by NAPI busy polling (:mod:`driver_proc.napi`)
+        self.napi_poll: Callable[[], int] | None = None
 
     # -- extension points ---------------------------------------------------------------------
 
@@ -248,6 +254,8 @@ class IoUring:
             if submitted:
                 return submitted
             raise Misuse("timed out", errno.ETIME)
+        if ring.napi is not None and busy_poll(self, ring, min_complete):
+            return submitted
         ring.stats.waits += 1
         deadline = None if timeout_ms < 0 else now + timeout_ms / 1000
         w = Wait(ring, min_complete, submitted, deadline, token)

@@ -24,6 +24,10 @@ Supported commands (short and long spellings)::
                       [action Q | context C [action OFFSET]] [loc N]
     -N ... DEV delete N
     -S|--statistics DEV
+    -c|--show-coalesce DEV
+    -C|--coalesce DEV [adaptive-rx on|off] [rx-usecs N] [rx-frames N] [adaptive-tx on|off]
+                      [tx-usecs N] [tx-frames N] [rx-usecs-irq N] [rx-frames-irq N]
+                      (the emulated NIC supports the rx-usecs, rx-frames and adaptive-rx)
 
 Masks may also be given as ``src-ip-mask A`` etc. (the ``FIELD-mask`` spelling of
 ethtool(8)).  A mask has ethtool's meaning: a set bit means "ignore this bit".  Numbers
@@ -55,6 +59,10 @@ ntuple-add         ``flow_type``: "tcp4"|"tcp6"; ``src_ip``, ``dst_ip``, ``src_i
                    ``loc``: int
 ntuple-delete      ``loc``: int
 stats-get          -
+coalesce-get       -
+coalesce-set       ``rx_usecs``, ``rx_frames``, ``tx_usecs``, ``tx_frames``,
+                   ``rx_usecs_irq``, ``rx_frames_irq``: int; ``adaptive_rx``,
+                   ``adaptive_tx``: bool
 =================  ==================================================================
 
 Reply dicts (what the NIC side produces; set commands reply ``{}`` unless noted)
@@ -89,6 +97,9 @@ ntuple-add
     ``{"loc": N}`` (prints ``Added rule with ID N`` unless the request chose ``loc``).
 stats-get
     ``stats``: ``{name: int}`` in display order (or a list of ``[name, int]`` pairs).
+coalesce-get
+    ``rx_usecs``, ``rx_frames``: int; ``adaptive_rx``: bool.  Every other parameter
+    ethtool shows prints ``n/a`` (the device does not support it).
 """
 
 from __future__ import annotations
@@ -102,6 +113,7 @@ __all__ = [
     "COMMANDS",
     "EthtoolUsageError",
     "format_channels",
+    "format_coalesce",
     "format_error",
     "format_ntuple_list",
     "format_ntuple_rule",
@@ -207,6 +219,12 @@ _RING_PARAMS: dict[str, Callable[[str], Any]] = {
 }
 
 
+_COALESCE_PARAMS: dict[str, Callable[[str], Any]] = {
+    "adaptive-rx": _on_off, "adaptive-tx": _on_off, "rx-usecs": _u32, "rx-frames": _u32,
+    "tx-usecs": _u32, "tx-frames": _u32, "rx-usecs-irq": _u32, "rx-frames-irq": _u32,
+}
+
+
 def _keyword_values(opt: str, args: Sequence[str],
                     params: Mapping[str, Callable[[str], Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
@@ -236,6 +254,10 @@ def _parse_channels_set(opt: str, dev: str, args: list[str]) -> dict[str, Any]:
 
 def _parse_rings_set(opt: str, dev: str, args: list[str]) -> dict[str, Any]:
     return {"cmd": "rings-set", "dev": dev, **_keyword_values(opt, args, _RING_PARAMS)}
+
+
+def _parse_coalesce_set(opt: str, dev: str, args: list[str]) -> dict[str, Any]:
+    return {"cmd": "coalesce-set", "dev": dev, **_keyword_values(opt, args, _COALESCE_PARAMS)}
 
 
 def _no_args(cmd: str) -> Callable[[str, str, list[str]], dict[str, Any]]:
@@ -516,6 +538,8 @@ _register(("-X", "--set-rxfh-indir", "--rxfh"), _parse_rss_set)
 _register(("-n", "-u", "--show-ntuple", "--show-nfc"), _parse_ntuple_get)
 _register(("-N", "-U", "--config-ntuple", "--config-nfc"), _parse_ntuple_set)
 _register(("-S", "--statistics"), _no_args("stats-get"))
+_register(("-c", "--show-coalesce"), _no_args("coalesce-get"))
+_register(("-C", "--coalesce"), _parse_coalesce_set)
 
 
 def parse(argv: Sequence[str]) -> dict[str, Any]:
@@ -618,6 +642,38 @@ def format_rings(dev: str, reply: Mapping[str, Any]) -> str:
     return "".join(out)
 
 
+#: ``ethtool -c`` blocks after the ``Adaptive`` line: (label, reply key or None = n/a)
+_COALESCE_BLOCKS: tuple[tuple[tuple[str, str | None], ...], ...] = (
+    (("stats-block-usecs:", None), ("sample-interval:", None), ("pkt-rate-low:", None),
+     ("pkt-rate-high:", None)),
+    (("rx-usecs:", "rx_usecs"), ("rx-frames:", "rx_frames"), ("rx-usecs-irq:", None),
+     ("rx-frames-irq:", None)),
+    (("tx-usecs:", None), ("tx-frames:", None), ("tx-usecs-irq:", None),
+     ("tx-frames-irq:", None)),
+    (("rx-usecs-low:", None), ("rx-frame-low:", None), ("tx-usecs-low:", None),
+     ("tx-frame-low:", None)),
+    (("rx-usecs-high:", None), ("rx-frame-high:", None), ("tx-usecs-high:", None),
+     ("tx-frame-high:", None)),
+)
+
+
+def format_coalesce(dev: str, reply: Mapping[str, Any]) -> str:
+    """``ethtool -c`` output: the adaptive line, then blocks of ``name: value`` (``n/a``
+    for what the device does not support), separated by blank lines."""
+    def onoff(key: str) -> str:
+        v = reply.get(key)
+        return "n/a" if v is None else ("on" if v else "off")
+
+    out = [f"Coalesce parameters for {dev}:\n",
+           f"Adaptive RX: {onoff('adaptive_rx')}  TX: {onoff('adaptive_tx')}\n"]
+    for i, block in enumerate(_COALESCE_BLOCKS):
+        if i:
+            out.append("\n")
+        for label, key in block:
+            out.append(_tabbed(label, _na(reply.get(key) if key else None), 16))
+    return "".join(out)
+
+
 def format_rss(dev: str, reply: Mapping[str, Any]) -> str:
     """``ethtool -x`` output: the table in rows of 8, the key, the hash function block."""
     indir = list(reply.get("indir", []))
@@ -699,7 +755,9 @@ def format_reply(request: Mapping[str, Any], reply: Mapping[str, Any]) -> str:
         return f"Added rule with ID {reply['loc']}\n"
     if cmd == "stats-get":
         return format_stats(reply)
-    if cmd in ("channels-set", "rings-set", "ntuple-delete"):
+    if cmd == "coalesce-get":
+        return format_coalesce(dev, reply)
+    if cmd in ("channels-set", "rings-set", "ntuple-delete", "coalesce-set"):
         return ""
     raise ValueError(f"unknown command {cmd!r}")
 
@@ -722,7 +780,8 @@ def format_error(request: Mapping[str, Any], errno_: int, message: str = "") -> 
     cmd = request["cmd"]
     reason = os.strerror(errno_)
     out = []
-    if cmd in ("channels-get", "channels-set", "rings-get", "rings-set"):
+    if cmd in ("channels-get", "channels-set", "rings-get", "rings-set", "coalesce-get",
+               "coalesce-set"):
         if message:
             out.append(f"netlink error: {message}\n")
         out.append(f"netlink error: {reason}\n")

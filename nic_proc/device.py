@@ -60,7 +60,15 @@ import numpy as np
 import numpy.typing as npt
 
 from nic_proc.capture import Capture
-from nic_proc.dma import DmaQueue, Frames, HdsConfig, Index
+from nic_proc.dma import (
+    MAX_COALESCE_FRAMES,
+    MAX_COALESCE_USECS,
+    Coalesce,
+    DmaQueue,
+    Frames,
+    HdsConfig,
+    Index,
+)
 from nic_proc.iommu import Iommu
 from nic_proc.ntuple import Steering
 from nic_proc.pcap import PcapSource
@@ -127,6 +135,8 @@ class Netdev:
     stats: npt.NDArray[np.int64]  # (MAX_QUEUES, len(QUEUE_COUNTERS)) view
     info: WireInfo = field(init=False)
     hds: HdsConfig = field(init=False)
+    #: interrupt coalescing (``ethtool -c/-C``), read by every started queue per batch
+    coal: Coalesce = field(init=False)
     steering: Steering = field(init=False)
     queues: list[NicQueue] = field(init=False)
     #: waiting[q]: queue q is paused for lack of buffers; waiting[-1] stays False so a
@@ -142,6 +152,7 @@ class Netdev:
         self.info = WireInfo(s.name, self.index, s.mtu, s.addr or default.addr,
                              s.addr6 or default.addr6, _mac_bytes(s.mac, default.mac))
         self.hds = HdsConfig(s.tcp_data_split, s.hds_thresh)
+        self.coal = Coalesce()
         self.steering = Steering(s.queues)
         self.queues = [NicQueue(q) for q in range(s.max_queues)]
         self.waiting = np.zeros(s.max_queues + 1, dtype=bool)
@@ -209,6 +220,9 @@ class Nic:
                                                             npt.NDArray[np.uint32]]] = {}
         #: (dev, queue) interrupts to raise, drained by the loop
         self.pending_irqs: list[tuple[str, int]] = []
+        #: queues holding coalesced completions (a running rx-usecs timer), checked by
+        #: :meth:`take_irqs`; a queue without pending completions is never visited
+        self.irq_timers: dict[tuple[str, int], DmaQueue] = {}
         self._rr = 0
         self._next_capture = 0
 
@@ -267,7 +281,8 @@ class Nic:
             raise Misuse(f"{dev} queue {queue}: layout needs {layout.size} bytes, mapping "
                          f"{map_id} has {m.size}")
         q.dma = DmaQueue(m.view, layout, self.iommu, queue=queue, config=d.hds,
-                         stats=d.stats[queue], clock=time.monotonic_ns)
+                         stats=d.stats[queue], clock=time.monotonic_ns,
+                         coalesce=d.coal)
         q.map_id, q.ring_size, q.slot_size = map_id, ring_size, slot_size
         d.waiting[queue] = False
 
@@ -284,6 +299,7 @@ class Nic:
         if q.dma is None:
             return 0
         done = q.dma.completed
+        self.irq_timers.pop((dev, queue), None)
         q.dma.detach()
         q.dma = None
         q.map_id = 0
@@ -329,6 +345,13 @@ class Nic:
             return {}
         if cmd == "stats-get":
             return {"stats": self.stats_list(d)}
+        if cmd == "coalesce-get":
+            c = d.coal
+            return {"rx_usecs": c.rx_usecs, "rx_frames": c.rx_frames,
+                    "adaptive_rx": c.adaptive_rx}
+        if cmd == "coalesce-set":
+            self._set_coalesce(d, request)
+            return {}
         if cmd in ("rss-get", "rss-set", "ntuple-get", "ntuple-add", "ntuple-delete"):
             return d.steering.handle(request)
         raise Misuse(f"ethtool {cmd!r} is not supported", errno.EOPNOTSUPP)
@@ -348,6 +371,26 @@ class Nic:
                          errno.EBUSY)
         d.steering.set_n_rx_queues(n)
         d.spec.queues = n
+
+    def _set_coalesce(self, d: Netdev, req: Mapping[str, Any]) -> None:
+        """``ethtool -C``: rx-usecs, rx-frames, adaptive-rx; anything else EOPNOTSUPP."""
+        for k in req:
+            if k not in ("cmd", "dev", "rx_usecs", "rx_frames", "adaptive_rx"):
+                raise Misuse(f"{d.name}: {k.replace('_', '-')} is not supported",
+                             errno.EOPNOTSUPP)
+        c = d.coal
+        usecs = req.get("rx_usecs", c.rx_usecs)
+        frames = req.get("rx_frames", c.rx_frames)
+        adaptive = req.get("adaptive_rx", c.adaptive_rx)
+        if isinstance(usecs, bool) or not isinstance(usecs, int) \
+                or not 0 <= usecs <= MAX_COALESCE_USECS:
+            raise Misuse(f"{d.name}: rx-usecs {usecs} not in [0, {MAX_COALESCE_USECS}]")
+        if isinstance(frames, bool) or not isinstance(frames, int) \
+                or not 0 <= frames <= MAX_COALESCE_FRAMES:
+            raise Misuse(f"{d.name}: rx-frames {frames} not in [0, {MAX_COALESCE_FRAMES}]")
+        if not isinstance(adaptive, bool):
+            raise Misuse(f"{d.name}: adaptive-rx {adaptive!r}")
+        c.rx_usecs, c.rx_frames, c.adaptive_rx = usecs, frames, adaptive
 
     def _rings(self, d: Netdev) -> dict[str, Any]:
         s = d.spec
@@ -567,6 +610,8 @@ class Nic:
                 consumed[_head(rows, res.consumed)] = True
             if res.irq:
                 self.pending_irqs.append((d.name, qi))
+            elif dq.irq_pending:
+                self.irq_timers[(d.name, qi)] = dq
             if res.starved:
                 if d.spec.pause:
                     self._count(d, qi, "rx_pause", 1)
@@ -643,7 +688,14 @@ class Nic:
         return any(bool(d.waiting.any()) for d in self.netdevs.values())
 
     def take_irqs(self) -> list[tuple[str, int]]:
-        """The interrupts raised since the last call, each (dev, queue) once."""
+        """The interrupts raised since the last call, each (dev, queue) once; coalescing
+        timers that expired fire here."""
+        if self.irq_timers:
+            for key, dq in list(self.irq_timers.items()):
+                if dq.irq_due():
+                    self.pending_irqs.append(key)
+                if not dq.irq_pending:
+                    del self.irq_timers[key]
         out = list(dict.fromkeys(self.pending_irqs))
         self.pending_irqs.clear()
         return out

@@ -58,6 +58,18 @@ interrupt (``PlaceResult.irq``).  Starved of buffers, the NIC sets need-wakeup o
 the fill ring and re-checks it (:meth:`DmaQueue.arm_doorbell`); the kernel rings
 ``nic.doorbell`` after posting when it sees the flag, and the NIC clears the flag
 once it can go on (:meth:`DmaQueue.try_resume`).
+
+Interrupt coalescing (``ethtool -c/-C``, :class:`Coalesce`, owned by the netdev and read on
+every batch): completions written while the flag is armed are *pending*; the interrupt
+fires (flag cleared, ``rx_irq`` counted) once ``rx-frames`` of them are pending or
+``rx-usecs`` have passed since the first one, whichever comes first.  ``rx-usecs 0``
+fires at once (no coalescing, the default); ``rx-frames 0`` leaves only the timer.  A
+timer that expires with no new frame fires from :meth:`DmaQueue.irq_due`, which the
+NIC's loop calls for queues with pending completions only (an idle queue costs nothing).
+``adaptive-rx on``: every :data:`ADAPTIVE_WINDOW_NS` the queue measures its completion
+rate and picks the first row of :data:`ADAPTIVE_PROFILES` whose rate bound it is under,
+like Linux's DIM profiles: a slow queue interrupts at once (latency), a busy one waits
+for a batch (fewer wake-ups of the kernel).
 """
 
 from __future__ import annotations
@@ -152,6 +164,28 @@ class HdsConfig:
     hds_thresh: int = 0
 
 
+#: adaptive-rx: (completions per second below which the row applies, rx-usecs, rx-frames)
+ADAPTIVE_PROFILES: tuple[tuple[float, int, int], ...] = (
+    (50_000.0, 0, 1),
+    (250_000.0, 16, 32),
+    (float("inf"), 64, 128),
+)
+#: adaptive-rx: length of one rate measurement window (1 ms)
+ADAPTIVE_WINDOW_NS = 1_000_000
+#: the largest rx-usecs / rx-frames ``ethtool -C`` accepts
+MAX_COALESCE_USECS = 1_000_000
+MAX_COALESCE_FRAMES = 65_536
+
+
+@dataclass
+class Coalesce:
+    """A netdev's interrupt coalescing settings (``ethtool -C``), shared by its queues."""
+
+    rx_usecs: int = 0
+    rx_frames: int = 1
+    adaptive_rx: bool = False
+
+
 class PlaceResult(NamedTuple):
     """What :meth:`DmaQueue.place` did with the first frames of its request."""
 
@@ -205,14 +239,23 @@ class DmaQueue:
 
     def __init__(self, buf: Any, layout: QueueLayout, iommu: Iommu, *, queue: int = 0,
                  config: HdsConfig | None = None, stats: npt.NDArray[np.int64] | None = None,
-                 clock: Callable[[], int] = time.monotonic_ns) -> None:
+                 clock: Callable[[], int] = time.monotonic_ns,
+                 coalesce: Coalesce | None = None) -> None:
         """Attach to the queue memory ``buf`` (the mapped queue region) laid out as ``layout``.
 
         ``stats`` is this queue's row of the NIC stats block (``QUEUE_COUNTERS``
         order), written only by the NIC.  ``config`` is read on every batch, so the
-        netdev may change it between batches.
+        netdev may change it between batches; so is ``coalesce``.
         """
         self.layout = layout
+        self.coalesce = coalesce if coalesce is not None else Coalesce()
+        #: completions written since the interrupt was armed, not yet signalled
+        self.irq_pending = 0
+        self._irq_first = 0  # clock() of the first pending completion
+        # adaptive-rx: the profile in use and the current measurement window
+        self._adaptive = (ADAPTIVE_PROFILES[0][1], ADAPTIVE_PROFILES[0][2])
+        self._rate_t0 = 0
+        self._rate_n = 0
         self.iommu = iommu
         self.queue = queue
         self.config = config if config is not None else HdsConfig()
@@ -278,13 +321,69 @@ class DmaQueue:
             return True
         return False
 
-    def _take_irq(self) -> bool:
+    def moderation(self) -> tuple[int, int]:
+        """The (rx-usecs, rx-frames) in force: the netdev's, or adaptive-rx's choice."""
+        c = self.coalesce
+        if c.adaptive_rx:
+            return self._adaptive
+        return c.rx_usecs, c.rx_frames
+
+    def _measure(self, n: int, now: int) -> None:
+        """adaptive-rx: count ``n`` completions; at the end of a window pick a profile."""
+        self._rate_n += n
+        dt = now - self._rate_t0
+        if dt < ADAPTIVE_WINDOW_NS:
+            return
+        rate = self._rate_n * 1e9 / dt if self._rate_t0 else 0.0
+        for bound, usecs, frames in ADAPTIVE_PROFILES:
+            if rate < bound:
+                self._adaptive = (usecs, frames)
+                break
+        self._rate_t0, self._rate_n = now, 0
+
+    def _fire(self) -> bool:
         w = self._comp_flags
-        v = int(w[0])
-        if v & RING_F_NEED_WAKEUP:
-            w[0] = v & ~RING_F_NEED_WAKEUP & U32
-            self.stats[_C_IRQ] += 1
-            return True
+        w[0] = int(w[0]) & ~RING_F_NEED_WAKEUP & U32
+        self.stats[_C_IRQ] += 1
+        self.irq_pending = 0
+        return True
+
+    def _take_irq(self, n: int = 1) -> bool:
+        """After publishing ``n`` completions: True if the interrupt fires now."""
+        c = self.coalesce
+        if c.adaptive_rx:
+            self._measure(n, self.clock())
+        if not int(self._comp_flags[0]) & RING_F_NEED_WAKEUP:
+            self.irq_pending = 0  # not armed: the kernel is polling
+            return False
+        usecs, frames = self.moderation()
+        if usecs == 0:
+            return self._fire()
+        if n <= 0 and not self.irq_pending:
+            return False
+        now = self.clock()
+        if not self.irq_pending:
+            self._irq_first = now
+        self.irq_pending += n
+        if (frames and self.irq_pending >= frames) or now - self._irq_first >= usecs * 1000:
+            return self._fire()
+        return False
+
+    def irq_due(self, now: int | None = None) -> bool:
+        """The coalescing timer: True (interrupt fired) if completions are pending, the
+        interrupt is still armed and rx-usecs have passed since the first of them.  Pending
+        completions the kernel already consumed (it woke for another reason and polled)
+        are forgotten, not signalled."""
+        if not self.irq_pending:
+            return False
+        if not int(self._comp_flags[0]) & RING_F_NEED_WAKEUP \
+                or self.comp.space() == self.comp.nentries:
+            self.irq_pending = 0  # the kernel took the flag back or already polled them all
+            return False
+        usecs, _ = self.moderation()
+        t = self.clock() if now is None else now
+        if t - self._irq_first >= usecs * 1000:
+            return self._fire()
         return False
 
     # -- placement -------------------------------------------------------------------------
@@ -457,7 +556,7 @@ class DmaQueue:
         st[_C_BYTES] += n * fl
         st[_C_SPLIT if split else _C_LINEAR] += n
         st[_C_FRAGS] += nfrag
-        return PlaceResult(n, n, n < n_req and not wrapped, self._take_irq())
+        return PlaceResult(n, n, n < n_req and not wrapped, self._take_irq(n))
 
     def _place(self, frames: Frames, rows: Index, rss_hash: npt.ArrayLike) -> PlaceResult:
         """The general path: any mix of frame shapes, buffer lengths and mappings."""
@@ -616,7 +715,7 @@ class DmaQueue:
         if n_drop or n_fault:
             st[_C_DROPPED] += n_drop + n_fault
             st[_C_FAULT] += n_fault
-        return PlaceResult(n, placed, starved, self._take_irq())
+        return PlaceResult(n, placed, starved, self._take_irq(n))
 
     def _plan_slow(self, pl: I64, split: npt.NDArray[np.bool_],
                    drop: npt.NDArray[np.bool_] | None, dlen: npt.NDArray[np.uint32], avail: int

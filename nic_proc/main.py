@@ -12,7 +12,9 @@ A thin loop around :class:`nic_proc.device.Nic`:
 * when there is nothing to move it spins, yields and sleeps (:class:`Backoff`);
   while sources wait for buffers it blocks in zmq poll for at most 1 ms (a doorbell
   wakes it at once; the bound covers a doorbell lost to the need-wakeup race); with
-  no active source it blocks in zmq poll for up to 100 ms.
+  no active source it blocks in zmq poll for up to 100 ms; while a queue holds coalesced
+  completions (``ethtool -C rx-usecs``) it never blocks longer than the backoff's
+  1 ms sleep, so the timer fires late by at most that.
 
 Shared memory: the process creates one region, the stats block
 ``region_name(run, "nic", "stats")`` (its name is in the ``nic.probe`` reply), and
@@ -317,6 +319,9 @@ class NicProcess:
                 continue
             if self._parent_gone():
                 break
+            if self.nic.irq_timers:  # coalesced completions: the rx-usecs timer runs
+                backoff.idle()
+                continue
             active = self.nic.active
             if active and not backoff.sleeping and not self.nic.starved:
                 backoff.idle()

@@ -455,6 +455,29 @@ io_uring_buf_status = _struct(
 )
 """``struct io_uring_buf_status`` (40 B), argument of ``IORING_REGISTER_PBUF_STATUS``."""
 
+io_uring_napi = _struct(
+    16,
+    (
+        ("busy_poll_to", U32, 0),  # microseconds
+        ("prefer_busy_poll", U8, 4),
+        ("opcode", U8, 5),  # IO_URING_NAPI_*_OP / _ID
+        ("pad", _arr(U8, 2), 6),
+        ("op_param", U32, 8),  # REGISTER_OP: a tracking strategy; ADD/DEL_ID: a NAPI id
+        ("resv", U32, 12),
+    ),
+)
+"""``struct io_uring_napi`` (16 B), argument of ``IORING_REGISTER_NAPI`` /
+``IORING_UNREGISTER_NAPI`` (nr_args = 1); the kernel writes the previous settings back."""
+
+# enum io_uring_napi_op
+IO_URING_NAPI_REGISTER_OP = 0
+IO_URING_NAPI_STATIC_ADD_ID = 1
+IO_URING_NAPI_STATIC_DEL_ID = 2
+# enum io_uring_napi_tracking_strategy
+IO_URING_NAPI_TRACKING_DYNAMIC = 0
+IO_URING_NAPI_TRACKING_STATIC = 1
+IO_URING_NAPI_TRACKING_INACTIVE = 255
+
 # --------------------------------------------------------------------------------------------
 # IORING_REGISTER_QUERY (§5)
 # --------------------------------------------------------------------------------------------

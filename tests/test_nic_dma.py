@@ -17,7 +17,15 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from nic_proc.dma import NIC_STATUS_DMA_FAULT, DmaQueue, Frames, HdsConfig
+from nic_proc.dma import (
+    ADAPTIVE_PROFILES,
+    ADAPTIVE_WINDOW_NS,
+    NIC_STATUS_DMA_FAULT,
+    Coalesce,
+    DmaQueue,
+    Frames,
+    HdsConfig,
+)
 from nic_proc.iommu import Iommu
 from nic_proc.sources import FrameBuilder
 from shared import abi, pattern, wire
@@ -359,6 +367,73 @@ def test_interrupt_raised_only_when_armed(kern: Kernel) -> None:
     assert kern.comp.flags & 1 == 0  # the NIC cleared it
     assert kern.dq.place(fr).irq is False
     assert c(kern.stats, "rx_irq") == 1
+
+
+def test_coalescing_fires_on_rx_frames_or_rx_usecs(kern: Kernel) -> None:
+    now = [1_000_000_000]
+    kern.dq.clock = lambda: now[0]
+    kern.dq.coalesce = Coalesce(rx_usecs=100, rx_frames=3)
+    kern.post(16)
+    one = frames_of(builder(), [100])
+    kern.comp.set_need_wakeup()
+    assert kern.dq.place(one).irq is False  # 1 pending
+    assert kern.dq.place(one).irq is False  # 2 pending
+    assert kern.dq.irq_pending == 2 and kern.dq.irq_due() is False
+    assert kern.dq.place(one).irq is True  # rx-frames reached
+    assert kern.comp.flags & 1 == 0 and kern.dq.irq_pending == 0
+    # the timer: one completion, then rx-usecs pass without another frame
+    kern.comp.set_need_wakeup()
+    assert kern.dq.place(one).irq is False
+    now[0] += 99_000
+    assert kern.dq.irq_due() is False
+    now[0] += 1_000
+    assert kern.dq.irq_due() is True and kern.comp.flags & 1 == 0
+    assert c(kern.stats, "rx_irq") == 2
+    # completions the kernel polled by itself meanwhile are not signalled
+    kern.comp.set_need_wakeup()
+    assert kern.dq.place(one).irq is False
+    kern.reap()
+    now[0] += 1_000_000
+    assert kern.dq.irq_due() is False and kern.comp.flags & 1 == 1
+    assert c(kern.stats, "rx_irq") == 2
+
+
+def test_coalescing_rx_usecs_zero_fires_at_once_and_unarmed_counts_nothing(kern: Kernel
+                                                                           ) -> None:
+    kern.dq.coalesce = Coalesce(rx_usecs=0, rx_frames=64)
+    kern.post(8)
+    one = frames_of(builder(), [100])
+    assert kern.dq.place(one).irq is False and kern.dq.irq_pending == 0
+    kern.comp.set_need_wakeup()
+    assert kern.dq.place(one).irq is True
+
+
+def test_adaptive_rx_picks_a_profile_by_rate(kern: Kernel) -> None:
+    now = [1_000_000_000]
+    kern.dq.clock = lambda: now[0]
+    kern.dq.coalesce = Coalesce(rx_usecs=0, rx_frames=1, adaptive_rx=True)
+
+    def burst(batches: int) -> None:
+        for _ in range(batches):
+            kern.post(8)
+            assert kern.dq.place(frames_of(builder(), [100] * 8)).consumed == 8
+            kern.reap()
+
+    assert kern.dq.moderation() == ADAPTIVE_PROFILES[0][1:]
+    burst(1)  # opens the first window
+    burst(10)
+    now[0] += ADAPTIVE_WINDOW_NS
+    burst(1)  # 88 completions in 1 ms: 88k/s
+    assert kern.dq.moderation() == ADAPTIVE_PROFILES[1][1:]
+    burst(40)
+    now[0] += ADAPTIVE_WINDOW_NS
+    burst(1)  # 328k/s
+    assert kern.dq.moderation() == ADAPTIVE_PROFILES[2][1:]
+    now[0] += ADAPTIVE_WINDOW_NS
+    burst(1)  # 8k/s: back to interrupting at once
+    assert kern.dq.moderation() == ADAPTIVE_PROFILES[0][1:]
+    kern.dq.coalesce.adaptive_rx = False  # off: the netdev's own settings again
+    assert kern.dq.moderation() == (0, 1)
 
 
 @pytest.mark.parametrize("kern", [{"mtu": 9000, "ring": 16}], indirect=True)
