@@ -81,7 +81,8 @@ def test_ethtool_C_changes_the_interrupt_count_for_the_same_traffic() -> None:
     def trickle(app: int) -> int:
         """Send the trickle to a fresh zcrx-server; the interrupts queue 1 raised for it."""
         before = nic_stats(name)["rx-1.irq"]
-        zcrx("app", "run", "--name", name, "--detach", "zcrx-server", "--", "-p", str(PORT),
+        zcrx("app", "run", "--name", name, "--detach", "--cap-net-admin", "zcrx-server", "--",
+             "-p", str(PORT),
              "-i", "eth0", "-q", "1", "-v", "-n", "1", "-s", str(TRICKLE))
         zcrx("traffic", "--name", name, "--port", str(PORT), "--bytes", str(TRICKLE),
              "--rate", str(RATE))

@@ -159,9 +159,9 @@ def test_zcrx_server_with_napi_busy_poll_verifies_every_byte(tmp_path) -> None:
     with topology("napi", "--netdev", "eth0:queues=2"):
         zcrx("ethtool", "--name", "napi", "-N", "eth0", "flow-type", "tcp4", "dst-port", "8000",
              "action", "1")
-        zcrx("app", "run", "--name", "napi", "--detach", "zcrx-server", "--", "-p", "8000",
-             "-i", "eth0", "-q", "1", "-v", "-n", "1", "-s", str(size), "--json", str(out),
-             "--napi-busy-poll", "200")
+        zcrx("app", "run", "--name", "napi", "--detach", "--cap-net-admin", "zcrx-server", "--",
+             "-p", "8000", "-i", "eth0", "-q", "1", "-v", "-n", "1", "-s", str(size),
+             "--json", str(out), "--napi-busy-poll", "200")
         zcrx("traffic", "--name", "napi", "--port", "8000", "--bytes", str(size))
         wait_app("napi", "app:0", 90)
     rep = json.loads(out.read_text())
