@@ -41,6 +41,7 @@ from shared import abi
 from shared.control import DEFER, ControlServer, Handler, HandlerResult, Reply
 from shared.errors import Misuse
 from shared.msg import Message
+from shared.syscalls import MIN_NAPI_ID, SO_INCOMING_NAPI_ID, SOL_SOCKET
 
 __all__ = [
     "SYSCALLS",
@@ -174,6 +175,17 @@ def sys_getpeername(ctx: KernelContext, msg: Message, peer: Any) -> HandlerResul
     return {"addr": sf.addr_text(sf.peer_addr), "port": sf.peer_port}
 
 
+def sys_getsockopt(ctx: KernelContext, msg: Message, peer: Any) -> HandlerResult:
+    """``SO_INCOMING_NAPI_ID``: the NAPI id the socket's last skb was received on (0 for a
+    socket that never received one, as Linux reports ids below ``MIN_NAPI_ID`` as 0)."""
+    b = msg.body
+    sf: SocketFile = _task(ctx, peer).get_socket(b["fd"])
+    if b["level"] != SOL_SOCKET or b["optname"] != SO_INCOMING_NAPI_ID:
+        raise Misuse(f"getsockopt level {b['level']} optname {b['optname']}", errno.ENOPROTOOPT)
+    napi_id = sf.conn.napi_id if sf.conn is not None else 0
+    return {"res": 0, "value": napi_id if napi_id >= MIN_NAPI_ID else 0}
+
+
 # -- io_uring -----------------------------------------------------------------------------------
 
 
@@ -214,6 +226,7 @@ SYSCALLS: dict[str, SyscallHandler] = {
     "close": sys_close,
     "getsockname": sys_getsockname,
     "getpeername": sys_getpeername,
+    "getsockopt": sys_getsockopt,
     "io_uring_setup": sys_io_uring_setup,
     "io_uring_enter": sys_io_uring_enter,
     "io_uring_register": sys_io_uring_register,

@@ -546,9 +546,12 @@ def status(name: str | None, as_json: bool) -> None:
         console.print(f"{d['name']}: {'up' if d['up'] else 'down'}, {d['queues']} queues, "
                       f"mtu {d['mtu']}, rx-buf-len {d['rx_buf_len']}, tcp-data-split "
                       f"{d['tcp_data_split']}, hds-thresh {d['hds_thresh']}", highlight=False)
+        napi = {v["id"]: v.get("napi-id") for v in st.get("queues", [])
+                if v.get("ifindex") == d.get("ifindex")}
         for q in d["rx_queues"]:
             console.print(f"  rx-{q['queue']}: {'started' if q['started'] else 'stopped':<8}"
-                          f" ring {q['ring_size']} page-pool {q['page_pool']} posted "
+                          f" napi-id {napi.get(q['queue'], '-')} ring {q['ring_size']}"
+                          f" page-pool {q['page_pool']} posted "
                           f"{q['posted']} in-flight {q['in_flight']} provider {q['binding']}",
                           highlight=False)
 
