@@ -56,6 +56,7 @@ from shared.syscalls import (
     AF_INET6,
     PROT_READ,
     PROT_WRITE,
+    RLIMIT_NOFILE,
     SO_INCOMING_NAPI_ID,
     SOCK_STREAM,
     SOL_SOCKET,
@@ -365,6 +366,10 @@ class Kernel:
     def getpeername(self, fd: int) -> tuple[str, int]:
         b = self.syscall("getpeername", {"fd": fd}).body
         return str(b["addr"]), int(b["port"])
+
+    def setrlimit_nofile(self, cur: int) -> None:
+        """``setrlimit(RLIMIT_NOFILE)``: raise (or lower) this task's descriptor limit."""
+        self.syscall("setrlimit", {"resource": RLIMIT_NOFILE, "cur": cur})
 
     def getsockopt(self, fd: int, level: int, optname: int) -> int:
         """An integer socket option (only ``SOL_SOCKET``/``SO_INCOMING_NAPI_ID`` is known)."""

@@ -107,6 +107,9 @@ _EVENT_NAMES = {abi.ZCRX_EVENT_ALLOC_FAIL: "ALLOC_FAIL", abi.ZCRX_EVENT_COPY: "C
 #: RECV_ZC ``len`` is a u32 and UINT_MAX is refused: larger budgets run unlimited.
 _MAX_BUDGET = 0xFFFFFFFE
 _F_MORE = abi.IORING_CQE_F_MORE
+#: The descriptor limit a task starts with, and what the server keeps besides connections.
+_NOFILE = 1024
+_SPARE_FDS = 64
 
 
 def _tee(*sinks: Any) -> Any:
@@ -131,6 +134,7 @@ class Options(ServerOptions):
     rq_entries: int = 8192
     sq_entries: int = 256
     rx_buf_len: int = 0
+    backlog: int = 128  # listen(2) backlog (-b; the kernel caps it at SOMAXCONN 4096)
     events: bool = False  # -E: zcrx events (ALLOC_FAIL re-armed each time, COPY once)
 
 
@@ -397,7 +401,9 @@ class ZcrxServer(AcceptingServer):
                     if row.get("ifindex") == if_idx and row.get("type") == "rx"
                     and row.get("napi-id")}
                 self.by_napi = {napi[q]: i for i, q in enumerate(rxqs) if q in napi}
-            self.lfd = k.listen_tcp(o.port, o.addr)
+            if o.connections + _SPARE_FDS > _NOFILE:  # as servers do: room for every conn
+                k.setrlimit_nofile(o.connections + _SPARE_FDS)
+            self.lfd = k.listen_tcp(o.port, o.addr, o.backlog)
             self.arm_accept()
             L.io_uring_submit(self.ring)
             where = ("no device" if o.nodev else f"{o.ifname} queue {rxq}" if len(rxqs) == 1
@@ -655,6 +661,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
     p.add_argument("--sq-entries", type=_pow2, default=256, help="SQ entries (256)")
     p.add_argument("--rx-buf-len", type=_size, default=0,
                    help="ifq_reg.rx_buf_len (0: the kernel's default)")
+    p.add_argument("-b", "--backlog", type=int, default=128,
+                   help="listen backlog (128; SYNs beyond it are dropped, as on Linux: "
+                        "raise it for many flows starting at once)")
     p.add_argument("-E", "--events", action="store_true",
                    help="ask for zcrx events (Linux 7.2+) and print each one")
     a = p.parse_args(argv)
@@ -672,7 +681,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
                    rxqs=rxqs if len(rxqs) > 1 else [], nodev=a.nodev,
                    rq_kernel=a.rq_mem == 1, area_size=a.area_size, cq_entries=a.cq_entries,
                    rq_entries=a.rq_entries, sq_entries=a.sq_entries, rx_buf_len=a.rx_buf_len,
-                   events=a.events)
+                   events=a.events, backlog=a.backlog)
     return opts, a
 
 

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from driver_proc.files import SkbStore, SocketFile, Sockets, Task, Tasks
+from driver_proc.files import NOFILE_MAX, SkbStore, SocketFile, Sockets, Task, Tasks
 from driver_proc.io_uring import Wait
 from driver_proc.setup import IoUring
 from driver_proc.tcp import SocketTable
@@ -41,7 +41,7 @@ from shared import abi
 from shared.control import DEFER, ControlServer, Handler, HandlerResult, Reply
 from shared.errors import Misuse
 from shared.msg import Message
-from shared.syscalls import MIN_NAPI_ID, SO_INCOMING_NAPI_ID, SOL_SOCKET
+from shared.syscalls import MIN_NAPI_ID, RLIMIT_NOFILE, SO_INCOMING_NAPI_ID, SOL_SOCKET
 
 __all__ = [
     "SYSCALLS",
@@ -186,6 +186,18 @@ def sys_getsockopt(ctx: KernelContext, msg: Message, peer: Any) -> HandlerResult
     return {"res": 0, "value": napi_id if napi_id >= MIN_NAPI_ID else 0}
 
 
+def sys_setrlimit(ctx: KernelContext, msg: Message, peer: Any) -> HandlerResult:
+    """``RLIMIT_NOFILE`` only: the task's descriptor limit (``-EPERM`` above the hard limit,
+    ``-EINVAL`` for another resource or a limit below 1)."""
+    b = msg.body
+    if b["resource"] != RLIMIT_NOFILE or b["cur"] < 1:
+        raise Misuse(f"setrlimit resource {b['resource']} cur {b['cur']}", errno.EINVAL)
+    if b["cur"] > NOFILE_MAX:
+        raise Misuse(f"RLIMIT_NOFILE {b['cur']} above the hard limit", errno.EPERM)
+    _task(ctx, peer).nofile = b["cur"]
+    return {"res": 0}
+
+
 # -- io_uring -----------------------------------------------------------------------------------
 
 
@@ -227,6 +239,7 @@ SYSCALLS: dict[str, SyscallHandler] = {
     "getsockname": sys_getsockname,
     "getpeername": sys_getpeername,
     "getsockopt": sys_getsockopt,
+    "setrlimit": sys_setrlimit,
     "io_uring_setup": sys_io_uring_setup,
     "io_uring_enter": sys_io_uring_enter,
     "io_uring_register": sys_io_uring_register,

@@ -54,6 +54,10 @@ register_type("getpeername", {"fd": int}, reply=Schema.make({"addr": str, "port"
 SOL_SOCKET = 1
 SO_INCOMING_NAPI_ID = 56
 MIN_NAPI_ID = 8193
+#: ``setrlimit(RLIMIT_NOFILE)``: a server expecting thousands of connections raises its
+#: descriptor limit (soft limit; above ``NOFILE_MAX`` is -EPERM).
+RLIMIT_NOFILE = 7
+register_type("setrlimit", {"resource": int, "cur": int}, reply=_RES)
 register_type("getsockopt", {"fd": int, "level": int, "optname": int},
               reply=Schema.make({"res": int, "value": int}),
               doc="An integer socket option; only SOL_SOCKET/SO_INCOMING_NAPI_ID is known "

@@ -6,11 +6,16 @@ evidence that every connection used its own queue's ifq is the kernel's: a RECV_
 wrong ifq would find another provider's niovs (or kernel pages) and copy or fail; here no
 byte is copied, each ifq's zero-copy bytes are exactly its connections' bytes, and those equal
 the NIC's bytes of that queue.
+
+Known limit: 4096 SYNs in one burst keep the emulated kernel busy past an app's 5 s control
+timeout (per-connection work at accept is not yet batched), so the 4096-flow test starts its
+flows in waves of 1024, all served by the one server on its one ring.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +35,7 @@ def _status(name: str) -> dict[str, Any]:
 def _serve(name: str, out: Path, queues: str, conns: int, size: int, *extra: str) -> None:
     zcrx("app", "run", "--name", name, "--detach", "zcrx-server", "--",
          "-p", str(PORT), "-i", "eth0", "-q", queues, "-v", "-n", str(conns),
-         "-s", str(size), "--json", str(out), "--seconds", "400", *extra)
+         "-s", str(size), "--json", str(out), "--seconds", "150", *extra)
 
 
 def _check(name: str, rep: dict[str, Any], nq: int, flows: int, size: int,
@@ -67,6 +72,14 @@ def _nic_payload_bytes(name: str, nq: int) -> dict[int, int]:
     return {q: int(dev[f"rx-{q}"]["rx_split"]) * 4096 for q in range(nq)}
 
 
+def _wait_frames(name: str, nq: int, frames: int, timeout: float) -> None:
+    """Until the driver has taken ``frames`` data frames over all queues."""
+    deadline = time.monotonic() + timeout
+    while sum(_nic_payload_bytes(name, nq).values()) < frames * 4096:
+        assert time.monotonic() < deadline, f"timed out waiting for {frames} frames"
+        time.sleep(0.2)
+
+
 def _run(name: str, tmp_path: Path, nq: int, flows: int, size: int, timeout: float,
          *extra: str) -> None:
     out = tmp_path / "mq.json"
@@ -77,8 +90,13 @@ def _run(name: str, tmp_path: Path, nq: int, flows: int, size: int, timeout: flo
         assert sorted(napi) == list(range(nq))
         assert len(set(napi.values())) == nq and min(napi.values()) >= 8193
         assert all(row["type"] == "rx" and "io-uring" in row for row in view)
-        zcrx("traffic", "--name", name, "--flows", str(flows), "--port", str(PORT),
-             "--bytes", str(size))
+        # Flows start in waves of at most 1024 (one burst of 4096 SYNs stalls the emulated
+        # kernel past the app's 5 s control timeout; see the module docstring).
+        wave = min(flows, 1024)
+        for first in range(0, flows, wave):
+            zcrx("traffic", "--name", name, "--flows", str(wave), "--port", str(PORT),
+                 "--bytes", str(size), "--sport", str(20000 + first))
+            _wait_frames(name, nq, (first + wave) * (size // 4096), timeout)
         wait_app(name, "app:0", timeout)
         nic_rx = _nic_payload_bytes(name, nq)
     _check(name, json.loads(out.read_text()), nq, flows, size, nic_rx, napi)
@@ -89,10 +107,10 @@ def test_one_server_on_8_queues_serves_64_rss_flows_each_on_its_queue(tmp_path: 
     _run("mq8", tmp_path, 8, 64, 256 << 10, 240, "-S", str(4 << 20))
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(300)
 def test_4096_flows_over_16_queues_byte_exact(tmp_path: Path) -> None:
-    _run("mq16", tmp_path, 16, 4096, 16 << 10, 500, "-S", str(2 << 20),
-         "-C", "16384", "--sq-entries", "4096")
+    _run("mq16", tmp_path, 16, 4096, 16 << 10, 200, "-S", str(2 << 20),
+         "-C", "16384", "--sq-entries", "4096", "-b", "4096")
 
 
 def test_queue_lists_parse() -> None:
