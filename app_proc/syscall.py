@@ -51,7 +51,16 @@ from shared.errors import Misuse, PeerGone, Timeout, ZcrxError
 from shared.msg import PROTOCOL_VERSION, ControlError, Message
 from shared.rundir import ENV_RUNS_DIR, RunInfo, list_runs, read_run, runs_dir
 from shared.shm import Region, page_align, region_name
-from shared.syscalls import AF_INET, AF_INET6, PROT_READ, PROT_WRITE, SOCK_STREAM
+from shared.syscalls import (
+    AF_INET,
+    AF_INET6,
+    PROT_READ,
+    PROT_WRITE,
+    RLIMIT_NOFILE,
+    SO_INCOMING_NAPI_ID,
+    SOCK_STREAM,
+    SOL_SOCKET,
+)
 from shared.watch import PidWatch
 
 __all__ = [
@@ -357,6 +366,25 @@ class Kernel:
     def getpeername(self, fd: int) -> tuple[str, int]:
         b = self.syscall("getpeername", {"fd": fd}).body
         return str(b["addr"]), int(b["port"])
+
+    def setrlimit_nofile(self, cur: int) -> None:
+        """``setrlimit(RLIMIT_NOFILE)``: raise (or lower) this task's descriptor limit."""
+        self.syscall("setrlimit", {"resource": RLIMIT_NOFILE, "cur": cur})
+
+    def getsockopt(self, fd: int, level: int, optname: int) -> int:
+        """An integer socket option (only ``SOL_SOCKET``/``SO_INCOMING_NAPI_ID`` is known)."""
+        return int(self.syscall("getsockopt", {"fd": fd, "level": level,
+                                               "optname": optname}).body["value"])
+
+    def incoming_napi_id(self, fd: int) -> int:
+        """``getsockopt(fd, SOL_SOCKET, SO_INCOMING_NAPI_ID)``: the NAPI id of the RX queue
+        the socket's last segment came through (0 before any)."""
+        return self.getsockopt(fd, SOL_SOCKET, SO_INCOMING_NAPI_ID)
+
+    def queues(self) -> list[dict[str, Any]]:
+        """The netdev queue view (``ynl netdev queue-get`` rows: id, type, napi-id, ifindex,
+        io-uring), from the kernel's ``status`` reply."""
+        return list(self.syscall("status").body.get("queues", []))
 
     def listen_tcp(self, port: int, addr: str = "0.0.0.0", backlog: int = 128) -> int:
         """socket + bind + listen, the usual server prologue; returns the listening fd."""

@@ -1,6 +1,6 @@
 """A zero-copy TCP receiver on io_uring zcrx, shaped like liburing's ``examples/zcrx.c``.
 
-    python -m app_proc.zcrx_server [-p PORT] [-i IFNAME] (-q RXQ | --nodev) [-s BYTES] [-v]
+    python -m app_proc.zcrx_server [-p PORT] [-i IFNAME] (-q RXQS | --nodev) [-s BYTES] [-v]
                                    [--stream-id ID|sport] [-r 0|1] [-S AREA] [-C CQ] [-R RQ]
                                    [-n CONNS] [-o FILE|-] [--json PATH] [--seconds S]
                                    [-E] [--grow MAX]
@@ -21,6 +21,15 @@ the area (one ``write`` per run, in place, before the chunks are returned; see
 end (peer EOF, or the budget used: the total is checked against ``-s``), ``-ENOSPC`` (CQ
 full) re-arms with the remaining budget, ``-ENOMEM`` (no free buffer for a copy) flushes the RQ
 and re-arms once per progress, anything else is the connection's error.
+
+Several queues (``-q 1-16``, ``-q 1,3,5``): one ifq per queue, all on the one ring (Linux
+allows several ifqs per ring since 6.16), each with its own area (``-S`` each) and RQ.  A
+connection is served by the ifq of the queue its flow is steered to, learned as a Linux server
+does: ``getsockopt(SO_INCOMING_NAPI_ID)`` on the accepted socket, matched against each queue's
+``napi-id`` in the netdev queue view (``ynl netdev queue-get``: the kernel's ``status``).  A
+socket whose NAPI id names none of our queues (steered elsewhere) is served by the first ifq
+(its bytes then come through the copy fallback).  The data CQEs of one CQE view are split by
+connection into one batch per ifq; each batch's chunks go back through that ifq's RQ.
 
 ``--nodev`` registers with ``ZCRX_REG_NODEV`` (no device: every byte comes through the copy
 fallback, for any TCP socket); the kernel then never consumes the RQ by itself, so the server
@@ -74,6 +83,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from app_proc import liburing as L
 from app_proc import syscall as S
@@ -105,6 +115,9 @@ _EVENT_NAMES = {abi.ZCRX_EVENT_ALLOC_FAIL: "ALLOC_FAIL", abi.ZCRX_EVENT_COPY: "C
 #: RECV_ZC ``len`` is a u32 and UINT_MAX is refused: larger budgets run unlimited.
 _MAX_BUDGET = 0xFFFFFFFE
 _F_MORE = abi.IORING_CQE_F_MORE
+#: The descriptor limit a task starts with, and what the server keeps besides connections.
+_NOFILE = 1024
+_SPARE_FDS = 64
 
 
 def _tee(*sinks: Any) -> Any:
@@ -121,6 +134,7 @@ class Options(ServerOptions):
 
     ifname: str = "eth0"
     rxq: int | None = None
+    rxqs: list[int] = field(default_factory=list)  # -q 1-16 / 1,3,5: one ifq each
     nodev: bool = False
     rq_kernel: bool = False  # -r 1: RQ in kernel memory
     area_size: int = 64 << 20
@@ -128,6 +142,7 @@ class Options(ServerOptions):
     rq_entries: int = 8192
     sq_entries: int = 256
     rx_buf_len: int = 0
+    backlog: int = 128  # listen(2) backlog (-b; the kernel caps it at SOMAXCONN 4096)
     events: bool = False  # -E: zcrx events (ALLOC_FAIL re-armed each time, COPY once)
     grow: int = 0  # --grow MAX: add an area on ALLOC_FAIL until MAX bytes are registered
     napi_busy_poll: int = 0  # --napi-busy-poll US: IORING_REGISTER_NAPI (0: not registered)
@@ -150,6 +165,9 @@ class Conn:
     last_ns: int | None = None
     enomem_at: int = -1  # nbytes at the last -ENOMEM re-arm
     out: IO[bytes] | None = None  # -o: where the stream is written
+    ifq: L.ZcrxIfq | None = None  # the ifq of the queue the flow is steered to
+    queue: int | None = None
+    napi_id: int = 0
 
     def summary(self, opts: Options) -> dict[str, Any]:
         checks: dict[str, bool] = {"error": self.error is None, "complete": self.done}
@@ -165,6 +183,7 @@ class Conn:
             "sha256": self.sha.hexdigest() if self.sha is not None else None,
             "bad_offset": self.bad_offset, "error": self.error, "cqes": self.cqes,
             "rearms": self.rearms, "first_ns": self.first_ns, "last_ns": self.last_ns,
+            "queue": self.queue, "napi_id": self.napi_id,
             "seconds": secs, "ok": all(checks.values()), "checks": checks,
         }
 
@@ -180,7 +199,11 @@ class ZcrxServer(AcceptingServer):
         self.conns: dict[int, Conn] = {}
         self.positions: dict[int, int] = {}  # fd -> next stream offset (Conn.nbytes)
         self.finished: list[dict[str, Any]] = []
-        self.ifq: L.ZcrxIfq | None = None
+        self.ifq: L.ZcrxIfq | None = None  # the first (or only) ifq
+        self.ifqs: list[L.ZcrxIfq] = []  # one per queue of -q, in -q order
+        self.by_napi: dict[int, int] = {}  # napi-id -> index in ifqs
+        self.fd_ifq: dict[int, int] = {}  # fd -> index in ifqs (kept after close: stray CQEs)
+        self.per_queue: list[dict[str, int]] = []  # app counters per ifq
         self.events = 0  # zcrx event CQEs seen (-E)
         self.event_counts: dict[str, int] = {}  # per event name
         self.grow_error: str | None = None  # why --grow stopped adding areas, if it did
@@ -196,13 +219,13 @@ class ZcrxServer(AcceptingServer):
     # -- requests -----------------------------------------------------------------------------
 
     def arm_recv_zc(self, conn: Conn) -> None:
-        assert self.ifq is not None
+        assert conn.ifq is not None
         budget = 0
         if self.opts.size:
             left = self.opts.size - conn.nbytes
             budget = left if 0 < left <= _MAX_BUDGET else 0
         sqe = self._sqe()
-        L.io_uring_prep_recv_zc(sqe, conn.fd, budget, self.ifq.zcrx_id)
+        L.io_uring_prep_recv_zc(sqe, conn.fd, budget, conn.ifq.zcrx_id)
         L.io_uring_sqe_set_data64(sqe, user_data(KIND_ZC, conn.fd))
 
     # -- completions --------------------------------------------------------------------------
@@ -212,14 +235,22 @@ class ZcrxServer(AcceptingServer):
         if not self.opts.hash:
             conn.sha = None
         conn.out = open_output(self.opts.output, conn.index, self.opts.connections)
+        i = 0
+        if len(self.ifqs) > 1:  # which queue is the flow steered to? (SO_INCOMING_NAPI_ID)
+            conn.napi_id = self.k.incoming_napi_id(fd)
+            i = self.by_napi.get(conn.napi_id, 0)
+        conn.ifq = self.ifqs[i]
+        conn.queue = None if conn.ifq.nodev else conn.ifq.if_rxq
+        self.fd_ifq[fd] = i
+        self.per_queue[i]["connections"] += 1
         self.conns[fd] = conn
         self.positions[fd] = 0
         self.arm_recv_zc(conn)
 
-    def on_data(self, cqes: np.ndarray, batch: L.ZcrxBatch, now_ns: int) -> None:
-        """Read one batch of chunks in place: hash, verify, then return them all."""
-        ifq = self.ifq
-        assert ifq is not None
+    def on_data(self, cqes: np.ndarray, batch: L.ZcrxBatch, now_ns: int, slot: int = 0) -> None:
+        """Read one batch of chunks of ifq ``slot`` in place: hash, verify, then return them
+        all (through that ifq's RQ)."""
+        ifq = self.ifqs[slot]
         area = ifq.area_view
         keys = cqes["user_data"][batch.index] >> np.uint64(8)
         k0 = int(keys[0])
@@ -282,6 +313,9 @@ class ZcrxServer(AcceptingServer):
         self.read_bytes += nbytes
         self.data_cqes += len(keys)
         self.batches += 1
+        pq = self.per_queue[slot]
+        pq["bytes"] += nbytes
+        pq["data_cqes"] += len(keys)
         L.io_uring_zcrx_return(ifq, batch.off, batch.length)
         end_ns = time.monotonic_ns()
         for k in uniq:
@@ -307,8 +341,8 @@ class ZcrxServer(AcceptingServer):
             return
         if res == -errno.ENOMEM and conn.nbytes > conn.enomem_at:
             conn.enomem_at = conn.nbytes
-            assert self.ifq is not None
-            L.io_uring_zcrx_flush_rq(self.ifq)
+            assert conn.ifq is not None
+            L.io_uring_zcrx_flush_rq(conn.ifq)
             self._rearm(conn)
             return
         if res < 0:
@@ -359,24 +393,41 @@ class ZcrxServer(AcceptingServer):
         self.ring = L.io_uring_queue_init(sq, flags, params, kernel=k)
         try:
             if o.nodev:
-                if_idx, rxq, reg_flags = 0, 0, abi.ZCRX_REG_NODEV
+                if_idx, rxqs, reg_flags = 0, [0], abi.ZCRX_REG_NODEV
             else:
-                if_idx, rxq, reg_flags = L.if_nametoindex(k, o.ifname), o.rxq or 0, 0
-            self.ifq = L.io_uring_register_ifq(
-                self.ring, if_idx, rxq, rq_entries=o.rq_entries, area_size=o.area_size,
-                rq_kernel=o.rq_kernel, flags=reg_flags, rx_buf_len=o.rx_buf_len,
-                events=((1 << abi.ZCRX_EVENT_TYPE_LAST) - 1) if o.events else 0,
-                event_user_data=KIND_EVENT, stats=o.events, area_reserve=o.grow)
+                if_idx, reg_flags = L.if_nametoindex(k, o.ifname), 0
+                rxqs = o.rxqs or [o.rxq or 0]
+            rxq = rxqs[0]
+            for i, q in enumerate(rxqs):
+                self.ifqs.append(L.io_uring_register_ifq(
+                    self.ring, if_idx, q, rq_entries=o.rq_entries, area_size=o.area_size,
+                    rq_kernel=o.rq_kernel, flags=reg_flags, rx_buf_len=o.rx_buf_len,
+                    events=((1 << abi.ZCRX_EVENT_TYPE_LAST) - 1) if o.events else 0,
+                    event_user_data=KIND_EVENT | (i << 8), stats=o.events,
+                    area_reserve=o.grow))
+                self.per_queue.append({"queue": q, "connections": 0, "bytes": 0,
+                                       "data_cqes": 0})
+            self.ifq = self.ifqs[0]
+            if len(rxqs) > 1:  # the netdev queue view: napi-id of each of our queues
+                napi: dict[int, int] = {
+                    int(row["id"]): int(row["napi-id"]) for row in k.queues()
+                    if row.get("ifindex") == if_idx and row.get("type") == "rx"
+                    and row.get("napi-id")}
+                self.by_napi = {napi[q]: i for i, q in enumerate(rxqs) if q in napi}
+            if o.connections + _SPARE_FDS > _NOFILE:  # as servers do: room for every conn
+                k.setrlimit_nofile(o.connections + _SPARE_FDS)
+            self.lfd = k.listen_tcp(o.port, o.addr, o.backlog)
             if o.napi_busy_poll:
-                napi = np.zeros(1, dtype=abi.io_uring_napi)
-                napi["busy_poll_to"] = o.napi_busy_poll
-                L.io_uring_register_napi(self.ring, napi)
-            self.lfd = k.listen_tcp(o.port, o.addr)
+                napi_reg = np.zeros(1, dtype=abi.io_uring_napi)
+                napi_reg["busy_poll_to"] = o.napi_busy_poll
+                L.io_uring_register_napi(self.ring, napi_reg)
             self.arm_accept()
             L.io_uring_submit(self.ring)
-            where = "no device" if o.nodev else f"{o.ifname} queue {rxq}"
+            where = ("no device" if o.nodev else f"{o.ifname} queue {rxq}" if len(rxqs) == 1
+                     else f"{o.ifname} queues {','.join(map(str, rxqs))}")
             self.say(f"zcrx_server listening on {o.addr}:{o.port}; zcrx id "
-                     f"{self.ifq.zcrx_id} on {where}, area {self.ifq.area_len >> 20} MiB, "
+                     f"{','.join(str(q.zcrx_id) for q in self.ifqs)} on {where}, area "
+                     f"{self.ifq.area_len >> 20} MiB, "
                      f"rq {self.ifq.rq_entries} ({'kernel' if o.rq_kernel else 'user'} "
                      f"memory), cq {self.ring.cq_entries}")
             notify_ready(f"listening {o.addr}:{o.port}")
@@ -417,8 +468,7 @@ class ZcrxServer(AcceptingServer):
         o = self.opts
         deadline = time.monotonic() + o.seconds if o.seconds else None
         ring = self.ring
-        ifq = self.ifq
-        assert ifq is not None
+        ifq = self.ifqs[0]
         while not self.done() and not self.stop.is_set():
             if deadline is not None and time.monotonic() > deadline:
                 self.errors.append("timed out")
@@ -448,10 +498,12 @@ class ZcrxServer(AcceptingServer):
         res = cqes["res"]
         flags = cqes["flags"]
         now = time.monotonic_ns()
-        assert self.ifq is not None
-        batch = L.zcrx_batch(self.ifq, cqes, zc)
-        if len(batch):
-            self.on_data(cqes, batch, now)
+        if len(self.ifqs) == 1:
+            batch = L.zcrx_batch(self.ifqs[0], cqes, zc)
+            if len(batch):
+                self.on_data(cqes, batch, now)
+        else:
+            self._split_batch(cqes, zc, now)
         plain = zc & (res > 0) & ((flags & _F_MORE) != 0)
         rest = np.flatnonzero(~plain)
         if not len(rest):
@@ -464,15 +516,34 @@ class ZcrxServer(AcceptingServer):
             elif kd == KIND_ACCEPT:
                 self.on_accept(r, f)
             elif kd == KIND_EVENT:
-                self.on_event(r)
+                self.on_event(r, fd)
             elif kd == KIND_CLOSE and r < 0:
                 self.errors.append(f"close({fd}): {errno.errorcode.get(-r, r)}")
 
-    def on_event(self, etype: int) -> None:
-        """A zcrx event CQE (``-E``): say it; ALLOC_FAIL is re-armed (each starvation
-        episode shows), COPY stays off after the first (it would fire on every copy)."""
-        assert self.ifq is not None
-        stats = L.io_uring_zcrx_copy_stats(self.ifq)
+    def _split_batch(self, cqes: np.ndarray, zc: NDArray[np.bool_], now: int) -> None:
+        """Several ifqs: the data CQEs of the view split by connection into one batch per
+        ifq (a connection's CQEs all name its ifq's area)."""
+        fds = (cqes["user_data"] >> np.uint64(8))[zc]
+        if not len(fds):
+            return
+        uniq, inv = np.unique(fds, return_inverse=True)
+        slot_of = np.array([self.fd_ifq.get(int(f), 0) for f in uniq.tolist()], dtype=np.int64)
+        slots = slot_of[inv]
+        where = np.flatnonzero(zc)
+        for i in np.unique(slot_of).tolist():
+            sel = np.zeros(len(zc), dtype=bool)
+            sel[where[slots == i]] = True
+            batch = L.zcrx_batch(self.ifqs[i], cqes, sel)
+            if len(batch):
+                self.on_data(cqes, batch, now, i)
+
+    def on_event(self, etype: int, slot: int = 0) -> None:
+        """A zcrx event CQE (``-E``) of ifq ``slot``: say it; ALLOC_FAIL is re-armed (each
+        starvation episode shows), COPY stays off after the first (it would fire on every
+        copy)."""
+        ifq = self.ifqs[slot] if slot < len(self.ifqs) else self.ifq
+        assert ifq is not None
+        stats = L.io_uring_zcrx_copy_stats(ifq)
         self.say(f"zcrx event {_EVENT_NAMES.get(etype, etype)}"
                  + ("" if stats is None else f" (copy stats: {stats[0]} chunks, "
                                              f"{stats[1]} bytes)"))
@@ -481,13 +552,12 @@ class ZcrxServer(AcceptingServer):
         self.event_counts[name] = self.event_counts.get(name, 0) + 1
         if etype == abi.ZCRX_EVENT_ALLOC_FAIL:
             if self.opts.grow:
-                self._grow()
-            L.io_uring_zcrx_arm_event(self.ifq, etype)
+                self._grow(ifq)
+            L.io_uring_zcrx_arm_event(ifq, etype)
 
-    def _grow(self) -> None:
-        """``--grow``: one more area of ``-S`` bytes (or what is left of MAX)."""
-        ifq = self.ifq
-        assert ifq is not None
+    def _grow(self, ifq: L.ZcrxIfq) -> None:
+        """``--grow``: one more area of ``-S`` bytes (or what is left of MAX) for ``ifq``
+        (the one whose ALLOC_FAIL fired)."""
         length = min(self.opts.area_size, self.opts.grow - ifq.area_len)
         length -= length % PAGE_SIZE
         if length <= 0 or self.grow_error is not None:
@@ -502,14 +572,26 @@ class ZcrxServer(AcceptingServer):
                  f"{len(ifq.area_bases)} areas, {ifq.area_len >> 10} KiB")
 
     def _kernel_copy_stats(self) -> dict[str, Any] | None:
-        """The kernel's copy-fallback counters for our ifq (read while the ring is alive)."""
-        if self.ifq is None:
+        """The kernel's copy-fallback counters for our ifqs, summed (read while the ring is
+        alive); each ifq's own are kept in ``per_queue[i]["kernel"]``."""
+        if not self.ifqs:
             return None
         try:
             body = self.k.syscall("stats").body
         except (ControlError, PeerGone):
             return None
-        return find_ifq_stats(body, self.k.task, self.ifq.area_addr)
+        found = [find_ifq_stats(body, self.k.task, ifq.area_addr) for ifq in self.ifqs]
+        if len(found) == 1 or any(f is None for f in found):
+            return found[0]
+        total: dict[str, Any] = {"source": "kernel", "count": 0, "bytes": 0, "zc_cqes": 0,
+                                 "zc_bytes": 0}
+        for pq, f in zip(self.per_queue, found, strict=True):
+            assert f is not None
+            pq["kernel"] = f["counters"]
+            for key in ("count", "bytes", "zc_cqes", "zc_bytes"):
+                total[key] += f[key]
+        total["counters"] = found[0]["counters"] if found[0] else {}
+        return total
 
     def summary(self) -> dict[str, Any]:
         ifq = self.ifq
@@ -533,6 +615,7 @@ class ZcrxServer(AcceptingServer):
                 "rq_entries": ifq.rq_entries,
                 "rq_memory": "user" if ifq.rq_user else "kernel", **ifq.stats()},
             "copy_fallback": self.copy_fallback,
+            "queues": self.per_queue,
         }
 
 
@@ -570,6 +653,22 @@ def _size(text: str) -> int:
     return value
 
 
+def _queues(text: str) -> list[int]:
+    """``3``, ``1-16``, ``1,3,5`` or a mix (``0,4-7``): queue numbers, in order, no repeats."""
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, sep, hi = part.strip().partition("-")
+            first = int(lo)
+            last = int(hi) if sep else first
+            if last < first:
+                raise ValueError
+            out.extend(q for q in range(first, last + 1) if q not in out)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad queue list {text!r}") from None
+    return out
+
+
 def _pow2(text: str) -> int:
     n = _size(text)
     if n <= 0 or n & (n - 1):
@@ -584,8 +683,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
                                             "refill queue), as liburing's examples/zcrx.")
     add_common_args(p, quiet_short=False)
     p.add_argument("-i", "--ifname", default="eth0", help="netdev of the queue (eth0)")
-    p.add_argument("-q", "--rxq", type=int, help="hardware RX queue to bind (mandatory "
-                                                 "unless --nodev)")
+    p.add_argument("-q", "--rxq", type=_queues, help="hardware RX queue(s) to bind, one ifq "
+                                                     "each: 3, 1-16 or 1,3,5 (mandatory "
+                                                     "unless --nodev)")
     p.add_argument("--nodev", action="store_true",
                    help="ZCRX_REG_NODEV: no device, every byte through the copy fallback")
     p.add_argument("-s", "--size", type=_size, default=0,
@@ -600,6 +700,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
     p.add_argument("--sq-entries", type=_pow2, default=256, help="SQ entries (256)")
     p.add_argument("--rx-buf-len", type=_size, default=0,
                    help="ifq_reg.rx_buf_len (0: the kernel's default)")
+    p.add_argument("-b", "--backlog", type=int, default=128,
+                   help="listen backlog (128; SYNs beyond it are dropped, as on Linux: "
+                        "raise it for many flows starting at once)")
     p.add_argument("-E", "--events", action="store_true",
                    help="ask for zcrx events (Linux 7.2+) and print each one")
     p.add_argument("--grow", type=_size, default=0, metavar="MAX",
@@ -610,11 +713,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
                         "queues for up to US microseconds before sleeping (0: off)")
     a = p.parse_args(argv)
     common = common_options(p, a)
-    if a.nodev and a.rxq not in (None, 0):
+    rxqs: list[int] = a.rxq or []
+    if a.nodev and rxqs not in ([], [0]):
         p.error("--nodev takes no queue (if_rxq must be 0)")
-    if not a.nodev and a.rxq is None:
+    if not a.nodev and not rxqs:
         p.error("-q RXQ is required (or --nodev)")
-    if a.rxq is not None and a.rxq < 0:
+    if any(q < 0 for q in rxqs):
         p.error("-q must be >= 0")
     if a.area_size <= 0:
         p.error("-S must be positive")
@@ -622,11 +726,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
         p.error("--grow MAX must be at least -S")
     if not 0 <= a.napi_busy_poll <= 0xFFFFFFFF:
         p.error("--napi-busy-poll must be in [0, 2^32)")
-    opts = Options(**common, ifname=a.ifname, rxq=a.rxq, nodev=a.nodev,
+    opts = Options(**common, ifname=a.ifname, rxq=rxqs[0] if rxqs else None,
+                   rxqs=rxqs if len(rxqs) > 1 else [], nodev=a.nodev,
                    rq_kernel=a.rq_mem == 1, area_size=a.area_size, cq_entries=a.cq_entries,
                    rq_entries=a.rq_entries, sq_entries=a.sq_entries, rx_buf_len=a.rx_buf_len,
                    events=a.events or bool(a.grow), grow=a.grow,
-                   napi_busy_poll=a.napi_busy_poll)
+                   napi_busy_poll=a.napi_busy_poll, backlog=a.backlog)
     return opts, a
 
 

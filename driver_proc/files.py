@@ -76,8 +76,10 @@ IPPROTO_TCP = 6
 IPPROTO_UDP = 17
 SOMAXCONN = 4096
 _ANY_ADDRS = (bytes(16), bytes(10) + b"\xff\xff" + bytes(4))
-#: RLIMIT_NOFILE soft limit of every task.
+#: RLIMIT_NOFILE soft limit of every task (at attach; ``setrlimit`` raises it up to
+#: :data:`NOFILE_MAX`, Linux's default ``fs.nr_open``).
 NOFILE = 1024
+NOFILE_MAX = 1 << 20
 #: First fd handed out (0, 1, 2 are the process's stdio).
 FIRST_FD = 3
 #: Linux's default ip_local_port_range.
@@ -363,6 +365,7 @@ class Task:
         #: the control-plane identity that speaks for this task (zmq routing id)
         self.peer = peer
         self.files: dict[int, Any] = {}
+        self.nofile = NOFILE  # RLIMIT_NOFILE soft limit (setrlimit)
         self.dead = False
 
     def __repr__(self) -> str:
@@ -381,13 +384,13 @@ class Task:
         fd = FIRST_FD
         while fd in self.files:
             fd += 1
-        if fd >= NOFILE:
+        if fd >= self.nofile:
             raise Misuse("too many open files", errno.EMFILE)
         self.files[fd] = obj
         return fd
 
     def can_install(self) -> bool:
-        return len(self.files) < NOFILE - FIRST_FD
+        return len(self.files) < self.nofile - FIRST_FD
 
     def get(self, fd: int) -> Any:
         """The file at ``fd``; ``-EBADF`` if none."""

@@ -81,6 +81,7 @@ from shared.control import ControlClient, ControlServer, Handler, HandlerResult,
 from shared.errors import Misuse, ZcrxError
 from shared.msg import Message
 from shared.shm import owner_prefix, remove_prefix_segments
+from shared.syscalls import MIN_NAPI_ID
 from shared.watch import Watchlist
 
 #: Frames one queue may complete per NAPI poll (the driver's budget).
@@ -123,6 +124,10 @@ class Kernel:
         self.nic_dead = False
         #: monotonic time of the last app death and of its teardown's end (tests, stats)
         self.deaths: list[dict[str, Any]] = []
+        #: NAPI id of each (netdev, queue): one NAPI instance per RX queue, numbered from
+        #: MIN_NAPI_ID in probe order (a re-probe makes new instances with new ids)
+        self.napi_ids: dict[tuple[str, int], int] = {}
+        self._next_napi_id = MIN_NAPI_ID
 
     # -- setup ------------------------------------------------------------------------
 
@@ -140,6 +145,10 @@ class Kernel:
             dev = NetDevice(nd, self.nic, self.run, skbs=self.skbs)
             self.netdevs[dev.name] = dev
             dev.open()
+            for key in [k for k in self.napi_ids if k[0] == dev.name]:
+                del self.napi_ids[key]  # a (re-)probe makes new NAPI instances
+            for q in sorted(dev.queues):
+                self.napi_id(dev.name, q)
 
     def reprobe(self) -> int:
         """After a surprise removal, probe again once a (restarted) NIC answers.
@@ -220,7 +229,7 @@ class Kernel:
         work = 0
         for dev in self.netdevs.values():
             for batch in dev.take_drained():
-                work += self._deliver(batch)
+                work += self._deliver(batch, self.napi_id(dev.name, batch.queue))
             for q in list(dev.queues):
                 if not dev.napi_pending(q):
                     continue
@@ -229,15 +238,18 @@ class Kernel:
                     self._doorbells.append((dev.name, q))
                 if batch.completions:
                     work += batch.completions
-                    self._deliver(batch)
+                    self._deliver(batch, self.napi_id(dev.name, q))
         return work
 
-    def _deliver(self, batch: NapiBatch) -> int:
-        """Hand a NAPI batch to TCP, free what TCP refused, run woken requests."""
+    def _deliver(self, batch: NapiBatch, napi_id: int = 0) -> int:
+        """Hand a NAPI batch to TCP, free what TCP refused, run woken requests.  Every socket
+        that took a segment is marked with the batch's NAPI id (``sk_mark_napi_id``)."""
         if not len(batch):
             return 0
         res = self.table.ingest_batch(batch.keys, batch.seq, batch.payload_len,
                                       batch.tcp_flags, batch.handles)
+        for sock in res.sockets:
+            sock.napi_id = napi_id
         if len(res.freed):
             self.skbs.free(res.freed)
         if res.sockets or res.listeners:
@@ -445,9 +457,32 @@ class Kernel:
         return {"run": self.run, "uptime_s": round(time.monotonic() - self._started, 3),
                 "kernel": self.zcrx.kernel_name,
                 "netdevs": [dev.status() for dev in self.netdevs.values()],
+                "queues": self.queue_view(),
                 "nic": "gone" if self.nic_dead else "up",
                 "nic_reprobes": self.stats["nic_reprobes"],
                 "tasks": tasks, "zcrx": ifqs}
+
+    def napi_id(self, dev: str, q: int) -> int:
+        """The NAPI id of RX queue ``q`` of ``dev`` (a queue added later, ``ethtool -L``,
+        gets the next id when first seen)."""
+        napi_id = self.napi_ids.get((dev, q))
+        if napi_id is None:
+            napi_id = self.napi_ids[dev, q] = self._next_napi_id
+            self._next_napi_id += 1
+        return napi_id
+
+    def queue_view(self) -> list[dict[str, Any]]:
+        """Every RX queue as ``ynl netdev queue-get`` shows it: id, type, napi-id, ifindex
+        and, for a queue bound to a zcrx ifq, the ``io-uring`` provider attribute."""
+        out: list[dict[str, Any]] = []
+        for dev in self.netdevs.values():
+            for q in sorted(dev.queues):
+                row: dict[str, Any] = {"id": q, "type": "rx", "ifindex": dev.ifindex}
+                row["napi-id"] = self.napi_id(dev.name, q)
+                if dev.binding(q) == "io-uring":
+                    row["io-uring"] = {}
+                out.append(row)
+        return out
 
     def _sys_shutdown(self, msg: Message, peer: bytes) -> HandlerResult:
         self._require_launcher(peer, "shutdown")

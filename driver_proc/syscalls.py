@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from driver_proc.files import SkbStore, SocketFile, Sockets, Task, Tasks
+from driver_proc.files import NOFILE_MAX, SkbStore, SocketFile, Sockets, Task, Tasks
 from driver_proc.io_uring import Wait
 from driver_proc.setup import IoUring
 from driver_proc.tcp import SocketTable
@@ -45,6 +45,7 @@ from shared import abi
 from shared.control import DEFER, ControlServer, Handler, HandlerResult, Reply, peer_cred
 from shared.errors import Misuse
 from shared.msg import Message
+from shared.syscalls import MIN_NAPI_ID, RLIMIT_NOFILE, SO_INCOMING_NAPI_ID, SOL_SOCKET
 
 __all__ = [
     "SYSCALLS",
@@ -188,6 +189,29 @@ def sys_getpeername(ctx: KernelContext, msg: Message, peer: Any) -> HandlerResul
     return {"addr": sf.addr_text(sf.peer_addr), "port": sf.peer_port}
 
 
+def sys_getsockopt(ctx: KernelContext, msg: Message, peer: Any) -> HandlerResult:
+    """``SO_INCOMING_NAPI_ID``: the NAPI id the socket's last skb was received on (0 for a
+    socket that never received one, as Linux reports ids below ``MIN_NAPI_ID`` as 0)."""
+    b = msg.body
+    sf: SocketFile = _task(ctx, peer).get_socket(b["fd"])
+    if b["level"] != SOL_SOCKET or b["optname"] != SO_INCOMING_NAPI_ID:
+        raise Misuse(f"getsockopt level {b['level']} optname {b['optname']}", errno.ENOPROTOOPT)
+    napi_id = sf.conn.napi_id if sf.conn is not None else 0
+    return {"res": 0, "value": napi_id if napi_id >= MIN_NAPI_ID else 0}
+
+
+def sys_setrlimit(ctx: KernelContext, msg: Message, peer: Any) -> HandlerResult:
+    """``RLIMIT_NOFILE`` only: the task's descriptor limit (``-EPERM`` above the hard limit,
+    ``-EINVAL`` for another resource or a limit below 1)."""
+    b = msg.body
+    if b["resource"] != RLIMIT_NOFILE or b["cur"] < 1:
+        raise Misuse(f"setrlimit resource {b['resource']} cur {b['cur']}", errno.EINVAL)
+    if b["cur"] > NOFILE_MAX:
+        raise Misuse(f"RLIMIT_NOFILE {b['cur']} above the hard limit", errno.EPERM)
+    _task(ctx, peer).nofile = b["cur"]
+    return {"res": 0}
+
+
 # -- io_uring -----------------------------------------------------------------------------------
 
 
@@ -228,6 +252,8 @@ SYSCALLS: dict[str, SyscallHandler] = {
     "close": sys_close,
     "getsockname": sys_getsockname,
     "getpeername": sys_getpeername,
+    "getsockopt": sys_getsockopt,
+    "setrlimit": sys_setrlimit,
     "io_uring_setup": sys_io_uring_setup,
     "io_uring_enter": sys_io_uring_enter,
     "io_uring_register": sys_io_uring_register,

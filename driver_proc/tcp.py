@@ -580,6 +580,7 @@ class TcpReceiver:
         self.was_established = False    # reached ESTABLISHED at least once
         self._rcv_shutdown = False      # RCV_SHUTDOWN set by an accepted RST (tcp_done)
         self.listener: Listener | None = None  # set by the table until accepted
+        self.napi_id = 0                # NAPI id of the queue the last skb came from (driver)
         self._isn64 = isn
         self._rcv_nxt = isn + 1          # unwrapped 64-bit stream position
         self._fin_seq: int | None = None  # unwrapped position of the FIN, once seen

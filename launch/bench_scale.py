@@ -28,6 +28,15 @@ Figures per point:
   ``time.monotonic_ns()`` (a system-wide clock).
 * **down s**: :meth:`launch.run.Run.down` (every process stopped, every segment removed).
 
+``--apps`` says how the N queues are served: ``per-queue`` (the default, above: one server
+and one port per queue, rules on the destination port), ``one`` (a single server on all N
+queues: ``-q`` lists them, one ifq per queue on its one ring, each connection served by the
+ifq of its queue as ``SO_INCOMING_NAPI_ID`` tells) or a number A (A servers, the queues dealt
+out in contiguous groups).  When a server holds several queues its flows share its port, so
+the rules steer each flow by its source port (``-N eth0 flow-type tcp4 src-port 20000+q
+action q``).  **ratio** is a point's app GB/s over the 1-queue point's of the same run (or
+the first point's when 1 is not measured).
+
 What the curve means on this machine (2 cores shared by NIC, kernel and N app processes):
 total goodput **cannot** scale with the number of queues here, because the NIC and kernel
 processes are single loops and there are only two cores; more queues only add per-queue work
@@ -81,6 +90,34 @@ BASE_SPORT = 20000
 _READY_S = 60.0
 
 
+#: ``--apps`` values besides a number.
+APPS_PER_QUEUE = "per-queue"
+APPS_ONE = "one"
+
+
+def app_groups(zq: list[int], apps: str) -> list[list[int]]:
+    """The zero-copy queues dealt out to servers: ``per-queue`` one each, ``one`` all in one,
+    ``"A"`` A contiguous groups (fewer when there are fewer queues)."""
+    if apps == APPS_PER_QUEUE:
+        return [[q] for q in zq]
+    if apps == APPS_ONE:
+        return [list(zq)]
+    try:
+        a = int(apps)
+    except ValueError:
+        raise BenchFailed(f"--apps {apps!r}: per-queue, one or a number") from None
+    if a < 1:
+        raise BenchFailed(f"--apps {apps!r}: at least one app")
+    a = min(a, len(zq))
+    size, extra = divmod(len(zq), a)
+    out, i = [], 0
+    for g in range(a):
+        n = size + (g < extra)
+        out.append(list(zq[i:i + n]))
+        i += n
+    return out
+
+
 @dataclass
 class ScalePoint:
     """One point of the curve."""
@@ -88,6 +125,8 @@ class ScalePoint:
     queues: int
     queues_total: int
     zc_queues: list[int]
+    apps: int = 0
+    ratio: float = 0.0  # app GB/s over the 1-queue point's of the same run
     bytes: int = 0
     up_s: float = 0.0
     bind_s: float = 0.0
@@ -133,28 +172,38 @@ def zc_layout(n: int, max_queues: int = MAX_QUEUES) -> tuple[int, list[int]]:
 
 
 def measure_point(n: int, mib_per_queue: float = DEFAULT_MIB, *, timeout: float = 300.0,
-                  progress: Progress | None = None) -> ScalePoint:
-    """Bring up a run with ``n`` bound zero-copy queues, one flow each; tear it down."""
+                  progress: Progress | None = None, apps: str = APPS_PER_QUEUE) -> ScalePoint:
+    """Bring up a run with ``n`` bound zero-copy queues, one flow each, served by the servers
+    ``apps`` says; tear it down."""
     say = progress or (lambda m: None)
     total, zq = zc_layout(n)
+    groups = app_groups(zq, apps)
+    shared_port = any(len(g) > 1 for g in groups)
+    port_of = {q: BASE_PORT + g[0] for g in groups for q in g}
     per_flow = max(1, int(mib_per_queue * (1 << 20)))
-    pt = ScalePoint(n, total, zq)
+    pt = ScalePoint(n, total, zq, apps=len(groups))
     t0 = time.monotonic()
     say(f"{n} queue(s): up")
-    # RSS keeps queue 0 when it is not zero copy; one ntuple rule per zero-copy queue.
+    # RSS keeps queue 0 when it is not zero copy; one ntuple rule per zero-copy queue (by
+    # source port when a server's queues share its port).
     ethtool = [] if 0 in zq else ["-X eth0 equal 1"]
-    ethtool += [f"-N eth0 flow-type tcp4 dst-port {BASE_PORT + q} action {q}" for q in zq]
+    ethtool += [f"-N eth0 flow-type tcp4 src-port {BASE_SPORT + q} action {q}"
+                if shared_port else
+                f"-N eth0 flow-type tcp4 dst-port {BASE_PORT + q} action {q}" for q in zq]
     br = ScaleRun(total, ethtool=ethtool)
     try:
         t1 = time.monotonic()
         pt.up_s = t1 - t0
         say(f"{n} queue(s): binding")
-        roles: dict[int, str] = {}
-        for q in zq:
+        roles: dict[int, str] = {}  # first queue of each group -> role
+        members = {g[0]: g for g in groups}
+        for g in groups:
+            q = g[0]
             role = f"app:zc{q}"
             out = br.run.dir / f"zc{q}.json"
-            args = ["-p", str(BASE_PORT + q), "-i", "eth0", "-q", str(q), "-v", "--no-hash",
-                    "--quiet", "-n", "1", "-s", str(per_flow), "-S", str(AREA),
+            args = ["-p", str(BASE_PORT + q), "-i", "eth0", "-q", ",".join(map(str, g)), "-v",
+                    "--no-hash", "--quiet", "-n", str(len(g)), "-s", str(per_flow),
+                    "-S", str(AREA),
                     "-C", str(CQ_ENTRIES), "-R", str(RQ_ENTRIES), "--json", str(out),
                     "--seconds", str(timeout)]
             try:
@@ -172,7 +221,7 @@ def measure_point(n: int, mib_per_queue: float = DEFAULT_MIB, *, timeout: float 
         t_start = time.monotonic()
         for q in zq:
             br.call("nic", "nic.traffic", {"dev": "eth0", "spec": {
-                "dport": BASE_PORT + q, "flows": 1, "bytes": per_flow,
+                "dport": port_of[q], "flows": 1, "bytes": per_flow,
                 "sport": BASE_SPORT + q}})
         deadline = t_start + timeout + 10
         t_done = t_start
@@ -197,7 +246,8 @@ def measure_point(n: int, mib_per_queue: float = DEFAULT_MIB, *, timeout: float 
                 continue
             conns = s.get("connections", [])
             pt.bytes += sum(int(c["bytes"]) for c in conns)
-            probs = list(s.get("errors", [])) + _expected(conns, per_flow, [BASE_SPORT + q])
+            probs = list(s.get("errors", [])) + _expected(
+                conns, per_flow, [BASE_SPORT + m for m in members[q]])
             if not s.get("ok"):
                 probs.append("server not ok")
             pt.problems += [f"queue {q}: {p}" for p in probs]
@@ -217,14 +267,19 @@ def measure_point(n: int, mib_per_queue: float = DEFAULT_MIB, *, timeout: float 
 
 def run_scale_bench(queues: tuple[int, ...] = DEFAULT_QUEUES,
                     mib_per_queue: float = DEFAULT_MIB, timeout: float = 300.0,
-                    progress: Progress | None = None) -> dict[str, Any]:
+                    progress: Progress | None = None,
+                    apps: str = APPS_PER_QUEUE) -> dict[str, Any]:
     """Measure every point of ``queues`` (one run each); the JSON-able result."""
     points = []
     with _terminate_as_interrupt():
         for n in queues:
-            points.append(measure_point(n, mib_per_queue, timeout=timeout, progress=progress))
+            points.append(measure_point(n, mib_per_queue, timeout=timeout, progress=progress,
+                                        apps=apps))
+    base = next((p for p in points if p.queues == 1), points[0] if points else None)
+    for p in points:
+        p.ratio = p.app_gbps / base.app_gbps if base is not None and base.app_gbps else 0.0
     return {
-        "bench": "scale", "mib_per_queue": mib_per_queue, "rx_ring": RX_RING,
+        "bench": "scale", "apps": apps, "mib_per_queue": mib_per_queue, "rx_ring": RX_RING,
         "area_bytes": AREA, "payload": MTU - 40, "points": [p.to_dict() for p in points],
         "all_verified": all(p.verified for p in points),
     }

@@ -268,10 +268,13 @@ def _queue_list(ctx: Any, param: Any, value: str) -> tuple[int, ...]:
               show_default=True, help="MiB of traffic per queue (one flow each).")
 @click.option("--timeout", type=click.FloatRange(1, 3600), default=300.0, show_default=True,
               help="Seconds the traffic of one point may take.")
+@click.option("--apps", default="per-queue", show_default=True,
+              help="Servers per point: per-queue (one each), one (a single server on all "
+                   "queues, one ifq per queue on its ring) or a number of servers.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True),
               help="Write the curve as a PNG (needs matplotlib: the 'plot' extra).")
 @_json_options
-def bench_scale(queues: tuple[int, ...], mib_per_queue: float, timeout: float,
+def bench_scale(queues: tuple[int, ...], mib_per_queue: float, timeout: float, apps: str,
                 plot_path: str | None, as_json: bool, json_out: str | None) -> None:
     """Setup, goodput and teardown against the number of zero-copy queues (one run per
     point, one zcrx-server and one flow per queue, every byte verified)."""
@@ -285,20 +288,22 @@ def bench_scale(queues: tuple[int, ...], mib_per_queue: float, timeout: float,
     try:
         with err_console.status("running") as status:
             result = run_scale_bench(queues, mib_per_queue, timeout,
-                                     progress=lambda m: status.update(f"running: {m}"))
+                                     progress=lambda m: status.update(f"running: {m}"),
+                                     apps=apps)
         if plot_path:
             plot(result, plot_path)
     except ZcrxError as e:
         fail(f"bench scale: {e}")
     if not as_json:
-        t = Table(title=f"zcrx bench scale: {mib_per_queue:g} MiB per queue")
-        for col in ("queues", "up s", "bind s", "setup s", "GB/s wall", "GB/s app", "down s",
-                    "verified"):
+        t = Table(title=f"zcrx bench scale: {mib_per_queue:g} MiB per queue, apps {apps}")
+        for col in ("queues", "apps", "up s", "bind s", "setup s", "GB/s wall", "GB/s app",
+                    "ratio", "down s", "verified"):
             t.add_column(col, justify="right")
         for p in result["points"]:
-            t.add_row(str(p["queues"]), f"{p['up_s']:.2f}", f"{p['bind_s']:.2f}",
-                      f"{p['setup_s']:.2f}", f"{p['gbps']:.3f}", f"{p['app_gbps']:.3f}",
-                      f"{p['down_s']:.2f}", "yes" if p["verified"] else "NO")
+            t.add_row(str(p["queues"]), str(p["apps"]), f"{p['up_s']:.2f}",
+                      f"{p['bind_s']:.2f}", f"{p['setup_s']:.2f}", f"{p['gbps']:.3f}",
+                      f"{p['app_gbps']:.3f}", f"{p['ratio']:.2f}", f"{p['down_s']:.2f}",
+                      "yes" if p["verified"] else "NO")
         console.print(t)
         for p in result["points"]:
             for msg in p["problems"]:
@@ -561,9 +566,12 @@ def status(name: str | None, as_json: bool) -> None:
         console.print(f"{d['name']}: {'up' if d['up'] else 'down'}, {d['queues']} queues, "
                       f"mtu {d['mtu']}, rx-buf-len {d['rx_buf_len']}, tcp-data-split "
                       f"{d['tcp_data_split']}, hds-thresh {d['hds_thresh']}", highlight=False)
+        napi = {v["id"]: v.get("napi-id") for v in st.get("queues", [])
+                if v.get("ifindex") == d.get("ifindex")}
         for q in d["rx_queues"]:
             console.print(f"  rx-{q['queue']}: {'started' if q['started'] else 'stopped':<8}"
-                          f" ring {q['ring_size']} page-pool {q['page_pool']} posted "
+                          f" napi-id {napi.get(q['queue'], '-')} ring {q['ring_size']}"
+                          f" page-pool {q['page_pool']} posted "
                           f"{q['posted']} in-flight {q['in_flight']} provider {q['binding']}",
                           highlight=False)
 

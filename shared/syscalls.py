@@ -51,6 +51,19 @@ register_type("listen", {"fd": int, "backlog": int}, reply=_RES)
 register_type("close", {"fd": int}, reply=_RES)
 register_type("getsockname", {"fd": int}, reply=Schema.make({"addr": str, "port": int}))
 register_type("getpeername", {"fd": int}, reply=Schema.make({"addr": str, "port": int}))
+#: ``getsockopt(fd, SOL_SOCKET, SO_INCOMING_NAPI_ID)``: the NAPI id of the queue the socket's
+#: last skb came from (0 before any); Linux numbers NAPI instances from ``MIN_NAPI_ID``.
+SOL_SOCKET = 1
+SO_INCOMING_NAPI_ID = 56
+MIN_NAPI_ID = 8193
+#: ``setrlimit(RLIMIT_NOFILE)``: a server expecting thousands of connections raises its
+#: descriptor limit (soft limit; above ``NOFILE_MAX`` is -EPERM).
+RLIMIT_NOFILE = 7
+register_type("setrlimit", {"resource": int, "cur": int}, reply=_RES)
+register_type("getsockopt", {"fd": int, "level": int, "optname": int},
+              reply=Schema.make({"res": int, "value": int}),
+              doc="An integer socket option; only SOL_SOCKET/SO_INCOMING_NAPI_ID is known "
+                  "(anything else -ENOPROTOOPT).")
 
 # -- io_uring ---------------------------------------------------------------------------
 PARAMS_SIZE = abi.io_uring_params.itemsize

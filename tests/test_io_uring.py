@@ -410,6 +410,36 @@ def test_socket_syscall_errnos(ctx, app):
     assert err(app.close_fd, fd) == errno.EBADF
 
 
+def test_getsockopt_napi_id_and_setrlimit_nofile(ctx, skbs, app):
+    """SO_INCOMING_NAPI_ID is 0 until a NAPI context marks the socket (the driver's path is
+    tested end to end in test_multiqueue); other options are -ENOPROTOOPT.  RLIMIT_NOFILE
+    moves the -EMFILE point; above the hard limit is -EPERM."""
+    from driver_proc.files import NOFILE_MAX
+
+    def err(fn, *a):
+        with pytest.raises(ControlError) as ei:
+            fn(*a)
+        return ei.value.errno
+
+    lfd = app.listen_tcp(8000)
+    assert app.incoming_napi_id(lfd) == 0
+    assert err(app.getsockopt, lfd, 1, 15) == errno.ENOPROTOOPT  # SO_REUSEPORT: unknown
+    assert err(app.getsockopt, lfd, 6, 56) == errno.ENOPROTOOPT  # not SOL_SOCKET
+    assert err(app.incoming_napi_id, 99) == errno.EBADF
+    conn = task_of(ctx, app).get_socket(lfd)
+    assert conn.conn is None
+    assert err(app.setrlimit_nofile, NOFILE_MAX + 1) == errno.EPERM
+    assert err(app.setrlimit_nofile, 0) == errno.EINVAL
+    app.setrlimit_nofile(lfd + 2)
+    fd = app.socket()
+    assert fd == lfd + 1
+    assert err(app.socket) == errno.EMFILE
+    app.setrlimit_nofile(1024)
+    app.close_fd(app.socket())
+    for f in (fd, lfd):
+        app.close_fd(f)
+
+
 def test_accept_and_recv_copy_exact_bytes(ctx, skbs, app):
     ring = L.io_uring_queue_init(8, kernel=app)
     lfd = app.listen_tcp(8000)

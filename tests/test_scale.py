@@ -167,3 +167,29 @@ def test_bench_scale_smoke() -> None:
         for key in ("up_s", "bind_s", "setup_s", "wall_s", "app_s", "down_s", "gbps",
                     "app_gbps"):
             assert isinstance(p[key], float) and p[key] >= 0.0, (key, p[key])
+
+
+def test_app_groups() -> None:
+    from launch.bench_scale import app_groups
+
+    assert app_groups([1, 2, 3], "per-queue") == [[1], [2], [3]]
+    assert app_groups([1, 2, 3], "one") == [[1, 2, 3]]
+    assert app_groups([1, 2, 3, 4, 5], "2") == [[1, 2, 3], [4, 5]]
+    assert app_groups([1, 2], "8") == [[1], [2]]
+
+
+@pytest.mark.timeout(120)
+def test_bench_scale_one_app_for_all_queues() -> None:
+    """``--apps one``: one zcrx-server on every queue of the point, each flow steered to its
+    queue by source port, every byte verified; the ratio to the 1-queue point is reported."""
+    from tests.e2e import runs_dir
+
+    with runs_dir():
+        res = zcrx("bench", "scale", "--queues", "1,4", "--mib-per-queue", "2", "--apps",
+                   "one", "--json")
+    out = json.loads(res.output)
+    assert out["apps"] == "one" and out["all_verified"], out
+    pts = out["points"]
+    assert [(p["queues"], p["apps"]) for p in pts] == [(1, 1), (4, 1)]
+    assert all(p["bytes"] == p["queues"] * (2 << 20) for p in pts)
+    assert pts[0]["ratio"] == 1.0 and pts[1]["ratio"] > 0.0
