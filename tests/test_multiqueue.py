@@ -33,7 +33,8 @@ def _status(name: str) -> dict[str, Any]:
 
 
 def _serve(name: str, out: Path, queues: str, conns: int, size: int, *extra: str) -> None:
-    zcrx("app", "run", "--name", name, "--detach", "zcrx-server", "--",
+    zcrx("app", "run", "--name", name, "--detach", "--cap-net-admin", "zcrx-server",
+         "--",
          "-p", str(PORT), "-i", "eth0", "-q", queues, "-v", "-n", str(conns),
          "-s", str(size), "--json", str(out), "--seconds", "150", *extra)
 
