@@ -31,7 +31,7 @@ def why_not() -> str | None:
     """None if a capture can be made here, else the reason."""
     if os.geteuid() != 0:
         return "making a capture needs root (network namespaces, veth, tcpdump)"
-    for tool in ("ip", "nc", "tcpdump", "ethtool"):
+    for tool in ("ip", "ss", "nc", "tcpdump", "ethtool"):
         if shutil.which(tool) is None:
             return f"making a capture needs {tool} (not installed)"
     r = subprocess.run(["ip", "netns", "add", f"zcrxprobe{os.getpid()}"], capture_output=True)
@@ -39,6 +39,18 @@ def why_not() -> str | None:
         return "cannot create a network namespace here: " + r.stderr.decode().strip()
     subprocess.run(["ip", "netns", "del", f"zcrxprobe{os.getpid()}"], capture_output=True)
     return None
+
+
+def _settled(path: Path, timeout: float = 5.0) -> None:
+    """Until ``path`` stops growing (unchanged over 0.1 s), or ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last = -1
+    while time.monotonic() < deadline:
+        size = path.stat().st_size if path.exists() else 0
+        if size == last:
+            return
+        last = size
+        time.sleep(0.1)
 
 
 def _sh(*args: str) -> None:
@@ -85,12 +97,17 @@ def make_capture(out: Path, size: int, ipv6: bool = False, seed: int = 1) -> str
         sink = subprocess.Popen([*ex_r, "nc", "-l", "-s", a_r, "-p", str(PORT)],
                                 stdout=subprocess.DEVNULL)
         procs.append(sink)
-        time.sleep(0.3)
+        deadline = time.monotonic() + 10  # until nc listens in the receiver's namespace
+        while f":{PORT} " not in subprocess.run([*ex_r, "ss", "-Hltn"], capture_output=True,
+                                                text=True).stdout + " ":
+            if time.monotonic() > deadline or sink.poll() is not None:
+                raise RuntimeError("nc did not start listening")
+            time.sleep(0.02)
         with open(src_file, "rb") as f:
             subprocess.run(["ip", "netns", "exec", ns_s, "nc", "-N", "-w", "5", a_r, str(PORT)],
                            stdin=f, check=True, timeout=30, capture_output=True)
         sink.wait(timeout=10)
-        time.sleep(0.3)
+        _settled(out)  # tcpdump (-U, immediate mode) has written the last packets
         dump.terminate()
         dump.wait(timeout=10)
     finally:

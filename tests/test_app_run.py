@@ -122,6 +122,7 @@ def test_hand_started_program_with_zcrx_env(tmp_path: Path) -> None:
         # launcher's uid grants to the process (`zcrx app grant PID`) before it gets that far:
         # the shell holds until granted, then becomes the receiver (same pid).
         ready = tmp_path / "zc.ready"  # it says when it listens (notify_ready)
+        listening = tmp_path / "copy.ready"  # and so does the one that will wait
         proc = subprocess.Popen(["sh", "-c", 'read go && exec "$@"', "sh",
                                  *receiver("-p", "8000", "-q", str(ZC_QUEUE), "-o", str(out))],
                                 env={**env, NOTIFY_ENV: str(ready)}, stdin=subprocess.PIPE,
@@ -132,14 +133,16 @@ def test_hand_started_program_with_zcrx_env(tmp_path: Path) -> None:
         proc.stdin.close()
         proc.stdin = None
         waiting = subprocess.Popen([sys.executable, str(EXAMPLES / "copy_receiver.py"),
-                                    "-p", "8001"], env=env,
+                                    "-p", "8001"], env={**env, NOTIFY_ENV: str(listening)},
                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.PIPE)
         try:
-            time.sleep(1.0)  # the generator never resends a SYN: let both listen first
+            # The generator never resends a SYN: both must listen before traffic starts.
             deadline = time.monotonic() + 60
-            while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.02)  # (the granted one passes a grant first: wait for it)
+            while not (ready.exists() and listening.exists()) and proc.poll() is None \
+                    and waiting.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert ready.exists() and listening.exists(), "a receiver never said it listens"
             zcrx("traffic", "--name", "ar4", "--port", "8000", "--sport", "41000",
                  "--bytes", str(size))
             _, err = proc.communicate(timeout=60)
