@@ -24,10 +24,11 @@ e.g. ``eth0:queues=4,mtu=9000``.  Keys (defaults in brackets): ``queues`` [4],
 
 RX queue ``q`` of a netdev is *started* by ``nic.queue_start`` (the kernel has laid
 out and mapped its region) and *stopped* by ``nic.queue_stop``; only a started queue
-receives DMA.  With pause on (the default), frames steered to a stopped queue of the
-device are held back like those of a starved queue (counted in ``rx_pause``) until the
-queue starts again: a queue restart (binding or unbinding a memory provider, ring or channel
-changes) loses nothing, since the emulated senders never retransmit.  A real NIC drops
+receives DMA.  With pause on (the default), ``queue_stop`` marks the queue waiting, as a
+starved one is (counted in ``rx_pause``): its flows are held back until ``queue_start``, so
+a queue restart (binding or unbinding a memory provider, ring changes) loses nothing, since
+the emulated senders never retransmit.  A queue never started since the device came up
+drops (``rx_queue_stopped``).  A real NIC drops
 them and the sender's TCP recovers; a real TCP peer (a later issue) will see drops in drop
 mode.  With pause off, or for a queue past the channel count, they are dropped
 (``rx_queue_stopped``).
@@ -303,7 +304,12 @@ class Nic:
         q.dma.detach()
         q.dma = None
         q.map_id = 0
-        d.waiting[queue] = False
+        # With pause on a stopped queue holds its flows back like a starved one (the sources
+        # stop offering them, nothing is lost) until queue_start; a queue that channels-set
+        # then removes is cleared there.
+        d.waiting[queue] = d.spec.pause
+        if d.spec.pause:
+            self._count(d, queue, "rx_pause", 1)
         return done
 
     def set_link(self, dev: str, up: bool) -> None:
@@ -371,6 +377,7 @@ class Nic:
                          errno.EBUSY)
         d.steering.set_n_rx_queues(n)
         d.spec.queues = n
+        d.waiting[n:-1] = False  # queues gone: none of their flows waits for them
 
     def _set_coalesce(self, d: Netdev, req: Mapping[str, Any]) -> None:
         """``ethtool -C``: rx-usecs, rx-frames, adaptive-rx; anything else EOPNOTSUPP."""
@@ -591,13 +598,9 @@ class Nic:
                 self._count(d, 0, "rx_dropped", cnt)
                 continue
             nq = d.queues[qi] if qi < d.n_queues else None
-            if nq is not None and nq.dma is None and d.spec.pause:
-                # A queue of the device that is stopped (a restart: a memory provider bound
-                # or unbound, ring or channel changes) holds its flows back like a starved
-                # one: the sources offer them again, nothing is lost.
-                self._count(d, qi, "rx_pause", 1)
-                continue
             if nq is None or nq.dma is None:
+                if d.waiting[qi]:  # stopped under pause (queue_stop): held back, not lost
+                    continue
                 consumed[rows] = True
                 self._count(d, qi, "rx_queue_stopped", cnt)
                 self._count(d, qi, "rx_dropped", cnt)
@@ -647,8 +650,11 @@ class Nic:
         for d in self.netdevs.values():
             if d.waiting.any():
                 for qi in np.flatnonzero(d.waiting).tolist():
+                    if qi >= d.n_queues:  # removed by channels-set: nothing to wait for
+                        d.waiting[qi] = False
+                        continue
                     dq = d.queues[qi].dma
-                    if dq is None or dq.try_resume():
+                    if dq is not None and dq.try_resume():  # a stopped queue keeps waiting
                         d.waiting[qi] = False
 
     def step(self, now: float | None = None) -> bool:

@@ -375,16 +375,23 @@ def test_stopped_queue_drops_with_pause_off(run_id: str) -> None:
 
 
 def test_stopped_queue_holds_flows_back_until_it_starts(nic: NicFixture, run_id: str) -> None:
-    """Pause on: frames for a stopped queue (as during a queue restart) wait, and arrive
-    once the queue is started and posted; nothing is dropped."""
+    """Pause on: frames for a stopped queue (a queue restart: stop, then start) wait, and
+    arrive once the queue is started and posted; nothing is dropped, and the NIC counts the
+    queue as waiting (it need not spin meanwhile)."""
     n, regions = nic
+    _, qs = setup_queues(n, run_id, regions, [0, 1])
+    for q in (0, 1):
+        n.queue_stop("eth0", q)
+    assert n.starved
     n.add_traffic("eth0", {"dport": 9000, "flows": 4, "bytes": 4056})
     for _ in range(5):
         n.step()
     assert stat(n, 0, "rx_queue_stopped") + stat(n, 1, "rx_queue_stopped") == 0
     assert stat(n, 0, "rx_pause") + stat(n, 1, "rx_pause") > 0
     assert not all(s.done for s in n.sources.values())
-    _, qs = setup_queues(n, run_id, regions, [0, 1])
+    d = n.dev("eth0")
+    for q, kq in qs.items():  # the restart's second half
+        n.queue_start("eth0", q, kq.map_id, d.spec.rx, d.min_slot_size)
     for _ in range(20):
         for kq in qs.values():
             kq.post()
