@@ -1009,7 +1009,7 @@ class RecvZcRequest(Request):
         if not cq.all_zc:
             # the first CQE whose copy finds the freelist empty
             ifq = self.ifq
-            free = ifq.space.free_count if not ifq.more_areas else ifq.free_count
+            free = ifq.free_count
             m_mem = int(np.searchsorted(np.cumsum(cq.copy), free,
                                         side="right"))
             m = min(m, m_mem)
