@@ -173,3 +173,32 @@ def test_app_run_unknown_program_is_a_usage_error() -> None:
         assert res.exit_code == 2
         assert "no-such-program-xyz" in res.output and len(res.output.splitlines()) == 1
         assert zcrx("app", "list", "--name", "ar5", "--json").output.strip() == "[]"
+
+
+@pytest.mark.timeout(90)
+def test_hand_started_program_exits_at_zcrx_cleanup(tmp_path: Path) -> None:
+    """`zcrx cleanup` (a crashed run's remedy) also ends a program that joined by hand: it
+    sees the kernel gone and exits with one line; nothing of the run is left."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("ZCRX_RUN")}
+    listening = tmp_path / "copy.ready"
+    with runs_dir():
+        zcrx("up", "--name", "ar6", "--netdev", "eth0:queues=1")
+        run_id = Run.open("ar6").run_id
+        env = {**base, **exports("ar6"), NOTIFY_ENV: str(listening)}
+        proc = subprocess.Popen([sys.executable, str(EXAMPLES / "copy_receiver.py"), "-p",
+                                 "8001"], env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 30
+            while not listening.exists() and proc.poll() is None:
+                assert time.monotonic() < deadline, "the receiver never said it listens"
+                time.sleep(0.02)
+            zcrx("cleanup", "--name", "ar6")
+            _, err = proc.communicate(timeout=20)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+    assert proc.returncode not in (0, None)
+    assert err.strip() and b"Traceback" not in err, err.decode()
+    assert list_run_segments(run_id) == []
