@@ -107,7 +107,8 @@ class Kernel:
         self.skbs = SkbStore()
         self.table = SocketTable()
         self.ctx = sc.KernelContext.create(run, self.skbs, self.table, kernel=kernel)
-        self.ctx.rings.napi_poll = self.napi_pass  # io_uring NAPI busy polling
+        # io_uring NAPI busy polling polls every queue with completions, scheduled or not
+        self.ctx.rings.napi_poll = lambda: self.napi_pass(busy_poll=True)
         self.netdevs: dict[str, NetDevice] = {}
         assert self.ctx.zcrx is not None
         self.zcrx = self.ctx.zcrx
@@ -223,15 +224,26 @@ class Kernel:
         work += self.zcrx.poll()  # requeued RECV_ZC passes, delayed ifq destruction
         return work
 
-    def napi_pass(self) -> int:
-        """NAPI on every queue with work pending (drained frames first); returns the
-        completions handled.  Also io_uring's NAPI busy poll (``IoUring.napi_poll``)."""
+    def napi_pass(self, *, busy_poll: bool = False) -> int:
+        """NAPI on every queue of each netdev's poll list (drained frames first); returns the
+        completions handled.
+
+        A queue is on its netdev's poll list (``napi_schedule``) from its interrupt until a
+        poll finds it idle: nothing completed and nothing to post.  Then ``napi_complete``
+        arms its interrupt and it leaves the list, so an idle queue costs the loop nothing
+        until the NIC interrupts for it again (Linux: ``napi_complete_done`` re-enables the
+        queue's IRQ; the softirq walks only the poll list).  ``busy_poll`` (io_uring's NAPI
+        busy polling, ``IoUring.napi_poll``) polls every queue with completions published,
+        scheduled or not, as a busy-polling syscall does."""
         work = 0
         for dev in self.netdevs.values():
             for batch in dev.take_drained():
                 work += self._deliver(batch, self.napi_id(dev.name, batch.queue))
-            for q in list(dev.queues):
+            queues = list(dev.queues) if busy_poll else list(dev.poll_list)
+            for q in queues:
                 if not dev.napi_pending(q):
+                    if not busy_poll and not dev.napi_complete(q):
+                        dev.poll_list.pop(q, None)
                     continue
                 batch = dev.napi_poll(q, NAPI_BUDGET)
                 if batch.doorbell:
@@ -240,6 +252,13 @@ class Kernel:
                     work += batch.completions
                     self._deliver(batch, self.napi_id(dev.name, q))
         return work
+
+    def irq(self, dev: Any, queue: Any) -> None:
+        """The NIC interrupted for ``dev`` queue ``queue``: put it on the poll list
+        (``napi_schedule``); an unknown device or queue is ignored (counted)."""
+        nd = self.netdevs.get(dev) if isinstance(dev, str) else None
+        if nd is None or not isinstance(queue, int) or not nd.napi_schedule(queue):
+            self.stats["irq_unknown_queue"] += 1
 
     def _deliver(self, batch: NapiBatch, napi_id: int = 0) -> int:
         """Hand a NAPI batch to TCP, free what TCP refused, run woken requests.  Every socket
@@ -261,19 +280,22 @@ class Kernel:
         return out
 
     def arm_interrupts(self) -> bool:
-        """Before sleeping: refill starved queues, arm every started queue's interrupt.
+        """Before sleeping: refill starved queues, arm the interrupt of every queue still on
+        a poll list and take it off (queues off the list are armed already).
 
         Returns True if work appeared meanwhile.  A queue whose pool came back
         short is refilled here too: buffers come home without any event (an app
         writing RQEs, a socket consuming skbs), and the NIC, paused for lack of
-        buffers, waits for our doorbell.  While a queue stays starved the loop
-        sleeps only briefly (:meth:`next_timer_ms`).
+        buffers, waits for our doorbell.  Such a queue stays on the poll list; while
+        one does, the loop sleeps only briefly (:meth:`next_timer_ms`).
         """
         pending = False
         self._starved = False
         for dev in self.netdevs.values():
-            for q, rq in dev.queues.items():
-                if not rq.started:
+            for q in list(dev.poll_list):
+                rq = dev.queues.get(q)
+                if rq is None or not rq.started:
+                    dev.poll_list.pop(q, None)
                     continue
                 if len(rq.posted) < rq.ring_size:
                     posted, bell = dev.refill(q)
@@ -282,9 +304,15 @@ class Kernel:
                     if posted:
                         pending = True
                     elif len(rq.posted) < rq.ring_size:
+                        # stays scheduled (the pool is short, not the queue idle), with
+                        # its interrupt armed too so completions still wake us early
                         self._starved = True
+                        pending |= dev.napi_complete(q)
+                        continue
                 if dev.napi_complete(q):
                     pending = True
+                else:
+                    dev.poll_list.pop(q, None)
         return pending
 
     def next_timer_ms(self) -> int:

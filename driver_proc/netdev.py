@@ -259,6 +259,9 @@ class NetDevice:
         self.skbs = skbs
         self.pp_buffers = pp_buffers
         self.queues: dict[int, _RxQueue] = {}
+        #: the NAPI poll list: started queues whose interrupt fired and that a poll has not
+        #: yet found idle (an ordered set; see :meth:`napi_schedule`, :meth:`napi_complete`)
+        self.poll_list: dict[int, None] = {}
         self.stats = np.zeros((self.max_queues, len(QUEUE_STATS)), dtype=np.int64)
         #: pools of freed queues still waiting for buffers held by skbs or users
         self.dying: list[PagePool] = []
@@ -433,6 +436,7 @@ class NetDevice:
         if self.nic_alive:
             self._call("nic.queue_stop", {"dev": self.name, "queue": q})
         rq.started = False
+        self.poll_list.pop(q, None)
         batches = []
         if self.nic_alive:
             # The NIC has stopped: the completion tail is final.  Bounded against a NIC that
@@ -607,9 +611,10 @@ class NetDevice:
     def napi_pending(self, q: int) -> bool:
         """Whether :meth:`napi_poll` of ``q`` would find anything to do: a completion
         published (the raw tail differs from our head: one u32 load, validated by the poll
-        itself) or buffers to post.  The kernel loop skips queues without either, the way
-        Linux polls only the NAPI instances on its poll list; a busy loop then costs about
-        nothing per idle queue (it was a full poll, ~5 us, per queue per pass)."""
+        itself) or buffers to post.  The kernel loop asks it only for the queues on
+        :attr:`poll_list` (and a busy poll for every queue); a queue without either leaves
+        the list through :meth:`napi_complete`, so an idle queue costs nothing until its
+        next interrupt."""
         rq = self.queues.get(q)
         if rq is None or not rq.started or rq.comp is None:
             return False
@@ -778,6 +783,16 @@ class NetDevice:
         if rq is None or not rq.started:
             return 0, False
         return self._refill(rq)
+
+    def napi_schedule(self, q: int) -> bool:
+        """Put started queue ``q`` on the poll list (its interrupt fired, or a re-armed
+        queue raced with new completions).  Returns False for a queue that is not started.
+        The list is insertion-ordered: queues are polled in the order they were scheduled."""
+        rq = self.queues.get(q)
+        if rq is None or not rq.started:
+            return False
+        self.poll_list[q] = None
+        return True
 
     def napi_complete(self, q: int) -> bool:
         """Arm the interrupt (need-wakeup on the completion ring) and re-check.
