@@ -27,7 +27,7 @@ from launch.run import DEFAULT_APP_UID_BASE
 from launch.topology import APPS
 from shared import abi
 from shared.errors import ZcrxError
-from shared.nicif import MAX_QUEUES
+from shared.nicif import MAX_QUEUES, MAX_SNAPLEN
 from shared.shm import list_run_segments
 
 EXIT_CHECK_FAILED = 1
@@ -1066,7 +1066,7 @@ def _has_ipv6_loopback() -> bool:
               help="Only the frames steered to this queue (default: every queue).")
 @click.option("-c", "count", type=click.IntRange(0), default=0,
               help="Stop after this many frames (0: at Ctrl-C or SIGTERM).")
-@click.option("-s", "snaplen", type=click.IntRange(1, 262144), default=262144,
+@click.option("-s", "snaplen", type=click.IntRange(1, MAX_SNAPLEN), default=MAX_SNAPLEN,
               show_default=True, help="Bytes kept of each frame.")
 @click.option("-w", "out", required=True, metavar="FILE",
               help="pcap file to write; - streams it to stdout (| tcpdump -r -).")

@@ -82,6 +82,7 @@ from shared.nicif import (
     MAX_MTU,
     MAX_NETDEVS,
     MAX_QUEUES,
+    MAX_SNAPLEN,
     MIN_MTU,
     QC,
     QUEUE_COUNTERS,
@@ -490,7 +491,7 @@ class Nic:
         return src
 
     def capture_start(self, dev: str, path: str, *, queue: int = -1, count: int = 0,
-                      snaplen: int = 262144) -> int:
+                      snaplen: int = MAX_SNAPLEN) -> int:
         """Write what ``dev`` (queue ``queue``, -1 all) takes off the wire to ``path``."""
         d = self.dev(dev)
         if queue >= d.n_queues or queue < -1:

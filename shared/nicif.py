@@ -132,6 +132,8 @@ QC = {name: i for i, name in enumerate(QUEUE_COUNTERS)}
 #: Upper bounds the stats block is sized for.
 MAX_NETDEVS = 8
 MAX_QUEUES = 64
+#: Largest pcap snapshot length a capture accepts (tcpdump's own maximum).
+MAX_SNAPLEN = 262144
 
 
 # -- netdev specs -------------------------------------------------------------------------
@@ -341,7 +343,7 @@ register_type("nic.pcap", {**_DEV, "path": str},
               reply=Schema.make({"source": int, "frames": int, "flows": int}),
               doc="Replay a capture file the NIC reads (see nic_proc.pcap).")
 register_type("nic.capture_start", {**_DEV, "path": str},
-              optional={"queue": (int, -1), "count": (int, 0), "snaplen": (int, 262144)},
+              optional={"queue": (int, -1), "count": (int, 0), "snaplen": (int, MAX_SNAPLEN)},
               reply=Schema.make({"capture": int}),
               doc="Write what the netdev takes off the wire to a pcap file (nic_proc.capture).")
 register_type("nic.capture_status", {"capture": int}, reply=Schema.make(open=True),
@@ -357,7 +359,8 @@ register_type("nic.source_stop", {"source": int}, doc="Stop a traffic source.")
 register_type("irq", _DEVQ, doc="NIC -> kernel: completions ready on an armed queue.")
 register_type("nic.doorbell", _DEVQ, doc="kernel -> NIC: buffers posted on a waiting queue.")
 
-__all__ = ["MAX_MTU", "MAX_NETDEVS", "MAX_QUEUES", "MAX_RING", "MIN_MTU", "NETDEV_FIELDS",
+__all__ = ["MAX_MTU", "MAX_NETDEVS", "MAX_QUEUES", "MAX_RING", "MAX_SNAPLEN", "MIN_MTU",
+           "NETDEV_FIELDS",
            "PAGE_SIZE", "QC", "QUEUE_COUNTERS", "NetdevSpec", "QueueLayout", "hdr_slot_size",
            "is_pow2", "queue_region_object", "stats_block_bytes", "stats_block_shape",
            "valid_buf_len"]
