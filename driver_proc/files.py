@@ -124,7 +124,8 @@ class SocketFile:
     """One socket file.  ``conn`` is set once connected (accepted), ``listener`` once listening.
 
     ``waiters`` is the socket's wait queue: io_uring requests armed for readiness, woken in
-    order by :meth:`Sockets.wake`.
+    order by :meth:`Sockets.wake` (an insertion-ordered dict: arming and disarming one of
+    thousands of armed ACCEPTs is O(1)).
     """
 
     domain: int
@@ -138,7 +139,7 @@ class SocketFile:
     listener: Listener | None = None
     conn: TcpReceiver | None = None
     backlog: int = 0
-    waiters: list[Waiter] = field(default_factory=list)
+    waiters: dict[Waiter, None] = field(default_factory=dict)
 
     @property
     def is_listening(self) -> bool:
@@ -305,8 +306,15 @@ class Sockets:
 
     @staticmethod
     def wake(sf: SocketFile) -> None:
-        """Run the socket's armed requests, oldest first (each may disarm itself)."""
+        """Run the socket's armed requests, oldest first (each may disarm itself).
+
+        On a listener the wake is exclusive, as Linux's accept wait is: requests are woken
+        only while connections wait in the accept queue, so one new connection runs one
+        ACCEPT, not every ACCEPT armed on the socket."""
+        lst = sf.listener
         for w in list(sf.waiters):
+            if lst is not None and not lst.accept_queue_len:
+                break
             if w in sf.waiters:
                 w.wake()
 
@@ -316,7 +324,7 @@ class Sockets:
         """Release the socket: cancel armed requests, free every skb it still holds."""
         if sf.state == _STATE_CLOSED:
             return
-        waiters, sf.waiters = sf.waiters, []
+        waiters, sf.waiters = list(sf.waiters), {}
         for w in waiters:
             w.cancel(cancel_res)
         if sf.conn is not None:
@@ -365,6 +373,8 @@ class Task:
         #: the control-plane identity that speaks for this task (zmq routing id)
         self.peer = peer
         self.files: dict[int, Any] = {}
+        #: no descriptor below this is free (Linux's ``files->next_fd`` hint)
+        self._next_fd = FIRST_FD
         self.nofile = NOFILE  # RLIMIT_NOFILE soft limit (setrlimit)
         self.dead = False
 
@@ -381,12 +391,13 @@ class Task:
 
     def install(self, obj: Any) -> int:
         """Put ``obj`` in the lowest free descriptor (>= 3); ``-EMFILE`` when full."""
-        fd = FIRST_FD
+        fd = self._next_fd
         while fd in self.files:
             fd += 1
         if fd >= self.nofile:
             raise Misuse("too many open files", errno.EMFILE)
         self.files[fd] = obj
+        self._next_fd = fd + 1
         return fd
 
     def can_install(self) -> bool:
@@ -407,9 +418,12 @@ class Task:
         return obj
 
     def remove(self, fd: int) -> Any:
-        """Take ``fd`` out of the table and return its file; ``-EBADF`` if none."""
-        obj = self.get(fd)
-        del self.files[fd]
+        """Take ``fd`` out of the table and return its file; ``-EBADF`` if none.  (A slot
+        :meth:`install` reserved with ``None`` inside one syscall is released too.)"""
+        if fd not in self.files:
+            raise Misuse(f"bad file descriptor {fd}", errno.EBADF)
+        obj = self.files.pop(fd)
+        self._next_fd = min(self._next_fd, fd)
         return obj
 
     def fd_of(self, obj: Any) -> int | None:

@@ -923,7 +923,7 @@ def test_close_of_a_ring_unlinks_its_regions_and_drops_requests(ctx, skbs, app):
     assert kring.closed and not kring.inflight
     peer.send(b"late data")  # the dropped request is off the socket: nothing runs
     sock = task_of(ctx, app).get_socket(cfd)
-    assert sock.waiters == [] and sock.conn.rxq.nbytes == 9
+    assert not sock.waiters and sock.conn.rxq.nbytes == 9
 
 
 def test_task_exit_closes_everything(ctx, skbs, run_id):

@@ -83,6 +83,8 @@ class FakeNic:
         self.refuse: dict[str, int] = {}
         self.bad_map_reply = False
         self.irqs = 0
+        #: queues whose interrupt fired, in order, until the harness takes them
+        self.irq_queues: list[int] = []
         self.iommu_faults = 0
 
     def call(self, type: str, body: Any = None) -> dict[str, Any]:
@@ -207,6 +209,7 @@ class FakeNic:
             if fq.comp_armed():
                 fq.disarm()
                 self.irqs += 1
+                self.irq_queues.append(q)
         return done
 
     def doorbell(self, q: int) -> None:

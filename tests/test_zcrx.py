@@ -98,6 +98,9 @@ class KernelThread:
             while not self._stop.is_set():
                 server.poll_once(1)
                 server.process_pending()
+                irqs, self.nic.irq_queues = self.nic.irq_queues, []
+                for q in irqs:  # the NIC's interrupts put the queues on the poll list
+                    k.irq(self.nic.info["name"], q)
                 k.poll()
                 while True:
                     try:
