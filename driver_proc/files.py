@@ -45,6 +45,7 @@ from driver_proc.mm import Mm
 from driver_proc.tcp import Listener, SocketTable, TcpReceiver, TcpState, ip_bytes, split_flow_key
 from shared.errors import Misuse
 from shared.shm import owner_prefix
+from shared.watch import parent_pid
 
 __all__ = [
     "AF_INET",
@@ -433,16 +434,6 @@ class Task:
         return None
 
 
-def _ppid(pid: int) -> int:
-    """The parent of ``pid`` as /proc says (0 when gone or unreadable)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-        return int(stat[stat.rindex(b")") + 2:].split()[1])
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
 class CapGrants:
     """CAP_NET_ADMIN as the run's launcher granted it: to the pid of a process it started (and
     what that process runs), while that process lives (the kernel drops the grant when the
@@ -460,7 +451,7 @@ class CapGrants:
         for _ in range(64):
             if pid in self.pids:
                 return True
-            pid = _ppid(pid)
+            pid = parent_pid(pid)
             if pid <= 1:
                 return False
         return False

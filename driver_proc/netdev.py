@@ -12,8 +12,10 @@ NIC with ``nic.dma_map`` (the contract is :mod:`shared.nicif`):
   pages (:class:`~driver_proc.page_pool.BufferSpace`), a new generation per queue setup, so
   a restarted queue gets a fresh pool while skbs still hold buffers of the old one (delayed
   destruction: the old region is unlinked when its last buffer comes home).  A queue bound
-  to a memory provider (a zcrx area, :meth:`NetDevice.mp_open_rxq`) uses the provider's
-  space instead.
+  to a memory provider (a zcrx ifq, :meth:`NetDevice.mp_open_rxq`) uses the provider's
+  spaces instead: a :class:`~driver_proc.page_pool.SpaceSet` (the ifq's areas, each its own
+  DMA mapping), whose buffer keys the posted FIFO holds; a fill descriptor's IOVA is its
+  space's mapping plus ``buffer * buf_len``.
 
 The driver trusts nothing the NIC writes: the completion ring is read as an untrusted peer's
 (tail clamped, faults counted), every completion is validated (header slot = ring index,
@@ -52,11 +54,14 @@ import numpy as np
 from numpy.typing import NDArray
 
 from driver_proc.page_pool import (
+    KEY_MASK,
+    KEY_SHIFT,
     BufferSpace,
     IdFifo,
     KernelPagesProvider,
     MemoryProvider,
     PagePool,
+    SpaceSet,
 )
 from driver_proc.skb import SkbStore
 from driver_proc.tcp import FLOW_KEY_LEN, flow_keys
@@ -195,6 +200,8 @@ class _RxQueue:
     map_id: int | None = None
     provider: MemoryProvider | None = None
     space: BufferSpace | None = None
+    #: the spaces the pool draws from (posted FIFO entries are keys of this set)
+    spaces: SpaceSet | None = None
     space_map_id: int | None = None
     own_space_map: bool = False
     own_space: bool = False
@@ -205,7 +212,9 @@ class _RxQueue:
     posted: IdFifo = field(default_factory=lambda: IdFifo(1))
     desc: NDArray[np.void] = field(default_factory=lambda: np.zeros(0, abi.nic_rx_desc))
     expect: NDArray[np.int64] = field(default_factory=lambda: _EMPTY_I64)
-    iova_base: np.uint64 = field(default_factory=lambda: np.uint64(0))
+    #: IOVA of buffer 0 of each space of ``spaces`` (each its own DMA mapping)
+    iova_bases: NDArray[np.uint64] = field(
+        default_factory=lambda: np.zeros(1, dtype=np.uint64))
     buf_len: int = 0
     started: bool = False
 
@@ -379,6 +388,7 @@ class NetDevice:
                 provider = KernelPagesProvider(space)
             rq.provider = provider
             rq.space = provider.space
+            rq.spaces = provider.spaces
             rq.buf_len = rq.space.buf_len
             if provider.dma_map_id is None:
                 rq.space_map_id = self._dma_map(rq.space.name, rq.space.region_size)
@@ -387,7 +397,7 @@ class NetDevice:
                 raise Misuse(f"memory provider map id {provider.dma_map_id} out of range")
             else:
                 rq.space_map_id = provider.dma_map_id
-            rq.iova_base = np.uint64(abi.make_iova(rq.space_map_id, rq.space.offset))
+            self._map_spaces(rq)
             own = rq.own_space
             rq.pool = PagePool(provider, name=f"{self.name}.q{q}",
                                on_destroyed=lambda pool: self._pool_destroyed(pool, own))
@@ -398,6 +408,19 @@ class NetDevice:
         rq.desc = np.zeros(rq.ring_size, dtype=abi.nic_rx_desc)
         rq.expect = np.arange(rq.ring_size, dtype=np.int64)
         self.queues[q] = rq
+
+    def _map_spaces(self, rq: _RxQueue) -> None:
+        """The IOVA of buffer 0 of each space of the queue's set: the driver's own mapping
+        for space 0 of kernel pages, the provider's for every space of a provider (a zcrx
+        area is mapped at registration, an added one when it is added)."""
+        assert rq.spaces is not None and rq.provider is not None
+        bases = np.empty(len(rq.spaces), dtype=np.uint64)
+        for i, sp in enumerate(rq.spaces.spaces):
+            mid = rq.space_map_id if i == 0 else rq.provider.map_id(i)
+            if mid is None or not 0 <= mid <= _MAX_MAP_ID:
+                raise Misuse(f"{sp}: no DMA mapping for the NIC (map id {mid})")
+            bases[i] = abi.make_iova(mid, sp.offset)
+        rq.iova_bases = bases
 
     def queue_start(self, q: int) -> None:
         """Post buffers (the fill ring full), start the NIC queue, arm its interrupt."""
@@ -454,8 +477,8 @@ class NetDevice:
     def _reclaim(self, rq: _RxQueue) -> None:
         ids = rq.posted.pop(len(rq.posted))
         if len(ids):
-            assert rq.space is not None
-            rq.space.put_ref(ids)
+            assert rq.spaces is not None
+            rq.spaces.put_ref(ids)
             self.stats[rq.index, _STOP_RECLAIMED] += len(ids)
 
     def queue_free(self, q: int) -> None:
@@ -492,7 +515,7 @@ class NetDevice:
             rq.pool = None
         elif rq.space is not None and rq.own_space:
             rq.space.close()
-        rq.space = None
+        rq.space = rq.spaces = None
 
     def _pool_destroyed(self, pool: PagePool, own_space: bool) -> None:
         """The last buffer of a freed queue's pool came home: forget it, and unlink its
@@ -624,8 +647,8 @@ class NetDevice:
         q = rq.index
         st = self.stats[q]
         st[_NAPI_POLLS] += 1
-        comp, space = rq.comp, rq.space
-        assert comp is not None and space is not None and rq.slots is not None
+        comp, spaces = rq.comp, rq.spaces
+        assert comp is not None and spaces is not None and rq.slots is not None
         faults = comp.faults
         view = comp.peek(max(0, budget))
         k = len(view)
@@ -693,7 +716,7 @@ class NetDevice:
                 flen = np.clip(plen[owner] - j * B, 0, B)  # trims Ethernet padding
                 keep = good[owner] & (flen > 0)
                 if np.count_nonzero(keep) != F:
-                    space.put_ref(bufs[~keep])
+                    spaces.put_ref(bufs[~keep])
                 keep_bufs, keep_lens = bufs[keep], flen[keep]
                 counts = np.bincount(owner[keep], minlength=k)
                 nf_skb = counts if all_good else counts[good]
@@ -707,11 +730,11 @@ class NetDevice:
             n_lin = int(np.count_nonzero(lin))
             if n_lin:
                 handles = self.skbs.add_batch(
-                    n_good, space=space, nr_frags=nf_skb, frag_bufs=keep_bufs,
+                    n_good, space=spaces, nr_frags=nf_skb, frag_bufs=keep_bufs,
                     frag_lens=keep_lens, lin_src=rq.slots[start:start + k], lin_row=gi,
                     lin_off=gpoff, lin_len=np.where(lin, gplen, 0))
             else:
-                handles = self.skbs.add_batch(n_good, space=space, nr_frags=nf_skb,
+                handles = self.skbs.add_batch(n_good, space=spaces, nr_frags=nf_skb,
                                               frag_bufs=keep_bufs, frag_lens=keep_lens)
             keys = flow_keys(pg["src_addr"], pg["sport"], pg["dst_addr"], pg["dport"])
             # p is this poll's own array: its fields can be handed out without copies.
@@ -751,20 +774,31 @@ class NetDevice:
         if m == 0:
             return 0, False
         d = rq.desc[:m]
-        iova = ids.astype(np.uint64)
-        iova *= np.uint64(rq.buf_len)
-        iova += rq.iova_base
+        bases = rq.iova_bases
+        if len(bases) != len(pool.spaces):  # the provider added a space (a zcrx area)
+            self._map_spaces(rq)
+            bases = rq.iova_bases
+        if len(bases) == 1:
+            iova = ids.astype(np.uint64)
+            iova *= np.uint64(rq.buf_len)
+            iova += bases[0]
+            d["buf_id"] = ids
+        else:
+            # keys of several spaces (a zcrx ifq's areas): each space is its own mapping
+            bid = ids & KEY_MASK
+            iova = bid.astype(np.uint64)
+            iova *= np.uint64(rq.buf_len)
+            iova += bases[ids >> KEY_SHIFT]
+            d["buf_id"] = bid
         d["iova"] = iova
         d["len"] = rq.buf_len
-        d["buf_id"] = ids
         faults = fill.faults
         pushed = fill.push(d)
         if fill.faults != faults:
             st[_RING_FAULTS] += fill.faults - faults
         if pushed < m:
             # Only a NIC scribbling over the fill ring's head gets here.
-            assert rq.space is not None
-            rq.space.put_ref(ids[pushed:])
+            pool.put_ref(ids[pushed:])
             ids = ids[:pushed]
         pool.post(ids)
         rq.posted.push(ids)
@@ -984,13 +1018,13 @@ class NetDevice:
                 "slot_size": rq.slot_size,
                 "rx_buf_len": rq.buf_len,
                 "page_pool": pool.id if pool is not None else None,
-                "buffers": rq.space.count if rq.space is not None else 0,
+                "buffers": rq.spaces.total if rq.spaces is not None else 0,
                 "posted": len(rq.posted),
                 "in_flight": pool.inflight - len(rq.posted) if pool is not None else 0,
                 "binding": rq.binding,
                 "provider": self.binding(q),
                 "mp_draining": q in self.mp_draining,
-                "ledger": rq.space.ledger() if rq.space is not None else {},
+                "ledger": _ledger_sum(rq.spaces),
                 "stats": self.queue_stats(q),
             })
         return {"name": self.name, "ifindex": self.ifindex, "up": self.up,
@@ -1009,11 +1043,15 @@ class NetDevice:
         spaces: dict[int, BufferSpace] = {}
         posted: dict[int, int] = {}
         for rq in self.queues.values():
-            if rq.space is not None:
-                spaces[rq.space.space_id] = rq.space
-                posted[rq.space.space_id] = posted.get(rq.space.space_id, 0) + len(rq.posted)
+            if rq.spaces is not None:
+                for sp in rq.spaces.spaces:
+                    spaces[sp.space_id] = sp
+                for sp, ids in rq.spaces.groups(rq.posted.peek_all()):
+                    posted[sp.space_id] = posted.get(sp.space_id, 0) + len(ids)
         for pool in self.dying:
-            spaces[pool.space.space_id] = pool.space
+            for sp in pool.spaces.spaces:
+                if not sp.closed:
+                    spaces[sp.space_id] = sp
         skb_refs = self.skbs.refs_by_space()
         for sid, sp in spaces.items():
             led = sp.check_ledger()
@@ -1025,6 +1063,19 @@ class NetDevice:
                     + int(sp.user_refs.sum()))
             if refs != held:
                 raise InvariantBroken(f"{sp}: {refs} page-pool references, {held} holders")
+
+
+def _ledger_sum(spaces: SpaceSet | None) -> dict[str, int]:
+    """Buffers per state over every space of a queue's set (empty without one)."""
+    if spaces is None:
+        return {}
+    if len(spaces) == 1:
+        return spaces.spaces[0].ledger()
+    total: dict[str, int] = {}
+    for sp in spaces.spaces:
+        for k, v in sp.ledger().items():
+            total[k] = total.get(k, 0) + v
+    return total
 
 
 def _opt_int(req: Mapping[str, Any], key: str) -> int | None:
