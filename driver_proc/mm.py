@@ -2,7 +2,8 @@
 
 Linux resolves a user address by walking the task's page tables; the emulated kernel resolves
 it through this table (DESIGN §2 "Emulated address space").  An app enters a shm region it
-created into its mm with the ``mm_map`` syscall and gets a virtual address back; it then passes
+created (a sealed memfd, by descriptor, or a named segment) into its mm with the ``mm_map``
+syscall and gets a virtual address back; it then passes
 that address in SQEs and uapi structs (``sqe.addr``, ``io_uring_buf_reg.ring_addr``,
 ``area_reg.addr``...).  The kernel turns ``(addr, length, write)`` into a numpy ``uint8`` view
 of the backing region with :meth:`Mm.resolve`, exactly where the real kernel would call
@@ -10,11 +11,12 @@ of the backing region with :meth:`Mm.resolve`, exactly where the real kernel wou
 
 Who owns what
 -------------
-* The **app** creates, writes and unlinks the regions it maps (``/zcrx.<run>.app<tid>.*``).
-  :meth:`Mm.map` opens the segment once (see "Untrusted memory" below) and keeps that file
-  descriptor; :class:`Mm` maps it into the kernel process lazily, on the first
-  :meth:`Mm.resolve` that needs it, and closes both when no mapping refers to it any more.  It
-  never unlinks an app region.
+* The **app** creates the memory it maps: by default a sealed memfd (no name; the app closes
+  it), else a named segment (``/zcrx.<run>.app<tid>.*``, which it unlinks).  :meth:`Mm.map`
+  (by name) and :meth:`Mm.map_fd` (by descriptor) open it once (see "Untrusted memory"
+  below) and keep that file descriptor; :class:`Mm` maps it into the kernel process lazily,
+  on the first :meth:`Mm.resolve` that needs it, and closes both when no mapping refers to it
+  any more.  It never unlinks an app region.
 * **Kernel regions** (io_uring rings, SQEs, kernel-allocated buffer rings, zcrx RQ) enter the
   mm through the ``mmap`` syscall on a ring fd (``map(..., kernel=True)``); the kernel keeps
   owning and unlinking them.  As on Linux the mapping stays valid after the ring is closed,
@@ -56,19 +58,49 @@ app region is accepted only if it is
 * **owned by the task's uid** (``-EACCES``).  ``Mm(uid=...)`` is the owner the kernel expects;
   it defaults to the kernel's own uid, right as long as every process of a run has one uid.
 
+:meth:`Mm.map_fd` (``mm_map`` by descriptor) opens ``/proc/<pid>/fd/<fd>``, ``pid`` being the
+task's process as the OS named it at ``attach`` (SO_PEERCRED), never a message field.  That
+path is a magic link, so ``O_NOFOLLOW`` does not apply: the kernel ``stat``-s its target first
+and opens nothing but a regular file (a directory, socket, pipe, device or eventfd is
+``-ENODEV``, as Linux's ``mmap`` of a file that cannot be mapped), then checks the task's
+pidfd is still alive after the open (if the process died and its pid was reused in between,
+the descriptor was someone else's: ``-ESRCH``) and that the inode opened is the one stat-ed
+(``-EBADF``: the task swapped the number meanwhile).  It accepts shared memory only (a memfd
+or a tmpfs file: ``F_GET_SEALS`` works; a file on disk is ``-ENODEV``), with at most one link
+(a memfd has none), owned by the task's uid (``-EACCES``); ``PROT_WRITE`` on memory sealed
+``F_SEAL_WRITE``/``F_SEAL_FUTURE_WRITE`` is ``-EPERM`` (Linux's ``mmap``).  A descriptor number
+the task does not hold is ``-EBADF``.  The kernel keeps its own descriptor, so whatever the
+task does with its number afterwards (close it, ``dup2`` another memfd over it) changes
+nothing.
+
 Each refusal is counted per reason in :attr:`Mm.refused` and in the kernel-wide
 :data:`MM_COUNTERS` (``map_refused_<reason>``).  Kernel regions (``kernel=True``) are opened
 the same way (``O_NOFOLLOW``, regular file) but need no owner or link check.
 
 Every method raises :class:`~shared.errors.Misuse` with the Linux errno; nothing an app passes
-or does to its segments (unlink, replace, symlink, hard link) can raise anything else
-(``OSError`` from attaching becomes ``-EFAULT``).  A segment the app truncates *after* the
-kernel attached it would fault the kernel process (SIGBUS) on its next access past the new end:
-every :meth:`Mm.resolve` therefore ``fstat``-s an app backing and serves only the bytes it
-still has (``-EFAULT`` past them, counted in ``access_shrunk``).  Residual holes: a truncate
-racing the copy itself, and the long-lived pins (:meth:`Mm.pin_region` of a zcrx area, the
-user RQ and buffer-ring memory the kernel keeps a view of), which are not re-checked per
-access; Linux pins pages, and tmpfs files opened by name cannot be sealed.
+or does to its memory (unlink, replace, symlink, hard link, truncate) can raise anything else
+(``OSError`` from attaching becomes ``-EFAULT``).
+
+Shrinking.  Touching a mapping past its file's new end is SIGBUS, which would kill the
+kernel (or the NIC) process.  Linux pins the pages of long-lived buffers; here the memory
+must be sealed so that it cannot shrink:
+
+* **Long-lived pins** (:meth:`Mm.pin_region` of a zcrx area, :meth:`Mm.pin` of a user-memory
+  RQ or a buffer ring: views the kernel keeps, and the area the NIC maps) need app memory
+  sealed ``F_SEAL_SHRINK | F_SEAL_SEAL`` (read with ``F_GET_SEALS`` at the pin; seals only
+  grow, so nothing can undo them), else ``-EFAULT``, counted as ``pin_refused_unsealed``.
+  ``-EFAULT`` because it is what ``pin_user_pages`` reports for memory it cannot pin and what
+  these registrations already answer for a bad pointer (``-EINVAL`` would blame an argument
+  of the struct).  A named segment can never be pinned: tmpfs files made by name come with
+  ``F_SEAL_SEAL`` and no way to add seals.  Kernel regions are the kernel's own and never
+  shrink.
+* **Short accesses** (a RECV copy, a struct read): a backing sealed ``F_SEAL_SHRINK`` is
+  served as is; any other app backing is ``fstat``-ed per access and only the bytes it still
+  has are served (``-EFAULT`` past them, counted in ``access_shrunk``).
+
+Residual hole: an unsealed backing (a named segment, an unsealed memfd) truncated between that
+``fstat`` and the copy itself.  The library maps only sealed memory unless asked for a named
+segment (``alloc_memory(named=True)``).
 """
 
 from __future__ import annotations

@@ -352,3 +352,29 @@ def test_the_nic_maps_the_inode_behind_the_kernels_descriptor_not_the_name(run_i
         io.unmap_all()
         named.close()
         sealed.close()
+
+
+def test_the_nic_process_opens_the_callers_descriptor_by_its_credentials(run_id: str,
+                                                                         tmp_path: Path) -> None:
+    """The real NIC: ``nic.dma_map`` with a descriptor of this process (playing the kernel)
+    is mapped through ``/proc/<pid the OS gave the connection>/fd/<fd>``, inode checked."""
+    from test_nic_proc import NicRun
+
+    sealed = Region.memfd(region_name(run_id, "app1", "area"), 4 * PAGE_SIZE)
+    nr = NicRun(run_id, tmp_path)
+    try:
+        st = os.fstat(sealed.fd)
+        mid = nr.call("nic.dma_map", name=sealed.name, size=4 * PAGE_SIZE, fd=sealed.fd,
+                      dev=st.st_dev, ino=st.st_ino)["map_id"]
+        assert mid > 0
+        nr.call("nic.dma_unmap", map_id=mid)
+        for body, want in (({"fd": sealed.fd, "dev": st.st_dev, "ino": st.st_ino + 1},
+                            errno.EINVAL),                    # another inode at that number
+                           ({"fd": (1 << 20) - 1, "dev": 0, "ino": 0}, errno.ENOENT)):
+            with pytest.raises(ControlError) as ei:
+                nr.call("nic.dma_map", name=sealed.name, size=PAGE_SIZE, **body)
+            assert ei.value.errno == want
+        assert nr.proc.poll() is None
+    finally:
+        assert nr.stop() == 0, nr.logtext()
+        sealed.close()
