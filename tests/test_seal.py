@@ -10,7 +10,8 @@ makes the memory it registered as short as it can (``ftruncate`` to 0 or a page,
 to add a seal, then swaps another memfd under its descriptor number, and only then lets data
 flow.  Before the fix the child died of SIGBUS (the kernel's copy into the area, the kernel
 reading the RQ or the buffer ring, the NIC's DMA into the area); now every attempt is refused
-(``EPERM``), the kernel and the NIC live, and the stream arrives byte-exact.
+(``EPERM``), the kernel and the NIC live, the stream arrives byte-exact, every buffer ledger
+is whole and a neighbour app's stream is byte-exact too.
 
 The other tests run in-process: memory that is not sealed is refused for a pin with
 ``-EFAULT`` (counted as ``pin_refused_unsealed``), a neighbour stays byte-exact, and the NIC
@@ -165,6 +166,34 @@ elif case == "pbuf":
         got += bufs.view[bid * PAGE:(bid + 1) * PAGE].tobytes()
     assert got == data
     out["bytes"] = len(got)
+
+
+def ledgers(k):
+    k.zcrx.check_ledger()  # raises InvariantBroken if a buffer is lost
+    for dev in k.netdevs.values():
+        dev.check_ledger()
+
+
+kt.call(ledgers)
+# a well-behaved neighbour: its stream byte-exact after all that
+nb = S.Kernel(tmp, run=run_id, name="neighbour")
+nb.attach()
+nring = L.io_uring_queue_init(8, kernel=nb)
+nmem = nb.alloc_memory(4 * PAGE, tag="rx")
+_, nfd = tz.accept_conn(kt, nb, nring, sport=41000, port=8001)
+ndata = tz.stream(41000, 0, 3 * PAGE + 123)
+kt.send(41000, ndata, dport=8001)
+got = b""
+while len(got) < len(ndata):
+    sqe = L.io_uring_get_sqe(nring)
+    L.io_uring_prep_recv(sqe, nfd, nmem.addr, 4 * PAGE)
+    L.io_uring_submit(nring)
+    for c in tz.wait_cqes(nring):
+        assert c.res > 0, c
+        got += nmem.view[:c.res].tobytes()
+out["neighbour_exact"] = got == ndata
+L.io_uring_queue_exit(nring)
+nb.close()
 out["mm"] = dict(kt.call(lambda k: k._sys_stats(None, b"")["mm"]))
 out["kernel_error"] = repr(kt.error) if kt.error is not None else None
 L.io_uring_queue_exit(ring)
@@ -202,7 +231,7 @@ def test_shrinking_pinned_memory_cannot_kill_the_kernel_or_the_nic(case: str, ru
     assert out["tried"] == _REFUSED, out["tried"]  # sealed: every attempt refused
     assert out["bytes"] == {"area": 60000, "rq": 60000, "pbuf": 3 * PAGE_SIZE,
                             "area-hw": 3 * 40 * 1460}[case]
-    assert out["kernel_error"] is None
+    assert out["kernel_error"] is None and out["neighbour_exact"]
     assert out["mm"].get("access_shrunk", 0) == 0
 
 
