@@ -45,7 +45,7 @@ from driver_proc.mm import Mm
 from driver_proc.tcp import Listener, SocketTable, TcpReceiver, TcpState, ip_bytes, split_flow_key
 from shared.errors import Misuse
 from shared.shm import owner_prefix
-from shared.watch import parent_pid
+from shared.watch import PidWatch, parent_pid
 
 __all__ = [
     "AF_INET",
@@ -378,6 +378,9 @@ class Task:
         self._next_fd = FIRST_FD
         self.nofile = NOFILE  # RLIMIT_NOFILE soft limit (setrlimit)
         self.dead = False
+        #: the pidfd the kernel holds on the process (set by the kernel loop at attach;
+        #: ``mm_map`` by descriptor checks it after opening ``/proc/<pid>/fd/<n>``)
+        self.watch: PidWatch | None = None
 
     def __repr__(self) -> str:
         return f"<Task {self.tid} pid={self.pid} {self.name!r} fds={sorted(self.files)}>"

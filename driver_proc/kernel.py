@@ -190,6 +190,8 @@ class Kernel:
                 # gone between connect and attach: reap it now, never keep it unwatched
                 self.task_died(task.tid)
                 raise Misuse(f"process {task.pid} is gone", errno=errno.ESRCH)
+            if task is not None:
+                task.watch = self.watch.get(f"task:{task.tid}")
             return res
 
         h["attach"] = watched_attach

@@ -46,6 +46,7 @@ queue is stopped.
 from __future__ import annotations
 
 import errno
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -129,7 +130,7 @@ class MpNetdev(Protocol):
     name: str
     ifindex: int
 
-    def dma_map(self, name: str, size: int) -> int: ...
+    def dma_map(self, name: str, size: int, *, fd: int = -1) -> int: ...
 
     def dma_unmap(self, map_id: int) -> None: ...
 
@@ -297,8 +298,13 @@ class NetDevice:
     def _call(self, type: str, body: Mapping[str, Any]) -> dict[str, Any]:
         return self.nic.call(type, body)
 
-    def _dma_map(self, name: str, size: int) -> int:
-        reply = self._call("nic.dma_map", {"name": name, "size": int(size)})
+    def _dma_map(self, name: str, size: int, fd: int = -1) -> int:
+        body: dict[str, Any] = {"name": name, "size": int(size)}
+        if fd >= 0:
+            # app memory: the NIC maps the inode behind our descriptor, never a name
+            st = os.fstat(fd)
+            body.update(fd=fd, dev=st.st_dev, ino=st.st_ino)
+        reply = self._call("nic.dma_map", body)
         map_id = reply.get("map_id")
         if not isinstance(map_id, int) or not 0 <= map_id <= _MAX_MAP_ID:
             raise PeerMisbehaved(f"nic.dma_map answered map id {map_id!r}")
@@ -313,10 +319,12 @@ class NetDevice:
             # Teardown goes on: the mapping dies with the NIC or is already gone.
             pass
 
-    def dma_map(self, name: str, size: int) -> int:
+    def dma_map(self, name: str, size: int, *, fd: int = -1) -> int:
         """Map region ``name`` (``size`` bytes) for the NIC's DMA; returns the map id (a memory
-        provider maps its own memory, e.g. a zcrx area, with this)."""
-        return self._dma_map(name, size)
+        provider maps its own memory, e.g. a zcrx area, with this).  ``fd``: this process's
+        descriptor of app memory (the one ``mm_map`` checked): the NIC opens
+        ``/proc/<our pid>/fd/<fd>`` and checks the inode, so the name is only a label."""
+        return self._dma_map(name, size, fd)
 
     def dma_unmap(self, map_id: int) -> None:
         """Undo :meth:`dma_map` (best effort: nothing to do once the NIC is gone)."""

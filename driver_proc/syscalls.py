@@ -127,8 +127,17 @@ def sys_bye(ctx: KernelContext, msg: Message, peer: Any) -> HandlerResult:
 
 
 def sys_mm_map(ctx: KernelContext, msg: Message, peer: Any) -> HandlerResult:
+    """``mm_map`` by shm name, or by the caller's own descriptor number (``fd``): the
+    kernel opens ``/proc/<task pid>/fd/<fd>``, the pid being the one the OS gave at attach,
+    and checks the task's pidfd is still alive after that open (a reused pid is refused)."""
     b = msg.body
-    addr = _task(ctx, peer).mm.map(b["name"], b["length"], b["prot"])
+    task = _task(ctx, peer)
+    if b["fd"] >= 0:
+        watch = task.watch
+        alive = (lambda: not watch.dead) if watch is not None else None
+        addr = task.mm.map_fd(task.pid, b["fd"], b["length"], b["prot"], alive=alive)
+    else:
+        addr = task.mm.map(b["name"], b["length"], b["prot"])
     return {"addr": addr}
 
 

@@ -1368,7 +1368,7 @@ class Zcrx:
         too_small = _misuse(f"RQ of {entries} entries needs {need} bytes, region has {size}",
                             errno.EINVAL)
         if rflags & abi.IORING_MEM_REGION_TYPE_USER:
-            mem = task.mm.resolve(user_addr, size, write=True)  # pinned while the ifq lives
+            mem = task.mm.pin(user_addr, size, write=True)  # pinned while the ifq lives
             if need > size:
                 raise too_small
             return mem, None
@@ -1407,7 +1407,8 @@ class Zcrx:
         try:
             region = task.mm.pin_region(vma)  # the inode mm_map checked, not the name
         except Misuse:
-            raise _misuse(f"area region {vma.name} is gone", errno.EFAULT) from None
+            raise _misuse(f"area region {vma.name} is gone or unsealed", errno.EFAULT) \
+                from None
         try:
             if offset + length > region.size:
                 raise _misuse(f"area past the end of {vma.name}", errno.EFAULT)
@@ -1436,7 +1437,7 @@ class Zcrx:
         """DMA-map the area and open the queue with a new :class:`ZcrxProvider`."""
         dev, area = ifq.dev, ifq.area
         assert dev is not None
-        area.map_id = dev.dma_map(area.region.name, area.region.size)
+        area.map_id = dev.dma_map(area.region.name, area.region.size, fd=area.region.fd)
         prov = ZcrxProvider(ifq)
         dev.mp_open_rxq(ifq.rxq, prov)  # on failure the queue is back on pages
         ifq.provider = prov
@@ -1493,7 +1494,8 @@ class Zcrx:
         area = self._create_area(task, a, ifq.area.buf_len, ifq.nodev)
         try:
             if ifq.dev is not None:
-                area.map_id = ifq.dev.dma_map(area.region.name, area.region.size)
+                area.map_id = ifq.dev.dma_map(area.region.name, area.region.size,
+                                              fd=area.region.fd)
         except BaseException:
             self._release_area(area, ifq.dev)
             raise

@@ -249,9 +249,11 @@ class Nic:
         """Every netdev's description, in stats-index order."""
         return [d.probe() for d in self.netdevs.values()]
 
-    def dma_map(self, name: str, size: int) -> int:
-        """Map region ``name`` for DMA (see :meth:`Iommu.dma_map`)."""
-        return self.iommu.dma_map(name, size)
+    def dma_map(self, name: str, size: int, *, holder: int = 0, fd: int = -1,
+                inode: tuple[int, int] | None = None) -> int:
+        """Map region ``name``, or descriptor ``fd`` of process ``holder``, for DMA (see
+        :meth:`Iommu.dma_map`)."""
+        return self.iommu.dma_map(name, size, holder=holder, fd=fd, inode=inode)
 
     def dma_unmap(self, map_id: int) -> None:
         """Unmap; EBUSY while a started queue lives in it, ENOENT if unknown."""

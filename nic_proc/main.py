@@ -98,6 +98,14 @@ def _guard(fn: Callable[[Message], HandlerResult]) -> Callable[[Message, bytes],
     return handler
 
 
+def _guard_peer(fn: Callable[[Message, bytes], HandlerResult]
+                ) -> Callable[[Message, bytes], HandlerResult]:
+    """:func:`_guard` for a handler that needs the caller (its OS credentials)."""
+    def handler(msg: Message, peer: bytes) -> HandlerResult:
+        return _guard(lambda m: fn(m, peer))(msg, peer)
+    return handler
+
+
 class NicProcess:
     """The NIC's sockets, stats region and loop around one :class:`Nic`."""
 
@@ -149,8 +157,14 @@ class NicProcess:
         def probe(m: Message) -> HandlerResult:
             return {"netdevs": nic.probe(), "stats_region": self.stats_region.name}
 
-        def dma_map(m: Message) -> HandlerResult:
-            return {"map_id": nic.dma_map(m.body["name"], m.body["size"])}
+        def dma_map(m: Message, peer: bytes) -> HandlerResult:
+            """A descriptor is the caller's: its pid is what the OS says of the connection
+            (the NIC serves only the kernel and the launcher), never a message field."""
+            b = m.body
+            cred = peer_cred(peer)
+            inode = (b["dev"], b["ino"]) if b["fd"] >= 0 else None
+            return {"map_id": nic.dma_map(b["name"], b["size"], fd=b["fd"], inode=inode,
+                                          holder=cred.pid if cred is not None else 0)}
 
         def dma_unmap(m: Message) -> HandlerResult:
             nic.dma_unmap(m.body["map_id"])
@@ -215,7 +229,7 @@ class NicProcess:
             return None
 
         table: dict[str, Callable[[Message], HandlerResult]] = {
-            "nic.probe": probe, "nic.dma_map": dma_map, "nic.dma_unmap": dma_unmap,
+            "nic.probe": probe, "nic.dma_unmap": dma_unmap,
             "nic.queue_start": queue_start, "nic.queue_stop": queue_stop,
             "nic.ethtool": ethtool, "nic.link": link, "nic.traffic": traffic,
             "nic.wire": wire_gw, "nic.sources": sources, "nic.source_stop": source_stop,
@@ -223,6 +237,7 @@ class NicProcess:
             "nic.capture_status": capture_status, "nic.capture_stop": capture_stop,
         }
         out = {name: _guard(fn) for name, fn in table.items()}
+        out["nic.dma_map"] = _guard_peer(dma_map)
         out["hello"] = self._on_hello
         out["bye"] = self._on_bye
         return out

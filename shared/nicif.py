@@ -37,8 +37,10 @@ Rules both sides keep:
   out of buffers, sets need-wakeup on the fill ring; the kernel, after posting,
   sends ``nic.doorbell`` if it sees the flag.
 * DMA: the NIC may read or write only inside regions mapped with
-  ``nic.dma_map``.  Addresses are IOVAs ``(map_id << 40) | offset``
-  (:func:`shared.abi.make_iova`).  Anything else is an IOMMU fault.
+  ``nic.dma_map`` (kernel regions by name; app memory, e.g. a zcrx area, by the kernel's
+  descriptor of it, so an app cannot swap what a name points to in between).
+  Addresses are IOVAs ``(map_id << 40) | offset`` (:func:`shared.abi.make_iova`).
+  Anything else is an IOMMU fault.
 """
 
 from __future__ import annotations
@@ -321,8 +323,12 @@ NETDEV_FIELDS = ("name", "ifindex", "mac", "queues", "max_queues", "ring_size",
 register_type("nic.probe", reply=Schema.make({"netdevs": list, "stats_region": str}),
               doc="Describe every netdev: dicts with NETDEV_FIELDS.")
 register_type("nic.dma_map", {"name": str, "size": int},
+              optional={"fd": (int, -1), "dev": (int, 0), "ino": (int, 0)},
               reply=Schema.make({"map_id": int}),
-              doc="Map a kernel- or app-owned region for DMA; returns the IOVA map id.")
+              doc="Map a kernel- or app-owned region for DMA; returns the IOVA map id.  A "
+                  "kernel region by ``name``; app memory by the caller's descriptor ``fd`` "
+                  "(opened through /proc/<caller pid>/fd/<fd>, the pid from the "
+                  "connection's credentials) whose inode must be ``dev``:``ino``.")
 register_type("nic.dma_unmap", {"map_id": int},
               doc="Remove a mapping; later DMA into it is an IOMMU fault.")
 register_type("nic.queue_start", {**_DEVQ, "map_id": int, "ring_size": int, "slot_size": int},

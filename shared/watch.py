@@ -131,6 +131,10 @@ class Watchlist(Generic[K]):
     def pid(self, key: K) -> int:
         return self._watches[key].pid
 
+    def get(self, key: K) -> PidWatch | None:
+        """The watch under ``key`` (None if none): its ``dead`` is one zero-timeout poll."""
+        return self._watches.get(key)
+
     def add(self, key: K, pid: int) -> int:
         """Watch ``pid`` under ``key`` (replacing an older watch); returns the fd (-1 when
         the process is already gone: the next :meth:`reap` reports it)."""

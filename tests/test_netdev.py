@@ -94,7 +94,11 @@ class FakeNic:
         if key in self.refuse:
             raise ControlError(type, self.refuse[key], "refused by the fake NIC")
         if type == "nic.dma_map":
-            region = Region.attach(body["name"])
+            if body.get("fd", -1) >= 0:  # app memory: the kernel's descriptor (this process)
+                region = Region.open_proc_fd(os.getpid(), body["fd"], body["name"],
+                                             inode=(body["dev"], body["ino"]))
+            else:
+                region = Region.attach(body["name"])
             assert body["size"] <= region.size
             if self.bad_map_reply:
                 region.detach()

@@ -286,8 +286,9 @@ class Bundle:
     @classmethod
     def make(cls, app: S.Kernel, *, rq_entries: int = RQ_ENTRIES, area_pages: int = AREA_PAGES,
              kernel_rq: bool = False, nodev: bool = True, if_idx: int = 0, if_rxq: int = 0,
-             rq_mem_entries: int | None = None) -> Bundle:
-        area = app.alloc_memory(area_pages * PAGE, tag="area")
+             rq_mem_entries: int | None = None, named: bool = False) -> Bundle:
+        """``named``: the area is a named shm segment (never pinnable) instead of a memfd."""
+        area = app.alloc_memory(area_pages * PAGE, tag="area", named=named)
         size = rq_size(rq_mem_entries or rq_entries)
         rq = None if kernel_rq else app.alloc_memory(size, tag="rq")
         params = app.alloc_memory(PAGE, tag="params")
