@@ -3,7 +3,7 @@
     python -m app_proc.zcrx_server [-p PORT] [-i IFNAME] (-q RXQS | --nodev) [-s BYTES] [-v]
                                    [--stream-id ID|sport] [-r 0|1] [-S AREA] [-C CQ] [-R RQ]
                                    [-n CONNS] [-o FILE|-] [--json PATH] [--seconds S]
-                                   [-E] [--grow MAX]
+                                   [-E] [--grow MAX] [-w N]
 
 The flow of the liburing example: one ring set up with ``SINGLE_ISSUER | DEFER_TASKRUN |
 CQE32 | CQSIZE | SUBMIT_ALL``; an interface queue registered on ``IFNAME``/``RXQ``
@@ -30,6 +30,24 @@ does: ``getsockopt(SO_INCOMING_NAPI_ID)`` on the accepted socket, matched agains
 socket whose NAPI id names none of our queues (steered elsewhere) is served by the first ifq
 (its bytes then come through the copy fallback).  The data CQEs of one CQE view are split by
 connection into one batch per ifq; each batch's chunks go back through that ifq's RQ.
+
+Several processes (``-w N``, with ``-q``): the queues are spread over N worker processes
+(:mod:`app_proc.workers`), forked by this one after it parsed its arguments, each its own app
+(task, pidfd, identity, ring holding the ifqs of its queues).  A connection must reach the
+worker that has its queue's ifq, and the way Linux servers arrange that is used: every worker
+listens on the port with ``SO_REUSEPORT``, in turn (worker w becomes member w of the port's
+group), and attaches the group's classic BPF program ``SO_ATTACH_REUSEPORT_CBPF``: load
+``SKF_AD_QUEUE`` (the SYN's RX queue + 1), subtract 1, modulo N, return A
+(:func:`shared.bpf.queue_modulo`).  Queue q is therefore served by worker ``q mod N``; the
+spread is computed by running that very program on each queue of ``-q``, and a ``-q``/``-w``
+pair that leaves a worker without a queue is refused.  ``-n`` counts connections over all
+workers.  The parent says it is ready once every worker listens, forwards SIGTERM/SIGINT,
+waits for all of them and prints and writes (``--json``) the merged summary: connections,
+per-queue rows and the kernel's counters of every worker, each tagged with its ``worker``, and
+``workers`` (pid, queues, exit status).  Its exit status is the worst of the workers' (a worker
+killed by a signal counts as a failed check).  When a worker dies, the kernel tears its ring
+down (its niovs go home) and the others keep serving their connections to the end.
+``-o`` is not available with ``-w``.
 
 ``--nodev`` registers with ``ZCRX_REG_NODEV`` (no device: every byte comes through the copy
 fallback, for any TCP socket); the kernel then never consumes the RQ by itself, so the server
@@ -94,6 +112,7 @@ from app_proc import workers as W
 from app_proc.server import (
     EXIT_CHECK_FAILED,
     EXIT_OK,
+    EXIT_USAGE,
     KIND_ACCEPT,
     KIND_CLOSE,
     AcceptingServer,
@@ -822,6 +841,12 @@ def _main_workers(opts: Options, a: argparse.Namespace) -> int:
     (:mod:`app_proc.workers`), print the verified summary, write ``--json``."""
     json_stdout = opts.json_path == "-"
     log = sys.stderr if json_stdout else sys.stdout
+    if a.run is None:  # one clear line rather than one per worker
+        try:
+            S.locate_run(a.rundir)
+        except S.RunNotFound as exc:
+            print(f"zcrx_server: {exc}", file=sys.stderr)
+            return EXIT_USAGE
 
     def work(i: int, coord: W.Coord, json_path: str) -> int:
         qs = opts.worker_queues[i]
