@@ -109,8 +109,11 @@ def run(n: int, work: Callable[[int, Coord, str], int], *, what: str, ready_time
     tmp = Path(tempfile.mkdtemp(prefix="zcrx-workers."))
     pids: list[int] = []
     me = os.getpid()
+    stopping: list[bool] = []
 
     def forward(signum: int, _frame: Any) -> None:
+        stopping.append(True)
+        coord.set_dead()  # a worker still waiting for its turn to listen gives up
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGTERM)
@@ -122,6 +125,8 @@ def run(n: int, work: Callable[[int, Coord, str], int], *, what: str, ready_time
     sys.stderr.flush()
     try:
         for i in range(n):
+            if stopping:
+                break
             pid = os.fork()
             if pid == 0:  # the worker
                 code = EXIT_SETUP_FAILED
@@ -135,11 +140,11 @@ def run(n: int, work: Callable[[int, Coord, str], int], *, what: str, ready_time
             pids.append(pid)
         status: dict[int, int] = {}  # pid -> exit status (-signal when killed)
         _wait_ready(coord, pids, status, ready_timeout, forward)
-        if coord.turn >= n:
+        if coord.turn >= n and not coord.dead:
             notify_ready(f"{what}; {n} workers")
             print(f"zcrx_server: {n} workers listening (pids "
                   f"{', '.join(map(str, pids))})", file=log, flush=True)
-        while len(status) < n:
+        while len(status) < len(pids):
             pid, st = os.waitpid(-1, 0)
             if pid in pids:
                 _reaped(coord, status, pid, st)
@@ -161,7 +166,7 @@ def _wait_ready(coord: Coord, pids: list[int], status: dict[int, int], timeout: 
                 stop_all: Callable[[int, Any], None]) -> None:
     """Until every worker listens; a worker gone first, or the timeout, stops the rest."""
     deadline = time.monotonic() + timeout
-    while coord.turn < len(pids):
+    while coord.turn < len(pids) and not coord.dead:
         pid, st = os.waitpid(-1, os.WNOHANG)
         if pid in pids:
             _reaped(coord, status, pid, st)
@@ -177,14 +182,14 @@ def _wait_ready(coord: Coord, pids: list[int], status: dict[int, int], timeout: 
 
 def _merge_all(tmp: Path, pids: list[int], status: dict[int, int]) -> tuple[int, dict[str, Any]]:
     reports: list[dict[str, Any] | None] = []
-    for i in range(len(pids)):
+    for i in range(len(pids)):  # fewer than asked if SIGTERM came while forking
         try:
             reports.append(json.loads((tmp / f"w{i}.json").read_text()))
         except (OSError, ValueError):
             reports.append(None)
     codes = [status.get(pid, EXIT_SETUP_FAILED) for pid in pids]
     merged = merge(reports, pids, codes)
-    worst = max((c if c >= 0 else EXIT_CHECK_FAILED) for c in codes)
+    worst = max(((c if c >= 0 else EXIT_CHECK_FAILED) for c in codes), default=0)
     return worst, merged
 
 

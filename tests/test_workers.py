@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from app_proc import workers as W
 from app_proc import zcrx_server
 from launch.run import Run
 from tests.e2e import stats, topology, wait_app, zcrx
@@ -130,3 +131,21 @@ def test_worker_option_parses_and_refuses_what_cannot_work() -> None:
                 ["--nodev", "-w", "2"], ["-q", "0-3", "-w", "2", "-o", "x"]):
         with pytest.raises(SystemExit):
             zcrx_server.parse_args(bad)
+
+
+def test_merge_tags_rows_sums_counters_and_names_the_dead() -> None:
+    def rep(q: int, first: int, last: int) -> dict[str, Any]:
+        return {"ok": True, "errors": [], "first_ns": first, "last_ns": last,
+                "connections": [{"bytes": 10, "ok": True, "queue": q}],
+                "queues": [{"queue": q, "bytes": 10}],
+                "app": {"read_bytes": 10, "data_cqes": 2},
+                "copy_fallback": {"count": 0, "bytes": 0, "zc_cqes": 2, "zc_bytes": 10}}
+    m = W.merge([rep(2, 5, 9), rep(1, 3, 7)], [100, 101], [0, 0])
+    assert m["ok"] and m["bytes"] == 20 and (m["first_ns"], m["last_ns"]) == (3, 9)
+    assert [q["queue"] for q in m["queues"]] == [1, 2]
+    assert [c["worker"] for c in m["connections"]] == [0, 1]
+    assert m["copy_fallback"]["zc_bytes"] == 20 and m["app"]["data_cqes"] == 4
+    m = W.merge([rep(2, 5, 9), None], [100, 101], [0, -signal.SIGKILL])
+    assert not m["ok"] and m["copy_fallback"] is None
+    assert m["workers"][1]["exit"] == -signal.SIGKILL and not m["workers"][1]["ok"]
+    assert "worker 1 (pid 101): killed by SIGKILL" in m["errors"]
