@@ -53,6 +53,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 import shared.syscalls  # noqa: F401  (registers the syscall message types)
+from shared import bpf
 from shared.control import ControlClient, ipc_endpoint
 from shared.errors import Misuse, PeerGone, Timeout, ZcrxError
 from shared.msg import PROTOCOL_VERSION, ControlError, Message
@@ -406,6 +407,29 @@ class Kernel:
         return int(self.syscall("getsockopt", {"fd": fd, "level": level,
                                                "optname": optname}).body["value"])
 
+    def setsockopt(self, fd: int, level: int, optname: int, optval: bytes) -> None:
+        """``setsockopt(fd, level, optname, optval, len(optval))``."""
+        self.syscall("setsockopt", {"fd": fd, "level": level, "optname": optname}, [optval])
+
+    def set_reuseport(self, fd: int, on: bool = True) -> None:
+        """``setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &on)`` (before bind)."""
+        self.setsockopt(fd, SOL_SOCKET, bpf.SO_REUSEPORT, int(on).to_bytes(4, "little"))
+
+    def attach_reuseport_cbpf(self, fd: int, insns: list[tuple[int, int, int, int]]) -> None:
+        """``SO_ATTACH_REUSEPORT_CBPF``: the instructions are written to this process's memory
+        and ``struct sock_fprog`` points at them, as a C program does; the kernel copies them
+        in, so the memory is freed again at once."""
+        code = bpf.pack(insns)
+        mem = self.alloc_memory(max(len(code), 1), tag="bpf")
+        try:
+            mem.view[:len(code)] = np.frombuffer(code, dtype=np.uint8)
+            fprog = np.zeros(1, dtype=bpf.sock_fprog)
+            fprog["len"] = len(insns)
+            fprog["filter"] = mem.addr
+            self.setsockopt(fd, SOL_SOCKET, bpf.SO_ATTACH_REUSEPORT_CBPF, fprog.tobytes())
+        finally:
+            mem.close()
+
     def incoming_napi_id(self, fd: int) -> int:
         """``getsockopt(fd, SOL_SOCKET, SO_INCOMING_NAPI_ID)``: the NAPI id of the RX queue
         the socket's last segment came through (0 before any)."""
@@ -416,11 +440,15 @@ class Kernel:
         io-uring), from the kernel's ``status`` reply."""
         return list(self.syscall("status").body.get("queues", []))
 
-    def listen_tcp(self, port: int, addr: str = "0.0.0.0", backlog: int = 128) -> int:
-        """socket + bind + listen, the usual server prologue; returns the listening fd."""
+    def listen_tcp(self, port: int, addr: str = "0.0.0.0", backlog: int = 128, *,
+                   reuseport: bool = False) -> int:
+        """socket + bind + listen, the usual server prologue; returns the listening fd.
+        ``reuseport``: SO_REUSEPORT before bind (join the port's group at listen)."""
         domain = AF_INET6 if ":" in addr else AF_INET
         fd = self.socket(domain, SOCK_STREAM, 0)
         try:
+            if reuseport:
+                self.set_reuseport(fd)
             self.bind(fd, addr, port)
             self.listen(fd, backlog)
         except BaseException:

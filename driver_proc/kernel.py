@@ -77,6 +77,7 @@ from driver_proc.netdev import NapiBatch, NetDevice
 from driver_proc.skb import SkbStore
 from driver_proc.tcp import SocketTable, TcpState
 from shared import abi
+from shared.bpf import SkbInfo
 from shared.control import ControlClient, ControlServer, Handler, HandlerResult, peer_cred
 from shared.errors import Misuse, ZcrxError
 from shared.msg import Message
@@ -90,6 +91,16 @@ NAPI_BUDGET = 1024
 STARVED_POLL_MS = 1
 #: How often a kernel whose NIC died asks whether a restarted one answers.
 REPROBE_INTERVAL_S = 0.25
+#: CPUs the emulated host has (SKF_AD_CPU; see :func:`napi_cpu`)
+NR_CPUS = os.cpu_count() or 1
+
+
+def napi_cpu(queue: int) -> int:
+    """The CPU queue ``queue``'s NAPI runs on, as a reuseport program sees it
+    (``SKF_AD_CPU``): queue q's interrupt is taken on CPU ``q % NR_CPUS``, the spread a driver
+    sets with one vector per queue.  (The kernel process itself runs wherever the host puts
+    it: this is the CPU the emulated machine would use.)"""
+    return queue % NR_CPUS
 
 
 class Kernel:
@@ -129,6 +140,8 @@ class Kernel:
         #: MIN_NAPI_ID in probe order (a re-probe makes new instances with new ids)
         self.napi_ids: dict[tuple[str, int], int] = {}
         self._next_napi_id = MIN_NAPI_ID
+        #: what a reuseport program reads of an skb, per (ifindex, queue)
+        self._rx_info: dict[tuple[int, int], SkbInfo] = {}
 
     # -- setup ------------------------------------------------------------------------
 
@@ -240,7 +253,7 @@ class Kernel:
         work = 0
         for dev in self.netdevs.values():
             for batch in dev.take_drained():
-                work += self._deliver(batch, self.napi_id(dev.name, batch.queue))
+                work += self._deliver(batch, self.napi_id(dev.name, batch.queue), dev)
             queues = list(dev.queues) if busy_poll else list(dev.poll_list)
             for q in queues:
                 if not dev.napi_pending(q):
@@ -252,7 +265,7 @@ class Kernel:
                     self._doorbells.append((dev.name, q))
                 if batch.completions:
                     work += batch.completions
-                    self._deliver(batch, self.napi_id(dev.name, q))
+                    self._deliver(batch, self.napi_id(dev.name, q), dev)
         return work
 
     def irq(self, dev: Any, queue: Any) -> None:
@@ -262,13 +275,20 @@ class Kernel:
         if nd is None or not isinstance(queue, int) or not nd.napi_schedule(queue):
             self.stats["irq_unknown_queue"] += 1
 
-    def _deliver(self, batch: NapiBatch, napi_id: int = 0) -> int:
+    def _deliver(self, batch: NapiBatch, napi_id: int = 0, dev: NetDevice | None = None) -> int:
         """Hand a NAPI batch to TCP, free what TCP refused, run woken requests.  Every socket
-        that took a segment is marked with the batch's NAPI id (``sk_mark_napi_id``)."""
+        that took a segment is marked with the batch's NAPI id (``sk_mark_napi_id``).  The
+        batch's skbs carry their RX queue (``skb_record_rx_queue``), device and CPU for a
+        reuseport program (read only by a SYN that reaches a group)."""
         if not len(batch):
             return 0
+        ifindex = dev.ifindex if dev is not None else 0
+        rx = self._rx_info.get((ifindex, batch.queue))
+        if rx is None:
+            rx = self._rx_info[ifindex, batch.queue] = SkbInfo(
+                queue_mapping=batch.queue + 1, ifindex=ifindex, cpu=napi_cpu(batch.queue))
         res = self.table.ingest_batch(batch.keys, batch.seq, batch.payload_len,
-                                      batch.tcp_flags, batch.handles)
+                                      batch.tcp_flags, batch.handles, rx)
         for sock in res.sockets:
             sock.napi_id = napi_id
         if len(res.freed):

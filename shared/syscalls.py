@@ -72,6 +72,13 @@ MIN_NAPI_ID = 8193
 #: descriptor limit (soft limit; above ``NOFILE_MAX`` is -EPERM).
 RLIMIT_NOFILE = 7
 register_type("setrlimit", {"resource": int, "cur": int}, reply=_RES)
+register_type("setsockopt", {"fd": int, "level": int, "optname": int}, blobs=1,
+              max_blob_size=256, reply=_RES,
+              doc="setsockopt(fd, level, optname, optval, optlen): the blob is the optval "
+                  "bytes (its length is optlen).  SOL_SOCKET SO_REUSEPORT (an int), "
+                  "SO_ATTACH_REUSEPORT_CBPF (a 16-byte struct sock_fprog whose filter "
+                  "pointer names the instructions in the caller's mm) and "
+                  "SO_DETACH_REUSEPORT_BPF; anything else -ENOPROTOOPT.")
 register_type("getsockopt", {"fd": int, "level": int, "optname": int},
               reply=Schema.make({"res": int, "value": int}),
               doc="An integer socket option; only SOL_SOCKET/SO_INCOMING_NAPI_ID is known "
