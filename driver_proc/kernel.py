@@ -257,7 +257,12 @@ class Kernel:
         return len(batch)
 
     def take_doorbells(self) -> list[tuple[str, int]]:
+        """Doorbells due: ``(dev, queue)`` for an RX fill ring (``nic.doorbell``), ``(dev, -1)``
+        for a TX ring (``nic.tx_doorbell``)."""
         out, self._doorbells = self._doorbells, []
+        for dev in self.netdevs.values():
+            if dev.take_tx_doorbell():
+                out.append((dev.name, -1))
         return out
 
     def arm_interrupts(self) -> bool:

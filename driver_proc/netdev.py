@@ -64,6 +64,7 @@ from shared import abi, nicif, wire
 from shared.errors import InvariantBroken, Misuse, PeerMisbehaved, ZcrxError
 from shared.ring import RingConsumer, RingProducer
 from shared.shm import PAGE_SIZE, Region, region_name
+from shared.txring import TxLayout, TxProducer, tx_region_object, tx_slot_size
 
 __all__ = [
     "QUEUE_STATS",
@@ -271,6 +272,19 @@ class NetDevice:
         self.up = False
         self.nic_alive = True
         self._pp_gen = [0] * self.max_queues
+        self.addr = str(info.get("addr", ""))
+        self.addr6 = str(info.get("addr6", ""))
+        ring = info.get("tx_ring_size", self.ring_size)
+        self.tx_ring_size = ring if isinstance(ring, int) and nicif.is_pow2(ring) \
+            and ring <= nicif.MAX_RING else self.ring_size
+        #: the TX ring (shared.txring) while the device is open; None otherwise
+        self.tx: TxProducer | None = None
+        self._tx_region: Region | None = None
+        self._tx_map_id: int | None = None
+        #: driver TX counters: frames queued on the TX ring, their bytes, frames dropped
+        #: (ring full, too long, device down)
+        self.tx_stats = {"tx_packets": 0, "tx_bytes": 0, "tx_dropped": 0, "tx_doorbells": 0}
+        self._tx_doorbell = False
 
     def __repr__(self) -> str:
         return f"NetDevice({self.name}, {self.n_queues} queues, ring {self.ring_size})"
@@ -313,12 +327,14 @@ class NetDevice:
     # -- device open/close -------------------------------------------------------------------
 
     def open(self) -> None:
-        """Set up and start every queue (``ndo_open``)."""
+        """Set up and start every queue and the TX ring (``ndo_open``)."""
         for q in range(self.n_queues):
             if q not in self.queues:
                 self.queue_setup(q)
             if not self.queues[q].started:
                 self.queue_start(q)
+        if self.tx is None:
+            self.tx_open()
         self.up = True
 
     def close(self, *, nic_alive: bool = True) -> list[NapiBatch]:
@@ -334,8 +350,72 @@ class NetDevice:
             if self.queues[q].started:
                 out.append(self.queue_stop(q))
             self.queue_free(q)
+        self.tx_close()
         self.up = False
         return out
+
+    # -- TX ----------------------------------------------------------------------------------
+
+    def tx_open(self) -> None:
+        """Create the TX ring region, map it for the NIC and attach it (``nic.tx_start``)."""
+        layout = TxLayout(self.tx_ring_size, tx_slot_size(self.mtu))
+        region = Region.create(region_name(self.run, self.owner, tx_region_object(self.name)),
+                               layout.size)
+        self._tx_region = region
+        try:
+            assert region.buf is not None
+            self.tx = TxProducer(region.buf, layout, init=True,
+                                 max_frame=wire.max_frame_len(self.mtu))
+            self._tx_map_id = self._dma_map(region.name, region.size)
+            self._call("nic.tx_start", {"dev": self.name, "map_id": self._tx_map_id,
+                                        "ring_size": layout.ring_size,
+                                        "slot_size": layout.slot_size})
+        except BaseException:
+            self.tx_close(started=False)
+            raise
+
+    def tx_close(self, *, started: bool = True) -> None:
+        """Detach the NIC from the TX ring (``nic.tx_stop``), unmap and unlink it."""
+        if started and self.tx is not None and self.nic_alive:
+            try:
+                self._call("nic.tx_stop", {"dev": self.name})
+            except ZcrxError:
+                pass
+        if self._tx_map_id is not None:
+            self._dma_unmap(self._tx_map_id)
+            self._tx_map_id = None
+        if self.tx is not None:
+            self.tx.detach()
+            self.tx = None
+        if self._tx_region is not None:
+            self._tx_region.close()
+            self._tx_region = None
+
+    def xmit(self, frames: list[bytes]) -> int:
+        """Queue whole frames on the TX ring (``ndo_start_xmit`` for a batch); returns how
+        many were queued.  The rest (ring full, too long, device closed) are counted
+        ``tx_dropped``.  A doorbell is due (:meth:`take_tx_doorbell`) if the NIC sleeps."""
+        if not frames:
+            return 0
+        tx = self.tx
+        if tx is None:
+            self.tx_stats["tx_dropped"] += len(frames)
+            return 0
+        before = tx.dropped
+        n = tx.send(frames)
+        self.tx_stats["tx_dropped"] += tx.dropped - before
+        self.tx_stats["tx_packets"] += n
+        self.tx_stats["tx_bytes"] += sum(len(f) for f in frames[:n]) if n == len(frames) \
+            else 0
+        if tx.doorbell_due():
+            self.tx_stats["tx_doorbells"] += 1
+            self._tx_doorbell = True
+        return n
+
+    def take_tx_doorbell(self) -> bool:
+        """True once after :meth:`xmit` found the NIC asleep on the TX ring."""
+        due, self._tx_doorbell = self._tx_doorbell, False
+        return due
 
     # -- queue management (paired verbs: setup/free, start/stop) -----------------------------
 
@@ -982,7 +1062,9 @@ class NetDevice:
                 "queues": self.n_queues, "max_queues": self.max_queues,
                 "ring_size": self.ring_size, "mtu": self.mtu, "rx_buf_len": self.rx_buf_len,
                 "tcp_data_split": self.tcp_data_split, "hds_thresh": self.hds_thresh,
-                "dying_pools": len(self.dying), "rx_queues": queues}
+                "dying_pools": len(self.dying), "rx_queues": queues,
+                "tx": {"ring_size": self.tx_ring_size if self.tx is not None else 0,
+                       **self.tx_stats}}
 
     def check_ledger(self) -> None:
         """Verify every buffer of every live and dying pool (raises InvariantBroken).
