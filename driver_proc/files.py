@@ -173,6 +173,9 @@ class Sockets:
     def __init__(self, table: SocketTable, skbs: SkbStore) -> None:
         self.table = table
         self.skbs = skbs
+        #: told of every connection closed by its app (TCP's transmit side sends FIN or RST):
+        #: ``on_close(conn, unread_bytes)``, called after the table closed it
+        self.on_close: Callable[[TcpReceiver, int], None] | None = None
         self._bound: dict[tuple[bytes | None, int], SocketFile] = {}
         self._by_conn: dict[int, SocketFile] = {}
         self._by_listener: dict[int, SocketFile] = {}
@@ -321,10 +324,18 @@ class Sockets:
             w.cancel(cancel_res)
         if sf.conn is not None:
             self._by_conn.pop(id(sf.conn), None)
+            unread = sf.conn.rxq.nbytes
             self.free(self.table.close(sf.conn))
+            if self.on_close is not None:
+                self.on_close(sf.conn, unread)
         if sf.listener is not None:
             self._by_listener.pop(id(sf.listener), None)
-            self.free(self.table.close_listener(sf.listener))
+            lst = sf.listener
+            children = [(c, c.rxq.nbytes) for c in [*lst._pending.values(), *lst._ready]]
+            self.free(self.table.close_listener(lst))
+            if self.on_close is not None:
+                for c, unread in children:
+                    self.on_close(c, unread)
         if sf.state in (_STATE_BOUND, _STATE_LISTEN) and \
                 self._bound.get((sf.local_addr, sf.local_port)) is sf:
             del self._bound[(sf.local_addr, sf.local_port)]

@@ -75,7 +75,8 @@ from driver_proc import syscalls as sc
 from driver_proc.mm import MM_COUNTERS
 from driver_proc.netdev import NapiBatch, NetDevice
 from driver_proc.skb import SkbStore
-from driver_proc.tcp import SocketTable, TcpState
+from driver_proc.tcp import SYN, SocketTable, TcpReceiver, TcpState, ip_bytes
+from driver_proc.tcp_output import Iface, TcpOutput
 from shared import abi
 from shared.control import ControlClient, ControlServer, Handler, HandlerResult, peer_cred
 from shared.errors import Misuse, ZcrxError
@@ -128,6 +129,9 @@ class Kernel:
         #: MIN_NAPI_ID in probe order (a re-probe makes new instances with new ids)
         self.napi_ids: dict[tuple[str, int], int] = {}
         self._next_napi_id = MIN_NAPI_ID
+        #: TCP's transmit side (driver_proc.tcp_output): its frames go out on the TX rings
+        self.output = TcpOutput({}, time.monotonic, space_fn=self._zc_space)
+        self.ctx.sockets.on_close = self.output.on_close
 
     # -- setup ------------------------------------------------------------------------
 
@@ -145,6 +149,9 @@ class Kernel:
             dev = NetDevice(nd, self.nic, self.run, skbs=self.skbs)
             self.netdevs[dev.name] = dev
             dev.open()
+            self.output.ifaces[dev.name] = Iface(
+                dev.name, _mac(dev.mac), ip_bytes(dev.addr) if dev.addr else None,
+                ip_bytes(dev.addr6) if dev.addr6 else None, dev.mtu)
             for key in [k for k in self.napi_ids if k[0] == dev.name]:
                 del self.napi_ids[key]  # a (re-)probe makes new NAPI instances
             for q in sorted(dev.queues):
@@ -221,7 +228,38 @@ class Kernel:
         if self.server is not None:
             work += sc.service(self.ctx, self.server)
         work += self.zcrx.poll()  # requeued RECV_ZC passes, delayed ifq destruction
+        work += self.transmit()
         return work
+
+    def transmit(self) -> int:
+        """TCP's timers and window updates, ARP/NDP, then every frame due onto the TX rings
+        (one batch per netdev).  Returns the frames queued."""
+        out = self.output
+        for dev in self.netdevs.values():
+            for frame in dev.ctl_frames():
+                out.on_ctl_frame(dev.name, frame)
+        out.tick()
+        for sock in out.expired():  # SYN-ACK retries ran out: drop the embryonic connection
+            self.ctx.sockets.free(self.table.close(sock))
+        n = 0
+        for name, frames in out.take().items():
+            nd = self.netdevs.get(name)
+            if nd is not None:
+                n += nd.xmit(frames)
+        return n
+
+    def _zc_space(self, sock: TcpReceiver) -> int | None:
+        """Bytes the zcrx ifq bound to the socket's RX queue can still take (its niovs not
+        held by the app or by skbs), or None for a queue with kernel pages."""
+        for ifq in self.zcrx.ifqs:
+            dev = ifq.dev
+            if dev is None or ifq.state != "live":
+                continue
+            if self.napi_ids.get((dev.name, ifq.rxq)) == sock.napi_id:
+                led = ifq.ledger()
+                free = ifq.niovs - led.get("user", 0) - led.get("in_skb", 0)
+                return int(free * ifq.area.buf_len)
+        return None
 
     def napi_pass(self) -> int:
         """NAPI on every queue with work pending (drained frames first); returns the
@@ -229,7 +267,7 @@ class Kernel:
         work = 0
         for dev in self.netdevs.values():
             for batch in dev.take_drained():
-                work += self._deliver(batch, self.napi_id(dev.name, batch.queue))
+                work += self._deliver(batch, self.napi_id(dev.name, batch.queue), dev.name)
             for q in list(dev.queues):
                 if not dev.napi_pending(q):
                     continue
@@ -238,23 +276,55 @@ class Kernel:
                     self._doorbells.append((dev.name, q))
                 if batch.completions:
                     work += batch.completions
-                    self._deliver(batch, self.napi_id(dev.name, q))
+                    self._deliver(batch, self.napi_id(dev.name, q), dev.name)
         return work
 
-    def _deliver(self, batch: NapiBatch, napi_id: int = 0) -> int:
+    def _deliver(self, batch: NapiBatch, napi_id: int = 0, dev: str = "") -> int:
         """Hand a NAPI batch to TCP, free what TCP refused, run woken requests.  Every socket
-        that took a segment is marked with the batch's NAPI id (``sk_mark_napi_id``)."""
+        that took a segment is marked with the batch's NAPI id (``sk_mark_napi_id``).  Then
+        TCP's transmit side answers: a SYN-ACK per new connection, the ACKs the batch calls
+        for, a RST per segment that reached no socket."""
         if not len(batch):
             return 0
+        keys = batch.keys
+        one = len(keys) == 1 or bool(np.all(keys == keys[0]))
+        flows = [keys[0].tobytes()] if one else list({k.tobytes() for k in keys})
+        known = {k for k in flows if self.table.lookup(k) is not None}
         res = self.table.ingest_batch(batch.keys, batch.seq, batch.payload_len,
                                       batch.tcp_flags, batch.handles)
+        out = self.output
         for sock in res.sockets:
             sock.napi_id = napi_id
+            if sock.key not in known and sock.key is not None:
+                rows = np.flatnonzero((keys == np.void(sock.key)) & (batch.tcp_flags & SYN != 0))
+                if len(rows):
+                    r = int(rows[0])
+                    out.on_syn(sock, dev, bytes(batch.src_mac[r]),
+                               batch.syn_options.get(r, b""))
+            out.after_ingest(sock)
+        if len(known) < len(flows):
+            self._orphans(batch, dev, [k for k in flows if k not in known])
         if len(res.freed):
             self.skbs.free(res.freed)
         if res.sockets or res.listeners:
             self.ctx.rings.run(res.sockets, res.listeners)
         return len(batch)
+
+    def _orphans(self, batch: NapiBatch, dev: str, flows: list[bytes]) -> None:
+        """Segments of flows that had no socket before the batch and still have none (no
+        listener, a full backlog, or a connection the app closed): the output side answers
+        (a RST, or the closing connection's handshake).  A SYN to a listener is not an
+        orphan: a full backlog drops it silently, as Linux does."""
+        for key in flows:
+            if self.table.lookup(key) is not None:
+                continue
+            listening = self.table.find_listener(key) is not None
+            for r in np.flatnonzero(batch.keys == np.void(key)).tolist():
+                flags = int(batch.tcp_flags[r])
+                if flags & SYN and listening:
+                    continue
+                self.output.on_orphan(dev, key, bytes(batch.src_mac[r]), int(batch.seq[r]),
+                                      int(batch.ack_seq[r]), flags, int(batch.payload_len[r]))
 
     def take_doorbells(self) -> list[tuple[str, int]]:
         """Doorbells due: ``(dev, queue)`` for an RX fill ring (``nic.doorbell``), ``(dev, -1)``
@@ -296,6 +366,9 @@ class Kernel:
         if self._starved:
             return STARVED_POLL_MS
         deadline = self.ctx.rings.next_deadline()
+        tcp = self.output.next_deadline()
+        if tcp is not None:
+            deadline = tcp if deadline is None else min(deadline, tcp)
         if deadline is None:
             return 1_000
         return max(0, int((deadline - time.monotonic()) * 1000))
@@ -434,6 +507,9 @@ class Kernel:
         for name, dev in self.netdevs.items():
             out["netdevs"][name] = {f"rx-{q}": dev.queue_stats(q) for q in sorted(dev.queues)}
         out["tcp"] = dict(_as_dict(self.table.stats))
+        out["tcp_mib"] = dict(self.output.mib)
+        for name, dev in self.netdevs.items():
+            out["netdevs"][name]["tx"] = dict(dev.tx_stats)
         out["io_uring"] = self.ctx.rings.stats()
         out["skbs"] = {"in_flight": len(self.skbs.live_handles())}
         out["zcrx"] = self.zcrx.stats()
@@ -521,3 +597,15 @@ def _unlink_prefix(prefix: str) -> int:
     """Unlink every shm segment whose name starts with ``prefix`` (``/zcrx.<run>.app7.``);
     returns how many.  Only the name goes: live mappings stay valid."""
     return len(remove_prefix_segments(prefix))
+
+
+def _mac(text: object) -> bytes:
+    """A MAC from the NIC's probe (``02:00:...``), or the emulator's default host MAC."""
+    if isinstance(text, str):
+        try:
+            b = bytes.fromhex(text.replace(":", ""))
+            if len(b) == 6:
+                return b
+        except ValueError:
+            pass
+    return bytes([2, 0, 0, 0, 0, 1])

@@ -64,7 +64,10 @@ from shared import abi, nicif, wire
 from shared.errors import InvariantBroken, Misuse, PeerMisbehaved, ZcrxError
 from shared.ring import RingConsumer, RingProducer
 from shared.shm import PAGE_SIZE, Region, region_name
-from shared.txring import TxLayout, TxProducer, tx_region_object, tx_slot_size
+from shared.txring import TxConsumer, TxLayout, TxProducer, tx_region_object, tx_slot_size
+
+#: Slots of the control-frame ring (ARP / ICMPv6 from the NIC).
+CTL_RING = 64
 
 __all__ = [
     "QUEUE_STATS",
@@ -157,6 +160,12 @@ class NapiBatch:
     dropped: int = 0
     posted: int = 0
     doorbell: bool = False
+    #: the segments' acknowledgment numbers (u32), for the transmit side
+    ack_seq: NDArray[np.uint32] = field(default_factory=lambda: np.empty(0, np.uint32))
+    #: the senders' MACs, ``(n, 6)`` uint8 (whom to answer)
+    src_mac: NDArray[np.uint8] = field(default_factory=lambda: np.empty((0, 6), np.uint8))
+    #: row -> TCP option bytes, for the SYNs of the batch only (MSS, window scale)
+    syn_options: dict[int, bytes] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.handles)
@@ -173,6 +182,11 @@ class NapiBatch:
             return cls.empty(queue)
         if len(batches) == 1:
             return batches[0]
+        syn: dict[int, bytes] = {}
+        base = 0
+        for b in batches:
+            syn.update((base + r, o) for r, o in b.syn_options.items())
+            base += len(b)
         return cls(queue, np.concatenate([b.keys for b in batches]),
                    np.concatenate([b.seq for b in batches]),
                    np.concatenate([b.payload_len for b in batches]),
@@ -181,7 +195,10 @@ class NapiBatch:
                    completions=sum(b.completions for b in batches),
                    dropped=sum(b.dropped for b in batches),
                    posted=sum(b.posted for b in batches),
-                   doorbell=any(b.doorbell for b in batches))
+                   doorbell=any(b.doorbell for b in batches),
+                   ack_seq=np.concatenate([b.ack_seq for b in batches]),
+                   src_mac=np.concatenate([b.src_mac for b in batches]),
+                   syn_options=syn)
 
 
 @dataclass
@@ -283,8 +300,13 @@ class NetDevice:
         self._tx_map_id: int | None = None
         #: driver TX counters: frames queued on the TX ring, their bytes, frames dropped
         #: (ring full, too long, device down)
-        self.tx_stats = {"tx_packets": 0, "tx_bytes": 0, "tx_dropped": 0, "tx_doorbells": 0}
+        self.tx_stats = {"tx_packets": 0, "tx_bytes": 0, "tx_dropped": 0, "tx_doorbells": 0,
+                         "ctl_frames": 0}
         self._tx_doorbell = False
+        #: the control-frame ring (ARP / ICMPv6 the NIC hands up), next to the TX ring
+        self.ctl: TxConsumer | None = None
+        self._ctl_region: Region | None = None
+        self._ctl_map_id: int | None = None
 
     def __repr__(self) -> str:
         return f"NetDevice({self.name}, {self.n_queues} queues, ring {self.ring_size})"
@@ -357,7 +379,41 @@ class NetDevice:
     # -- TX ----------------------------------------------------------------------------------
 
     def tx_open(self) -> None:
-        """Create the TX ring region, map it for the NIC and attach it (``nic.tx_start``)."""
+        """Create the TX ring region, map it for the NIC and attach it (``nic.tx_start``);
+        then the control-frame ring (``<dev>.rxctl``, ``nic.ctl_start``)."""
+        self._tx_open()
+        layout = TxLayout(CTL_RING, tx_slot_size(self.mtu))
+        region = Region.create(region_name(self.run, self.owner, f"{self.name}.rxctl"),
+                               layout.size)
+        self._ctl_region = region
+        try:
+            assert region.buf is not None
+            TxProducer(region.buf, layout, init=True).detach()
+            self.ctl = TxConsumer(region.buf, layout, untrusted=True)
+            self._ctl_map_id = self._dma_map(region.name, region.size)
+            self._call("nic.ctl_start", {"dev": self.name, "map_id": self._ctl_map_id,
+                                         "ring_size": layout.ring_size,
+                                         "slot_size": layout.slot_size})
+        except BaseException:
+            self.tx_close(started=False)
+            raise
+
+    def ctl_frames(self) -> list[bytes]:
+        """ARP / ICMPv6 frames the NIC handed up since the last call (copies)."""
+        ctl = self.ctl
+        if ctl is None or not ctl.ready():
+            return []
+        out: list[bytes] = []
+        while True:
+            batch = ctl.peek(CTL_RING)
+            if not ctl.held:
+                break
+            out.extend(batch.frames())
+            ctl.release()
+        self.tx_stats["ctl_frames"] += len(out)
+        return out
+
+    def _tx_open(self) -> None:
         layout = TxLayout(self.tx_ring_size, tx_slot_size(self.mtu))
         region = Region.create(region_name(self.run, self.owner, tx_region_object(self.name)),
                                layout.size)
@@ -390,6 +446,20 @@ class NetDevice:
         if self._tx_region is not None:
             self._tx_region.close()
             self._tx_region = None
+        if self.ctl is not None and started and self.nic_alive:
+            try:
+                self._call("nic.ctl_stop", {"dev": self.name})
+            except ZcrxError:
+                pass
+        if self._ctl_map_id is not None:
+            self._dma_unmap(self._ctl_map_id)
+            self._ctl_map_id = None
+        if self.ctl is not None:
+            self.ctl.detach()
+            self.ctl = None
+        if self._ctl_region is not None:
+            self._ctl_region.close()
+            self._ctl_region = None
 
     def xmit(self, frames: list[bytes]) -> int:
         """Queue whole frames on the TX ring (``ndo_start_xmit`` for a batch); returns how
@@ -789,8 +859,15 @@ class NetDevice:
                 handles = self.skbs.add_batch(n_good, space=space, nr_frags=nf_skb,
                                               frag_bufs=keep_bufs, frag_lens=keep_lens)
             keys = flow_keys(pg["src_addr"], pg["sport"], pg["dst_addr"], pg["dport"])
+            rows = start + (np.arange(k) if gi is None else gi)
+            slots = rq.slots
             # p is this poll's own array: its fields can be handed out without copies.
-            batch = NapiBatch(q, keys, pg["seq"], gplen, pg["tcp_flags"], handles)
+            batch = NapiBatch(q, keys, pg["seq"], gplen, pg["tcp_flags"], handles,
+                              ack_seq=pg["ack_seq"], src_mac=slots[rows, 6:12])
+            for row in np.flatnonzero(pg["tcp_flags"] & wire.TCP_SYN).tolist():
+                o_lo = int(pg["l4_off"][row]) + wire.TCP_HLEN
+                o_hi = int(pg["payload_off"][row])
+                batch.syn_options[row] = slots[int(rows[row]), o_lo:o_hi].tobytes()
             st[_RX_PACKETS] += n_good
             st[_RX_BYTES] += int(frame_len.sum() if gi is None else frame_len[gi].sum())
             st[_RX_LINEAR] += n_lin

@@ -83,6 +83,7 @@ from shared.nicif import (
     MAX_MTU,
     MAX_NETDEVS,
     MAX_QUEUES,
+    MAX_RING,
     MIN_MTU,
     QC,
     QUEUE_COUNTERS,
@@ -94,7 +95,7 @@ from shared.nicif import (
     stats_block_shape,
     valid_buf_len,
 )
-from shared.txring import TxConsumer, TxLayout, tx_slot_size
+from shared.txring import TxConsumer, TxLayout, TxProducer, tx_slot_size
 
 __all__ = ["MAX_MTU", "MIN_MTU", "Netdev", "NetdevSpec", "Nic", "NicQueue"]
 
@@ -156,6 +157,9 @@ class Netdev:
     tx_sink: TxSink = field(init=False, default_factory=DiscardSink)
     #: the source that is the sink (a port), or None for the default
     tx_sink_source: int | None = field(init=False, default=None)
+    #: the kernel's control-frame ring (ARP, ICMPv6 to the host), once ``nic.ctl_start``
+    ctl: TxProducer | None = field(init=False, default=None)
+    ctl_map_id: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         s = self.spec
@@ -273,6 +277,8 @@ class Nic:
                                  f"started", errno.EBUSY)
             if d.tx is not None and d.tx_map_id == map_id:
                 raise Misuse(f"map id {map_id} holds {d.name}'s TX ring", errno.EBUSY)
+            if d.ctl is not None and d.ctl_map_id == map_id:
+                raise Misuse(f"map id {map_id} holds {d.name}'s control ring", errno.EBUSY)
         self.iommu.dma_unmap(map_id)
 
     def queue_start(self, dev: str, queue: int, map_id: int, ring_size: int,
@@ -359,6 +365,31 @@ class Nic:
             d.tx = None
             d.tx_map_id = 0
         return int(d.stats[0, QC["tx_packets"]])
+
+    def ctl_start(self, dev: str, map_id: int, ring_size: int, slot_size: int) -> None:
+        """Attach the control-frame ring: ARP and ICMPv6 frames off the wire go to the kernel
+        there (the TCP path only knows TCP).  Same checks and errnos as :meth:`tx_start`."""
+        d = self.dev(dev)
+        if d.ctl is not None:
+            raise Misuse(f"{dev}: control ring already attached", errno.EBUSY)
+        if not is_pow2(ring_size) or ring_size > MAX_RING:
+            raise Misuse(f"{dev}: control ring size {ring_size} is not a power of two")
+        if slot_size % 64 or slot_size < tx_slot_size(d.spec.mtu):
+            raise Misuse(f"{dev}: control slots of {slot_size} bytes are too small")
+        m = self.iommu.get(map_id)
+        layout = TxLayout(ring_size, slot_size)
+        if layout.size > m.size:
+            raise Misuse(f"{dev}: control ring needs {layout.size} bytes, mapping {map_id} "
+                         f"has {m.size}")
+        d.ctl = TxProducer(m.view, layout, max_frame=d.max_frame)
+        d.ctl_map_id = map_id
+
+    def ctl_stop(self, dev: str) -> None:
+        d = self.dev(dev)
+        if d.ctl is not None:
+            d.ctl.detach()
+            d.ctl = None
+            d.ctl_map_id = 0
 
     def tx_doorbell(self, dev: str) -> None:
         """The kernel queued frames while we slept: nothing to do but poll (the loop does)."""
@@ -742,6 +773,15 @@ class Nic:
 
     def rx_raw(self, d: Netdev, raw: RawBatch) -> npt.NDArray[np.bool_]:
         """The generic path: parse raw frames, drop and count bad ones, steer and place the rest."""
+        ctl = _ctl_frames(raw)
+        if ctl is not None:
+            self._to_host(d, raw, ctl)
+            keep = np.flatnonzero(~ctl)
+            consumed = np.ones(len(raw), dtype=bool)
+            if len(keep):
+                consumed[keep] = self.rx_raw(d, RawBatch(raw.buf, raw.offsets[keep],
+                                                         raw.lengths[keep]))
+            return consumed
         frames, good, status = parse_raw(raw, d.spec.mtu)
         consumed = np.ones(len(raw), dtype=bool)
         nbad = len(raw) - int(good.shape[0])
@@ -753,6 +793,19 @@ class Nic:
         if len(frames):
             consumed[good] = self.rx(d, frames)
         return consumed
+
+    def _to_host(self, d: Netdev, raw: RawBatch, ctl: npt.NDArray[np.bool_]) -> None:
+        """ARP / ICMPv6 frames: onto the kernel's control ring (counted on queue 0, where a
+        real NIC hashes them), with an interrupt; dropped without a ring."""
+        rows = np.flatnonzero(ctl).tolist()
+        frames = [raw.buf[raw.offsets[r]:raw.offsets[r] + raw.lengths[r]].tobytes()
+                  for r in rows]
+        sent = d.ctl.send(frames) if d.ctl is not None else 0
+        self._count(d, 0, "rx_packets", sent)
+        self._count(d, 0, "rx_bytes", sum(len(f) for f in frames[:sent]))
+        self._count(d, 0, "rx_dropped", len(frames) - sent)
+        if sent:
+            self.pending_irqs.append((d.name, 0))
 
     def _recheck(self) -> None:
         """Periodic re-check of waiting queues (covers a lost or raced doorbell)."""
@@ -829,6 +882,7 @@ class Nic:
                 self.queue_stop(d.name, q.index)
             if d.tx is not None:
                 self.tx_stop(d.name)
+            self.ctl_stop(d.name)
         self.iommu.unmap_all()
 
 
@@ -838,3 +892,19 @@ def _head(rows: Index, k: int) -> Index:
 
 def _tail(rows: Index, k: int) -> Index:
     return slice(rows.start + k, rows.stop) if isinstance(rows, slice) else rows[k:]
+
+
+def _ctl_frames(raw: RawBatch) -> npt.NDArray[np.bool_] | None:
+    """Which raw frames are ARP or ICMPv6 (without extension headers), for the host's
+    control path; None when there are none (the common case, one vectorised check)."""
+    n = len(raw)
+    if n == 0:
+        return None
+    buf = np.asarray(raw.buf, np.uint8).reshape(-1)
+    off = raw.offsets
+    ok = (raw.lengths >= 14) & (off + 14 <= buf.shape[0])
+    at = np.where(ok, off, 0)
+    et = buf[at + 12].astype(np.int64) << 8 | buf[at + 13]
+    nh = buf[np.minimum(at + 20, buf.shape[0] - 1)]
+    ctl = ok & ((et == 0x0806) | ((et == 0x86DD) & (raw.lengths >= 54) & (nh == 58)))
+    return ctl if ctl.any() else None

@@ -185,6 +185,15 @@ class NicProcess:
         def tx_stop(m: Message) -> HandlerResult:
             return {"sent": nic.tx_stop(m.body["dev"])}
 
+        def ctl_start(m: Message) -> HandlerResult:
+            b = m.body
+            nic.ctl_start(b["dev"], b["map_id"], b["ring_size"], b["slot_size"])
+            return None
+
+        def ctl_stop(m: Message) -> HandlerResult:
+            nic.ctl_stop(m.body["dev"])
+            return None
+
         def link(m: Message) -> HandlerResult:
             nic.set_link(m.body["dev"], m.body["up"])
             return None
@@ -235,6 +244,7 @@ class NicProcess:
             "nic.pcap": pcap, "nic.capture_start": capture_start,
             "nic.capture_status": capture_status, "nic.capture_stop": capture_stop,
             "nic.tx_start": tx_start, "nic.tx_stop": tx_stop,
+            "nic.ctl_start": ctl_start, "nic.ctl_stop": ctl_stop,
         }
         out = {name: _guard(fn) for name, fn in table.items()}
         out["hello"] = self._on_hello

@@ -359,6 +359,10 @@ register_type("nic.tx_start", {**_DEV, "map_id": int, "ring_size": int, "slot_si
                   "map_id; the NIC drains it from now on.")
 register_type("nic.tx_stop", _DEV, reply=Schema.make({"sent": int}),
               doc="Detach the TX ring (what it holds is sent first); acked once detached.")
+register_type("nic.ctl_start", {**_DEV, "map_id": int, "ring_size": int, "slot_size": int},
+              doc="Attach the netdev's control-frame ring (a shared.txring ring the NIC "
+                  "produces): ARP and ICMPv6 frames for the host go there.")
+register_type("nic.ctl_stop", _DEV, doc="Detach the control-frame ring.")
 register_type("nic.sources", reply=Schema.make({"sources": list}),
               doc="Progress of every traffic source.")
 register_type("nic.source_stop", {"source": int}, doc="Stop a traffic source.")

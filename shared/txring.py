@@ -165,9 +165,10 @@ class TxProducer:
 class TxConsumer:
     """The NIC's end: hands out batches of frames, releases them once sent."""
 
-    def __init__(self, buf: Any, layout: TxLayout) -> None:
+    def __init__(self, buf: Any, layout: TxLayout, *, untrusted: bool = False) -> None:
+        """``untrusted``: the producer may write anything (tail clamped, faults counted)."""
         self.layout = layout
-        self.ring = RingConsumer(buf, layout.ring)
+        self.ring = RingConsumer(buf, layout.ring, untrusted=untrusted)
         self._held = 0
         #: slots whose length word exceeded the slot (skipped)
         self.bad = 0

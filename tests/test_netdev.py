@@ -136,6 +136,8 @@ class FakeNic:
                                  TxLayout(body["ring_size"], body["slot_size"]))
             self.tx_map = body["map_id"]
             return {}
+        if type in ("nic.ctl_start", "nic.ctl_stop"):
+            return {}
         if type == "nic.tx_stop":
             assert self.tx is not None
             self.tx_sent()
@@ -326,7 +328,7 @@ def test_open_maps_regions_and_stocks_fill_rings(dev: tuple[NetDevice, FakeNic, 
     nd.open()
     types = [t for t, _ in nic.calls]
     assert types == ["nic.dma_map", "nic.dma_map", "nic.queue_start"] * 2 + [
-        "nic.dma_map", "nic.tx_start"]
+        "nic.dma_map", "nic.tx_start", "nic.dma_map", "nic.ctl_start"]
     assert nic.calls[6][1]["name"] == region_name(run_id, "kernel", "eth0.tx")
     qname = region_name(run_id, "kernel", "eth0.q0")
     ppname = region_name(run_id, "kernel", "eth0.q0.pp1")
@@ -351,7 +353,7 @@ def test_open_maps_regions_and_stocks_fill_rings(dev: tuple[NetDevice, FakeNic, 
     nd.check_ledger()
     nd.close()
     assert not shm_exists(qname) and not shm_exists(ppname)
-    assert [t for t, _ in nic.calls[6:]].count("nic.dma_unmap") == 5  # 2 per queue + TX
+    assert [t for t, _ in nic.calls[6:]].count("nic.dma_unmap") == 6  # 2 per queue, TX, ctl
     assert nic.maps == {}
 
 
