@@ -75,7 +75,16 @@ from driver_proc import syscalls as sc
 from driver_proc.mm import MM_COUNTERS
 from driver_proc.netdev import NapiBatch, NetDevice
 from driver_proc.skb import SkbStore
-from driver_proc.tcp import SYN, SocketTable, TcpReceiver, TcpState, ip_bytes
+from driver_proc.tcp import (
+    ACK,
+    RST,
+    SYN,
+    SocketTable,
+    TcpReceiver,
+    TcpState,
+    group_by_flow,
+    ip_bytes,
+)
 from driver_proc.tcp_output import Iface, TcpOutput
 from shared import abi
 from shared.control import ControlClient, ControlServer, Handler, HandlerResult, peer_cred
@@ -248,9 +257,9 @@ class Kernel:
                 n += nd.xmit(frames)
         return n
 
-    def _zc_space(self, sock: TcpReceiver) -> int | None:
-        """Bytes the zcrx ifq bound to the socket's RX queue can still take (its niovs not
-        held by the app or by skbs), or None for a queue with kernel pages."""
+    def _zc_space(self, sock: TcpReceiver) -> tuple[int, int] | None:
+        """``(niovs, buf_len)``: what the zcrx ifq bound to the socket's RX queue can still
+        take (niovs not held by the app or by skbs), or None for a queue with kernel pages."""
         for ifq in self.zcrx.ifqs:
             dev = ifq.dev
             if dev is None or ifq.state != "live":
@@ -258,7 +267,7 @@ class Kernel:
             if self.napi_ids.get((dev.name, ifq.rxq)) == sock.napi_id:
                 led = ifq.ledger()
                 free = ifq.niovs - led.get("user", 0) - led.get("in_skb", 0)
-                return int(free * ifq.area.buf_len)
+                return int(free), int(ifq.area.buf_len)
         return None
 
     def napi_pass(self) -> int:
@@ -287,8 +296,11 @@ class Kernel:
         if not len(batch):
             return 0
         keys = batch.keys
-        one = len(keys) == 1 or bool(np.all(keys == keys[0]))
-        flows = [keys[0].tobytes()] if one else list({k.tobytes() for k in keys})
+        if len(keys) == 1 or bool(np.all(keys == keys[0])):
+            flows = [keys[0].tobytes()]
+        else:  # one key per flow, not per segment
+            order, bounds = group_by_flow(keys)
+            flows = [keys[order[b]].tobytes() for b in bounds[:-1].tolist()]
         known = {k for k in flows if self.table.lookup(k) is not None}
         res = self.table.ingest_batch(batch.keys, batch.seq, batch.payload_len,
                                       batch.tcp_flags, batch.handles)
@@ -313,18 +325,24 @@ class Kernel:
     def _orphans(self, batch: NapiBatch, dev: str, flows: list[bytes]) -> None:
         """Segments of flows that had no socket before the batch and still have none (no
         listener, a full backlog, or a connection the app closed): the output side answers
-        (a RST, or the closing connection's handshake).  A SYN to a listener is not an
-        orphan: a full backlog drops it silently, as Linux does."""
+        (a RST, or the closing connection's handshake).  A pure SYN to a listener is not an
+        orphan: a full backlog drops it silently, as Linux does.  A flow with no connection
+        at all gets one RST per batch (for its first segment), not one per segment: a
+        stream into a closed port must not cost per-packet work in the kernel loop."""
+        out = self.output
         for key in flows:
             if self.table.lookup(key) is not None:
                 continue
             listening = self.table.find_listener(key) is not None
+            closing = key in out.closing
             for r in np.flatnonzero(batch.keys == np.void(key)).tolist():
                 flags = int(batch.tcp_flags[r])
-                if flags & SYN and listening:
+                if flags & SYN and not flags & ACK and listening:
                     continue
-                self.output.on_orphan(dev, key, bytes(batch.src_mac[r]), int(batch.seq[r]),
-                                      int(batch.ack_seq[r]), flags, int(batch.payload_len[r]))
+                out.on_orphan(dev, key, bytes(batch.src_mac[r]), int(batch.seq[r]),
+                              int(batch.ack_seq[r]), flags, int(batch.payload_len[r]))
+                if not closing and not flags & RST:
+                    break
 
     def take_doorbells(self) -> list[tuple[str, int]]:
         """Doorbells due: ``(dev, queue)`` for an RX fill ring (``nic.doorbell``), ``(dev, -1)``

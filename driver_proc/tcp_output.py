@@ -34,8 +34,9 @@ What is sent, and the choices made
   (``DelayedACKs``).  No quick-ack mode at connection start.
 * **Window**: ``rcvbuf`` (:data:`DEFAULT_RCVBUF`) minus the bytes queued and not yet read and
   the bytes held out of order; for a socket whose queue is bound to a zcrx ifq it is also
-  capped by the free buffers of the ifq (the kernel's ``space_fn``), so a sender facing an app
-  that holds every niov sees the window close.  The right edge never moves left (RFC 7323).
+  capped by the free buffers of the ifq times the payload a buffer takes (the kernel's
+  ``space_fn``), so a sender facing an app that holds every niov sees the window close.
+  The right edge never moves left (RFC 7323).
   A socket whose advertised window fell below half of ``rcvbuf`` is watched; once the window
   has at least doubled and grown by a full segment, a window update goes out
   (``tcp_cleanup_rbuf``), so the sender resumes when the app reads or returns buffers.
@@ -282,14 +283,16 @@ class _Closing:
 class TcpOutput:
     """The kernel's transmit decisions (see the module docstring).
 
-    ``space_fn(sock)``: an extra cap on a socket's receive space in bytes (the free buffers of
-    the zcrx ifq its queue is bound to), or None for no cap."""
+    ``space_fn(sock)``: ``(buffers, buf_len)`` the socket's RX queue can still fill (the free
+    niovs of the zcrx ifq it is bound to), or None for no cap.  Each segment takes at least
+    one buffer, so the cap is ``buffers x min(buf_len, rcv_mss)`` bytes (Linux scales its
+    window by the payload-to-truesize ratio the same way)."""
 
     ifaces: dict[str, Iface]
     clock: Callable[[], float]
     secret: bytes = field(default_factory=lambda: os.urandom(16))
     rcvbuf: int = DEFAULT_RCVBUF
-    space_fn: Callable[[TcpReceiver], int | None] | None = None
+    space_fn: Callable[[TcpReceiver], tuple[int, int] | None] | None = None
     mib: Counter[str] = field(default_factory=Counter)
     neigh: dict[bytes, bytes] = field(default_factory=dict)
     conns: dict[TcpReceiver, _Out] = field(default_factory=dict)
@@ -329,7 +332,9 @@ class TcpOutput:
         if self.space_fn is not None:
             cap = self.space_fn(sock)
             if cap is not None:
-                free = min(free, cap)
+                o = self.conns.get(sock)
+                mss = o.rcv_mss if o is not None else 1460
+                free = min(free, cap[0] * min(cap[1], mss))
         return max(0, free)
 
     def _window(self, o: _Out) -> int:
@@ -381,7 +386,7 @@ class TcpOutput:
         iss = self.iss_for(key)
         o = _Out(sock, dev, mac, iss, (iss + 1) & _MASK, opts.get("wscale"),
                  min(iface.mss(v6), opts.get("mss", 536)))
-        o.acked = sock.isn
+        o.acked = (sock.isn + 1) & _MASK  # the SYN-ACK acknowledges the SYN
         o.seen_segs = sock.stats.segs
         self.conns[sock] = o
         self.mib["TcpPassiveOpens"] += 1
