@@ -94,6 +94,8 @@ SYNACK_RETRIES = 5
 FIN_RETRIES = 5
 #: How long a closed connection's record lingers in TIME_WAIT (Linux: 60 s).
 TIME_WAIT_S = 2.0
+#: How often sockets whose window was small are checked for a window update.
+WATCH_S = 0.001
 
 _MASK = 0xFFFFFFFF
 _V4 = bytes(10) + b"\xff\xff"
@@ -303,6 +305,15 @@ class TcpOutput:
     _watch_win: set[TcpReceiver] = field(default_factory=set)
     _expired: list[TcpReceiver] = field(default_factory=list)
     _ident: int = 0
+    #: no timer is due before this (a lower bound: tick() scans only once it has passed)
+    _due: float = float("inf")
+    #: next scan of the window watch list (at most every WATCH_S)
+    _watch_next: float = 0.0
+
+    def _arm(self, t: float) -> float:
+        if t < self._due:
+            self._due = t
+        return t
 
     # -- frames ----------------------------------------------------------------------------
 
@@ -391,7 +402,7 @@ class TcpOutput:
         self.conns[sock] = o
         self.mib["TcpPassiveOpens"] += 1
         self._synack(o)
-        o.synack_at = self.clock() + RTO_INIT_S
+        o.synack_at = self._arm(self.clock() + RTO_INIT_S)
         self._timers.add(sock)
 
     def _synack(self, o: _Out) -> None:
@@ -443,7 +454,7 @@ class TcpOutput:
         if pending > o.rcv_mss:
             self._ack(o)
         elif pending and o.delack_at is None:
-            o.delack_at = self.clock() + DELACK_S
+            o.delack_at = self._arm(self.clock() + DELACK_S)
             self._timers.add(sock)
 
     def on_close(self, sock: TcpReceiver, unread: int) -> None:
@@ -464,7 +475,7 @@ class TcpOutput:
             return
         state = "LAST_ACK" if sock.fin_reached else "FIN_WAIT1"
         c = _Closing(state, o.dev, key, o.peer_mac, (o.snd_nxt + 1) & _MASK, sock.rcv_nxt,
-                     o.wscale, retx_at=self.clock() + RTO_INIT_S)
+                     o.wscale, retx_at=self._arm(self.clock() + RTO_INIT_S))
         self.closing[key] = c
         self._send_fin(c)
 
@@ -510,10 +521,11 @@ class TcpOutput:
             c.state = "TIME_WAIT" if c.state == "FIN_WAIT2" else "CLOSING"
             self._emit(c.dev, c.key, c.peer_mac, c.snd_nxt, c.rcv_nxt, ACK, 0xFFFF)
             if c.state == "TIME_WAIT":
-                c.expire_at = self.clock() + TIME_WAIT_S
+                c.expire_at = self._arm(self.clock() + TIME_WAIT_S)
             return
         if c.state == "CLOSING" and flags & ACK and ack == c.snd_nxt:
-            c.state, c.retx_at, c.expire_at = "TIME_WAIT", None, self.clock() + TIME_WAIT_S
+            c.state, c.retx_at = "TIME_WAIT", None
+            c.expire_at = self._arm(self.clock() + TIME_WAIT_S)
             return
         if flags & FIN and c.state == "TIME_WAIT":  # a retransmitted FIN: ACK it again
             self._emit(c.dev, c.key, c.peer_mac, c.snd_nxt, c.rcv_nxt, ACK, 0xFFFF)
@@ -556,8 +568,16 @@ class TcpOutput:
 
     def tick(self) -> None:
         """Fire due timers (delayed ACK, SYN-ACK and FIN retransmission, TIME_WAIT) and send
-        window updates to watched sockets whose window reopened."""
+        window updates to watched sockets whose window reopened.  Cheap when nothing is due:
+        the timers are scanned only once the earliest may have expired, the watch list at
+        most every :data:`WATCH_S`."""
         now = self.clock()
+        if self._watch_win and now >= self._watch_next:
+            self._watch_next = now + WATCH_S
+            self._watch(now)
+        if now < self._due:
+            return
+        self._due = float("inf")
         for sock in list(self._timers):
             o = self.conns.get(sock)
             if o is None:
@@ -574,13 +594,34 @@ class TcpOutput:
                 self.mib["TcpExtTCPSynRetrans"] += 1
                 self._synack(o)
                 o.synack_at = now + RTO_INIT_S * (1 << o.synack_tries)
+            if o.synack_at is not None:
+                self._arm(o.synack_at)
             if o.delack_at is not None and now >= o.delack_at:
                 if (sock.rcv_nxt - o.acked) & _MASK:
                     self.mib["TcpExtDelayedACKs"] += 1
                     self._ack(o)
                 o.delack_at = None
+            if o.delack_at is not None:
+                self._arm(o.delack_at)
             if o.synack_at is None and o.delack_at is None:
                 self._timers.discard(sock)
+        for key, c in list(self.closing.items()):
+            if c.expire_at is not None and now >= c.expire_at:
+                del self.closing[key]
+                continue
+            if c.retx_at is not None and now >= c.retx_at:
+                if c.tries >= FIN_RETRIES:
+                    del self.closing[key]
+                    continue
+                c.tries += 1
+                self.mib["TcpRetransSegs"] += 1
+                self._send_fin(c)
+                c.retx_at = now + RTO_INIT_S * (1 << c.tries)
+            for t in (c.retx_at, c.expire_at):
+                if t is not None:
+                    self._arm(t)
+
+    def _watch(self, now: float) -> None:
         for sock in list(self._watch_win):
             o = self.conns.get(sock)
             if o is None or not sock.was_established:
@@ -590,17 +631,6 @@ class TcpOutput:
             if free >= 2 * o.adv_win and free - o.adv_win >= o.rcv_mss:
                 self.mib["TcpExtTCPWindowUpdates"] += 1
                 self._ack(o)
-        for key, c in list(self.closing.items()):
-            if c.expire_at is not None and now >= c.expire_at:
-                del self.closing[key]
-            elif c.retx_at is not None and now >= c.retx_at:
-                if c.tries >= FIN_RETRIES:
-                    del self.closing[key]
-                    continue
-                c.tries += 1
-                self.mib["TcpRetransSegs"] += 1
-                self._send_fin(c)
-                c.retx_at = now + RTO_INIT_S * (1 << c.tries)
 
     def expired(self) -> list[TcpReceiver]:
         """Embryonic connections whose SYN-ACK retries ran out since the last call (the
@@ -609,12 +639,8 @@ class TcpOutput:
         return out
 
     def next_deadline(self) -> float | None:
-        """The earliest timer, or None (window watches poll with the kernel's idle wake)."""
-        ds: list[float] = []
-        for sock in self._timers:
-            o = self.conns.get(sock)
-            if o is not None:
-                ds.extend(t for t in (o.synack_at, o.delack_at) if t is not None)
-        for c in self.closing.values():
-            ds.extend(t for t in (c.retx_at, c.expire_at) if t is not None)
-        return min(ds) if ds else None
+        """When :meth:`tick` may have something to do (possibly early), or None."""
+        t = self._due
+        if self._watch_win:
+            t = min(t, self._watch_next)
+        return None if t == float("inf") else t

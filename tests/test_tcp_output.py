@@ -220,11 +220,13 @@ def test_window_closes_while_the_app_holds_buffers_and_reopens_with_an_update() 
     h.out.tick()
     assert h.frames() == []  # still closed: nothing to say
     h.cap = 64  # the app returned its buffers
+    h.clock.t += 0.01
     h.out.tick()
     (u,) = h.frames()
     assert u.flags == dpkt.tcp.TH_ACK and u.ack == z.ack and u.win << WSCALE >= 32 * MSS
     assert h.out.mib["TcpExtTCPWindowUpdates"] == 1
     assert h.out.mib["TcpExtTCPFromZeroWindowAdv"] == 1
+    h.clock.t += 0.01
     h.out.tick()
     assert h.frames() == []  # one update, not one per tick
 
