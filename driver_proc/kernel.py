@@ -140,6 +140,8 @@ class Kernel:
         self._next_napi_id = MIN_NAPI_ID
         #: TCP's transmit side (driver_proc.tcp_output): its frames go out on the TX rings
         self.output = TcpOutput({}, time.monotonic, space_fn=self._zc_space)
+        #: _zc_space per NAPI id, valid for one poll pass (a ledger is a pass over the niovs)
+        self._zc_cache: dict[int, tuple[int, int] | None] = {}
         self.ctx.sockets.on_close = self.output.on_close
 
     # -- setup ------------------------------------------------------------------------
@@ -232,6 +234,7 @@ class Kernel:
 
     def poll(self) -> int:
         """One pass of softirq + task work: NAPI on every queue, TCP, io_uring."""
+        self._zc_cache.clear()
         work = self.reprobe()
         work += self.napi_pass()
         if self.server is not None:
@@ -260,6 +263,9 @@ class Kernel:
     def _zc_space(self, sock: TcpReceiver) -> tuple[int, int] | None:
         """``(niovs, buf_len)``: what the zcrx ifq bound to the socket's RX queue can still
         take (niovs not held by the app or by skbs), or None for a queue with kernel pages."""
+        if sock.napi_id in self._zc_cache:
+            return self._zc_cache[sock.napi_id]
+        self._zc_cache[sock.napi_id] = None
         for ifq in self.zcrx.ifqs:
             dev = ifq.dev
             if dev is None or ifq.state != "live":
@@ -267,7 +273,9 @@ class Kernel:
             if self.napi_ids.get((dev.name, ifq.rxq)) == sock.napi_id:
                 led = ifq.ledger()
                 free = ifq.niovs - led.get("user", 0) - led.get("in_skb", 0)
-                return int(free), int(ifq.area.buf_len)
+                got = int(free), int(ifq.area.buf_len)
+                self._zc_cache[sock.napi_id] = got
+                return got
         return None
 
     def napi_pass(self) -> int:

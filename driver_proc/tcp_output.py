@@ -37,9 +37,10 @@ What is sent, and the choices made
   capped by the free buffers of the ifq times the payload a buffer takes (the kernel's
   ``space_fn``), so a sender facing an app that holds every niov sees the window close.
   The right edge never moves left (RFC 7323).
-  A socket whose advertised window fell below half of ``rcvbuf`` is watched; once the window
-  has at least doubled and grown by a full segment, a window update goes out
-  (``tcp_cleanup_rbuf``), so the sender resumes when the app reads or returns buffers.
+  A socket whose advertised window fell below four segments is watched (every millisecond);
+  once the window has at least doubled and grown by a full segment, a window update goes
+  out (``tcp_cleanup_rbuf`` decides the same at read time), so the sender resumes when the
+  app reads or returns buffers.
 * **FIN**: the peer's FIN is ACKed at once.  When the app closes a socket with nothing unread
   we send FIN-ACK (``FIN_WAIT1``, or ``LAST_ACK`` after the peer's FIN) and keep a small
   record of the connection (the socket left the table), retransmitted like the SYN-ACK until
@@ -96,6 +97,10 @@ FIN_RETRIES = 5
 TIME_WAIT_S = 2.0
 #: How often sockets whose window was small are checked for a window update.
 WATCH_S = 0.001
+#: A socket is watched for a window update while its advertised window is below this many
+#: segments: a sender that still has more is not waiting for one (its next ACK carries the
+#: new window anyway), and watching every socket would cost per-socket work per scan.
+WATCH_SEGS = 4
 
 _MASK = 0xFFFFFFFF
 _V4 = bytes(10) + b"\xff\xff"
@@ -364,7 +369,7 @@ class TcpOutput:
             self.mib["TcpExtTCPFromZeroWindowAdv"] += 1
         o.adv_win = win
         o.adv_right = (rcv_nxt + win) & _MASK
-        if win < self.rcvbuf // 2:
+        if win < WATCH_SEGS * o.rcv_mss:
             self._watch_win.add(sock)
         else:
             self._watch_win.discard(sock)
