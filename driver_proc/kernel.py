@@ -534,8 +534,7 @@ class Kernel:
             out["netdevs"][name] = {f"rx-{q}": dev.queue_stats(q) for q in sorted(dev.queues)}
         out["tcp"] = dict(_as_dict(self.table.stats))
         out["tcp_mib"] = dict(self.output.mib)
-        for name, dev in self.netdevs.items():
-            out["netdevs"][name]["tx"] = dict(dev.tx_stats)
+        out["tx"] = {name: dict(dev.tx_stats) for name, dev in self.netdevs.items()}
         out["io_uring"] = self.ctx.rings.stats()
         out["skbs"] = {"in_flight": len(self.skbs.live_handles())}
         out["zcrx"] = self.zcrx.stats()

@@ -110,8 +110,8 @@ def test_a_replayed_connection_makes_the_kernel_transmit(tmp_path: Path) -> None
         mib = st["tcp_mib"]
         # the SYN-ACK, at least one ACK (one per batch: data and FIN may share it), our FIN
         assert mib["TcpPassiveOpens"] == 1 and mib["TcpOutSegs"] >= 3
-        assert st["netdevs"]["eth0"]["tx"]["tx_packets"] == mib["TcpOutSegs"] \
+        assert st["tx"]["eth0"]["tx_packets"] == mib["TcpOutSegs"] \
             + mib.get("ArpOutReplies", 0) + mib.get("Icmp6OutNeighborAdvertisements", 0)
         nic = nic_stats(tag)
-        assert nic["tx_packets"] == st["netdevs"]["eth0"]["tx"]["tx_packets"]
+        assert nic["tx_packets"] == st["tx"]["eth0"]["tx_packets"]
         assert nic["tx_dropped"] == 0 and nic["tx_bytes"] >= 60 * nic["tx_packets"]
