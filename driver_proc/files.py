@@ -182,6 +182,9 @@ class Sockets:
     def __init__(self, table: SocketTable, skbs: SkbStore) -> None:
         self.table = table
         self.skbs = skbs
+        #: told of every connection closed by its app (TCP's transmit side sends FIN or RST):
+        #: ``on_close(conn, unread_bytes)``, called after the table closed it
+        self.on_close: Callable[[TcpReceiver, int], None] | None = None
         #: bound sockets by (address, port): several only with SO_REUSEPORT, one owner
         self._bound: dict[tuple[bytes | None, int], list[SocketFile]] = {}
         self._by_conn: dict[int, SocketFile] = {}
@@ -379,10 +382,18 @@ class Sockets:
             w.cancel(cancel_res)
         if sf.conn is not None:
             self._by_conn.pop(id(sf.conn), None)
+            unread = sf.conn.rxq.nbytes
             self.free(self.table.close(sf.conn))
+            if self.on_close is not None:
+                self.on_close(sf.conn, unread)
         if sf.listener is not None:
             self._by_listener.pop(id(sf.listener), None)
-            self.free(self.table.close_listener(sf.listener))
+            lst = sf.listener
+            children = [(c, c.rxq.nbytes) for c in [*lst._pending.values(), *lst._ready]]
+            self.free(self.table.close_listener(lst))
+            if self.on_close is not None:
+                for c, unread in children:
+                    self.on_close(c, unread)
         if sf.state in (_STATE_BOUND, _STATE_LISTEN):
             key = (sf.local_addr, sf.local_port)
             bound = self._bound.get(key, [])

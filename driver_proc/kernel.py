@@ -75,7 +75,17 @@ from driver_proc import syscalls as sc
 from driver_proc.mm import MM_COUNTERS
 from driver_proc.netdev import NapiBatch, NetDevice
 from driver_proc.skb import SkbStore
-from driver_proc.tcp import SocketTable, TcpState
+from driver_proc.tcp import (
+    ACK,
+    RST,
+    SYN,
+    SocketTable,
+    TcpReceiver,
+    TcpState,
+    group_by_flow,
+    ip_bytes,
+)
+from driver_proc.tcp_output import Iface, TcpOutput
 from shared import abi
 from shared.bpf import SkbInfo
 from shared.control import ControlClient, ControlServer, Handler, HandlerResult, peer_cred
@@ -142,6 +152,11 @@ class Kernel:
         self._next_napi_id = MIN_NAPI_ID
         #: what a reuseport program reads of an skb, per (ifindex, queue)
         self._rx_info: dict[tuple[int, int], SkbInfo] = {}
+        #: TCP's transmit side (driver_proc.tcp_output): its frames go out on the TX rings
+        self.output = TcpOutput({}, time.monotonic, space_fn=self._zc_space)
+        #: _zc_space per NAPI id, valid for one poll pass (a ledger is a pass over the niovs)
+        self._zc_cache: dict[int, tuple[int, int] | None] = {}
+        self.ctx.sockets.on_close = self.output.on_close
 
     # -- setup ------------------------------------------------------------------------
 
@@ -159,6 +174,9 @@ class Kernel:
             dev = NetDevice(nd, self.nic, self.run, skbs=self.skbs)
             self.netdevs[dev.name] = dev
             dev.open()
+            self.output.ifaces[dev.name] = Iface(
+                dev.name, _mac(dev.mac), ip_bytes(dev.addr) if dev.addr else None,
+                ip_bytes(dev.addr6) if dev.addr6 else None, dev.mtu)
             for key in [k for k in self.napi_ids if k[0] == dev.name]:
                 del self.napi_ids[key]  # a (re-)probe makes new NAPI instances
             for q in sorted(dev.queues):
@@ -232,12 +250,49 @@ class Kernel:
 
     def poll(self) -> int:
         """One pass of softirq + task work: NAPI on every queue, TCP, io_uring."""
+        self._zc_cache.clear()
         work = self.reprobe()
         work += self.napi_pass()
         if self.server is not None:
             work += sc.service(self.ctx, self.server)
         work += self.zcrx.poll()  # requeued RECV_ZC passes, delayed ifq destruction
+        work += self.transmit()
         return work
+
+    def transmit(self) -> int:
+        """TCP's timers and window updates, ARP/NDP, then every frame due onto the TX rings
+        (one batch per netdev).  Returns the frames queued."""
+        out = self.output
+        for dev in self.netdevs.values():
+            for frame in dev.ctl_frames():
+                out.on_ctl_frame(dev.name, frame)
+        out.tick()
+        for sock in out.expired():  # SYN-ACK retries ran out: drop the embryonic connection
+            self.ctx.sockets.free(self.table.close(sock))
+        n = 0
+        for name, frames in out.take().items():
+            nd = self.netdevs.get(name)
+            if nd is not None:
+                n += nd.xmit(frames)
+        return n
+
+    def _zc_space(self, sock: TcpReceiver) -> tuple[int, int] | None:
+        """``(niovs, buf_len)``: what the zcrx ifq bound to the socket's RX queue can still
+        take (niovs not held by the app or by skbs), or None for a queue with kernel pages."""
+        if sock.napi_id in self._zc_cache:
+            return self._zc_cache[sock.napi_id]
+        self._zc_cache[sock.napi_id] = None
+        for ifq in self.zcrx.ifqs:
+            dev = ifq.dev
+            if dev is None or ifq.state != "live":
+                continue
+            if self.napi_ids.get((dev.name, ifq.rxq)) == sock.napi_id:
+                led = ifq.ledger()
+                free = ifq.niovs - led.get("user", 0) - led.get("in_skb", 0)
+                got = int(free), int(ifq.area.buf_len)
+                self._zc_cache[sock.napi_id] = got
+                return got
+        return None
 
     def napi_pass(self, *, busy_poll: bool = False) -> int:
         """NAPI on every queue of each netdev's poll list (drained frames first); returns the
@@ -279,26 +334,73 @@ class Kernel:
         """Hand a NAPI batch to TCP, free what TCP refused, run woken requests.  Every socket
         that took a segment is marked with the batch's NAPI id (``sk_mark_napi_id``).  The
         batch's skbs carry their RX queue (``skb_record_rx_queue``), device and CPU for a
-        reuseport program (read only by a SYN that reaches a group)."""
+        reuseport program (read only by a SYN that reaches a group).  Then TCP's transmit
+        side answers: a SYN-ACK per new connection, the ACKs the batch calls for, a RST per
+        segment that reached no socket."""
         if not len(batch):
             return 0
         ifindex = dev.ifindex if dev is not None else 0
+        name = dev.name if dev is not None else ""
         rx = self._rx_info.get((ifindex, batch.queue))
         if rx is None:
             rx = self._rx_info[ifindex, batch.queue] = SkbInfo(
                 queue_mapping=batch.queue + 1, ifindex=ifindex, cpu=napi_cpu(batch.queue))
+        keys = batch.keys
+        if len(keys) == 1 or bool(np.all(keys == keys[0])):
+            flows = [keys[0].tobytes()]
+        else:  # one key per flow, not per segment
+            order, bounds = group_by_flow(keys)
+            flows = [keys[order[b]].tobytes() for b in bounds[:-1].tolist()]
+        known = {k for k in flows if self.table.lookup(k) is not None}
         res = self.table.ingest_batch(batch.keys, batch.seq, batch.payload_len,
                                       batch.tcp_flags, batch.handles, rx)
+        out = self.output
         for sock in res.sockets:
             sock.napi_id = napi_id
+            if sock.key not in known and sock.key is not None:
+                rows = np.flatnonzero((keys == np.void(sock.key)) & (batch.tcp_flags & SYN != 0))
+                if len(rows):
+                    r = int(rows[0])
+                    out.on_syn(sock, name, bytes(batch.src_mac[r]),
+                               batch.syn_options.get(r, b""))
+            out.after_ingest(sock)
+        if len(known) < len(flows):
+            self._orphans(batch, name, [k for k in flows if k not in known])
         if len(res.freed):
             self.skbs.free(res.freed)
         if res.sockets or res.listeners:
             self.ctx.rings.run(res.sockets, res.listeners)
         return len(batch)
 
+    def _orphans(self, batch: NapiBatch, dev: str, flows: list[bytes]) -> None:
+        """Segments of flows that had no socket before the batch and still have none (no
+        listener, a full backlog, or a connection the app closed): the output side answers
+        (a RST, or the closing connection's handshake).  A pure SYN to a listener is not an
+        orphan: a full backlog drops it silently, as Linux does.  A flow with no connection
+        at all gets one RST per batch (for its first segment), not one per segment: a
+        stream into a closed port must not cost per-packet work in the kernel loop."""
+        out = self.output
+        for key in flows:
+            if self.table.lookup(key) is not None:
+                continue
+            listening = self.table.find_listener(key) is not None
+            closing = key in out.closing
+            for r in np.flatnonzero(batch.keys == np.void(key)).tolist():
+                flags = int(batch.tcp_flags[r])
+                if flags & SYN and not flags & ACK and listening:
+                    continue
+                out.on_orphan(dev, key, bytes(batch.src_mac[r]), int(batch.seq[r]),
+                              int(batch.ack_seq[r]), flags, int(batch.payload_len[r]))
+                if not closing and not flags & RST:
+                    break
+
     def take_doorbells(self) -> list[tuple[str, int]]:
+        """Doorbells due: ``(dev, queue)`` for an RX fill ring (``nic.doorbell``), ``(dev, -1)``
+        for a TX ring (``nic.tx_doorbell``)."""
         out, self._doorbells = self._doorbells, []
+        for dev in self.netdevs.values():
+            if dev.take_tx_doorbell():
+                out.append((dev.name, -1))
         return out
 
     def arm_interrupts(self) -> bool:
@@ -341,6 +443,9 @@ class Kernel:
         if self._starved:
             return STARVED_POLL_MS
         deadline = self.ctx.rings.next_deadline()
+        tcp = self.output.next_deadline()
+        if tcp is not None:
+            deadline = tcp if deadline is None else min(deadline, tcp)
         if deadline is None:
             return 1_000
         return max(0, int((deadline - time.monotonic()) * 1000))
@@ -479,6 +584,8 @@ class Kernel:
         for name, dev in self.netdevs.items():
             out["netdevs"][name] = {f"rx-{q}": dev.queue_stats(q) for q in sorted(dev.queues)}
         out["tcp"] = dict(_as_dict(self.table.stats))
+        out["tcp_mib"] = dict(self.output.mib)
+        out["tx"] = {name: dict(dev.tx_stats) for name, dev in self.netdevs.items()}
         out["io_uring"] = self.ctx.rings.stats()
         out["skbs"] = {"in_flight": len(self.skbs.live_handles())}
         out["zcrx"] = self.zcrx.stats()
@@ -566,3 +673,15 @@ def _unlink_prefix(prefix: str) -> int:
     """Unlink every shm segment whose name starts with ``prefix`` (``/zcrx.<run>.app7.``);
     returns how many.  Only the name goes: live mappings stay valid."""
     return len(remove_prefix_segments(prefix))
+
+
+def _mac(text: object) -> bytes:
+    """A MAC from the NIC's probe (``02:00:...``), or the emulator's default host MAC."""
+    if isinstance(text, str):
+        try:
+            b = bytes.fromhex(text.replace(":", ""))
+            if len(b) == 6:
+                return b
+        except ValueError:
+            pass
+    return bytes([2, 0, 0, 0, 0, 1])

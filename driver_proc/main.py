@@ -97,7 +97,10 @@ def main(argv: list[str] | None = None) -> int:
             work += kernel.check_peers()
             work += kernel.poll()
             for dev, q in kernel.take_doorbells():
-                doorbells.send("nic.doorbell", {"dev": dev, "queue": q})
+                if q < 0:
+                    doorbells.send("nic.tx_doorbell", {"dev": dev})
+                else:
+                    doorbells.send("nic.doorbell", {"dev": dev, "queue": q})
             if work:
                 wait.reset()
                 continue

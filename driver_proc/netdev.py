@@ -70,6 +70,10 @@ from shared import abi, nicif, wire
 from shared.errors import InvariantBroken, Misuse, PeerMisbehaved, ZcrxError
 from shared.ring import RingConsumer, RingProducer
 from shared.shm import PAGE_SIZE, Region, region_name
+from shared.txring import TxConsumer, TxLayout, TxProducer, tx_region_object, tx_slot_size
+
+#: Slots of the control-frame ring (ARP / ICMPv6 from the NIC).
+CTL_RING = 64
 
 __all__ = [
     "QUEUE_STATS",
@@ -162,6 +166,12 @@ class NapiBatch:
     dropped: int = 0
     posted: int = 0
     doorbell: bool = False
+    #: the segments' acknowledgment numbers (u32), for the transmit side
+    ack_seq: NDArray[np.uint32] = field(default_factory=lambda: np.empty(0, np.uint32))
+    #: the senders' MACs, ``(n, 6)`` uint8 (whom to answer)
+    src_mac: NDArray[np.uint8] = field(default_factory=lambda: np.empty((0, 6), np.uint8))
+    #: row -> TCP option bytes, for the SYNs of the batch only (MSS, window scale)
+    syn_options: dict[int, bytes] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.handles)
@@ -178,6 +188,11 @@ class NapiBatch:
             return cls.empty(queue)
         if len(batches) == 1:
             return batches[0]
+        syn: dict[int, bytes] = {}
+        base = 0
+        for b in batches:
+            syn.update((base + r, o) for r, o in b.syn_options.items())
+            base += len(b)
         return cls(queue, np.concatenate([b.keys for b in batches]),
                    np.concatenate([b.seq for b in batches]),
                    np.concatenate([b.payload_len for b in batches]),
@@ -186,7 +201,10 @@ class NapiBatch:
                    completions=sum(b.completions for b in batches),
                    dropped=sum(b.dropped for b in batches),
                    posted=sum(b.posted for b in batches),
-                   doorbell=any(b.doorbell for b in batches))
+                   doorbell=any(b.doorbell for b in batches),
+                   ack_seq=np.concatenate([b.ack_seq for b in batches]),
+                   src_mac=np.concatenate([b.src_mac for b in batches]),
+                   syn_options=syn)
 
 
 @dataclass
@@ -284,6 +302,24 @@ class NetDevice:
         self.up = False
         self.nic_alive = True
         self._pp_gen = [0] * self.max_queues
+        self.addr = str(info.get("addr", ""))
+        self.addr6 = str(info.get("addr6", ""))
+        ring = info.get("tx_ring_size", self.ring_size)
+        self.tx_ring_size = ring if isinstance(ring, int) and nicif.is_pow2(ring) \
+            and ring <= nicif.MAX_RING else self.ring_size
+        #: the TX ring (shared.txring) while the device is open; None otherwise
+        self.tx: TxProducer | None = None
+        self._tx_region: Region | None = None
+        self._tx_map_id: int | None = None
+        #: driver TX counters: frames queued on the TX ring, their bytes, frames dropped
+        #: (ring full, too long, device down)
+        self.tx_stats = {"tx_packets": 0, "tx_bytes": 0, "tx_dropped": 0, "tx_doorbells": 0,
+                         "ctl_frames": 0}
+        self._tx_doorbell = False
+        #: the control-frame ring (ARP / ICMPv6 the NIC hands up), next to the TX ring
+        self.ctl: TxConsumer | None = None
+        self._ctl_region: Region | None = None
+        self._ctl_map_id: int | None = None
 
     def __repr__(self) -> str:
         return f"NetDevice({self.name}, {self.n_queues} queues, ring {self.ring_size})"
@@ -333,12 +369,14 @@ class NetDevice:
     # -- device open/close -------------------------------------------------------------------
 
     def open(self) -> None:
-        """Set up and start every queue (``ndo_open``)."""
+        """Set up and start every queue and the TX ring (``ndo_open``)."""
         for q in range(self.n_queues):
             if q not in self.queues:
                 self.queue_setup(q)
             if not self.queues[q].started:
                 self.queue_start(q)
+        if self.tx is None:
+            self.tx_open()
         self.up = True
 
     def close(self, *, nic_alive: bool = True) -> list[NapiBatch]:
@@ -354,8 +392,120 @@ class NetDevice:
             if self.queues[q].started:
                 out.append(self.queue_stop(q))
             self.queue_free(q)
+        self.tx_close()
         self.up = False
         return out
+
+    # -- TX ----------------------------------------------------------------------------------
+
+    def tx_open(self) -> None:
+        """Create the TX ring region, map it for the NIC and attach it (``nic.tx_start``);
+        then the control-frame ring (``<dev>.rxctl``, ``nic.ctl_start``)."""
+        self._tx_open()
+        layout = TxLayout(CTL_RING, tx_slot_size(self.mtu))
+        region = Region.create(region_name(self.run, self.owner, f"{self.name}.rxctl"),
+                               layout.size)
+        self._ctl_region = region
+        try:
+            assert region.buf is not None
+            TxProducer(region.buf, layout, init=True).detach()
+            self.ctl = TxConsumer(region.buf, layout, untrusted=True)
+            self._ctl_map_id = self._dma_map(region.name, region.size)
+            self._call("nic.ctl_start", {"dev": self.name, "map_id": self._ctl_map_id,
+                                         "ring_size": layout.ring_size,
+                                         "slot_size": layout.slot_size})
+        except BaseException:
+            self.tx_close(started=False)
+            raise
+
+    def ctl_frames(self) -> list[bytes]:
+        """ARP / ICMPv6 frames the NIC handed up since the last call (copies)."""
+        ctl = self.ctl
+        if ctl is None or not ctl.ready():
+            return []
+        out: list[bytes] = []
+        while True:
+            batch = ctl.peek(CTL_RING)
+            if not ctl.held:
+                break
+            out.extend(batch.frames())
+            ctl.release()
+        self.tx_stats["ctl_frames"] += len(out)
+        return out
+
+    def _tx_open(self) -> None:
+        layout = TxLayout(self.tx_ring_size, tx_slot_size(self.mtu))
+        region = Region.create(region_name(self.run, self.owner, tx_region_object(self.name)),
+                               layout.size)
+        self._tx_region = region
+        try:
+            assert region.buf is not None
+            self.tx = TxProducer(region.buf, layout, init=True,
+                                 max_frame=wire.max_frame_len(self.mtu))
+            self._tx_map_id = self._dma_map(region.name, region.size)
+            self._call("nic.tx_start", {"dev": self.name, "map_id": self._tx_map_id,
+                                        "ring_size": layout.ring_size,
+                                        "slot_size": layout.slot_size})
+        except BaseException:
+            self.tx_close(started=False)
+            raise
+
+    def tx_close(self, *, started: bool = True) -> None:
+        """Detach the NIC from the TX ring (``nic.tx_stop``), unmap and unlink it."""
+        if started and self.tx is not None and self.nic_alive:
+            try:
+                self._call("nic.tx_stop", {"dev": self.name})
+            except ZcrxError:
+                pass
+        if self._tx_map_id is not None:
+            self._dma_unmap(self._tx_map_id)
+            self._tx_map_id = None
+        if self.tx is not None:
+            self.tx.detach()
+            self.tx = None
+        if self._tx_region is not None:
+            self._tx_region.close()
+            self._tx_region = None
+        if self.ctl is not None and started and self.nic_alive:
+            try:
+                self._call("nic.ctl_stop", {"dev": self.name})
+            except ZcrxError:
+                pass
+        if self._ctl_map_id is not None:
+            self._dma_unmap(self._ctl_map_id)
+            self._ctl_map_id = None
+        if self.ctl is not None:
+            self.ctl.detach()
+            self.ctl = None
+        if self._ctl_region is not None:
+            self._ctl_region.close()
+            self._ctl_region = None
+
+    def xmit(self, frames: list[bytes]) -> int:
+        """Queue whole frames on the TX ring (``ndo_start_xmit`` for a batch); returns how
+        many were queued.  The rest (ring full, too long, device closed) are counted
+        ``tx_dropped``.  A doorbell is due (:meth:`take_tx_doorbell`) if the NIC sleeps."""
+        if not frames:
+            return 0
+        tx = self.tx
+        if tx is None:
+            self.tx_stats["tx_dropped"] += len(frames)
+            return 0
+        before = tx.dropped
+        n = tx.send(frames)
+        self.tx_stats["tx_dropped"] += tx.dropped - before
+        self.tx_stats["tx_packets"] += n
+        self.tx_stats["tx_bytes"] += sum(len(f) for f in frames[:n]) if n == len(frames) \
+            else 0
+        if tx.doorbell_due():
+            self.tx_stats["tx_doorbells"] += 1
+            self._tx_doorbell = True
+        return n
+
+    def take_tx_doorbell(self) -> bool:
+        """True once after :meth:`xmit` found the NIC asleep on the TX ring."""
+        due, self._tx_doorbell = self._tx_doorbell, False
+        return due
 
     # -- queue management (paired verbs: setup/free, start/stop) -----------------------------
 
@@ -745,8 +895,15 @@ class NetDevice:
                 handles = self.skbs.add_batch(n_good, space=spaces, nr_frags=nf_skb,
                                               frag_bufs=keep_bufs, frag_lens=keep_lens)
             keys = flow_keys(pg["src_addr"], pg["sport"], pg["dst_addr"], pg["dport"])
+            rows = start + (np.arange(k) if gi is None else gi)
+            slots = rq.slots
             # p is this poll's own array: its fields can be handed out without copies.
-            batch = NapiBatch(q, keys, pg["seq"], gplen, pg["tcp_flags"], handles)
+            batch = NapiBatch(q, keys, pg["seq"], gplen, pg["tcp_flags"], handles,
+                              ack_seq=pg["ack_seq"], src_mac=slots[rows, 6:12])
+            for row in np.flatnonzero(pg["tcp_flags"] & wire.TCP_SYN).tolist():
+                o_lo = int(pg["l4_off"][row]) + wire.TCP_HLEN
+                o_hi = int(pg["payload_off"][row])
+                batch.syn_options[row] = slots[int(rows[row]), o_lo:o_hi].tobytes()
             st[_RX_PACKETS] += n_good
             st[_RX_BYTES] += int(frame_len.sum() if gi is None else frame_len[gi].sum())
             st[_RX_LINEAR] += n_lin
@@ -1039,7 +1196,9 @@ class NetDevice:
                 "queues": self.n_queues, "max_queues": self.max_queues,
                 "ring_size": self.ring_size, "mtu": self.mtu, "rx_buf_len": self.rx_buf_len,
                 "tcp_data_split": self.tcp_data_split, "hds_thresh": self.hds_thresh,
-                "dying_pools": len(self.dying), "rx_queues": queues}
+                "dying_pools": len(self.dying), "rx_queues": queues,
+                "tx": {"ring_size": self.tx_ring_size if self.tx is not None else 0,
+                       **self.tx_stats}}
 
     def check_ledger(self) -> None:
         """Verify every buffer of every live and dying pool (raises InvariantBroken).

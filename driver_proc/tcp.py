@@ -64,16 +64,18 @@ States
 
 Decisions and departures from Linux (receive side only; see also DESIGN.md §9)
 -----------------------------------------------------------------------------
-* No ACKs, windows or congestion control are sent or tracked.  ``rcv_wnd`` (default 2**30,
+* Nothing is sent from here: what the host transmits (SYN-ACK, ACKs, the advertised window,
+  FIN, RST) is decided by :mod:`driver_proc.tcp_output` from this layer's state after each
+  batch.  No congestion control.  ``rcv_wnd`` (default 2**30,
   Linux's largest scaled window) only bounds what counts as "future": a segment starting
   ``rcv_wnd`` or more beyond ``rcv_nxt`` is ``bad_seq`` and dropped.  The ACK number is not
   checked; every segment except a SYN or RST must carry the ACK flag (``no_ack`` otherwise),
   as Linux requires.
 * SYN + data is **accepted** (as TCP Fast Open with a valid cookie would): the payload starts at
   ISN + 1.  Linux without TFO drops it and relies on the sender retransmitting after the
-  SYN-ACK; our senders never get a SYN-ACK, so dropping would silently lose the bytes.  A SYN
-  whose sequence number is not the ISN, or SYN with FIN or RST, is ``bad_syn``.  A SYN carrying
-  ACK reaching a listener is ``bad_syn`` (Linux answers with RST).
+  SYN-ACK; the emulated senders ignore the SYN-ACK, so dropping would silently lose the
+  bytes.  A SYN whose sequence number is not the ISN, or SYN with FIN or RST, is ``bad_syn``.
+  A SYN carrying ACK reaching a listener is ``bad_syn`` (Linux answers with RST).
 * The backlog bounds connections that are not yet accepted (SYN_RECV plus the accept queue); a
   SYN beyond it is dropped and counted in ``listen_overflow`` (Linux's ListenDrops).  With no
   retransmitting sender the flow's later segments then count as ``no_socket``.

@@ -128,7 +128,13 @@ QUEUE_COUNTERS = (
     "rx_queue_stopped", # frames for a stopped queue, dropped (pause off)
     "rx_frags",         # data buffers consumed
     "rx_irq",           # interrupts raised
+    # The netdev's one TX queue counts in queue 0's row (shared.txring, nic_proc.tx):
+    "tx_packets",       # frames the port's sink sent (the default sink discards them)
+    "tx_bytes",         # their bytes (L2 header included, no FCS)
+    "tx_dropped",       # frames the sink refused, or TX slots with an impossible length
 )
+#: The counters that belong to the TX queue (only queue 0's row uses them).
+TX_COUNTERS = ("tx_packets", "tx_bytes", "tx_dropped")
 QC = {name: i for i, name in enumerate(QUEUE_COUNTERS)}
 
 #: Upper bounds the stats block is sized for.
@@ -356,6 +362,15 @@ register_type("nic.capture_status", {"capture": int}, reply=Schema.make(open=Tru
               doc="Frames written by a capture and whether it is done.")
 register_type("nic.capture_stop", {"capture": int}, reply=Schema.make(open=True),
               doc="Stop a capture and close its file.")
+register_type("nic.tx_start", {**_DEV, "map_id": int, "ring_size": int, "slot_size": int},
+              doc="Attach the netdev's TX ring (shared.txring), whose region is mapped as "
+                  "map_id; the NIC drains it from now on.")
+register_type("nic.tx_stop", _DEV, reply=Schema.make({"sent": int}),
+              doc="Detach the TX ring (what it holds is sent first); acked once detached.")
+register_type("nic.ctl_start", {**_DEV, "map_id": int, "ring_size": int, "slot_size": int},
+              doc="Attach the netdev's control-frame ring (a shared.txring ring the NIC "
+                  "produces): ARP and ICMPv6 frames for the host go there.")
+register_type("nic.ctl_stop", _DEV, doc="Detach the control-frame ring.")
 register_type("nic.sources", reply=Schema.make({"sources": list}),
               doc="Progress of every traffic source.")
 register_type("nic.source_stop", {"source": int}, doc="Stop a traffic source.")
@@ -364,9 +379,11 @@ register_type("nic.source_stop", {"source": int}, doc="Stop a traffic source.")
 
 register_type("irq", _DEVQ, doc="NIC -> kernel: completions ready on an armed queue.")
 register_type("nic.doorbell", _DEVQ, doc="kernel -> NIC: buffers posted on a waiting queue.")
+register_type("nic.tx_doorbell", _DEV, doc="kernel -> NIC: frames queued on a TX ring whose "
+              "consumer said it sleeps (need-wakeup).")
 
 __all__ = ["MAX_MTU", "MAX_NETDEVS", "MAX_QUEUES", "MAX_RING", "MAX_SNAPLEN", "MIN_MTU",
-           "NETDEV_FIELDS",
-           "PAGE_SIZE", "QC", "QUEUE_COUNTERS", "NetdevSpec", "QueueLayout", "hdr_slot_size",
+           "NETDEV_FIELDS", "PAGE_SIZE", "QC", "QUEUE_COUNTERS", "TX_COUNTERS", "NetdevSpec",
+           "QueueLayout", "hdr_slot_size",
            "is_pow2", "queue_region_object", "stats_block_bytes", "stats_block_shape",
            "valid_buf_len"]
