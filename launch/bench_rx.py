@@ -99,6 +99,9 @@ ZC_QUEUE = 1
 #: cores the pipeline is latency bound, and a deeper ring lets each stage work on larger
 #: batches while the others run (0.51 -> 0.72 GB/s zero copy going from 512 to 2048 here).
 RX_RING = 4096
+#: Entries per batch of the bare-ring baseline: the batch the generator hands the NIC
+#: (``nic_proc.sources.DEFAULT_BATCH``), so the ring moves what the NIC moves per step.
+RING_BATCH = 512
 ZC_PORT = 8000
 COPY_PORT = 8001
 TOUCH = "every byte compared with the pattern, read in place where it landed"
@@ -126,10 +129,17 @@ class ModeResult:
     moved: dict[str, int | None] | None = None
     copy_fallback: dict[str, Any] | None = None
     problems: list[str] = field(default_factory=list)
+    #: payload bytes per segment (per send() for loopback): the unit of ``mpps``
+    segment: int = PAYLOAD
 
     @property
     def gbps(self) -> float:
         return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+    @property
+    def mpps(self) -> float:
+        """Million segments (loopback: messages of the same size) delivered per second."""
+        return self.bytes / self.segment / self.seconds / 1e6 if self.seconds > 0 else 0.0
 
     @property
     def cpu_s_per_gb(self) -> float | None:
@@ -151,7 +161,7 @@ class ModeResult:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d.update(gbps=self.gbps, kernel_cpu_s_per_gb=self.cpu_s_per_gb,
+        d.update(gbps=self.gbps, mpps=self.mpps, kernel_cpu_s_per_gb=self.cpu_s_per_gb,
                  app_cpu_s_per_gb=self.app_cpu_s_per_gb, moved_per_byte=self.moved_per_byte)
         return d
 
@@ -201,11 +211,11 @@ def _signals_ignored() -> Iterator[None]:
 
 
 def bench_topology(name: str, queues: int, rx: int = RX_RING,
-                   ethtool: Sequence[str] = ()) -> Topology:
+                   ethtool: Sequence[str] = (), mtu: int = MTU) -> Topology:
     """The bench's run as data: one netdev ``eth0`` with ``queues`` RX queues of ``rx``
     entries, the MTU whose MSS is :data:`PAYLOAD`, ``rx-buf-len`` :data:`RX_BUF_LEN`, and
     ``ethtool`` settings applied once it is up; no apps (each measurement starts its own)."""
-    spec = NetdevSpec(name="eth0", queues=queues, mtu=MTU, rx_buf_len=RX_BUF_LEN, rx=rx)
+    spec = NetdevSpec(name="eth0", queues=queues, mtu=mtu, rx_buf_len=RX_BUF_LEN, rx=rx)
     return Topology(name=name, netdevs=[NetdevConfig(spec, list(ethtool))])
 
 
@@ -214,10 +224,10 @@ class BenchRun:
     through :func:`launch.supervise.bring_up` from :func:`bench_topology`."""
 
     def __init__(self, queues: int, rx: int = RX_RING, kind: str = "bench",
-                 ethtool: Sequence[str] = ()) -> None:
+                 ethtool: Sequence[str] = (), mtu: int = MTU) -> None:
         from launch.supervise import bring_up
 
-        topo = bench_topology(f"{kind}-{secrets.token_hex(3)}", queues, rx, ethtool)
+        topo = bench_topology(f"{kind}-{secrets.token_hex(3)}", queues, rx, ethtool, mtu)
         self._seq = 0
         # Not detached: NIC and kernel exit with the bench if it dies.
         self.run, _ = bring_up(topo, detach=False, launcher=False, config={"bench": kind})
@@ -342,8 +352,9 @@ def _expected(conns: list[dict[str, Any]], per_flow: int, sports: list[int]) -> 
 
 def measure_emulated(br: BenchRun, mode: str, flows: int, total: int, sport: int, *,
                      copy_buf: int = DEFAULT_COPY_BUF, timeout: float = 120.0,
-                     extra: list[str] | None = None) -> ModeResult:
-    """One measurement of ``zcrx`` or ``copy`` in ``br`` (its queues configured already)."""
+                     extra: list[str] | None = None, segment: int = PAYLOAD) -> ModeResult:
+    """One measurement of ``zcrx`` or ``copy`` in ``br`` (its queues configured already),
+    the generator sending ``segment`` payload bytes per frame."""
     per_flow = max(1, total // flows)
     run = br.run
     role = br.next_role(mode)
@@ -384,7 +395,8 @@ def measure_emulated(br: BenchRun, mode: str, flows: int, total: int, sport: int
     samples = [(time.monotonic_ns(), _cpu(kproc), _cpu(proc))]
     sports = list(range(sport, sport + flows))
     br.call("nic", "nic.traffic", {"dev": "eth0", "spec": {
-        "dport": port, "flows": flows, "bytes": per_flow, "sport": sport}})
+        "dport": port, "flows": flows, "bytes": per_flow, "sport": sport,
+        "payload": segment}})
     deadline = time.monotonic() + timeout + 10
     while proc is not None and _alive(proc):
         if time.monotonic() > deadline:
@@ -430,7 +442,7 @@ def measure_emulated(br: BenchRun, mode: str, flows: int, total: int, sport: int
                                     "kernel_copy_write": kwrite, "app_read": app_read,
                                     "app_copy": app_copy}
     return ModeResult(mode, flows, delivered, secs, not problems and bool(s.get("ok")),
-                      kcpu, acpu, moved, fb, problems)
+                      kcpu, acpu, moved, fb, problems, segment)
 
 
 # --------------------------------------------------------------------------------------------
@@ -544,8 +556,9 @@ def _result_line(out: str) -> dict[str, Any]:
 
 
 def measure_loopback(flows: int, total: int, *, bufsize: int = DEFAULT_COPY_BUF,
-                     timeout: float = 120.0) -> ModeResult:
-    """Loopback TCP between two fresh processes (receiver, sender), the same touch."""
+                     timeout: float = 120.0, chunk: int = 1 << 16) -> ModeResult:
+    """Loopback TCP between two fresh processes (receiver, sender), the same touch; the
+    sender writes ``chunk`` bytes per send()."""
     per_flow = max(1, total // flows)
     me = [sys.executable, "-m", "launch.bench_rx"]
     procs: list[subprocess.Popen[str]] = []
@@ -558,7 +571,8 @@ def measure_loopback(flows: int, total: int, *, bufsize: int = DEFAULT_COPY_BUF,
         if not first.startswith("PORT "):
             raise BenchFailed(f"loopback receiver did not start ({first!r})")
         tx = subprocess.Popen([*me, "lb-send", "--port", first.split()[1], "--flows",
-                               str(flows), "--bytes", str(per_flow)], stdout=subprocess.PIPE,
+                               str(flows), "--bytes", str(per_flow), "--chunk", str(chunk)],
+                              stdout=subprocess.PIPE,
                               text=True)
         procs.append(tx)
         try:
@@ -587,7 +601,7 @@ def measure_loopback(flows: int, total: int, *, bufsize: int = DEFAULT_COPY_BUF,
             if r["first_ns"] is not None and r["last_ns"] is not None else 0.0)
     kcpu = float(r["sys_s"]) + float(sent["sys_s"])
     return ModeResult("loopback", flows, delivered, secs, not problems, kcpu,
-                      float(r["cpu_s"]), None, None, problems)
+                      float(r["cpu_s"]), None, None, problems, min(chunk, bufsize))
 
 
 # --------------------------------------------------------------------------------------------
@@ -645,16 +659,27 @@ def run_copy_bench(total: int = DEFAULT_BYTES, flows: tuple[int, ...] = (1, 4),
 
 def run_zcrx_bench(total: int = DEFAULT_BYTES, flows: int = 1, repeat: int = 1,
                    copy_buf: int = DEFAULT_COPY_BUF, timeout: float = 120.0,
-                   zcrx_args: list[str] | None = None, progress: Progress | None = None
-                   ) -> dict[str, Any]:
-    """Issue 4: zero copy, the copy path and loopback TCP in one run, with the targets."""
+                   zcrx_args: list[str] | None = None, progress: Progress | None = None,
+                   payload: int | None = None, mtu: int = MTU) -> dict[str, Any]:
+    """Issue 4: zero copy, the copy path and loopback TCP in one run, with the targets.
+
+    ``mtu`` is the netdev's (default: the one whose MSS is 4 KiB); ``payload`` the bytes per
+    segment (default and at most the MSS).  Loopback TCP sends messages of the same size.
+    With a ``payload`` below 4 KiB the bare shared-memory ring's rate for entries of that
+    size at the generator's batch (512) is measured in the same run: the ceiling of any
+    design that moves those bytes through a shm ring in Python.
+    """
     say = progress or (lambda m: None)
+    mss = wire.mss(wire.FAMILY_V4, mtu)
+    segment = mss if payload is None else min(payload, mss)
     every: dict[str, list[ModeResult]] = {"zcrx": [], "copy": [], "loopback": []}
+    ring: dict[str, Any] | None = None
     with _terminate_as_interrupt():
         say("starting the run")
         # RSS: everything else on queue 0; the zero-copy flow steered to ZC_QUEUE.
         br = BenchRun(queues=2, ethtool=[
-            "-X eth0 equal 1", f"-N eth0 flow-type tcp4 dst-port {ZC_PORT} action {ZC_QUEUE}"])
+            "-X eth0 equal 1", f"-N eth0 flow-type tcp4 dst-port {ZC_PORT} action {ZC_QUEUE}"],
+            mtu=mtu)
         try:
             sport = 40000
             for rep in range(repeat):
@@ -662,11 +687,18 @@ def run_zcrx_bench(total: int = DEFAULT_BYTES, flows: int = 1, repeat: int = 1,
                     say(f"{mode}, {flows} flow(s), round {rep + 1}")
                     every[mode].append(measure_emulated(
                         br, mode, flows, total, sport, copy_buf=copy_buf, timeout=timeout,
-                        extra=zcrx_args if mode == "zcrx" else None))
+                        extra=zcrx_args if mode == "zcrx" else None, segment=segment))
                     sport += 64  # fresh 4-tuples for every measurement (flows <= 64)
                 say(f"loopback TCP, {flows} flow(s), round {rep + 1}")
                 every["loopback"].append(measure_loopback(flows, total, bufsize=copy_buf,
-                                                          timeout=timeout))
+                                                          timeout=timeout, chunk=segment))
+            if payload is not None and segment < PAYLOAD:
+                from launch.bench_ring import bench_payload
+
+                say(f"bare ring, {segment} B entries, batch {RING_BATCH}")
+                rr = bench_payload(br.run.run_id, RING_BATCH, 0.8, payload=segment)
+                ring = {"batch": RING_BATCH, "payload": segment, "mpps": rr.rate / 1e6,
+                        "gbps": rr.rate * segment / 1e9, "verified": rr.verified}
         finally:
             say("tearing down")
             br.down()
@@ -683,14 +715,17 @@ def run_zcrx_bench(total: int = DEFAULT_BYTES, flows: int = 1, repeat: int = 1,
         {"target": "bytes moved <= 0.55 x copy path", "value": moved,
          "ok": moved is not None and moved <= 0.55},
     ]
+    ratios = {"zcrx/copy": vs_copy, "zcrx/loopback": vs_lb, "moved zcrx/copy": moved}
+    if ring is not None:
+        ratios["zcrx/bare ring (Mpps)"] = _ratio(zc.mpps, ring["mpps"])
     return {
-        "bench": "zcrx", "payload": PAYLOAD, "mtu": MTU, "rx_buf_len": RX_BUF_LEN,
+        "bench": "zcrx", "payload": segment, "mtu": mtu, "rx_buf_len": RX_BUF_LEN,
         "bytes": total, "flows": flows, "repeat": repeat, "copy_buf": copy_buf,
         "touch": TOUCH, "rows": [r.to_dict() for r in rows.values()],
         "all_runs": {k: [r.to_dict() for r in v] for k, v in every.items()},
-        "ratios": {"zcrx/copy": vs_copy, "zcrx/loopback": vs_lb,
-                   "moved zcrx/copy": moved}, "checks": checks,
-        "all_verified": all(r.verified for v in every.values() for r in v),
+        "ratios": ratios, "checks": checks, "ring": ring,
+        "all_verified": (all(r.verified for v in every.values() for r in v)
+                         and (ring is None or bool(ring["verified"]))),
     }
 
 
@@ -706,10 +741,11 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--bufsize", type=int, default=DEFAULT_COPY_BUF)
     q.add_argument("--port", type=int, default=0)
     q.add_argument("--bytes", type=int, default=0)
+    q.add_argument("--chunk", type=int, default=1 << 16)
     b = q.parse_args(a.args)
     if a.what == "lb-recv":
         return lb_recv_main(b.flows, b.bufsize)
-    return lb_send_main(b.port, b.flows, b.bytes)
+    return lb_send_main(b.port, b.flows, b.bytes, b.chunk)
 
 
 if __name__ == "__main__":

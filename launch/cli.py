@@ -27,7 +27,7 @@ from launch.run import DEFAULT_APP_UID_BASE
 from launch.topology import APPS
 from shared import abi
 from shared.errors import ZcrxError
-from shared.nicif import MAX_QUEUES, MAX_SNAPLEN
+from shared.nicif import MAX_MTU, MAX_QUEUES, MAX_SNAPLEN, MIN_MTU
 from shared.shm import list_run_segments
 
 EXIT_CHECK_FAILED = 1
@@ -147,7 +147,7 @@ def bench_ring(seconds: float, spin: int, as_json: bool, json_out: str | None,
 def _rx_table(result: dict[str, Any]) -> Table:
     t = Table(title=f"zcrx bench {result['bench']}: {result['payload']} B payloads "
                     f"(mtu {result['mtu']}), best of {result['repeat']}")
-    for col in ("mode", "flows", "MiB", "GB/s", "kCPU s/GB", "moved/B", "copy fb",
+    for col in ("mode", "flows", "MiB", "GB/s", "Mpps", "kCPU s/GB", "moved/B", "copy fb",
                 "verified"):
         t.add_column(col, justify="left" if col == "mode" else "right")
 
@@ -157,7 +157,8 @@ def _rx_table(result: dict[str, Any]) -> Table:
     for r in result["rows"]:
         fb = r.get("copy_fallback")
         t.add_row(r["mode"], str(r["flows"]), f"{r['bytes'] / 2**20:.0f}",
-                  f"{r['gbps']:.3f}", num(r["kernel_cpu_s_per_gb"], ".2f"),
+                  f"{r['gbps']:.3f}", f"{r.get('mpps', 0.0):.3f}",
+                  num(r["kernel_cpu_s_per_gb"], ".2f"),
                   num(r["moved_per_byte"], ".2f"),
                   "" if r["mode"] != "zcrx" else ("n/a" if fb is None else
                                                   f"{fb['bytes']} B"),
@@ -173,6 +174,12 @@ def _rx_report(result: dict[str, Any], as_json: bool, json_out: str | None,
                       "moved/B: payload bytes moved (NIC DMA + kernel copy reads and writes "
                       "+ app reads) per delivered byte", highlight=False)
         console.print(f"touch (all modes): {result['touch']}", highlight=False)
+        ring = result.get("ring")
+        if ring:
+            console.print(f"bare shm ring, {ring['payload']} B entries, batch {ring['batch']}: "
+                          f"{ring['mpps']:.3f} Mpps ({ring['gbps']:.3f} GB/s), "
+                          f"{'verified' if ring['verified'] else 'NOT verified'}",
+                          highlight=False)
         for name, v in result["ratios"].items():
             console.print(f"{name}: {'n/a' if v is None else format(v, '.2f')}",
                           highlight=False)
@@ -233,17 +240,28 @@ def bench_copy(total: int, repeat: int, copy_buf: int, timeout: float, as_json: 
 @click.option("--flows", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Flows of each measurement.")
 @click.option("--check", is_flag=True, help="Exit 1 if a target is missed.")
+@click.option("--payload", type=click.IntRange(1, 65535), default=None,
+              help="Payload bytes per segment (default: the MSS of --mtu).  Below 4096 the "
+                   "bare shared-memory ring is measured too, at the same entry size and the "
+                   "generator's batch (512); loopback TCP sends messages of this size.  "
+                   "Rates in Mpps.")
+@click.option("--mtu", type=click.IntRange(MIN_MTU, MAX_MTU), default=4136, show_default=True,
+              help="The netdev's MTU (4136: an IPv4 MSS of exactly 4 KiB; 1500: Ethernet's "
+                   "usual).")
 def bench_zcrx(total: int, repeat: int, copy_buf: int, timeout: float, as_json: bool,
-               json_out: str | None, flows: int, check: bool) -> None:
+               json_out: str | None, flows: int, check: bool, payload: int | None,
+               mtu: int) -> None:
     """Zero copy (ntuple-steered to a queue bound to an ifq) vs the copy path vs loopback
-    TCP at 4 KiB payloads: GB/s, kernel CPU per GB, payload bytes moved per delivered byte;
-    targets: >= 1.5x copy, >= 2x loopback, <= 0.55x the copy path's bytes moved."""
+    TCP, by default at 4 KiB payloads: GB/s, Mpps, kernel CPU per GB, payload bytes moved per
+    delivered byte; targets: >= 1.5x copy, >= 2x loopback, <= 0.55x the copy path's bytes
+    moved.  Every byte is verified in every mode."""
     from launch.bench_rx import run_zcrx_bench
 
     try:
         with console.status("running") as status:
             result = run_zcrx_bench(total, flows, repeat, copy_buf, timeout,
-                                    progress=lambda m: status.update(f"running: {m}"))
+                                    progress=lambda m: status.update(f"running: {m}"),
+                                    payload=payload, mtu=mtu)
     except ZcrxError as e:
         fail(f"bench zcrx: {e}")
     _rx_report(result, as_json, json_out, check)
