@@ -158,8 +158,9 @@ class ScaleRun(BenchRun):
     """A :class:`~launch.bench_rx.BenchRun` with small NIC rings (``rx`` entries per queue)
     and the point's RSS and ntuple settings in its topology."""
 
-    def __init__(self, queues: int, rx: int = RX_RING, ethtool: Sequence[str] = ()) -> None:
-        super().__init__(queues, rx, kind="scale", ethtool=ethtool)
+    def __init__(self, queues: int, rx: int = RX_RING, ethtool: Sequence[str] = (),
+                 fork_server: bool = True) -> None:
+        super().__init__(queues, rx, kind="scale", ethtool=ethtool, fork_server=fork_server)
 
 
 def zc_layout(n: int, max_queues: int = MAX_QUEUES) -> tuple[int, list[int]]:
@@ -172,7 +173,8 @@ def zc_layout(n: int, max_queues: int = MAX_QUEUES) -> tuple[int, list[int]]:
 
 
 def measure_point(n: int, mib_per_queue: float = DEFAULT_MIB, *, timeout: float = 300.0,
-                  progress: Progress | None = None, apps: str = APPS_PER_QUEUE) -> ScalePoint:
+                  progress: Progress | None = None, apps: str = APPS_PER_QUEUE,
+                  fork_server: bool = True) -> ScalePoint:
     """Bring up a run with ``n`` bound zero-copy queues, one flow each, served by the servers
     ``apps`` says; tear it down."""
     say = progress or (lambda m: None)
@@ -190,7 +192,7 @@ def measure_point(n: int, mib_per_queue: float = DEFAULT_MIB, *, timeout: float 
     ethtool += [f"-N eth0 flow-type tcp4 src-port {BASE_SPORT + q} action {q}"
                 if shared_port else
                 f"-N eth0 flow-type tcp4 dst-port {BASE_PORT + q} action {q}" for q in zq]
-    br = ScaleRun(total, ethtool=ethtool)
+    br = ScaleRun(total, ethtool=ethtool, fork_server=fork_server)
     try:
         t1 = time.monotonic()
         pt.up_s = t1 - t0
@@ -268,18 +270,21 @@ def measure_point(n: int, mib_per_queue: float = DEFAULT_MIB, *, timeout: float 
 def run_scale_bench(queues: tuple[int, ...] = DEFAULT_QUEUES,
                     mib_per_queue: float = DEFAULT_MIB, timeout: float = 300.0,
                     progress: Progress | None = None,
-                    apps: str = APPS_PER_QUEUE) -> dict[str, Any]:
-    """Measure every point of ``queues`` (one run each); the JSON-able result."""
+                    apps: str = APPS_PER_QUEUE, fork_server: bool = True) -> dict[str, Any]:
+    """Measure every point of ``queues`` (one run each); the JSON-able result.
+    ``fork_server`` False starts every server as a new interpreter (``zcrx up
+    --no-fork-server``), for the comparison."""
     points = []
     with _terminate_as_interrupt():
         for n in queues:
             points.append(measure_point(n, mib_per_queue, timeout=timeout, progress=progress,
-                                        apps=apps))
+                                        apps=apps, fork_server=fork_server))
     base = next((p for p in points if p.queues == 1), points[0] if points else None)
     for p in points:
         p.ratio = p.app_gbps / base.app_gbps if base is not None and base.app_gbps else 0.0
     return {
-        "bench": "scale", "apps": apps, "mib_per_queue": mib_per_queue, "rx_ring": RX_RING,
+        "bench": "scale", "apps": apps, "fork_server": fork_server,
+        "mib_per_queue": mib_per_queue, "rx_ring": RX_RING,
         "area_bytes": AREA, "payload": MTU - 40, "points": [p.to_dict() for p in points],
         "all_verified": all(p.verified for p in points),
     }
