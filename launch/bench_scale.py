@@ -20,8 +20,10 @@ Figures per point:
 
 * **up s**: the point's topology brought up (:func:`launch.supervise.bring_up`, as ``zcrx up``
   does): ``Run`` creation + NIC + kernel processes ready + its RSS/ntuple ethtool lines.
-* **bind s**: starting the N servers one after another until each listens (each has
-  registered its ifq, bound its queue and armed its accept by then).  ``setup s`` = up + bind.
+* **bind s**: starting the servers (all at once, then waiting for each) until every one
+  listens (each has registered its ifq, bound its queue and armed its accept by then); with
+  the run's fork server (the default; ``--no-fork-server``: a new interpreter each) they are
+  forked from its template.  ``setup s`` = up + bind.
 * **goodput GB/s** (wall): the sum of delivered bytes / (the last server's exit - the start
   of traffic), as the launcher sees it; **app GB/s**: the same bytes / (the latest server's
   last data batch - the earliest server's first data CQE), the apps' own
@@ -208,14 +210,16 @@ def measure_point(n: int, mib_per_queue: float = DEFAULT_MIB, *, timeout: float 
                     "-S", str(AREA),
                     "-C", str(CQ_ENTRIES), "-R", str(RQ_ENTRIES), "--json", str(out),
                     "--seconds", str(timeout)]
-            try:
-                br.run.spawn(role, "app_proc.zcrx_server", args, detach=False, notify=True,
-                             ready_timeout=_READY_S, cap_net_admin=True)
+            br.run.spawn(role, "app_proc.zcrx_server", args, detach=False, notify=True,
+                         ready_timeout=_READY_S, cap_net_admin=True, wait=False)
+            roles[q] = role
+        for q, role in roles.items():  # all started at once, as a host bringing up its
+            try:                        # servers would: their starts overlap
+                br.run.wait_started(role)
             except (PeerGone, Timeout) as e:
                 failed = br.run.m.procs.get(role)
                 raise BenchFailed(f"server of queue {q} did not start: "
                                   f"{_tail(failed.log) if failed else e}") from None
-            roles[q] = role
         t2 = time.monotonic()
         pt.bind_s = t2 - t1
         say(f"{n} queue(s): traffic")

@@ -271,6 +271,8 @@ class Run:
     def __init__(self, manifest: Manifest) -> None:
         self.m = manifest
         self.dir = Path(manifest.rundir)
+        #: roles spawned and not yet waited for: process, ready endpoint, note, timeout
+        self._starting: dict[str, tuple[Any, str | None, Path | None, float]] = {}
 
     # -- create / open ------------------------------------------------------------
 
@@ -369,7 +371,8 @@ class Run:
     def spawn(self, role: str, module: str, args: list[str], *, detach: bool = True,
               ready: str | None = None, notify: bool = False,
               ready_timeout: float = 20.0, command: list[str] | None = None,
-              cwd: str | None = None, cap_net_admin: bool = False) -> ProcEntry:
+              cwd: str | None = None, cap_net_admin: bool = False,
+              wait: bool = True) -> ProcEntry:
         """Start ``python -m module args`` as ``role`` and wait until it is ready.
 
         ``ready`` names a control endpoint to ping; ``notify`` waits for the
@@ -428,15 +431,27 @@ class Run:
                                         cwd=cwd, cap_net_admin=cap_net_admin, uid=uid))
         self.m.procs[role] = entry
         self.save()
+        self._starting[role] = (proc, ready, notify_path if notify else None, ready_timeout)
+        if wait:
+            self.wait_started(role)
+        return entry
+
+    def wait_started(self, role: str) -> None:
+        """Wait until ``role``, started with ``spawn(wait=False)``, is ready as its spawn
+        asked (at once if it was already waited for).  Starting several apps, then waiting
+        for each, overlaps their starts."""
+        start = self._starting.pop(role, None)
+        if start is None:
+            return
+        proc, ready, notify_path, ready_timeout = start
         try:
             if ready is not None:
                 self._wait_ready(proc, role, ready, ready_timeout)
-            if notify:
+            if notify_path is not None:
                 self._wait_notify(proc, role, notify_path, ready_timeout)
         finally:
             if not isinstance(proc, subprocess.Popen):
                 proc.close()  # the template reaps it; nobody here waits for its status
-        return entry
 
     # -- the fork server ------------------------------------------------------------
 
