@@ -566,14 +566,33 @@ def _exit(code: int) -> None:
     os._exit(code & 0xFF)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from shared.proc import Lifecycle, base_parser
+class _Stop(Exception):
+    pass
 
+
+def _on_stop(signum: int, _frame: Any) -> None:
+    # Raised wherever the template is (importing, or waiting in select): it holds nothing
+    # that needs more than closing its socket, so it stops at once, not at the next tick.
+    raise _Stop(signal.Signals(signum).name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from shared.proc import base_parser
+
+    signal.signal(signal.SIGTERM, _on_stop)
+    signal.signal(signal.SIGINT, _on_stop)
+    parent = os.getppid()
     p = base_parser("forkserver", "The run's fork server: apps are forked from it.")
     p.add_argument("--launcher-uid", type=int, default=os.geteuid(),
                    help="only peers with this uid may ask (default: ours)")
-    a = p.parse_args(argv)
-    life = Lifecycle(watch_parent=not a.detached)
+    try:
+        a = p.parse_args(argv)
+        return _main(a, parent)
+    except _Stop:
+        return 0
+
+
+def _main(a: Any, parent: int) -> int:
 
     def log(msg: str) -> None:
         print(f"{time.strftime('%H:%M:%S')} forkserver[{os.getpid()}] {msg}", file=sys.stderr,
@@ -595,11 +614,15 @@ def main(argv: list[str] | None = None) -> int:
     tpl = Template(a.rundir, a.launcher_uid, log)
     log(f"serving {tpl.path} for uid {a.launcher_uid}; preloaded {len(PRELOAD)} modules in "
         f"{time.monotonic() - t0:.2f} s")
+    why = "parent exited"
     try:
-        tpl.serve(life.should_stop)
+        # Like every role, it exits with the process that started it unless --detached.
+        tpl.serve(lambda: not a.detached and os.getppid() != parent)
+    except _Stop as e:
+        why = str(e)
     finally:
         tpl.close()
-        log(f"stopped ({life.reason or 'parent exited'}): {tpl.counters}")
+        log(f"stopped ({why}): {tpl.counters}")
     return 0
 
 

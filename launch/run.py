@@ -503,8 +503,8 @@ class Run:
             except ZcrxError as err:
                 remade = f"; could not start a new one: {err}"
             self.save()
-        if self.m.name not in _SAID_SLOW:
-            _SAID_SLOW.add(self.m.name)
+        if self.run_id not in _SAID_SLOW:
+            _SAID_SLOW.add(self.run_id)
             print(f"zcrx: {why}: {role} starts the slow way (a new interpreter){remade}",
                   file=sys.stderr, flush=True)
         return None

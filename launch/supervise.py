@@ -75,8 +75,8 @@ def bring_up(topo: Topology, name: str | None = None, *, detach: bool = True,
     (a foreground ``zcrx up``).  ``config`` adds keys to the manifest's config.
 
     With ``fork_server`` the run's template (:mod:`launch.forkserver`, role
-    ``forkserver``) is started first and imports the app code while NIC and kernel start;
-    nobody waits for it here (the first app that needs it does).
+    ``forkserver``) is started once the kernel is up and imports the app code while the
+    ethtool lines are applied; nobody waits for it here (the first app that needs it does).
 
     Returns the run and one line per step.  On any failure (Ctrl-C included) the run is
     brought down and the error re-raised, a :class:`ZcrxError` as Misuse naming the step
@@ -102,11 +102,6 @@ def bring_up(topo: Topology, name: str | None = None, *, detach: bool = True,
     try:
         if launcher if launcher is not None else not detach:
             run.record_launcher()
-        if fork_server:
-            step = FORKSERVER
-            e = run.spawn(FORKSERVER, "launch.forkserver",
-                          forkserver_args(run, detach=detach), detach=detach)
-            note(f"{FORKSERVER} pid {e.pid}")  # a helper, not a step of the topology
         step = "nic"
         e = run.spawn("nic", "nic_proc", nic_args(run, topo, detach=detach), detach=detach,
                       ready="nic")
@@ -115,6 +110,11 @@ def bring_up(topo: Topology, name: str | None = None, *, detach: bool = True,
         e = run.spawn("kernel", "driver_proc", kernel_args(run, topo, detach=detach),
                       detach=detach, ready="kernel")
         done(f"kernel pid {e.pid}")
+        if fork_server:  # after NIC and kernel, whose start it would only slow down
+            step = FORKSERVER
+            e = run.spawn(FORKSERVER, "launch.forkserver",
+                          forkserver_args(run, detach=detach), detach=detach)
+            note(f"{FORKSERVER} pid {e.pid}")  # a helper, not a step of the topology
         with ControlClient(run.endpoint("kernel"), timeout_ms=30_000) as kernel:
             for nd in topo.netdevs:
                 for line in nd.ethtool:
