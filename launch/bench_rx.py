@@ -224,13 +224,15 @@ class BenchRun:
     through :func:`launch.supervise.bring_up` from :func:`bench_topology`."""
 
     def __init__(self, queues: int, rx: int = RX_RING, kind: str = "bench",
-                 ethtool: Sequence[str] = (), mtu: int = MTU) -> None:
+                 ethtool: Sequence[str] = (), fork_server: bool = True,
+                 mtu: int = MTU) -> None:
         from launch.supervise import bring_up
 
         topo = bench_topology(f"{kind}-{secrets.token_hex(3)}", queues, rx, ethtool, mtu)
         self._seq = 0
         # Not detached: NIC and kernel exit with the bench if it dies.
-        self.run, _ = bring_up(topo, detach=False, launcher=False, config={"bench": kind})
+        self.run, _ = bring_up(topo, detach=False, launcher=False, config={"bench": kind},
+                               fork_server=fork_server)
         try:
             kernel = self.run.m.procs["kernel"].process()
             if kernel is None:

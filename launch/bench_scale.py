@@ -20,8 +20,10 @@ Figures per point:
 
 * **up s**: the point's topology brought up (:func:`launch.supervise.bring_up`, as ``zcrx up``
   does): ``Run`` creation + NIC + kernel processes ready + its RSS/ntuple ethtool lines.
-* **bind s**: starting the N servers one after another until each listens (each has
-  registered its ifq, bound its queue and armed its accept by then).  ``setup s`` = up + bind.
+* **bind s**: starting the servers (all at once, then waiting for each) until every one
+  listens (each has registered its ifq, bound its queue and armed its accept by then); with
+  the run's fork server (the default; ``--no-fork-server``: a new interpreter each) they are
+  forked from its template.  ``setup s`` = up + bind.
 * **goodput GB/s** (wall): the sum of delivered bytes / (the last server's exit - the start
   of traffic), as the launcher sees it; **app GB/s**: the same bytes / (the latest server's
   last data batch - the earliest server's first data CQE), the apps' own
@@ -158,8 +160,9 @@ class ScaleRun(BenchRun):
     """A :class:`~launch.bench_rx.BenchRun` with small NIC rings (``rx`` entries per queue)
     and the point's RSS and ntuple settings in its topology."""
 
-    def __init__(self, queues: int, rx: int = RX_RING, ethtool: Sequence[str] = ()) -> None:
-        super().__init__(queues, rx, kind="scale", ethtool=ethtool)
+    def __init__(self, queues: int, rx: int = RX_RING, ethtool: Sequence[str] = (),
+                 fork_server: bool = True) -> None:
+        super().__init__(queues, rx, kind="scale", ethtool=ethtool, fork_server=fork_server)
 
 
 def zc_layout(n: int, max_queues: int = MAX_QUEUES) -> tuple[int, list[int]]:
@@ -172,7 +175,8 @@ def zc_layout(n: int, max_queues: int = MAX_QUEUES) -> tuple[int, list[int]]:
 
 
 def measure_point(n: int, mib_per_queue: float = DEFAULT_MIB, *, timeout: float = 300.0,
-                  progress: Progress | None = None, apps: str = APPS_PER_QUEUE) -> ScalePoint:
+                  progress: Progress | None = None, apps: str = APPS_PER_QUEUE,
+                  fork_server: bool = True) -> ScalePoint:
     """Bring up a run with ``n`` bound zero-copy queues, one flow each, served by the servers
     ``apps`` says; tear it down."""
     say = progress or (lambda m: None)
@@ -190,7 +194,7 @@ def measure_point(n: int, mib_per_queue: float = DEFAULT_MIB, *, timeout: float 
     ethtool += [f"-N eth0 flow-type tcp4 src-port {BASE_SPORT + q} action {q}"
                 if shared_port else
                 f"-N eth0 flow-type tcp4 dst-port {BASE_PORT + q} action {q}" for q in zq]
-    br = ScaleRun(total, ethtool=ethtool)
+    br = ScaleRun(total, ethtool=ethtool, fork_server=fork_server)
     try:
         t1 = time.monotonic()
         pt.up_s = t1 - t0
@@ -206,14 +210,16 @@ def measure_point(n: int, mib_per_queue: float = DEFAULT_MIB, *, timeout: float 
                     "-S", str(AREA),
                     "-C", str(CQ_ENTRIES), "-R", str(RQ_ENTRIES), "--json", str(out),
                     "--seconds", str(timeout)]
-            try:
-                br.run.spawn(role, "app_proc.zcrx_server", args, detach=False, notify=True,
-                             ready_timeout=_READY_S, cap_net_admin=True)
+            br.run.spawn(role, "app_proc.zcrx_server", args, detach=False, notify=True,
+                         ready_timeout=_READY_S, cap_net_admin=True, wait=False)
+            roles[q] = role
+        for q, role in roles.items():  # all started at once, as a host bringing up its
+            try:                        # servers would: their starts overlap
+                br.run.wait_started(role)
             except (PeerGone, Timeout) as e:
                 failed = br.run.m.procs.get(role)
                 raise BenchFailed(f"server of queue {q} did not start: "
                                   f"{_tail(failed.log) if failed else e}") from None
-            roles[q] = role
         t2 = time.monotonic()
         pt.bind_s = t2 - t1
         say(f"{n} queue(s): traffic")
@@ -268,18 +274,21 @@ def measure_point(n: int, mib_per_queue: float = DEFAULT_MIB, *, timeout: float 
 def run_scale_bench(queues: tuple[int, ...] = DEFAULT_QUEUES,
                     mib_per_queue: float = DEFAULT_MIB, timeout: float = 300.0,
                     progress: Progress | None = None,
-                    apps: str = APPS_PER_QUEUE) -> dict[str, Any]:
-    """Measure every point of ``queues`` (one run each); the JSON-able result."""
+                    apps: str = APPS_PER_QUEUE, fork_server: bool = True) -> dict[str, Any]:
+    """Measure every point of ``queues`` (one run each); the JSON-able result.
+    ``fork_server`` False starts every server as a new interpreter (``zcrx up
+    --no-fork-server``), for the comparison."""
     points = []
     with _terminate_as_interrupt():
         for n in queues:
             points.append(measure_point(n, mib_per_queue, timeout=timeout, progress=progress,
-                                        apps=apps))
+                                        apps=apps, fork_server=fork_server))
     base = next((p for p in points if p.queues == 1), points[0] if points else None)
     for p in points:
         p.ratio = p.app_gbps / base.app_gbps if base is not None and base.app_gbps else 0.0
     return {
-        "bench": "scale", "apps": apps, "mib_per_queue": mib_per_queue, "rx_ring": RX_RING,
+        "bench": "scale", "apps": apps, "fork_server": fork_server,
+        "mib_per_queue": mib_per_queue, "rx_ring": RX_RING,
         "area_bytes": AREA, "payload": MTU - 40, "points": [p.to_dict() for p in points],
         "all_verified": all(p.verified for p in points),
     }

@@ -289,11 +289,15 @@ def _queue_list(ctx: Any, param: Any, value: str) -> tuple[int, ...]:
 @click.option("--apps", default="per-queue", show_default=True,
               help="Servers per point: per-queue (one each), one (a single server on all "
                    "queues, one ifq per queue on its ring) or a number of servers.")
+@click.option("--fork-server/--no-fork-server", default=True, show_default=True,
+              help="Fork the servers from the run's template (as `zcrx up` does), or start "
+                   "each as a new interpreter (the slow way, for comparison).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True),
               help="Write the curve as a PNG (needs matplotlib: the 'plot' extra).")
 @_json_options
 def bench_scale(queues: tuple[int, ...], mib_per_queue: float, timeout: float, apps: str,
-                plot_path: str | None, as_json: bool, json_out: str | None) -> None:
+                fork_server: bool, plot_path: str | None, as_json: bool,
+                json_out: str | None) -> None:
     """Setup, goodput and teardown against the number of zero-copy queues (one run per
     point, one zcrx-server and one flow per queue, every byte verified)."""
     from launch.bench_scale import plot, run_scale_bench
@@ -307,13 +311,14 @@ def bench_scale(queues: tuple[int, ...], mib_per_queue: float, timeout: float, a
         with err_console.status("running") as status:
             result = run_scale_bench(queues, mib_per_queue, timeout,
                                      progress=lambda m: status.update(f"running: {m}"),
-                                     apps=apps)
+                                     apps=apps, fork_server=fork_server)
         if plot_path:
             plot(result, plot_path)
     except ZcrxError as e:
         fail(f"bench scale: {e}")
     if not as_json:
-        t = Table(title=f"zcrx bench scale: {mib_per_queue:g} MiB per queue, apps {apps}")
+        t = Table(title=f"zcrx bench scale: {mib_per_queue:g} MiB per queue, apps {apps}, "
+                        f"fork server {'on' if fork_server else 'off'}")
         for col in ("queues", "apps", "up s", "bind s", "setup s", "GB/s wall", "GB/s app",
                     "ratio", "down s", "verified"):
             t.add_column(col, justify="right")
@@ -458,9 +463,14 @@ def _load_topology(path: str) -> Any:
               default=DEFAULT_APP_UID_BASE, show_default=True,
               help="As root: app:N runs as uid/gid BASE+N, so no app can open another's "
                    "memory (0: apps run as root, not isolated).")
+@click.option("--fork-server/--no-fork-server", default=True, show_default=True,
+              help="Keep a template process that has imported the app code and fork the "
+                   "sample servers (and `python -m app_proc.X`) from it: an app starts in "
+                   "milliseconds instead of a new interpreter's ~0.5 s (role 'forkserver'; "
+                   "see docs/design.md 3a).")
 def up(topo_file: str | None, name: str | None, netdevs: tuple[str, ...], queues: int | None,
        detach: bool, as_json: bool, kernel: str | None, restart: str,
-       app_uid_base: int) -> None:
+       app_uid_base: int, fork_server: bool) -> None:
     """Start a run: NIC, kernel, ethtool settings, apps, traffic; each once ready."""
     from launch import supervise
     from launch.run import isolation
@@ -489,7 +499,7 @@ def up(topo_file: str | None, name: str | None, netdevs: tuple[str, ...], queues
     name = name or topo.name
     base, why_not = isolation(app_uid_base)
     try:
-        r, steps = supervise.bring_up(topo, name, detach=detach,
+        r, steps = supervise.bring_up(topo, name, detach=detach, fork_server=fork_server,
                                       config={"app_uid_base": base})
     except ZcrxError as e:
         fail(str(e))
@@ -537,8 +547,8 @@ def down(name: str | None, timeout: float) -> None:
 @click.option("--json", "as_json", is_flag=True, help=JSON_FLAG_HELP)
 @click.argument("role")
 def kill(name: str | None, signame: str, as_json: bool, role: str) -> None:
-    """Send a signal to one process of a run: ROLE is nic, kernel, app:N or launcher
-    (the launcher exists only for a foreground `zcrx up`).
+    """Send a signal to one process of a run: ROLE is nic, kernel, forkserver, app:N or
+    launcher (the launcher exists only for a foreground `zcrx up`).
 
     Fault injection: the run is not cleaned up (`zcrx down` still is); with KILL this
     returns once the process is gone.
@@ -913,13 +923,21 @@ def _run_foreground(r: Any, role: str, module: str, args: list[str],
     env[TAG_ENV] = r.tag(role)
     argv = command or [sys.executable, "-m", module, "--tag", r.tag(role), *args]
     uid = r.app_uid(role)
+    grant = r.grant_cap if cap_net_admin else None
+    proc: Any = None
     try:
-        proc = popen_app(argv, uid=uid, grant=r.grant_cap if cap_net_admin else None, env=env)
+        entry_point = r.fork_entry(role, module, args, command)
+        if entry_point is not None:  # forked from the run's template, our stdio passed on
+            proc = r.fork(role, *entry_point, env=env, cwd=os.getcwd(), uid=uid,
+                          new_session=False, stdio=(0, 1, 2), grant=grant)
+        if proc is None:
+            proc = popen_app(argv, uid=uid, grant=grant, env=env)
     except OSError as e:
         fail(f"app run: cannot run {argv[0]!r}: {e.strerror}")
         raise AssertionError from None
     except ZcrxError as e:
-        fail(f"app run: cannot grant CAP_NET_ADMIN: {e}")
+        fail(f"app run: {e}" if str(e).startswith("fork server")
+             else f"app run: cannot grant CAP_NET_ADMIN: {e}")
         raise AssertionError from None
     r.m.procs[role] = ProcEntry(
         role=role, pid=proc.pid, create_time=psutil.Process(proc.pid).create_time(),
@@ -931,8 +949,13 @@ def _run_foreground(r: Any, role: str, module: str, args: list[str],
     try:
         while True:
             try:
-                return proc.wait()
-            except KeyboardInterrupt:  # the child got the same SIGINT: let it finish
+                code = int(proc.wait())
+                if getattr(proc, "status_lost", False):
+                    err_console.print(f"zcrx: {role} (pid {proc.pid}) outlived the fork "
+                                      "server, which had its exit status: unknown",
+                                      highlight=False)
+                return code
+            except KeyboardInterrupt:  # pass it on (a forked app is not in our group)
                 proc.send_signal(signal.SIGINT)
     finally:
         if r.dir.exists():

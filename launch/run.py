@@ -24,6 +24,11 @@ launcher tells the kernel its pid (``cap_grant``) while the new process holds be
 ``exec`` (:func:`popen_app`), so the grant is there before the app runs.  Run as root with
 ``app_uid_base`` in the config (``zcrx up --app-uid-base``), app ``app:N`` runs as uid/gid
 ``base + N``, so its segments are its own (0600) and no other app can open them.
+
+Fast start: a run brought up with a fork server (role ``forkserver``,
+:mod:`launch.forkserver`) has the apps that are our own Python programs forked from that
+pre-imported template (:meth:`Run.fork`) with the same uid, session, stdio and grant rules;
+any other program, or any app when the template is gone, is fork+exec'd here.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
@@ -50,12 +55,17 @@ from shared.errors import Misuse, PeerGone, Timeout, ZcrxError
 from shared.proc import NOTIFY_ENV
 from shared.shm import list_run_segments, remove_run_segments
 
+if TYPE_CHECKING:
+    from launch.forkserver import ForkedApp
+
 DEFAULT_RUNS_DIR = "/tmp/zcrx-runs"
 MANIFEST = "manifest.json"
 #: Roles in start order; stop runs in reverse, apps first.
 ROLE_ORDER = ("nic", "kernel")
 #: The foreground ``zcrx up`` records itself under this role (never stopped by ``down``).
 LAUNCHER = "launcher"
+#: The run's fork server (:mod:`launch.forkserver`), the template apps are forked from.
+FORKSERVER = "forkserver"
 #: The role's tag (``zcrx:<run_id>:<role>``) in the environment of every process we start.
 TAG_ENV = "ZCRX_TAG"
 #: Default first uid of the per-app uids a root run reserves (``zcrx up --app-uid-base``).
@@ -67,15 +77,21 @@ SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM, "STOP": signal.SIGSTO
            "CONT": signal.SIGCONT}
 
 
+#: Runs for which this process already said that apps start the slow way.
+_SAID_SLOW: set[str] = set()
+
+
 def parse_role(text: str) -> str:
-    """``nic``, ``kernel``, ``launcher`` or ``app:N`` -> the manifest role (Misuse EINVAL)."""
+    """``nic``, ``kernel``, ``forkserver``, ``launcher`` or ``app:N`` -> the manifest role
+    (Misuse EINVAL)."""
     t = text.strip().lower()
-    if t in (*ROLE_ORDER, LAUNCHER):
+    if t in (*ROLE_ORDER, LAUNCHER, FORKSERVER):
         return t
     kind, colon, idx = t.partition(":")
     if kind == "app" and colon and idx.isdigit():
         return f"app:{int(idx)}"
-    raise Misuse(f"unknown role {text!r}: nic, kernel, launcher or app:N", errno=22)
+    raise Misuse(f"unknown role {text!r}: nic, kernel, forkserver, launcher or app:N",
+                 errno=22)
 
 
 def runs_dir() -> Path:
@@ -255,6 +271,8 @@ class Run:
     def __init__(self, manifest: Manifest) -> None:
         self.m = manifest
         self.dir = Path(manifest.rundir)
+        #: roles spawned and not yet waited for: process, ready endpoint, note, timeout
+        self._starting: dict[str, tuple[Any, str | None, Path | None, float]] = {}
 
     # -- create / open ------------------------------------------------------------
 
@@ -353,7 +371,8 @@ class Run:
     def spawn(self, role: str, module: str, args: list[str], *, detach: bool = True,
               ready: str | None = None, notify: bool = False,
               ready_timeout: float = 20.0, command: list[str] | None = None,
-              cwd: str | None = None, cap_net_admin: bool = False) -> ProcEntry:
+              cwd: str | None = None, cap_net_admin: bool = False,
+              wait: bool = True) -> ProcEntry:
         """Start ``python -m module args`` as ``role`` and wait until it is ready.
 
         ``ready`` names a control endpoint to ping; ``notify`` waits for the
@@ -386,11 +405,20 @@ class Run:
         notify_path.unlink(missing_ok=True)
         if notify:
             env[NOTIFY_ENV] = str(notify_path)
+        grant = self.grant_cap if cap_net_admin else None
+        proc: subprocess.Popen[bytes] | ForkedApp | None = None
         try:
-            with open(log_path, "ab") as log:
-                proc = popen_app(argv, uid=uid, grant=self.grant_cap if cap_net_admin else None,
-                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
-                                 cwd=cwd or str(self.dir), start_new_session=detach)
+            with open(log_path, "ab") as log, open(os.devnull, "rb") as null:
+                entry_point = self.fork_entry(role, module, args, command)
+                if entry_point is not None:
+                    proc = self.fork(role, *entry_point, env=env, cwd=cwd or str(self.dir),
+                                     uid=uid, new_session=detach,
+                                     stdio=(null.fileno(), log.fileno(), log.fileno()),
+                                     grant=grant)
+                if proc is None:
+                    proc = popen_app(argv, uid=uid, grant=grant, stdin=subprocess.DEVNULL,
+                                     stdout=log, stderr=log, env=env,
+                                     cwd=cwd or str(self.dir), start_new_session=detach)
         except OSError as e:
             raise Misuse(f"{role}: cannot run {argv[0]!r}: {e.strerror}",
                          errno=e.errno or 2) from None
@@ -403,11 +431,83 @@ class Run:
                                         cwd=cwd, cap_net_admin=cap_net_admin, uid=uid))
         self.m.procs[role] = entry
         self.save()
-        if ready is not None:
-            self._wait_ready(proc, role, ready, ready_timeout)
-        if notify:
-            self._wait_notify(proc, role, notify_path, ready_timeout)
+        self._starting[role] = (proc, ready, notify_path if notify else None, ready_timeout)
+        if wait:
+            self.wait_started(role)
         return entry
+
+    def wait_started(self, role: str) -> None:
+        """Wait until ``role``, started with ``spawn(wait=False)``, is ready as its spawn
+        asked (at once if it was already waited for).  Starting several apps, then waiting
+        for each, overlaps their starts."""
+        start = self._starting.pop(role, None)
+        if start is None:
+            return
+        proc, ready, notify_path, ready_timeout = start
+        try:
+            if ready is not None:
+                self._wait_ready(proc, role, ready, ready_timeout)
+            if notify_path is not None:
+                self._wait_notify(proc, role, notify_path, ready_timeout)
+        finally:
+            if not isinstance(proc, subprocess.Popen):
+                proc.close()  # the template reaps it; nobody here waits for its status
+
+    # -- the fork server ------------------------------------------------------------
+
+    def fork_entry(self, role: str, module: str, args: list[str],
+                   command: list[str] | None) -> tuple[str, list[str]] | None:
+        """``(module, args)`` to ask the fork server for, when ``role`` is an app, the run
+        has a fork server, and the program is one of our entry points (a sample, or
+        ``python -m app_proc.X``); None: fork+exec it."""
+        from launch import forkserver as fs
+
+        if not role.startswith("app:") or FORKSERVER not in self.m.procs:
+            return None
+        if command is not None:
+            return fs.entry_point(command)
+        if not module.startswith(fs.ENTRY_PACKAGE):
+            return None
+        return module, ["--tag", self.tag(role), *args]
+
+    def fork(self, role: str, module: str, args: list[str], *, env: dict[str, str], cwd: str,
+             uid: int | None, new_session: bool, stdio: tuple[int, int, int],
+             grant: Callable[[int], None] | None) -> ForkedApp | None:
+        """Have the run's fork server fork ``role`` (see :func:`launch.forkserver.fork_app`).
+
+        None when the template cannot (dead, or its socket is not its own): the caller
+        starts the app the slow way.  Then this says so once on stderr and, if the template
+        is dead, re-makes it for the next apps (its stale socket file goes first)."""
+        from launch import forkserver as fs
+
+        entry = self.m.procs.get(FORKSERVER)
+        if entry is None:
+            return None
+        try:
+            return fs.fork_app(self.dir, entry.pid, lambda: entry.process() is not None,
+                               module=module, args=args, env=env, cwd=cwd, uid=uid,
+                               new_session=new_session, stdio=stdio, grant=grant)
+        except fs.TemplateGone as e:
+            why = str(e)
+        dead = entry.process() is None
+        remade = ""
+        if dead:
+            _reap(entry.pid)
+            fs.socket_path(self.dir).unlink(missing_ok=True)
+            self.m.procs.pop(FORKSERVER, None)
+            spec = entry.spec
+            try:
+                if spec is not None:
+                    e2 = self.spawn(FORKSERVER, spec.module, spec.args, detach=spec.detach)
+                    remade = f"; a new fork server (pid {e2.pid}) serves the next ones"
+            except ZcrxError as err:
+                remade = f"; could not start a new one: {err}"
+            self.save()
+        if self.run_id not in _SAID_SLOW:
+            _SAID_SLOW.add(self.run_id)
+            print(f"zcrx: {why}: {role} starts the slow way (a new interpreter){remade}",
+                  file=sys.stderr, flush=True)
+        return None
 
     def respawn(self, role: str) -> ProcEntry:
         """Start ``role`` again from the spec it was recorded with (a dead NIC or kernel
@@ -422,7 +522,7 @@ class Run:
                           notify=s.notify, ready_timeout=s.ready_timeout, command=s.command,
                           cwd=s.cwd, cap_net_admin=s.cap_net_admin)
 
-    def _wait_notify(self, proc: subprocess.Popen[bytes], role: str, path: Path,
+    def _wait_notify(self, proc: subprocess.Popen[bytes] | ForkedApp, role: str, path: Path,
                      timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while not path.exists():
@@ -434,7 +534,8 @@ class Run:
                               f"see {self.m.procs[role].log}")
             time.sleep(0.01)
 
-    def _wait_ready(self, proc: subprocess.Popen[bytes], role: str, endpoint_name: str,
+    def _wait_ready(self, proc: subprocess.Popen[bytes] | ForkedApp, role: str,
+                    endpoint_name: str,
                     timeout: float) -> None:
         deadline = time.monotonic() + timeout
         with ControlClient(self.endpoint(endpoint_name), timeout_ms=200) as client:
@@ -520,7 +621,9 @@ class Run:
                     _wait_gone(e, timeout)  # reaps those that are children of ours
                 return {"stopped": [LAUNCHER, *self.m.procs], "killed": [],
                         "segments_removed": remove_run_segments(self.run_id)}
-        order = [r for r in self.m.procs if r not in ROLE_ORDER]
+        # The fork server first (it forks nothing more), then the apps, kernel, NIC.
+        order = [r for r in self.m.procs if r == FORKSERVER]
+        order += [r for r in self.m.procs if r not in (*ROLE_ORDER, FORKSERVER)]
         order += [r for r in reversed(ROLE_ORDER) if r in self.m.procs]
         killed = [r for r in order if self.stop(r, timeout)]
         removed = remove_run_segments(self.run_id)

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from launch.run import MANIFEST, Run
+from launch.run import FORKSERVER, MANIFEST, Run
 from launch.topology import Topology, TrafficSpec
 from shared.control import ControlClient
 from shared.errors import Misuse, ZcrxError
@@ -54,9 +54,15 @@ def kernel_args(run: Run, topo: Topology, *, detach: bool) -> list[str]:
             + (["--detached"] if detach else []))
 
 
+def forkserver_args(run: Run, *, detach: bool) -> list[str]:
+    """The fork server's arguments: the run, and the one uid it serves."""
+    return (["--run", run.run_id, "--rundir", str(run.dir), "--launcher-uid",
+             str(run.m.launcher_uid)] + (["--detached"] if detach else []))
+
+
 def bring_up(topo: Topology, name: str | None = None, *, detach: bool = True,
              launcher: bool | None = None, traffic: bool = True,
-             config: dict[str, Any] | None = None,
+             config: dict[str, Any] | None = None, fork_server: bool = True,
              say: Say | None = None) -> tuple[Run, list[str]]:
     """Realise ``topo``, in order, each step once ready.
 
@@ -67,6 +73,10 @@ def bring_up(topo: Topology, name: str | None = None, *, detach: bool = True,
     session when ``detach`` (they survive the caller), else they exit when it dies.
     ``launcher`` (default: ``not detach``) records this process as the run's ``launcher``
     (a foreground ``zcrx up``).  ``config`` adds keys to the manifest's config.
+
+    With ``fork_server`` the run's template (:mod:`launch.forkserver`, role
+    ``forkserver``) is started once the kernel is up and imports the app code while the
+    ethtool lines are applied; nobody waits for it here (the first app that needs it does).
 
     Returns the run and one line per step.  On any failure (Ctrl-C included) the run is
     brought down and the error re-raised, a :class:`ZcrxError` as Misuse naming the step
@@ -81,7 +91,7 @@ def bring_up(topo: Topology, name: str | None = None, *, detach: bool = True,
     name = name or topo.name
     topo.validate()
     run = Run.create(name, {"netdevs": topo.netdev_specs(), "topology": topo.to_dict(),
-                            **(config or {})})
+                            "fork_server": fork_server, **(config or {})})
     steps: list[str] = []
     step = "start"
 
@@ -100,6 +110,11 @@ def bring_up(topo: Topology, name: str | None = None, *, detach: bool = True,
         e = run.spawn("kernel", "driver_proc", kernel_args(run, topo, detach=detach),
                       detach=detach, ready="kernel")
         done(f"kernel pid {e.pid}")
+        if fork_server:  # after NIC and kernel, whose start it would only slow down
+            step = FORKSERVER
+            e = run.spawn(FORKSERVER, "launch.forkserver",
+                          forkserver_args(run, detach=detach), detach=detach)
+            note(f"{FORKSERVER} pid {e.pid}")  # a helper, not a step of the topology
         with ControlClient(run.endpoint("kernel"), timeout_ms=30_000) as kernel:
             for nd in topo.netdevs:
                 for line in nd.ethtool:
