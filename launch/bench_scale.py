@@ -176,9 +176,10 @@ def zc_layout(n: int, max_queues: int = MAX_QUEUES) -> tuple[int, list[int]]:
 
 def measure_point(n: int, mib_per_queue: float = DEFAULT_MIB, *, timeout: float = 300.0,
                   progress: Progress | None = None, apps: str = APPS_PER_QUEUE,
-                  fork_server: bool = True) -> ScalePoint:
+                  fork_server: bool = True, payload: int | None = None) -> ScalePoint:
     """Bring up a run with ``n`` bound zero-copy queues, one flow each, served by the servers
-    ``apps`` says; tear it down."""
+    ``apps`` says, the generator sending ``payload`` bytes per segment (default: the MSS);
+    tear it down."""
     say = progress or (lambda m: None)
     total, zq = zc_layout(n)
     groups = app_groups(zq, apps)
@@ -228,7 +229,7 @@ def measure_point(n: int, mib_per_queue: float = DEFAULT_MIB, *, timeout: float 
         for q in zq:
             br.call("nic", "nic.traffic", {"dev": "eth0", "spec": {
                 "dport": port_of[q], "flows": 1, "bytes": per_flow,
-                "sport": BASE_SPORT + q}})
+                "sport": BASE_SPORT + q, "payload": payload or MTU - 40}})
         deadline = t_start + timeout + 10
         t_done = t_start
         pending = dict(procs)
@@ -274,7 +275,8 @@ def measure_point(n: int, mib_per_queue: float = DEFAULT_MIB, *, timeout: float 
 def run_scale_bench(queues: tuple[int, ...] = DEFAULT_QUEUES,
                     mib_per_queue: float = DEFAULT_MIB, timeout: float = 300.0,
                     progress: Progress | None = None,
-                    apps: str = APPS_PER_QUEUE, fork_server: bool = True) -> dict[str, Any]:
+                    apps: str = APPS_PER_QUEUE, fork_server: bool = True,
+                    payload: int | None = None) -> dict[str, Any]:
     """Measure every point of ``queues`` (one run each); the JSON-able result.
     ``fork_server`` False starts every server as a new interpreter (``zcrx up
     --no-fork-server``), for the comparison."""
@@ -282,14 +284,16 @@ def run_scale_bench(queues: tuple[int, ...] = DEFAULT_QUEUES,
     with _terminate_as_interrupt():
         for n in queues:
             points.append(measure_point(n, mib_per_queue, timeout=timeout, progress=progress,
-                                        apps=apps, fork_server=fork_server))
+                                        apps=apps, fork_server=fork_server,
+                                        payload=payload))
     base = next((p for p in points if p.queues == 1), points[0] if points else None)
     for p in points:
         p.ratio = p.app_gbps / base.app_gbps if base is not None and base.app_gbps else 0.0
     return {
         "bench": "scale", "apps": apps, "fork_server": fork_server,
         "mib_per_queue": mib_per_queue, "rx_ring": RX_RING,
-        "area_bytes": AREA, "payload": MTU - 40, "points": [p.to_dict() for p in points],
+        "area_bytes": AREA, "payload": min(payload or MTU - 40, MTU - 40),
+        "points": [p.to_dict() for p in points],
         "all_verified": all(p.verified for p in points),
     }
 

@@ -295,9 +295,11 @@ def _queue_list(ctx: Any, param: Any, value: str) -> tuple[int, ...]:
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True),
               help="Write the curve as a PNG (needs matplotlib: the 'plot' extra).")
 @_json_options
+@click.option("--payload", type=click.IntRange(1, 4096), default=None,
+              help="Payload bytes per segment (default: the MSS, 4096).")
 def bench_scale(queues: tuple[int, ...], mib_per_queue: float, timeout: float, apps: str,
                 fork_server: bool, plot_path: str | None, as_json: bool,
-                json_out: str | None) -> None:
+                json_out: str | None, payload: int | None) -> None:
     """Setup, goodput and teardown against the number of zero-copy queues (one run per
     point, one zcrx-server and one flow per queue, every byte verified)."""
     from launch.bench_scale import plot, run_scale_bench
@@ -311,13 +313,15 @@ def bench_scale(queues: tuple[int, ...], mib_per_queue: float, timeout: float, a
         with err_console.status("running") as status:
             result = run_scale_bench(queues, mib_per_queue, timeout,
                                      progress=lambda m: status.update(f"running: {m}"),
-                                     apps=apps, fork_server=fork_server)
+                                     apps=apps, fork_server=fork_server,
+                                     payload=payload)
         if plot_path:
             plot(result, plot_path)
     except ZcrxError as e:
         fail(f"bench scale: {e}")
     if not as_json:
-        t = Table(title=f"zcrx bench scale: {mib_per_queue:g} MiB per queue, apps {apps}, "
+        t = Table(title=f"zcrx bench scale: {mib_per_queue:g} MiB per queue, "
+                        f"{result['payload']} B segments, apps {apps}, "
                         f"fork server {'on' if fork_server else 'off'}")
         for col in ("queues", "apps", "up s", "bind s", "setup s", "GB/s wall", "GB/s app",
                     "ratio", "down s", "verified"):
