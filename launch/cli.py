@@ -921,7 +921,7 @@ def _run_foreground(r: Any, role: str, module: str, args: list[str],
 
     import psutil
 
-    from launch.run import TAG_ENV, ProcEntry, RoleSpec, popen_app
+    from launch.run import TAG_ENV, ProcEntry, RoleSpec, exec_uid, popen_app
 
     env = r.env()
     env[TAG_ENV] = r.tag(role)
@@ -935,6 +935,9 @@ def _run_foreground(r: Any, role: str, module: str, args: list[str],
             proc = r.fork(role, *entry_point, env=env, cwd=os.getcwd(), uid=uid,
                           new_session=False, stdio=(0, 1, 2), grant=grant)
         if proc is None:
+            uid, why = exec_uid(argv, uid)
+            if why:
+                err_console.print(f"note: {role}: {why}", highlight=False)
             proc = popen_app(argv, uid=uid, grant=grant, env=env)
     except OSError as e:
         fail(f"app run: cannot run {argv[0]!r}: {e.strerror}")

@@ -54,7 +54,8 @@ ROLE = "forkserver"
 #: The socket's name in the run directory (``fork.sock``).
 SOCK_NAME = "fork"
 #: What the template imports before it forks anything (the cost an app no longer pays).
-PRELOAD = ("argparse", "hashlib", "json", "runpy", "shutil", "traceback",
+PRELOAD = ("argparse", "hashlib", "json", "runpy", "shutil", "traceback", "secrets", "random",
+           "numpy.random", "selectors", "socket", "struct", "tempfile", "contextlib",
            "numpy", "zmq", "psutil", "shared.abi", "shared.ring", "shared.shm", "shared.msg",
            "shared.control", "shared.pattern", "shared.syscalls", "shared.watch",
            "app_proc.syscall", "app_proc.liburing", "app_proc.server", "app_proc.verify",

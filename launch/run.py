@@ -148,10 +148,38 @@ def popen_app(argv: list[str], *, uid: int | None = None,
     return proc
 
 
+def reachable(path: str | Path) -> bool:
+    """Whether every uid can run ``path``: it and each directory above it are searchable
+    (``o+x``).  A program that is not cannot be exec'd once a process dropped to an app's
+    uid."""
+    p = Path(os.path.realpath(path))
+    try:
+        return all(os.stat(d).st_mode & 0o001 for d in (p, *p.parents))
+    except OSError:
+        return False
+
+
+def exec_uid(argv: list[str], uid: int | None) -> tuple[int | None, str]:
+    """The uid an exec'd app may run as: ``uid``, or None (the launcher's) with the reason
+    when its program (``argv[0]`` on ``$PATH``; for a script, its interpreter too) is not
+    reachable by other uids.  Apps forked from the run's template need no exec and keep
+    their uid."""
+    if uid is None or not argv:
+        return uid, ""
+    exe = shutil.which(argv[0]) or argv[0]
+    if not reachable(exe):
+        return None, (f"{exe} is not reachable by other uids, so this app runs as the "
+                      f"launcher's uid, not isolated (install it where every user can run it)")
+    return uid, ""
+
+
 def isolation(app_uid_base: int | None) -> tuple[int | None, str]:
     """Whether a run started now can give each app its own uid: ``(base, "")`` if so, else
     ``(None, why not)``.  Needs root (only root can run a process as another uid), a base,
-    and a runs directory every uid can reach (apps find their sockets there)."""
+    and a runs directory every uid can reach (apps find their sockets there).  Our own
+    programs are forked from the run's template and need no interpreter of their own; a
+    program exec'd from a place other uids cannot reach runs unisolated (:func:`exec_uid`).
+    """
     if os.geteuid() != 0:
         return None, ("zcrx up runs as a normal user, so every app runs under your uid: "
                       "apps can open each other's shared memory and speak to the kernel as "
@@ -164,12 +192,6 @@ def isolation(app_uid_base: int | None) -> tuple[int | None, str]:
         if not os.stat(d).st_mode & 0o001:
             return None, (f"{d} is not searchable by other uids, so apps cannot run under "
                           f"their own uid (set ZCRX_RUNS_DIR elsewhere)")
-    python = Path(os.path.realpath(sys.executable))
-    if not python.stat().st_mode & 0o001 or \
-            any(not os.stat(d).st_mode & 0o001 for d in python.parents):
-        return None, (f"the interpreter {python} is not reachable by other uids, so apps "
-                      f"cannot run under their own uid (use a Python installed where every "
-                      f"user can run it)")
     return app_uid_base, ""
 
 
@@ -416,6 +438,10 @@ class Run:
                                      stdio=(null.fileno(), log.fileno(), log.fileno()),
                                      grant=grant)
                 if proc is None:
+                    uid, why = exec_uid(argv, uid)
+                    if why:
+                        log.write(f"zcrx: note: {role}: {why}\n".encode())
+                        log.flush()
                     proc = popen_app(argv, uid=uid, grant=grant, stdin=subprocess.DEVNULL,
                                      stdout=log, stderr=log, env=env,
                                      cwd=cwd or str(self.dir), start_new_session=detach)

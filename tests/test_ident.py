@@ -454,6 +454,34 @@ def test_root_zcrx_app_run_starts_each_app_under_its_own_uid() -> None:
         assert uids == [A_UID, A_UID + 1]
 
 
+@pytest.mark.timeout(180)
+@needs_root
+def test_root_forked_sample_server_runs_under_its_own_uid_and_serves() -> None:
+    """Our own programs are forked from the run's template (no exec, so no interpreter the
+    app's uid must reach): as root, each still drops to its own uid before running, and it
+    receives a stream byte-exact as that uid (its summary file is that uid's)."""
+    from launch.run import Run
+    from tests.e2e import wait_app, zcrx
+
+    out_dir = Path(tempfile.mkdtemp(prefix="zro", dir="/tmp"))
+    os.chmod(out_dir, 0o777)
+    size = 1 << 20
+    try:
+        with _root_run("isf") as run:
+            zcrx("app", "run", "--name", "isf", "--detach", "copy-server", "--", "-p", "8002",
+                 "-v", "-n", "1", "-s", str(size), "--json", str(out_dir / "cs.json"))
+            proc = Run.open(run.m.name).m.procs["app:0"].process()
+            assert proc is not None and proc.uids().effective == A_UID
+            assert proc.ppid() != os.getpid()  # forked by the template, not by us
+            zcrx("traffic", "--name", "isf", "--port", "8002", "--bytes", str(size))
+            wait_app("isf", "app:0", 120)
+        rep = json.loads((out_dir / "cs.json").read_text())
+        assert rep["ok"] and [c["bytes"] for c in rep["connections"]] == [size], rep
+        assert (out_dir / "cs.json").stat().st_uid == A_UID
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+
 def test_a_granted_app_holds_before_exec_until_the_kernel_knows(tmp_path: Path) -> None:
     """The launcher's grant reaches the kernel before the app runs a single instruction of
     its own (no race with its first registration); a failed grant means it never runs."""
