@@ -333,6 +333,9 @@ def cleanup(run: str | None, all_runs: bool) -> None:
         if all_runs:
             results += [runmod.cleanup(n) for n in runmod.list_runs()]
             results += [runmod.cleanup_run_id(r) for r in runmod.orphan_run_ids()]
+            seen = {rid for r in results for rid in r["run_ids"]}
+            results += [runmod.cleanup_run_id(r) for r in runmod.orphan_netns_run_ids()
+                        if r not in seen]
         elif run in runmod.list_runs() or (runmod.runs_dir() / (run or "")).exists():
             results.append(runmod.cleanup(run or ""))
         else:
@@ -340,6 +343,7 @@ def cleanup(run: str | None, all_runs: bool) -> None:
     except ZcrxError as e:
         fail(str(e))
     removed = [n for r in results for n in r["segments_removed"]]
+    removed += [n for r in results for n in r.get("net_removed", [])]
     killed = [p for r in results for p in r["killed"]]
     for name in removed:
         console.print(f"removed {name}", highlight=False)
@@ -418,7 +422,13 @@ def _load_topology(path: str) -> Any:
               help="Name of the run (default: the file's name, else 'zcrx').")
 @click.option("--netdev", "netdevs", multiple=True, metavar="SPEC",
               help="A netdev, e.g. 'eth0:queues=4,mtu=4096'; repeat for several "
-                   "(default: one eth0; not with --file).")
+                   "(default: one eth0; not with --file). Keys: queues, max-queues, rx, "
+                   "max-rx, mtu, tcp-data-split, hds-thresh, rx-buf-len, link=up|down, "
+                   "nobuf=pause|drop (a queue without buffers pauses the wire or drops, "
+                   "counting rx_missed), addr, addr6, mac; port=tap plugs the wire into a "
+                   "TAP device in the run's network namespace zcrx-<run id>-peer (root "
+                   "only) with neigh=static|arp and RX impairments loss=1%, dup=, "
+                   "reorder=, delay=5ms, seed=N.")
 @click.option("--queues", type=click.IntRange(1, MAX_QUEUES), default=None,
               help="Combined queues of every netdev that does not say (default 4; not with "
                    "--file).")
@@ -483,10 +493,13 @@ def up(topo_file: str | None, name: str | None, netdevs: tuple[str, ...], queues
                                **({"not_isolated_because": why_not} if why_not else {})},
                               indent=2))
     else:
-        for line in steps[2:]:
-            console.print(f"  {line}", highlight=False)
+        for line in steps:
+            if not line.startswith(("nic pid", "kernel pid")):
+                console.print(f"  {line}", highlight=False)
         console.print(f"run {name} is up (id {r.run_id}, Linux {status.get('kernel', '?')}): "
                       f"{devs}", highlight=False)
+        for line in _reach_hint(r):
+            console.print(f"  reach it: {line}", highlight=False)
         if why_not:  # once, at start: the user should know what an app can reach
             err_console.print(f"note: apps are not isolated from each other: {why_not}",
                               highlight=False, soft_wrap=True)
@@ -506,9 +519,20 @@ def down(name: str | None, timeout: float) -> None:
     r = _pick_run(name)
     res = r.down(timeout)
     killed = f", killed {', '.join(res['killed'])}" if res["killed"] else ""
+    net = f"; removed {', '.join(res['net_removed'])}" if res.get("net_removed") else ""
     console.print(f"run {r.m.name} is down: stopped {', '.join(res['stopped']) or 'nothing'}"
-                  f"{killed}; {len(res['segments_removed'])} segment(s) removed",
+                  f"{killed}; {len(res['segments_removed'])} segment(s) removed{net}",
                   highlight=False)
+
+
+def _reach_hint(r: Any) -> list[str]:
+    """How to reach the run's TAP ports from their namespace (empty without ports)."""
+    from launch.port import reach_hint
+    from shared.nicif import NetdevSpec
+
+    if not r.m.config.get("netns"):
+        return []
+    return reach_hint(r.run_id, [NetdevSpec.parse(s) for s in r.m.config.get("netdevs", [])])
 
 
 @main.command()
@@ -552,6 +576,9 @@ def status(name: str | None, as_json: bool) -> None:
     st = _call(r, "kernel", "status")
     st["processes"] = {role: {"pid": e.pid, "alive": e.process() is not None}
                        for role, e in r.m.procs.items()}
+    if r.m.config.get("netns"):
+        st["netns"] = r.m.config["netns"]
+        st["reach"] = _reach_hint(r)
     if as_json:
         click.echo(json.dumps(st, indent=2, sort_keys=True))
         return
@@ -574,6 +601,8 @@ def status(name: str | None, as_json: bool) -> None:
                           f" page-pool {q['page_pool']} posted "
                           f"{q['posted']} in-flight {q['in_flight']} provider {q['binding']}",
                           highlight=False)
+    for line in st.get("reach", []):
+        console.print(f"reach it: {line}", highlight=False)
 
 
 def queue_rates(prev: dict[str, Any], cur: dict[str, Any], dt: float
@@ -934,10 +963,16 @@ def env_cmd(name: str | None, as_json: bool) -> None:
     r = _pick_run(name)
     exports = r.exports()
     if as_json:
-        click.echo(json.dumps(exports, indent=2))
+        hints = _reach_hint(r)
+        click.echo(json.dumps({**exports, **({"ZCRX_NETNS": r.m.config["netns"],
+                                              "reach": hints} if hints else {})}, indent=2))
         return
     for k, v in exports.items():
         click.echo(f"export {k}={shlex.quote(v)}")
+    if r.m.config.get("netns"):
+        click.echo(f"export ZCRX_NETNS={shlex.quote(r.m.config['netns'])}")
+        for line in _reach_hint(r):
+            click.echo(f"# reach it: {line}")
 
 
 @main.command()
