@@ -5,8 +5,9 @@ tests/port_inject.py ...``): it writes raw Ethernet frames to the TAP device the
 reach the emulated NIC through its port exactly as a Linux sender's would, without a
 Linux TCP on this side (the emulated host does not answer before the kernel's transmit
 side exists).  A SYN, the file in MSS-sized segments with correct TCP checksums, a FIN.
-All frames are paced in bursts and the whole connection stays under the TAP's queue
-(``txqueuelen`` 1000 frames), so a slow NIC delays frames but never loses one.
+All frames are paced in bursts; keep a connection under the TAP's queue (``txqueuelen``
+frames, 1000 by default) and a slow NIC delays frames but never loses one.  Prints the frames
+sent and the TAP's ``tx_dropped`` (frames Linux dropped because the NIC did not read).
 
     python tests/port_inject.py IFNAME SRC DST SPORT DPORT FILE [MTU]
 """
@@ -67,7 +68,9 @@ def main(argv: list[str]) -> int:
             for fr in all_frames[i:i + BURST]:
                 s.send(fr)
             time.sleep(GAP)
-    print(len(all_frames))
+    with open(f"/sys/class/net/{ifname}/statistics/tx_dropped") as f:
+        dropped = int(f.read())
+    print(len(all_frames), dropped)  # frames sent, and frames Linux dropped at the TAP
     return 0
 
 

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -297,17 +298,31 @@ def test_port_without_root_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> 
         assert not (base / "noroot").exists()
 
 
+def inject(ns: str, ifname: str, dport: int, path: Path) -> int:
+    """Send ``path`` as one connection's frames from the peer namespace; frames sent."""
+    sent = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m", "tests.port_inject",
+                           ifname, "10.0.0.2", "10.0.0.1", "40001", str(dport), str(path),
+                           "4136"], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).parent.parent)
+    assert sent.returncode == 0, sent.stderr
+    nframes, dropped = map(int, sent.stdout.split())
+    assert dropped == 0, "Linux dropped frames at the TAP: the NIC did not read in time"
+    return nframes
+
+
 @needs_root
 @pytest.mark.timeout(180)
-def test_frames_from_the_namespace_reach_an_app_byte_exact(tmp_path: Path) -> None:
+@pytest.mark.parametrize("app", ["copy-server", "zcrx-server"])
+def test_frames_from_the_namespace_reach_an_app_byte_exact(app: str, tmp_path: Path) -> None:
     """zcrx up with a TAP port: the namespace and device exist and are configured; a
     connection's frames sent from the namespace (AF_PACKET on the TAP) arrive through the
-    NIC's generic path at a copy-server, sha256 equal; zcrx down removes everything."""
-    data = np.random.default_rng(3).integers(0, 256, 2 << 20, dtype=np.uint8).tobytes()
+    NIC's generic path at a copy-server, or zero copy at a zcrx-server on a bound queue,
+    sha256 equal; zcrx down removes everything."""
+    data = np.random.default_rng(3).integers(0, 256, 1 << 20, dtype=np.uint8).tobytes()
     src = tmp_path / "random.bin"
     src.write_bytes(data)
-    out_json = tmp_path / "copy.json"
-    with topology("tap1", "--netdev", "eth0:queues=2,port=tap") as run:
+    out_json = tmp_path / "app.json"
+    with topology("tap1", "--netdev", "eth0:queues=2,mtu=4136,port=tap") as run:
         ns = netns_name(run.run_id)
         ifname = tap_ifname(run.run_id, 0)
         assert netns_exists(ns) and link_in(ns, ifname) and not link_in(None, ifname)
@@ -317,23 +332,30 @@ def test_frames_from_the_namespace_reach_an_app_byte_exact(tmp_path: Path) -> No
         env = json.loads(zcrx("env", "--name", "tap1", "--json").output)
         assert env["ZCRX_NETNS"] == ns and f"ip netns exec {ns} nc 10.0.0.1" in env["reach"][0]
         assert f"ip netns exec {ns} nc" in zcrx("status", "--name", "tap1").output
-        zcrx("app", "run", "--name", "tap1", "--detach", "copy-server", "--",
-             "-p", "9100", "-n", "1", "--json", str(out_json))
-        sent = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m",
-                               "tests.port_inject", ifname, "10.0.0.2", "10.0.0.1", "40001",
-                               "9100", str(src)], capture_output=True, text=True, timeout=60,
-                              cwd=Path(__file__).parent.parent)
-        assert sent.returncode == 0, sent.stderr
-        nframes = int(sent.stdout)
+        if app == "copy-server":
+            zcrx("app", "run", "--name", "tap1", "--detach", "copy-server", "--",
+                 "-p", "9100", "-n", "1", "--json", str(out_json))
+        else:
+            zcrx("ethtool", "--name", "tap1", "-N", "eth0", "flow-type", "tcp4",
+                 "dst-port", "9100", "action", "1")
+            zcrx("app", "run", "--name", "tap1", "--detach", "--cap-net-admin", "zcrx-server",
+                 "--", "-p", "9100", "-i", "eth0", "-q", "1", "-n", "1", "--json",
+                 str(out_json))
+        nframes = inject(ns, ifname, 9100, src)
         wait_app("tap1", "app:0", 60)
         st = nic_stats("tap1")
         assert st["port_rx_frames"] >= nframes  # plus what the peer's stack sends (MLD)
         assert st["rx_packets"] >= nframes and st["rx_missed"] == 0
+        if app == "zcrx-server":
+            assert st["rx-1.packets"] == nframes
     report = json.loads(out_json.read_text())
+    assert report["ok"], report
     (conn,) = report["connections"]
     assert conn["bytes"] == len(data)
     assert conn["sha256"] == hashlib.sha256(data).hexdigest()
     assert conn["peer"].startswith("10.0.0.2:")
+    if app == "zcrx-server":
+        assert report["copy_fallback"]["zc_bytes"] == len(data)
     assert not netns_exists(ns) and not link_in(None, ifname)
 
 
@@ -358,3 +380,67 @@ def test_cleanup_of_a_killed_run_removes_namespace_and_device() -> None:
             res = zcrx("cleanup", "--name", "tapk")
         assert f"removed netns {ns}" in res.output
         assert not netns_exists(ns) and not link_in(None, ifname)
+
+
+def udp_frame(src_mac: bytes, dst_mac: bytes, src: str, dst: str, dport: int,
+              payload: bytes) -> bytes:
+    """An Ethernet / IPv4 / UDP frame (UDP checksum 0: none, allowed over IPv4)."""
+    udp = struct.pack("!HHHH", 40000, dport, 8 + len(payload), 0) + payload
+    ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0x4000, 64, 17, 0,
+                               socket.inet_aton(src), socket.inet_aton(dst)))
+    words = struct.unpack("!10H", bytes(ip))
+    s = sum(words)
+    s = (s & 0xFFFF) + (s >> 16)
+    s = (s & 0xFFFF) + (s >> 16)
+    ip[10:12] = struct.pack("!H", ~s & 0xFFFF)
+    return dst_mac + src_mac + b"\x08\x00" + bytes(ip) + udp
+
+
+@needs_root
+@pytest.mark.timeout(60)
+def test_transmitted_frames_reach_a_socket_in_the_namespace() -> None:
+    """The TX half through a real TAP: a frame the port transmits (a UDP datagram from the
+    host's address) is received by a plain socket in the peer namespace, which
+    launch.port set up (addresses, MAC, neighbour entries) exactly as for a run."""
+    from launch import port as lport
+
+    rid = f"tx-{os.getpid():x}"
+    spec = NetdevSpec.parse("eth0:port=tap")
+    ns = lport.create_netns(rid)
+    fd = -1
+    try:
+        fd = port_mod.open_tap(tap_ifname(rid, 0))
+        assert any("TAP" in line for line in lport.attach(rid, [spec]))
+        neigh = subprocess.run(["ip", "-n", ns, "neigh", "show"], capture_output=True,
+                               text=True).stdout
+        assert "10.0.0.1 dev" in neigh and "02:00:00:00:00:01" in neigh
+        p = TapPort(1, WireInfo(), fd, ifname=tap_ifname(rid, 0))
+        fd = -1  # the port owns it now
+        rcv = subprocess.Popen(
+            ["ip", "netns", "exec", ns, sys.executable, "-c",
+             "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+             "s.bind(('10.0.0.2', 9999)); s.settimeout(30); print(s.recv(100).decode())"],
+            stdout=subprocess.PIPE, text=True)
+        info = WireInfo()
+        frame = udp_frame(info.mac, info.peer_mac, info.addr, "10.0.0.2", 9999, b"hello tap")
+        out = ""
+        try:
+            for _ in range(600):  # until the receiver has bound and got one
+                assert p.transmit([frame]) == 1
+                try:
+                    out, _ = rcv.communicate(timeout=0.05)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        finally:
+            if rcv.poll() is None:
+                rcv.kill()
+                rcv.wait()
+        assert out.strip() == "hello tap"
+        assert p.counters["port_tx_frames"] >= 1 and p.counters["port_tx_dropped"] == 0
+        p.close()
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        assert f"netns {ns}" in lport.teardown([rid])
+    assert not netns_exists(ns)
