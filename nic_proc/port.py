@@ -71,15 +71,16 @@ PORT_COUNTERS = (
     "port_pending_full",  # polls that did not read because MAX_PENDING frames wait
     "port_tx_frames",     # frames written to the TAP
     "port_tx_bytes",      # their bytes
-    "port_tx_dropped",    # frames the TAP refused (queue full, link down in Linux)
+    "port_tx_dropped",    # writes the TAP refused (device down in Linux): ends the batch
 )
 
 
 @runtime_checkable
 class TxSink(Protocol):
-    """Where a netdev's transmitted frames go: ``transmit(frames)`` -> frames sent."""
+    """Where a netdev's transmitted frames go: ``transmit(batch)`` -> how many were sent, a
+    prefix of the batch (the TX seam of issue 13; ``nic_proc.tx`` on the transmit branch)."""
 
-    def transmit(self, frames: Sequence[bytes] | RawBatch) -> int: ...
+    def transmit(self, batch: Any) -> int: ...
 
 
 def open_tap(ifname: str) -> int:
@@ -279,27 +280,35 @@ class TapPort(Source):
 
     # -- TxSink ----------------------------------------------------------------------
 
-    def transmit(self, frames: Sequence[bytes] | RawBatch) -> int:
-        """Write each frame to the TAP; frames it refuses are counted ``port_tx_dropped``."""
+    def transmit(self, frames: Any) -> int:
+        """Write the frames to the TAP, in order; returns how many went out (a prefix).
+
+        ``frames`` is a batch with ``buf`` / ``offsets`` / ``lengths`` (the NIC's TX batch,
+        a :class:`~nic_proc.sources.RawBatch`; views valid during the call only, written at
+        once) or a list of bytes.  The first write the TAP refuses (``EIO`` while the peer
+        keeps the device down) ends the batch and is counted ``port_tx_dropped``; the NIC
+        counts the frames not sent as ``tx_dropped`` and never offers them again.
+        """
         c = self.counters
-        if isinstance(frames, RawBatch):
-            buf = np.ascontiguousarray(frames.buf, np.uint8).reshape(-1).data
-            seq: Sequence[Any] = [buf[o:o + n] for o, n in
-                                  zip(frames.offsets.tolist(), frames.lengths.tolist(),
-                                      strict=True)]
+        if isinstance(frames, list | tuple):
+            seq: Sequence[Any] = frames
         else:
-            seq = frames
+            buf = np.ascontiguousarray(frames.buf, np.uint8).reshape(-1).data
+            seq = [buf[o:o + n] for o, n in
+                   zip(frames.offsets.tolist(), frames.lengths.tolist(), strict=True)]
         sent = 0
         nbytes = 0
+        write = os.write
+        fd = self.fd
         for f in seq:
             if self.stopped:
-                c["port_tx_dropped"] += 1
-                continue
+                break
             try:
-                nbytes += os.write(self.fd, f)
-                sent += 1
+                nbytes += write(fd, f)
             except OSError:
                 c["port_tx_dropped"] += 1
+                break
+            sent += 1
         c["port_tx_frames"] += sent
         c["port_tx_bytes"] += nbytes
         return sent

@@ -168,6 +168,8 @@ def test_transmit_writes_whole_frames(wire_pair: tuple[socket.socket, socket.soc
     assert p.counters["port_tx_frames"] == 10
     assert p.counters["port_tx_bytes"] == 2 * sum(map(len, fs))
     assert isinstance(p, port_mod.TxSink)
+    b.shutdown(socket.SHUT_RDWR)  # the far side refuses: the batch ends at the first frame
+    assert p.transmit(fs) == 0 and p.counters["port_tx_dropped"] == 1
 
 
 def tcp_frames(n: int, mtu: int = 4096) -> tuple[list[bytes], bytes]:
