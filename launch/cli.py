@@ -249,6 +249,38 @@ def bench_zcrx(total: int, repeat: int, copy_buf: int, timeout: float, as_json: 
     _rx_report(result, as_json, json_out, check)
 
 
+@bench.command("wire")
+@click.option("--bytes", "total", type=click.IntRange(1 << 12), default=64 << 20,
+              show_default=True, help="Bytes nc sends.")
+@click.option("--nobuf", type=click.Choice(["drop", "pause"]), default="drop",
+              show_default=True, help="What the queue does without buffers.")
+@click.option("--loss", default="", metavar="PCT",
+              help="Loss at the port for what it receives, e.g. 1% (default none).")
+@click.option("--seed", type=click.IntRange(0), default=1, show_default=True,
+              help="Seed of the port's impairments and of the file's bytes.")
+@click.option("--timeout", type=click.FloatRange(1, 3600), default=300.0, show_default=True,
+              help="Seconds nc may take.")
+@_json_options
+def bench_wire(total: int, nobuf: str, loss: str, seed: int, timeout: float, as_json: bool,
+               json_out: str | None) -> None:
+    """A real sender (root): Linux nc in the run's peer namespace sends a random file
+    through a TAP port into zcrx-server on a bound queue: GB/s, the sender's retransmitted
+    segments, rx_missed and port losses, sha256 of what arrived."""
+    from launch.bench_wire import describe, run_wire_bench
+
+    try:
+        with console.status("running") as status:
+            result = run_wire_bench(total, nobuf=nobuf, loss=loss, seed=seed, timeout=timeout,
+                                    progress=lambda m: status.update(f"running: {m}"))
+    except ZcrxError as e:
+        fail(f"bench wire: {e}")
+    if not as_json:
+        console.print(describe(result), highlight=False)
+    _write_json(result, as_json, json_out)
+    if not result["ok"]:
+        fail("the receiver did not get exactly the file that was sent", EXIT_CHECK_FAILED)
+
+
 def _queue_list(ctx: Any, param: Any, value: str) -> tuple[int, ...]:
     try:
         qs = tuple(int(v) for v in value.split(",") if v.strip())
