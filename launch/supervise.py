@@ -99,9 +99,9 @@ def bring_up(topo: Topology, name: str | None = None, *, detach: bool = True,
             run.record_launcher()
         if ports:
             step = "netns"
-            run.m.config["netns"] = port.create_netns(run.run_id)
+            run.m.config["netns"] = port.netns_name(run.run_id)  # down removes it from now on
             run.save()
-            done(f"netns {run.m.config['netns']}")
+            done(f"netns {port.create_netns(run.run_id)}")
         step = "nic"
         e = run.spawn("nic", "nic_proc", nic_args(run, topo, detach=detach), detach=detach,
                       ready="nic")

@@ -446,3 +446,53 @@ def test_transmitted_frames_reach_a_socket_in_the_namespace() -> None:
             os.close(fd)
         assert f"netns {ns}" in lport.teardown([rid])
     assert not netns_exists(ns)
+
+
+@needs_root
+@pytest.mark.timeout(180)
+def test_a_restarted_nic_gets_its_tap_back_in_the_namespace(tmp_path: Path) -> None:
+    """zcrx up --foreground --restart nic: the dead NIC's TAP device went with it; the new
+    NIC's is moved into the same namespace and configured, and frames flow again."""
+    import time
+
+    from launch.run import Run
+    from tests.e2e import runs_dir
+
+    data = np.random.default_rng(4).integers(0, 256, 256 << 10, dtype=np.uint8).tobytes()
+    src = tmp_path / "random.bin"
+    src.write_bytes(data)
+    with runs_dir():
+        up = subprocess.Popen(
+            [sys.executable, "-m", "launch", "up", "--name", "taprs", "--foreground",
+             "--restart", "nic", "--netdev", "eth0:queues=2,mtu=4136,port=tap"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            assert up.stdout is not None
+            while "is up" not in (line := up.stdout.readline()):
+                assert line, "zcrx up exited before the run was up"
+            run = Run.open("taprs")
+            ns, ifname = netns_name(run.run_id), tap_ifname(run.run_id, 0)
+            nic0 = run.m.procs["nic"].pid
+            zcrx("kill", "--name", "taprs", "nic")
+            deadline = time.monotonic() + 30
+            while not link_in(ns, ifname) or Run.open("taprs").m.procs["nic"].pid == nic0:
+                assert time.monotonic() < deadline, "no new TAP in the namespace"
+                time.sleep(0.05)
+            out_json = tmp_path / "copy.json"
+            zcrx("app", "run", "--name", "taprs", "--detach", "copy-server", "--",
+                 "-p", "9100", "-n", "1", "--json", str(out_json))
+            inject(ns, ifname, 9100, src)
+            wait_app("taprs", "app:0", 60)
+            (conn,) = json.loads(out_json.read_text())["connections"]
+            assert conn["sha256"] == hashlib.sha256(data).hexdigest()
+            zcrx("down", "--name", "taprs")
+            assert up.wait(30) == 0
+            assert not netns_exists(ns)
+        finally:
+            if up.poll() is None:
+                up.kill()
+                up.wait()
+            if up.stdout is not None:
+                up.stdout.close()
+            zcrx("cleanup", "--name", "taprs", ok=False)
