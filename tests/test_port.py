@@ -300,10 +300,16 @@ def test_port_without_root_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> 
         assert not (base / "noroot").exists()
 
 
+#: The injected connection's source: on the peer's link but not the peer's address, so
+#: whatever the host answers (once its kernel transmits) is dropped by the peer's Linux
+#: instead of answered with RSTs for a connection it never made.
+INJECT_SRC = "10.0.0.3"
+
+
 def inject(ns: str, ifname: str, dport: int, path: Path) -> int:
     """Send ``path`` as one connection's frames from the peer namespace; frames sent."""
     sent = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m", "tests.port_inject",
-                           ifname, "10.0.0.2", "10.0.0.1", "40001", str(dport), str(path),
+                           ifname, INJECT_SRC, "10.0.0.1", "40001", str(dport), str(path),
                            "4136"], capture_output=True, text=True, timeout=60,
                           cwd=Path(__file__).parent.parent)
     assert sent.returncode == 0, sent.stderr
@@ -349,13 +355,13 @@ def test_frames_from_the_namespace_reach_an_app_byte_exact(app: str, tmp_path: P
         assert st["port_rx_frames"] >= nframes  # plus what the peer's stack sends (MLD)
         assert st["rx_packets"] >= nframes and st["rx_missed"] == 0
         if app == "zcrx-server":
-            assert st["rx-1.packets"] == nframes
+            assert st["rx-1.packets"] >= nframes  # and whatever the peer answers to the host
     report = json.loads(out_json.read_text())
     assert report["ok"], report
     (conn,) = report["connections"]
     assert conn["bytes"] == len(data)
     assert conn["sha256"] == hashlib.sha256(data).hexdigest()
-    assert conn["peer"].startswith("10.0.0.2:")
+    assert conn["peer"].startswith(f"{INJECT_SRC}:")
     if app == "zcrx-server":
         assert report["copy_fallback"]["zc_bytes"] == len(data)
     assert not netns_exists(ns) and not link_in(None, ifname)
