@@ -413,7 +413,7 @@ def test_transmitted_frames_reach_a_socket_in_the_namespace() -> None:
     from launch import port as lport
 
     rid = f"tx-{os.getpid():x}"
-    spec = NetdevSpec.parse("eth0:port=tap")
+    spec = NetdevSpec.parse("eth0:port=tap,neigh=static")
     ns = lport.create_netns(rid)
     fd = -1
     try:
