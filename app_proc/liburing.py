@@ -21,9 +21,11 @@ Who owns what in shared memory
   the kernel; this process attaches and detaches them.  In the rings region the app writes the
   SQ tail, the SQ index array and the CQ head (and ``cq_flags``); the kernel writes everything
   else.  The app writes SQEs; the kernel copies them at submission.
-* **App memory** (receive buffers, provided-buffer rings): created and unlinked by the syscall
-  gate.  The kernel writes received bytes into buffers it was given; the app writes buffer-ring
-  entries and the ring's u16 tail.
+* **App memory** (receive buffers, provided-buffer rings): sealed memfds made and closed by the
+  syscall gate (:meth:`~app_proc.syscall.Kernel.alloc_memory`): nothing can shrink them under
+  the kernel, which keeps a buffer ring mapped (it refuses to pin unsealed memory,
+  ``-EFAULT``).  The kernel writes received bytes into buffers it was given; the app writes
+  buffer-ring entries and the ring's u16 tail.
 
 Zero-copy receive (zcrx): :func:`io_uring_register_ifq` registers an interface queue
 (``IORING_REGISTER_ZCRX_IFQ`` with the uapi structs in app memory) and returns a
@@ -681,8 +683,9 @@ def io_uring_free_buf_ring(ring: Ring, br: BufRing) -> None:
 # --------------------------------------------------------------------------------------------
 #
 # Who owns what (zcrx-kernel.md §1-§2, DESIGN §2):
-# * the **area** (``io_uring_zcrx_area_reg.addr``) is app memory (``app<task>.zcrx_area<N>``),
-#   created, mapped into the mm and finally unlinked here.  After registration the kernel and
+# * the **area** (``io_uring_zcrx_area_reg.addr``) is app memory (a memfd sealed against
+#   shrinking, ``memfd:zcrx.<run>.app<task>.zcrx_area<N>``), made, mapped into the mm by
+#   descriptor and finally closed here.  After registration the kernel and
 #   the NIC write payload into it; a chunk named by a RECV_ZC CQE is lent to the app, which
 #   reads it IN PLACE (numpy views, never a copy) until it returns it with an RQE;
 # * the **refill queue** is app memory (``-r 0``: ``region_desc.flags =

@@ -258,6 +258,11 @@ class AcceptingServer:
     def open_conn(self, fd: int, peer: tuple[str, int], stream: int) -> None:
         raise NotImplementedError
 
+    def accepted_total(self) -> int:
+        """Connections accepted towards ``-n``: this server's (a worker of several counts
+        everyone's)."""
+        return self.accepted
+
     def on_accept(self, res: int, flags: int) -> None:
         if res < 0:
             # -ECANCELED, or any error once we closed the listener on purpose, is expected.
@@ -269,7 +274,7 @@ class AcceptingServer:
         stream = self.opts.stream_id if self.opts.stream_id is not None else peer[1]
         self.open_conn(res, peer, stream)
         n = self.opts.connections
-        if n and self.accepted >= n:
+        if n and self.accepted_total() >= n:
             if self.lfd >= 0:
                 self.k.close_fd(self.lfd)  # enough: stop listening (ends the multishot accept)
                 self.lfd = -1

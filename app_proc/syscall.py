@@ -8,10 +8,17 @@ top of :class:`Kernel`; sample programs use it for plain syscalls (``socket``, `
 
 Who owns what in shared memory
 ------------------------------
-* **App memory** (:class:`Memory`: receive buffers, provided-buffer rings, zcrx areas): created
-  and unlinked here (``/zcrx.<run>.app<task>.mem<N>``) and entered into this process's emulated
-  mm with ``mm_map``, so the kernel can resolve the addresses it is given.  The kernel writes
-  received bytes into buffers it was given; the app writes everything else in them.
+* **App memory** (:class:`Memory`: receive buffers, provided-buffer rings, zcrx areas): by
+  default a memfd made here (:meth:`shared.shm.Region.memfd`, labelled
+  ``memfd:zcrx.<run>.app<task>.<tag><N>``), sealed ``F_SEAL_SHRINK | F_SEAL_GROW |
+  F_SEAL_SEAL`` before the kernel sees it, and entered into this process's emulated mm with
+  ``mm_map`` by descriptor: the kernel opens it through ``/proc/<our pid>/fd/<n>``, so it
+  is memory nothing can shrink under the kernel and NIC (which pin it), that no other
+  process can open by name, and that leaves nothing in ``/dev/shm``.  ``named=True`` makes a
+  named segment (``/zcrx.<run>.app<task>.<tag><N>``, unlinked here) entered by name instead:
+  good for short accesses (a RECV buffer), refused for a pin (an area, an RQ, a buffer ring).
+  The kernel writes received bytes into buffers it was given; the app writes everything
+  else in them.
 * **Kernel regions** (``mmap`` of a ring fd) are named by the kernel here and attached by the
   caller (:mod:`app_proc.liburing`).
 
@@ -46,6 +53,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 import shared.syscalls  # noqa: F401  (registers the syscall message types)
+from shared import bpf
 from shared.control import ControlClient, ipc_endpoint
 from shared.errors import Misuse, PeerGone, Timeout, ZcrxError
 from shared.msg import PROTOCOL_VERSION, ControlError, Message
@@ -181,7 +189,13 @@ class Memory:
 
     @property
     def name(self) -> str:
+        """The shm name, or ``memfd:<label>`` for sealed memory (what the kernel calls it)."""
         return self.region.name
+
+    @property
+    def fd(self) -> int:
+        """This process's descriptor of sealed memory (-1 for a named segment)."""
+        return self.region.fd
 
     def at(self, addr: int, length: int) -> NDArray[np.uint8]:
         """The bytes at virtual address ``addr`` (must lie inside this memory)."""
@@ -312,7 +326,14 @@ class Kernel:
     # -- memory ---------------------------------------------------------------------------------
 
     def mm_map(self, name: str, length: int, prot: int = PROT_READ | PROT_WRITE) -> int:
+        """Enter the named shm segment ``name`` into this task's mm; its address."""
         return int(self.syscall("mm_map", {"name": name, "length": length,
+                                           "prot": prot}).body["addr"])
+
+    def mm_map_fd(self, fd: int, length: int, prot: int = PROT_READ | PROT_WRITE) -> int:
+        """Enter the memory this process holds at descriptor ``fd`` (a memfd; sealed against
+        shrinking if the kernel is to pin it) into this task's mm; its address."""
+        return int(self.syscall("mm_map", {"fd": fd, "length": length,
                                            "prot": prot}).body["addr"])
 
     def mm_unmap(self, addr: int, length: int) -> None:
@@ -327,16 +348,26 @@ class Kernel:
         return str(b["name"]), int(b["addr"])
 
     def alloc_memory(self, length: int, prot: int = PROT_READ | PROT_WRITE,
-                     tag: str = "mem") -> Memory:
-        """Create ``length`` bytes of app memory (page aligned, pre-touched) and map it."""
+                     tag: str = "mem", *, named: bool = False) -> Memory:
+        """Create ``length`` bytes of app memory (page aligned, pre-touched) and map it.
+
+        Default: a sealed memfd entered by descriptor (the kernel may pin it: areas, RQs,
+        buffer rings).  ``named``: a named shm segment entered by name (short accesses only;
+        the kernel refuses to pin it with ``-EFAULT``)."""
         if length <= 0:
             raise Misuse(f"length {length}")
         owner = self.owner
         self._mem_seq += 1
-        region = Region.create(region_name(self.run, owner, f"{tag}{self._mem_seq}"),
-                               page_align(length))
+        name = region_name(self.run, owner, f"{tag}{self._mem_seq}")
+        if named:
+            region = Region.create(name, page_align(length))
+        else:
+            region = Region.memfd(name, page_align(length))
         try:
-            addr = self.mm_map(region.name, region.size, prot)
+            if named:
+                addr = self.mm_map(region.name, region.size, prot)
+            else:
+                addr = self.mm_map_fd(region.fd, region.size, prot)
         except BaseException:
             region.close()
             raise
@@ -376,6 +407,29 @@ class Kernel:
         return int(self.syscall("getsockopt", {"fd": fd, "level": level,
                                                "optname": optname}).body["value"])
 
+    def setsockopt(self, fd: int, level: int, optname: int, optval: bytes) -> None:
+        """``setsockopt(fd, level, optname, optval, len(optval))``."""
+        self.syscall("setsockopt", {"fd": fd, "level": level, "optname": optname}, [optval])
+
+    def set_reuseport(self, fd: int, on: bool = True) -> None:
+        """``setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &on)`` (before bind)."""
+        self.setsockopt(fd, SOL_SOCKET, bpf.SO_REUSEPORT, int(on).to_bytes(4, "little"))
+
+    def attach_reuseport_cbpf(self, fd: int, insns: list[tuple[int, int, int, int]]) -> None:
+        """``SO_ATTACH_REUSEPORT_CBPF``: the instructions are written to this process's memory
+        and ``struct sock_fprog`` points at them, as a C program does; the kernel copies them
+        in, so the memory is freed again at once."""
+        code = bpf.pack(insns)
+        mem = self.alloc_memory(max(len(code), 1), tag="bpf")
+        try:
+            mem.view[:len(code)] = np.frombuffer(code, dtype=np.uint8)
+            fprog = np.zeros(1, dtype=bpf.sock_fprog)
+            fprog["len"] = len(insns)
+            fprog["filter"] = mem.addr
+            self.setsockopt(fd, SOL_SOCKET, bpf.SO_ATTACH_REUSEPORT_CBPF, fprog.tobytes())
+        finally:
+            mem.close()
+
     def incoming_napi_id(self, fd: int) -> int:
         """``getsockopt(fd, SOL_SOCKET, SO_INCOMING_NAPI_ID)``: the NAPI id of the RX queue
         the socket's last segment came through (0 before any)."""
@@ -386,11 +440,15 @@ class Kernel:
         io-uring), from the kernel's ``status`` reply."""
         return list(self.syscall("status").body.get("queues", []))
 
-    def listen_tcp(self, port: int, addr: str = "0.0.0.0", backlog: int = 128) -> int:
-        """socket + bind + listen, the usual server prologue; returns the listening fd."""
+    def listen_tcp(self, port: int, addr: str = "0.0.0.0", backlog: int = 128, *,
+                   reuseport: bool = False) -> int:
+        """socket + bind + listen, the usual server prologue; returns the listening fd.
+        ``reuseport``: SO_REUSEPORT before bind (join the port's group at listen)."""
         domain = AF_INET6 if ":" in addr else AF_INET
         fd = self.socket(domain, SOCK_STREAM, 0)
         try:
+            if reuseport:
+                self.set_reuseport(fd)
             self.bind(fd, addr, port)
             self.listen(fd, backlog)
         except BaseException:

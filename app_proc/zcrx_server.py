@@ -3,7 +3,7 @@
     python -m app_proc.zcrx_server [-p PORT] [-i IFNAME] (-q RXQS | --nodev) [-s BYTES] [-v]
                                    [--stream-id ID|sport] [-r 0|1] [-S AREA] [-C CQ] [-R RQ]
                                    [-n CONNS] [-o FILE|-] [--json PATH] [--seconds S]
-                                   [-E] [--grow MAX]
+                                   [-E] [--grow MAX] [-w N]
 
 The flow of the liburing example: one ring set up with ``SINGLE_ISSUER | DEFER_TASKRUN |
 CQE32 | CQSIZE | SUBMIT_ALL``; an interface queue registered on ``IFNAME``/``RXQ``
@@ -30,6 +30,24 @@ does: ``getsockopt(SO_INCOMING_NAPI_ID)`` on the accepted socket, matched agains
 socket whose NAPI id names none of our queues (steered elsewhere) is served by the first ifq
 (its bytes then come through the copy fallback).  The data CQEs of one CQE view are split by
 connection into one batch per ifq; each batch's chunks go back through that ifq's RQ.
+
+Several processes (``-w N``, with ``-q``): the queues are spread over N worker processes
+(:mod:`app_proc.workers`), forked by this one after it parsed its arguments, each its own app
+(task, pidfd, identity, ring holding the ifqs of its queues).  A connection must reach the
+worker that has its queue's ifq, and the way Linux servers arrange that is used: every worker
+listens on the port with ``SO_REUSEPORT``, in turn (worker w becomes member w of the port's
+group), and attaches the group's classic BPF program ``SO_ATTACH_REUSEPORT_CBPF``: load
+``SKF_AD_QUEUE`` (the SYN's RX queue + 1), subtract 1, modulo N, return A
+(:func:`shared.bpf.queue_modulo`).  Queue q is therefore served by worker ``q mod N``; the
+spread is computed by running that very program on each queue of ``-q``, and a ``-q``/``-w``
+pair that leaves a worker without a queue is refused.  ``-n`` counts connections over all
+workers.  The parent says it is ready once every worker listens, forwards SIGTERM/SIGINT,
+waits for all of them and prints and writes (``--json``) the merged summary: connections,
+per-queue rows and the kernel's counters of every worker, each tagged with its ``worker``, and
+``workers`` (pid, queues, exit status).  Its exit status is the worst of the workers' (a worker
+killed by a signal counts as a failed check).  When a worker dies, the kernel tears its ring
+down (its niovs go home) and the others keep serving their connections to the end.
+``-o`` is not available with ``-w``.
 
 ``--nodev`` registers with ``ZCRX_REG_NODEV`` (no device: every byte comes through the copy
 fallback, for any TCP socket); the kernel then never consumes the RQ by itself, so the server
@@ -74,8 +92,10 @@ area is a slice of the one mapping, so chunks of any area are read in place the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import hashlib
+import os
 import sys
 import threading
 import time
@@ -88,9 +108,11 @@ from numpy.typing import NDArray
 from app_proc import liburing as L
 from app_proc import syscall as S
 from app_proc import verify as V
+from app_proc import workers as W
 from app_proc.server import (
     EXIT_CHECK_FAILED,
     EXIT_OK,
+    EXIT_USAGE,
     KIND_ACCEPT,
     KIND_CLOSE,
     AcceptingServer,
@@ -101,9 +123,10 @@ from app_proc.server import (
     open_output,
     serve,
     user_data,
+    write_json,
 )
-from shared import abi
-from shared.errors import PeerGone
+from shared import abi, bpf
+from shared.errors import PeerGone, ZcrxError
 from shared.msg import ControlError
 from shared.proc import notify_ready
 from shared.shm import PAGE_SIZE
@@ -118,6 +141,8 @@ _F_MORE = abi.IORING_CQE_F_MORE
 #: The descriptor limit a task starts with, and what the server keeps besides connections.
 _NOFILE = 1024
 _SPARE_FDS = 64
+#: -w: how long a worker waits for the one before it to listen (and the parent for all)
+_READY_TIMEOUT_S = 120.0
 
 
 def _tee(*sinks: Any) -> Any:
@@ -146,6 +171,9 @@ class Options(ServerOptions):
     events: bool = False  # -E: zcrx events (ALLOC_FAIL re-armed each time, COPY once)
     grow: int = 0  # --grow MAX: add an area on ALLOC_FAIL until MAX bytes are registered
     napi_busy_poll: int = 0  # --napi-busy-poll US: IORING_REGISTER_NAPI (0: not registered)
+    workers: int = 1  # -w N: worker processes, the queues spread over them
+    worker: int | None = None  # in a worker: its index (its listener's place in the group)
+    worker_queues: list[list[int]] = field(default_factory=list)  # per worker, from -q
 
 
 @dataclass
@@ -193,9 +221,10 @@ class ZcrxServer(AcceptingServer):
     """The server's state; :meth:`run` is the loop."""
 
     def __init__(self, kernel: S.Kernel, opts: Options, stop: threading.Event | None = None,
-                 log: IO[str] | None = None) -> None:
+                 log: IO[str] | None = None, coord: W.Coord | None = None) -> None:
         super().__init__(kernel, opts, stop, log)
         self.opts: Options = opts
+        self.coord = coord  # -w: the workers' shared counters (None: a server on its own)
         self.conns: dict[int, Conn] = {}
         self.positions: dict[int, int] = {}  # fd -> next stream offset (Conn.nbytes)
         self.finished: list[dict[str, Any]] = []
@@ -236,7 +265,8 @@ class ZcrxServer(AcceptingServer):
             conn.sha = None
         conn.out = open_output(self.opts.output, conn.index, self.opts.connections)
         i = 0
-        if len(self.ifqs) > 1:  # which queue is the flow steered to? (SO_INCOMING_NAPI_ID)
+        if len(self.ifqs) > 1 or (self.coord is not None and not self.opts.nodev):
+            # which queue is the flow steered to? (SO_INCOMING_NAPI_ID)
             conn.napi_id = self.k.incoming_napi_id(fd)
             i = self.by_napi.get(conn.napi_id, 0)
         conn.ifq = self.ifqs[i]
@@ -379,8 +409,17 @@ class ZcrxServer(AcceptingServer):
 
     # -- the loop -----------------------------------------------------------------------------
 
+    def accepted_total(self) -> int:
+        if self.coord is None or self.opts.worker is None:
+            return self.accepted
+        self.coord.set_accepted(self.opts.worker, self.accepted)
+        return self.coord.accepted()
+
     def done(self) -> bool:
         n = self.opts.connections
+        if self.coord is not None:  # -n counts every worker's; a dead worker's never come
+            return bool(n) and not self.conns and (
+                self.accepted_total() >= n or self.coord.dead)
         return bool(n) and len(self.finished) >= n and not self.conns
 
     def run(self) -> int:
@@ -408,7 +447,8 @@ class ZcrxServer(AcceptingServer):
                 self.per_queue.append({"queue": q, "connections": 0, "bytes": 0,
                                        "data_cqes": 0})
             self.ifq = self.ifqs[0]
-            if len(rxqs) > 1:  # the netdev queue view: napi-id of each of our queues
+            if len(rxqs) > 1 or (self.coord is not None and not o.nodev):
+                # the netdev queue view: napi-id of each of our queues
                 napi: dict[int, int] = {
                     int(row["id"]): int(row["napi-id"]) for row in k.queues()
                     if row.get("ifindex") == if_idx and row.get("type") == "rx"
@@ -416,7 +456,10 @@ class ZcrxServer(AcceptingServer):
                 self.by_napi = {napi[q]: i for i, q in enumerate(rxqs) if q in napi}
             if o.connections + _SPARE_FDS > _NOFILE:  # as servers do: room for every conn
                 k.setrlimit_nofile(o.connections + _SPARE_FDS)
-            self.lfd = k.listen_tcp(o.port, o.addr, o.backlog)
+            if self.coord is not None and o.worker is not None:
+                self._listen_in_turn(o.worker)
+            else:
+                self.lfd = k.listen_tcp(o.port, o.addr, o.backlog)
             if o.napi_busy_poll:
                 napi_reg = np.zeros(1, dtype=abi.io_uring_napi)
                 napi_reg["busy_poll_to"] = o.napi_busy_poll
@@ -425,7 +468,8 @@ class ZcrxServer(AcceptingServer):
             L.io_uring_submit(self.ring)
             where = ("no device" if o.nodev else f"{o.ifname} queue {rxq}" if len(rxqs) == 1
                      else f"{o.ifname} queues {','.join(map(str, rxqs))}")
-            self.say(f"zcrx_server listening on {o.addr}:{o.port}; zcrx id "
+            who = "" if o.worker is None else f" worker {o.worker} (pid {os.getpid()})"
+            self.say(f"zcrx_server{who} listening on {o.addr}:{o.port}; zcrx id "
                      f"{','.join(str(q.zcrx_id) for q in self.ifqs)} on {where}, area "
                      f"{self.ifq.area_len >> 20} MiB, "
                      f"rq {self.ifq.rq_entries} ({'kernel' if o.rq_kernel else 'user'} "
@@ -441,10 +485,23 @@ class ZcrxServer(AcceptingServer):
         finally:
             self._teardown()
         ok = not self.errors and all(s["ok"] for s in self.finished)
-        if o.connections and len(self.finished) < o.connections:
+        if o.connections and len(self.finished) < o.connections and self.coord is None:
             ok = False
             self.errors.append(f"served {len(self.finished)} of {o.connections} connections")
         return EXIT_OK if ok else EXIT_CHECK_FAILED
+
+    def _listen_in_turn(self, worker: int) -> None:
+        """``-w``: listen with SO_REUSEPORT after worker ``worker - 1`` did (so this listener
+        is member ``worker`` of the port's group) and attach the group's program, the SYN's
+        RX queue modulo the number of workers (:func:`shared.bpf.queue_modulo`): queue q's
+        connections come to the worker that registered q's ifq."""
+        assert self.coord is not None
+        o = self.opts
+        if not self.coord.wait_turn(worker, o.seconds or _READY_TIMEOUT_S):
+            raise ZcrxError(f"worker {worker}: worker {self.coord.turn} did not listen")
+        self.lfd = self.k.listen_tcp(o.port, o.addr, o.backlog, reuseport=True)
+        self.k.attach_reuseport_cbpf(self.lfd, bpf.queue_modulo(o.workers))
+        self.coord.pass_turn(worker)
 
     def _teardown(self) -> None:
         for conn in list(self.conns.values()):
@@ -581,13 +638,15 @@ class ZcrxServer(AcceptingServer):
         except (ControlError, PeerGone):
             return None
         found = [find_ifq_stats(body, self.k.task, ifq.area_addr) for ifq in self.ifqs]
+        for pq, f in zip(self.per_queue, found, strict=True):
+            if f is not None:
+                pq["kernel"] = f["counters"]
         if len(found) == 1 or any(f is None for f in found):
             return found[0]
         total: dict[str, Any] = {"source": "kernel", "count": 0, "bytes": 0, "zc_cqes": 0,
                                  "zc_bytes": 0}
-        for pq, f in zip(self.per_queue, found, strict=True):
+        for f in found:
             assert f is not None
-            pq["kernel"] = f["counters"]
             for key in ("count", "bytes", "zc_cqes", "zc_bytes"):
                 total[key] += f[key]
         total["counters"] = found[0]["counters"] if found[0] else {}
@@ -708,6 +767,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
     p.add_argument("--grow", type=_size, default=0, metavar="MAX",
                    help="on ALLOC_FAIL add an area of -S bytes (Linux 7.3) until MAX bytes "
                         "are registered (implies -E)")
+    p.add_argument("-w", "--workers", type=int, default=1, metavar="N",
+                   help="spread the -q queues over N worker processes, each with its own ring "
+                        "and the ifqs of its queues; each worker listens on the port with "
+                        "SO_REUSEPORT and the group's classic BPF program sends a SYN to "
+                        "worker (rx queue mod N), so queue q is served by worker q mod N "
+                        "(1: one process)")
     p.add_argument("--napi-busy-poll", type=int, default=0, metavar="US",
                    help="register io_uring NAPI busy polling: a wait for CQEs polls the RX "
                         "queues for up to US microseconds before sleeping (0: off)")
@@ -726,21 +791,92 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
         p.error("--grow MAX must be at least -S")
     if not 0 <= a.napi_busy_poll <= 0xFFFFFFFF:
         p.error("--napi-busy-poll must be in [0, 2^32)")
+    spread = _spread(p, a.workers, rxqs, a.nodev, a.output)
     opts = Options(**common, ifname=a.ifname, rxq=rxqs[0] if rxqs else None,
                    rxqs=rxqs if len(rxqs) > 1 else [], nodev=a.nodev,
                    rq_kernel=a.rq_mem == 1, area_size=a.area_size, cq_entries=a.cq_entries,
                    rq_entries=a.rq_entries, sq_entries=a.sq_entries, rx_buf_len=a.rx_buf_len,
                    events=a.events or bool(a.grow), grow=a.grow,
-                   napi_busy_poll=a.napi_busy_poll, backlog=a.backlog)
+                   napi_busy_poll=a.napi_busy_poll, backlog=a.backlog, workers=a.workers,
+                   worker_queues=spread)
     return opts, a
+
+
+def _spread(p: argparse.ArgumentParser, n: int, rxqs: list[int], nodev: bool,
+            output: str | None) -> list[list[int]]:
+    """``-w N``: the queues of each worker, as the reuseport program will place their SYNs
+    (worker ``prog(queue)``, computed by running the very program the workers attach)."""
+    if n < 1:
+        p.error("-w must be at least 1")
+    if n == 1:
+        return []
+    if nodev:
+        p.error("-w needs hardware queues (-q), not --nodev")
+    if output is not None:
+        p.error("-o cannot be used with -w (each worker numbers its own connections)")
+    prog = bpf.check(bpf.queue_modulo(n))
+    spread: list[list[int]] = [[] for _ in range(n)]
+    for q in rxqs:
+        spread[prog.run(bpf.SkbInfo(queue_mapping=q + 1))].append(q)
+    idle = [w for w, qs in enumerate(spread) if not qs]
+    if idle:
+        p.error(f"-w {n}: worker {idle[0]} would serve no queue of -q "
+                f"{','.join(map(str, rxqs))} (queue q goes to worker q mod {n}); use fewer "
+                f"workers or more queues")
+    return spread
 
 
 def main(argv: list[str] | None = None, kernel: S.Kernel | None = None,
          stop: threading.Event | None = None) -> int:
     opts, a = parse_args(argv)
+    if opts.workers > 1:
+        return _main_workers(opts, a)
     return serve("zcrx_server", lambda k, ev, log: ZcrxServer(k, opts, ev, log=log),
                  rundir=a.rundir, run=a.run, json_path=opts.json_path, kernel=kernel, stop=stop,
                  output=opts.output)
+
+
+def _main_workers(opts: Options, a: argparse.Namespace) -> int:
+    """``-w N``: fork the workers (before any kernel connection), wait, merge their reports
+    (:mod:`app_proc.workers`), print the verified summary, write ``--json``."""
+    json_stdout = opts.json_path == "-"
+    log = sys.stderr if json_stdout else sys.stdout
+    if a.run is None:  # one clear line rather than one per worker
+        try:
+            S.locate_run(a.rundir)
+        except S.RunNotFound as exc:
+            print(f"zcrx_server: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+
+    def work(i: int, coord: W.Coord, json_path: str) -> int:
+        qs = opts.worker_queues[i]
+        mine = dataclasses.replace(opts, rxq=qs[0], rxqs=qs if len(qs) > 1 else [],
+                                   worker=i, json_path=json_path, worker_queues=[])
+        return serve(f"zcrx_server.w{i}",
+                     lambda k, ev, _log: ZcrxServer(k, mine, ev, log=log, coord=coord),
+                     rundir=a.rundir, run=a.run, json_path=json_path)
+
+    code, merged = W.run(opts.workers, work, what=f"listening {opts.addr}:{opts.port}",
+                         ready_timeout=opts.seconds or _READY_TIMEOUT_S,
+                         json_path=opts.json_path, log=log)
+    n = opts.connections
+    if n and len(merged["connections"]) < n:
+        merged["errors"].append(f"served {len(merged['connections'])} of {n} connections")
+        merged["ok"] = False
+    if not merged["ok"] and code == 0:
+        code = EXIT_CHECK_FAILED
+    if not opts.quiet:
+        verdict = "ok" if merged["ok"] else "FAILED"
+        fb = merged["copy_fallback"]
+        copied = "unknown" if fb is None else f"{fb['count']} chunks, {fb['bytes']} bytes"
+        print(f"zcrx_server: {opts.workers} workers, {len(merged['connections'])} connections, "
+              f"{merged['bytes']} bytes, copy fallback {copied}: {verdict}", file=log,
+              flush=True)
+    for e in merged["errors"]:
+        print(f"zcrx_server: {e}", file=sys.stderr)
+    if opts.json_path:
+        write_json(opts.json_path, merged)
+    return code
 
 
 if __name__ == "__main__":

@@ -43,8 +43,10 @@ from numpy.typing import NDArray
 
 from driver_proc.mm import Mm
 from driver_proc.tcp import Listener, SocketTable, TcpReceiver, TcpState, ip_bytes, split_flow_key
+from shared.bpf import Program
 from shared.errors import Misuse
 from shared.shm import owner_prefix
+from shared.watch import PidWatch, parent_pid
 
 __all__ = [
     "AF_INET",
@@ -124,7 +126,8 @@ class SocketFile:
     """One socket file.  ``conn`` is set once connected (accepted), ``listener`` once listening.
 
     ``waiters`` is the socket's wait queue: io_uring requests armed for readiness, woken in
-    order by :meth:`Sockets.wake`.
+    order by :meth:`Sockets.wake` (an insertion-ordered dict: arming and disarming one of
+    thousands of armed ACCEPTs is O(1)).
     """
 
     domain: int
@@ -138,7 +141,13 @@ class SocketFile:
     listener: Listener | None = None
     conn: TcpReceiver | None = None
     backlog: int = 0
-    waiters: list[Waiter] = field(default_factory=list)
+    waiters: dict[Waiter, None] = field(default_factory=dict)
+    #: the creating task's uid (SO_REUSEPORT groups only take sockets of one owner)
+    uid: int | None = None
+    #: SO_REUSEPORT was set
+    reuseport: bool = False
+    #: SO_ATTACH_REUSEPORT_CBPF before listen(): the program of the group it may start
+    reuse_prog: Program | None = None
 
     @property
     def is_listening(self) -> bool:
@@ -173,15 +182,20 @@ class Sockets:
     def __init__(self, table: SocketTable, skbs: SkbStore) -> None:
         self.table = table
         self.skbs = skbs
-        self._bound: dict[tuple[bytes | None, int], SocketFile] = {}
+        #: told of every connection closed by its app (TCP's transmit side sends FIN or RST):
+        #: ``on_close(conn, unread_bytes)``, called after the table closed it
+        self.on_close: Callable[[TcpReceiver, int], None] | None = None
+        #: bound sockets by (address, port): several only with SO_REUSEPORT, one owner
+        self._bound: dict[tuple[bytes | None, int], list[SocketFile]] = {}
         self._by_conn: dict[int, SocketFile] = {}
         self._by_listener: dict[int, SocketFile] = {}
         self._next_ephemeral = EPHEMERAL_LO
 
     # -- creation ---------------------------------------------------------------------------
 
-    def socket(self, domain: int, type_: int, protocol: int) -> SocketFile:
-        """``socket(2)``: only TCP over IPv4/IPv6."""
+    def socket(self, domain: int, type_: int, protocol: int,
+               uid: int | None = None) -> SocketFile:
+        """``socket(2)``: only TCP over IPv4/IPv6; ``uid`` is the creating task's."""
         if domain not in (AF_INET, AF_INET6):
             raise Misuse(f"address family {domain} not supported", errno.EAFNOSUPPORT)
         base = type_ & SOCK_TYPE_MASK
@@ -193,12 +207,12 @@ class Sockets:
             if protocol not in (0, IPPROTO_UDP):
                 raise Misuse(f"protocol {protocol} not supported", errno.EPROTONOSUPPORT)
             return SocketFile(domain, nonblock=bool(type_ & SOCK_NONBLOCK),
-                              protocol=IPPROTO_UDP)
+                              protocol=IPPROTO_UDP, uid=uid)
         if base != SOCK_STREAM:
             raise Misuse(f"socket type {base} not emulated", errno.ESOCKTNOSUPPORT)
         if protocol not in (0, IPPROTO_TCP):
             raise Misuse(f"protocol {protocol} not supported", errno.EPROTONOSUPPORT)
-        return SocketFile(domain, nonblock=bool(type_ & SOCK_NONBLOCK))
+        return SocketFile(domain, nonblock=bool(type_ & SOCK_NONBLOCK), uid=uid)
 
     def _parse_addr(self, sf: SocketFile, addr: str) -> bytes | None:
         try:
@@ -215,12 +229,15 @@ class Sockets:
             return None
         return raw
 
-    def _port_taken(self, addr: bytes | None, port: int) -> bool:
-        if (addr, port) in self._bound:
-            return True
+    def _port_taken(self, addr: bytes | None, port: int, sf: SocketFile | None = None) -> bool:
+        """Is (addr, port) in use by a socket ``sf`` may not share it with?  Sharing needs
+        SO_REUSEPORT on both and the same owner (Linux's ``inet_bind_conflict``)."""
         if addr is None:
-            return any(p == port for (_a, p) in self._bound)
-        return (None, port) in self._bound
+            others = [o for (_a, p), lst in self._bound.items() if p == port for o in lst]
+        else:
+            others = [*self._bound.get((addr, port), ()), *self._bound.get((None, port), ())]
+        return any(not (sf is not None and sf.reuseport and o.reuseport and o.uid == sf.uid)
+                   for o in others)
 
     def _ephemeral(self, addr: bytes | None) -> int:
         span = EPHEMERAL_HI - EPHEMERAL_LO + 1
@@ -242,11 +259,11 @@ class Sockets:
         raw = self._parse_addr(sf, addr)
         if port == 0:
             port = self._ephemeral(raw)
-        elif self._port_taken(raw, port):
+        elif self._port_taken(raw, port, sf):
             raise Misuse(f"{addr}:{port} in use", errno.EADDRINUSE)
         sf.local_addr, sf.local_port = raw, port
         sf.state = _STATE_BOUND
-        self._bound[(raw, port)] = sf
+        self._bound.setdefault((raw, port), []).append(sf)
 
     def listen(self, sf: SocketFile, backlog: int) -> None:
         """``listen(2)``: autobinds an unbound socket; a second listen updates the backlog."""
@@ -255,7 +272,7 @@ class Sockets:
         if sf.state == _STATE_NEW:
             port = self._ephemeral(None)
             sf.local_addr, sf.local_port, sf.state = None, port, _STATE_BOUND
-            self._bound[(None, port)] = sf
+            self._bound.setdefault((None, port), []).append(sf)
         if backlog < 0 or backlog > SOMAXCONN:
             backlog = SOMAXCONN
         backlog = max(backlog, 1)  # Linux lets one connection in with backlog 0
@@ -266,7 +283,9 @@ class Sockets:
             return
         if sf.state != _STATE_BOUND:
             raise Misuse(f"listen on a {sf.state} socket", errno.EINVAL)
-        lst = self.table.listen(sf.local_port, sf.local_addr, backlog)
+        lst = self.table.listen(sf.local_port, sf.local_addr, backlog, reuseport=sf.reuseport,
+                                uid=sf.uid, prog=sf.reuse_prog)
+        sf.reuse_prog = None  # now the group's (or dropped: the group had its own)
         sf.listener = lst
         sf.backlog = backlog
         sf.state = _STATE_LISTEN
@@ -291,6 +310,41 @@ class Sockets:
         self._by_conn[id(conn)] = new
         return new
 
+    # -- SO_REUSEPORT (net/core/sock.c, net/core/sock_reuseport.c) ------------------------------
+
+    @staticmethod
+    def set_reuseport(sf: SocketFile, on: bool) -> None:
+        """``SO_REUSEPORT``: takes effect at the next bind/listen, as on Linux."""
+        sf.reuseport = on
+
+    def attach_reuseport_cbpf(self, sf: SocketFile, prog: Program) -> None:
+        """``SO_ATTACH_REUSEPORT_CBPF`` (``reuseport_attach_prog``): a listening socket's
+        group gets the program (replacing any); a socket not yet listening keeps it for the
+        group its listen() may start.  ``-EINVAL`` without SO_REUSEPORT (or, listening,
+        outside a group)."""
+        if sf.listener is not None:
+            group = self.table.reuseport_group(sf.listener)
+            if group is None:
+                raise Misuse("socket is not in an SO_REUSEPORT group", errno.EINVAL)
+            group.prog = prog
+            return
+        if not sf.reuseport:
+            raise Misuse("SO_ATTACH_REUSEPORT_CBPF needs SO_REUSEPORT", errno.EINVAL)
+        sf.reuse_prog = prog
+
+    def detach_reuseport_bpf(self, sf: SocketFile) -> None:
+        """``SO_DETACH_REUSEPORT_BPF``: ``-ENOENT`` when no program is attached (``-EINVAL``
+        for a socket without SO_REUSEPORT)."""
+        group = self.table.reuseport_group(sf.listener) if sf.listener is not None else None
+        if group is not None and group.prog is not None:
+            group.prog = None
+        elif group is None and sf.reuse_prog is not None:
+            sf.reuse_prog = None
+        elif not sf.reuseport:
+            raise Misuse("socket has no SO_REUSEPORT", errno.EINVAL)
+        else:
+            raise Misuse("no reuseport program attached", errno.ENOENT)
+
     def has_pending(self, sf: SocketFile) -> bool:
         """True if a listener has a connection ready to accept."""
         return sf.listener is not None and sf.listener.accept_queue_len > 0
@@ -305,8 +359,15 @@ class Sockets:
 
     @staticmethod
     def wake(sf: SocketFile) -> None:
-        """Run the socket's armed requests, oldest first (each may disarm itself)."""
+        """Run the socket's armed requests, oldest first (each may disarm itself).
+
+        On a listener the wake is exclusive, as Linux's accept wait is: requests are woken
+        only while connections wait in the accept queue, so one new connection runs one
+        ACCEPT, not every ACCEPT armed on the socket."""
+        lst = sf.listener
         for w in list(sf.waiters):
+            if lst is not None and not lst.accept_queue_len:
+                break
             if w in sf.waiters:
                 w.wake()
 
@@ -316,18 +377,30 @@ class Sockets:
         """Release the socket: cancel armed requests, free every skb it still holds."""
         if sf.state == _STATE_CLOSED:
             return
-        waiters, sf.waiters = sf.waiters, []
+        waiters, sf.waiters = list(sf.waiters), {}
         for w in waiters:
             w.cancel(cancel_res)
         if sf.conn is not None:
             self._by_conn.pop(id(sf.conn), None)
+            unread = sf.conn.rxq.nbytes
             self.free(self.table.close(sf.conn))
+            if self.on_close is not None:
+                self.on_close(sf.conn, unread)
         if sf.listener is not None:
             self._by_listener.pop(id(sf.listener), None)
-            self.free(self.table.close_listener(sf.listener))
-        if sf.state in (_STATE_BOUND, _STATE_LISTEN) and \
-                self._bound.get((sf.local_addr, sf.local_port)) is sf:
-            del self._bound[(sf.local_addr, sf.local_port)]
+            lst = sf.listener
+            children = [(c, c.rxq.nbytes) for c in [*lst._pending.values(), *lst._ready]]
+            self.free(self.table.close_listener(lst))
+            if self.on_close is not None:
+                for c, unread in children:
+                    self.on_close(c, unread)
+        if sf.state in (_STATE_BOUND, _STATE_LISTEN):
+            key = (sf.local_addr, sf.local_port)
+            bound = self._bound.get(key, [])
+            if sf in bound:
+                bound.remove(sf)
+                if not bound:
+                    del self._bound[key]
         sf.state = _STATE_CLOSED
 
     def free(self, handles: NDArray[np.int64]) -> None:
@@ -365,8 +438,13 @@ class Task:
         #: the control-plane identity that speaks for this task (zmq routing id)
         self.peer = peer
         self.files: dict[int, Any] = {}
+        #: no descriptor below this is free (Linux's ``files->next_fd`` hint)
+        self._next_fd = FIRST_FD
         self.nofile = NOFILE  # RLIMIT_NOFILE soft limit (setrlimit)
         self.dead = False
+        #: the pidfd the kernel holds on the process (set by the kernel loop at attach;
+        #: ``mm_map`` by descriptor checks it after opening ``/proc/<pid>/fd/<n>``)
+        self.watch: PidWatch | None = None
 
     def __repr__(self) -> str:
         return f"<Task {self.tid} pid={self.pid} {self.name!r} fds={sorted(self.files)}>"
@@ -381,12 +459,13 @@ class Task:
 
     def install(self, obj: Any) -> int:
         """Put ``obj`` in the lowest free descriptor (>= 3); ``-EMFILE`` when full."""
-        fd = FIRST_FD
+        fd = self._next_fd
         while fd in self.files:
             fd += 1
         if fd >= self.nofile:
             raise Misuse("too many open files", errno.EMFILE)
         self.files[fd] = obj
+        self._next_fd = fd + 1
         return fd
 
     def can_install(self) -> bool:
@@ -407,9 +486,12 @@ class Task:
         return obj
 
     def remove(self, fd: int) -> Any:
-        """Take ``fd`` out of the table and return its file; ``-EBADF`` if none."""
-        obj = self.get(fd)
-        del self.files[fd]
+        """Take ``fd`` out of the table and return its file; ``-EBADF`` if none.  (A slot
+        :meth:`install` reserved with ``None`` inside one syscall is released too.)"""
+        if fd not in self.files:
+            raise Misuse(f"bad file descriptor {fd}", errno.EBADF)
+        obj = self.files.pop(fd)
+        self._next_fd = min(self._next_fd, fd)
         return obj
 
     def fd_of(self, obj: Any) -> int | None:
@@ -417,16 +499,6 @@ class Task:
             if o is obj:
                 return fd
         return None
-
-
-def _ppid(pid: int) -> int:
-    """The parent of ``pid`` as /proc says (0 when gone or unreadable)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-        return int(stat[stat.rindex(b")") + 2:].split()[1])
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 class CapGrants:
@@ -446,7 +518,7 @@ class CapGrants:
         for _ in range(64):
             if pid in self.pids:
                 return True
-            pid = _ppid(pid)
+            pid = parent_pid(pid)
             if pid <= 1:
                 return False
         return False

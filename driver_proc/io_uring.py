@@ -216,15 +216,12 @@ class Request:
 
     def arm(self) -> None:
         if not self.armed and not self.done:
-            self.sock.waiters.append(self)
+            self.sock.waiters[self] = None
             self.armed = True
 
     def disarm(self) -> None:
         if self.armed:
-            try:
-                self.sock.waiters.remove(self)
-            except ValueError:
-                pass
+            self.sock.waiters.pop(self, None)
             self.armed = False
 
     def complete(self, res: int, cflags: int = 0) -> None:

@@ -135,7 +135,7 @@ def register_pbuf_ring(ring: Ring | None, task: Task, nr_args: int,
             raise Misuse("ring_addr is 0", errno.EFAULT)
         if addr & (abi.PAGE_SIZE - 1):
             raise Misuse("ring_addr not page aligned", errno.EINVAL)
-        raw = task.mm.resolve(addr, size, write=True)
+        raw = task.mm.pin(addr, size, write=True)  # kept: must be sealed memory
         br = BufRing(bgid, entries, raw, None, addr)
     ring.buf_rings[bgid] = br
     return 0, [reg.tobytes()]

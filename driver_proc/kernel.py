@@ -75,8 +75,19 @@ from driver_proc import syscalls as sc
 from driver_proc.mm import MM_COUNTERS
 from driver_proc.netdev import NapiBatch, NetDevice
 from driver_proc.skb import SkbStore
-from driver_proc.tcp import SocketTable, TcpState
+from driver_proc.tcp import (
+    ACK,
+    RST,
+    SYN,
+    SocketTable,
+    TcpReceiver,
+    TcpState,
+    group_by_flow,
+    ip_bytes,
+)
+from driver_proc.tcp_output import Iface, TcpOutput
 from shared import abi
+from shared.bpf import SkbInfo
 from shared.control import ControlClient, ControlServer, Handler, HandlerResult, peer_cred
 from shared.errors import Misuse, ZcrxError
 from shared.msg import Message
@@ -90,6 +101,16 @@ NAPI_BUDGET = 1024
 STARVED_POLL_MS = 1
 #: How often a kernel whose NIC died asks whether a restarted one answers.
 REPROBE_INTERVAL_S = 0.25
+#: CPUs the emulated host has (SKF_AD_CPU; see :func:`napi_cpu`)
+NR_CPUS = os.cpu_count() or 1
+
+
+def napi_cpu(queue: int) -> int:
+    """The CPU queue ``queue``'s NAPI runs on, as a reuseport program sees it
+    (``SKF_AD_CPU``): queue q's interrupt is taken on CPU ``q % NR_CPUS``, the spread a driver
+    sets with one vector per queue.  (The kernel process itself runs wherever the host puts
+    it: this is the CPU the emulated machine would use.)"""
+    return queue % NR_CPUS
 
 
 class Kernel:
@@ -107,7 +128,8 @@ class Kernel:
         self.skbs = SkbStore()
         self.table = SocketTable()
         self.ctx = sc.KernelContext.create(run, self.skbs, self.table, kernel=kernel)
-        self.ctx.rings.napi_poll = self.napi_pass  # io_uring NAPI busy polling
+        # io_uring NAPI busy polling polls every queue with completions, scheduled or not
+        self.ctx.rings.napi_poll = lambda: self.napi_pass(busy_poll=True)
         self.netdevs: dict[str, NetDevice] = {}
         assert self.ctx.zcrx is not None
         self.zcrx = self.ctx.zcrx
@@ -128,6 +150,13 @@ class Kernel:
         #: MIN_NAPI_ID in probe order (a re-probe makes new instances with new ids)
         self.napi_ids: dict[tuple[str, int], int] = {}
         self._next_napi_id = MIN_NAPI_ID
+        #: what a reuseport program reads of an skb, per (ifindex, queue)
+        self._rx_info: dict[tuple[int, int], SkbInfo] = {}
+        #: TCP's transmit side (driver_proc.tcp_output): its frames go out on the TX rings
+        self.output = TcpOutput({}, time.monotonic, space_fn=self._zc_space)
+        #: _zc_space per NAPI id, valid for one poll pass (a ledger is a pass over the niovs)
+        self._zc_cache: dict[int, tuple[int, int] | None] = {}
+        self.ctx.sockets.on_close = self.output.on_close
 
     # -- setup ------------------------------------------------------------------------
 
@@ -145,6 +174,9 @@ class Kernel:
             dev = NetDevice(nd, self.nic, self.run, skbs=self.skbs)
             self.netdevs[dev.name] = dev
             dev.open()
+            self.output.ifaces[dev.name] = Iface(
+                dev.name, _mac(dev.mac), ip_bytes(dev.addr) if dev.addr else None,
+                ip_bytes(dev.addr6) if dev.addr6 else None, dev.mtu)
             for key in [k for k in self.napi_ids if k[0] == dev.name]:
                 del self.napi_ids[key]  # a (re-)probe makes new NAPI instances
             for q in sorted(dev.queues):
@@ -189,6 +221,8 @@ class Kernel:
                 # gone between connect and attach: reap it now, never keep it unwatched
                 self.task_died(task.tid)
                 raise Misuse(f"process {task.pid} is gone", errno=errno.ESRCH)
+            if task is not None:
+                task.watch = self.watch.get(f"task:{task.tid}")
             return res
 
         h["attach"] = watched_attach
@@ -216,64 +250,176 @@ class Kernel:
 
     def poll(self) -> int:
         """One pass of softirq + task work: NAPI on every queue, TCP, io_uring."""
+        self._zc_cache.clear()
         work = self.reprobe()
         work += self.napi_pass()
         if self.server is not None:
             work += sc.service(self.ctx, self.server)
         work += self.zcrx.poll()  # requeued RECV_ZC passes, delayed ifq destruction
+        work += self.transmit()
         return work
 
-    def napi_pass(self) -> int:
-        """NAPI on every queue with work pending (drained frames first); returns the
-        completions handled.  Also io_uring's NAPI busy poll (``IoUring.napi_poll``)."""
+    def transmit(self) -> int:
+        """TCP's timers and window updates, ARP/NDP, then every frame due onto the TX rings
+        (one batch per netdev).  Returns the frames queued."""
+        out = self.output
+        for dev in self.netdevs.values():
+            for frame in dev.ctl_frames():
+                out.on_ctl_frame(dev.name, frame)
+        out.tick()
+        for sock in out.expired():  # SYN-ACK retries ran out: drop the embryonic connection
+            self.ctx.sockets.free(self.table.close(sock))
+        n = 0
+        for name, frames in out.take().items():
+            nd = self.netdevs.get(name)
+            if nd is not None:
+                n += nd.xmit(frames)
+        return n
+
+    def _zc_space(self, sock: TcpReceiver) -> tuple[int, int] | None:
+        """``(niovs, buf_len)``: what the zcrx ifq bound to the socket's RX queue can still
+        take (niovs not held by the app or by skbs), or None for a queue with kernel pages."""
+        if sock.napi_id in self._zc_cache:
+            return self._zc_cache[sock.napi_id]
+        self._zc_cache[sock.napi_id] = None
+        for ifq in self.zcrx.ifqs:
+            dev = ifq.dev
+            if dev is None or ifq.state != "live":
+                continue
+            if self.napi_ids.get((dev.name, ifq.rxq)) == sock.napi_id:
+                led = ifq.ledger()
+                free = ifq.niovs - led.get("user", 0) - led.get("in_skb", 0)
+                got = int(free), int(ifq.area.buf_len)
+                self._zc_cache[sock.napi_id] = got
+                return got
+        return None
+
+    def napi_pass(self, *, busy_poll: bool = False) -> int:
+        """NAPI on every queue of each netdev's poll list (drained frames first); returns the
+        completions handled.
+
+        A queue is on its netdev's poll list (``napi_schedule``) from its interrupt until a
+        poll finds it idle: nothing completed and nothing to post.  Then ``napi_complete``
+        arms its interrupt and it leaves the list, so an idle queue costs the loop nothing
+        until the NIC interrupts for it again (Linux: ``napi_complete_done`` re-enables the
+        queue's IRQ; the softirq walks only the poll list).  ``busy_poll`` (io_uring's NAPI
+        busy polling, ``IoUring.napi_poll``) polls every queue with completions published,
+        scheduled or not, as a busy-polling syscall does."""
         work = 0
         for dev in self.netdevs.values():
             for batch in dev.take_drained():
-                work += self._deliver(batch, self.napi_id(dev.name, batch.queue))
-            for q in list(dev.queues):
+                work += self._deliver(batch, self.napi_id(dev.name, batch.queue), dev)
+            queues = list(dev.queues) if busy_poll else list(dev.poll_list)
+            for q in queues:
                 if not dev.napi_pending(q):
+                    if not busy_poll and not dev.napi_complete(q):
+                        dev.poll_list.pop(q, None)
                     continue
                 batch = dev.napi_poll(q, NAPI_BUDGET)
                 if batch.doorbell:
                     self._doorbells.append((dev.name, q))
                 if batch.completions:
                     work += batch.completions
-                    self._deliver(batch, self.napi_id(dev.name, q))
+                    self._deliver(batch, self.napi_id(dev.name, q), dev)
         return work
 
-    def _deliver(self, batch: NapiBatch, napi_id: int = 0) -> int:
+    def irq(self, dev: Any, queue: Any) -> None:
+        """The NIC interrupted for ``dev`` queue ``queue``: put it on the poll list
+        (``napi_schedule``); an unknown device or queue is ignored (counted)."""
+        nd = self.netdevs.get(dev) if isinstance(dev, str) else None
+        if nd is None or not isinstance(queue, int) or not nd.napi_schedule(queue):
+            self.stats["irq_unknown_queue"] += 1
+
+    def _deliver(self, batch: NapiBatch, napi_id: int = 0, dev: NetDevice | None = None) -> int:
         """Hand a NAPI batch to TCP, free what TCP refused, run woken requests.  Every socket
-        that took a segment is marked with the batch's NAPI id (``sk_mark_napi_id``)."""
+        that took a segment is marked with the batch's NAPI id (``sk_mark_napi_id``).  The
+        batch's skbs carry their RX queue (``skb_record_rx_queue``), device and CPU for a
+        reuseport program (read only by a SYN that reaches a group).  Then TCP's transmit
+        side answers: a SYN-ACK per new connection, the ACKs the batch calls for, a RST per
+        segment that reached no socket."""
         if not len(batch):
             return 0
+        ifindex = dev.ifindex if dev is not None else 0
+        name = dev.name if dev is not None else ""
+        rx = self._rx_info.get((ifindex, batch.queue))
+        if rx is None:
+            rx = self._rx_info[ifindex, batch.queue] = SkbInfo(
+                queue_mapping=batch.queue + 1, ifindex=ifindex, cpu=napi_cpu(batch.queue))
+        keys = batch.keys
+        if len(keys) == 1 or bool(np.all(keys == keys[0])):
+            flows = [keys[0].tobytes()]
+        else:  # one key per flow, not per segment
+            order, bounds = group_by_flow(keys)
+            flows = [keys[order[b]].tobytes() for b in bounds[:-1].tolist()]
+        known = {k for k in flows if self.table.lookup(k) is not None}
         res = self.table.ingest_batch(batch.keys, batch.seq, batch.payload_len,
-                                      batch.tcp_flags, batch.handles)
+                                      batch.tcp_flags, batch.handles, rx)
+        out = self.output
         for sock in res.sockets:
             sock.napi_id = napi_id
+            if sock.key not in known and sock.key is not None:
+                rows = np.flatnonzero((keys == np.void(sock.key)) & (batch.tcp_flags & SYN != 0))
+                if len(rows):
+                    r = int(rows[0])
+                    out.on_syn(sock, name, bytes(batch.src_mac[r]),
+                               batch.syn_options.get(r, b""))
+            out.after_ingest(sock)
+        if len(known) < len(flows):
+            self._orphans(batch, name, [k for k in flows if k not in known])
         if len(res.freed):
             self.skbs.free(res.freed)
         if res.sockets or res.listeners:
             self.ctx.rings.run(res.sockets, res.listeners)
         return len(batch)
 
+    def _orphans(self, batch: NapiBatch, dev: str, flows: list[bytes]) -> None:
+        """Segments of flows that had no socket before the batch and still have none (no
+        listener, a full backlog, or a connection the app closed): the output side answers
+        (a RST, or the closing connection's handshake).  A pure SYN to a listener is not an
+        orphan: a full backlog drops it silently, as Linux does.  A flow with no connection
+        at all gets one RST per batch (for its first segment), not one per segment: a
+        stream into a closed port must not cost per-packet work in the kernel loop."""
+        out = self.output
+        for key in flows:
+            if self.table.lookup(key) is not None:
+                continue
+            listening = self.table.find_listener(key) is not None
+            closing = key in out.closing
+            for r in np.flatnonzero(batch.keys == np.void(key)).tolist():
+                flags = int(batch.tcp_flags[r])
+                if flags & SYN and not flags & ACK and listening:
+                    continue
+                out.on_orphan(dev, key, bytes(batch.src_mac[r]), int(batch.seq[r]),
+                              int(batch.ack_seq[r]), flags, int(batch.payload_len[r]))
+                if not closing and not flags & RST:
+                    break
+
     def take_doorbells(self) -> list[tuple[str, int]]:
+        """Doorbells due: ``(dev, queue)`` for an RX fill ring (``nic.doorbell``), ``(dev, -1)``
+        for a TX ring (``nic.tx_doorbell``)."""
         out, self._doorbells = self._doorbells, []
+        for dev in self.netdevs.values():
+            if dev.take_tx_doorbell():
+                out.append((dev.name, -1))
         return out
 
     def arm_interrupts(self) -> bool:
-        """Before sleeping: refill starved queues, arm every started queue's interrupt.
+        """Before sleeping: refill starved queues, arm the interrupt of every queue still on
+        a poll list and take it off (queues off the list are armed already).
 
         Returns True if work appeared meanwhile.  A queue whose pool came back
         short is refilled here too: buffers come home without any event (an app
         writing RQEs, a socket consuming skbs), and the NIC, paused for lack of
-        buffers, waits for our doorbell.  While a queue stays starved the loop
-        sleeps only briefly (:meth:`next_timer_ms`).
+        buffers, waits for our doorbell.  Such a queue stays on the poll list; while
+        one does, the loop sleeps only briefly (:meth:`next_timer_ms`).
         """
         pending = False
         self._starved = False
         for dev in self.netdevs.values():
-            for q, rq in dev.queues.items():
-                if not rq.started:
+            for q in list(dev.poll_list):
+                rq = dev.queues.get(q)
+                if rq is None or not rq.started:
+                    dev.poll_list.pop(q, None)
                     continue
                 if len(rq.posted) < rq.ring_size:
                     posted, bell = dev.refill(q)
@@ -282,15 +428,24 @@ class Kernel:
                     if posted:
                         pending = True
                     elif len(rq.posted) < rq.ring_size:
+                        # stays scheduled (the pool is short, not the queue idle), with
+                        # its interrupt armed too so completions still wake us early
                         self._starved = True
+                        pending |= dev.napi_complete(q)
+                        continue
                 if dev.napi_complete(q):
                     pending = True
+                else:
+                    dev.poll_list.pop(q, None)
         return pending
 
     def next_timer_ms(self) -> int:
         if self._starved:
             return STARVED_POLL_MS
         deadline = self.ctx.rings.next_deadline()
+        tcp = self.output.next_deadline()
+        if tcp is not None:
+            deadline = tcp if deadline is None else min(deadline, tcp)
         if deadline is None:
             return 1_000
         return max(0, int((deadline - time.monotonic()) * 1000))
@@ -429,6 +584,8 @@ class Kernel:
         for name, dev in self.netdevs.items():
             out["netdevs"][name] = {f"rx-{q}": dev.queue_stats(q) for q in sorted(dev.queues)}
         out["tcp"] = dict(_as_dict(self.table.stats))
+        out["tcp_mib"] = dict(self.output.mib)
+        out["tx"] = {name: dict(dev.tx_stats) for name, dev in self.netdevs.items()}
         out["io_uring"] = self.ctx.rings.stats()
         out["skbs"] = {"in_flight": len(self.skbs.live_handles())}
         out["zcrx"] = self.zcrx.stats()
@@ -516,3 +673,15 @@ def _unlink_prefix(prefix: str) -> int:
     """Unlink every shm segment whose name starts with ``prefix`` (``/zcrx.<run>.app7.``);
     returns how many.  Only the name goes: live mappings stay valid."""
     return len(remove_prefix_segments(prefix))
+
+
+def _mac(text: object) -> bytes:
+    """A MAC from the NIC's probe (``02:00:...``), or the emulator's default host MAC."""
+    if isinstance(text, str):
+        try:
+            b = bytes.fromhex(text.replace(":", ""))
+            if len(b) == 6:
+                return b
+        except ValueError:
+            pass
+    return bytes([2, 0, 0, 0, 0, 1])

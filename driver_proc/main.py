@@ -90,12 +90,17 @@ def main(argv: list[str] | None = None) -> int:
             except Exception:  # a handler bug: replied EIO already; keep serving
                 log.exception("syscall handler failed")
                 kernel.stats["handler_bugs"] += 1
-            for _ in irqs.drain(256):
+            for ev in irqs.drain(256):
+                if ev.type == "irq":
+                    kernel.irq(ev.body.get("dev"), ev.body.get("queue"))
                 work += 1
             work += kernel.check_peers()
             work += kernel.poll()
             for dev, q in kernel.take_doorbells():
-                doorbells.send("nic.doorbell", {"dev": dev, "queue": q})
+                if q < 0:
+                    doorbells.send("nic.tx_doorbell", {"dev": dev})
+                else:
+                    doorbells.send("nic.doorbell", {"dev": dev, "queue": q})
             if work:
                 wait.reset()
                 continue

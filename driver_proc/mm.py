@@ -2,7 +2,8 @@
 
 Linux resolves a user address by walking the task's page tables; the emulated kernel resolves
 it through this table (DESIGN §2 "Emulated address space").  An app enters a shm region it
-created into its mm with the ``mm_map`` syscall and gets a virtual address back; it then passes
+created (a sealed memfd, by descriptor, or a named segment) into its mm with the ``mm_map``
+syscall and gets a virtual address back; it then passes
 that address in SQEs and uapi structs (``sqe.addr``, ``io_uring_buf_reg.ring_addr``,
 ``area_reg.addr``...).  The kernel turns ``(addr, length, write)`` into a numpy ``uint8`` view
 of the backing region with :meth:`Mm.resolve`, exactly where the real kernel would call
@@ -10,11 +11,12 @@ of the backing region with :meth:`Mm.resolve`, exactly where the real kernel wou
 
 Who owns what
 -------------
-* The **app** creates, writes and unlinks the regions it maps (``/zcrx.<run>.app<tid>.*``).
-  :meth:`Mm.map` opens the segment once (see "Untrusted memory" below) and keeps that file
-  descriptor; :class:`Mm` maps it into the kernel process lazily, on the first
-  :meth:`Mm.resolve` that needs it, and closes both when no mapping refers to it any more.  It
-  never unlinks an app region.
+* The **app** creates the memory it maps: by default a sealed memfd (no name; the app closes
+  it), else a named segment (``/zcrx.<run>.app<tid>.*``, which it unlinks).  :meth:`Mm.map`
+  (by name) and :meth:`Mm.map_fd` (by descriptor) open it once (see "Untrusted memory"
+  below) and keep that file descriptor; :class:`Mm` maps it into the kernel process lazily,
+  on the first :meth:`Mm.resolve` that needs it, and closes both when no mapping refers to it
+  any more.  It never unlinks an app region.
 * **Kernel regions** (io_uring rings, SQEs, kernel-allocated buffer rings, zcrx RQ) enter the
   mm through the ``mmap`` syscall on a ring fd (``map(..., kernel=True)``); the kernel keeps
   owning and unlinking them.  As on Linux the mapping stays valid after the ring is closed,
@@ -56,36 +58,76 @@ app region is accepted only if it is
 * **owned by the task's uid** (``-EACCES``).  ``Mm(uid=...)`` is the owner the kernel expects;
   it defaults to the kernel's own uid, right as long as every process of a run has one uid.
 
+:meth:`Mm.map_fd` (``mm_map`` by descriptor) opens ``/proc/<pid>/fd/<fd>``, ``pid`` being the
+task's process as the OS named it at ``attach`` (SO_PEERCRED), never a message field.  That
+path is a magic link, so ``O_NOFOLLOW`` does not apply: the kernel ``stat``-s its target first
+and opens nothing but a regular file (a directory, socket, pipe, device or eventfd is
+``-ENODEV``, as Linux's ``mmap`` of a file that cannot be mapped), then checks the task's
+pidfd is still alive after the open (if the process died and its pid was reused in between,
+the descriptor was someone else's: ``-ESRCH``) and that the inode opened is the one stat-ed
+(``-EBADF``: the task swapped the number meanwhile).  It accepts shared memory only (a memfd
+or a tmpfs file: ``F_GET_SEALS`` works; a file on disk is ``-ENODEV``), with at most one link
+(a memfd has none), owned by the task's uid (``-EACCES``); ``PROT_WRITE`` on memory sealed
+``F_SEAL_WRITE``/``F_SEAL_FUTURE_WRITE`` is ``-EPERM`` (Linux's ``mmap``).  A descriptor number
+the task does not hold is ``-EBADF``.  The kernel keeps its own descriptor, so whatever the
+task does with its number afterwards (close it, ``dup2`` another memfd over it) changes
+nothing.
+
 Each refusal is counted per reason in :attr:`Mm.refused` and in the kernel-wide
 :data:`MM_COUNTERS` (``map_refused_<reason>``).  Kernel regions (``kernel=True``) are opened
 the same way (``O_NOFOLLOW``, regular file) but need no owner or link check.
 
 Every method raises :class:`~shared.errors.Misuse` with the Linux errno; nothing an app passes
-or does to its segments (unlink, replace, symlink, hard link) can raise anything else
-(``OSError`` from attaching becomes ``-EFAULT``).  A segment the app truncates *after* the
-kernel attached it would fault the kernel process (SIGBUS) on its next access past the new end:
-every :meth:`Mm.resolve` therefore ``fstat``-s an app backing and serves only the bytes it
-still has (``-EFAULT`` past them, counted in ``access_shrunk``).  Residual holes: a truncate
-racing the copy itself, and the long-lived pins (:meth:`Mm.pin_region` of a zcrx area, the
-user RQ and buffer-ring memory the kernel keeps a view of), which are not re-checked per
-access; Linux pins pages, and tmpfs files opened by name cannot be sealed.
+or does to its memory (unlink, replace, symlink, hard link, truncate) can raise anything else
+(``OSError`` from attaching becomes ``-EFAULT``).
+
+Shrinking.  Touching a mapping past its file's new end is SIGBUS, which would kill the
+kernel (or the NIC) process.  Linux pins the pages of long-lived buffers; here the memory
+must be sealed so that it cannot shrink:
+
+* **Long-lived pins** (:meth:`Mm.pin_region` of a zcrx area, :meth:`Mm.pin` of a user-memory
+  RQ or a buffer ring: views the kernel keeps, and the area the NIC maps) need app memory
+  sealed ``F_SEAL_SHRINK | F_SEAL_SEAL`` (read with ``F_GET_SEALS`` at the pin; seals only
+  grow, so nothing can undo them), else ``-EFAULT``, counted as ``pin_refused_unsealed``.
+  ``-EFAULT`` because it is what ``pin_user_pages`` reports for memory it cannot pin and what
+  these registrations already answer for a bad pointer (``-EINVAL`` would blame an argument
+  of the struct).  A named segment can never be pinned: tmpfs files made by name come with
+  ``F_SEAL_SEAL`` and no way to add seals.  Kernel regions are the kernel's own and never
+  shrink.
+* **Short accesses** (a RECV copy, a struct read): a backing sealed ``F_SEAL_SHRINK`` is
+  served as is; any other app backing is ``fstat``-ed per access and only the bytes it still
+  has are served (``-EFAULT`` past them, counted in ``access_shrunk``).
+
+Residual hole: an unsealed backing (a named segment, an unsealed memfd) truncated between that
+``fstat`` and the copy itself.  The library maps only sealed memory unless asked for a named
+segment (``alloc_memory(named=True)``).
 """
 
 from __future__ import annotations
 
 import bisect
 import errno
+import fcntl
 import mmap
 import os
 import re
 import stat
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from shared.errors import Misuse
-from shared.shm import PAGE_SIZE, SHM_DIR, Region
+from shared.shm import (
+    F_SEAL_FUTURE_WRITE,
+    F_SEAL_SHRINK,
+    F_SEAL_WRITE,
+    PAGE_SIZE,
+    PIN_SEALS,
+    SHM_DIR,
+    Region,
+)
 
 __all__ = [
     "MM_COUNTERS",
@@ -112,6 +154,10 @@ USER_TOP = 0x7FFF_FFFF_F000
 
 _PAGE_MASK = PAGE_SIZE - 1
 _NAME = re.compile(r"^/[A-Za-z0-9_.-]{1,250}$")
+#: What a by-fd backing is called in logs and stats (its target as /proc shows it, when tame).
+_LABEL = re.compile(r"^[A-Za-z0-9_.:/-]{1,250}$")
+#: Highest descriptor number :meth:`Mm.map_fd` looks at (Linux's fs.nr_open default).
+FD_MAX = 1 << 20
 
 
 def _page_up(n: int) -> int:
@@ -124,6 +170,20 @@ def _page_up(n: int) -> int:
 MM_COUNTERS: Counter[str] = Counter()
 
 _OPEN_FLAGS = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+_FD_OPEN_FLAGS = os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+
+
+def _fd_label(own: int, fd: int) -> str:
+    """What a by-fd backing is called: its target as ``/proc`` shows it (``memfd:<name>``
+    for a memfd), else ``fd<N>`` (a label for logs and stats; nothing looks it up)."""
+    try:
+        target = os.readlink(f"/proc/self/fd/{own}")
+    except OSError:
+        return f"fd{fd}"
+    target = target.removesuffix(" (deleted)")
+    if target.startswith("/memfd:"):
+        target = target[1:]
+    return target if _LABEL.match(target) else f"fd{fd}"
 
 
 def _open_segment(name: str) -> tuple[int, os.stat_result]:
@@ -179,14 +239,32 @@ class _Backing:
     region: Region | None = None
     users: int = 0
     dead: bool = False  # attach failed or the segment is too small: every access faults
+    #: entered by descriptor (``mm_map`` by fd): a memfd has no name to lose
+    by_fd: bool = False
+    #: the inode's seals as last read (``F_GET_SEALS``; they only ever grow)
+    seals: int = 0
 
     def _gone(self) -> bool:
         """True when the fd is closed or an app segment lost its name before first use."""
         if self.fd < 0:
             return True
-        if self.kernel:
-            return False  # the kernel unlinks its regions; the app's mapping stays valid
+        if self.kernel or self.by_fd:
+            return False  # the kernel unlinks its regions; a memfd never had a name
         return os.fstat(self.fd).st_nlink == 0
+
+    @property
+    def fixed_size(self) -> bool:
+        """True when the inode can never shrink (a kernel region, or ``F_SEAL_SHRINK``)."""
+        return self.kernel or bool(self.seals & F_SEAL_SHRINK)
+
+    def read_seals(self) -> int:
+        """The inode's seals now (0 if they cannot be read), remembered in :attr:`seals`."""
+        if self.fd >= 0:
+            try:
+                self.seals = fcntl.fcntl(self.fd, fcntl.F_GET_SEALS)
+            except OSError:
+                pass
+        return self.seals
 
     def _map(self) -> Region:
         """A fresh mapping of the whole checked inode (its current size)."""
@@ -197,8 +275,8 @@ class _Backing:
         """The mapped bytes the inode still has: an app may shrink its segment at any time,
         and touching the mapping past the new end is SIGBUS (for a kernel region: all)."""
         buf = self._view()
-        if buf is None or self.kernel:
-            return buf
+        if buf is None or self.fixed_size:
+            return buf  # sealed against shrinking: no fstat per access
         try:
             size = _page_up(os.fstat(self.fd).st_size)
         except OSError:
@@ -226,11 +304,18 @@ class _Backing:
 
     def pin(self) -> Region:
         """A separate mapping of the checked inode, owned by the caller (``pin_user_pages``
-        of a zcrx area); ``-EFAULT`` if it cannot be made."""
+        of a zcrx area), keeping a duplicate of the checked descriptor (``Region.fd``: what
+        the NIC is pointed at); ``-EFAULT`` if it cannot be made."""
         try:
             if self.dead or self._gone():
                 raise FileNotFoundError(self.name)
-            return self._map()
+            size = os.fstat(self.fd).st_size
+            fd = os.dup(self.fd)
+            try:
+                return Region(self.name, size, mmap.mmap(fd, size), owner=False, fd=fd)
+            except BaseException:
+                os.close(fd)
+                raise
         except (OSError, ValueError, OverflowError):
             MM_COUNTERS["attach_failed"] += 1
             raise Misuse(f"{self.name} is gone or cannot be mapped", errno.EFAULT) from None
@@ -361,18 +446,118 @@ class Mm:
         backing = self._backings.get(key)
         if backing is None:
             backing = self._backings[key] = _Backing(key, name, kernel, fd)
+            backing.read_seals()
         else:
             os.close(fd)  # the backing's own descriptor names the same inode
         self._insert(Vma(start, start + length, prot, offset, backing))
         return start
 
+    def map_fd(self, pid: int, fd: int, length: int, prot: int, *, fixed: int | None = None,
+               offset: int = 0, alive: Callable[[], bool] | None = None) -> int:
+        """Map ``length`` bytes of the file the task holds at descriptor ``fd``; the address.
+
+        ``pid`` is the task's process as the OS named it (never a message's word).  The kernel
+        opens ``/proc/<pid>/fd/<fd>`` (a magic link: followed, so no ``O_NOFOLLOW``), after
+        ``stat``-ing its target so nothing but a regular file is ever opened; ``alive()`` (the
+        task's pidfd) must still hold after the open, so a pid reused by another process in
+        between is refused (``-ESRCH``).  The descriptor is kept: every later access maps
+        that inode, whatever the task does with its descriptor number afterwards.
+
+        Accepted: a regular shared-memory file (memfd or tmpfs: ``F_GET_SEALS`` works) with
+        at most one link, owned by the task's uid.  Errors: those of :meth:`map` for the
+        arguments, ``-EBADF`` (no such descriptor, or it changed during the call),
+        ``-ENODEV`` (not a regular file, or not shared memory: a directory, a socket, a
+        pipe, a file on disk), ``-EACCES`` (another owner, more links, unreadable),
+        ``-EPERM`` (``PROT_WRITE`` on write-sealed memory, as Linux's ``mmap``),
+        ``-ENXIO`` (range past its end).  Refusals are counted as :meth:`map`'s.
+        """
+        if length <= 0:
+            raise Misuse(f"mmap length {length}", errno.EINVAL)
+        if prot & ~_PROT_VALID:
+            raise Misuse(f"bad prot {prot:#x}", errno.EINVAL)
+        if offset < 0 or offset & _PAGE_MASK:
+            raise Misuse(f"unaligned mmap offset {offset:#x}", errno.EINVAL)
+        if not 0 <= fd < FD_MAX or pid <= 0:
+            raise Misuse(f"bad file descriptor {fd}", errno.EBADF)
+        path = f"/proc/{pid}/fd/{fd}"
+        own, st = self._open_task_fd(path, fd, alive)
+        try:
+            label = _fd_label(own, fd)
+            self._check_owned(label, st, unnamed_ok=True)
+            try:
+                seals = fcntl.fcntl(own, fcntl.F_GET_SEALS)
+            except OSError:
+                self._refuse("not_shmem")
+                raise Misuse(f"fd {fd} is not shared memory (memfd or tmpfs)",
+                             errno.ENODEV) from None
+            if prot & PROT_WRITE and seals & (F_SEAL_WRITE | F_SEAL_FUTURE_WRITE):
+                self._refuse("write_sealed")
+                raise Misuse(f"fd {fd} is sealed against writing", errno.EPERM)
+            length = _page_up(length)
+            if offset + length > _page_up(st.st_size):
+                raise Misuse(f"fd {fd}: [{offset}, {offset + length}) past its {st.st_size} "
+                             "bytes", errno.ENXIO)
+            start = self._place(length, fixed)
+        except BaseException:
+            os.close(own)
+            raise
+        key = f"fd#{st.st_dev}:{st.st_ino}"
+        backing = self._backings.get(key)
+        if backing is None:
+            backing = self._backings[key] = _Backing(key, label, False, own, by_fd=True,
+                                                     seals=seals)
+        else:
+            os.close(own)  # the backing's own descriptor names the same inode
+            backing.seals |= seals
+        self._insert(Vma(start, start + length, prot, offset, backing))
+        return start
+
+    def _open_task_fd(self, path: str, fd: int, alive: Callable[[], bool] | None
+                      ) -> tuple[int, os.stat_result]:
+        """Open the task's descriptor through ``/proc``: ``(our fd, its fstat)``."""
+        try:
+            before = os.stat(path)  # the target's inode: nothing but a regular file is opened
+        except (FileNotFoundError, ProcessLookupError):
+            raise Misuse(f"bad file descriptor {fd}", errno.EBADF) from None
+        except PermissionError:
+            self._refuse("permission")
+            raise Misuse(f"fd {fd}: permission denied", errno.EACCES) from None
+        except OSError as e:
+            raise Misuse(f"fd {fd}: {e.strerror}", errno.EBADF) from None
+        if not stat.S_ISREG(before.st_mode):
+            self._refuse("not_regular")
+            raise Misuse(f"fd {fd} is not a regular file", errno.ENODEV)
+        try:
+            own = os.open(path, _FD_OPEN_FLAGS)
+        except FileNotFoundError:
+            raise Misuse(f"bad file descriptor {fd}", errno.EBADF) from None
+        except PermissionError:
+            self._refuse("permission")
+            raise Misuse(f"fd {fd}: permission denied", errno.EACCES) from None
+        except OSError as e:
+            self._refuse("not_regular")
+            raise Misuse(f"fd {fd}: {e.strerror}", errno.ENODEV) from None
+        try:
+            if alive is not None and not alive():
+                raise Misuse(f"the process holding fd {fd} is gone", errno.ESRCH)
+            st = os.fstat(own)
+            if (st.st_dev, st.st_ino) != (before.st_dev, before.st_ino) \
+                    or not stat.S_ISREG(st.st_mode):
+                self._refuse("fd_swapped")
+                raise Misuse(f"fd {fd} changed during mm_map", errno.EBADF)
+        except BaseException:
+            os.close(own)
+            raise
+        return own, st
+
     def _refuse(self, reason: str) -> None:
         self.refused[reason] += 1
         MM_COUNTERS[f"map_refused_{reason}"] += 1
 
-    def _check_owned(self, name: str, st: os.stat_result) -> None:
-        """An app segment must have one link and belong to the task (``-EACCES``)."""
-        if st.st_nlink != 1:
+    def _check_owned(self, name: str, st: os.stat_result, *, unnamed_ok: bool = False) -> None:
+        """An app segment must have one link (none for a memfd entered by descriptor:
+        ``unnamed_ok``) and belong to the task (``-EACCES``)."""
+        if st.st_nlink > 1 or (st.st_nlink == 0 and not unnamed_ok):
             self._refuse("links")
             raise Misuse(f"{name} has {st.st_nlink} links", errno.EACCES)
         if st.st_uid != self.uid:
@@ -468,9 +653,34 @@ class Mm:
 
         Linux ``pin_user_pages`` of a long-lived buffer (a zcrx area): the inode :meth:`map`
         checked, through its descriptor, never the name again.  ``-EFAULT`` when that inode
-        lost its name before the kernel first touched it, or cannot be mapped.
+        lost its name before the kernel first touched it, cannot be mapped, or is not sealed
+        against shrinking (:meth:`check_pinnable`).
         """
+        self.check_pinnable(vma)
         return vma.backing.pin()
+
+    def pin(self, addr: int, length: int, write: bool) -> np.ndarray:
+        """:meth:`resolve` for a view the kernel keeps (a user-memory zcrx RQ, a buffer ring):
+        the memory must be pinnable (:meth:`check_pinnable`), else ``-EFAULT``."""
+        view = self.resolve(addr, length, write)
+        vma = self.find(addr)
+        if vma is not None:
+            self.check_pinnable(vma)
+        return view
+
+    def check_pinnable(self, vma: Vma) -> None:
+        """A long-term pin needs memory that can never shrink under the kernel: a kernel
+        region, or app memory sealed ``F_SEAL_SHRINK | F_SEAL_SEAL`` (read now: seals only
+        grow).  Else ``-EFAULT`` (what ``pin_user_pages`` says of memory it cannot pin),
+        counted in ``pin_refused_unsealed``."""
+        b = vma.backing
+        if b.kernel or b.read_seals() & PIN_SEALS == PIN_SEALS:
+            return
+        self.refused["pin_unsealed"] += 1
+        MM_COUNTERS["pin_refused_unsealed"] += 1
+        self.faults += 1
+        raise Misuse(f"{vma.name} is not sealed against shrinking (F_SEAL_SHRINK | "
+                     "F_SEAL_SEAL): the kernel cannot pin it", errno.EFAULT)
 
     def _check_continuation(self, v: Vma, end: int, need: int) -> None:
         i = self._vmas.index(v)

@@ -237,12 +237,18 @@ class RecvRequest(Request):
 
     def _copy_to_buffers(self, conn: TcpReceiver, total: int, addrs: NDArray[np.int64],
                          sizes: NDArray[np.int64]) -> int:
-        """Copy ``total`` stream bytes into the buffers; return how many buffers got theirs."""
+        """Copy ``total`` stream bytes into the buffers; return how many buffers got theirs.
+
+        Buffers that follow each other in memory (a ring of one allocation usually is) form
+        runs, each resolved and copied as one range; only a run that does not resolve whole
+        (it crosses a mapping's end) is walked buffer by buffer, to find the first one that
+        does not resolve."""
         mm = self.ring.task.mm
         skbs = self.ring.uring.skbs
         k = len(addrs)
         pieces = conn.rxq.peek(total)
-        if k == 1 or bool((addrs[1:] == addrs[:-1] + sizes[:-1]).all()):
+        brk = np.flatnonzero(addrs[1:] != addrs[:-1] + sizes[:-1]) + 1
+        if not len(brk):
             try:
                 dst = mm.resolve(int(addrs[0]), total, write=True)
             except Misuse:
@@ -252,14 +258,22 @@ class RecvRequest(Request):
                 return k
         bounce = np.empty(total, dtype=np.uint8)
         skbs.copy_out(pieces.handles, pieces.offsets, pieces.lengths, bounce)
-        pos = 0
-        for i, (a, n) in enumerate(zip(addrs.tolist(), sizes.tolist(), strict=True)):
+        ends = np.cumsum(sizes)
+        starts = [0, *brk.tolist()]
+        for s, e in zip(starts, [*brk.tolist(), k], strict=True):
+            lo, hi = int(ends[s] - sizes[s]), int(ends[e - 1])
             try:
-                dst = mm.resolve(a, n, write=True)
+                mm.resolve(int(addrs[s]), hi - lo, write=True)[:] = bounce[lo:hi]
+                continue
             except Misuse:
-                return i
-            dst[:] = bounce[pos:pos + n]
-            pos += n
+                pass
+            for i in range(s, e):  # the run crosses a mapping's end: which buffer fails
+                lo, hi = int(ends[i] - sizes[i]), int(ends[i])
+                try:
+                    dst = mm.resolve(int(addrs[i]), hi - lo, write=True)
+                except Misuse:
+                    return i
+                dst[:] = bounce[lo:hi]
         return k
 
 

@@ -12,8 +12,10 @@ NIC with ``nic.dma_map`` (the contract is :mod:`shared.nicif`):
   pages (:class:`~driver_proc.page_pool.BufferSpace`), a new generation per queue setup, so
   a restarted queue gets a fresh pool while skbs still hold buffers of the old one (delayed
   destruction: the old region is unlinked when its last buffer comes home).  A queue bound
-  to a memory provider (a zcrx area, :meth:`NetDevice.mp_open_rxq`) uses the provider's
-  space instead.
+  to a memory provider (a zcrx ifq, :meth:`NetDevice.mp_open_rxq`) uses the provider's
+  spaces instead: a :class:`~driver_proc.page_pool.SpaceSet` (the ifq's areas, each its own
+  DMA mapping), whose buffer keys the posted FIFO holds; a fill descriptor's IOVA is its
+  space's mapping plus ``buffer * buf_len``.
 
 The driver trusts nothing the NIC writes: the completion ring is read as an untrusted peer's
 (tail clamped, faults counted), every completion is validated (header slot = ring index,
@@ -44,6 +46,7 @@ queue is stopped.
 from __future__ import annotations
 
 import errno
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -52,11 +55,14 @@ import numpy as np
 from numpy.typing import NDArray
 
 from driver_proc.page_pool import (
+    KEY_MASK,
+    KEY_SHIFT,
     BufferSpace,
     IdFifo,
     KernelPagesProvider,
     MemoryProvider,
     PagePool,
+    SpaceSet,
 )
 from driver_proc.skb import SkbStore
 from driver_proc.tcp import FLOW_KEY_LEN, flow_keys
@@ -64,6 +70,10 @@ from shared import abi, nicif, wire
 from shared.errors import InvariantBroken, Misuse, PeerMisbehaved, ZcrxError
 from shared.ring import RingConsumer, RingProducer
 from shared.shm import PAGE_SIZE, Region, region_name
+from shared.txring import TxConsumer, TxLayout, TxProducer, tx_region_object, tx_slot_size
+
+#: Slots of the control-frame ring (ARP / ICMPv6 from the NIC).
+CTL_RING = 64
 
 __all__ = [
     "QUEUE_STATS",
@@ -124,7 +134,7 @@ class MpNetdev(Protocol):
     name: str
     ifindex: int
 
-    def dma_map(self, name: str, size: int) -> int: ...
+    def dma_map(self, name: str, size: int, *, fd: int = -1) -> int: ...
 
     def dma_unmap(self, map_id: int) -> None: ...
 
@@ -156,6 +166,12 @@ class NapiBatch:
     dropped: int = 0
     posted: int = 0
     doorbell: bool = False
+    #: the segments' acknowledgment numbers (u32), for the transmit side
+    ack_seq: NDArray[np.uint32] = field(default_factory=lambda: np.empty(0, np.uint32))
+    #: the senders' MACs, ``(n, 6)`` uint8 (whom to answer)
+    src_mac: NDArray[np.uint8] = field(default_factory=lambda: np.empty((0, 6), np.uint8))
+    #: row -> TCP option bytes, for the SYNs of the batch only (MSS, window scale)
+    syn_options: dict[int, bytes] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.handles)
@@ -172,6 +188,11 @@ class NapiBatch:
             return cls.empty(queue)
         if len(batches) == 1:
             return batches[0]
+        syn: dict[int, bytes] = {}
+        base = 0
+        for b in batches:
+            syn.update((base + r, o) for r, o in b.syn_options.items())
+            base += len(b)
         return cls(queue, np.concatenate([b.keys for b in batches]),
                    np.concatenate([b.seq for b in batches]),
                    np.concatenate([b.payload_len for b in batches]),
@@ -180,7 +201,10 @@ class NapiBatch:
                    completions=sum(b.completions for b in batches),
                    dropped=sum(b.dropped for b in batches),
                    posted=sum(b.posted for b in batches),
-                   doorbell=any(b.doorbell for b in batches))
+                   doorbell=any(b.doorbell for b in batches),
+                   ack_seq=np.concatenate([b.ack_seq for b in batches]),
+                   src_mac=np.concatenate([b.src_mac for b in batches]),
+                   syn_options=syn)
 
 
 @dataclass
@@ -195,6 +219,8 @@ class _RxQueue:
     map_id: int | None = None
     provider: MemoryProvider | None = None
     space: BufferSpace | None = None
+    #: the spaces the pool draws from (posted FIFO entries are keys of this set)
+    spaces: SpaceSet | None = None
     space_map_id: int | None = None
     own_space_map: bool = False
     own_space: bool = False
@@ -205,7 +231,9 @@ class _RxQueue:
     posted: IdFifo = field(default_factory=lambda: IdFifo(1))
     desc: NDArray[np.void] = field(default_factory=lambda: np.zeros(0, abi.nic_rx_desc))
     expect: NDArray[np.int64] = field(default_factory=lambda: _EMPTY_I64)
-    iova_base: np.uint64 = field(default_factory=lambda: np.uint64(0))
+    #: IOVA of buffer 0 of each space of ``spaces`` (each its own DMA mapping)
+    iova_bases: NDArray[np.uint64] = field(
+        default_factory=lambda: np.zeros(1, dtype=np.uint64))
     buf_len: int = 0
     started: bool = False
 
@@ -259,6 +287,9 @@ class NetDevice:
         self.skbs = skbs
         self.pp_buffers = pp_buffers
         self.queues: dict[int, _RxQueue] = {}
+        #: the NAPI poll list: started queues whose interrupt fired and that a poll has not
+        #: yet found idle (an ordered set; see :meth:`napi_schedule`, :meth:`napi_complete`)
+        self.poll_list: dict[int, None] = {}
         self.stats = np.zeros((self.max_queues, len(QUEUE_STATS)), dtype=np.int64)
         #: pools of freed queues still waiting for buffers held by skbs or users
         self.dying: list[PagePool] = []
@@ -271,6 +302,24 @@ class NetDevice:
         self.up = False
         self.nic_alive = True
         self._pp_gen = [0] * self.max_queues
+        self.addr = str(info.get("addr", ""))
+        self.addr6 = str(info.get("addr6", ""))
+        ring = info.get("tx_ring_size", self.ring_size)
+        self.tx_ring_size = ring if isinstance(ring, int) and nicif.is_pow2(ring) \
+            and ring <= nicif.MAX_RING else self.ring_size
+        #: the TX ring (shared.txring) while the device is open; None otherwise
+        self.tx: TxProducer | None = None
+        self._tx_region: Region | None = None
+        self._tx_map_id: int | None = None
+        #: driver TX counters: frames queued on the TX ring, their bytes, frames dropped
+        #: (ring full, too long, device down)
+        self.tx_stats = {"tx_packets": 0, "tx_bytes": 0, "tx_dropped": 0, "tx_doorbells": 0,
+                         "ctl_frames": 0}
+        self._tx_doorbell = False
+        #: the control-frame ring (ARP / ICMPv6 the NIC hands up), next to the TX ring
+        self.ctl: TxConsumer | None = None
+        self._ctl_region: Region | None = None
+        self._ctl_map_id: int | None = None
 
     def __repr__(self) -> str:
         return f"NetDevice({self.name}, {self.n_queues} queues, ring {self.ring_size})"
@@ -285,8 +334,13 @@ class NetDevice:
     def _call(self, type: str, body: Mapping[str, Any]) -> dict[str, Any]:
         return self.nic.call(type, body)
 
-    def _dma_map(self, name: str, size: int) -> int:
-        reply = self._call("nic.dma_map", {"name": name, "size": int(size)})
+    def _dma_map(self, name: str, size: int, fd: int = -1) -> int:
+        body: dict[str, Any] = {"name": name, "size": int(size)}
+        if fd >= 0:
+            # app memory: the NIC maps the inode behind our descriptor, never a name
+            st = os.fstat(fd)
+            body.update(fd=fd, dev=st.st_dev, ino=st.st_ino)
+        reply = self._call("nic.dma_map", body)
         map_id = reply.get("map_id")
         if not isinstance(map_id, int) or not 0 <= map_id <= _MAX_MAP_ID:
             raise PeerMisbehaved(f"nic.dma_map answered map id {map_id!r}")
@@ -301,10 +355,12 @@ class NetDevice:
             # Teardown goes on: the mapping dies with the NIC or is already gone.
             pass
 
-    def dma_map(self, name: str, size: int) -> int:
+    def dma_map(self, name: str, size: int, *, fd: int = -1) -> int:
         """Map region ``name`` (``size`` bytes) for the NIC's DMA; returns the map id (a memory
-        provider maps its own memory, e.g. a zcrx area, with this)."""
-        return self._dma_map(name, size)
+        provider maps its own memory, e.g. a zcrx area, with this).  ``fd``: this process's
+        descriptor of app memory (the one ``mm_map`` checked): the NIC opens
+        ``/proc/<our pid>/fd/<fd>`` and checks the inode, so the name is only a label."""
+        return self._dma_map(name, size, fd)
 
     def dma_unmap(self, map_id: int) -> None:
         """Undo :meth:`dma_map` (best effort: nothing to do once the NIC is gone)."""
@@ -313,12 +369,14 @@ class NetDevice:
     # -- device open/close -------------------------------------------------------------------
 
     def open(self) -> None:
-        """Set up and start every queue (``ndo_open``)."""
+        """Set up and start every queue and the TX ring (``ndo_open``)."""
         for q in range(self.n_queues):
             if q not in self.queues:
                 self.queue_setup(q)
             if not self.queues[q].started:
                 self.queue_start(q)
+        if self.tx is None:
+            self.tx_open()
         self.up = True
 
     def close(self, *, nic_alive: bool = True) -> list[NapiBatch]:
@@ -334,8 +392,120 @@ class NetDevice:
             if self.queues[q].started:
                 out.append(self.queue_stop(q))
             self.queue_free(q)
+        self.tx_close()
         self.up = False
         return out
+
+    # -- TX ----------------------------------------------------------------------------------
+
+    def tx_open(self) -> None:
+        """Create the TX ring region, map it for the NIC and attach it (``nic.tx_start``);
+        then the control-frame ring (``<dev>.rxctl``, ``nic.ctl_start``)."""
+        self._tx_open()
+        layout = TxLayout(CTL_RING, tx_slot_size(self.mtu))
+        region = Region.create(region_name(self.run, self.owner, f"{self.name}.rxctl"),
+                               layout.size)
+        self._ctl_region = region
+        try:
+            assert region.buf is not None
+            TxProducer(region.buf, layout, init=True).detach()
+            self.ctl = TxConsumer(region.buf, layout, untrusted=True)
+            self._ctl_map_id = self._dma_map(region.name, region.size)
+            self._call("nic.ctl_start", {"dev": self.name, "map_id": self._ctl_map_id,
+                                         "ring_size": layout.ring_size,
+                                         "slot_size": layout.slot_size})
+        except BaseException:
+            self.tx_close(started=False)
+            raise
+
+    def ctl_frames(self) -> list[bytes]:
+        """ARP / ICMPv6 frames the NIC handed up since the last call (copies)."""
+        ctl = self.ctl
+        if ctl is None or not ctl.ready():
+            return []
+        out: list[bytes] = []
+        while True:
+            batch = ctl.peek(CTL_RING)
+            if not ctl.held:
+                break
+            out.extend(batch.frames())
+            ctl.release()
+        self.tx_stats["ctl_frames"] += len(out)
+        return out
+
+    def _tx_open(self) -> None:
+        layout = TxLayout(self.tx_ring_size, tx_slot_size(self.mtu))
+        region = Region.create(region_name(self.run, self.owner, tx_region_object(self.name)),
+                               layout.size)
+        self._tx_region = region
+        try:
+            assert region.buf is not None
+            self.tx = TxProducer(region.buf, layout, init=True,
+                                 max_frame=wire.max_frame_len(self.mtu))
+            self._tx_map_id = self._dma_map(region.name, region.size)
+            self._call("nic.tx_start", {"dev": self.name, "map_id": self._tx_map_id,
+                                        "ring_size": layout.ring_size,
+                                        "slot_size": layout.slot_size})
+        except BaseException:
+            self.tx_close(started=False)
+            raise
+
+    def tx_close(self, *, started: bool = True) -> None:
+        """Detach the NIC from the TX ring (``nic.tx_stop``), unmap and unlink it."""
+        if started and self.tx is not None and self.nic_alive:
+            try:
+                self._call("nic.tx_stop", {"dev": self.name})
+            except ZcrxError:
+                pass
+        if self._tx_map_id is not None:
+            self._dma_unmap(self._tx_map_id)
+            self._tx_map_id = None
+        if self.tx is not None:
+            self.tx.detach()
+            self.tx = None
+        if self._tx_region is not None:
+            self._tx_region.close()
+            self._tx_region = None
+        if self.ctl is not None and started and self.nic_alive:
+            try:
+                self._call("nic.ctl_stop", {"dev": self.name})
+            except ZcrxError:
+                pass
+        if self._ctl_map_id is not None:
+            self._dma_unmap(self._ctl_map_id)
+            self._ctl_map_id = None
+        if self.ctl is not None:
+            self.ctl.detach()
+            self.ctl = None
+        if self._ctl_region is not None:
+            self._ctl_region.close()
+            self._ctl_region = None
+
+    def xmit(self, frames: list[bytes]) -> int:
+        """Queue whole frames on the TX ring (``ndo_start_xmit`` for a batch); returns how
+        many were queued.  The rest (ring full, too long, device closed) are counted
+        ``tx_dropped``.  A doorbell is due (:meth:`take_tx_doorbell`) if the NIC sleeps."""
+        if not frames:
+            return 0
+        tx = self.tx
+        if tx is None:
+            self.tx_stats["tx_dropped"] += len(frames)
+            return 0
+        before = tx.dropped
+        n = tx.send(frames)
+        self.tx_stats["tx_dropped"] += tx.dropped - before
+        self.tx_stats["tx_packets"] += n
+        self.tx_stats["tx_bytes"] += sum(len(f) for f in frames[:n]) if n == len(frames) \
+            else 0
+        if tx.doorbell_due():
+            self.tx_stats["tx_doorbells"] += 1
+            self._tx_doorbell = True
+        return n
+
+    def take_tx_doorbell(self) -> bool:
+        """True once after :meth:`xmit` found the NIC asleep on the TX ring."""
+        due, self._tx_doorbell = self._tx_doorbell, False
+        return due
 
     # -- queue management (paired verbs: setup/free, start/stop) -----------------------------
 
@@ -376,6 +546,7 @@ class NetDevice:
                 provider = KernelPagesProvider(space)
             rq.provider = provider
             rq.space = provider.space
+            rq.spaces = provider.spaces
             rq.buf_len = rq.space.buf_len
             if provider.dma_map_id is None:
                 rq.space_map_id = self._dma_map(rq.space.name, rq.space.region_size)
@@ -384,7 +555,7 @@ class NetDevice:
                 raise Misuse(f"memory provider map id {provider.dma_map_id} out of range")
             else:
                 rq.space_map_id = provider.dma_map_id
-            rq.iova_base = np.uint64(abi.make_iova(rq.space_map_id, rq.space.offset))
+            self._map_spaces(rq)
             own = rq.own_space
             rq.pool = PagePool(provider, name=f"{self.name}.q{q}",
                                on_destroyed=lambda pool: self._pool_destroyed(pool, own))
@@ -395,6 +566,19 @@ class NetDevice:
         rq.desc = np.zeros(rq.ring_size, dtype=abi.nic_rx_desc)
         rq.expect = np.arange(rq.ring_size, dtype=np.int64)
         self.queues[q] = rq
+
+    def _map_spaces(self, rq: _RxQueue) -> None:
+        """The IOVA of buffer 0 of each space of the queue's set: the driver's own mapping
+        for space 0 of kernel pages, the provider's for every space of a provider (a zcrx
+        area is mapped at registration, an added one when it is added)."""
+        assert rq.spaces is not None and rq.provider is not None
+        bases = np.empty(len(rq.spaces), dtype=np.uint64)
+        for i, sp in enumerate(rq.spaces.spaces):
+            mid = rq.space_map_id if i == 0 else rq.provider.map_id(i)
+            if mid is None or not 0 <= mid <= _MAX_MAP_ID:
+                raise Misuse(f"{sp}: no DMA mapping for the NIC (map id {mid})")
+            bases[i] = abi.make_iova(mid, sp.offset)
+        rq.iova_bases = bases
 
     def queue_start(self, q: int) -> None:
         """Post buffers (the fill ring full), start the NIC queue, arm its interrupt."""
@@ -433,6 +617,7 @@ class NetDevice:
         if self.nic_alive:
             self._call("nic.queue_stop", {"dev": self.name, "queue": q})
         rq.started = False
+        self.poll_list.pop(q, None)
         batches = []
         if self.nic_alive:
             # The NIC has stopped: the completion tail is final.  Bounded against a NIC that
@@ -450,8 +635,8 @@ class NetDevice:
     def _reclaim(self, rq: _RxQueue) -> None:
         ids = rq.posted.pop(len(rq.posted))
         if len(ids):
-            assert rq.space is not None
-            rq.space.put_ref(ids)
+            assert rq.spaces is not None
+            rq.spaces.put_ref(ids)
             self.stats[rq.index, _STOP_RECLAIMED] += len(ids)
 
     def queue_free(self, q: int) -> None:
@@ -488,7 +673,7 @@ class NetDevice:
             rq.pool = None
         elif rq.space is not None and rq.own_space:
             rq.space.close()
-        rq.space = None
+        rq.space = rq.spaces = None
 
     def _pool_destroyed(self, pool: PagePool, own_space: bool) -> None:
         """The last buffer of a freed queue's pool came home: forget it, and unlink its
@@ -607,9 +792,10 @@ class NetDevice:
     def napi_pending(self, q: int) -> bool:
         """Whether :meth:`napi_poll` of ``q`` would find anything to do: a completion
         published (the raw tail differs from our head: one u32 load, validated by the poll
-        itself) or buffers to post.  The kernel loop skips queues without either, the way
-        Linux polls only the NAPI instances on its poll list; a busy loop then costs about
-        nothing per idle queue (it was a full poll, ~5 us, per queue per pass)."""
+        itself) or buffers to post.  The kernel loop asks it only for the queues on
+        :attr:`poll_list` (and a busy poll for every queue); a queue without either leaves
+        the list through :meth:`napi_complete`, so an idle queue costs nothing until its
+        next interrupt."""
         rq = self.queues.get(q)
         if rq is None or not rq.started or rq.comp is None:
             return False
@@ -619,8 +805,8 @@ class NetDevice:
         q = rq.index
         st = self.stats[q]
         st[_NAPI_POLLS] += 1
-        comp, space = rq.comp, rq.space
-        assert comp is not None and space is not None and rq.slots is not None
+        comp, spaces = rq.comp, rq.spaces
+        assert comp is not None and spaces is not None and rq.slots is not None
         faults = comp.faults
         view = comp.peek(max(0, budget))
         k = len(view)
@@ -688,7 +874,7 @@ class NetDevice:
                 flen = np.clip(plen[owner] - j * B, 0, B)  # trims Ethernet padding
                 keep = good[owner] & (flen > 0)
                 if np.count_nonzero(keep) != F:
-                    space.put_ref(bufs[~keep])
+                    spaces.put_ref(bufs[~keep])
                 keep_bufs, keep_lens = bufs[keep], flen[keep]
                 counts = np.bincount(owner[keep], minlength=k)
                 nf_skb = counts if all_good else counts[good]
@@ -702,15 +888,22 @@ class NetDevice:
             n_lin = int(np.count_nonzero(lin))
             if n_lin:
                 handles = self.skbs.add_batch(
-                    n_good, space=space, nr_frags=nf_skb, frag_bufs=keep_bufs,
+                    n_good, space=spaces, nr_frags=nf_skb, frag_bufs=keep_bufs,
                     frag_lens=keep_lens, lin_src=rq.slots[start:start + k], lin_row=gi,
                     lin_off=gpoff, lin_len=np.where(lin, gplen, 0))
             else:
-                handles = self.skbs.add_batch(n_good, space=space, nr_frags=nf_skb,
+                handles = self.skbs.add_batch(n_good, space=spaces, nr_frags=nf_skb,
                                               frag_bufs=keep_bufs, frag_lens=keep_lens)
             keys = flow_keys(pg["src_addr"], pg["sport"], pg["dst_addr"], pg["dport"])
+            rows = start + (np.arange(k) if gi is None else gi)
+            slots = rq.slots
             # p is this poll's own array: its fields can be handed out without copies.
-            batch = NapiBatch(q, keys, pg["seq"], gplen, pg["tcp_flags"], handles)
+            batch = NapiBatch(q, keys, pg["seq"], gplen, pg["tcp_flags"], handles,
+                              ack_seq=pg["ack_seq"], src_mac=slots[rows, 6:12])
+            for row in np.flatnonzero(pg["tcp_flags"] & wire.TCP_SYN).tolist():
+                o_lo = int(pg["l4_off"][row]) + wire.TCP_HLEN
+                o_hi = int(pg["payload_off"][row])
+                batch.syn_options[row] = slots[int(rows[row]), o_lo:o_hi].tobytes()
             st[_RX_PACKETS] += n_good
             st[_RX_BYTES] += int(frame_len.sum() if gi is None else frame_len[gi].sum())
             st[_RX_LINEAR] += n_lin
@@ -746,20 +939,31 @@ class NetDevice:
         if m == 0:
             return 0, False
         d = rq.desc[:m]
-        iova = ids.astype(np.uint64)
-        iova *= np.uint64(rq.buf_len)
-        iova += rq.iova_base
+        bases = rq.iova_bases
+        if len(bases) != len(pool.spaces):  # the provider added a space (a zcrx area)
+            self._map_spaces(rq)
+            bases = rq.iova_bases
+        if len(bases) == 1:
+            iova = ids.astype(np.uint64)
+            iova *= np.uint64(rq.buf_len)
+            iova += bases[0]
+            d["buf_id"] = ids
+        else:
+            # keys of several spaces (a zcrx ifq's areas): each space is its own mapping
+            bid = ids & KEY_MASK
+            iova = bid.astype(np.uint64)
+            iova *= np.uint64(rq.buf_len)
+            iova += bases[ids >> KEY_SHIFT]
+            d["buf_id"] = bid
         d["iova"] = iova
         d["len"] = rq.buf_len
-        d["buf_id"] = ids
         faults = fill.faults
         pushed = fill.push(d)
         if fill.faults != faults:
             st[_RING_FAULTS] += fill.faults - faults
         if pushed < m:
             # Only a NIC scribbling over the fill ring's head gets here.
-            assert rq.space is not None
-            rq.space.put_ref(ids[pushed:])
+            pool.put_ref(ids[pushed:])
             ids = ids[:pushed]
         pool.post(ids)
         rq.posted.push(ids)
@@ -778,6 +982,16 @@ class NetDevice:
         if rq is None or not rq.started:
             return 0, False
         return self._refill(rq)
+
+    def napi_schedule(self, q: int) -> bool:
+        """Put started queue ``q`` on the poll list (its interrupt fired, or a re-armed
+        queue raced with new completions).  Returns False for a queue that is not started.
+        The list is insertion-ordered: queues are polled in the order they were scheduled."""
+        rq = self.queues.get(q)
+        if rq is None or not rq.started:
+            return False
+        self.poll_list[q] = None
+        return True
 
     def napi_complete(self, q: int) -> bool:
         """Arm the interrupt (need-wakeup on the completion ring) and re-check.
@@ -969,20 +1183,22 @@ class NetDevice:
                 "slot_size": rq.slot_size,
                 "rx_buf_len": rq.buf_len,
                 "page_pool": pool.id if pool is not None else None,
-                "buffers": rq.space.count if rq.space is not None else 0,
+                "buffers": rq.spaces.total if rq.spaces is not None else 0,
                 "posted": len(rq.posted),
                 "in_flight": pool.inflight - len(rq.posted) if pool is not None else 0,
                 "binding": rq.binding,
                 "provider": self.binding(q),
                 "mp_draining": q in self.mp_draining,
-                "ledger": rq.space.ledger() if rq.space is not None else {},
+                "ledger": _ledger_sum(rq.spaces),
                 "stats": self.queue_stats(q),
             })
         return {"name": self.name, "ifindex": self.ifindex, "up": self.up,
                 "queues": self.n_queues, "max_queues": self.max_queues,
                 "ring_size": self.ring_size, "mtu": self.mtu, "rx_buf_len": self.rx_buf_len,
                 "tcp_data_split": self.tcp_data_split, "hds_thresh": self.hds_thresh,
-                "dying_pools": len(self.dying), "rx_queues": queues}
+                "dying_pools": len(self.dying), "rx_queues": queues,
+                "tx": {"ring_size": self.tx_ring_size if self.tx is not None else 0,
+                       **self.tx_stats}}
 
     def check_ledger(self) -> None:
         """Verify every buffer of every live and dying pool (raises InvariantBroken).
@@ -994,11 +1210,15 @@ class NetDevice:
         spaces: dict[int, BufferSpace] = {}
         posted: dict[int, int] = {}
         for rq in self.queues.values():
-            if rq.space is not None:
-                spaces[rq.space.space_id] = rq.space
-                posted[rq.space.space_id] = posted.get(rq.space.space_id, 0) + len(rq.posted)
+            if rq.spaces is not None:
+                for sp in rq.spaces.spaces:
+                    spaces[sp.space_id] = sp
+                for sp, ids in rq.spaces.groups(rq.posted.peek_all()):
+                    posted[sp.space_id] = posted.get(sp.space_id, 0) + len(ids)
         for pool in self.dying:
-            spaces[pool.space.space_id] = pool.space
+            for sp in pool.spaces.spaces:
+                if not sp.closed:
+                    spaces[sp.space_id] = sp
         skb_refs = self.skbs.refs_by_space()
         for sid, sp in spaces.items():
             led = sp.check_ledger()
@@ -1010,6 +1230,19 @@ class NetDevice:
                     + int(sp.user_refs.sum()))
             if refs != held:
                 raise InvariantBroken(f"{sp}: {refs} page-pool references, {held} holders")
+
+
+def _ledger_sum(spaces: SpaceSet | None) -> dict[str, int]:
+    """Buffers per state over every space of a queue's set (empty without one)."""
+    if spaces is None:
+        return {}
+    if len(spaces) == 1:
+        return spaces.spaces[0].ledger()
+    total: dict[str, int] = {}
+    for sp in spaces.spaces:
+        for k, v in sp.ledger().items():
+            total[k] = total.get(k, 0) + v
+    return total
 
 
 def _opt_int(req: Mapping[str, Any], key: str) -> int | None:

@@ -62,7 +62,17 @@ Delayed destruction
 to the provider.  The pool is *destroyed* when its in-flight count reaches 0; ``destroy``
 returns False until then and ``on_destroyed`` fires at that moment.
 
-All operations take numpy id arrays and run a fixed number of numpy calls per batch.
+Several spaces per pool
+-----------------------
+A pool draws from the :class:`SpaceSet` of its provider: one space for kernel pages, every
+area of a zcrx ifq (Linux 7.3 adds areas while the queue runs, and its page pool walks them
+all).  The pool, its cache and the driver name buffers by *keys* ``(index << 32) | id``;
+each space keeps its own ledger indexed by its own ids, and a key batch is split by space
+(:meth:`SpaceSet.groups`) with one numpy pass per space present.  Space 0's keys are its
+ids, so a one-space pool is exactly as before.
+
+All operations take numpy id arrays and run a fixed number of numpy calls per batch (per
+space named).
 """
 
 from __future__ import annotations
@@ -80,6 +90,8 @@ from shared.errors import InvariantBroken, Misuse
 from shared.shm import Region
 
 __all__ = [
+    "KEY_MASK",
+    "KEY_SHIFT",
     "N_STATES",
     "BufState",
     "BufferSpace",
@@ -87,6 +99,7 @@ __all__ = [
     "KernelPagesProvider",
     "MemoryProvider",
     "PagePool",
+    "SpaceSet",
     "as_ids",
 ]
 
@@ -116,6 +129,11 @@ _EMPTY = np.empty(0, dtype=np.int64)
 _EMPTY.flags.writeable = False
 _space_ids = itertools.count(1)
 _pool_ids = itertools.count(1)
+
+#: A buffer key names buffer ``key & KEY_MASK`` of space ``key >> KEY_SHIFT`` of a
+#: :class:`SpaceSet`; the keys of space 0 are its buffer ids.
+KEY_SHIFT = 32
+KEY_MASK = (1 << KEY_SHIFT) - 1
 
 
 def as_ids(ids: ArrayLike) -> NDArray[np.int64]:
@@ -178,6 +196,14 @@ class IdFifo:
         h, n = self._head, self._n
         first = min(n, self.cap - h)
         return np.concatenate((self._a[h:h + first], self._a[:n - first]))
+
+    def grow(self, capacity: int) -> None:
+        """Raise the capacity to ``capacity`` (never shrinks), keeping the ids in order."""
+        if capacity <= self.cap:
+            return
+        a = np.empty(capacity, dtype=np.int64)
+        a[:self._n] = self.peek_all()
+        self._a, self._head, self.cap = a, 0, int(capacity)
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,6 +269,8 @@ class BufferSpace:
         self.closed = False
         #: returns of user references the space ignored (no reference held)
         self.bad_user_returns = 0
+        #: this space's place in its :class:`SpaceSet` (a zcrx area's id; 0 for a lone space)
+        self.index = 0
 
     @classmethod
     def create(cls, name: str, count: int, buf_len: int) -> BufferSpace:
@@ -465,7 +493,7 @@ class BufferSpace:
             if pool is None:
                 self.put_free(ids)
             else:
-                pool.recycle(ids)
+                pool.recycle(ids, self)
             return
         for pid in np.unique(owners).tolist():
             sub = ids[owners == pid]
@@ -473,7 +501,7 @@ class BufferSpace:
             if pool is None:
                 self.put_free(sub)
             else:
-                pool.recycle(sub)
+                pool.recycle(sub, self)
 
     # -- ledger ------------------------------------------------------------------------------
 
@@ -516,12 +544,20 @@ class BufferSpace:
         for pid, pool in self.pools.items():
             mine = pp == pid
             n_cache = int(np.count_nonzero(mine & cache))
-            if n_cache != len(pool.cache):
-                problems.append(f"pool {pid}: cache holds {len(pool.cache)}, "
-                                f"ledger says {n_cache}")
-            elif n_cache and not cache[pool.cache.peek_all()].all():
-                problems.append(f"pool {pid}: cache lists a buffer not in POOL_CACHE")
+            cached = pool.cache.peek_all()
             n_fly = int(np.count_nonzero(mine & ~cache))
+            if len(pool.spaces) > 1:
+                # a pool over several spaces: its cache holds keys of all of them, its
+                # in-flight count covers all of them
+                cached = cached[(cached >> KEY_SHIFT) == self.index] & KEY_MASK
+                for sp in pool.spaces.spaces:
+                    if sp is not self and not sp.closed:
+                        n_fly += int(np.count_nonzero((sp.pp == pid) & (sp.state != _CACHE)))
+            if n_cache != len(cached):
+                problems.append(f"pool {pid}: cache holds {len(cached)}, "
+                                f"ledger says {n_cache}")
+            elif n_cache and not cache[cached].all():
+                problems.append(f"pool {pid}: cache lists a buffer not in POOL_CACHE")
             if n_fly != pool.inflight:
                 problems.append(f"pool {pid}: inflight {pool.inflight}, ledger says {n_fly}")
         if problems:
@@ -537,33 +573,173 @@ def _window(flat: NDArray[np.uint8], width: int) -> NDArray[np.uint8]:
 
 
 # --------------------------------------------------------------------------------------------
+# A set of spaces: what one page pool draws from
+# --------------------------------------------------------------------------------------------
+
+class SpaceSet:
+    """The buffer spaces one page pool draws from, by index: a queue's kernel pages (one
+    space) or a zcrx ifq's areas (index = area id, Linux 7.3 can add areas while the queue
+    runs).  Every space has the same ``buf_len``.
+
+    A buffer of the set is named by a *key*, ``(index << KEY_SHIFT) | buffer id``; space 0's
+    keys are its buffer ids, so a one-space set costs nothing extra.  The pool's cache, the
+    netdev's posted FIFO and a NAPI batch's frags are keys; each space's ledger arrays stay
+    indexed by its own buffer ids, and :meth:`groups` splits a key batch by space (one
+    numpy pass per space present, never per buffer).  ``sids`` (the spaces' ids, ascending:
+    spaces are added in creation order) and ``counts`` are arrays for vectorised checks.
+    """
+
+    __slots__ = ("buf_len", "counts", "sids", "spaces", "total")
+
+    def __init__(self, spaces: list[BufferSpace] | tuple[BufferSpace, ...] = ()) -> None:
+        self.spaces: list[BufferSpace] = []
+        self.sids = np.empty(0, dtype=np.int64)
+        self.counts = np.empty(0, dtype=np.int64)
+        self.total = 0
+        self.buf_len = 0
+        for sp in spaces:
+            self.add(sp)
+
+    def __len__(self) -> int:
+        return len(self.spaces)
+
+    def __repr__(self) -> str:
+        return f"SpaceSet({len(self.spaces)} spaces, {self.total} x {self.buf_len})"
+
+    def add(self, space: BufferSpace) -> int:
+        """Append ``space`` (its :attr:`BufferSpace.index` becomes its place); returns it."""
+        if self.spaces and space.buf_len != self.buf_len:
+            raise Misuse(f"{space}: buffers of {space.buf_len} bytes in a set of "
+                         f"{self.buf_len}")
+        if len(self.sids) and space.space_id <= int(self.sids[-1]):
+            raise InvariantBroken(f"{space}: added out of creation order")
+        index = len(self.spaces)
+        space.index = index
+        self.spaces.append(space)
+        self.sids = np.append(self.sids, space.space_id)
+        self.counts = np.append(self.counts, space.count)
+        self.total += space.count
+        self.buf_len = space.buf_len
+        return index
+
+    @staticmethod
+    def keys(space: BufferSpace, ids: NDArray[np.int64]) -> NDArray[np.int64]:
+        """The keys of buffers ``ids`` of ``space``."""
+        return ids | (space.index << KEY_SHIFT) if space.index else ids
+
+    def groups(self, keys: NDArray[np.int64]) -> list[tuple[BufferSpace, NDArray[np.int64]]]:
+        """``keys`` split by space: ``[(space, its buffer ids)]`` in index order, each in
+        the keys' order (a single space: no copy)."""
+        if len(self.spaces) == 1:
+            return [(self.spaces[0], keys)]
+        if not len(keys):
+            return []
+        idx = keys >> KEY_SHIFT
+        i0 = int(idx[0])
+        if not np.count_nonzero(idx != i0):
+            return [(self.spaces[i0], keys & KEY_MASK if i0 else keys)]
+        return [(self.spaces[i], keys[idx == i] & KEY_MASK) for i in np.unique(idx).tolist()]
+
+    def check_keys(self, keys: ArrayLike) -> NDArray[np.int64]:
+        """``keys`` as int64, or :class:`Misuse` if any names no buffer of the set."""
+        a = as_ids(keys)
+        if len(self.spaces) == 1:
+            return self.spaces[0].check_ids(a)
+        idx = a >> KEY_SHIFT
+        bad = idx.view(np.uint64) >= len(self.spaces)
+        bad |= (a & KEY_MASK) >= self.counts[np.minimum(idx, len(self.spaces) - 1)]
+        if np.count_nonzero(bad):
+            raise Misuse(f"{self}: buffer key out of range")
+        return a
+
+    def user_refs(self, keys: NDArray[np.int64]) -> NDArray[np.int32]:
+        """The ``user_refs`` of every key's buffer, in the keys' order."""
+        if len(self.spaces) == 1:
+            return self.spaces[0].user_refs[keys]
+        out = np.empty(len(keys), dtype=np.int32)
+        idx = keys >> KEY_SHIFT
+        for i in np.unique(idx).tolist():
+            sel = idx == i
+            out[sel] = self.spaces[i].user_refs[keys[sel] & KEY_MASK]
+        return out
+
+    def find(self, src: NDArray[np.int64], buf: NDArray[np.int64]
+             ) -> tuple[NDArray[np.bool_], NDArray[np.int64]]:
+        """Which of the buffers ``buf`` of spaces ``src`` (space ids) belong to the set, and
+        their keys (meaningless where they do not)."""
+        sids = self.sids
+        if len(sids) == 1:
+            return src == sids[0], buf
+        i = np.minimum(np.searchsorted(sids, src), len(sids) - 1)
+        return sids[i] == src, buf | (i << KEY_SHIFT)
+
+    def put_ref(self, keys: NDArray[np.int64]) -> int:
+        """:meth:`BufferSpace.put_ref` of every key's buffer; returns how many recycled."""
+        return sum(sp.put_ref(ids) for sp, ids in self.groups(keys))
+
+    def free_count(self) -> int:
+        """Free buffers over every space."""
+        return sum(sp.free_count for sp in self.spaces)
+
+    def take_free(self, n: int) -> NDArray[np.int64]:
+        """Up to ``n`` free buffers walking the spaces in order (Linux 7.3's slow path and
+        ``io_alloc_fallback_niov`` walk a zcrx ifq's areas so), as keys."""
+        first = self.spaces[0].take_free(n)
+        if len(first) == n or len(self.spaces) == 1:
+            return first
+        parts = [first]
+        n -= len(first)
+        for sp in self.spaces[1:]:
+            if n <= 0:
+                break
+            ids = sp.take_free(n)
+            if len(ids):
+                parts.append(self.keys(sp, ids))
+                n -= len(ids)
+        return np.concatenate(parts)
+
+    def put_free(self, keys: NDArray[np.int64]) -> None:
+        """:meth:`BufferSpace.put_free` of every key's buffer."""
+        for sp, ids in self.groups(keys):
+            sp.put_free(ids)
+
+
+# --------------------------------------------------------------------------------------------
 # Memory providers
 # --------------------------------------------------------------------------------------------
 
 class MemoryProvider(ABC):
     """Where a page pool's buffers come from (Linux's ``memory_provider_ops``).
 
-    ``kind`` names the provider in status output ("pages", "io-uring").  ``dma_map_id`` is
-    the IOVA map id of :attr:`space` when the provider mapped it itself (a zcrx area mapped
-    at registration); ``None`` means the driver maps the space for the NIC.
+    ``kind`` names the provider in status output ("pages", "io-uring").  ``space`` is the
+    first (often the only) space; ``spaces`` the :class:`SpaceSet` the pool draws from (a
+    provider may add spaces while pools run: :meth:`PagePool.attach`).  Buffers travel as
+    keys of that set.  :meth:`map_id` is the IOVA map id of space ``index`` when the provider
+    mapped it itself (a zcrx area is mapped at registration); ``None`` means the driver maps
+    the space for the NIC (a one-space provider only).
     """
 
     kind: str = "pages"
     dma_map_id: int | None = None
 
-    def __init__(self, space: BufferSpace) -> None:
+    def __init__(self, space: BufferSpace, spaces: SpaceSet | None = None) -> None:
         self.space = space
+        self.spaces = spaces if spaces is not None else SpaceSet([space])
+
+    def map_id(self, index: int) -> int | None:
+        """The DMA map id of space ``index`` (:attr:`dma_map_id` for space 0)."""
+        return self.dma_map_id if index == 0 else None
 
     @abstractmethod
     def alloc(self, pool: PagePool, n: int) -> NDArray[np.int64]:
-        """Hand up to ``n`` buffers to ``pool`` (return their ids, still FREE; the pool binds
-        them).  May instead recycle buffers into ``pool``'s cache as a side effect (the zcrx
-        refill queue does), and should then return only ``n - len(pool.cache)`` more; returns
-        fewer, even none, when memory is short."""
+        """Hand up to ``n`` buffers to ``pool`` (return their keys, still FREE; the pool
+        binds them).  May instead recycle buffers into ``pool``'s cache as a side effect (the
+        zcrx refill queue does), and should then return only ``n - len(pool.cache)`` more;
+        returns fewer, even none, when memory is short."""
 
     @abstractmethod
     def release(self, pool: PagePool, ids: NDArray[np.int64]) -> None:
-        """Take buffers back from ``pool`` (no references left): they become FREE."""
+        """Take buffers (keys) back from ``pool`` (no references left): they become FREE."""
 
     def init(self, pool: PagePool) -> None:  # noqa: B027 - optional hook
         """A pool starts using this provider."""
@@ -592,12 +768,13 @@ class PagePool:
     """One RX queue's buffer pool: an alloc cache in front of a memory provider.
 
     Args:
-        provider: where buffers come from; its ``space`` holds them.
+        provider: where buffers come from; its ``spaces`` hold them.
         on_destroyed: called once, with the pool, when destruction completes.
         name: for diagnostics (e.g. ``"eth0.q1"``).
 
-    ``inflight`` counts this pool's buffers outside its cache (DRIVER, POSTED, IN_SKB,
-    USER).  Buffer ids are int64 arrays; nothing loops per buffer.
+    Buffers are keys of :attr:`spaces` (:class:`SpaceSet`; a one-space pool's keys are its
+    buffer ids).  ``inflight`` counts this pool's buffers outside its cache (DRIVER, POSTED,
+    IN_SKB, USER) over every space.  Key batches are int64 arrays; nothing loops per buffer.
     """
 
     def __init__(self, provider: MemoryProvider, *,
@@ -606,24 +783,33 @@ class PagePool:
         self.id = next(_pool_ids)
         self.provider = provider
         self.space = provider.space
+        self.spaces = provider.spaces
         self.name = name
-        self.cache = IdFifo(self.space.count)
+        self.cache = IdFifo(self.spaces.total)
         self.inflight = 0
         self.destroying = False
         self.destroyed = False
         self.on_destroyed = on_destroyed
         #: allocation calls that got fewer buffers than asked for
         self.alloc_short = 0
-        self.space.pools[self.id] = self
+        for sp in self.spaces.spaces:
+            sp.pools[self.id] = self
         provider.init(self)
 
     def __repr__(self) -> str:
         return (f"PagePool(#{self.id} {self.name}, {self.provider.kind}, cache={len(self.cache)},"
                 f" inflight={self.inflight}{', destroying' if self.destroying else ''})")
 
+    def attach(self, space: BufferSpace) -> None:
+        """``space`` joined the provider's set (a zcrx area added while the queue runs): the
+        pool may now hold its buffers."""
+        if not self.destroyed:
+            space.pools[self.id] = self
+            self.cache.grow(self.spaces.total)
+
     def alloc(self, n: int) -> NDArray[np.int64]:
-        """Up to ``n`` buffers for the driver (state DRIVER, pp_ref 1): from the cache, then
-        the provider.  May return fewer (memory short); never more."""
+        """Up to ``n`` buffers (keys) for the driver (state DRIVER, pp_ref 1): from the
+        cache, then the provider.  May return fewer (memory short); never more."""
         if self.destroying:
             raise Misuse(f"{self}: alloc from a pool being destroyed")
         if n <= 0:
@@ -632,8 +818,8 @@ class PagePool:
         if len(ids) < n:
             fresh = self.provider.alloc(self, n - len(ids))
             if len(fresh):
-                sp = self.space
-                sp.pp[fresh] = self.id
+                for sp, b in self.spaces.groups(fresh):
+                    sp.pp[b] = self.id
             # The provider may have recycled buffers into our cache meanwhile (refill queue).
             more = self.cache.pop(n - len(ids) - len(fresh))
             parts = [p for p in (ids, more, fresh) if len(p)]
@@ -641,32 +827,40 @@ class PagePool:
             if len(ids) < n:
                 self.alloc_short += 1
         if len(ids):
-            sp = self.space
-            sp.state[ids] = _DRIVER
-            sp.pp_ref[ids] = 1
+            for sp, b in self.spaces.groups(ids):
+                sp.state[b] = _DRIVER
+                sp.pp_ref[b] = 1
             self.inflight += len(ids)
         return ids
 
     def post(self, ids: NDArray[np.int64]) -> None:
-        """The driver put these DRIVER buffers on the NIC's fill ring."""
-        self.space.state[ids] = _POSTED
+        """The driver put these DRIVER buffers (keys) on the NIC's fill ring."""
+        for sp, b in self.spaces.groups(ids):
+            sp.state[b] = _POSTED
 
-    def recycle(self, ids: NDArray[np.int64]) -> None:
-        """Take back buffers whose last reference dropped: into the cache, or to the
-        provider when the pool is being destroyed (which may complete the destruction)."""
+    def put_ref(self, ids: NDArray[np.int64]) -> int:
+        """Drop one page-pool reference per key (:meth:`BufferSpace.put_ref`)."""
+        return self.spaces.put_ref(ids)
+
+    def recycle(self, ids: NDArray[np.int64], space: BufferSpace | None = None) -> None:
+        """Take back buffers ``ids`` of ``space`` (default the first) whose last reference
+        dropped: into the cache, or to the provider when the pool is being destroyed (which
+        may complete the destruction)."""
         n = len(ids)
         if n == 0:
             return
+        sp = self.space if space is None else space
         self.inflight -= n
         if self.inflight < 0:
             raise InvariantBroken(f"{self}: more buffers recycled than were in flight")
+        keys = SpaceSet.keys(sp, ids)
         if self.destroying:
-            self.provider.release(self, ids)
+            self.provider.release(self, keys)
             if self.inflight == 0:
                 self._finish()
             return
-        self.space.state[ids] = _CACHE
-        self.cache.push(ids)
+        sp.state[ids] = _CACHE
+        self.cache.push(keys)
 
     def destroy(self) -> bool:
         """Start destruction: the cache goes back to the provider now; in-flight buffers
@@ -682,16 +876,22 @@ class PagePool:
 
     def _finish(self) -> None:
         self.destroyed = True
-        self.space.pools.pop(self.id, None)
+        for sp in self.spaces.spaces:
+            sp.pools.pop(self.id, None)
         self.provider.destroy(self)
         if self.on_destroyed is not None:
             cb, self.on_destroyed = self.on_destroyed, None
             cb(self)
 
     def ledger(self) -> dict[str, int]:
-        """The ledger of the pool's space (see :meth:`BufferSpace.ledger`)."""
+        """The ledger of the pool's first space (see :meth:`BufferSpace.ledger`)."""
         return self.space.ledger()
 
     def check_ledger(self) -> dict[str, int]:
-        """Verify the space's ledger (see :meth:`BufferSpace.check_ledger`)."""
-        return self.space.check_ledger()
+        """Verify the pool's spaces' ledgers (see :meth:`BufferSpace.check_ledger`); returns
+        the first one's."""
+        led = self.space.check_ledger()
+        for sp in self.spaces.spaces[1:]:
+            if not sp.closed:
+                sp.check_ledger()
+        return led

@@ -191,7 +191,7 @@ class IoUring:
             ring = Ring(self, task, fd, flags, sq_entries, cq_entries,
                         sq_idle_ms=int(p["sq_thread_idle"][0]))
         except BaseException:
-            del task.files[fd]
+            task.remove(fd)
             raise
         task.files[fd] = ring
         self.rings.append(ring)

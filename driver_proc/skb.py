@@ -43,7 +43,7 @@ from typing import NamedTuple
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from driver_proc.page_pool import BufferSpace, _window, as_ids
+from driver_proc.page_pool import KEY_MASK, KEY_SHIFT, BufferSpace, SpaceSet, _window, as_ids
 from shared.errors import InvariantBroken, Misuse
 
 __all__ = ["LINEAR", "Chunks", "SkbStore"]
@@ -91,6 +91,29 @@ def _per_skb(v: ArrayLike | None, n: int) -> NDArray[np.int64]:
     if len(a) != n:
         raise Misuse(f"expected {n} values, got {len(a)}")
     return a
+
+
+class _FragSrc(NamedTuple):
+    """Frag buffers of a batch resolved to segment fields: ``src`` (a space id, or one per
+    frag), ``buf`` (buffer ids in their spaces) and the ``(space, ids)`` groups whose
+    references the skbs take over."""
+
+    src: int | NDArray[np.int64]
+    buf: NDArray[np.int64]
+    groups: list[tuple[BufferSpace, NDArray[np.int64]]]
+
+
+def _frag_src(space: BufferSpace | SpaceSet, frag_bufs: ArrayLike) -> _FragSrc:
+    """Check and resolve frag buffers: ids of ``space``, or keys of a :class:`SpaceSet`
+    (a NAPI batch of a queue whose pool spans several spaces, e.g. zcrx areas)."""
+    if isinstance(space, SpaceSet):
+        if len(space) > 1:
+            keys = space.check_keys(frag_bufs)
+            return _FragSrc(space.sids[keys >> KEY_SHIFT], keys & KEY_MASK,
+                            space.groups(keys))
+        space = space.spaces[0]
+    bufs = space.check_ids(frag_bufs)
+    return _FragSrc(space.space_id, bufs, [(space, bufs)])
 
 
 def _expand(starts: NDArray[np.int64], counts: NDArray[np.int64]) -> NDArray[np.int64]:
@@ -241,7 +264,7 @@ class SkbStore:
 
     # -- building ----------------------------------------------------------------------------
 
-    def add_batch(self, n: int, *, space: BufferSpace | None = None,
+    def add_batch(self, n: int, *, space: BufferSpace | SpaceSet | None = None,
                   nr_frags: ArrayLike | None = None, frag_bufs: ArrayLike | None = None,
                   frag_lens: ArrayLike | None = None, frag_offs: ArrayLike | None = None,
                   lin_src: NDArray[np.uint8] | None = None, lin_row: ArrayLike | None = None,
@@ -250,8 +273,9 @@ class SkbStore:
         """Build ``n`` skbs (one NAPI batch); return their handles.
 
         Frags: skb ``i`` gets the next ``nr_frags[i]`` entries of ``frag_bufs`` (buffer ids of
-        ``space``), ``frag_lens`` and ``frag_offs`` (default 0); a scalar ``nr_frags``
-        applies to every skb.  The skbs take over the caller's page-pool reference on each
+        ``space``, or keys of a :class:`SpaceSet`: frags of several spaces in one batch),
+        ``frag_lens`` and ``frag_offs`` (default 0); a scalar ``nr_frags`` applies to every
+        skb.  The skbs take over the caller's page-pool reference on each
         frag buffer (state IN_SKB).
 
         Linear part: ``lin_len[i]`` payload bytes copied from
@@ -270,10 +294,12 @@ class SkbStore:
         nf = _per_skb(nr_frags, n)
         F = int(nf.sum())
         bufs = flens = foffs = _EMPTY
+        fsrc: _FragSrc | None = None
         if F:
             if space is None or frag_bufs is None or frag_lens is None:
                 raise Misuse("frags need a space, frag_bufs and frag_lens")
-            bufs = space.check_ids(frag_bufs)
+            fsrc = _frag_src(space, frag_bufs)
+            bufs = fsrc.buf
             flens = as_ids(frag_lens)
             foffs = _per_skb(frag_offs, F)
             if len(bufs) != F or len(flens) != F:
@@ -331,9 +357,9 @@ class SkbStore:
                 self._s_len[pos] = lens
                 payload += ll
             if F:
-                assert space is not None
+                assert space is not None and fsrc is not None
                 fpos = _expand(starts + has_lin, nf)
-                self._s_src[fpos] = space.space_id
+                self._s_src[fpos] = fsrc.src
                 self._s_buf[fpos] = bufs
                 self._s_flat[fpos] = bufs * space.buf_len + foffs
                 self._s_len[fpos] = flens
@@ -344,18 +370,20 @@ class SkbStore:
         except BaseException:
             self._release_slots(slots)
             raise
-        if F:
-            assert space is not None
-            self._spaces[space.space_id] = space
-            space.to_skb(bufs)
+        if fsrc is not None:
+            for sp, b in fsrc.groups:
+                self._spaces[sp.space_id] = sp
+                sp.to_skb(b)
         return self._commit(slots, starts, seg_count, payload)
 
-    def _add_one_frag(self, n: int, space: BufferSpace | None, frag_bufs: ArrayLike | None,
-                      frag_lens: ArrayLike | None) -> NDArray[np.int64]:
+    def _add_one_frag(self, n: int, space: BufferSpace | SpaceSet | None,
+                      frag_bufs: ArrayLike | None, frag_lens: ArrayLike | None
+                      ) -> NDArray[np.int64]:
         """The NAPI fast path: every skb is one frag at the start of its buffer."""
         if space is None or frag_bufs is None or frag_lens is None:
             raise Misuse("frags need a space, frag_bufs and frag_lens")
-        bufs = space.check_ids(frag_bufs)
+        fsrc = _frag_src(space, frag_bufs)
+        bufs = fsrc.buf
         flens = as_ids(frag_lens)
         if len(bufs) != n or len(flens) != n:
             raise Misuse(f"{n} frags announced, {len(bufs)} buffers, {len(flens)} lengths")
@@ -364,12 +392,13 @@ class SkbStore:
         slots = self._alloc_slots(n)
         base = self._reserve_segs(n)
         sl = slice(base, base + n)
-        self._s_src[sl] = space.space_id
+        self._s_src[sl] = fsrc.src
         self._s_buf[sl] = bufs
         np.multiply(bufs, space.buf_len, out=self._s_flat[sl])
         self._s_len[sl] = flens
-        self._spaces[space.space_id] = space
-        space.to_skb(bufs)
+        for sp, b in fsrc.groups:
+            self._spaces[sp.space_id] = sp
+            sp.to_skb(b)
         return self._commit(slots, np.arange(base, base + n, dtype=np.int64), 1, flens)
 
     def _commit(self, slots: NDArray[np.int64], starts: NDArray[np.int64],

@@ -36,12 +36,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from driver_proc.files import NOFILE_MAX, SkbStore, SocketFile, Sockets, Task, Tasks
 from driver_proc.io_uring import Wait
 from driver_proc.setup import IoUring
 from driver_proc.tcp import SocketTable
 from driver_proc.zcrx import Zcrx
-from shared import abi
+from shared import abi, bpf
 from shared.control import DEFER, ControlServer, Handler, HandlerResult, Reply, peer_cred
 from shared.errors import Misuse
 from shared.msg import Message
@@ -127,8 +129,17 @@ def sys_bye(ctx: KernelContext, msg: Message, peer: Any) -> HandlerResult:
 
 
 def sys_mm_map(ctx: KernelContext, msg: Message, peer: Any) -> HandlerResult:
+    """``mm_map`` by shm name, or by the caller's own descriptor number (``fd``): the
+    kernel opens ``/proc/<task pid>/fd/<fd>``, the pid being the one the OS gave at attach,
+    and checks the task's pidfd is still alive after that open (a reused pid is refused)."""
     b = msg.body
-    addr = _task(ctx, peer).mm.map(b["name"], b["length"], b["prot"])
+    task = _task(ctx, peer)
+    if b["fd"] >= 0:
+        watch = task.watch
+        alive = (lambda: not watch.dead) if watch is not None else None
+        addr = task.mm.map_fd(task.pid, b["fd"], b["length"], b["prot"], alive=alive)
+    else:
+        addr = task.mm.map(b["name"], b["length"], b["prot"])
     return {"addr": addr}
 
 
@@ -156,7 +167,7 @@ def sys_mmap(ctx: KernelContext, msg: Message, peer: Any) -> HandlerResult:
 def sys_socket(ctx: KernelContext, msg: Message, peer: Any) -> HandlerResult:
     b = msg.body
     task = _task(ctx, peer)
-    sf = ctx.sockets.socket(b["domain"], b["type"], b["protocol"])
+    sf = ctx.sockets.socket(b["domain"], b["type"], b["protocol"], uid=task.uid)
     return {"res": task.install(sf)}
 
 
@@ -198,6 +209,38 @@ def sys_getsockopt(ctx: KernelContext, msg: Message, peer: Any) -> HandlerResult
         raise Misuse(f"getsockopt level {b['level']} optname {b['optname']}", errno.ENOPROTOOPT)
     napi_id = sf.conn.napi_id if sf.conn is not None else 0
     return {"res": 0, "value": napi_id if napi_id >= MIN_NAPI_ID else 0}
+
+
+def sys_setsockopt(ctx: KernelContext, msg: Message, peer: Any) -> HandlerResult:
+    """``SO_REUSEPORT``, ``SO_ATTACH_REUSEPORT_CBPF``, ``SO_DETACH_REUSEPORT_BPF``
+    (``sk_setsockopt``): an int option shorter than 4 bytes is ``-EINVAL``; the program's
+    ``struct sock_fprog`` must be exactly 16 bytes (``-EINVAL``) and its instructions are
+    read through the task's mm (``-EFAULT``), then checked (:func:`shared.bpf.check`)."""
+    b = msg.body
+    task = _task(ctx, peer)
+    sf: SocketFile = task.get_socket(b["fd"])
+    optval = msg.blobs[0]
+    name = b["optname"]
+    if b["level"] != SOL_SOCKET or name not in (bpf.SO_REUSEPORT, bpf.SO_ATTACH_REUSEPORT_CBPF,
+                                                bpf.SO_DETACH_REUSEPORT_BPF):
+        raise Misuse(f"setsockopt level {b['level']} optname {name}", errno.ENOPROTOOPT)
+    if name == bpf.SO_ATTACH_REUSEPORT_CBPF:
+        if len(optval) != bpf.sock_fprog.itemsize:
+            raise Misuse(f"sock_fprog is {bpf.sock_fprog.itemsize} bytes", errno.EINVAL)
+        fprog = np.frombuffer(optval, dtype=bpf.sock_fprog)[0]
+        n, ptr = int(fprog["len"]), int(fprog["filter"])
+        if n == 0 or n > bpf.BPF_MAXINSNS:
+            raise Misuse(f"sock_fprog.len {n}", errno.EINVAL)
+        raw = task.mm.resolve(ptr, n * bpf.sock_filter.itemsize, write=False)
+        ctx.sockets.attach_reuseport_cbpf(sf, bpf.check(bpf.unpack(raw.tobytes())))
+        return {"res": 0}
+    if len(optval) < 4:
+        raise Misuse("optlen < sizeof(int)", errno.EINVAL)
+    if name == bpf.SO_REUSEPORT:
+        ctx.sockets.set_reuseport(sf, int.from_bytes(optval[:4], "little", signed=True) != 0)
+    else:
+        ctx.sockets.detach_reuseport_bpf(sf)
+    return {"res": 0}
 
 
 def sys_setrlimit(ctx: KernelContext, msg: Message, peer: Any) -> HandlerResult:
@@ -253,6 +296,7 @@ SYSCALLS: dict[str, SyscallHandler] = {
     "getsockname": sys_getsockname,
     "getpeername": sys_getpeername,
     "getsockopt": sys_getsockopt,
+    "setsockopt": sys_setsockopt,
     "setrlimit": sys_setrlimit,
     "io_uring_setup": sys_io_uring_setup,
     "io_uring_enter": sys_io_uring_enter,

@@ -64,16 +64,18 @@ States
 
 Decisions and departures from Linux (receive side only; see also DESIGN.md §9)
 -----------------------------------------------------------------------------
-* No ACKs, windows or congestion control are sent or tracked.  ``rcv_wnd`` (default 2**30,
+* Nothing is sent from here: what the host transmits (SYN-ACK, ACKs, the advertised window,
+  FIN, RST) is decided by :mod:`driver_proc.tcp_output` from this layer's state after each
+  batch.  No congestion control.  ``rcv_wnd`` (default 2**30,
   Linux's largest scaled window) only bounds what counts as "future": a segment starting
   ``rcv_wnd`` or more beyond ``rcv_nxt`` is ``bad_seq`` and dropped.  The ACK number is not
   checked; every segment except a SYN or RST must carry the ACK flag (``no_ack`` otherwise),
   as Linux requires.
 * SYN + data is **accepted** (as TCP Fast Open with a valid cookie would): the payload starts at
   ISN + 1.  Linux without TFO drops it and relies on the sender retransmitting after the
-  SYN-ACK; our senders never get a SYN-ACK, so dropping would silently lose the bytes.  A SYN
-  whose sequence number is not the ISN, or SYN with FIN or RST, is ``bad_syn``.  A SYN carrying
-  ACK reaching a listener is ``bad_syn`` (Linux answers with RST).
+  SYN-ACK; the emulated senders ignore the SYN-ACK, so dropping would silently lose the
+  bytes.  A SYN whose sequence number is not the ISN, or SYN with FIN or RST, is ``bad_syn``.
+  A SYN carrying ACK reaching a listener is ``bad_syn`` (Linux answers with RST).
 * The backlog bounds connections that are not yet accepted (SYN_RECV plus the accept queue); a
   SYN beyond it is dropped and counted in ``listen_overflow`` (Linux's ListenDrops).  With no
   retransmitting sender the flow's later segments then count as ``no_socket``.
@@ -99,6 +101,7 @@ Decisions and departures from Linux (receive side only; see also DESIGN.md §9)
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import enum
 import errno
 import ipaddress
@@ -109,6 +112,8 @@ from typing import Final, NamedTuple
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from driver_proc.sock_reuseport import ReuseportGroup, flow_hash
+from shared.bpf import ETH_P_IP, ETH_P_IPV6, Program, SkbInfo
 from shared.errors import InvariantBroken, Misuse
 
 __all__ = [
@@ -951,6 +956,8 @@ class Listener:
         self.port = port
         self.backlog = backlog
         self.closed = False
+        #: the SO_REUSEPORT group this listener belongs to (None without SO_REUSEPORT)
+        self.reuse: ReuseportGroup[Listener] | None = None
         self._pending: dict[bytes, TcpReceiver] = {}  # SYN_RECV, keyed by flow
         self._ready: deque[TcpReceiver] = deque()     # established, not yet accepted
 
@@ -986,6 +993,9 @@ class TableStats:
     listen_overflow: int = 0  #: SYNs dropped because the backlog was full
     bad_syn: int = 0          #: SYN+ACK/FIN/RST reaching a listener
     connections: int = 0      #: connections created from a SYN
+    reuseport_by_prog: int = 0       #: SYNs a reuseport group's BPF program placed
+    reuseport_prog_fallback: int = 0  #: ... whose program returned an index past the group
+    reuseport_by_hash: int = 0       #: SYNs a group without a program placed by hash
 
     def as_dict(self) -> dict[str, int]:
         """Return the counters by name."""
@@ -1018,6 +1028,8 @@ class SocketTable:
         self.rcv_wnd = rcv_wnd
         self.stats = TableStats()
         self._listeners: dict[tuple[bytes | None, int], Listener] = {}
+        #: SO_REUSEPORT listeners: one group per (address, port), Linux's sock_reuseport
+        self._reuse: dict[tuple[bytes | None, int], ReuseportGroup[Listener]] = {}
         self._conns: dict[bytes, TcpReceiver] = {}
 
     def __len__(self) -> int:
@@ -1027,7 +1039,8 @@ class SocketTable:
 
     def listen(self, port: int,
                addr: str | bytes | int | ipaddress.IPv4Address | ipaddress.IPv6Address | None
-               = None, backlog: int = DEFAULT_BACKLOG) -> Listener:
+               = None, backlog: int = DEFAULT_BACKLOG, *, reuseport: bool = False,
+               uid: int | None = None, prog: Program | None = None) -> Listener:
         """Bind and listen (``socket`` + ``bind`` + ``listen``).
 
         Args:
@@ -1035,6 +1048,10 @@ class SocketTable:
             addr: local address; ``None``, ``0.0.0.0`` or ``::`` listen on every address
                 (dual-stack).
             backlog: most connections not yet accepted (>= 1).
+            reuseport: SO_REUSEPORT: join (at the end) the group of listeners on the same
+                address and port owned by ``uid``, or start one.
+            prog: a program attached before listen; it becomes the group's only when this
+                listener starts the group (Linux drops a joining socket's own group).
 
         Raises:
             Misuse: bad port/backlog (EINVAL) or the address and port are taken (EADDRINUSE).
@@ -1046,20 +1063,49 @@ class SocketTable:
         raw = None if addr is None else ip_bytes(addr)
         if raw in (bytes(16), _V4_MAPPED_PREFIX + bytes(4)):
             raw = None
-        if (raw, port) in self._listeners:
+        group = self._reuse.get((raw, port))
+        if (raw, port) in self._listeners or (group is not None and (
+                not reuseport or group.uid != uid)):
             raise Misuse(f"port {port} already in use", errno=errno.EADDRINUSE)
         lst = Listener(raw, port, backlog)
-        self._listeners[(raw, port)] = lst
+        if reuseport:
+            if group is None:
+                group = self._reuse[(raw, port)] = ReuseportGroup(uid, prog=prog)
+            group.add(lst)
+            lst.reuse = group
+        else:
+            self._listeners[(raw, port)] = lst
         return lst
 
     def lookup(self, key: bytes) -> TcpReceiver | None:
         """Return the connection of a flow key, if any."""
         return self._conns.get(key)
 
-    def find_listener(self, key: bytes) -> Listener | None:
-        """Return the listener a SYN with this flow key reaches (exact address first)."""
+    def find_listener(self, key: bytes, skb: SkbInfo | None = None) -> Listener | None:
+        """Return the listener a SYN with this flow key reaches (exact address first).
+
+        A reuseport group picks one member per SYN (:meth:`ReuseportGroup.select`); ``skb``
+        is what its program may read (the SYN's queue, CPU, payload length...)."""
         port = int.from_bytes(key[34:36], "big")
-        return self._listeners.get((key[18:34], port)) or self._listeners.get((None, port))
+        for where in ((key[18:34], port), (None, port)):
+            lst = self._listeners.get(where)
+            if lst is not None:
+                return lst
+            group = self._reuse.get(where)
+            if group is not None:
+                info = skb if skb is not None else SkbInfo()
+                proto = ETH_P_IP if key[18:30] == _V4_MAPPED_PREFIX else ETH_P_IPV6
+                if info.protocol != proto:
+                    info = dataclasses.replace(info, protocol=proto)
+                lst, how = group.select(flow_hash(key), info)
+                setattr(self.stats, f"reuseport_{how}",
+                        getattr(self.stats, f"reuseport_{how}") + 1)
+                return lst
+        return None
+
+    def reuseport_group(self, lst: Listener) -> ReuseportGroup[Listener] | None:
+        """The SO_REUSEPORT group of a listener (None without SO_REUSEPORT)."""
+        return lst.reuse
 
     def close(self, sock: TcpReceiver) -> NDArray[np.int64]:
         """Close a connection (accepted or not); return the handles it still held."""
@@ -1078,6 +1124,10 @@ class SocketTable:
         """Stop listening; close connections never accepted; return the handles they held."""
         if self._listeners.get((lst.addr, lst.port)) is lst:
             del self._listeners[(lst.addr, lst.port)]
+        if lst.reuse is not None:  # reuseport_detach_sock: the last member takes its index
+            if lst.reuse.detach(lst) and self._reuse.get((lst.addr, lst.port)) is lst.reuse:
+                del self._reuse[(lst.addr, lst.port)]
+            lst.reuse = None
         lst.closed = True
         out = [self.close(s) for s in [*lst._pending.values(), *lst._ready]]
         return np.concatenate(out) if out else _EMPTY_I64
@@ -1085,12 +1135,15 @@ class SocketTable:
     # ---- data plane ------------------------------------------------------------------------
 
     def ingest_batch(self, keys: NDArray[np.void], seqs: ArrayLike, lens: ArrayLike,
-                     flags: ArrayLike, handles: ArrayLike) -> BatchResult:
+                     flags: ArrayLike, handles: ArrayLike,
+                     rx: SkbInfo | None = None) -> BatchResult:
         """Ingest a NAPI batch of several flows: group by flow, one ingest per flow.
 
         Args:
             keys: flow keys (``V36``, see :func:`flow_keys`), one per segment.
             seqs, lens, flags, handles: as in :meth:`TcpReceiver.ingest`.
+            rx: where the batch was received (queue, ifindex, CPU), for a reuseport
+                group's program; read only for a SYN that reaches a group.
 
         Returns:
             The merged result; per flow, segments are processed in arrival order.
@@ -1102,20 +1155,20 @@ class SocketTable:
             raise Misuse("keys, seqs, lens, flags and handles must be equally long")
         order, bounds = group_by_flow(keys)
         if len(bounds) == 2:
-            return self.ingest_flow(keys[0].tobytes(), s, ln, f, h)
+            return self.ingest_flow(keys[0].tobytes(), s, ln, f, h, rx)
         freed: list[NDArray[np.int64]] = []
         socks: dict[int, TcpReceiver] = {}
         lsts: dict[int, Listener] = {}
         for g in range(len(bounds) - 1):
             idx = order[bounds[g]:bounds[g + 1]]
-            r = self.ingest_flow(keys[idx[0]].tobytes(), s[idx], ln[idx], f[idx], h[idx])
+            r = self.ingest_flow(keys[idx[0]].tobytes(), s[idx], ln[idx], f[idx], h[idx], rx)
             freed.append(r.freed)
             socks.update((id(x), x) for x in r.sockets)
             lsts.update((id(x), x) for x in r.listeners)
         return BatchResult(np.concatenate(freed), list(socks.values()), list(lsts.values()))
 
     def ingest_flow(self, key: bytes, seqs: ArrayLike, lens: ArrayLike, flags: ArrayLike,
-                    handles: ArrayLike) -> BatchResult:
+                    handles: ArrayLike, rx: SkbInfo | None = None) -> BatchResult:
         """Ingest segments of one flow (in arrival order).
 
         An existing connection takes them all.  Otherwise the first acceptable SYN to a
@@ -1132,7 +1185,8 @@ class SocketTable:
         pre: list[NDArray[np.int64]] = []
         pos = 0
         for i in np.flatnonzero(f & SYN).tolist():
-            lst = self.find_listener(key)
+            syn = None if rx is None else dataclasses.replace(rx, length=int(ln[i]))
+            lst = self.find_listener(key, syn)
             if lst is None:
                 break
             self.stats.no_socket += i - pos

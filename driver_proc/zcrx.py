@@ -16,7 +16,7 @@ Linux functions mirrored
   (:meth:`Zcrx._create_area`), ``net_mp_open_rxq`` / ``net_mp_close_rxq`` (the netdev's
   ``mp_open_rxq`` / ``mp_close_rxq``, called by :meth:`Zcrx._bind` / :meth:`Zcrx._terminate`);
 * the memory provider ``io_uring_pp_zc_ops`` (:class:`ZcrxProvider`): ``alloc_netmems``
-  (``alloc``: ``io_zcrx_ring_refill`` = :meth:`Ifq.consume_rq`, then the area freelist),
+  (``alloc``: ``io_zcrx_ring_refill`` = :meth:`Ifq.consume_rq`, then the area freelists),
   ``release_netmem`` (``release``), ``init`` / ``destroy``;
 * RECV_ZC: ``io_recvzc`` (:meth:`RecvZcRequest.attempt`), ``io_zcrx_tcp_recvmsg`` /
   ``tcp_read_sock`` (:meth:`RecvZcRequest._pass`), ``io_zcrx_recv_skb`` /
@@ -95,7 +95,10 @@ Semantics (zcrx-kernel.md §1-6, §10; conformance.md §5)
 * **Memory provider** (:class:`ZcrxProvider`): ``alloc`` consumes the RQ first, lazily (only
   when the pool is short) and at most as many RQEs as buffers are needed; each valid RQE drops
   one user reference (a return without one is ignored and counted), and a niov whose last
-  reference went is recycled into the pool's cache; then it takes from the area freelist; with
+  reference went is recycled into the pool's cache; then it takes from the area freelists,
+  walked in order (every area of the ifq: Linux 7.3's slow path; the pool names niovs by keys
+  ``area id << 32 | niov`` of the ifq's :class:`~driver_proc.page_pool.SpaceSet`, and each
+  area added while the queue runs joins its pools at once); with
   neither the pool gets fewer buffers and the queue starves (the NIC pauses or drops).  On
   Linux 7.3 the refill walks past malformed RQEs until it has the buffers wanted, at most
   :data:`REFILL_CAP` RQEs per :data:`PP_ALLOC_CACHE_REFILL` buffers, and a run of RQEs naming
@@ -210,7 +213,14 @@ from driver_proc.files import SocketFile, Task
 from driver_proc.io_uring import Request, Ring, Sqe
 from driver_proc.netdev import MpNetdev
 from driver_proc.opdef import OpDef
-from driver_proc.page_pool import BufferSpace, MemoryProvider, PagePool
+from driver_proc.page_pool import (
+    KEY_MASK,
+    KEY_SHIFT,
+    BufferSpace,
+    MemoryProvider,
+    PagePool,
+    SpaceSet,
+)
 from driver_proc.setup import IoUring
 from driver_proc.skb import LINEAR
 from driver_proc.tcp import Pieces, TcpReceiver
@@ -263,7 +273,7 @@ COPY_CHUNK = PAGE_SIZE
 IFQ_COUNTERS = (
     "rq_consumed",          # RQEs consumed (head advanced past them), valid or not
     "rq_returned",          # user references returned by valid RQEs
-    "rq_invalid_area",      # RQE area id != 0
+    "rq_invalid_area",      # RQE area id names no area of the ifq
     "rq_invalid_pad",       # RQE __pad != 0
     "rq_invalid_range",     # niov index >= niov count
     "rq_invalid_noref",     # return of a niov without a user reference (ignored)
@@ -271,7 +281,7 @@ IFQ_COUNTERS = (
     "rq_tail_faults",       # impossible RQ tail values (tail - head clamped to rq_entries)
     "alloc_calls",          # page-pool allocations that reached the provider
     "alloc_from_rq",        # buffers those got by recycling through the RQ
-    "alloc_from_freelist",  # buffers those took from the area freelist
+    "alloc_from_freelist",  # buffers those took from the area freelists
     "alloc_fail",           # allocations that came back short (the queue starves)
     "flushes",              # ZCRX_CTRL_FLUSH_RQ calls
     "zc_cqes",              # CQEs handing a niov over in place
@@ -292,6 +302,8 @@ IFQ_COUNTERS = (
 _U32 = 0xFFFFFFFF
 _LOW48 = (1 << abi.IORING_ZCRX_AREA_SHIFT) - 1
 _RQE_DTYPE = abi.io_uring_zcrx_rqe
+#: ``Ifq._parse_rqes`` kinds: an RQE's first fault (0: valid)
+_RQE_BAD_AREA, _RQE_BAD_PAD, _RQE_BAD_RANGE = 1, 2, 3
 _EMPTY = np.empty(0, dtype=np.int64)
 _EMPTY.flags.writeable = False
 _REG_FLAGS = abi.ZCRX_REG_IMPORT | abi.ZCRX_REG_NODEV
@@ -368,19 +380,30 @@ class ZcrxArea:
 class ZcrxProvider(MemoryProvider):
     """The io_uring memory provider of a hardware-bound ifq (``io_uring_pp_zc_ops``).
 
-    Pools built on it hand out the area's niovs: first recycled through the refill queue, then
-    from the area freelist.  ``pools`` are the live page pools using it (a relayout of the
-    queue creates a new one while the old one drains); the ifq's delayed destruction ends when
-    none is left.
+    Pools built on it hand out the niovs of every area of the ifq (its :class:`SpaceSet`,
+    shared: an area added later joins the running pools, :meth:`attach`), as keys ``area id
+    << 32 | niov``: first recycled through the refill queue, then from the area freelists
+    walked in order (Linux 7.3's slow path).  Each area is its own DMA mapping
+    (:meth:`map_id`).  ``pools`` are the live page pools using it (a relayout of the queue
+    creates a new one while the old one drains); the ifq's delayed destruction ends when none
+    is left.
     """
 
     kind = "io-uring"
 
     def __init__(self, ifq: Ifq) -> None:
-        super().__init__(ifq.area.space)
+        super().__init__(ifq.area.space, ifq.spaces)
         self.ifq = ifq
         self.dma_map_id = ifq.area.map_id
         self.pools: set[PagePool] = set()
+
+    def map_id(self, index: int) -> int | None:
+        return self.ifq.areas[index].map_id
+
+    def attach(self, space: BufferSpace) -> None:
+        """An area was added to the ifq: every pool may now draw from it."""
+        for pool in self.pools:
+            pool.attach(space)
 
     def alloc(self, pool: PagePool, n: int) -> NDArray[np.int64]:
         ifq = self.ifq
@@ -394,7 +417,7 @@ class ZcrxProvider(MemoryProvider):
             ifq.consume_rq(n, flush=False)
             got = min(len(pool.cache) - before, n)
             st["alloc_from_rq"] += got
-        fresh = self.space.take_free(n - got)
+        fresh = self.spaces.take_free(n - got)
         st["alloc_from_freelist"] += len(fresh)
         if got + len(fresh) < n:
             st["alloc_fail"] += 1
@@ -403,7 +426,7 @@ class ZcrxProvider(MemoryProvider):
         return fresh
 
     def release(self, pool: PagePool, ids: NDArray[np.int64]) -> None:
-        self.space.put_free(ids)
+        self.spaces.put_free(ids)
 
     def init(self, pool: PagePool) -> None:
         self.pools.add(pool)
@@ -457,7 +480,6 @@ class Ifq:
     users: set[object] = field(default_factory=set)
     counters: Counter[str] = field(default_factory=Counter)
     rq: RingConsumer | None = None
-    token: int = 0
     #: the Linux release the kernel acts as (RQ layout, refill behaviour)
     kernel: tuple[int, int] = abi.LINUX_VERSION
     #: events (7.2): ``zcrx_event_desc.user_data`` and ``type_mask``, the types that fired
@@ -468,10 +490,16 @@ class Ifq:
     events_fired: int = 0
     event_ring: Ring | None = None
     stats: np.ndarray | None = None
-    #: areas added with ZCRX_CTRL_ADD_AREA (7.3): area id i + 1 is ``more_areas[i]``
-    more_areas: list[ZcrxArea] = field(default_factory=list)
+    #: every area by area id (``area`` first; more with ZCRX_CTRL_ADD_AREA, 7.3) and their
+    #: niovs as one :class:`SpaceSet` (keys ``area id << 32 | niov``; ``spaces.counts`` the
+    #: niovs per area)
+    areas: list[ZcrxArea] = field(default_factory=list)
+    spaces: SpaceSet = field(default_factory=SpaceSet)
 
     def __post_init__(self) -> None:
+        if not self.areas:
+            self.areas.append(self.area)
+            self.spaces.add(self.area.space)
         if self.rq_mem is not None:
             layout = _rq_layout(self.rq_entries, self.kernel)
             for word in (layout.head, layout.tail):  # zeroed by the kernel at registration
@@ -482,7 +510,7 @@ class Ifq:
 
     def __repr__(self) -> str:
         where = "nodev" if self.dev is None else f"{self.dev.name}.q{self.rxq}"
-        return (f"<Ifq #{self.serial} {where} {self.state} niovs={self.area.count}"
+        return (f"<Ifq #{self.serial} {where} {self.state} niovs={self.niovs}"
                 f"x{self.area.buf_len} rq={self.rq_entries}>")
 
     @property
@@ -491,46 +519,39 @@ class Ifq:
 
     @property
     def space(self) -> BufferSpace:
-        """The first area's niovs (the only ones the hardware queue's page pool uses)."""
+        """The first area's niovs."""
         return self.area.space
-
-    @property
-    def areas(self) -> list[ZcrxArea]:
-        """Every area, by area id (the token is ``id << 48``)."""
-        return [self.area, *self.more_areas]
 
     @property
     def niovs(self) -> int:
         """niovs over every area."""
-        return self.area.count + sum(a.count for a in self.more_areas)
+        return self.spaces.total
 
     @property
     def free_count(self) -> int:
         """Free niovs over every area (what the copy fallback can take)."""
-        n = self.area.space.free_count
-        for a in self.more_areas:
-            n += a.space.free_count
-        return n
+        return self.spaces.free_count()
 
-    def take_free(self, n: int) -> list[NDArray[np.int64]]:
-        """Up to ``n`` free niovs walking the areas in order (Linux 7.3's slow path and
-        ``io_alloc_fallback_niov``): the ids taken from each area, by area id."""
-        out = []
-        for a in self.areas:
-            ids = a.space.take_free(n) if n > 0 else _EMPTY
-            out.append(ids)
-            n -= len(ids)
-        return out
+    def add_area(self, area: ZcrxArea) -> int:
+        """Append an area (``ZCRX_CTRL_ADD_AREA``, already DMA-mapped on a hardware queue):
+        its niovs join the set, and the queue's running page pools draw from it at once.
+        Returns its area id."""
+        self.areas.append(area)
+        aid = self.spaces.add(area.space)
+        if self.provider is not None:
+            self.provider.attach(area.space)
+        return aid
 
     # -- the refill queue ---------------------------------------------------------------------
 
     def consume_rq(self, limit: int, *, flush: bool) -> tuple[int, bool]:
         """Consume up to ``limit`` RQEs (``io_zcrx_ring_refill`` / one FLUSH_RQ batch).
 
-        Valid entries return one user reference each (:meth:`BufferSpace.put_user`, which
-        recycles niovs whose last reference went: into their pool's cache, or the freelist for
-        copy-fallback niovs); malformed ones are consumed and counted.  With ``flush`` the batch
-        stops right after the first malformed entry.  Returns ``(consumed, stopped)``.
+        Valid entries return one user reference each to the niov's area
+        (:meth:`BufferSpace.put_user`, which recycles niovs whose last reference went: into
+        their pool's cache, or the area freelist for copy-fallback niovs); malformed ones are
+        consumed and counted.  With ``flush`` the batch stops right after the first malformed
+        entry.  Returns ``(consumed, stopped)``.
         """
         rq = self.rq
         if rq is None or limit <= 0:
@@ -540,142 +561,112 @@ class Ifq:
             st["rq_head_tampered"] += 1
         f0 = rq.faults
         ready = rq.ready()  # the tail, read once per call
-        n = min(ready, limit)
-        coalesce = not flush and self.kernel >= (7, 3)
-        window = cap = n
-        if coalesce:
-            # 7.3: Linux's refill runs once per PP_ALLOC_CACHE_REFILL buffers the pool needs
-            # and walks RQEs until it has them or ZCRX_REFILL_CAP RQEs were consumed: RQEs
-            # that give no buffer (malformed ones) do not count against ``limit``
-            cap = REFILL_CAP * -(-limit // PP_ALLOC_CACHE_REFILL)
-            window = min(ready, cap)
         if rq.faults != f0:
             st["rq_tail_faults"] += rq.faults - f0
+        n = min(ready, limit)
         if n <= 0:
             return 0, False
-        more = self.more_areas
-        area_bad, pad_bad, range_bad, idx, aidx = self._parse_rqes(self._read_rqes(rq, n))
-        if window > n and np.count_nonzero(area_bad | pad_bad | range_bad):
-            n = window  # read on past the malformed ones (rare)
-            area_bad, pad_bad, range_bad, idx, aidx = self._parse_rqes(self._read_rqes(rq, n))
-        if n > limit:
-            good = np.cumsum(~(area_bad | pad_bad | range_bad))
-            k = int(np.searchsorted(good, limit))  # the RQE that gave the last buffer wanted
-            if k < n:
-                n = k + 1
-                area_bad, pad_bad, range_bad = area_bad[:n], pad_bad[:n], range_bad[:n]
-                idx, aidx = idx[:n], aidx[:n] if more else aidx
-            elif n == cap:
-                st["refill_capped"] += 1
-        bad = area_bad | pad_bad | range_bad
+        coalesce = not flush and self.kernel >= (7, 3)
+        kind, keys = self._parse_rqes(self._read_rqes(rq, 0, n))
+        nbad = int(np.count_nonzero(kind))
         stopped = False
-        if np.count_nonzero(bad):
-            if flush:
-                k = int(np.argmax(bad)) + 1
-                if k < n:
-                    n, stopped = k, True
-                    bad, idx = bad[:n], idx[:n]
-                    aidx = aidx[:n] if more else aidx
-                    area_bad, pad_bad, range_bad = area_bad[:n], pad_bad[:n], range_bad[:n]
-                else:
-                    stopped = True
-            st["rq_invalid_area"] += int(np.count_nonzero(area_bad))
-            st["rq_invalid_pad"] += int(np.count_nonzero(pad_bad))
-            st["rq_invalid_range"] += int(np.count_nonzero(range_bad))
-            ids = idx[~bad]
-            if more:
-                aidx = aidx[~bad]
-        else:
-            ids = idx
-        if more:
-            self._put_areas(ids, aidx, coalesce)
-            rq.release(n)
-            st["rq_consumed"] += n
-            return n, stopped
-        space = self.space
-        if coalesce and len(ids) > 1:
-            ok = self._coalesce(ids, space.user_refs[ids])
-            if ok is not None:
-                ids = ids[ok]
-        if len(ids):
-            # every id is in range: a return put_user did not accept had no reference
-            accepted = space.put_user(ids)
-            st["rq_returned"] += accepted
-            st["rq_invalid_noref"] += len(ids) - accepted
+        if nbad and coalesce:
+            # 7.3: Linux's refill runs once per PP_ALLOC_CACHE_REFILL buffers the pool needs
+            # and walks RQEs until it has them or ZCRX_REFILL_CAP RQEs were consumed: RQEs
+            # that give no buffer (malformed ones) do not count against ``limit``; read on
+            # past them (rare), parsing only the entries not parsed yet
+            cap = REFILL_CAP * -(-limit // PP_ALLOC_CACHE_REFILL)
+            window = min(ready, cap)
+            if window > n:
+                k2, g2 = self._parse_rqes(self._read_rqes(rq, n, window - n))
+                kind, keys = np.concatenate((kind, k2)), np.concatenate((keys, g2))
+                good = np.cumsum(kind == 0)
+                k = int(np.searchsorted(good, limit))  # the RQE that gave the last buffer
+                n = min(k + 1, window)
+                if k >= window and window == cap:
+                    st["refill_capped"] += 1
+                kind, keys = kind[:n], keys[:n]
+                nbad = int(np.count_nonzero(kind))
+        elif nbad and flush:
+            stopped = True
+            n = int(np.argmax(kind != 0)) + 1
+            kind, keys = kind[:n], keys[:n]
+            nbad = 1
+        if nbad:
+            c = np.bincount(kind, minlength=4)
+            st["rq_invalid_area"] += int(c[_RQE_BAD_AREA])
+            st["rq_invalid_pad"] += int(c[_RQE_BAD_PAD])
+            st["rq_invalid_range"] += int(c[_RQE_BAD_RANGE])
+            keys = keys[kind == 0]
+        self._put_user(keys, coalesce)
         rq.release(n)
         st["rq_consumed"] += n
         return n, stopped
 
     @staticmethod
-    def _read_rqes(rq: RingConsumer, n: int) -> np.ndarray:
-        """A private copy of the next ``n`` RQEs (the peer's entries are read once)."""
-        start = rq.head & rq.mask
+    def _read_rqes(rq: RingConsumer, skip: int, n: int) -> np.ndarray:
+        """A private copy of ``n`` RQEs from ``skip`` past the head (the peer's entries are
+        read once)."""
+        start = (rq.head + skip) & rq.mask
         first = min(n, rq.nentries - start)
         if first == n:
             return rq.ring[start:start + n].copy()
         return np.concatenate((rq.ring[start:], rq.ring[:n - first]))
 
-    def _parse_rqes(self, ents: np.ndarray) -> tuple[NDArray[np.bool_], NDArray[np.bool_],
-                                                     NDArray[np.bool_], NDArray[np.int64],
-                                                     NDArray[np.int64]]:
-        """``io_parse_rqe`` over a batch: ``(area_bad, pad_bad, range_bad, niov index, area
-        index)``; each RQE is counted under its first fault only; the area index is only
-        computed for an ifq with several areas (else empty)."""
+    def _parse_rqes(self, ents: np.ndarray) -> tuple[NDArray[np.uint8], NDArray[np.int64]]:
+        """``io_parse_rqe`` over a batch: ``(kind, key)``; ``kind`` is 0 for a valid RQE,
+        else its first fault (``_RQE_BAD_AREA``: no such area, ``_RQE_BAD_PAD``: ``__pad``
+        set, ``_RQE_BAD_RANGE``: niov index past its area); ``key`` names the niov in
+        :attr:`spaces` (``area id << 32 | niov``)."""
         off = ents["off"]
-        more = self.more_areas
+        nareas = len(self.areas)
         aid = off >> np.uint64(abi.IORING_ZCRX_AREA_SHIFT)
-        area_bad = aid != 0 if not more else aid > len(more)  # an area this ifq has
-        pad_bad = (ents["__pad"] != 0) & ~area_bad
         idx = ((off & np.uint64(_LOW48)) >> np.uint64(self.area.niov_shift)).astype(np.int64)
-        aidx = _EMPTY
-        if not more:
-            range_bad = (idx >= self.area.count) & ~area_bad & ~pad_bad
+        if nareas == 1:
+            area_bad = aid != 0
+            range_bad = idx >= self.area.count
+            keys = idx
         else:
-            aidx = np.minimum(aid, len(more)).astype(np.int64)
-            counts = np.array([a.count for a in self.areas], dtype=np.int64)
-            range_bad = (idx >= counts[aidx]) & ~area_bad & ~pad_bad
-        return area_bad, pad_bad, range_bad, idx, aidx
+            area_bad = aid >= nareas
+            a = np.minimum(aid, nareas - 1).astype(np.int64)
+            range_bad = idx >= self.spaces.counts[a]
+            keys = idx | (a << KEY_SHIFT)
+        kind = np.where(range_bad, _RQE_BAD_RANGE, 0).astype(np.uint8)
+        kind[ents["__pad"] != 0] = _RQE_BAD_PAD
+        kind[area_bad] = _RQE_BAD_AREA
+        return kind, keys
 
-    def _put_areas(self, ids: NDArray[np.int64], aid: NDArray[np.int64], coalesce: bool
-                   ) -> None:
-        """The valid returns of an ifq with several areas (7.3): niov ``ids[i]`` of area
-        ``aid[i]``, coalesced like :meth:`_coalesce` (runs are of one niov of one area),
-        then one :meth:`BufferSpace.put_user` per area."""
-        st = self.counters
-        if not len(ids):
+    def _put_user(self, keys: NDArray[np.int64], coalesce: bool) -> None:
+        """The valid returns (keys of :attr:`spaces`): coalesced on 7.3 (:meth:`_coalesce`),
+        then one :meth:`BufferSpace.put_user` per area named."""
+        if not len(keys):
             return
-        spaces = [a.space for a in self.areas]
-        if coalesce and len(ids) > 1:
-            key = (aid << 32) | ids
-            refs = np.empty(len(ids), dtype=np.int64)
-            for a in np.unique(aid).tolist():
-                sel = aid == a
-                refs[sel] = spaces[a].user_refs[ids[sel]]
-            ok = self._coalesce(key, refs)
+        if coalesce and len(keys) > 1:
+            ok = self._coalesce(keys)
             if ok is not None:
-                ids, aid = ids[ok], aid[ok]
-        for a in np.unique(aid).tolist():
-            mine = ids[aid == a]
-            accepted = spaces[a].put_user(mine)
+                keys = keys[ok]
+        st = self.counters
+        for sp, ids in self.spaces.groups(keys):
+            # every id is in range: a return put_user did not accept had no reference
+            accepted = sp.put_user(ids)
             st["rq_returned"] += accepted
-            st["rq_invalid_noref"] += len(mine) - accepted
+            st["rq_invalid_noref"] += len(ids) - accepted
 
-    def _coalesce(self, ids: NDArray[np.int64], urefs: NDArray[Any]
-                  ) -> NDArray[np.bool_] | None:
+    def _coalesce(self, keys: NDArray[np.int64]) -> NDArray[np.bool_] | None:
         """Linux 7.3's refill: a run of consecutive RQEs naming one niov (malformed entries
         in between are skipped, they do not end it) drops its references in one step, and a
-        run longer than the niov's ``user_refs`` (``urefs``, per entry) is ignored whole
-        (counted in ``rq_runs_ignored``; its RQEs in ``rq_invalid_noref``).  Returns which
-        entries to apply (None: all)."""
-        new_run = ids[1:] != ids[:-1]
+        run longer than the niov's ``user_refs`` is ignored whole (counted in
+        ``rq_runs_ignored``; its RQEs in ``rq_invalid_noref``).  Returns which entries to
+        apply (None: all)."""
+        new_run = keys[1:] != keys[:-1]
         if new_run.all():
             # no run longer than one RQE: one return per RQE while references last, which
             # is what BufferSpace.put_user does by itself
             return None
         starts = np.flatnonzero(np.concatenate(([True], new_run)))
-        lens = np.diff(np.append(starts, len(ids)))
-        niov = ids[starts]
-        refs = urefs[starts].astype(np.int64)
+        lens = np.diff(np.append(starts, len(keys)))
+        niov = keys[starts]
+        refs = self.spaces.user_refs(niov).astype(np.int64)
         ok = lens <= refs
         _, inv, cnt = np.unique(niov, return_inverse=True, return_counts=True)
         multi = np.flatnonzero(cnt[inv] > 1)
@@ -743,7 +734,7 @@ class Ifq:
 
     def ledger(self) -> dict[str, int]:
         """niovs per state over every area (sums to :attr:`niovs`)."""
-        if not self.more_areas:
+        if len(self.areas) == 1:
             return self.space.ledger()
         total: Counter[str] = Counter()
         for a in self.areas:
@@ -792,7 +783,7 @@ class Ifq:
             "area": {"addr": self.area.addr, "len": self.area.length,
                      "niovs": self.area.count, "buf_len": self.area.buf_len,
                      "region": self.area.region.name},
-            "areas": 1 + len(self.more_areas),
+            "areas": len(self.areas),
             "niovs": self.niovs,
             "users": len(self.users),
             "pools": 0 if self.provider is None else len(self.provider.pools),
@@ -941,9 +932,8 @@ class RecvZcRequest(Request):
             return 0, err, False
         if m < total:
             cq = cq.head(m)
-        buf_len = ifq.space.buf_len
-        # a niov frag's CQE points into the area: niov * buf_len + frag offset
-        offs = fr.buf[cq.idx] * buf_len + fr.boff[cq.idx]
+        # a niov frag's CQE points into its area: token | niov * buf_len + frag offset
+        offs = _cqe_offsets(ifq.spaces, fr.key[cq.idx], fr.boff[cq.idx])
         ids, cp = self._copy_chunk(pieces, fr, cq, offs)
         posted, n_copy, zc_bytes = self._queue_cqe(fr, cq, offs, ids, cp)
         if posted < m:
@@ -972,26 +962,26 @@ class RecvZcRequest(Request):
 
     def _recv_skb(self, pieces: Pieces) -> tuple[_Frags, int | None]:
         """``io_zcrx_recv_skb`` over every walked skb: the chunks of ``pieces`` in stream
-        order, each a frag in a niov of this ifq's area (handed over in place) or data to
-        copy (linear data, kernel-page frags).  ``io_zcrx_recv_frag`` refuses a niov of
-        another ifq's area: the walk ends before the first one, with ``EFAULT``."""
+        order, each a frag in a niov of one of this ifq's areas (handed over in place) or
+        data to copy (linear data, kernel-page frags).  ``io_zcrx_recv_frag`` refuses a niov
+        of another ifq's area: the walk ends before the first one, with ``EFAULT``."""
         z = self.zcrx
         piece, src, buf, boff, ln, skb_off = z._chunks(pieces)
-        sid = self.ifq.space.space_id
-        zc = src == sid
+        zc, key = self.ifq.spaces.find(src, buf)
         all_zc = bool(zc.all())
         err: int | None = None
         if not all_zc:
-            foreign = z._foreign_ids(sid)
+            foreign = z._foreign_ids(self.ifq)
             if len(foreign):
                 fo = np.isin(src, foreign)
                 if fo.any():
                     f = int(np.argmax(fo))
-                    piece, src, buf, boff, ln, skb_off, zc = (
-                        a[:f] for a in (piece, src, buf, boff, ln, skb_off, zc))
+                    piece, src, key, boff, ln, skb_off = (
+                        a[:f] for a in (piece, src, key, boff, ln, skb_off))
+                    zc = zc[:f]
                     err = errno.EFAULT
                     all_zc = bool(zc.all())
-        return _Frags(piece, src, buf, boff, ln, skb_off, zc, all_zc), err
+        return _Frags(piece, src, key, boff, ln, skb_off, zc, all_zc), err
 
     def _cqes_that_fit(self, cq: _Cqes) -> tuple[int, int]:
         """How many of the planned CQEs can go out: the CQ's room (``io_zcrx_queue_cqe``
@@ -1018,10 +1008,11 @@ class RecvZcRequest(Request):
     def _copy_chunk(self, pieces: Pieces, fr: _Frags, cq: _Cqes, offs: NDArray[np.int64]
                     ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
         """``io_zcrx_copy_chunk`` for every copy CQE of the batch: a niov off the area
-        freelist each (``io_alloc_fallback_niov``; :meth:`_cqes_that_fit` made sure there
-        are enough), the chunk's bytes copied to its start, the CQE's offset pointed at it
-        (``offs``, updated in place).  Returns ``(niovs, indices of the copy CQEs)``; the
-        niovs stay off the freelist, unowned, until :meth:`_queue_cqe` settles them."""
+        freelists each (``io_alloc_fallback_niov`` walks the areas in order;
+        :meth:`_cqes_that_fit` made sure there are enough), the chunk's bytes copied to its
+        start (one copy per area), the CQE's offset pointed at it (``offs``, updated in
+        place).  Returns ``(niov keys, indices of the copy CQEs)``; the niovs stay off the
+        freelists, unowned, until :meth:`_queue_cqe` settles them."""
         if cq.all_zc:
             return _EMPTY, _EMPTY
         cp = np.flatnonzero(cq.copy)
@@ -1030,39 +1021,18 @@ class RecvZcRequest(Request):
         ci = cq.idx[cp]
         h = pieces.handles[fr.piece[ci]]
         o = fr.skb_off[ci] + cq.j[cp] * COPY_CHUNK
-        if self.ifq.more_areas:
-            return self._copy_chunk_areas(fr, cq, offs, cp, ci, h, o), cp
-        space = self.ifq.space
-        ids = space.take_free(len(cp))
-        if len(ids) != len(cp):
-            raise InvariantBroken(f"{self.ifq}: freelist shrank under a RECV_ZC pass")
-        self.zcrx._copy_into(space, ids, h, o, cq.len[cp], fr.src[ci])
-        offs[cp] = ids * space.buf_len
-        return ids, cp
-
-    def _copy_chunk_areas(self, fr: _Frags, cq: _Cqes, offs: NDArray[np.int64],
-                          cp: NDArray[np.int64], ci: NDArray[np.int64],
-                          h: NDArray[np.int64], o: NDArray[np.int64]) -> NDArray[np.int64]:
-        """:meth:`_copy_chunk` of an ifq with several areas (7.3): the niovs come from the
-        areas in order (``io_alloc_fallback_niov`` walks them); one copy per area.  Returns
-        the niovs as ``area_id << 32 | niov``."""
-        ifq = self.ifq
-        taken = ifq.take_free(len(cp))
-        if sum(len(t) for t in taken) != len(cp):
-            raise InvariantBroken(f"{ifq}: freelists shrank under a RECV_ZC pass")
-        out = np.empty(len(cp), dtype=np.int64)
+        spaces = self.ifq.spaces
+        keys = spaces.take_free(len(cp))
+        if len(keys) != len(cp):
+            raise InvariantBroken(f"{self.ifq}: freelists shrank under a RECV_ZC pass")
         pos = 0
-        for a, ids in enumerate(taken):
+        for space, ids in spaces.groups(keys):  # taken area after area: one run each
             k = len(ids)
-            if not k:
-                continue
             sl = slice(pos, pos + k)
-            space = ifq.areas[a].space
             self.zcrx._copy_into(space, ids, h[sl], o[sl], cq.len[cp[sl]], fr.src[ci[sl]])
-            offs[cp[sl]] = abi.area_token(a) | (ids * space.buf_len)
-            out[sl] = (a << 32) | ids
             pos += k
-        return out
+        offs[cp] = _cqe_offsets(spaces, keys, 0)
+        return keys, cp
 
     def _queue_cqe(self, fr: _Frags, cq: _Cqes, offs: NDArray[np.int64],
                    ids: NDArray[np.int64], cp: NDArray[np.int64]) -> tuple[int, int, int]:
@@ -1071,54 +1041,63 @@ class RecvZcRequest(Request):
         out.  A niov frag gains one page-pool reference (``io_zcrx_recv_frag``'s
         ``page_pool_ref_netmem``) and one user reference (``io_zcrx_get_niov_uref``)
         (:meth:`BufferSpace.get_user`); a copy niov is lent to the user
-        (:meth:`BufferSpace.lend_free`); a copy niov whose CQE did not fit goes back to the
-        freelist (``io_zcrx_return_niov``).  Returns ``(CQEs posted, of them copies,
-        zero-copy bytes)``."""
+        (:meth:`BufferSpace.lend_free`); a copy niov whose CQE did not fit goes back to its
+        area's freelist (``io_zcrx_return_niov``).  ``ids`` are keys of the ifq's
+        :attr:`Ifq.spaces`; every step is one numpy batch per area named.  Returns ``(CQEs
+        posted, of them copies, zero-copy bytes)``."""
         ifq = self.ifq
-        space = ifq.space
-        if ifq.token:
-            offs |= ifq.token
+        spaces = ifq.spaces
         m = len(cq.idx)
         res = cq.len.astype(np.int64, copy=False)
         flags = np.full(m, abi.IORING_CQE_F_MORE, dtype=np.int64)
         posted = self.ring.post_big_batch(self.user_data, res, flags, offs)
         n_copy = 0
-        if len(cp) and ifq.more_areas:
-            n_copy = int(np.searchsorted(cp, posted))
-            spaces = [a.space for a in ifq.areas]
-            for a in np.unique(ids >> 32).tolist():
-                lent = (ids >> 32) == a
-                back = lent.copy()
-                back[:n_copy] = False  # the CQE never went out: back to its area
-                lent[n_copy:] = False
-                spaces[a].put_free(ids[back] & _U32)
-                spaces[a].lend_free(ids[lent] & _U32)
-        elif len(cp):
+        if len(cp):
             n_copy = int(np.searchsorted(cp, posted))
             if n_copy < len(ids):
-                space.put_free(ids[n_copy:])  # the CQE never went out: back to the area
-            space.lend_free(ids[:n_copy])
+                spaces.put_free(ids[n_copy:])  # the CQE never went out: back to its area
+            for space, b in spaces.groups(ids[:n_copy]):
+                space.lend_free(b)
         n_zc = posted - n_copy
         if not n_zc:
             return posted, n_copy, 0
         if not n_copy:
-            space.get_user(fr.buf[cq.idx[:posted]])
-            return posted, n_copy, int(res[:posted].sum())
-        zc_post = ~cq.copy[:posted]
-        space.get_user(fr.buf[cq.idx[:posted][zc_post]])
-        return posted, n_copy, int(res[:posted][zc_post].sum())
+            zc_keys = fr.key[cq.idx[:posted]]
+            zc_bytes = int(res[:posted].sum())
+        else:
+            zc_post = ~cq.copy[:posted]
+            zc_keys = fr.key[cq.idx[:posted][zc_post]]
+            zc_bytes = int(res[:posted][zc_post].sum())
+        for space, b in spaces.groups(zc_keys):
+            space.get_user(b)
+        return posted, n_copy, zc_bytes
+
+
+def _cqe_offsets(spaces: SpaceSet, keys: NDArray[np.int64], within: NDArray[np.int64] | int
+                 ) -> NDArray[np.int64]:
+    """The CQE ``off`` of niovs ``keys``: area token (``area id << 48``) | niov * buf_len +
+    ``within``."""
+    if len(spaces) == 1:
+        out = keys * spaces.buf_len
+        out += within
+        return out
+    out = (keys & KEY_MASK) * spaces.buf_len
+    out += within
+    out |= (keys >> KEY_SHIFT) << abi.IORING_ZCRX_AREA_SHIFT
+    return out
 
 
 class _Frags(NamedTuple):
     """The chunks one RECV_ZC pass walked, in stream order (arrays of one length):
     ``piece`` (index into the pass's pieces), ``src`` (space id of the memory holding it;
-    ``LINEAR`` for skb linear data), ``buf`` (buffer id in ``src``), ``boff`` (offset in the
-    buffer), ``ln`` (bytes), ``skb_off`` (offset in the skb's payload), ``zc`` (a niov of
-    this ifq's area: handed over in place); ``all_zc`` when every chunk is."""
+    ``LINEAR`` for skb linear data), ``key`` (the niov's key in the ifq's
+    :class:`SpaceSet` where ``zc``, else meaningless), ``boff`` (offset in the buffer),
+    ``ln`` (bytes), ``skb_off`` (offset in the skb's payload), ``zc`` (a niov of one of this
+    ifq's areas: handed over in place); ``all_zc`` when every chunk is."""
 
     piece: NDArray[np.int64]
     src: NDArray[np.int64]
-    buf: NDArray[np.int64]
+    key: NDArray[np.int64]
     boff: NDArray[np.int64]
     ln: NDArray[np.int64]
     skb_off: NDArray[np.int64]
@@ -1217,12 +1196,11 @@ class Zcrx:
         table: dict[int, Ifq] = ring.extra.setdefault("zcrx", {})
         return table
 
-    def _foreign_ids(self, sid: int) -> NDArray[np.int64]:
-        """Space ids of the areas of other ifqs than the one owning area ``sid``."""
-        if len(self._areas) <= 1 and sid in self._areas:
+    def _foreign_ids(self, ifq: Ifq) -> NDArray[np.int64]:
+        """Space ids of the areas of other ifqs than ``ifq``."""
+        if len(self._areas) <= len(ifq.areas):
             return _EMPTY
-        owner = self._areas.get(sid)
-        return np.fromiter((i for i, q in self._areas.items() if q is not owner),
+        return np.fromiter((i for i, q in self._areas.items() if q is not ifq),
                            dtype=np.int64)
 
     def _alloc_id(self, ring: Ring) -> int:
@@ -1390,7 +1368,7 @@ class Zcrx:
         too_small = _misuse(f"RQ of {entries} entries needs {need} bytes, region has {size}",
                             errno.EINVAL)
         if rflags & abi.IORING_MEM_REGION_TYPE_USER:
-            mem = task.mm.resolve(user_addr, size, write=True)  # pinned while the ifq lives
+            mem = task.mm.pin(user_addr, size, write=True)  # pinned while the ifq lives
             if need > size:
                 raise too_small
             return mem, None
@@ -1429,7 +1407,8 @@ class Zcrx:
         try:
             region = task.mm.pin_region(vma)  # the inode mm_map checked, not the name
         except Misuse:
-            raise _misuse(f"area region {vma.name} is gone", errno.EFAULT) from None
+            raise _misuse(f"area region {vma.name} is gone or unsealed", errno.EFAULT) \
+                from None
         try:
             if offset + length > region.size:
                 raise _misuse(f"area past the end of {vma.name}", errno.EFAULT)
@@ -1458,7 +1437,7 @@ class Zcrx:
         """DMA-map the area and open the queue with a new :class:`ZcrxProvider`."""
         dev, area = ifq.dev, ifq.area
         assert dev is not None
-        area.map_id = dev.dma_map(area.region.name, area.region.size)
+        area.map_id = dev.dma_map(area.region.name, area.region.size, fd=area.region.fd)
         prov = ZcrxProvider(ifq)
         dev.mp_open_rxq(ifq.rxq, prov)  # on failure the queue is back on pages
         ifq.provider = prov
@@ -1495,15 +1474,16 @@ class Zcrx:
         written back before the area is made (an append cannot be undone; unwritable
         ``-EFAULT``, nothing made); then the area is checked, pinned and split as at
         registration (:meth:`_create_area`) and, on a hardware queue, DMA-mapped.  At most
-        ``ZCRX_MAX_AREAS`` areas (``-EINVAL``).  The new niovs serve the copy fallback and come
-        back through the RQ like any other; the queue's page pool keeps the first area's."""
+        ``ZCRX_MAX_AREAS`` areas (``-EINVAL``).  The new niovs serve the copy fallback and,
+        on a hardware queue, the queue's page pool at once (:meth:`Ifq.add_area`); they come
+        back through the RQ like any other."""
         if ctrl["add_area_resv"].any():
             raise _misuse("zc_area.__resv must be 0", errno.EINVAL)
         ptr = int(ctrl["add_area_ptr"][0])
         a = _read_user(task, ptr, abi.io_uring_zcrx_area_reg)
         if int(a["rq_area_token"][0]):
             raise _misuse("area rq_area_token must be 0", errno.EINVAL)
-        area_id = 1 + len(ifq.more_areas)
+        area_id = len(ifq.areas)
         if area_id >= abi.ZCRX_MAX_AREAS:
             raise _misuse(f"an ifq has at most {abi.ZCRX_MAX_AREAS} areas", errno.EINVAL)
         if ifq.state != "live":
@@ -1514,11 +1494,12 @@ class Zcrx:
         area = self._create_area(task, a, ifq.area.buf_len, ifq.nodev)
         try:
             if ifq.dev is not None:
-                area.map_id = ifq.dev.dma_map(area.region.name, area.region.size)
+                area.map_id = ifq.dev.dma_map(area.region.name, area.region.size,
+                                              fd=area.region.fd)
         except BaseException:
             self._release_area(area, ifq.dev)
             raise
-        ifq.more_areas.append(area)
+        ifq.add_area(area)
         self._areas[area.space.space_id] = ifq
         self._area_ids_seen.add(area.space.space_id)
         self.counters["areas_added"] += 1

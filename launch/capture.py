@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import Misuse
+from shared.nicif import MAX_SNAPLEN
 
 __all__ = ["pcap_request", "run_capture"]
 
@@ -54,7 +55,7 @@ def _on_term(signum: int, frame: Any) -> None:
 
 
 def run_capture(call: Call, rundir: Path, dev: str, out: str, *, queue: int = -1,
-                count: int = 0, snaplen: int = 262144, poll_s: float = 0.05) -> dict[str, Any]:
+                count: int = 0, snaplen: int = MAX_SNAPLEN, poll_s: float = 0.05) -> dict[str, Any]:
     """Capture until ``count`` frames (0: until SIGINT/SIGTERM or a closed stdout); the
     capture's last status."""
     stream = out == "-"

@@ -27,7 +27,7 @@ from launch.run import DEFAULT_APP_UID_BASE
 from launch.topology import APPS
 from shared import abi
 from shared.errors import ZcrxError
-from shared.nicif import MAX_QUEUES
+from shared.nicif import MAX_QUEUES, MAX_SNAPLEN
 from shared.shm import list_run_segments
 
 EXIT_CHECK_FAILED = 1
@@ -459,7 +459,7 @@ def _load_topology(path: str) -> Any:
                    "nobuf=pause|drop (a queue without buffers pauses the wire or drops, "
                    "counting rx_missed), addr, addr6, mac; port=tap plugs the wire into a "
                    "TAP device in the run's network namespace zcrx-<run id>-peer (root "
-                   "only) with neigh=static|arp and RX impairments loss=1%, dup=, "
+                   "only) with neigh=arp|static and RX impairments loss=1%, dup=, "
                    "reorder=, delay=5ms, seed=N.")
 @click.option("--queues", type=click.IntRange(1, MAX_QUEUES), default=None,
               help="Combined queues of every netdev that does not say (default 4; not with "
@@ -1133,7 +1133,7 @@ def _has_ipv6_loopback() -> bool:
               help="Only the frames steered to this queue (default: every queue).")
 @click.option("-c", "count", type=click.IntRange(0), default=0,
               help="Stop after this many frames (0: at Ctrl-C or SIGTERM).")
-@click.option("-s", "snaplen", type=click.IntRange(1, 262144), default=262144,
+@click.option("-s", "snaplen", type=click.IntRange(1, MAX_SNAPLEN), default=MAX_SNAPLEN,
               show_default=True, help="Bytes kept of each frame.")
 @click.option("-w", "out", required=True, metavar="FILE",
               help="pcap file to write; - streams it to stdout (| tcpdump -r -).")

@@ -6,11 +6,11 @@ NIC starts.  The NIC creates each TAP device (:func:`shared.nicif.tap_ifname`) i
 launcher's namespace; :func:`attach` then moves it into the peer namespace and configures
 it as the emulated host's peer on that link (the defaults of
 :class:`nic_proc.sources.WireInfo`): for netdev number ``d``, addresses ``10.0.d.2/24`` and
-``fd00:0:0:d::2/64``, MAC ``02:00:00:00:dd:02``, the netdev's MTU, and, with
-``neigh=static`` (the default), permanent neighbour entries for the host's addresses
-(``10.0.d.1``, ``fd00:0:0:d::1`` -> ``02:00:00:00:dd:01``) so the peer needs no ARP / ND
-answers.  So ``ip netns exec zcrx-<run id>-peer nc 10.0.0.1 PORT < file`` reaches the
-emulated host.
+``fd00:0:0:d::2/64``, MAC ``02:00:00:00:dd:02``, the netdev's MTU.  The peer finds the
+host's MAC with ARP / neighbour discovery, which the emulated kernel answers; with
+``neigh=static`` the launcher writes permanent neighbour entries instead (``10.0.d.1``,
+``fd00:0:0:d::1`` -> ``02:00:00:00:dd:01``).  So ``ip netns exec zcrx-<run id>-peer nc
+10.0.0.1 PORT < file`` reaches the emulated host.
 
 Everything is named after the run id, so :func:`teardown` (``zcrx down``, ``zcrx
 cleanup``) finds it without the launcher's memory: the namespace by name, a TAP device

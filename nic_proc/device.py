@@ -22,7 +22,7 @@ e.g. ``eth0:queues=4,mtu=9000``.  Keys (defaults in brackets): ``queues`` [4],
 ``rx_buf_len`` [4096], ``link`` up|down [up], ``nobuf`` pause|drop [pause] (also
 spelled ``pause`` on|off), ``addr``, ``addr6``, ``mac`` (defaults in
 :mod:`nic_proc.sources`), ``port`` [none] or ``tap`` (:mod:`nic_proc.port`) with its
-``neigh`` static|arp [static], ``loss``, ``dup``, ``reorder`` (``1%``), ``delay``
+``neigh`` arp|static [arp], ``loss``, ``dup``, ``reorder`` (``1%``), ``delay``
 (``5ms``) and ``seed`` [0].  ``-`` may replace ``_``.
 
 RX queue ``q`` of a netdev is *started* by ``nic.queue_start`` (the kernel has laid
@@ -80,6 +80,7 @@ from nic_proc.pcap import PcapSource
 from nic_proc.port import Impairment, TapPort
 from nic_proc.rss import Flows
 from nic_proc.sources import Generator, RawBatch, Source, WireGateway, WireInfo, parse_raw
+from nic_proc.tx import DiscardSink, TxSink
 from shared import wire
 from shared.errors import Misuse
 from shared.nicif import (
@@ -87,9 +88,12 @@ from shared.nicif import (
     MAX_MTU,
     MAX_NETDEVS,
     MAX_QUEUES,
+    MAX_RING,
+    MAX_SNAPLEN,
     MIN_MTU,
     QC,
     QUEUE_COUNTERS,
+    TX_COUNTERS,
     NetdevSpec,
     QueueLayout,
     hdr_slot_size,
@@ -97,6 +101,7 @@ from shared.nicif import (
     stats_block_shape,
     valid_buf_len,
 )
+from shared.txring import TxConsumer, TxLayout, TxProducer, tx_slot_size
 
 __all__ = ["MAX_MTU", "MIN_MTU", "Netdev", "NetdevSpec", "Nic", "NicQueue"]
 
@@ -153,6 +158,16 @@ class Netdev:
     captures: list[Capture] = field(init=False, default_factory=list)
     #: the TAP port the wire is plugged into (``port=tap``), once the NIC opened it
     port: TapPort | None = field(init=False, default=None)
+    #: the kernel's TX ring once ``nic.tx_start`` attached it (shared.txring)
+    tx: TxConsumer | None = field(init=False, default=None)
+    tx_map_id: int = field(init=False, default=0)
+    #: where transmitted frames go (nic_proc.tx): the default discards, a port sends
+    tx_sink: TxSink = field(init=False, default_factory=DiscardSink)
+    #: the source that is the sink (a port), or None for the default
+    tx_sink_source: int | None = field(init=False, default=None)
+    #: the kernel's control-frame ring (ARP, ICMPv6 to the host), once ``nic.ctl_start``
+    ctl: TxProducer | None = field(init=False, default=None)
+    ctl_map_id: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         s = self.spec
@@ -190,12 +205,14 @@ class Netdev:
         s = self.spec
         return {"name": s.name, "ifindex": self.index + 2, "mac": self.info.mac.hex(":"),
                 "queues": self.n_queues, "max_queues": s.max_queues, "ring_size": s.rx,
-                "max_ring_size": s.max_rx, "mtu": s.mtu, "tcp_data_split": self.hds.tcp_data_split,
+                "max_ring_size": s.max_rx, "tx_ring_size": self.tx_ring, "mtu": s.mtu,
+                "tcp_data_split": self.hds.tcp_data_split,
                 "hds_thresh": self.hds.hds_thresh, "hds_thresh_max": s.hds_thresh_max,
                 "rx_buf_len": s.rx_buf_len, "link_up": s.link, "stats_index": self.index,
                 "min_slot_size": self.min_slot_size, "pause": s.pause,
                 "addr": self.info.addr, "addr6": self.info.addr6,
                 "started": [q.index for q in self.started()],
+                "tx_slot_size": tx_slot_size(s.mtu),
                 "port": ({"kind": "tap", "ifname": self.port.ifname}
                          if self.port is not None else None)}
 
@@ -257,9 +274,11 @@ class Nic:
         """Every netdev's description, in stats-index order."""
         return [d.probe() for d in self.netdevs.values()]
 
-    def dma_map(self, name: str, size: int) -> int:
-        """Map region ``name`` for DMA (see :meth:`Iommu.dma_map`)."""
-        return self.iommu.dma_map(name, size)
+    def dma_map(self, name: str, size: int, *, holder: int = 0, fd: int = -1,
+                inode: tuple[int, int] | None = None) -> int:
+        """Map region ``name``, or descriptor ``fd`` of process ``holder``, for DMA (see
+        :meth:`Iommu.dma_map`)."""
+        return self.iommu.dma_map(name, size, holder=holder, fd=fd, inode=inode)
 
     def dma_unmap(self, map_id: int) -> None:
         """Unmap; EBUSY while a started queue lives in it, ENOENT if unknown."""
@@ -268,6 +287,10 @@ class Nic:
                 if q.map_id == map_id:
                     raise Misuse(f"map id {map_id} holds {d.name} queue {q.index}, which is "
                                  f"started", errno.EBUSY)
+            if d.tx is not None and d.tx_map_id == map_id:
+                raise Misuse(f"map id {map_id} holds {d.name}'s TX ring", errno.EBUSY)
+            if d.ctl is not None and d.ctl_map_id == map_id:
+                raise Misuse(f"map id {map_id} holds {d.name}'s control ring", errno.EBUSY)
         self.iommu.dma_unmap(map_id)
 
     def queue_start(self, dev: str, queue: int, map_id: int, ring_size: int,
@@ -320,6 +343,116 @@ class Nic:
         if d.spec.pause:
             self._count(d, queue, "rx_pause", 1)
         return done
+
+    # -- TX queue ------------------------------------------------------------------------
+
+    def tx_start(self, dev: str, map_id: int, ring_size: int, slot_size: int) -> None:
+        """Attach the netdev's TX ring (``TxLayout(ring_size, slot_size)`` in the region
+        mapped as ``map_id``).  EBUSY if attached, EINVAL for sizes the device or the
+        mapping cannot take, ENOENT for an unknown map."""
+        d = self.dev(dev)
+        if d.tx is not None:
+            raise Misuse(f"{dev}: TX ring already attached", errno.EBUSY)
+        if not is_pow2(ring_size) or ring_size > d.spec.max_rx:
+            raise Misuse(f"{dev}: TX ring size {ring_size} is not a power of two <= "
+                         f"{d.spec.max_rx}")
+        need = tx_slot_size(d.spec.mtu)
+        if slot_size % 64 or slot_size < need:
+            raise Misuse(f"{dev}: TX slots of {slot_size} bytes; need a multiple of 64 >= "
+                         f"{need} for MTU {d.spec.mtu}")
+        m = self.iommu.get(map_id)
+        layout = TxLayout(ring_size, slot_size)
+        if layout.size > m.size:
+            raise Misuse(f"{dev}: TX layout needs {layout.size} bytes, mapping {map_id} "
+                         f"has {m.size}")
+        d.tx = TxConsumer(m.view, layout)
+        d.tx_map_id = map_id
+
+    def tx_stop(self, dev: str) -> int:
+        """Detach the TX ring, after sending what it still holds; returns tx_packets."""
+        d = self.dev(dev)
+        if d.tx is not None:
+            self.tx_poll_dev(d)
+            d.tx.detach()
+            d.tx = None
+            d.tx_map_id = 0
+        return int(d.stats[0, QC["tx_packets"]])
+
+    def ctl_start(self, dev: str, map_id: int, ring_size: int, slot_size: int) -> None:
+        """Attach the control-frame ring: ARP and ICMPv6 frames off the wire go to the kernel
+        there (the TCP path only knows TCP).  Same checks and errnos as :meth:`tx_start`."""
+        d = self.dev(dev)
+        if d.ctl is not None:
+            raise Misuse(f"{dev}: control ring already attached", errno.EBUSY)
+        if not is_pow2(ring_size) or ring_size > MAX_RING:
+            raise Misuse(f"{dev}: control ring size {ring_size} is not a power of two")
+        if slot_size % 64 or slot_size < tx_slot_size(d.spec.mtu):
+            raise Misuse(f"{dev}: control slots of {slot_size} bytes are too small")
+        m = self.iommu.get(map_id)
+        layout = TxLayout(ring_size, slot_size)
+        if layout.size > m.size:
+            raise Misuse(f"{dev}: control ring needs {layout.size} bytes, mapping {map_id} "
+                         f"has {m.size}")
+        d.ctl = TxProducer(m.view, layout, max_frame=d.max_frame)
+        d.ctl_map_id = map_id
+
+    def ctl_stop(self, dev: str) -> None:
+        d = self.dev(dev)
+        if d.ctl is not None:
+            d.ctl.detach()
+            d.ctl = None
+            d.ctl_map_id = 0
+
+    def tx_doorbell(self, dev: str) -> None:
+        """The kernel queued frames while we slept: nothing to do but poll (the loop does)."""
+        d = self.netdevs.get(dev)
+        if d is not None and d.tx is not None:
+            d.tx.disarm()
+
+    def tx_poll_dev(self, d: Netdev, budget: int = 256) -> int:
+        """Drain up to ``budget`` frames of ``d``'s TX ring into its sink; frames handled."""
+        tx = d.tx
+        if tx is None:
+            return 0
+        done = 0
+        while done < budget:
+            bad0 = tx.bad
+            batch = tx.peek(budget - done)
+            held = tx.held
+            if held == 0:
+                break
+            n = len(batch)
+            sent = d.tx_sink.transmit(batch) if n and d.spec.link else 0
+            sent = max(0, min(int(sent), n))
+            row = d.stats[0]
+            row[QC["tx_packets"]] += sent
+            row[QC["tx_bytes"]] += int(batch.lengths[:sent].sum())
+            row[QC["tx_dropped"]] += (n - sent) + (tx.bad - bad0)
+            tx.release()
+            done += held
+        return done
+
+    def tx_poll(self) -> bool:
+        """Drain every attached TX ring once; True if any frame was handled."""
+        work = False
+        for d in self.netdevs.values():
+            if d.tx is not None and self.tx_poll_dev(d):
+                work = True
+        return work
+
+    def tx_arm(self) -> bool:
+        """About to block: set need-wakeup on every TX ring; True if one has frames."""
+        ready = False
+        for d in self.netdevs.values():
+            if d.tx is not None and d.tx.arm():
+                ready = True
+        return ready
+
+    def tx_disarm(self) -> None:
+        """Awake again: clear need-wakeup on every TX ring (no doorbells while we poll)."""
+        for d in self.netdevs.values():
+            if d.tx is not None:
+                d.tx.disarm()
 
     def set_link(self, dev: str, up: bool) -> None:
         """Carrier on/off.  With the link down no source of the netdev sends."""
@@ -457,7 +590,7 @@ class Nic:
         out: list[list[Any]] = [[name, int(tot[i])] for i, name in enumerate(QUEUE_COUNTERS)]
         for q in range(n):
             out.extend([f"rx-{q}.{name.removeprefix('rx_')}", int(rows[q, i])]
-                       for i, name in enumerate(QUEUE_COUNTERS))
+                       for i, name in enumerate(QUEUE_COUNTERS) if name not in TX_COUNTERS)
         if d.port is not None:
             out.extend(d.port.stats())
         return out
@@ -476,6 +609,13 @@ class Nic:
         sid = self._next_source
         src = make(sid)
         self._next_source += 1
+        if isinstance(src, TxSink):
+            d = self.dev(src.dev)
+            if d.tx_sink_source is not None:
+                src.close()
+                raise Misuse(f"{d.name} already has a port (source {d.tx_sink_source})",
+                             errno.EBUSY)
+            d.tx_sink, d.tx_sink_source = src, sid
         self.sources[sid] = src
         return src
 
@@ -514,7 +654,7 @@ class Nic:
         return src
 
     def capture_start(self, dev: str, path: str, *, queue: int = -1, count: int = 0,
-                      snaplen: int = 262144) -> int:
+                      snaplen: int = MAX_SNAPLEN) -> int:
         """Write what ``dev`` (queue ``queue``, -1 all) takes off the wire to ``path``."""
         d = self.dev(dev)
         if queue >= d.n_queues or queue < -1:
@@ -548,6 +688,8 @@ class Nic:
             raise Misuse(f"no traffic source {source}", errno.ENOENT)
         src.close()
         d = self.netdevs.get(src.dev)
+        if d is not None and d.tx_sink_source == source:
+            d.tx_sink, d.tx_sink_source = DiscardSink(), None
         if d is not None and d.port is src:
             d.port = None
         self._steer_cache.clear()
@@ -660,6 +802,15 @@ class Nic:
 
     def rx_raw(self, d: Netdev, raw: RawBatch) -> npt.NDArray[np.bool_]:
         """The generic path: parse raw frames, drop and count bad ones, steer and place the rest."""
+        ctl = _ctl_frames(raw)
+        if ctl is not None:
+            self._to_host(d, raw, ctl)
+            keep = np.flatnonzero(~ctl)
+            consumed = np.ones(len(raw), dtype=bool)
+            if len(keep):
+                consumed[keep] = self.rx_raw(d, RawBatch(raw.buf, raw.offsets[keep],
+                                                         raw.lengths[keep]))
+            return consumed
         frames, good, status = parse_raw(raw, d.spec.mtu)
         consumed = np.ones(len(raw), dtype=bool)
         nbad = len(raw) - int(good.shape[0])
@@ -671,6 +822,19 @@ class Nic:
         if len(frames):
             consumed[good] = self.rx(d, frames)
         return consumed
+
+    def _to_host(self, d: Netdev, raw: RawBatch, ctl: npt.NDArray[np.bool_]) -> None:
+        """ARP / ICMPv6 frames: onto the kernel's control ring (counted on queue 0, where a
+        real NIC hashes them), with an interrupt; dropped without a ring."""
+        rows = np.flatnonzero(ctl).tolist()
+        frames = [raw.buf[raw.offsets[r]:raw.offsets[r] + raw.lengths[r]].tobytes()
+                  for r in rows]
+        sent = d.ctl.send(frames) if d.ctl is not None else 0
+        self._count(d, 0, "rx_packets", sent)
+        self._count(d, 0, "rx_bytes", sum(len(f) for f in frames[:sent]))
+        self._count(d, 0, "rx_dropped", len(frames) - sent)
+        if sent:
+            self.pending_irqs.append((d.name, 0))
 
     def _recheck(self) -> None:
         """Periodic re-check of waiting queues (covers a lost or raced doorbell)."""
@@ -685,13 +849,14 @@ class Nic:
                         d.waiting[qi] = False
 
     def step(self, now: float | None = None) -> bool:
-        """Give every active source one batch; True if any frame was taken off the wire."""
+        """Drain the TX rings, give every active source one batch; True if any frame was
+        sent or taken off the wire."""
         self._recheck()
         t = self.clock() if now is None else now
-        work = False
+        work = self.tx_poll()
         srcs = list(self.sources.values())
         if not srcs:
-            return False
+            return work
         self._rr = (self._rr + 1) % len(srcs)
         for src in srcs[self._rr:] + srcs[:self._rr]:
             if src.done:
@@ -752,6 +917,9 @@ class Nic:
         for d in self.netdevs.values():
             for q in d.started():
                 self.queue_stop(d.name, q.index)
+            if d.tx is not None:
+                self.tx_stop(d.name)
+            self.ctl_stop(d.name)
         self.iommu.unmap_all()
 
 
@@ -761,3 +929,19 @@ def _head(rows: Index, k: int) -> Index:
 
 def _tail(rows: Index, k: int) -> Index:
     return slice(rows.start + k, rows.stop) if isinstance(rows, slice) else rows[k:]
+
+
+def _ctl_frames(raw: RawBatch) -> npt.NDArray[np.bool_] | None:
+    """Which raw frames are ARP or ICMPv6 (without extension headers), for the host's
+    control path; None when there are none (the common case, one vectorised check)."""
+    n = len(raw)
+    if n == 0:
+        return None
+    buf = np.asarray(raw.buf, np.uint8).reshape(-1)
+    off = raw.offsets
+    ok = (raw.lengths >= 14) & (off + 14 <= buf.shape[0])
+    at = np.where(ok, off, 0)
+    et = buf[at + 12].astype(np.int64) << 8 | buf[at + 13]
+    nh = buf[np.minimum(at + 20, buf.shape[0] - 1)]
+    ctl = ok & ((et == 0x0806) | ((et == 0x86DD) & (raw.lengths >= 54) & (nh == 58)))
+    return ctl if ctl.any() else None

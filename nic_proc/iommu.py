@@ -4,7 +4,9 @@ The NIC may read or write only inside a region the kernel mapped for it with
 ``nic.dma_map`` (DESIGN §5.3, §9 "DMA is a copy ... the IOMMU is that mapping
 table").  A mapping attaches the named shm region (the region stays owned by its
 creator: the kernel for queue rings and page pools, an app for its area; the NIC
-only attaches and detaches, never unlinks) and records how many bytes of it the
+only attaches and detaches, never unlinks); app memory (a zcrx area, a sealed memfd)
+is attached through the kernel's descriptor of it (``/proc/<kernel pid>/fd/<n>``, the
+inode checked), never by name and records how many bytes of it the
 device may touch.  Device addresses are IOVAs ``(map_id << 40) | offset``
 (:func:`shared.abi.make_iova`).
 
@@ -101,18 +103,32 @@ class Iommu:
 
     # -- map / unmap ---------------------------------------------------------------------
 
-    def dma_map(self, name: str, size: int) -> int:
+    def dma_map(self, name: str, size: int, *, holder: int = 0, fd: int = -1,
+                inode: tuple[int, int] | None = None) -> int:
         """Attach shm region ``name`` and let the device touch its first ``size`` bytes.
 
+        With ``fd >= 0`` the memory is the file process ``holder`` (the kernel, as the OS
+        named the connection) holds at that descriptor, opened through
+        ``/proc/<holder>/fd/<fd>`` and checked to be ``inode`` (``(st_dev, st_ino)``):
+        app memory (a zcrx area) is mapped as the inode the kernel checked and pinned,
+        never by a name the app could point elsewhere meanwhile; ``name`` is then a label.
+
         Returns the map id for :func:`shared.abi.make_iova`.  Raises :class:`Misuse`:
-        ENOENT if the region does not exist, EINVAL if ``size`` is not positive, does
-        not fit an IOVA offset or exceeds the region, ENOSPC when the table is full.
+        ENOENT if the region (or descriptor) does not exist, EINVAL if ``size`` is not
+        positive, does not fit an IOVA offset or exceeds the region, or the descriptor is
+        not that inode, EPERM for a descriptor of an unknown holder, ENOSPC when the table
+        is full.
         """
         if not isinstance(size, int) or size <= 0 or size > int(_OFF_MASK) + 1:
             raise Misuse(f"dma_map {name}: bad size {size}", errno.EINVAL)
         if len(self._maps) >= MAX_MAPPINGS:
             raise Misuse(f"dma_map {name}: {MAX_MAPPINGS} mappings already", errno.ENOSPC)
-        region = Region.attach(name)  # Misuse(ENOENT) when missing
+        if fd >= 0:
+            if holder <= 0:
+                raise Misuse(f"dma_map {name}: whose descriptor {fd}?", errno.EPERM)
+            region = Region.open_proc_fd(holder, fd, name, inode=inode)
+        else:
+            region = Region.attach(name)  # Misuse(ENOENT) when missing
         if size > region.size:
             region.detach()
             raise Misuse(f"dma_map {name}: {size} bytes asked, region has {region.size}",

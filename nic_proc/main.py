@@ -6,9 +6,12 @@ A thin loop around :class:`nic_proc.device.Nic`:
   request of :mod:`shared.nicif` (the kernel is the usual client; the launcher
   configures traffic sources directly);
 * binds an :class:`~shared.control.EventReceiver` at ``ipc_endpoint(rundir,
-  "nic-events")`` for ``nic.doorbell`` and sends ``irq`` events with an
+  "nic-events")`` for ``nic.doorbell`` and ``nic.tx_doorbell``, and sends ``irq`` events with an
   :class:`~shared.control.EventSender` to ``ipc_endpoint(rundir, "kernel-events")``;
-* runs the traffic sources, steering and DMA (:meth:`Nic.step`);
+* drains the kernel's TX rings into each netdev's sink, runs the traffic sources,
+  steering and DMA (:meth:`Nic.step`); before blocking it sets need-wakeup on every TX
+  ring (:meth:`Nic.tx_arm`), so a kernel that queues frames meanwhile rings
+  ``nic.tx_doorbell``;
 * when there is nothing to move it spins, yields and sleeps (:class:`Backoff`);
   while sources wait for buffers it blocks in zmq poll for at most 1 ms (a doorbell
   wakes it at once; the bound covers a doorbell lost to the need-wakeup race); with
@@ -99,6 +102,14 @@ def _guard(fn: Callable[[Message], HandlerResult]) -> Callable[[Message, bytes],
     return handler
 
 
+def _guard_peer(fn: Callable[[Message, bytes], HandlerResult]
+                ) -> Callable[[Message, bytes], HandlerResult]:
+    """:func:`_guard` for a handler that needs the caller (its OS credentials)."""
+    def handler(msg: Message, peer: bytes) -> HandlerResult:
+        return _guard(lambda m: fn(m, peer))(msg, peer)
+    return handler
+
+
 class NicProcess:
     """The NIC's sockets, stats region and loop around one :class:`Nic`."""
 
@@ -157,8 +168,14 @@ class NicProcess:
         def probe(m: Message) -> HandlerResult:
             return {"netdevs": nic.probe(), "stats_region": self.stats_region.name}
 
-        def dma_map(m: Message) -> HandlerResult:
-            return {"map_id": nic.dma_map(m.body["name"], m.body["size"])}
+        def dma_map(m: Message, peer: bytes) -> HandlerResult:
+            """A descriptor is the caller's: its pid is what the OS says of the connection
+            (the NIC serves only the kernel and the launcher), never a message field."""
+            b = m.body
+            cred = peer_cred(peer)
+            inode = (b["dev"], b["ino"]) if b["fd"] >= 0 else None
+            return {"map_id": nic.dma_map(b["name"], b["size"], fd=b["fd"], inode=inode,
+                                          holder=cred.pid if cred is not None else 0)}
 
         def dma_unmap(m: Message) -> HandlerResult:
             nic.dma_unmap(m.body["map_id"])
@@ -179,6 +196,25 @@ class NicProcess:
 
         def ethtool(m: Message) -> HandlerResult:
             return nic.ethtool(m.body["dev"], m.body["request"])
+
+        def tx_start(m: Message) -> HandlerResult:
+            b = m.body
+            nic.tx_start(b["dev"], b["map_id"], b["ring_size"], b["slot_size"])
+            log.info("%s TX ring attached (map %d, ring %d, slot %d)", b["dev"], b["map_id"],
+                     b["ring_size"], b["slot_size"])
+            return None
+
+        def tx_stop(m: Message) -> HandlerResult:
+            return {"sent": nic.tx_stop(m.body["dev"])}
+
+        def ctl_start(m: Message) -> HandlerResult:
+            b = m.body
+            nic.ctl_start(b["dev"], b["map_id"], b["ring_size"], b["slot_size"])
+            return None
+
+        def ctl_stop(m: Message) -> HandlerResult:
+            nic.ctl_stop(m.body["dev"])
+            return None
 
         def link(m: Message) -> HandlerResult:
             nic.set_link(m.body["dev"], m.body["up"])
@@ -223,14 +259,17 @@ class NicProcess:
             return None
 
         table: dict[str, Callable[[Message], HandlerResult]] = {
-            "nic.probe": probe, "nic.dma_map": dma_map, "nic.dma_unmap": dma_unmap,
+            "nic.probe": probe, "nic.dma_unmap": dma_unmap,
             "nic.queue_start": queue_start, "nic.queue_stop": queue_stop,
             "nic.ethtool": ethtool, "nic.link": link, "nic.traffic": traffic,
             "nic.wire": wire_gw, "nic.sources": sources, "nic.source_stop": source_stop,
             "nic.pcap": pcap, "nic.capture_start": capture_start,
             "nic.capture_status": capture_status, "nic.capture_stop": capture_stop,
+            "nic.tx_start": tx_start, "nic.tx_stop": tx_stop,
+            "nic.ctl_start": ctl_start, "nic.ctl_stop": ctl_stop,
         }
         out = {name: _guard(fn) for name, fn in table.items()}
+        out["nic.dma_map"] = _guard_peer(dma_map)
         out["hello"] = self._on_hello
         out["bye"] = self._on_bye
         return out
@@ -287,6 +326,8 @@ class NicProcess:
                 did = True
                 if ev.type == "nic.doorbell":
                     self.nic.doorbell(ev.body["dev"], ev.body["queue"])
+                elif ev.type == "nic.tx_doorbell":
+                    self.nic.tx_doorbell(ev.body["dev"])
         return did
 
     def _flush_irqs(self) -> None:
@@ -334,8 +375,11 @@ class NicProcess:
             if active and not backoff.sleeping and not self.nic.starved:
                 backoff.idle()
                 continue
+            if self.nic.tx_arm():  # TX frames arrived while we decided to sleep
+                continue
             self._watch_ports()
             self.poller.poll(WAIT_POLL_MS if active else IDLE_POLL_MS)
+            self.nic.tx_disarm()
 
     def _watch_ports(self) -> None:
         """Poll the TAP fds of ports that would read (one holding MAX_PENDING frames for a

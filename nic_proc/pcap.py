@@ -102,77 +102,77 @@ class ReplayPlan:
     flows: int = 0
 
 
-def _reader(f: Any, path: str) -> Any:
-    import dpkt
+_CLASSIC = {  # magic -> (byte order, fraction of a second per timestamp unit)
+    b"\xd4\xc3\xb2\xa1": ("<", 1e-6), b"\xa1\xb2\xc3\xd4": (">", 1e-6),
+    b"\x4d\x3c\xb2\xa1": ("<", 1e-9), b"\xa1\xb2\x3c\x4d": (">", 1e-9),
+}
+_PCAPNG = b"\x0a\x0d\x0d\x0a"
 
-    head = f.read(4)
-    f.seek(0)
-    if len(head) < 4:
-        raise Misuse(f"{path}: empty or truncated capture (no pcap header)", errno.EINVAL)
-    try:
-        if head == b"\x0a\x0d\x0d\x0a":
-            return dpkt.pcapng.Reader(f)
-        return dpkt.pcap.Reader(f)
-    except (ValueError, dpkt.dpkt.Error, EOFError) as e:
-        raise Misuse(f"{path}: not a pcap or pcapng capture ({e or 'bad header'})",
-                     errno.EINVAL) from None
+
+def _not_ethernet(path: str, dl: int) -> Misuse:
+    return Misuse(f"{path}: link type {dl} is not Ethernet (capture with -i DEV, not -i any)",
+                  errno.EINVAL)
+
+
+def _classic_records(path: str, data: bytes) -> list[tuple[float, bytes, int]]:
+    """Records of a classic pcap file, read in one pass (dpkt's reader hides the wire
+    length and stops silently at a record cut short; both matter here)."""
+    order, unit = _CLASSIC[data[:4]]
+    if len(data) < 24:
+        raise Misuse(f"{path}: not a pcap or pcapng capture (short header)", errno.EINVAL)
+    dl = int.from_bytes(data[20:24], "little" if order == "<" else "big") & 0x0FFFFFFF
+    if dl != _DLT_EN10MB:
+        raise _not_ethernet(path, dl)
+    hdr = np.dtype([("sec", order + "u4"), ("frac", order + "u4"),
+                    ("caplen", order + "u4"), ("len", order + "u4")])
+    out: list[tuple[float, bytes, int]] = []
+    pos, end = 24, len(data)
+    while pos < end:
+        if end - pos < 16:
+            raise Misuse(f"{path}: truncated capture ({end - pos} stray byte(s) after "
+                         f"{len(out)} packet(s))", errno.EINVAL)
+        h = np.frombuffer(data, hdr, 1, pos)[0]
+        cap = int(h["caplen"])
+        if pos + 16 + cap > end:
+            raise Misuse(f"{path}: truncated or corrupt capture after {len(out)} "
+                         f"packet(s) (short record)", errno.EINVAL)
+        out.append((int(h["sec"]) + int(h["frac"]) * unit, data[pos + 16:pos + 16 + cap],
+                    int(h["len"])))
+        pos += 16 + cap
+    return out
 
 
 def _records(path: str) -> list[tuple[float, bytes, int]]:
     """(timestamp, captured bytes, wire length) of every record (:class:`Misuse` on bad input)."""
+    import io
+
     import dpkt
 
     try:
         size = os.path.getsize(path)
-        f = open(path, "rb")  # noqa: SIM115 (closed below)
+        if size > MAX_PCAP_BYTES:
+            raise Misuse(f"{path}: larger than {MAX_PCAP_BYTES >> 20} MiB", errno.EFBIG)
+        with open(path, "rb") as f:
+            data = f.read()
     except OSError as e:
         raise Misuse(f"{path}: {e.strerror}", e.errno or errno.EINVAL) from None
-    if size > MAX_PCAP_BYTES:
-        f.close()
-        raise Misuse(f"{path}: larger than {MAX_PCAP_BYTES >> 20} MiB", errno.EFBIG)
+    if len(data) < 4:
+        raise Misuse(f"{path}: empty or truncated capture (no pcap header)", errno.EINVAL)
+    if data[:4] in _CLASSIC:
+        return _classic_records(path, data)
+    if data[:4] != _PCAPNG:
+        raise Misuse(f"{path}: not a pcap or pcapng capture (bad header)", errno.EINVAL)
     out: list[tuple[float, bytes, int]] = []
-    with f:
-        r = _reader(f, path)
+    try:
+        r = dpkt.pcapng.Reader(io.BytesIO(data))
         dl = r.datalink()
         if dl != _DLT_EN10MB:
-            raise Misuse(f"{path}: link type {dl} is not Ethernet (capture with -i DEV, "
-                         f"not -i any)", errno.EINVAL)
-        try:
-            if isinstance(r, dpkt.pcap.Reader):
-                for ts, buf in r:
-                    out.append((float(ts), bytes(buf), len(buf)))
-                # dpkt's pcap reader hides the wire length; read it from the record headers.
-                out = _with_wire_lengths(path, out)
-            else:
-                for ts, buf in r:
-                    out.append((float(ts), bytes(buf), len(buf)))
-        except (ValueError, dpkt.dpkt.Error, EOFError, OSError) as e:
-            raise Misuse(f"{path}: truncated or corrupt capture after {len(out)} "
-                         f"packet(s) ({e or 'short record'})", errno.EINVAL) from None
-    return out
-
-
-def _with_wire_lengths(path: str, recs: list[tuple[float, bytes, int]]
-                       ) -> list[tuple[float, bytes, int]]:
-    """Fill each record's original length from a classic pcap file's record headers, and
-    reject a file whose last record is cut short (dpkt stops there silently)."""
-    with open(path, "rb") as f:
-        data = f.read()
-    magic = data[:4]
-    endian = "<" if magic in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1") else ">"
-    nano = magic in (b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d")
-    hdr = np.dtype([("sec", endian + "u4"), ("frac", endian + "u4"), ("caplen", endian + "u4"),
-                    ("len", endian + "u4")])
-    pos = 24
-    out = []
-    for _ts, buf, _ in recs:
-        h = np.frombuffer(data, hdr, 1, pos)[0]
-        ts = int(h["sec"]) + int(h["frac"]) * (1e-9 if nano else 1e-6)
-        out.append((ts, buf, int(h["len"])))
-        pos += 16 + int(h["caplen"])
-    if pos != len(data):
-        raise Misuse(f"{path}: truncated capture ({len(data) - pos} stray byte(s) after "
-                     f"{len(out)} packet(s))", errno.EINVAL)
+            raise _not_ethernet(path, dl)
+        for ts, buf in r:
+            out.append((float(ts), bytes(buf), len(buf)))
+    except (ValueError, dpkt.dpkt.Error, EOFError) as e:
+        raise Misuse(f"{path}: truncated or corrupt capture after {len(out)} "
+                     f"packet(s) ({e or 'short record'})", errno.EINVAL) from None
     return out
 
 

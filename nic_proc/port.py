@@ -13,7 +13,8 @@ descriptor, so a NIC that dies leaves no device behind.
   impaired (:class:`Impairment`) and offered to the NIC as a
   :class:`~nic_proc.sources.RawBatch` (the generic MAC path: parse, steering, header
   split, DMA, as for any raw frame);
-* a :class:`TxSink`: the frames the host transmits are written to the fd.
+* a :class:`nic_proc.tx.TxSink`: the frames the host transmits (the kernel's TX ring,
+  drained by the NIC) are written to the fd.  Adding the port makes it the netdev's sink.
 
 Reading is one ``read(2)`` per frame (a TAP device has no batch read; the rest of the path
 works on the batch).  Pause (``nobuf=pause``, the default): frames the NIC did not take
@@ -37,13 +38,14 @@ import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from nic_proc.dma import Frames
 from nic_proc.sources import Blocked, RawBatch, Source, WireInfo
+from nic_proc.tx import TxSink
 from shared.errors import Misuse
 
 __all__ = ["MAX_PENDING", "PORT_COUNTERS", "Impairment", "TapPort", "TxSink", "open_tap"]
@@ -73,14 +75,6 @@ PORT_COUNTERS = (
     "port_tx_bytes",      # their bytes
     "port_tx_dropped",    # writes the TAP refused (device down in Linux): ends the batch
 )
-
-
-@runtime_checkable
-class TxSink(Protocol):
-    """Where a netdev's transmitted frames go: ``transmit(batch)`` -> how many were sent, a
-    prefix of the batch (the TX seam of issue 13; ``nic_proc.tx`` on the transmit branch)."""
-
-    def transmit(self, batch: Any) -> int: ...
 
 
 def open_tap(ifname: str) -> int:

@@ -37,8 +37,10 @@ Rules both sides keep:
   out of buffers, sets need-wakeup on the fill ring; the kernel, after posting,
   sends ``nic.doorbell`` if it sees the flag.
 * DMA: the NIC may read or write only inside regions mapped with
-  ``nic.dma_map``.  Addresses are IOVAs ``(map_id << 40) | offset``
-  (:func:`shared.abi.make_iova`).  Anything else is an IOMMU fault.
+  ``nic.dma_map`` (kernel regions by name; app memory, e.g. a zcrx area, by the kernel's
+  descriptor of it, so an app cannot swap what a name points to in between).
+  Addresses are IOVAs ``(map_id << 40) | offset`` (:func:`shared.abi.make_iova`).
+  Anything else is an IOMMU fault.
 """
 
 from __future__ import annotations
@@ -126,12 +128,20 @@ QUEUE_COUNTERS = (
     "rx_queue_stopped", # frames for a stopped queue, dropped (pause off)
     "rx_frags",         # data buffers consumed
     "rx_irq",           # interrupts raised
+    # The netdev's one TX queue counts in queue 0's row (shared.txring, nic_proc.tx):
+    "tx_packets",       # frames the port's sink sent (the default sink discards them)
+    "tx_bytes",         # their bytes (L2 header included, no FCS)
+    "tx_dropped",       # frames the sink refused, or TX slots with an impossible length
 )
+#: The counters that belong to the TX queue (only queue 0's row uses them).
+TX_COUNTERS = ("tx_packets", "tx_bytes", "tx_dropped")
 QC = {name: i for i, name in enumerate(QUEUE_COUNTERS)}
 
 #: Upper bounds the stats block is sized for.
 MAX_NETDEVS = 8
 MAX_QUEUES = 64
+#: Largest pcap snapshot length a capture accepts (tcpdump's own maximum).
+MAX_SNAPLEN = 262144
 
 
 # -- netdev specs -------------------------------------------------------------------------
@@ -153,9 +163,9 @@ _ALIASES = {"ring": "rx", "nobuf": "pause"}
 #: What a netdev's wire can be plugged into: nothing but the emulator's own sources, or a
 #: Linux TAP device in the run's peer network namespace (:mod:`nic_proc.port`).
 PORT_KINDS = ("", "tap")
-#: How the peer namespace learns the host's MAC: a permanent neighbour entry the launcher
-#: writes, or ARP / neighbour discovery answered by the emulated kernel.
-NEIGH_KINDS = ("static", "arp")
+#: How the peer namespace learns the host's MAC: ARP / neighbour discovery answered by the
+#: emulated kernel (the default), or a permanent neighbour entry the launcher writes.
+NEIGH_KINDS = ("arp", "static")
 #: Longest delay a port may add (seconds).
 MAX_PORT_DELAY = 10.0
 _DURATION = re.compile(r"^([0-9]*\.?[0-9]+)(us|ms|s)?$")
@@ -232,7 +242,7 @@ class NetdevSpec:
     addr6: str = ""
     mac: str = ""
     port: str = ""
-    neigh: str = "static"
+    neigh: str = "arp"
     loss: str = ""
     dup: str = ""
     reorder: str = ""
@@ -322,7 +332,7 @@ class NetdevSpec:
             raise Misuse(f"{self.name}: port must be tap (or absent), got {self.port!r}",
                          errno=22)
         if self.neigh not in NEIGH_KINDS:
-            raise Misuse(f"{self.name}: neigh must be static or arp, got {self.neigh!r}",
+            raise Misuse(f"{self.name}: neigh must be arp or static, got {self.neigh!r}",
                          errno=22)
         impair = [k for k in ("loss", "dup", "reorder", "delay") if getattr(self, k)]
         if impair and not self.port:
@@ -394,8 +404,12 @@ NETDEV_FIELDS = ("name", "ifindex", "mac", "queues", "max_queues", "ring_size",
 register_type("nic.probe", reply=Schema.make({"netdevs": list, "stats_region": str}),
               doc="Describe every netdev: dicts with NETDEV_FIELDS.")
 register_type("nic.dma_map", {"name": str, "size": int},
+              optional={"fd": (int, -1), "dev": (int, 0), "ino": (int, 0)},
               reply=Schema.make({"map_id": int}),
-              doc="Map a kernel- or app-owned region for DMA; returns the IOVA map id.")
+              doc="Map a kernel- or app-owned region for DMA; returns the IOVA map id.  A "
+                  "kernel region by ``name``; app memory by the caller's descriptor ``fd`` "
+                  "(opened through /proc/<caller pid>/fd/<fd>, the pid from the "
+                  "connection's credentials) whose inode must be ``dev``:``ino``.")
 register_type("nic.dma_unmap", {"map_id": int},
               doc="Remove a mapping; later DMA into it is an IOMMU fault.")
 register_type("nic.queue_start", {**_DEVQ, "map_id": int, "ring_size": int, "slot_size": int},
@@ -416,13 +430,22 @@ register_type("nic.pcap", {**_DEV, "path": str},
               reply=Schema.make({"source": int, "frames": int, "flows": int}),
               doc="Replay a capture file the NIC reads (see nic_proc.pcap).")
 register_type("nic.capture_start", {**_DEV, "path": str},
-              optional={"queue": (int, -1), "count": (int, 0), "snaplen": (int, 262144)},
+              optional={"queue": (int, -1), "count": (int, 0), "snaplen": (int, MAX_SNAPLEN)},
               reply=Schema.make({"capture": int}),
               doc="Write what the netdev takes off the wire to a pcap file (nic_proc.capture).")
 register_type("nic.capture_status", {"capture": int}, reply=Schema.make(open=True),
               doc="Frames written by a capture and whether it is done.")
 register_type("nic.capture_stop", {"capture": int}, reply=Schema.make(open=True),
               doc="Stop a capture and close its file.")
+register_type("nic.tx_start", {**_DEV, "map_id": int, "ring_size": int, "slot_size": int},
+              doc="Attach the netdev's TX ring (shared.txring), whose region is mapped as "
+                  "map_id; the NIC drains it from now on.")
+register_type("nic.tx_stop", _DEV, reply=Schema.make({"sent": int}),
+              doc="Detach the TX ring (what it holds is sent first); acked once detached.")
+register_type("nic.ctl_start", {**_DEV, "map_id": int, "ring_size": int, "slot_size": int},
+              doc="Attach the netdev's control-frame ring (a shared.txring ring the NIC "
+                  "produces): ARP and ICMPv6 frames for the host go there.")
+register_type("nic.ctl_stop", _DEV, doc="Detach the control-frame ring.")
 register_type("nic.sources", reply=Schema.make({"sources": list}),
               doc="Progress of every traffic source.")
 register_type("nic.source_stop", {"source": int}, doc="Stop a traffic source.")
@@ -431,9 +454,12 @@ register_type("nic.source_stop", {"source": int}, doc="Stop a traffic source.")
 
 register_type("irq", _DEVQ, doc="NIC -> kernel: completions ready on an armed queue.")
 register_type("nic.doorbell", _DEVQ, doc="kernel -> NIC: buffers posted on a waiting queue.")
+register_type("nic.tx_doorbell", _DEV, doc="kernel -> NIC: frames queued on a TX ring whose "
+              "consumer said it sleeps (need-wakeup).")
 
-__all__ = ["MAX_MTU", "MAX_NETDEVS", "MAX_QUEUES", "MAX_RING", "MIN_MTU", "NETDEV_FIELDS",
-           "PAGE_SIZE", "QC", "QUEUE_COUNTERS", "NetdevSpec", "QueueLayout", "hdr_slot_size",
+__all__ = ["MAX_MTU", "MAX_NETDEVS", "MAX_QUEUES", "MAX_RING", "MAX_SNAPLEN", "MIN_MTU",
+           "NETDEV_FIELDS", "PAGE_SIZE", "QC", "QUEUE_COUNTERS", "TX_COUNTERS", "NetdevSpec",
+           "QueueLayout", "hdr_slot_size",
            "is_pow2", "queue_region_object", "stats_block_bytes", "stats_block_shape",
            "valid_buf_len"]
 __all__ += ["NEIGH_KINDS", "PORT_KINDS", "parse_delay", "parse_percent", "tap_ifname"]

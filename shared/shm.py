@@ -19,13 +19,26 @@ Lifetime rules (DESIGN §2):
 * Detaching drops this process's mapping.  numpy views into it keep the mapping
   alive until they are garbage; :meth:`Region.close` then defers the unmap
   instead of failing.
+
+Sealed app memory (:meth:`Region.memfd`): an app's long-lived memory (zcrx areas, RQs,
+buffer rings, receive buffers) is a memfd rather than a named segment: it has no name in
+``/dev/shm`` (nothing to unlink, nothing another process can open by name), and it is sealed
+``F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL`` before anyone else maps it, so no process, its
+creator included, can make it shorter than the mappings the kernel and the NIC keep of it
+(touching a mapping past a file's end is SIGBUS).  The region keeps its descriptor
+(:attr:`Region.fd`): the kernel reaches the memory through ``/proc/<pid>/fd/<fd>``
+(``mm_map`` by fd) and the NIC through the kernel's own descriptor
+(:meth:`Region.open_proc_fd`), never by a name the app could swap.
 """
 
 from __future__ import annotations
 
+import errno as _errno
+import fcntl
 import mmap
 import os
 import re
+import stat
 from types import TracebackType
 from typing import Any
 
@@ -41,6 +54,19 @@ _FIELD = re.compile(r"^[A-Za-z0-9_-]+$")
 _OBJECT = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 # Linux NAME_MAX for a /dev/shm entry is 255; keep well under it.
 _MAX_NAME = 200
+
+#: ``fcntl`` seal bits (Linux ``<linux/fcntl.h>``; ``F_SEAL_FUTURE_WRITE`` is not in Python's
+#: ``fcntl`` module).
+F_SEAL_SEAL = 0x0001
+F_SEAL_SHRINK = 0x0002
+F_SEAL_GROW = 0x0004
+F_SEAL_WRITE = 0x0008
+F_SEAL_FUTURE_WRITE = 0x0010
+#: What :meth:`Region.memfd` seals by default: a fixed size nobody can change, for good.
+MEMFD_SEALS = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL
+#: What a long-term pin (zcrx area, user RQ, buffer ring) needs (``driver_proc.mm``).
+PIN_SEALS = F_SEAL_SHRINK | F_SEAL_SEAL
+_MEMFD_PREFIX = "memfd:"
 
 
 def page_align(size: int) -> int:
@@ -71,12 +97,17 @@ class Region:
     :meth:`array` gives numpy views of it.
     """
 
-    def __init__(self, name: str, size: int, mm: mmap.mmap, *, owner: bool) -> None:
+    def __init__(self, name: str, size: int, mm: mmap.mmap, *, owner: bool,
+                 fd: int = -1) -> None:
         self.name = name
         self.size = size
         self.buf: mmap.mmap | None = mm
         self.is_owner = owner
-        self._unlinked = False
+        #: a descriptor kept with the mapping (a memfd, or the kernel's checked descriptor of
+        #: app memory): closed by :meth:`detach`; -1 for a named segment
+        self.fd = fd
+        # a memfd has no name to unlink
+        self._unlinked = name.startswith(_MEMFD_PREFIX)
 
     # -- paired verbs: create/unlink, attach/detach -------------------------------
 
@@ -109,6 +140,66 @@ class Region:
         return region
 
     @classmethod
+    def memfd(cls, name: str, size: int, *, seals: int = MEMFD_SEALS,
+              pretouch: bool = True) -> Region:
+        """Anonymous shared memory (``memfd_create(MFD_ALLOW_SEALING | MFD_CLOEXEC)``) of
+        ``size`` bytes (page aligned), sealed with ``seals`` before it is mapped, touched.
+
+        ``name`` is ``/zcrx.<run>.<owner>.<object>`` as for :meth:`create` but names nothing
+        in ``/dev/shm``: the region's :attr:`name` is ``memfd:<that name>``, what
+        ``/proc/<pid>/fd`` shows (a label only).  The region keeps the descriptor (:attr:`fd`)
+        until :meth:`close`; there is nothing to unlink."""
+        size = page_align(size)
+        label = name.lstrip("/")
+        fd = os.memfd_create(label, os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            if seals:
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+            mm = mmap.mmap(fd, size)
+        except BaseException:
+            os.close(fd)
+            raise
+        region = cls(_MEMFD_PREFIX + label, size, mm, owner=True, fd=fd)
+        if pretouch:
+            np.frombuffer(mm, dtype=np.uint8)[::PAGE_SIZE] = 0
+        return region
+
+    @classmethod
+    def open_proc_fd(cls, pid: int, fd: int, name: str, *,
+                     inode: tuple[int, int] | None = None) -> Region:
+        """Map the file process ``pid`` holds at descriptor ``fd`` (whole size) through
+        ``/proc/<pid>/fd/<fd>``: the NIC mapping the very inode the kernel checked.
+
+        ``inode`` (``(st_dev, st_ino)``) must match what was opened.  Raises ``Misuse``:
+        ``-ENOENT`` (no such process or descriptor), ``-EINVAL`` (not a regular file, or
+        another inode than ``inode``), ``-EACCES``; the descriptor is not kept."""
+        path = f"/proc/{int(pid)}/fd/{int(fd)}"
+        try:
+            st = os.stat(path)  # the target's inode, before opening anything
+        except OSError as e:
+            raise _proc_error(path, name, e) from None
+        if not stat.S_ISREG(st.st_mode):
+            raise Misuse(f"{path} ({name}) is not a regular file", _errno.EINVAL)
+        try:
+            own = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+        except OSError as e:
+            raise _proc_error(path, name, e) from None
+        try:
+            st = os.fstat(own)
+            if not stat.S_ISREG(st.st_mode) or (
+                    inode is not None and (st.st_dev, st.st_ino) != tuple(inode)):
+                raise Misuse(f"{path} ({name}) is not the inode expected", _errno.EINVAL)
+            if st.st_size <= 0:
+                raise Misuse(f"{path} ({name}) is empty", _errno.EINVAL)
+            mm = mmap.mmap(own, st.st_size)
+        except OSError as e:
+            raise Misuse(f"{path} ({name}): {e.strerror}", _errno.EINVAL) from None
+        finally:
+            os.close(own)
+        return cls(name, st.st_size, mm, owner=False)
+
+    @classmethod
     def attach(cls, name: str, *, size: int | None = None) -> Region:
         """Map an existing segment (its whole size, or check it is ``size``)."""
         try:
@@ -125,7 +216,11 @@ class Region:
         return cls(name, actual, mm, owner=False)
 
     def detach(self) -> None:
-        """Unmap from this process.  Deferred to GC while numpy views still exist."""
+        """Unmap from this process (and close :attr:`fd`).  Deferred to GC while numpy views
+        still exist."""
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
         mm, self.buf = self.buf, None
         if mm is None:
             return
@@ -172,6 +267,15 @@ class Region:
     def __repr__(self) -> str:
         state = "mapped" if self.buf is not None else "detached"
         return f"Region({self.name!r}, {self.size} bytes, {state}, owner={self.is_owner})"
+
+
+def _proc_error(path: str, name: str, e: OSError) -> Misuse:
+    """An ``OSError`` reaching ``/proc/<pid>/fd/<n>`` as the errno a caller reports."""
+    if e.errno in (_errno.ENOENT, _errno.ESRCH):
+        return Misuse(f"{path} ({name}): no such descriptor", _errno.ENOENT)
+    if e.errno in (_errno.EACCES, _errno.EPERM):
+        return Misuse(f"{path} ({name}): permission denied", _errno.EACCES)
+    return Misuse(f"{path} ({name}): {e.strerror}", _errno.EINVAL)
 
 
 def run_prefix(run: str) -> str:

@@ -14,14 +14,17 @@ Who owns what (DESIGN §2):
   ``IORING_OFF_SQ_RING`` / ``IORING_OFF_CQ_RING`` / ``IORING_OFF_SQES``, or a
   zcrx RQ at ``region.mmap_offset``.  The reply names the shm segment to attach.
 * App memory (receive buffers, zcrx areas, provided-buffer rings, a user-memory
-  RQ) is created by the app (``/zcrx.<run>.app<N>.<obj>``) and entered into its
-  emulated mm with ``mm_map``, which returns the virtual address the app passes
-  in SQEs and uapi structs.  The kernel resolves addresses through that table;
-  an address outside every mapping is -EFAULT, a write to a read-only mapping is
-  -EFAULT, an unaligned one -EINVAL, as on Linux.
+  RQ) is created by the app (a sealed memfd, or a named ``/zcrx.<run>.app<N>.<obj>``)
+  and entered into its emulated mm with ``mm_map`` (by descriptor or by name), which
+  returns the virtual address the app passes in SQEs and uapi structs.  The kernel
+  resolves addresses through that table; an address outside every mapping is
+  -EFAULT, a write to a read-only mapping is -EFAULT, an unaligned one -EINVAL, as
+  on Linux.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from shared import abi
 from shared.msg import Schema, register_type
@@ -35,9 +38,18 @@ register_type("attach", {"name": str}, optional={"pid": (int, 0), "cap_net_admin
                   "``pid`` is ignored; ``cap_net_admin`` false drops a granted capability.")
 
 # -- memory -----------------------------------------------------------------------------
-register_type("mm_map", {"name": str, "length": int, "prot": int},
+def _one_source(body: dict[str, Any], _blobs: tuple[bytes, ...]) -> None:
+    if bool(body["name"]) == (body["fd"] >= 0):
+        raise ValueError("mm_map takes a shm name or a descriptor (fd >= 0), not both")
+
+
+register_type("mm_map", {"length": int, "prot": int},
+              optional={"name": (str, ""), "fd": (int, -1)}, validator=_one_source,
               reply=Schema.make({"addr": int}),
-              doc="Enter an app-owned shm region into the caller's mm; returns its address.")
+              doc="Enter app-owned memory into the caller's mm; returns its address.  By "
+                  "descriptor (``fd``: the caller's own descriptor number of a memfd, what "
+                  "the library uses; sealed memory can be pinned) or by shm ``name`` (short "
+                  "accesses only: a named segment cannot be sealed).")
 register_type("mm_unmap", {"addr": int, "length": int}, reply=_RES)
 register_type("mm_protect", {"addr": int, "length": int, "prot": int}, reply=_RES)
 register_type("mmap", {"fd": int, "offset": int, "length": int},
@@ -60,6 +72,13 @@ MIN_NAPI_ID = 8193
 #: descriptor limit (soft limit; above ``NOFILE_MAX`` is -EPERM).
 RLIMIT_NOFILE = 7
 register_type("setrlimit", {"resource": int, "cur": int}, reply=_RES)
+register_type("setsockopt", {"fd": int, "level": int, "optname": int}, blobs=1,
+              max_blob_size=256, reply=_RES,
+              doc="setsockopt(fd, level, optname, optval, optlen): the blob is the optval "
+                  "bytes (its length is optlen).  SOL_SOCKET SO_REUSEPORT (an int), "
+                  "SO_ATTACH_REUSEPORT_CBPF (a 16-byte struct sock_fprog whose filter "
+                  "pointer names the instructions in the caller's mm) and "
+                  "SO_DETACH_REUSEPORT_BPF; anything else -ENOPROTOOPT.")
 register_type("getsockopt", {"fd": int, "level": int, "optname": int},
               reply=Schema.make({"res": int, "value": int}),
               doc="An integer socket option; only SOL_SOCKET/SO_INCOMING_NAPI_ID is known "

@@ -22,7 +22,7 @@ import select
 from collections.abc import Hashable, Iterator
 from typing import Generic, TypeVar
 
-__all__ = ["PidWatch", "Watchlist", "pidfd_open", "process_exists"]
+__all__ = ["PidWatch", "Watchlist", "parent_pid", "pidfd_open", "proc_stat", "process_exists"]
 
 K = TypeVar("K", bound=Hashable)
 
@@ -38,14 +38,28 @@ def pidfd_open(pid: int) -> int | None:
         return None
 
 
-def process_exists(pid: int) -> bool:
-    """True if ``pid`` names a live process (a zombie counts as gone)."""
+def proc_stat(pid: int) -> tuple[bytes, int] | None:
+    """``(state, parent pid)`` of ``pid`` from ``/proc/<pid>/stat`` (the fields after the
+    command name, which may itself hold spaces and parentheses), or None when it is gone or
+    unreadable."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in (b"Z", b"X")
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return fields[0], int(fields[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def process_exists(pid: int) -> bool:
+    """True if ``pid`` names a live process (a zombie counts as gone)."""
+    st = proc_stat(pid)
+    return st is not None and st[0] not in (b"Z", b"X")
+
+
+def parent_pid(pid: int) -> int:
+    """The parent of ``pid`` as /proc says (0 when it is gone or unreadable)."""
+    st = proc_stat(pid)
+    return 0 if st is None else st[1]
 
 
 class PidWatch:
@@ -116,6 +130,10 @@ class Watchlist(Generic[K]):
 
     def pid(self, key: K) -> int:
         return self._watches[key].pid
+
+    def get(self, key: K) -> PidWatch | None:
+        """The watch under ``key`` (None if none): its ``dead`` is one zero-timeout poll."""
+        return self._watches.get(key)
 
     def add(self, key: K, pid: int) -> int:
         """Watch ``pid`` under ``key`` (replacing an older watch); returns the fd (-1 when

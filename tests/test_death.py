@@ -141,7 +141,8 @@ def test_killed_app_is_torn_down_and_the_other_app_stays_byte_exact(tmp_path: Pa
         assert q["provider"] == "none" and not q["mp_draining"]
         assert len(st["ifqs"]) == 1  # the survivor's
         k = stats(name)["kernel"]
-        assert k["app_deaths"] == 1 and k["app_segments_unlinked"] >= 1
+        # its memory was sealed memfds (no names to unlink); nothing of it is left by name
+        assert k["app_deaths"] == 1
         rid = Run.open(name).m.run_id
         assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"zcrx.{rid}.app{tid}.")]
         wait_app(name, "app:1", 40)

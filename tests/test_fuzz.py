@@ -69,6 +69,7 @@ import shared.syscalls  # noqa: F401  (register the message types)
 from app_proc import liburing as L
 from app_proc import syscall as S
 from shared import abi
+from shared.errors import Misuse
 from shared.msg import MAGIC_VERSION, ControlError
 from shared.shm import PAGE_SIZE, SHM_DIR
 
@@ -465,8 +466,11 @@ MM_KINDS = ["own", "symlink-own", "symlink-neighbour", "symlink-etc", "symlink-d
 def test_fuzz_mm_calls(kt: KernelThread, app: S.Kernel, neighbour: Neighbour,
                        caplog: pytest.LogCaptureFixture) -> None:
     ring = zring(app, 8)
-    own = app.alloc_memory(2 * PAGE, tag="own")
-    victim = neighbour.zq.b.area                       # the neighbour's area (live ifq)
+    own = app.alloc_memory(2 * PAGE, tag="own", named=True)
+    # a named segment of the neighbour's, for the links and foreign names to aim at (its area
+    # is a memfd: no name); nobody may write it
+    victim = neighbour.app.alloc_memory(4 * PAGE, tag="victim", named=True)
+    victim.view[:] = 0x5A
     before = victim.view.copy()
     _, cfd = accept_conn(kt, app, ring, sport=43000, port=8400)
     sport = 43000
@@ -583,13 +587,190 @@ def test_fuzz_mm_calls(kt: KernelThread, app: S.Kernel, neighbour: Neighbour,
         one()
     finally:
         remove(made)
-    # the neighbour's area changed only where its own stream landed (its ifq wrote it)
-    changed = np.flatnonzero((victim.view != before).reshape(-1, PAGE).any(axis=1))
-    assert len(changed) <= int(victim.view.size // PAGE)
+    assert bool((victim.view == before).all())  # no link or name reached it
     counters = kt.call(lambda k: k._sys_stats(None, b"")["mm"])
     assert counters["map_refused_symlink"] > 0 and counters["map_refused_links"] > 0
     L.io_uring_queue_exit(ring)
     own.close()
+    victim.close()
+    healthy(kt, caplog, neighbour)
+
+
+# --------------------------------------------------------------------------------------------
+# mm_map by descriptor: wild numbers, files that are not shared memory, another process's fds
+# --------------------------------------------------------------------------------------------
+
+FD_KINDS = ["sealed", "unsealed", "write-sealed", "named", "dir", "socket", "pipe", "devnull",
+            "eventfd", "disk", "closed", "other-process", "wild"]
+#: a descriptor number only the helper process holds
+_OTHER_FD = 777
+_HOLDER = (f"import os, sys\nfd = os.memfd_create('other', os.MFD_ALLOW_SEALING)\n"
+           f"os.ftruncate(fd, 8192)\nos.dup2(fd, {_OTHER_FD})\nprint('ready', flush=True)\n"
+           f"sys.stdin.read()\n")
+
+
+def test_fuzz_mm_map_by_fd(kt: KernelThread, app: S.Kernel, neighbour: Neighbour,
+                           caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    """``mm_map`` by descriptor with every kind of descriptor a hostile app can name, then a
+    pin (a buffer ring over it: only sealed memory may be pinned, ``-EFAULT`` otherwise), then
+    the app fights its memory (truncate, grow, add seals, another memfd under the number,
+    close) and a RECV lands in it: the kernel lives, the app gets its errno or its data."""
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        with pytest.raises(OSError):
+            os.fstat(_OTHER_FD)  # the number means nothing in this process
+        _fuzz_mm_map_by_fd(kt, app, neighbour, caplog, tmp_path)
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(10)
+
+
+def _fuzz_mm_map_by_fd(kt: KernelThread, app: S.Kernel, neighbour: Neighbour,
+                       caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    import fcntl
+    import socket
+    import tempfile
+
+    from shared.shm import F_SEAL_WRITE, Region, region_name
+
+    ring = zring(app, 8)
+    _, cfd = accept_conn(kt, app, ring, sport=46000, port=8600)
+    sport, sent, counter = 46000, [0], [0]
+    size = 2 * PAGE
+
+    def recv_into(addr: int, length: int) -> None:
+        sqe = L.io_uring_get_sqe(ring)
+        assert sqe is not None
+        L.io_uring_prep_recv(sqe, cfd, addr, min(length, size))
+        L.io_uring_sqe_set_data64(sqe, 0x3F)
+        L.io_uring_submit(ring)
+        kt.send(sport, stream(sport, sent[0], 1000), dport=8600)
+        sent[0] += 1000
+        for c in wait_cqes(ring):
+            assert 0 < c.res <= min(length, size) or c.res == -errno.EFAULT, c
+
+    def make(kind: str, closers: list[Any]) -> int:
+        """A descriptor of ``kind`` in this process (the app's), or a number."""
+        counter[0] += 1
+        label = region_name(app.run, app.owner, f"fz{counter[0]}")
+        if kind in ("sealed", "unsealed"):
+            r = Region.memfd(label, size) if kind == "sealed" else \
+                Region.memfd(label, size, seals=0)
+            closers.append(r.close)
+            return r.fd
+        if kind == "write-sealed":
+            fd = os.memfd_create("ws", os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
+            os.ftruncate(fd, size)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, F_SEAL_WRITE)
+        elif kind == "named":
+            r = Region.create(label, size)
+            closers.append(r.close)
+            fd = os.open(os.path.join(SHM_DIR, label.lstrip("/")), os.O_RDWR | os.O_CLOEXEC)
+        elif kind == "dir":
+            fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        elif kind == "socket":
+            sk = socket.socket()
+            closers.append(sk.close)
+            return sk.fileno()
+        elif kind == "pipe":
+            r_, w_ = os.pipe()
+            closers.append(lambda: os.close(w_))
+            fd = r_
+        elif kind == "devnull":
+            fd = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+        elif kind == "eventfd":
+            fd = os.eventfd(0)
+        elif kind == "disk":
+            f = tempfile.TemporaryFile(dir=os.path.dirname(__file__))  # noqa: SIM115
+            closers.append(f.close)
+            return f.fileno()
+        elif kind == "closed":
+            fd = os.memfd_create("gone")
+            os.close(fd)
+            return fd
+        else:
+            return _OTHER_FD
+        closers.append(lambda: os.close(fd))
+        return fd
+
+    def swap_under(fd: int, how: str) -> None:
+        try:
+            if how == "shrink":
+                os.ftruncate(fd, 0)
+            elif how == "grow":
+                os.ftruncate(fd, 4 * size)
+            elif how == "seal":
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, F_SEAL_WRITE)
+            elif how == "dup2":
+                other = os.memfd_create("swap", os.MFD_CLOEXEC)
+                os.dup2(other, fd)
+                os.close(other)
+        except OSError:
+            pass  # sealed (EPERM), busy (EBUSY): the app's own business
+
+    @fuzz(150)
+    @given(kind=st.sampled_from(FD_KINDS), wild=wild_ints(3, _OTHER_FD, 1 << 20),
+           length=st.one_of(st.sampled_from([PAGE, size, 100, 0, 1 << 40]),
+                            st.integers(-2**63, U64)),
+           prot=st.one_of(st.sampled_from([S.PROT_READ | S.PROT_WRITE, S.PROT_READ]),
+                          st.integers(-8, 2**32)),
+           how=st.sampled_from(["none", "shrink", "grow", "seal", "dup2"]))
+    def one(kind: str, wild: int, length: int, prot: int, how: str) -> None:
+        closers: list[Any] = []
+        try:
+            if kind == "wild":  # a number this process does not hold (all apps share it)
+                try:
+                    os.fstat(wild)
+                    fd = _OTHER_FD
+                except (OSError, OverflowError, ValueError):
+                    fd = wild
+            else:
+                fd = make(kind, closers)
+            try:
+                addr = app.syscall("mm_map", {"fd": fd, "length": length,
+                                              "prot": prot}).body["addr"]
+            except ControlError as exc:
+                assert 0 < (exc.errno or 0) < 4096, exc
+                addr = None
+            except Misuse as exc:  # a negative fd: the schema itself refuses it (EINVAL)
+                assert fd < 0 and exc.errno == errno.EINVAL, exc
+                addr = None
+            if addr is None:
+                return
+            assert kind in ("sealed", "unsealed", "write-sealed", "named"), kind
+            reg = np.zeros(1, dtype=abi.io_uring_buf_reg)
+            reg["ring_entries"] = 8
+            reg["bgid"] = 9
+            reg["ring_addr"] = addr
+            try:
+                L.io_uring_register(ring, abi.IORING_REGISTER_PBUF_RING, 1, [reg])
+                pinned = True
+            except ControlError as exc:
+                assert exc.errno in (errno.EFAULT, errno.EINVAL), exc
+                pinned = False
+            assert not pinned or kind == "sealed", kind  # only sealed memory is pinned
+            swap_under(fd, how)
+            recv_into(addr, min(length, size))
+            if pinned:
+                reg["ring_addr"] = 0
+                L.io_uring_register(ring, abi.IORING_UNREGISTER_PBUF_RING, 1, [reg])
+            try:
+                app.mm_unmap(addr, length)
+            except ControlError:
+                pass
+        finally:
+            for c in reversed(closers):
+                c()
+            reap(ring)
+            healthy(kt, caplog, neighbour)
+
+    one()
+    counters = kt.call(lambda k: k._sys_stats(None, b"")["mm"])
+    assert counters["pin_refused_unsealed"] > 0 and counters["map_refused_not_regular"] > 0
+    L.io_uring_queue_exit(ring)
     healthy(kt, caplog, neighbour)
 
 
@@ -690,7 +871,7 @@ def test_a_segment_shrunk_after_the_kernel_touched_it_is_efault(
     """Found by the mm fuzzing: the app truncates a segment the kernel already mapped; the
     next RECV into it used to be SIGBUS in the kernel process (it died).  Now ``-EFAULT``."""
     ring = L.io_uring_queue_init(8, kernel=app)
-    mem = app.alloc_memory(4 * PAGE, tag="buf")
+    mem = app.alloc_memory(4 * PAGE, tag="buf", named=True)  # a named segment: not sealed
     _, fd = accept_conn(kt, app, ring, sport=44000, port=8500)
     for size, n, want in ((4 * PAGE, 1000, 1000), (PAGE + 1, 2 * PAGE, 2 * PAGE),
                           (0, 1000, -errno.EFAULT)):

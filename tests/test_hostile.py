@@ -126,8 +126,8 @@ def _neighbour_stream_is_exact(kt: KernelThread, nb: S.Kernel, sport: int, port:
 def test_symlink_and_hard_link_under_the_own_prefix_are_refused(
         kt: KernelThread, app: S.Kernel, neighbour: S.Kernel,
         caplog: pytest.LogCaptureFixture) -> None:
-    mine = app.alloc_memory(PAGE_SIZE, tag="mine")
-    theirs = neighbour.alloc_memory(4 * PAGE_SIZE, tag="area")  # the neighbour's area
+    mine = app.alloc_memory(PAGE_SIZE, tag="mine", named=True)
+    theirs = neighbour.alloc_memory(4 * PAGE_SIZE, tag="area", named=True)
     theirs.view[:] = 0x77
     link = f"/zcrx.{app.run}.{app.owner}.link"
     hard = f"/zcrx.{app.run}.{app.owner}.hard"
@@ -154,8 +154,8 @@ def test_recv_into_a_segment_replaced_behind_the_kernels_back_is_efault(
         kt: KernelThread, app: S.Kernel, neighbour: S.Kernel,
         caplog: pytest.LogCaptureFixture) -> None:
     ring = L.io_uring_queue_init(8, kernel=app)
-    other = app.alloc_memory(PAGE_SIZE, tag="other")
-    buf = app.alloc_memory(PAGE_SIZE, tag="buf")
+    other = app.alloc_memory(PAGE_SIZE, tag="other", named=True)
+    buf = app.alloc_memory(PAGE_SIZE, tag="buf", named=True)
     _replace_with_symlink(buf, other.name)  # mm_map passed; the kernel never touched it
     _, fd = accept_conn(kt, app, ring, sport=40000, port=8000)
     sqe = L.io_uring_get_sqe(ring)
@@ -178,8 +178,8 @@ def test_buffer_ring_and_zcrx_area_over_a_replaced_segment_are_efault(
         kt: KernelThread, app: S.Kernel, neighbour: S.Kernel,
         caplog: pytest.LogCaptureFixture) -> None:
     ring = L.io_uring_queue_init(8, kernel=app)
-    other = app.alloc_memory(PAGE_SIZE, tag="other")
-    pbuf = app.alloc_memory(PAGE_SIZE, tag="pbuf")
+    other = app.alloc_memory(PAGE_SIZE, tag="other", named=True)
+    pbuf = app.alloc_memory(PAGE_SIZE, tag="pbuf", named=True)
     _replace_with_symlink(pbuf, other.name)
     reg = np.zeros(1, dtype=abi.io_uring_buf_reg)
     reg["ring_entries"] = 8
@@ -191,10 +191,10 @@ def test_buffer_ring_and_zcrx_area_over_a_replaced_segment_are_efault(
     L.io_uring_queue_exit(ring)
 
     zr = zring(app)
-    b = Bundle.make(app)
+    b = Bundle.make(app, named=True)
     _replace_with_symlink(b.area, other.name)
     assert reg_errno(zr, b.reg) == errno.EFAULT
-    hard = Bundle.make(app)
+    hard = Bundle.make(app, named=True)
     os.unlink(_path(hard.area.name))
     os.link(_path(other.name), _path(hard.area.name))  # a hard link in its place: the same
     assert reg_errno(zr, hard.reg) == errno.EFAULT

@@ -350,9 +350,13 @@ def test_root_app_b_cannot_open_or_register_any_memory_of_app_a() -> None:
             a = S.Kernel(run.dir, run=run.run_id, name="A")
             a.attach()
             zq = setup_zcrx(a, zring(a), nodev=False, if_idx=ifindex, if_rxq=1)
-            send({"task": a.task})
+            named = a.alloc_memory(4096, tag="named", named=True)  # a name B could aim at
+            # A's registered memory is sealed memfds: no names; B may try their numbers
+            fds = [m.fd for m in (zq.b.area, zq.b.rq, zq.b.params) if m is not None]
+            send({"task": a.task, "pid": os.getpid(), "fds": fds})
             wait()
             zq.close()
+            named.close()
             a.close()
 
         a = _AsUid(A_UID, app_a)
@@ -401,6 +405,17 @@ def test_root_app_b_cannot_open_or_register_any_memory_of_app_a() -> None:
                     else:
                         try_map(f"hardlink {n}", "/" + own + "hard")
                         os.unlink(f"/dev/shm/{own}hard")
+                for fd in got_a["fds"]:  # A's memfds: through /proc, or their numbers
+                    try:
+                        os.close(os.open(f"/proc/{got_a['pid']}/fd/{fd}", os.O_RDWR))
+                        opened[f"proc fd {fd}"] = 0
+                    except OSError as e:
+                        opened[f"proc fd {fd}"] = e.errno or -1
+                    try:
+                        b.mm_map_fd(fd, 4096)
+                        mapped[f"fd {fd}"] = 0
+                    except ControlError as e:
+                        mapped[f"fd {fd}"] = e.errno or -1
                 send({"uid": os.geteuid(), "opened": opened, "mapped": mapped})
                 b.close()
 
@@ -408,7 +423,9 @@ def test_root_app_b_cannot_open_or_register_any_memory_of_app_a() -> None:
             got_b = b.recv()
             assert b.release() == 0
             assert got_b["uid"] == B_UID
-            assert got_b["opened"] == {n: errno.EACCES for n in mine}
+            assert got_b["opened"] == {**{n: errno.EACCES for n in mine},
+                                       **{f"proc fd {fd}": errno.EACCES
+                                          for fd in got_a["fds"]}}
             assert got_b["mapped"] and 0 not in got_b["mapped"].values(), got_b["mapped"]
         finally:
             a.release()

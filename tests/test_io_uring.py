@@ -660,6 +660,32 @@ def test_multishot_recv_fills_provided_buffers_then_enobufs(ctx, skbs, app):
     L.io_uring_queue_exit(ring)
 
 
+def test_multishot_recv_copies_runs_of_adjacent_buffers_and_stops_at_a_bad_one(ctx, skbs, app):
+    """Provided buffers of two allocations in mixed order (runs of adjacent ones are copied as
+    one range each) and a read-only one: the buffers before it get their bytes, in order,
+    then the request ends with -EFAULT."""
+    ring = L.io_uring_queue_init(16, kernel=app)
+    peer, _lfd, cfd = accepted(ctx, skbs, app, ring)
+    size = 512
+    a, b = app.alloc_memory(8 * size), app.alloc_memory(8 * size)
+    ro = app.alloc_memory(4096, prot=L.PROT_READ)
+    where = [(a, 0), (a, 1), (a, 2), (b, 0), (b, 1), (a, 5)]
+    addrs = [m.addr + i * size for m, i in where] + [ro.addr, a.addr + 7 * size]
+    br = L.io_uring_setup_buf_ring(ring, 8, 5)
+    br.add(np.array(addrs, dtype=np.int64), size, np.arange(8))
+    br.advance(8)
+    arm_recv_multishot(ring, cfd, 5, ud=9)
+    data = pattern.pattern_bytes(2, 0, 8 * size)
+    peer.send(data)
+    cqes = reap(ring)
+    assert [res for _, res, _ in cqes] == [size] * 6 + [-errno.EFAULT]
+    assert [fl >> abi.IORING_CQE_BUFFER_SHIFT for _, _, fl in cqes[:6]] == list(range(6))
+    got = b"".join(m.view[i * size:(i + 1) * size].tobytes() for m, i in where)
+    assert got == data[:6 * size]
+    assert ctx.rings.rings[0].stats.efaults == 1
+    L.io_uring_queue_exit(ring)
+
+
 def test_buffer_select_single_shot_and_per_cqe_len(ctx, skbs, app):
     ring = L.io_uring_queue_init(16, kernel=app)
     peer, _lfd, cfd = accepted(ctx, skbs, app, ring)
@@ -923,7 +949,7 @@ def test_close_of_a_ring_unlinks_its_regions_and_drops_requests(ctx, skbs, app):
     assert kring.closed and not kring.inflight
     peer.send(b"late data")  # the dropped request is off the socket: nothing runs
     sock = task_of(ctx, app).get_socket(cfd)
-    assert sock.waiters == [] and sock.conn.rxq.nbytes == 9
+    assert not sock.waiters and sock.conn.rxq.nbytes == 9
 
 
 def test_task_exit_closes_everything(ctx, skbs, run_id):

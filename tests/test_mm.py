@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import itertools
 import os
+import socket
+import tempfile
 
 import numpy as np
 import pytest
 
 from driver_proc.mm import PROT_READ, PROT_WRITE, USER_BASE, Mm
 from shared.errors import Misuse
-from shared.shm import PAGE_SIZE, SHM_DIR, Region, region_name
+from shared.shm import (
+    F_SEAL_SEAL,
+    F_SEAL_SHRINK,
+    F_SEAL_WRITE,
+    PAGE_SIZE,
+    SHM_DIR,
+    Region,
+    region_name,
+)
 
 RW = PROT_READ | PROT_WRITE
 
@@ -262,16 +273,115 @@ def test_swapping_the_name_after_mm_map_never_reaches_the_new_target(mm, regions
         b.detach()
 
 
-def test_pin_region_maps_the_inode_mm_map_checked(mm, regions, run_id):
+def test_pin_region_maps_the_inode_mm_map_checked(mm, run_id):
+    r = Region.memfd(region_name(run_id, "app1", "area"), 2 * PAGE_SIZE)
+    try:
+        addr = mm.map_fd(os.getpid(), r.fd, 2 * PAGE_SIZE, RW)
+        pinned = mm.pin_region(mm.find(addr))
+        try:
+            assert pinned.size == 2 * PAGE_SIZE and pinned.fd >= 0  # the NIC is given this
+            pinned.array()[PAGE_SIZE:PAGE_SIZE + 4] = 9
+            assert r.array()[PAGE_SIZE:PAGE_SIZE + 4].tolist() == [9] * 4
+        finally:
+            pinned.detach()
+    finally:
+        r.close()
+
+
+def test_a_named_segment_cannot_be_pinned(mm, regions):
+    """tmpfs files opened by name cannot be sealed: resolvable, never pinnable (-EFAULT)."""
     r = regions("area", 2 * PAGE_SIZE)
     addr = mm.map(r.name, 2 * PAGE_SIZE, RW)
-    pinned = mm.pin_region(mm.find(addr))
+    mm.resolve(addr, 8, write=True)[:] = 1  # short accesses are fine
+    assert errno_of(mm.pin_region, mm.find(addr)) == errno.EFAULT
+    assert errno_of(mm.pin, addr, PAGE_SIZE, write=True) == errno.EFAULT
+    assert mm.refused["pin_unsealed"] == 2
+
+
+def _memfd(size: int, seals: int = 0) -> int:
+    fd = os.memfd_create("t", os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
+    os.ftruncate(fd, size)
+    if seals:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    return fd
+
+
+def test_unsealed_memfd_maps_but_pins_only_once_sealed(mm):
+    fd = _memfd(2 * PAGE_SIZE)
     try:
-        assert pinned.size == 2 * PAGE_SIZE
-        pinned.array()[PAGE_SIZE:PAGE_SIZE + 4] = 9
-        assert r.array()[PAGE_SIZE:PAGE_SIZE + 4].tolist() == [9] * 4
+        addr = mm.map_fd(os.getpid(), fd, 2 * PAGE_SIZE, RW)
+        assert mm.find(addr).name == "memfd:t"
+        mm.resolve(addr, 4, write=True)[:] = 3
+        assert errno_of(mm.pin, addr, PAGE_SIZE, write=True) == errno.EFAULT
+        os.ftruncate(fd, PAGE_SIZE)  # unsealed: shorter than the mapping, every access checks
+        assert errno_of(mm.resolve, addr + PAGE_SIZE, 4, write=True) == errno.EFAULT
+        os.ftruncate(fd, 2 * PAGE_SIZE)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, F_SEAL_SHRINK)
+        assert errno_of(mm.pin, addr, PAGE_SIZE, write=True) == errno.EFAULT  # no SEAL yet
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, F_SEAL_SEAL)
+        assert len(mm.pin(addr, 2 * PAGE_SIZE, write=True)) == 2 * PAGE_SIZE
+        with pytest.raises(PermissionError):
+            os.ftruncate(fd, 0)  # the seal: nobody shrinks it now
     finally:
-        pinned.detach()
+        os.close(fd)
+
+
+def test_map_fd_keeps_the_inode_whatever_the_task_does_with_its_descriptor(mm, run_id):
+    a = Region.memfd(region_name(run_id, "app1", "a"), PAGE_SIZE)
+    b = Region.memfd(region_name(run_id, "app1", "b"), PAGE_SIZE)
+    try:
+        addr = mm.map_fd(os.getpid(), a.fd, PAGE_SIZE, RW)
+        os.dup2(b.fd, a.fd)  # the number now names b
+        mm.resolve(addr, 4, write=True)[:] = 7
+        assert b.array()[:4].tolist() == [0] * 4
+        assert mm.pin(addr, PAGE_SIZE, write=False)[:4].tolist() == [7] * 4
+    finally:
+        a.close()
+        b.close()
+
+
+def test_map_fd_refuses_what_is_not_the_tasks_shared_memory(mm, tmp_path):
+    pid = os.getpid()
+    fd = _memfd(PAGE_SIZE)
+    dfd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    r, w = os.pipe()
+    sock = socket.socket()
+    disk = tempfile.TemporaryFile(dir=os.path.dirname(__file__))  # noqa: SIM115 (closed below)
+    try:
+        closed = _memfd(PAGE_SIZE)
+        os.close(closed)
+        assert errno_of(mm.map_fd, pid, closed, PAGE_SIZE, RW) == errno.EBADF
+        assert errno_of(mm.map_fd, pid, -1, PAGE_SIZE, RW) == errno.EBADF
+        assert errno_of(mm.map_fd, pid, 1 << 40, PAGE_SIZE, RW) == errno.EBADF
+        assert errno_of(mm.map_fd, 1 << 22, fd, PAGE_SIZE, RW) == errno.EBADF  # no such pid
+        for other in (dfd, r, w, sock.fileno()):
+            assert errno_of(mm.map_fd, pid, other, PAGE_SIZE, RW) == errno.ENODEV
+        if fcntl_seals(disk.fileno()) is None:  # a file on disk is not shared memory
+            assert errno_of(mm.map_fd, pid, disk.fileno(), PAGE_SIZE, RW) == errno.ENODEV
+        assert errno_of(mm.map_fd, pid, fd, 2 * PAGE_SIZE, RW) == errno.ENXIO
+        assert errno_of(mm.map_fd, pid, fd, PAGE_SIZE, RW, alive=lambda: False) == errno.ESRCH
+        if os.geteuid() == 0:
+            os.fchown(fd, mm.uid + 1, -1)  # another owner's memory
+            assert errno_of(mm.map_fd, pid, fd, PAGE_SIZE, RW) == errno.EACCES
+            assert mm.refused["owner"] == 1
+        wfd = _memfd(PAGE_SIZE, F_SEAL_WRITE)
+        assert errno_of(mm.map_fd, pid, wfd, PAGE_SIZE, RW) == errno.EPERM
+        mm.map_fd(pid, wfd, PAGE_SIZE, PROT_READ)  # reading write-sealed memory is fine
+        os.close(wfd)
+        assert mm.refused["not_regular"] == 4
+        assert len(mm) == 1
+    finally:
+        for x in (fd, dfd, r, w):
+            os.close(x)
+        sock.close()
+        disk.close()
+
+
+def fcntl_seals(fd: int) -> int | None:
+    try:
+        return fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        return None
 
 
 def test_kernel_regions_stay_valid_after_the_kernel_unlinks_them(mm, run_id):

@@ -125,3 +125,27 @@ def test_queue_lists_parse() -> None:
     assert (o.rxq, o.rxqs) == (3, [])
     with pytest.raises(SystemExit):
         zcrx_server.parse_args(["-q", "5-1"])
+
+
+@pytest.mark.timeout(180)
+def test_idle_queues_cost_the_kernel_no_poll(tmp_path: Path) -> None:
+    """Traffic on one queue of 16: the other 15 queues stay off the NAPI poll list (no
+    interrupt ever fired for them), so the kernel never polls them, however many passes its
+    loop makes for the busy one."""
+    name, out, nq, size = "mqidle", tmp_path / "idle.json", 16, 4 << 20
+    with topology(name, "--netdev", f"eth0:queues={nq},mtu=4136"):
+        zcrx("ethtool", "--name", name, "-N", "eth0", "flow-type", "tcp4", "dst-port",
+             str(PORT), "action", "3")
+        _serve(name, out, "3", 1, size, "-S", str(2 << 20))
+        zcrx("traffic", "--name", name, "--port", str(PORT), "--bytes", str(size))
+        wait_app(name, "app:0", 120)
+        dev = stats(name)["netdevs"]["eth0"]
+    rep = json.loads(out.read_text())
+    assert rep["ok"] and rep["connections"][0]["bytes"] == size, rep
+    polls = {q: int(dev[f"rx-{q}"]["napi_polls"]) for q in range(nq)}
+    arms = {q: int(dev[f"rx-{q}"]["irq_arms"]) for q in range(nq)}
+    assert polls[3] >= size // (4096 * 64), polls  # at least a poll per NAPI budget
+    assert all(polls[q] == 0 for q in range(nq) if q != 3), polls
+    # armed once when started, never again: the loop did not visit them when it slept
+    assert all(arms[q] == 1 for q in range(nq) if q != 3), arms
+    assert arms[3] > 1, arms

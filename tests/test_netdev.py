@@ -26,6 +26,7 @@ from shared.errors import InvariantBroken, Misuse, PeerMisbehaved
 from shared.msg import ControlError
 from shared.ring import RING_F_NEED_WAKEUP, RingConsumer, RingProducer
 from shared.shm import Region, region_name
+from shared.txring import TxConsumer, TxLayout
 
 Mutate = Callable[[int, np.ndarray, np.ndarray], None]
 
@@ -83,7 +84,25 @@ class FakeNic:
         self.refuse: dict[str, int] = {}
         self.bad_map_reply = False
         self.irqs = 0
+        #: queues whose interrupt fired, in order, until the harness takes them
+        self.irq_queues: list[int] = []
         self.iommu_faults = 0
+        #: the kernel's TX ring once nic.tx_start attached it, and what was drained from it
+        self.tx: TxConsumer | None = None
+        self.tx_map = 0
+        self.transmitted: list[bytes] = []
+
+    def tx_sent(self) -> list[bytes]:
+        """Drain the TX ring (as the NIC's loop does); the frames drained by this call."""
+        out: list[bytes] = []
+        while self.tx is not None:
+            batch = self.tx.peek(64)
+            if not self.tx.held:
+                break
+            out.extend(batch.frames())
+            self.tx.release()
+        self.transmitted.extend(out)
+        return out
 
     def call(self, type: str, body: Any = None) -> dict[str, Any]:
         body = dict(body or {})
@@ -92,7 +111,11 @@ class FakeNic:
         if key in self.refuse:
             raise ControlError(type, self.refuse[key], "refused by the fake NIC")
         if type == "nic.dma_map":
-            region = Region.attach(body["name"])
+            if body.get("fd", -1) >= 0:  # app memory: the kernel's descriptor (this process)
+                region = Region.open_proc_fd(os.getpid(), body["fd"], body["name"],
+                                             inode=(body["dev"], body["ino"]))
+            else:
+                region = Region.attach(body["name"])
             assert body["size"] <= region.size
             if self.bad_map_reply:
                 region.detach()
@@ -113,6 +136,20 @@ class FakeNic:
             fq = self.queues.pop(body["queue"])
             fq.close()
             return {"completed": fq.completed}
+        if type == "nic.tx_start":
+            assert body["dev"] == self.info["name"] and self.tx is None
+            self.tx = TxConsumer(self.maps[body["map_id"]].buf,
+                                 TxLayout(body["ring_size"], body["slot_size"]))
+            self.tx_map = body["map_id"]
+            return {}
+        if type in ("nic.ctl_start", "nic.ctl_stop"):
+            return {}
+        if type == "nic.tx_stop":
+            assert self.tx is not None
+            self.tx_sent()
+            self.tx.detach()
+            self.tx = None
+            return {"sent": 0}
         if type == "nic.ethtool":
             req = body["request"]
             assert req["dev"] == body["dev"] == self.info["name"]
@@ -207,6 +244,7 @@ class FakeNic:
             if fq.comp_armed():
                 fq.disarm()
                 self.irqs += 1
+                self.irq_queues.append(q)
         return done
 
     def doorbell(self, q: int) -> None:
@@ -296,7 +334,9 @@ def test_open_maps_regions_and_stocks_fill_rings(dev: tuple[NetDevice, FakeNic, 
     nd, nic, _ = dev
     nd.open()
     types = [t for t, _ in nic.calls]
-    assert types == ["nic.dma_map", "nic.dma_map", "nic.queue_start"] * 2
+    assert types == ["nic.dma_map", "nic.dma_map", "nic.queue_start"] * 2 + [
+        "nic.dma_map", "nic.tx_start", "nic.dma_map", "nic.ctl_start"]
+    assert nic.calls[6][1]["name"] == region_name(run_id, "kernel", "eth0.tx")
     qname = region_name(run_id, "kernel", "eth0.q0")
     ppname = region_name(run_id, "kernel", "eth0.q0.pp1")
     assert nic.calls[0][1]["name"] == qname and nic.calls[1][1]["name"] == ppname
@@ -320,7 +360,7 @@ def test_open_maps_regions_and_stocks_fill_rings(dev: tuple[NetDevice, FakeNic, 
     nd.check_ledger()
     nd.close()
     assert not shm_exists(qname) and not shm_exists(ppname)
-    assert [t for t, _ in nic.calls[6:]].count("nic.dma_unmap") == 4
+    assert [t for t, _ in nic.calls[6:]].count("nic.dma_unmap") == 6  # 2 per queue, TX, ctl
     assert nic.maps == {}
 
 

@@ -16,7 +16,9 @@ from driver_proc.page_pool import (
     KernelPagesProvider,
     MemoryProvider,
     PagePool,
+    SpaceSet,
 )
+from driver_proc.skb import SkbStore
 from shared.errors import InvariantBroken, Misuse
 from shared.shm import region_name
 
@@ -357,3 +359,75 @@ def test_random_operations_keep_the_ledger(ops: list[tuple[str, int]], count: in
     sp.scrub()
     assert pool.destroy()
     assert sp.check_ledger()["free"] == count
+
+
+# -- a pool over several spaces (a zcrx ifq's areas, Linux 7.3) ---------------------------------
+
+class AreasProvider(MemoryProvider):
+    """Shape of the zcrx provider over several areas: the freelists walked in order."""
+
+    kind = "io-uring"
+
+    def alloc(self, pool: PagePool, n: int) -> np.ndarray:
+        return self.spaces.take_free(n)
+
+    def release(self, pool: PagePool, ids: np.ndarray) -> None:
+        self.spaces.put_free(ids)
+
+
+def test_pool_over_several_spaces_uses_keys_and_each_space_keeps_its_ledger() -> None:
+    a0, a1 = make_space(4), make_space(6)
+    ss = SpaceSet([a0])
+    prov = AreasProvider(a0, ss)
+    pool = PagePool(prov)
+    assert pool.alloc(4).tolist() == [0, 1, 2, 3] and len(pool.alloc(1)) == 0   # dry
+    ss.add(a1)                                            # an area added while the pool runs
+    pool.attach(a1)
+    assert a1.index == 1 and ss.total == 10 and ss.counts.tolist() == [4, 6]
+    keys = pool.alloc(3)
+    assert keys.tolist() == [(1 << 32) | 0, (1 << 32) | 1, (1 << 32) | 2]
+    pool.post(keys)
+    assert a1.ledger()["posted"] == 3 and a0.ledger()["driver"] == 4
+    store = SkbStore()
+    mixed = np.array([2, keys[0], 3, keys[1]], dtype=np.int64)  # frags of both in one batch
+    pool.post(mixed[[0, 2]])
+    h = store.add_batch(4, space=ss, nr_frags=1, frag_bufs=mixed, frag_lens=[10, 20, 30, 40])
+    fr = store.frags(h)
+    assert fr.src.tolist() == [a0.space_id, a1.space_id, a0.space_id, a1.space_id]
+    assert fr.buf.tolist() == [2, 0, 3, 1]
+    assert store.refs_by_space() == {a0.space_id: 2, a1.space_id: 2}
+    with pytest.raises(Misuse):
+        store.add_batch(1, space=ss, nr_frags=1, frag_bufs=[(1 << 32) | 6], frag_lens=[1])
+    with pytest.raises(Misuse):
+        store.add_batch(1, space=ss, nr_frags=1, frag_bufs=[2 << 32], frag_lens=[1])
+    store.free(h)                                         # each back into the one pool
+    assert sorted(pool.cache.peek_all().tolist()) == sorted(mixed.tolist())
+    for sp in (a0, a1):
+        sp.check_ledger()
+    assert pool.inflight == 3                              # 0 and 1 of a0, key 2 of a1
+    assert pool.put_ref(keys[2:]) == 1 and a1.ledger()["pool_cache"] == 3
+    assert pool.put_ref(np.array([0, 1], dtype=np.int64)) == 2
+    assert pool.inflight == 0
+    assert pool.destroy() is True                          # nothing in flight: at once
+    assert pool.destroyed and a0.free_count == 4 and a1.free_count == 6
+    assert not a0.pools and not a1.pools
+    for sp in (a0, a1):
+        assert sp.check_ledger()["free"] == sp.count
+
+
+def test_space_set_groups_keys_by_space_in_order() -> None:
+    a0, a1, a2 = make_space(4), make_space(4), make_space(4)
+    ss = SpaceSet([a0, a1, a2])
+    keys = np.array([(2 << 32) | 1, 3, (1 << 32) | 0, (2 << 32) | 2, 1], dtype=np.int64)
+    g = [(sp.index, ids.tolist()) for sp, ids in ss.groups(keys)]
+    assert g == [(0, [3, 1]), (1, [0]), (2, [1, 2])]
+    assert ss.groups(keys[:1])[0][1].tolist() == [1]
+    taken = ss.take_free(6)                              # areas walked in order
+    assert (taken >> 32).tolist() == [0, 0, 0, 0, 1, 1]
+    ss.put_free(taken)
+    assert ss.free_count() == 12
+    zc, k = ss.find(np.array([a1.space_id, 99, a2.space_id, -1]), np.array([3, 1, 0, 2]))
+    assert zc.tolist() == [True, False, True, False]
+    assert k[zc].tolist() == [(1 << 32) | 3, 2 << 32]
+    with pytest.raises(Misuse):
+        SpaceSet([a0]).add(make_space(4, 512))           # one buffer size per set

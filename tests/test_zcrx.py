@@ -98,6 +98,9 @@ class KernelThread:
             while not self._stop.is_set():
                 server.poll_once(1)
                 server.process_pending()
+                irqs, self.nic.irq_queues = self.nic.irq_queues, []
+                for q in irqs:  # the NIC's interrupts put the queues on the poll list
+                    k.irq(self.nic.info["name"], q)
                 k.poll()
                 while True:
                     try:
@@ -283,8 +286,9 @@ class Bundle:
     @classmethod
     def make(cls, app: S.Kernel, *, rq_entries: int = RQ_ENTRIES, area_pages: int = AREA_PAGES,
              kernel_rq: bool = False, nodev: bool = True, if_idx: int = 0, if_rxq: int = 0,
-             rq_mem_entries: int | None = None) -> Bundle:
-        area = app.alloc_memory(area_pages * PAGE, tag="area")
+             rq_mem_entries: int | None = None, named: bool = False) -> Bundle:
+        """``named``: the area is a named shm segment (never pinnable) instead of a memfd."""
+        area = app.alloc_memory(area_pages * PAGE, tag="area", named=named)
         size = rq_size(rq_mem_entries or rq_entries)
         rq = None if kernel_rq else app.alloc_memory(size, tag="rq")
         params = app.alloc_memory(PAGE, tag="params")
@@ -1171,3 +1175,56 @@ def test_process_exit_tears_down_like_a_ring_close(kt: KernelThread, tmp_path: A
     for r in list(other._rings):
         r._detach()
     other.close()
+
+
+def _acks(kt: KernelThread) -> list[Any]:
+    """The TCP segments the kernel transmitted since the last call (parsed by dpkt)."""
+    import dpkt
+
+    frames = kt.call(lambda k: kt.nic.tx_sent())
+    return [dpkt.ethernet.Ethernet(f).data.data for f in frames]
+
+
+def test_hw_window_closes_while_the_app_holds_niovs_and_reopens(kt: KernelThread,
+                                                                 app: S.Kernel) -> None:
+    ring = zring(app)
+    zq = setup_zcrx(app, ring, nodev=False, if_idx=2, if_rxq=1)
+    flow, fd = hw_flow_conn(kt, app, ring)
+    [synack] = _acks(kt)
+    assert synack.flags == wire.TCP_SYN | wire.TCP_ACK and synack.ack == (flow.isn + 1)
+    submit_recvzc(ring, fd, zq.id)
+    held: list[Cqe] = []
+    pending = flow.frames([1460] * 10)
+    stalls = 0
+    while stalls < 50:  # the app holds every buffer it gets: the queue runs dry
+        n = kt.deliver(1, pending[0], pending[1])
+        if n:
+            stalls = 0
+            pending = (pending[0][n:], pending[1][n:], pending[2][n:])
+            if not len(pending[1]):
+                pending = flow.frames([1460] * 10)
+            held.extend(wait_cqes(ring))
+        else:
+            stalls += 1
+            kt.call(lambda k: k.arm_interrupts())  # let the kernel refill what it can
+    assert kt.ledger()["user"] == AREA_PAGES
+    held.extend(reap(ring))
+    got = sum(c.res for c in held)
+    assert len(held) == AREA_PAGES and got == AREA_PAGES * 1460
+    acks = _acks(kt)
+    last = acks[-1]
+    assert last.ack == (flow.isn + 1 + got) & 0xFFFFFFFF
+    assert last.win == 0  # the window closed: every niov is the app's
+    mib = kt.call(lambda k: dict(k.output.mib))
+    assert mib["TcpExtTCPToZeroWindowAdv"] >= 1
+    # the app returns its buffers: a window update, same ACK, an open window
+    back = held[:64]  # (the RQ has fewer entries than the area has niovs)
+    assert zq.give_back([c.off for c in back], [c.res for c in back]) == len(back)
+    # the kernel takes them back when it refills (the loop does so before it sleeps)
+    kt.wait_for(lambda k: not k.arm_interrupts() and k.output.mib["TcpExtTCPWindowUpdates"] >= 1)
+    upd = _acks(kt)[-1]
+    assert upd.ack == last.ack and upd.win > 0 and upd.flags == wire.TCP_ACK
+    zq.close()
+    L.io_uring_queue_exit(ring)
+    kt.wait_for(lambda k: k.zcrx.ifqs == [])
+    zq.b.close()

@@ -587,7 +587,7 @@ def test_conformance_area_add_invalid(kt: KernelThread, app: S.Kernel,
     app.mm_protect(params.addr, PAGE, L.PROT_READ)
     assert ctrl_errno(ring, zq.id, abi.ZCRX_CTRL_ADD_AREA,
                       add_area_ptr=params.addr) == errno.EFAULT
-    assert kt.call(lambda k: len(k.zcrx.ifqs[-1].more_areas)) == 0
+    assert kt.call(lambda k: len(k.zcrx.ifqs[-1].areas)) == 1
     # at most ZCRX_MAX_AREAS areas (1024; 3 here to keep the test small)
     monkeypatch.setattr(abi, "ZCRX_MAX_AREAS", 3)
     for _ in range(2):
@@ -783,6 +783,96 @@ def test_conformance_area_add_on_a_hardware_queue_is_dma_mapped_and_unmapped(
     mem2.close()
 
 
+def _area_ledgers(kt: KernelThread) -> list[dict[str, int]]:
+    """Each area's ledger, after every ledger check (zcrx and the netdev) passed."""
+    kt.ledger()
+    return kt.call(lambda k: [a["ledger"] for a in k.zcrx.ifqs[0].area_ledgers()])
+
+
+@on(V73)
+def test_hardware_queue_receives_into_an_added_area(kt: KernelThread, app: S.Kernel) -> None:
+    """Linux 7.3's page pool walks every area: a hardware queue that starved on its first
+    area (80 niovs, none returned) is fed by an area added while it runs, the NIC writes
+    into it through that area's own DMA mapping, the CQEs carry its token, returns go back
+    to each niov's own area, and teardown scrubs both."""
+    ring = zring(app)
+    b = Bundle.make(app, nodev=False, if_idx=2, if_rxq=1, area_pages=80)
+    zq = Zq(ring, b, register_raw(ring, b.reg))
+    flow, fd = hw_flow_conn(kt, app, ring)
+    submit_recvzc(ring, fd, zq.id)
+    seg = 1460
+    fr, fl, _ = flow.frames([seg] * 300)
+    got: list[Cqe] = []
+    areas: dict[int, Any] = {}
+
+    def receive(upto: int) -> None:
+        """Take CQEs until ``upto`` frames arrived, each read in place (in whichever area
+        its token names) before anything is given back: byte-exact."""
+        pos = sum(c.res for c in got)
+        while pos < upto * seg:
+            for c in wait_cqes(ring):
+                assert c.flags & F_MORE and c.res == seg and c.off % PAGE == 0
+                assert area_of(zq, areas, c.off, c.res) == stream(flow.stream, pos, c.res)
+                pos += c.res
+                got.append(c)
+
+    sent = kt.deliver(1, fr, fl)                          # the 64 posted niovs of area 0
+    receive(sent)
+    sent += kt.deliver(1, fr[sent:], fl[sent:])           # the 16 refilled ones
+    receive(sent)
+    assert sent == 80 and kt.deliver(1, fr[sent:], fl[sent:]) == 0   # starved
+    err, mem2, params = add_area(ring, zq.id, app, 96)
+    assert err == 0 and token_of(params) == 1 << 48
+    areas[1] = mem2
+    kt.call(lambda k: k.netdevs["eth0"].refill(1))        # the pool draws from area 1 now
+    a0, a1 = _area_ledgers(kt)
+    assert a0["user"] == 80 and a1["posted"] == 64 and a1["free"] == 32
+    desc = kt.call(lambda k: k.netdevs["eth0"].queues[1].desc[:64].copy())
+    area1_map = kt.call(lambda k: k.zcrx.ifqs[0].areas[1].map_id)
+    assert {abi.iova_map_id(int(i)) for i in desc["iova"]} == {area1_map}
+    sent += kt.deliver(1, fr[sent:], fl[sent:])
+    receive(sent)
+    sent += kt.deliver(1, fr[sent:], fl[sent:])
+    receive(sent)
+    assert sent == 80 + 96                                # every niov of both areas
+    a0, a1 = _area_ledgers(kt)
+    assert (a0["user"], a1["user"]) == (80, 96)           # area 1's niovs given to the user
+    assert [c.off >> 48 for c in got] == [0] * 80 + [1] * 96
+    # return 40 niovs of area 0 then 48 of area 1 (tokens as the CQEs gave them): the
+    # refill takes the 64 it needs, each back into its own area's ledger, through the pool
+    back = [c.off for c in got[:40]] + [c.off for c in got[80:128]]
+    zq.rq.push(_rqes(back))
+    kt.call(lambda k: k.netdevs["eth0"].refill(1))
+    a0, a1 = _area_ledgers(kt)
+    assert (a0["user"], a1["user"]) == (40, 96 - 24)
+    assert (a0["posted"], a1["posted"]) == (40, 24) and a0["free"] == a1["free"] == 0
+    c = kt.counters()
+    assert c["rq_returned"] == 64 and c["rq_invalid_area"] == 0 and c["copy_count"] == 0
+    sent += kt.deliver(1, fr[sent:], fl[sent:])
+    receive(sent)
+    while sent < 300:                                     # the rest, returning as we go
+        new = got[-20:]
+        zq.rq.push(_rqes([x.off for x in new]))
+        kt.call(lambda k: k.netdevs["eth0"].refill(1))
+        took = kt.deliver(1, fr[sent:], fl[sent:])
+        sent += took
+        receive(sent)
+    assert sum(x.res for x in got) == 300 * seg and len({x.off >> 48 for x in got[176:]}) == 2
+    held = sum(led["user"] for led in _area_ledgers(kt))
+    zq.close()
+    L.io_uring_queue_exit(ring)                           # teardown scrubs every area
+    kt.wait_for(lambda k: k.zcrx.ifqs == [] and k.zcrx.bound == {})
+    r = kt.call(lambda k: dict(k.zcrx.retired))
+    assert r["scrubbed_refs"] == held > 0
+    assert r["zc_cqes"] == 300 and r["zc_cqes"] == r["rq_returned"] + r["scrubbed_refs"]
+    st = kt.call(lambda k: k.netdevs["eth0"].status()["rx_queues"][1])
+    assert st["binding"] == "none" and st["posted"] == 64
+    kt.call(lambda k: k.netdevs["eth0"].check_ledger())
+    b.close()
+    mem2.close()
+    params.close()
+
+
 # ============================================================================================
 # zcrx-server --grow: events and several areas together (7.3)
 # ============================================================================================
@@ -807,6 +897,7 @@ def test_server_grows_its_area_on_alloc_fail(kt: KernelThread, app: S.Kernel,
                                             tmp_path: Any) -> None:
     """``--grow``: a server on hardware queue 1 with an 80-niov area gets ALLOC_FAIL while a
     600-frame stream arrives, adds areas (ZCRX_CTRL_ADD_AREA) up to MAX and re-arms; the
+    queue's page pool draws from the added areas (their niovs reach the server), the
     stream arrives byte-exact and the ledger shows the niovs of every area."""
     n, seg = 600, 1460
     out = tmp_path / "zc.json"
@@ -833,7 +924,7 @@ def test_server_grows_its_area_on_alloc_fail(kt: KernelThread, app: S.Kernel,
             k.poll()
         return took
 
-    sent, ledgers = kt.call(burst), []
+    sent, ledgers, added_user = kt.call(burst), [], 0
     deadline = time.monotonic() + 40
     while sent < n and time.monotonic() < deadline:
         took = kt.deliver(1, fr[sent:], fl[sent:])
@@ -844,6 +935,8 @@ def test_server_grows_its_area_on_alloc_fail(kt: KernelThread, app: S.Kernel,
         led = kt.call(lambda k: k.zcrx.ifqs[0].area_ledgers() if k.zcrx.ifqs else [])
         if len(led) > len(ledgers):
             ledgers = led
+        # the queue receives into the added areas: their niovs are handed to the server
+        added_user = max(added_user, sum(a["ledger"]["user"] for a in led[1:]))
     t.join(40)
     assert not t.is_alive() and result == {"code": 0}, result
     rep = json.loads(out.read_text())
@@ -851,7 +944,7 @@ def test_server_grows_its_area_on_alloc_fail(kt: KernelThread, app: S.Kernel,
     assert rep["ok"] and rep["bytes"] == n * seg          # byte-exact (-v and the total)
     assert z["events"]["ALLOC_FAIL"] >= 1 and z["areas"] >= 2
     assert z["area_bytes"] == (80 + 80 * (z["areas"] - 1)) * PAGE or z["area_bytes"] == 1 << 20
-    assert len(ledgers) >= 2 and ledgers[0]["niovs"] == 80
+    assert len(ledgers) >= 2 and ledgers[0]["niovs"] == 80 and added_user > 0
     for a in ledgers:                                     # niovs per area, each ledger sums
         assert sum(a["ledger"].values()) == a["niovs"] > 0
     kt.wait_for(lambda k: k.zcrx.ifqs == [])
