@@ -267,6 +267,38 @@ def bench_zcrx(total: int, repeat: int, copy_buf: int, timeout: float, as_json: 
     _rx_report(result, as_json, json_out, check)
 
 
+@bench.command("wire")
+@click.option("--bytes", "total", type=click.IntRange(1 << 12), default=64 << 20,
+              show_default=True, help="Bytes nc sends.")
+@click.option("--nobuf", type=click.Choice(["drop", "pause"]), default="drop",
+              show_default=True, help="What the queue does without buffers.")
+@click.option("--loss", default="", metavar="PCT",
+              help="Loss at the port for what it receives, e.g. 1% (default none).")
+@click.option("--seed", type=click.IntRange(0), default=1, show_default=True,
+              help="Seed of the port's impairments and of the file's bytes.")
+@click.option("--timeout", type=click.FloatRange(1, 3600), default=300.0, show_default=True,
+              help="Seconds nc may take.")
+@_json_options
+def bench_wire(total: int, nobuf: str, loss: str, seed: int, timeout: float, as_json: bool,
+               json_out: str | None) -> None:
+    """A real sender (root): Linux nc in the run's peer namespace sends a random file
+    through a TAP port into zcrx-server on a bound queue: GB/s, the sender's retransmitted
+    segments, rx_missed and port losses, sha256 of what arrived."""
+    from launch.bench_wire import describe, run_wire_bench
+
+    try:
+        with console.status("running") as status:
+            result = run_wire_bench(total, nobuf=nobuf, loss=loss, seed=seed, timeout=timeout,
+                                    progress=lambda m: status.update(f"running: {m}"))
+    except ZcrxError as e:
+        fail(f"bench wire: {e}")
+    if not as_json:
+        console.print(describe(result), highlight=False)
+    _write_json(result, as_json, json_out)
+    if not result["ok"]:
+        fail("the receiver did not get exactly the file that was sent", EXIT_CHECK_FAILED)
+
+
 def _queue_list(ctx: Any, param: Any, value: str) -> tuple[int, ...]:
     try:
         qs = tuple(int(v) for v in value.split(",") if v.strip())
@@ -360,6 +392,9 @@ def cleanup(run: str | None, all_runs: bool) -> None:
         if all_runs:
             results += [runmod.cleanup(n) for n in runmod.list_runs()]
             results += [runmod.cleanup_run_id(r) for r in runmod.orphan_run_ids()]
+            seen = {rid for r in results for rid in r["run_ids"]}
+            results += [runmod.cleanup_run_id(r) for r in runmod.orphan_netns_run_ids()
+                        if r not in seen]
         elif run in runmod.list_runs() or (runmod.runs_dir() / (run or "")).exists():
             results.append(runmod.cleanup(run or ""))
         else:
@@ -367,6 +402,7 @@ def cleanup(run: str | None, all_runs: bool) -> None:
     except ZcrxError as e:
         fail(str(e))
     removed = [n for r in results for n in r["segments_removed"]]
+    removed += [n for r in results for n in r.get("net_removed", [])]
     killed = [p for r in results for p in r["killed"]]
     for name in removed:
         console.print(f"removed {name}", highlight=False)
@@ -445,7 +481,13 @@ def _load_topology(path: str) -> Any:
               help="Name of the run (default: the file's name, else 'zcrx').")
 @click.option("--netdev", "netdevs", multiple=True, metavar="SPEC",
               help="A netdev, e.g. 'eth0:queues=4,mtu=4096'; repeat for several "
-                   "(default: one eth0; not with --file).")
+                   "(default: one eth0; not with --file). Keys: queues, max-queues, rx, "
+                   "max-rx, mtu, tcp-data-split, hds-thresh, rx-buf-len, link=up|down, "
+                   "nobuf=pause|drop (a queue without buffers pauses the wire or drops, "
+                   "counting rx_missed), addr, addr6, mac; port=tap plugs the wire into a "
+                   "TAP device in the run's network namespace zcrx-<run id>-peer (root "
+                   "only) with neigh=arp|static and RX impairments loss=1%, dup=, "
+                   "reorder=, delay=5ms, seed=N.")
 @click.option("--queues", type=click.IntRange(1, MAX_QUEUES), default=None,
               help="Combined queues of every netdev that does not say (default 4; not with "
                    "--file).")
@@ -515,10 +557,13 @@ def up(topo_file: str | None, name: str | None, netdevs: tuple[str, ...], queues
                                **({"not_isolated_because": why_not} if why_not else {})},
                               indent=2))
     else:
-        for line in steps[2:]:
-            console.print(f"  {line}", highlight=False)
+        for line in steps:
+            if not line.startswith(("nic pid", "kernel pid")):
+                console.print(f"  {line}", highlight=False)
         console.print(f"run {name} is up (id {r.run_id}, Linux {status.get('kernel', '?')}): "
                       f"{devs}", highlight=False)
+        for line in _reach_hint(r):
+            console.print(f"  reach it: {line}", highlight=False)
         if why_not:  # once, at start: the user should know what an app can reach
             err_console.print(f"note: apps are not isolated from each other: {why_not}",
                               highlight=False, soft_wrap=True)
@@ -538,9 +583,20 @@ def down(name: str | None, timeout: float) -> None:
     r = _pick_run(name)
     res = r.down(timeout)
     killed = f", killed {', '.join(res['killed'])}" if res["killed"] else ""
+    net = f"; removed {', '.join(res['net_removed'])}" if res.get("net_removed") else ""
     console.print(f"run {r.m.name} is down: stopped {', '.join(res['stopped']) or 'nothing'}"
-                  f"{killed}; {len(res['segments_removed'])} segment(s) removed",
+                  f"{killed}; {len(res['segments_removed'])} segment(s) removed{net}",
                   highlight=False)
+
+
+def _reach_hint(r: Any) -> list[str]:
+    """How to reach the run's TAP ports from their namespace (empty without ports)."""
+    from launch.port import reach_hint
+    from shared.nicif import NetdevSpec
+
+    if not r.m.config.get("netns"):
+        return []
+    return reach_hint(r.run_id, [NetdevSpec.parse(s) for s in r.m.config.get("netdevs", [])])
 
 
 @main.command()
@@ -584,6 +640,9 @@ def status(name: str | None, as_json: bool) -> None:
     st = _call(r, "kernel", "status")
     st["processes"] = {role: {"pid": e.pid, "alive": e.process() is not None}
                        for role, e in r.m.procs.items()}
+    if r.m.config.get("netns"):
+        st["netns"] = r.m.config["netns"]
+        st["reach"] = _reach_hint(r)
     if as_json:
         click.echo(json.dumps(st, indent=2, sort_keys=True))
         return
@@ -606,6 +665,8 @@ def status(name: str | None, as_json: bool) -> None:
                           f" page-pool {q['page_pool']} posted "
                           f"{q['posted']} in-flight {q['in_flight']} provider {q['binding']}",
                           highlight=False)
+    for line in st.get("reach", []):
+        console.print(f"reach it: {line}", highlight=False)
 
 
 def queue_rates(prev: dict[str, Any], cur: dict[str, Any], dt: float
@@ -982,10 +1043,16 @@ def env_cmd(name: str | None, as_json: bool) -> None:
     r = _pick_run(name)
     exports = r.exports()
     if as_json:
-        click.echo(json.dumps(exports, indent=2))
+        hints = _reach_hint(r)
+        click.echo(json.dumps({**exports, **({"ZCRX_NETNS": r.m.config["netns"],
+                                              "reach": hints} if hints else {})}, indent=2))
         return
     for k, v in exports.items():
         click.echo(f"export {k}={shlex.quote(v)}")
+    if r.m.config.get("netns"):
+        click.echo(f"export ZCRX_NETNS={shlex.quote(r.m.config['netns'])}")
+        for line in _reach_hint(r):
+            click.echo(f"# reach it: {line}")
 
 
 @main.command()

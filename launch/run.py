@@ -11,6 +11,9 @@ findable afterwards without the launcher's memory:
 * every process carries ``zcrx:<run_id>:<role>`` in its argv;
 * every shm segment is ``/dev/shm/zcrx.<run_id>.*``.
 
+* a run with ``port=tap`` netdevs has a network namespace ``zcrx-<run_id>-peer`` holding
+  TAP devices ``zcrx<token>t<N>`` (:mod:`launch.port`).
+
 So :func:`cleanup` removes a crashed run from the manifest, with the argv tag
 and the name prefix as fallbacks, and is idempotent.
 
@@ -653,8 +656,10 @@ class Run:
         order += [r for r in reversed(ROLE_ORDER) if r in self.m.procs]
         killed = [r for r in order if self.stop(r, timeout)]
         removed = remove_run_segments(self.run_id)
+        net = teardown_ports([self.run_id]) if self.m.config.get("netns") else []
         shutil.rmtree(self.dir, ignore_errors=True)
-        return {"stopped": order, "killed": killed, "segments_removed": removed}
+        return {"stopped": order, "killed": killed, "segments_removed": removed,
+                "net_removed": net}
 
 
 def _reap(pid: int) -> bool | None:
@@ -748,9 +753,10 @@ def cleanup(name: str) -> dict[str, Any]:
     removed: list[str] = []
     for rid in run_ids:
         removed += remove_run_segments(rid)
+    net = teardown_ports(run_ids)
     shutil.rmtree(rundir, ignore_errors=True)
     return {"name": name, "run_ids": sorted(run_ids), "killed": killed,
-            "segments_removed": removed}
+            "segments_removed": removed, "net_removed": net}
 
 
 def list_runs() -> list[str]:
@@ -780,4 +786,25 @@ def cleanup_run_id(run_id: str) -> dict[str, Any]:
             killed.append(p.pid)
     return {"run_ids": [run_id], "killed": killed,
             "segments_removed": remove_run_segments(run_id),
+            "net_removed": teardown_ports([run_id]),
             "left": list_run_segments(run_id)}
+
+
+def orphan_netns_run_ids() -> list[str]:
+    """Run ids of peer network namespaces (``port=tap``) whose run is gone: no run of ours
+    knows it and no process carries its tag (a run under another runs directory is alive)."""
+    from launch.port import list_netns, run_id_of
+
+    known = set()
+    for name in list_runs():
+        with contextlib.suppress(ZcrxError):
+            known.add(Run.open(name).run_id)
+    return [rid for rid in map(run_id_of, list_netns())
+            if rid not in known and not tagged_processes(rid)]
+
+
+def teardown_ports(run_ids: Any) -> list[str]:
+    """Delete the runs' peer namespaces and TAP devices (:mod:`launch.port`)."""
+    from launch.port import teardown
+
+    return teardown(list(run_ids))

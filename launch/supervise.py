@@ -85,11 +85,16 @@ def bring_up(topo: Topology, name: str | None = None, *, detach: bool = True,
     import shared.nicif
     import shared.syscalls  # noqa: F401  (register the nic.* and syscall message types)
     from launch import ethtool as et
+    from launch import port
     from shared.msg import ControlError
 
     note = say or _quiet
     name = name or topo.name
     topo.validate()
+    specs = [nd.spec for nd in topo.netdevs]
+    ports = any(s.port for s in specs)
+    if ports:
+        port.check_can()  # before anything exists: a clear error, nothing to undo
     run = Run.create(name, {"netdevs": topo.netdev_specs(), "topology": topo.to_dict(),
                             "fork_server": fork_server, **(config or {})})
     steps: list[str] = []
@@ -102,10 +107,19 @@ def bring_up(topo: Topology, name: str | None = None, *, detach: bool = True,
     try:
         if launcher if launcher is not None else not detach:
             run.record_launcher()
+        if ports:
+            step = "netns"
+            run.m.config["netns"] = port.netns_name(run.run_id)  # down removes it from now on
+            run.save()
+            done(f"netns {port.create_netns(run.run_id)}")
         step = "nic"
         e = run.spawn("nic", "nic_proc", nic_args(run, topo, detach=detach), detach=detach,
                       ready="nic")
         done(f"nic pid {e.pid}")
+        if ports:
+            step = "port"
+            for line in port.attach(run.run_id, specs):
+                done(line)
         step = "kernel"
         e = run.spawn("kernel", "driver_proc", kernel_args(run, topo, detach=detach),
                       detach=detach, ready="kernel")
@@ -188,6 +202,12 @@ def restart(run: Run, dead: set[str], say: Say | None = None) -> None:
         remove_prefix_segments(owner_prefix(run.run_id, role))
         e = run.respawn(role)
         note(f"{role} died; restarted as pid {e.pid}")
+        if role == "nic" and run.m.config.get("netns"):
+            from launch import port
+            from shared.nicif import NetdevSpec
+
+            # The dead NIC's TAP devices went with it; plug the new ones in again.
+            port.attach(run.run_id, [NetdevSpec.parse(s) for s in run.m.config["netdevs"]])
 
 
 def supervise(run: Run, restart_roles: set[str], *, say: Say | None = None,

@@ -11,6 +11,10 @@ A topology file describes one emulated host::
     mtu = 4136
     ethtool = ["-N eth0 flow-type tcp4 dst-port 8000 action 1"]   # applied in order
 
+    # port = "tap"                               # the wire is a TAP device in the run's
+    # nobuf = "drop"                              # netns (root); drop when out of buffers;
+    # loss = "1%"                                 # impairments: loss, dup, reorder, delay
+
     [[app]]                                       # started detached, after the netdevs
     program = "zcrx-server"
     args = ["-p", "8000", "-q", "1", "--json", "{rundir}/zc.json"]
@@ -53,6 +57,7 @@ APPS = {"copy-server": "app_proc.copy_server", "zcrx-server": "app_proc.zcrx_ser
 #: TOML types each accepts (booleans may also be written as their on/off words).
 NETDEV_OPTIONS: dict[str, tuple[type, ...]] = {
     k: (bool, str) if t is bool else (t,) for k, t in NetdevSpec.option_types().items()}
+NETDEV_OPTIONS["nobuf"] = (str,)  # nobuf = "drop" is pause = false
 TRAFFIC_KINDS = ("generator", "wire")
 
 

@@ -19,8 +19,11 @@ A netdev is described by a spec string ``NAME[:key=value,...]`` (:class:`shared.
 e.g. ``eth0:queues=4,mtu=9000``.  Keys (defaults in brackets): ``queues`` [4],
 ``max_queues`` [64], ``rx`` ring size [512], ``max_rx`` [4096], ``mtu`` [4096],
 ``tcp_data_split`` on|off [on], ``hds_thresh`` [0], ``hds_thresh_max`` [1024],
-``rx_buf_len`` [4096], ``link`` up|down [up], ``pause`` on|off [on], ``addr``,
-``addr6``, ``mac`` (defaults in :mod:`nic_proc.sources`).  ``-`` may replace ``_``.
+``rx_buf_len`` [4096], ``link`` up|down [up], ``nobuf`` pause|drop [pause] (also
+spelled ``pause`` on|off), ``addr``, ``addr6``, ``mac`` (defaults in
+:mod:`nic_proc.sources`), ``port`` [none] or ``tap`` (:mod:`nic_proc.port`) with its
+``neigh`` arp|static [arp], ``loss``, ``dup``, ``reorder`` (``1%``), ``delay``
+(``5ms``) and ``seed`` [0].  ``-`` may replace ``_``.
 
 RX queue ``q`` of a netdev is *started* by ``nic.queue_start`` (the kernel has laid
 out and mapped its region) and *stopped* by ``nic.queue_stop``; only a started queue
@@ -40,7 +43,8 @@ slots holds back the flows steered to it: the sources offer those flows' frames
 again once the kernel rings the doorbell.  Flows of other queues keep going: the
 emulated link has one pause class per queue (real 802.3x pauses the whole port;
 per-queue pausing keeps one stalled app from stalling everyone).  With pause off
-the frames are dropped and counted (``rx_no_buffer``).
+(``nobuf=drop``) the frames are dropped and counted (``rx_missed``), as a real NIC
+does; a real TCP sender (a TAP port, :mod:`nic_proc.port`) retransmits them.
 
 Counters
 --------
@@ -73,6 +77,7 @@ from nic_proc.dma import (
 from nic_proc.iommu import Iommu
 from nic_proc.ntuple import Steering
 from nic_proc.pcap import PcapSource
+from nic_proc.port import Impairment, TapPort
 from nic_proc.rss import Flows
 from nic_proc.sources import Generator, RawBatch, Source, WireGateway, WireInfo, parse_raw
 from nic_proc.tx import DiscardSink, TxSink
@@ -151,6 +156,8 @@ class Netdev:
     tx_ring: int = field(init=False)
     #: open ``zcrx capture`` writers (nic_proc.capture); empty when nothing captures
     captures: list[Capture] = field(init=False, default_factory=list)
+    #: the TAP port the wire is plugged into (``port=tap``), once the NIC opened it
+    port: TapPort | None = field(init=False, default=None)
     #: the kernel's TX ring once ``nic.tx_start`` attached it (shared.txring)
     tx: TxConsumer | None = field(init=False, default=None)
     tx_map_id: int = field(init=False, default=0)
@@ -205,7 +212,9 @@ class Netdev:
                 "min_slot_size": self.min_slot_size, "pause": s.pause,
                 "addr": self.info.addr, "addr6": self.info.addr6,
                 "started": [q.index for q in self.started()],
-                "tx_slot_size": tx_slot_size(s.mtu)}
+                "tx_slot_size": tx_slot_size(s.mtu),
+                "port": ({"kind": "tap", "ifname": self.port.ifname}
+                         if self.port is not None else None)}
 
 
 class Nic:
@@ -582,6 +591,8 @@ class Nic:
         for q in range(n):
             out.extend([f"rx-{q}.{name.removeprefix('rx_')}", int(rows[q, i])]
                        for i, name in enumerate(QUEUE_COUNTERS) if name not in TX_COUNTERS)
+        if d.port is not None:
+            out.extend(d.port.stats())
         return out
 
     # -- sources -------------------------------------------------------------------------
@@ -619,6 +630,19 @@ class Nic:
         src = self.add_source(lambda sid: WireGateway(sid, d.info, port, host))
         assert isinstance(src, WireGateway)
         return src.id, src.port
+
+    def add_port(self, dev: str, fd: int, ifname: str = "") -> TapPort:
+        """Plug ``dev``'s wire into the open TAP ``fd`` (:mod:`nic_proc.port`): a source that
+        lives as long as the device, with the spec's impairments.  EBUSY if it has one."""
+        d = self.dev(dev)
+        if d.port is not None:
+            raise Misuse(f"{dev} already has a port ({d.port.ifname})", errno.EBUSY)
+        imp = Impairment(**d.spec.impairments, seed=d.spec.seed)
+        src = self.add_source(lambda sid: TapPort(sid, d.info, fd, ifname=ifname, impair=imp,
+                                                  clock=self.clock))
+        assert isinstance(src, TapPort)
+        d.port = src
+        return src
 
     def add_pcap(self, dev: str, request: Mapping[str, Any]) -> PcapSource:
         """Start a :class:`~nic_proc.pcap.PcapSource` replaying the file the request names."""
@@ -666,6 +690,8 @@ class Nic:
         d = self.netdevs.get(src.dev)
         if d is not None and d.tx_sink_source == source:
             d.tx_sink, d.tx_sink_source = DiscardSink(), None
+        if d is not None and d.port is src:
+            d.port = None
         self._steer_cache.clear()
 
     def sources_progress(self) -> list[dict[str, Any]]:
@@ -767,7 +793,7 @@ class Nic:
                     rest = _tail(rows, res.consumed)
                     consumed[rest] = True
                     k = cnt - res.consumed
-                    self._count(d, qi, "rx_no_buffer", k)
+                    self._count(d, qi, "rx_missed", k)
                     self._count(d, qi, "rx_dropped", k)
         if d.captures:
             for cap in d.captures:
@@ -850,7 +876,15 @@ class Nic:
     @property
     def active(self) -> bool:
         """True while some source could still send (the loop should not block long)."""
-        return any(not s.done and self.netdevs[s.dev].spec.link for s in self.sources.values())
+        return any(not s.done and self.netdevs[s.dev].spec.link
+                   and (not isinstance(s, TapPort) or s.pending)
+                   for s in self.sources.values())
+
+    def port_fds(self) -> list[int]:
+        """The fds of the TAP ports: the loop blocks on them when nothing else is to do
+        (an idle port is not :attr:`active`; a frame arriving wakes the loop)."""
+        return [d.port.fileno() for d in self.netdevs.values()
+                if d.port is not None and d.port.fileno() >= 0 and not d.port.full]
 
     @property
     def starved(self) -> bool:

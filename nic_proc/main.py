@@ -57,6 +57,7 @@ import numpy as np
 import zmq
 
 from nic_proc.device import Nic
+from nic_proc.port import open_tap
 from shared import nicif
 from shared.control import (
     ControlServer,
@@ -138,6 +139,11 @@ class NicProcess:
             stats = self.stats_region.array(np.int64, 0, int(np.prod(shape))).reshape(shape)
             self.nic = Nic(specs, stats)
             self._closers.insert(0, self.nic.close)
+            for d in self.nic.netdevs.values():
+                if d.spec.port == "tap":
+                    ifname = nicif.tap_ifname(run, d.index)
+                    self.nic.add_port(d.name, open_tap(ifname), ifname)
+                    log.info("%s: wire plugged into TAP device %s", d.name, ifname)
             self.server = ControlServer(ipc_endpoint(rundir, "nic"), self._handlers(),
                                         role="nic", admit=self._admit)
             self._closers.insert(0, self.server.close)
@@ -151,6 +157,8 @@ class NicProcess:
         self.poller = zmq.Poller()
         self.poller.register(self.server.socket, zmq.POLLIN)
         self.poller.register(self.events.socket, zmq.POLLIN)
+        #: TAP fds in the poller: a frame from Linux wakes an idle loop
+        self._port_fds: set[int] = set()
 
     # -- handlers --------------------------------------------------------------------
 
@@ -369,8 +377,19 @@ class NicProcess:
                 continue
             if self.nic.tx_arm():  # TX frames arrived while we decided to sleep
                 continue
+            self._watch_ports()
             self.poller.poll(WAIT_POLL_MS if active else IDLE_POLL_MS)
             self.nic.tx_disarm()
+
+    def _watch_ports(self) -> None:
+        """Poll the TAP fds of ports that would read (one holding MAX_PENDING frames for a
+        paused queue does not: its fd stays readable and would spin the loop)."""
+        want = set(self.nic.port_fds())
+        for fd in self._port_fds - want:
+            self.poller.unregister(fd)
+        for fd in want - self._port_fds:
+            self.poller.register(fd, zmq.POLLIN)
+        self._port_fds = want
 
     def stop(self, signum: int, frame: FrameType | None) -> None:
         """Signal handler: finish the current iteration, then leave the loop."""
@@ -378,6 +397,9 @@ class NicProcess:
 
     def close(self) -> None:
         """Close sockets, stop the device, unlink the stats region (idempotent)."""
+        for fd in getattr(self, "_port_fds", ()):
+            self.poller.unregister(fd)
+        self._port_fds = set()
         closers, self._closers = self._closers, []
         for fn in closers:
             try:

@@ -122,7 +122,7 @@ QUEUE_COUNTERS = (
     "rx_hds_linear",    # frames placed linear in the header slot
     "rx_iommu_fault",   # DMA outside a mapped region (frame dropped)
     "rx_pause",         # times the queue paused its source for lack of buffers
-    "rx_no_buffer",     # frames dropped for lack of buffers (pause off)
+    "rx_missed",        # frames dropped for lack of buffers (nobuf=drop), Linux's rx_missed
     "rx_bad_frame",     # malformed frames (truncated, unknown headers)
     "rx_oversize",      # frames longer than the MTU allows
     "rx_queue_stopped", # frames for a stopped queue, dropped (pause off)
@@ -157,7 +157,46 @@ MAX_MTU = 9216
 MAX_RING = 4096
 _NETDEV_NAME = re.compile(r"^[A-Za-z0-9_-]{1,15}$")
 #: Boolean keys spelled with words other than on/off in a spec string.
-_BOOL_WORDS = {"link": ("up", "down")}
+_BOOL_WORDS = {"link": ("up", "down"), "pause": ("pause", "drop")}
+#: Spellings of a key that stand for another (``nobuf=drop`` is ``pause=drop``).
+_ALIASES = {"ring": "rx", "nobuf": "pause"}
+#: What a netdev's wire can be plugged into: nothing but the emulator's own sources, or a
+#: Linux TAP device in the run's peer network namespace (:mod:`nic_proc.port`).
+PORT_KINDS = ("", "tap")
+#: How the peer namespace learns the host's MAC: ARP / neighbour discovery answered by the
+#: emulated kernel (the default), or a permanent neighbour entry the launcher writes.
+NEIGH_KINDS = ("arp", "static")
+#: Longest delay a port may add (seconds).
+MAX_PORT_DELAY = 10.0
+_DURATION = re.compile(r"^([0-9]*\.?[0-9]+)(us|ms|s)?$")
+_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, None: 1e-3}
+
+
+def parse_percent(text: str, key: str = "value") -> float:
+    """``"1%"``, ``"0.5%"`` or a bare fraction ``"0.01"`` -> a probability in [0, 1]
+    (:class:`Misuse`, EINVAL)."""
+    t = text.strip()
+    try:
+        v = float(t[:-1]) / 100 if t.endswith("%") else float(t) if t else 0.0
+    except ValueError:
+        v = -1.0
+    if not 0.0 <= v <= 1.0:
+        raise Misuse(f"netdev spec: {key} must be a percentage like 1% or 0.5%, got {text!r}",
+                     errno=22)
+    return v
+
+
+def parse_delay(text: str, key: str = "delay") -> float:
+    """``"5ms"``, ``"200us"``, ``"0.1s"`` (a bare number is milliseconds) -> seconds."""
+    t = text.strip()
+    if not t:
+        return 0.0
+    m = _DURATION.match(t)
+    v = float(m.group(1)) * _UNITS[m.group(2)] if m else -1.0
+    if not 0.0 <= v <= MAX_PORT_DELAY:
+        raise Misuse(f"netdev spec: {key} must be a duration like 5ms or 200us (at most "
+                     f"{MAX_PORT_DELAY:g} s), got {text!r}", errno=22)
+    return v
 
 
 def is_pow2(n: int) -> bool:
@@ -171,9 +210,9 @@ def valid_buf_len(n: int) -> bool:
 
 def _onoff(text: str, key: str) -> bool:
     on, off = _BOOL_WORDS.get(key, ("on", "off"))
-    if text in (on, "true", "1", "yes"):
+    if text in (on, "on", "true", "1", "yes"):
         return True
-    if text in (off, "false", "0", "no"):
+    if text in (off, "off", "false", "0", "no"):
         return False
     raise Misuse(f"netdev spec: {key} must be {on} or {off}, got {text!r}")
 
@@ -202,6 +241,13 @@ class NetdevSpec:
     addr: str = ""
     addr6: str = ""
     mac: str = ""
+    port: str = ""
+    neigh: str = "arp"
+    loss: str = ""
+    dup: str = ""
+    reorder: str = ""
+    delay: str = ""
+    seed: int = 0
 
     @classmethod
     def option_types(cls) -> dict[str, type]:
@@ -223,7 +269,7 @@ class NetdevSpec:
         for item in filter(None, (x.strip() for x in rest.split(","))):
             key, eq, val = item.partition("=")
             key = key.strip().replace("-", "_")
-            key = "rx" if key == "ring" else key
+            key = _ALIASES.get(key, key)
             if not eq or key not in types:
                 raise Misuse(f"netdev spec {text!r}: bad item {item!r}", errno=22)
             if types[key] is int:
@@ -243,6 +289,7 @@ class NetdevSpec:
         types = cls.option_types()
         kw: dict[str, Any] = {}
         for key, v in options.items():
+            key = _ALIASES.get(key.replace("-", "_"), key.replace("-", "_"))
             want = types.get(key)
             if want is None:
                 raise Misuse(f"netdev {name}: unknown option {key!r}", errno=22)
@@ -281,6 +328,26 @@ class NetdevSpec:
             if "," in getattr(self, key):
                 raise Misuse(f"{self.name}: {key} {getattr(self, key)!r} may not contain ','",
                              errno=22)
+        if self.port not in PORT_KINDS:
+            raise Misuse(f"{self.name}: port must be tap (or absent), got {self.port!r}",
+                         errno=22)
+        if self.neigh not in NEIGH_KINDS:
+            raise Misuse(f"{self.name}: neigh must be arp or static, got {self.neigh!r}",
+                         errno=22)
+        impair = [k for k in ("loss", "dup", "reorder", "delay") if getattr(self, k)]
+        if impair and not self.port:
+            raise Misuse(f"{self.name}: {impair[0]} impairs a port; add port=tap", errno=22)
+        for key in ("loss", "dup", "reorder"):
+            parse_percent(getattr(self, key), f"{self.name}: {key}")
+        parse_delay(self.delay, f"{self.name}: delay")
+        if not 0 <= self.seed < 1 << 63:
+            raise Misuse(f"{self.name}: seed must be a non-negative integer", errno=22)
+
+    @property
+    def impairments(self) -> dict[str, float]:
+        """The port's impairments as numbers: loss, dup, reorder (probabilities), delay (s)."""
+        return {"loss": parse_percent(self.loss), "dup": parse_percent(self.dup),
+                "reorder": parse_percent(self.reorder), "delay": parse_delay(self.delay)}
 
     def options(self) -> dict[str, Any]:
         """The options that differ from the defaults, in field order (typed values)."""
@@ -290,18 +357,26 @@ class NetdevSpec:
 
     def format(self) -> str:
         """The spec string ``NAME[:key=value,...]`` (only options that differ from the
-        defaults; booleans as on/off, ``link`` as up/down)."""
+        defaults; booleans as on/off, ``link`` as up/down, ``pause`` as ``nobuf=drop``)."""
         items = []
         for k, v in self.options().items():
             if isinstance(v, bool):
                 on, off = _BOOL_WORDS.get(k, ("on", "off"))
                 v = on if v else off
-            items.append(f"{k}={v}")
+            items.append(f"{'nobuf' if k == 'pause' else k}={v}")
         return self.name + (":" + ",".join(items) if items else "")
 
     def to_dict(self) -> dict[str, Any]:
         """``{"name": ..., **options()}``: plain data :meth:`from_options` reads back."""
         return {"name": self.name, **self.options()}
+
+
+def tap_ifname(run_id: str, index: int) -> str:
+    """The Linux name of netdev ``index``'s TAP device in run ``run_id``: ``zcrx<token>t<index>``
+    with the run id's random token (so ``zcrx cleanup`` finds it by run id; 15 bytes at most,
+    IFNAMSIZ)."""
+    token = "".join(c for c in run_id.rpartition("-")[2] if c.isalnum())[:8] or "run"
+    return f"zcrx{token}t{index}"[:15]
 
 
 def stats_block_shape() -> tuple[int, int, int]:
@@ -387,3 +462,4 @@ __all__ = ["MAX_MTU", "MAX_NETDEVS", "MAX_QUEUES", "MAX_RING", "MAX_SNAPLEN", "M
            "QueueLayout", "hdr_slot_size",
            "is_pow2", "queue_region_object", "stats_block_bytes", "stats_block_shape",
            "valid_buf_len"]
+__all__ += ["NEIGH_KINDS", "PORT_KINDS", "parse_delay", "parse_percent", "tap_ifname"]
