@@ -16,14 +16,28 @@ from click.testing import CliRunner, Result
 
 from launch.cli import main
 from launch.run import Run
+from launch.run import runs_dir as launch_runs_dir
 
 
 def zcrx(*args: str, ok: bool = True) -> Result:
     """Run one `zcrx` command in-process, as a user would type it."""
     res = CliRunner().invoke(main, list(args), catch_exceptions=False)
     if ok:
-        assert res.exit_code == 0, f"zcrx {' '.join(args)} failed:\n{res.output}"
+        assert res.exit_code == 0, (f"zcrx {' '.join(args)} failed:\n{res.output}"
+                                    f"{_run_logs(args)}")
     return res
+
+
+def _run_logs(args: tuple[str, ...]) -> str:
+    """The tails of the role logs of the run a failed command named (``--name N``), so a
+    failure in CI says what the roles said."""
+    if "--name" not in args:
+        return ""
+    name = args[args.index("--name") + 1]
+    d = launch_runs_dir() / name
+    logs = sorted(d.glob("*.log")) if d.is_dir() else []
+    return "".join(f"\n--- {p.name} ---\n{p.read_text(errors='replace')[-1500:]}"
+                   for p in logs)
 
 
 @contextmanager
