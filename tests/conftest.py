@@ -15,6 +15,7 @@ import os
 import secrets
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import psutil
 import pytest
@@ -89,3 +90,22 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
 def run_id() -> str:
     """A fresh run id, as the launcher would make one: ``<name>-<token>``."""
     return f"t-{secrets.token_hex(4)}"
+
+
+@pytest.fixture
+def kt(run_id: str, tmp_path: Any, request: pytest.FixtureRequest) -> Iterator[Any]:
+    """A real kernel (fake NIC) serving syscalls in a thread (``test_zcrx.KernelThread``),
+    acting as the Linux release of ``request.param`` when parametrized indirectly."""
+    from test_zcrx import kernel_fixture
+
+    from shared import abi
+
+    yield from kernel_fixture(run_id, tmp_path, getattr(request, "param", abi.LINUX_VERSION))
+
+
+@pytest.fixture
+def app(kt: Any, run_id: str, tmp_path: Any) -> Iterator[Any]:
+    """An app attached to ``kt`` with the launcher's CAP_NET_ADMIN grant, closed at the end."""
+    from test_zcrx import app_fixture
+
+    yield from app_fixture(run_id, tmp_path)

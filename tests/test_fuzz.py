@@ -52,10 +52,8 @@ from test_zcrx import (
     KernelThread,
     Zq,
     accept_conn,
-    app_fixture,
     check_data,
     hw_flow_conn,
-    kernel_fixture,
     reap,
     setup_zcrx,
     stream,
@@ -91,16 +89,6 @@ def fuzz(examples: int) -> settings:
 # --------------------------------------------------------------------------------------------
 # The kernel, the hostile app and the neighbour
 # --------------------------------------------------------------------------------------------
-
-@pytest.fixture
-def kt(run_id: str, tmp_path: Any) -> Iterator[KernelThread]:
-    yield from kernel_fixture(run_id, tmp_path)
-
-
-@pytest.fixture
-def app(kt: KernelThread, run_id: str, tmp_path: Any) -> Iterator[S.Kernel]:
-    yield from app_fixture(run_id, tmp_path)
-
 
 class Neighbour:
     """A well-behaved app receiving one flow zero copy (NODEV ifq, copy fallback) and checking

@@ -29,8 +29,6 @@ from test_zcrx import (
     Bundle,
     KernelThread,
     accept_conn,
-    app_fixture,
-    kernel_fixture,
     reg_errno,
     stream,
     wait_cqes,
@@ -48,16 +46,6 @@ from shared.shm import PAGE_SIZE, SHM_DIR, list_run_segments
 pytestmark = pytest.mark.timeout(60)
 
 UD = 0x5EC
-
-
-@pytest.fixture
-def kt(run_id: str, tmp_path: Any) -> Iterator[KernelThread]:
-    yield from kernel_fixture(run_id, tmp_path)
-
-
-@pytest.fixture
-def app(kt: KernelThread, run_id: str, tmp_path: Any) -> Iterator[S.Kernel]:
-    yield from app_fixture(run_id, tmp_path)
 
 
 @pytest.fixture

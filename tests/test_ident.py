@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_zcrx import KernelThread, kernel_fixture, setup_zcrx, zring
+from test_zcrx import KernelThread, setup_zcrx, zring
 
 from app_proc import syscall as S
 from nic_proc.main import NicProcess
@@ -39,11 +39,6 @@ from shared import abi
 from shared.control import ControlClient, Peer, PeerCred, ipc_endpoint
 from shared.msg import ControlError
 from shared.nicif import NetdevSpec
-
-
-@pytest.fixture
-def kt(run_id: str, tmp_path: Any) -> Iterator[KernelThread]:
-    yield from kernel_fixture(run_id, tmp_path)
 
 
 def _child(endpoint: str, code: str, *args: str) -> dict[str, Any]:

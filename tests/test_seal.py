@@ -26,7 +26,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +35,6 @@ from test_zcrx import (
     Bundle,
     KernelThread,
     accept_conn,
-    app_fixture,
-    kernel_fixture,
     reg_errno,
     stream,
     wait_cqes,
@@ -236,16 +233,6 @@ def test_shrinking_pinned_memory_cannot_kill_the_kernel_or_the_nic(case: str, ru
 
 
 # -- in-process: what may be pinned --------------------------------------------------------------
-
-
-@pytest.fixture
-def kt(run_id: str, tmp_path: Any) -> Iterator[KernelThread]:
-    yield from kernel_fixture(run_id, tmp_path)
-
-
-@pytest.fixture
-def app(kt: KernelThread, run_id: str, tmp_path: Any) -> Iterator[S.Kernel]:
-    yield from app_fixture(run_id, tmp_path)
 
 
 def _unsealed(app: S.Kernel, size: int) -> tuple[Region, int]:

@@ -237,16 +237,6 @@ VERSIONS = pytest.mark.parametrize("kt", abi.KERNEL_VERSIONS, indirect=True,
                                    ids=[abi.kernel_version_name(v) for v in abi.KERNEL_VERSIONS])
 
 
-@pytest.fixture
-def kt(run_id: str, tmp_path: Any, request: pytest.FixtureRequest) -> Iterator[KernelThread]:
-    yield from kernel_fixture(run_id, tmp_path, getattr(request, "param", abi.LINUX_VERSION))
-
-
-@pytest.fixture
-def app(kt: KernelThread, run_id: str, tmp_path: Any) -> Iterator[S.Kernel]:
-    yield from app_fixture(run_id, tmp_path)
-
-
 def task_of(k: Kernel, app: S.Kernel) -> Any:
     """The kernel's task of ``app`` (run in the kernel thread)."""
     assert app.task is not None

@@ -13,7 +13,6 @@ import errno
 import json
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -27,12 +26,10 @@ from test_zcrx import (
     KernelThread,
     Zq,
     accept_conn,
-    app_fixture,
     check_data,
     ctrl,
     ctrl_errno,
     hw_flow_conn,
-    kernel_fixture,
     reap,
     reg_errno,
     register_raw,
@@ -61,16 +58,6 @@ def on(*versions: tuple[int, int]) -> pytest.MarkDecorator:
     """Run the test on a kernel acting as each of ``versions``."""
     return pytest.mark.parametrize("kt", versions, indirect=True,
                                    ids=[abi.kernel_version_name(v) for v in versions])
-
-
-@pytest.fixture
-def kt(run_id: str, tmp_path: Any, request: pytest.FixtureRequest) -> Iterator[KernelThread]:
-    yield from kernel_fixture(run_id, tmp_path, getattr(request, "param", abi.LINUX_VERSION))
-
-
-@pytest.fixture
-def app(kt: KernelThread, run_id: str, tmp_path: Any) -> Iterator[S.Kernel]:
-    yield from app_fixture(run_id, tmp_path)
 
 
 def event_bundle(app: S.Kernel, *, type_mask: int = BOTH, stats: bool = True,
