@@ -602,8 +602,10 @@ class NetDevice:
             self._reclaim(rq)
             raise
         rq.started = True
-        rq.comp.set_need_wakeup()
-        self.stats[q, _IRQ_ARMS] += 1
+        # Scheduled, not armed: the NIC may complete frames the moment it has started the
+        # queue, before an interrupt could be armed here, so the first poll looks; an idle
+        # queue then arms its interrupt and leaves the list (napi_complete).
+        self.poll_list[q] = None
 
     def queue_stop(self, q: int) -> NapiBatch:
         """Stop the NIC queue, drain its completions, take back every unused posted buffer.
