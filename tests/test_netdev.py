@@ -351,7 +351,9 @@ def test_open_maps_regions_and_stocks_fill_rings(dev: tuple[NetDevice, FakeNic, 
     offs = [abi.iova_offset(int(i)) for i in desc["iova"]]
     assert offs == [4096 * b for b in desc["buf_id"].tolist()]
     assert len(set(desc["buf_id"].tolist())) == 64 and set(desc["len"].tolist()) == {4096}
-    assert fq.comp_armed()
+    # started queues are scheduled for a first poll, not armed: an idle poll arms them
+    assert not fq.comp_armed() and list(nd.poll_list) == [0, 1]
+    assert nd.napi_complete(0) is False and fq.comp_armed()
     st = nd.status()
     assert [q["started"] for q in st["rx_queues"]] == [True, True]
     q0 = st["rx_queues"][0]
@@ -667,6 +669,12 @@ def test_interrupt_arming(dev: tuple[NetDevice, FakeNic, SkbStore]) -> None:
     flow = Flow()
     fr, fl, _ = flow.frames([100])
     nic.deliver(0, fr, fl)
+    assert nic.irqs == 0 and 0 in nd.poll_list                # scheduled at start, unarmed
+    assert nd.napi_complete(0) is True                         # work is there: poll again
+    b0 = poll_all(nd, 0)
+    assert nd.napi_complete(0) is False and nic.queues[0].comp_armed()
+    fr, fl, _ = flow.frames([100])
+    nic.deliver(0, fr, fl)
     assert nic.irqs == 1 and not nic.queues[0].comp_armed()   # the NIC disarms on irq
     fr, fl, _ = flow.frames([100])
     nic.deliver(0, fr, fl)
@@ -680,7 +688,8 @@ def test_interrupt_arming(dev: tuple[NetDevice, FakeNic, SkbStore]) -> None:
     nic.deliver(0, fr, fl)
     assert nic.irqs == 2
     store.free(b.handles)
-    assert nd.queue_stats(0)["irq_rearm_races"] == 1
+    store.free(b0.handles)
+    assert nd.queue_stats(0)["irq_rearm_races"] == 2
 
 
 def test_doorbell_after_starvation(run_id: str) -> None:
