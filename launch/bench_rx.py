@@ -99,6 +99,9 @@ ZC_QUEUE = 1
 #: cores the pipeline is latency bound, and a deeper ring lets each stage work on larger
 #: batches while the others run (0.51 -> 0.72 GB/s zero copy going from 512 to 2048 here).
 RX_RING = 4096
+#: Bytes per send() of the loopback sender when no --payload is asked (its best case, as
+#: before --payload existed); with --payload it sends messages of that size.
+LOOPBACK_CHUNK = 1 << 16
 #: Entries per batch of the bare-ring baseline: the batch the generator hands the NIC
 #: (``nic_proc.sources.DEFAULT_BATCH``), so the ring moves what the NIC moves per step.
 RING_BATCH = 512
@@ -603,7 +606,8 @@ def measure_loopback(flows: int, total: int, *, bufsize: int = DEFAULT_COPY_BUF,
             if r["first_ns"] is not None and r["last_ns"] is not None else 0.0)
     kcpu = float(r["sys_s"]) + float(sent["sys_s"])
     return ModeResult("loopback", flows, delivered, secs, not problems, kcpu,
-                      float(r["cpu_s"]), None, None, problems, min(chunk, bufsize))
+                      float(r["cpu_s"]), None, None, problems,
+                      min(chunk, bufsize, PAYLOAD))
 
 
 # --------------------------------------------------------------------------------------------
@@ -692,8 +696,9 @@ def run_zcrx_bench(total: int = DEFAULT_BYTES, flows: int = 1, repeat: int = 1,
                         extra=zcrx_args if mode == "zcrx" else None, segment=segment))
                     sport += 64  # fresh 4-tuples for every measurement (flows <= 64)
                 say(f"loopback TCP, {flows} flow(s), round {rep + 1}")
-                every["loopback"].append(measure_loopback(flows, total, bufsize=copy_buf,
-                                                          timeout=timeout, chunk=segment))
+                every["loopback"].append(measure_loopback(
+                    flows, total, bufsize=copy_buf, timeout=timeout,
+                    chunk=segment if payload is not None else LOOPBACK_CHUNK))
             if payload is not None and segment < PAYLOAD:
                 from launch.bench_ring import bench_payload
 
