@@ -427,11 +427,7 @@ class Mm:
         try:
             if not kernel:
                 self._check_owned(name, st)
-            length = _page_up(length)
-            if offset + length > _page_up(st.st_size):
-                raise Misuse(f"{name}: [{offset}, {offset + length}) past its {st.st_size} "
-                             "bytes", errno.ENXIO)
-            start = self._place(length, fixed)
+            length, start = self._fit(name, st, offset, length, fixed)
         except BaseException:
             os.close(fd)
             raise
@@ -493,11 +489,7 @@ class Mm:
             if prot & PROT_WRITE and seals & (F_SEAL_WRITE | F_SEAL_FUTURE_WRITE):
                 self._refuse("write_sealed")
                 raise Misuse(f"fd {fd} is sealed against writing", errno.EPERM)
-            length = _page_up(length)
-            if offset + length > _page_up(st.st_size):
-                raise Misuse(f"fd {fd}: [{offset}, {offset + length}) past its {st.st_size} "
-                             "bytes", errno.ENXIO)
-            start = self._place(length, fixed)
+            length, start = self._fit(f"fd {fd}", st, offset, length, fixed)
         except BaseException:
             os.close(own)
             raise
@@ -563,6 +555,16 @@ class Mm:
         if st.st_uid != self.uid:
             self._refuse("owner")
             raise Misuse(f"{name} belongs to uid {st.st_uid}, not {self.uid}", errno.EACCES)
+
+    def _fit(self, what: str, st: os.stat_result, offset: int, length: int,
+             fixed: int | None) -> tuple[int, int]:
+        """``(page-rounded length, address)`` for a mapping of ``[offset, offset + length)``
+        of the object ``st`` describes (-ENXIO past its end; :meth:`_place` for the rest)."""
+        length = _page_up(length)
+        if offset + length > _page_up(st.st_size):
+            raise Misuse(f"{what}: [{offset}, {offset + length}) past its {st.st_size} bytes",
+                         errno.ENXIO)
+        return length, self._place(length, fixed)
 
     def _place(self, length: int, fixed: int | None) -> int:
         """Where a new mapping of ``length`` bytes goes (``fixed`` or the lowest gap)."""

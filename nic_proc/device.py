@@ -75,6 +75,7 @@ from nic_proc.dma import (
     Index,
 )
 from nic_proc.iommu import Iommu
+from nic_proc.iommu import Mapping as DmaMapping
 from nic_proc.ntuple import Steering
 from nic_proc.pcap import PcapSource
 from nic_proc.port import Impairment, TapPort
@@ -293,6 +294,26 @@ class Nic:
                 raise Misuse(f"map id {map_id} holds {d.name}'s control ring", errno.EBUSY)
         self.iommu.dma_unmap(map_id)
 
+    def _ring_mapping(self, d: Netdev, where: str, ring: str, slots: str, ring_size: int,
+                      slot_size: int, align: int, need: int, map_id: int,
+                      layout_of: Callable[[int, int], Any]) -> tuple[DmaMapping, Any]:
+        """Check a ring the driver asks the device to use (a power-of-two ``ring_size`` up to
+        the device's maximum, ``slots`` of a multiple of ``align`` >= ``need`` bytes, its
+        ``layout_of(ring_size, slot_size)`` inside mapping ``map_id``); returns the mapping and
+        the layout (EINVAL, ENOENT)."""
+        if not is_pow2(ring_size) or ring_size > d.spec.max_rx:
+            raise Misuse(f"{d.name}: {ring} size {ring_size} is not a power of two <= "
+                         f"{d.spec.max_rx}")
+        if slot_size % align or slot_size < need:
+            raise Misuse(f"{d.name}: {slots} of {slot_size} bytes; need a multiple of "
+                         f"{align} >= {need} for MTU {d.spec.mtu}")
+        m = self.iommu.get(map_id)
+        layout = layout_of(ring_size, slot_size)
+        if layout.size > m.size:
+            raise Misuse(f"{where}: layout needs {layout.size} bytes, mapping {map_id} has "
+                         f"{m.size}")
+        return m, layout
+
     def queue_start(self, dev: str, queue: int, map_id: int, ring_size: int,
                     slot_size: int) -> None:
         """Start DMA into a queue whose region (``QueueLayout(ring_size, slot_size)``) is
@@ -302,17 +323,9 @@ class Nic:
         q = self._queue(d, queue)
         if q.started:
             raise Misuse(f"{dev} queue {queue} is already started", errno.EBUSY)
-        if not is_pow2(ring_size) or ring_size > d.spec.max_rx:
-            raise Misuse(f"{dev}: ring size {ring_size} is not a power of two <= "
-                         f"{d.spec.max_rx}")
-        if slot_size % HDR_SLOT_ALIGN or slot_size < d.min_slot_size:
-            raise Misuse(f"{dev}: header slots of {slot_size} bytes; need a multiple of "
-                         f"{HDR_SLOT_ALIGN} >= {d.min_slot_size} for MTU {d.spec.mtu}")
-        m = self.iommu.get(map_id)
-        layout = QueueLayout(ring_size, slot_size)
-        if layout.size > m.size:
-            raise Misuse(f"{dev} queue {queue}: layout needs {layout.size} bytes, mapping "
-                         f"{map_id} has {m.size}")
+        m, layout = self._ring_mapping(d, f"{dev} queue {queue}", "ring", "header slots",
+                                       ring_size, slot_size, HDR_SLOT_ALIGN, d.min_slot_size,
+                                       map_id, QueueLayout)
         q.dma = DmaQueue(m.view, layout, self.iommu, queue=queue, config=d.hds,
                          stats=d.stats[queue], clock=time.monotonic_ns,
                          coalesce=d.coal)
@@ -353,18 +366,8 @@ class Nic:
         d = self.dev(dev)
         if d.tx is not None:
             raise Misuse(f"{dev}: TX ring already attached", errno.EBUSY)
-        if not is_pow2(ring_size) or ring_size > d.spec.max_rx:
-            raise Misuse(f"{dev}: TX ring size {ring_size} is not a power of two <= "
-                         f"{d.spec.max_rx}")
-        need = tx_slot_size(d.spec.mtu)
-        if slot_size % 64 or slot_size < need:
-            raise Misuse(f"{dev}: TX slots of {slot_size} bytes; need a multiple of 64 >= "
-                         f"{need} for MTU {d.spec.mtu}")
-        m = self.iommu.get(map_id)
-        layout = TxLayout(ring_size, slot_size)
-        if layout.size > m.size:
-            raise Misuse(f"{dev}: TX layout needs {layout.size} bytes, mapping {map_id} "
-                         f"has {m.size}")
+        m, layout = self._ring_mapping(d, f"{dev} TX", "TX ring", "TX slots", ring_size,
+                                       slot_size, 64, tx_slot_size(d.spec.mtu), map_id, TxLayout)
         d.tx = TxConsumer(m.view, layout)
         d.tx_map_id = map_id
 
