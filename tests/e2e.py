@@ -41,9 +41,11 @@ def _run_logs(args: tuple[str, ...]) -> str:
 
 
 @contextmanager
-def runs_dir() -> Iterator[Path]:
-    """A private, short ZCRX_RUNS_DIR (ipc socket paths must stay under 107 bytes)."""
+def runs_dir(mode: int = 0o700) -> Iterator[Path]:
+    """A fresh, short ZCRX_RUNS_DIR (ipc socket paths must stay under 107 bytes); private
+    unless ``mode`` says otherwise (0o755: apps under other uids reach their runs)."""
     base = Path(tempfile.mkdtemp(prefix="zr", dir="/tmp"))
+    os.chmod(base, mode)
     old = os.environ.get("ZCRX_RUNS_DIR")
     os.environ["ZCRX_RUNS_DIR"] = str(base)
     try:
@@ -57,9 +59,10 @@ def runs_dir() -> Iterator[Path]:
 
 
 @contextmanager
-def topology(name: str, *up_args: str) -> Iterator[Run]:
-    """`zcrx up` a run; `zcrx down` it afterwards whatever happens (cleanup as fallback)."""
-    with runs_dir():
+def topology(name: str, *up_args: str, runs_mode: int = 0o700) -> Iterator[Run]:
+    """`zcrx up` a run; `zcrx down` it afterwards whatever happens (cleanup as fallback).
+    ``runs_mode``: see :func:`runs_dir`."""
+    with runs_dir(runs_mode):
         zcrx("up", "--name", name, *up_args)
         try:
             yield Run.open(name)

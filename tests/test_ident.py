@@ -242,30 +242,14 @@ needs_root = pytest.mark.skipif(
 @contextmanager
 def _root_run(name: str) -> Iterator[Any]:
     """A run whose directory every uid can reach (``zcrx up`` as root)."""
-    from launch.run import Run
-    from tests.e2e import zcrx
+    from tests.e2e import topology
 
-    base = Path(tempfile.mkdtemp(prefix="zri", dir="/tmp"))
-    os.chmod(base, 0o755)
-    old = os.environ.get("ZCRX_RUNS_DIR")
-    os.environ["ZCRX_RUNS_DIR"] = str(base)
-    try:
-        zcrx("up", "--name", name, "--netdev", "eth0:queues=2",
-             "--app-uid-base", str(A_UID))
-        try:
-            run = Run.open(name)
-            if run.dir.stat().st_mode & 0o777 == 0o700:
-                run.dir.chmod(0o711)  # not isolated by zcrx up here (see isolation()): apps
-                # forked below under their own uids still find the kernel's socket
-            yield run
-        finally:
-            zcrx("down", "--name", name, ok=False)
-    finally:
-        if old is None:
-            os.environ.pop("ZCRX_RUNS_DIR", None)
-        else:
-            os.environ["ZCRX_RUNS_DIR"] = old
-        shutil.rmtree(base, ignore_errors=True)
+    with topology(name, "--netdev", "eth0:queues=2", "--app-uid-base", str(A_UID),
+                  runs_mode=0o755) as run:
+        if run.dir.stat().st_mode & 0o777 == 0o700:
+            run.dir.chmod(0o711)  # not isolated by zcrx up here (see isolation()): apps
+            # forked below under their own uids still find the kernel's socket
+        yield run
 
 
 class _AsUid:
