@@ -38,10 +38,10 @@ from test_zcrx import (
     wait_cqes,
     zring,
 )
-from test_zcrx_app import _run_server
 
 from app_proc import liburing as L
 from app_proc import syscall as S
+from app_proc import zcrx_server
 from driver_proc.main import main as driver_main
 from shared import abi, wire
 from shared.ring import RingLayout, RingProducer
@@ -864,6 +864,19 @@ def test_hardware_queue_receives_into_an_added_area(kt: KernelThread, app: S.Ker
 # zcrx-server --grow: events and several areas together (7.3)
 # ============================================================================================
 
+def _server(app: S.Kernel, argv: list[str]) -> tuple[threading.Thread, dict[str, Any]]:
+    """``zcrx_server.main(argv)`` in a thread of this app; returns once it listens."""
+    result: dict[str, Any] = {}
+
+    def go() -> None:
+        try:
+            result["code"] = zcrx_server.main(argv, kernel=app)
+        except BaseException as exc:  # surfaced by the test
+            result["exc"] = exc
+
+    t = threading.Thread(target=go, name="zcrx_server")
+    t.start()
+    return t, result
 
 
 @on(V73)
@@ -875,7 +888,7 @@ def test_server_grows_its_area_on_alloc_fail(kt: KernelThread, app: S.Kernel,
     stream arrives byte-exact and the ledger shows the niovs of every area."""
     n, seg = 600, 1460
     out = tmp_path / "zc.json"
-    t, result = _run_server(kt, app, ["-p", str(tn.DPORT), "-q", "1", "-S", "320K", "--grow", "1M",
+    t, result = _server(app, ["-p", str(tn.DPORT), "-q", "1", "-S", "320K", "--grow", "1M",
                               "-R", "128", "-C", "512", "-v", "--stream-id", "3",
                               "-s", str(n * seg), "-n", "1", "--json", str(out),
                               "--seconds", "40"])
