@@ -82,7 +82,7 @@ def wait_app(name: str, role: str, timeout: float) -> None:
         if time.monotonic() > deadline:
             run = Run.open(name)
             logs = "\n".join(f"--- {r} ---\n{Path(e.log).read_text()[-2000:]}"
-                             for r, e in run.m.procs.items())
+                             for r, e in run.m.procs.items() if e.log and Path(e.log).is_file())
             counters = zcrx("ethtool", "--name", name, "-S", "eth0", ok=False).output
             raise AssertionError(f"{role} still running after {timeout} s\n{logs}\n"
                                  f"{counters[-3000:]}")

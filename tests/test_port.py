@@ -289,6 +289,22 @@ def link_in(ns: str | None, ifname: str) -> bool:
     return subprocess.run(args, capture_output=True).returncode == 0
 
 
+def link_addrs(ns: str, ifname: str) -> str:
+    """`ip addr show` of a device that is up in ``ns`` ("" while it is down or missing)."""
+    out = subprocess.run(["ip", "-n", ns, "addr", "show", "dev", ifname, "up"],
+                         capture_output=True, text=True)
+    return out.stdout if out.returncode == 0 else ""
+
+
+def _reprobed(name: str) -> bool:
+    """The run's kernel has probed a restarted NIC (`zcrx status`)."""
+    res = zcrx("status", "--name", name, "--json", ok=False)
+    if res.exit_code != 0:
+        return False
+    st = json.loads(res.output)
+    return bool(st.get("nic") == "up" and st.get("nic_reprobes", 0) >= 1)
+
+
 def test_port_without_root_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     from tests.e2e import runs_dir
 
@@ -482,8 +498,11 @@ def test_a_restarted_nic_gets_its_tap_back_in_the_namespace(tmp_path: Path) -> N
             nic0 = run.m.procs["nic"].pid
             zcrx("kill", "--name", "taprs", "nic")
             deadline = time.monotonic() + 30
-            while not link_in(ns, ifname) or Run.open("taprs").m.procs["nic"].pid == nic0:
-                assert time.monotonic() < deadline, "no new TAP in the namespace"
+            # Back means: a new NIC, its TAP in the namespace with its address and up, and
+            # the kernel's re-probe done (frames before it would find no started queue).
+            while not (Run.open("taprs").m.procs["nic"].pid != nic0 and link_in(ns, ifname)
+                       and "10.0.0.2/24" in link_addrs(ns, ifname) and _reprobed("taprs")):
+                assert time.monotonic() < deadline, "the NIC and its TAP did not come back"
                 time.sleep(0.05)
             out_json = tmp_path / "copy.json"
             zcrx("app", "run", "--name", "taprs", "--detach", "copy-server", "--",
