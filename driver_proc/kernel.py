@@ -396,11 +396,15 @@ class Kernel:
 
     def take_doorbells(self) -> list[tuple[str, int]]:
         """Doorbells due: ``(dev, queue)`` for an RX fill ring (``nic.doorbell``), ``(dev, -1)``
-        for a TX ring (``nic.tx_doorbell``)."""
+        for a TX ring (``nic.tx_doorbell``).
+
+        A TX doorbell only wakes the NIC, whose loop then polls every TX ring; when an RX
+        doorbell goes out in the same pass it wakes the NIC just as well, so the TX one is
+        not sent (one message, one wake-up, where an ACK follows a refill)."""
         out, self._doorbells = self._doorbells, []
-        for dev in self.netdevs.values():
-            if dev.take_tx_doorbell():
-                out.append((dev.name, -1))
+        tx = [dev.name for dev in self.netdevs.values() if dev.take_tx_doorbell()]
+        if tx and not out:
+            out = [(name, -1) for name in tx]
         return out
 
     def arm_interrupts(self) -> bool:

@@ -415,7 +415,7 @@ class Nic:
     def tx_poll_dev(self, d: Netdev, budget: int = 256) -> int:
         """Drain up to ``budget`` frames of ``d``'s TX ring into its sink; frames handled."""
         tx = d.tx
-        if tx is None:
+        if tx is None or not tx.ready():  # the common case: one load of the tail
             return 0
         done = 0
         while done < budget:
