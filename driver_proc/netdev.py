@@ -537,10 +537,12 @@ class NetDevice:
             if provider is None:
                 self._pp_gen[q] += 1
                 count = self.pp_buffers or 2 * self.ring_size
+                # Pages for the ring's first fill now; the pool's other buffers when first
+                # allocated (a queue bound to a zcrx ifq soon may never use them at all).
                 space = BufferSpace.create(
                     region_name(self.run, self.owner,
                                 f"{self.name}.q{q}.pp{self._pp_gen[q]}"),
-                    count, self.rx_buf_len)
+                    count, self.rx_buf_len, touch=self.ring_size)
                 rq.space = space
                 rq.own_space = True
                 provider = KernelPagesProvider(space)

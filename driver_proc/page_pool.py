@@ -273,10 +273,17 @@ class BufferSpace:
         self.index = 0
 
     @classmethod
-    def create(cls, name: str, count: int, buf_len: int) -> BufferSpace:
-        """Create (and own) a kernel region ``name`` holding ``count`` buffers."""
-        region = Region.create(name, count * buf_len)
+    def create(cls, name: str, count: int, buf_len: int, *,
+               touch: int | None = None) -> BufferSpace:
+        """Create (and own) a kernel region ``name`` holding ``count`` buffers.
+
+        ``touch``: how many buffers (from the start) to fault in now (default all); the
+        rest get their pages on first use, as a page pool allocates pages on demand."""
+        size = count * buf_len
+        region = Region.create(name, size, pretouch=touch is None or touch >= count)
         assert region.buf is not None
+        if touch is not None and 0 < touch < count:
+            region.touch(touch * buf_len)
         try:
             return cls(region.buf, count, buf_len, name=name, region_size=region.size,
                        region=region)

@@ -135,9 +135,14 @@ class Region:
         shm.close_fd()
         region = cls(name, size, mm, owner=True)
         if pretouch:
-            # One store per page faults every page in now (tmpfs zero-fills it).
-            np.frombuffer(mm, dtype=np.uint8)[::PAGE_SIZE] = 0
+            region.touch(size)
         return region
+
+    def touch(self, nbytes: int) -> None:
+        """Fault in the first ``nbytes`` now: one store per page (tmpfs zero-fills it), so
+        whoever uses them later does not take the faults in its hot path."""
+        assert self.buf is not None
+        np.frombuffer(self.buf, dtype=np.uint8, count=min(nbytes, self.size))[::PAGE_SIZE] = 0
 
     @classmethod
     def memfd(cls, name: str, size: int, *, seals: int = MEMFD_SEALS,
@@ -162,7 +167,7 @@ class Region:
             raise
         region = cls(_MEMFD_PREFIX + label, size, mm, owner=True, fd=fd)
         if pretouch:
-            np.frombuffer(mm, dtype=np.uint8)[::PAGE_SIZE] = 0
+            region.touch(size)
         return region
 
     @classmethod
