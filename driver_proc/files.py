@@ -62,6 +62,7 @@ __all__ = [
     "Sockets",
     "Task",
     "Tasks",
+    "Transmit",
     "Waiter",
 ]
 
@@ -98,6 +99,17 @@ class SkbStore(Protocol):
 
     def free(self, handles: Any) -> Any:
         """Drop the skbs (their buffers go back to their pools)."""
+
+
+class Transmit(Protocol):
+    """TCP's write side as the socket layer sees it (:class:`driver_proc.tcp_output.
+    TcpOutput`): what a send may do on a connection, and queueing its bytes."""
+
+    def send_error(self, sock: TcpReceiver) -> int | None: ...
+
+    def send_space(self, sock: TcpReceiver) -> int: ...
+
+    def send(self, sock: TcpReceiver, data: bytes) -> None: ...
 
 
 class Waiter(Protocol):
@@ -185,6 +197,8 @@ class Sockets:
         #: told of every connection closed by its app (TCP's transmit side sends FIN or RST):
         #: ``on_close(conn, unread_bytes)``, called after the table closed it
         self.on_close: Callable[[TcpReceiver, int], None] | None = None
+        #: TCP's write side (IORING_OP_SEND); None: this kernel transmits no app data
+        self.tx: Transmit | None = None
         #: bound sockets by (address, port): several only with SO_REUSEPORT, one owner
         self._bound: dict[tuple[bytes | None, int], list[SocketFile]] = {}
         self._by_conn: dict[int, SocketFile] = {}

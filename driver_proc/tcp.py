@@ -1120,6 +1120,12 @@ class SocketTable:
             sock.listener = None
         return sock.close()
 
+    def unhash(self, sock: TcpReceiver) -> None:
+        """Take a connection that died (``tcp_done``: given up by the transmit side) out of
+        the lookup; the app still holds it (its queued data stays readable) until close."""
+        if sock.key is not None and self._conns.get(sock.key) is sock:
+            del self._conns[sock.key]
+
     def close_listener(self, lst: Listener) -> NDArray[np.int64]:
         """Stop listening; close connections never accepted; return the handles they held."""
         if self._listeners.get((lst.addr, lst.port)) is lst:
