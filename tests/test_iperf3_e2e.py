@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from launch.port import netns_name
-from tests.e2e import nic_stats, stats, topology, wait_app, zcrx
+from tests.e2e import nic_stats, runs_dir, stats, topology, wait_app, zcrx
 from tests.test_port import WHY_NOT
 
 PORT = 5201
@@ -145,3 +145,13 @@ def test_iperf3_with_1pct_loss_in_drop_mode(tmp_path: Path) -> None:
               f"{st.get('rx_missed')}, client retransmits {retrans}, host dup ACKs "
               f"{mib['TcpExtTCPDupAcksSent']}, "
               f"{rep['end']['sum_received']['bits_per_second'] / 8e9:.3f} GB/s")
+
+
+@pytest.mark.timeout(300)
+def test_bench_wire_has_an_iperf3_line() -> None:
+    with runs_dir():
+        res = zcrx("bench", "wire", "--client", "iperf3", "--bytes", str(4 << 20), "--json")
+    r = json.loads(res.output)
+    assert r["ok"] and r["client"] == "iperf3" and r["error"] is None
+    assert r["sent"] == r["received"] == r["zc_bytes"] == 4 << 20
+    assert r["gbps"] > 0 and r["retransmits"] >= 0
