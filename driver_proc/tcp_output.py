@@ -823,7 +823,8 @@ class TcpOutput:
                 assert key is not None
                 self._emit(o.dev, key, o.peer_mac, (snd.una - 1) & _MASK,
                            c.rcv_nxt if c is not None else o.sock.rcv_nxt, ACK,
-                           0 if c is not None else self._window(o))
+                           min(self.rcvbuf >> c.wscale, 0xFFFF) if c is not None
+                           else self._window(o))
                 snd.backoff = min(snd.backoff + 1, 10)
                 snd.rto_at = self._arm(now + min(RTO_MAX_S, snd.rto * (1 << snd.backoff)))
             return True
