@@ -25,10 +25,13 @@ zero-copied.  Differences from ``iperf3 -s``: the real server stops reading its 
 TEST_END (bytes still in flight are not counted); this one counts every byte the client
 says it sent, so ``end.sum_received.bytes`` equals ``end.sum_sent.bytes``.
 
-Supported: TCP, ``-P N`` streams, ``-n BYTES``, ``-t SECS``, ``-l``, ``-M``, ``-O`` and the other
-client-side options.  Refused with SERVER_ERROR and iperf3's "not implemented" error (the
-client prints "an option you are trying to set is not implemented yet"; this server says
-which on its log): UDP (``-u``), SCTP, reverse (``-R``) and bidirectional (``--bidir``).
+Supported: TCP, ``-P N`` streams, ``-n BYTES``, ``-t SECS``, ``-k``, ``-l``, ``-b`` and the
+other client-side options.  Refused with SERVER_ERROR and iperf3's "not implemented" error
+(the client prints "an option you are trying to set is not implemented yet"; this server
+says which on its log): UDP (``-u``), SCTP, reverse (``-R``), bidirectional (``--bidir``)
+and ``-O`` (the server would have to leave the omitted bytes out of its count).  A test
+whose data connections do not all come within 30 s, or whose streams do not receive what
+the client says it sent within 60 s of TEST_END, fails (its connections are closed).
 A control connection while a test runs gets ACCESS_DENIED ("the server is busy"), as from
 ``iperf3 -s``.  One test at a time; ``-n`` counts tests (0: until SIGTERM).
 """
@@ -88,6 +91,8 @@ IEUNIMP = 13
 MAX_JSON = 64 * 1024
 #: how long the results wait for stream bytes the client says it sent
 DRAIN_TIMEOUT_S = 60.0
+#: how long a test waits for its data connections after CREATE_STREAMS
+STREAMS_TIMEOUT_S = 30.0
 
 #: user_data kinds of this mode's requests (zcrx_server uses 1-4)
 KIND_COOKIE = 5
@@ -121,6 +126,9 @@ def refuse_reason(params: dict[str, Any]) -> str | None:
         return "reverse mode (-R) is not supported: the server only receives"
     if params.get("bidirectional"):
         return "bidirectional mode (--bidir) is not supported: the server only receives"
+    if params.get("omit"):
+        return ("omitting the first seconds (-O) is not supported: every byte the client "
+                "sends is counted")
     n = params.get("parallel", 1)
     if not isinstance(n, int) or not 1 <= n <= 128:
         return f"parallel streams {n!r}: 1..128 supported"
@@ -169,6 +177,7 @@ class Test:
     stream_conns: list[Conn] = field(default_factory=list)
     client_sent: dict[int, int] = field(default_factory=dict)  # id -> bytes, from the client
     drain_deadline: float = 0.0
+    streams_deadline: float = 0.0
     cpu0: tuple[float, float, float] = (0.0, 0.0, 0.0)
     started: float = 0.0
     status: str = "running"
@@ -346,6 +355,7 @@ class Iperf3Server(ZcrxServer):
             return "refused"
         t.nstreams = int(params.get("parallel", 1))
         yield _Send(bytes([CREATE_STREAMS]))
+        t.streams_deadline = time.monotonic() + STREAMS_TIMEOUT_S
         yield _WaitStreams()
         t.started = time.monotonic()
         cpu = os.times()
@@ -423,8 +433,13 @@ class Iperf3Server(ZcrxServer):
 
     def after_batch(self) -> None:
         t = self.test
-        if t is not None and isinstance(t.waiting, _WaitBytes) and self._drained(t):
+        if t is None:
+            return
+        if isinstance(t.waiting, _WaitBytes) and self._drained(t):
             self._resume(t, None)
+        elif isinstance(t.waiting, _WaitStreams) and time.monotonic() > t.streams_deadline:
+            self._end_test(f"{t.nstreams - len(t.streams)} of {t.nstreams} data connections "
+                           f"did not come within {STREAMS_TIMEOUT_S:.0f} s")
 
     def _end_test(self, why: str) -> None:
         t = self.test
@@ -443,6 +458,10 @@ class Iperf3Server(ZcrxServer):
                  f"{total} bytes received zero copy (client sent "
                  f"{sum(t.client_sent.values())})")
         self._close_fd(t.fd)
+        if status == "failed":  # as iperf3 -s at the end of a test: close its streams too
+            for c in t.stream_conns:
+                if not c.done:
+                    self.close_conn(c)
         if self.max_tests and len(self.tests) >= self.max_tests and self.lfd >= 0:
             self.k.close_fd(self.lfd)  # enough tests: stop listening
             self.lfd = -1

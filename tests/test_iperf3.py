@@ -50,6 +50,7 @@ def test_stream_ids_are_iperf3s() -> None:
     ({"tcp": True, "reverse": True}, "-R"),
     ({"tcp": True, "bidirectional": True}, "--bidir"),
     ({"tcp": True, "parallel": 0}, "parallel"),
+    ({"tcp": True, "omit": 2}, "-O"),
     ({}, "only TCP"),
 ])
 def test_refusals(params: dict[str, Any], why: str | None) -> None:
