@@ -54,6 +54,9 @@ __all__ = [
     "EPHEMERAL_HI",
     "EPHEMERAL_LO",
     "NOFILE",
+    "SHUT_RD",
+    "SHUT_RDWR",
+    "SHUT_WR",
     "SOCK_CLOEXEC",
     "SOCK_NONBLOCK",
     "SOCK_STREAM",
@@ -78,6 +81,7 @@ SOCK_TYPE_MASK = 0xF
 IPPROTO_TCP = 6
 IPPROTO_UDP = 17
 SOMAXCONN = 4096
+SHUT_RD, SHUT_WR, SHUT_RDWR = 0, 1, 2
 _ANY_ADDRS = (bytes(16), bytes(10) + b"\xff\xff" + bytes(4))
 #: RLIMIT_NOFILE soft limit of every task (at attach; ``setrlimit`` raises it up to
 #: :data:`NOFILE_MAX`, Linux's default ``fs.nr_open``).
@@ -110,6 +114,8 @@ class Transmit(Protocol):
     def send_space(self, sock: TcpReceiver) -> int: ...
 
     def send(self, sock: TcpReceiver, data: bytes) -> None: ...
+
+    def shutdown_send(self, sock: TcpReceiver) -> None: ...
 
 
 class Waiter(Protocol):
@@ -384,6 +390,24 @@ class Sockets:
                 break
             if w in sf.waiters:
                 w.wake()
+
+    def shutdown(self, sf: SocketFile, how: int) -> None:
+        """``shutdown(2)`` on a connected socket (``inet_shutdown``): SHUT_RD (0) ends
+        reading after the queued data, SHUT_WR (1) sends a FIN behind the queued data
+        (later sends ``-EPIPE``), SHUT_RDWR (2) both; a socket that is not connected (or
+        whose connection is closed) is ``-ENOTCONN``, another ``how`` ``-EINVAL``.
+        Departure: Linux's SHUT_RD on a listener closes it; here it is ``-ENOTCONN``."""
+        if how not in (SHUT_RD, SHUT_WR, SHUT_RDWR):
+            raise Misuse(f"shutdown: how {how}", errno.EINVAL)
+        conn = sf.conn
+        if conn is None or conn.state is TcpState.CLOSED:
+            raise Misuse("shutdown: not connected", errno.ENOTCONN)
+        if how != SHUT_WR:
+            conn.shutdown_read()
+        if how != SHUT_RD and self.tx is not None:
+            self.tx.shutdown_send(conn)
+        if sf.waiters:
+            self.wake(sf)  # blocked reads see EOF, blocked sends EPIPE
 
     # -- close --------------------------------------------------------------------------------
 

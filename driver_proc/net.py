@@ -1,5 +1,5 @@
-"""The network opcodes (Linux ``io_uring/net.c``): RECV, SEND and ACCEPT, their preps,
-sockaddr.
+"""The network opcodes (Linux ``io_uring/net.c``): RECV, SEND, SHUTDOWN and ACCEPT, their
+preps, sockaddr.
 
 :func:`prep_recv` and :func:`prep_accept` validate an SQE as the opcode's prep does in Linux
 and return the request to issue (:class:`RecvRequest`, :class:`AcceptRequest`; both are
@@ -44,6 +44,8 @@ Semantics and departures
   destination address (``addr2``), ``IORING_RECVSEND_BUNDLE``, provided buffers and
   ``MSG_*`` flags other than ``MSG_DONTWAIT``/``MSG_WAITALL``/``MSG_NOSIGNAL``/``MSG_MORE``
   are ``-EINVAL``; ``MSG_MORE`` changes nothing (no corking or Nagle here).
+* **SHUTDOWN** (``len`` = how) on a connected socket: SHUT_WR queues a FIN behind the data,
+  SHUT_RD makes reads end with 0 after the queued data; not connected: ``-ENOTCONN``.
 * **Not emulated, refused with -EINVAL:** ``IORING_RECVSEND_BUNDLE``, MSG_* flags other than
   ``MSG_DONTWAIT``/``MSG_WAITALL``/``MSG_NOSIGNAL``/``MSG_CMSG_CLOEXEC``.
 """
@@ -74,6 +76,7 @@ __all__ = [
     "prep_accept",
     "prep_recv",
     "prep_send",
+    "prep_shutdown",
 ]
 
 MSG_DONTWAIT = 0x40
@@ -378,6 +381,20 @@ def prep_send(ring: Ring, sqe: Sqe) -> Request | None:
     if sqe.op_flags & ~_SEND_MSG_FLAGS:
         raise Misuse(f"send: msg_flags {sqe.op_flags:#x} not emulated", errno.EINVAL)
     return SendRequest(ring, sqe, ring.task.get_socket(sqe.fd))
+
+
+def prep_shutdown(ring: Ring, sqe: Sqe) -> Request | None:
+    """IORING_OP_SHUTDOWN (``io_shutdown_prep``, ``io_shutdown``): ``len`` is ``how``;
+    completes at once (:meth:`driver_proc.files.Sockets.shutdown`)."""
+    if sqe.off or sqe.addr or sqe.op_flags or sqe.buf_index or sqe.file_index:
+        raise Misuse("shutdown: off/addr/rw_flags/buf_index/splice_fd_in must be 0",
+                     errno.EINVAL)
+    ring.uring.sockets.shutdown(ring.task.get_socket(sqe.fd), sqe.len)
+    if not sqe.flags & abi.IOSQE_CQE_SKIP_SUCCESS:
+        ring.post(sqe.user_data, 0, 0)
+    else:
+        ring.stats.cqes_skipped += 1
+    return None
 
 
 _SOCKADDR_IN = 16

@@ -646,6 +646,10 @@ class TcpReceiver:
             return -errno.ENOTCONN
         return None
 
+    def shutdown_read(self) -> None:
+        """``shutdown(SHUT_RD)``: reads return what is queued, then 0 (RCV_SHUTDOWN)."""
+        self._rcv_shutdown = True
+
     def take_error(self) -> int | None:
         """Return and clear the pending socket error (``sock_error``: reported once)."""
         err, self.error = self.error, None

@@ -61,7 +61,8 @@ What is sent, and the choices made
   Karn says, 200 ms .. 120 s, doubling per timeout) goes back to the first unacknowledged
   segment, and after :data:`SEND_RETRIES` timeouts the connection errs with ``ETIMEDOUT``
   (``tcp_write_err``); a zero window is probed with an old sequence number on the same
-  timer.  Closing with data queued sends the data, then the FIN.  **Not emulated:** SACK,
+  timer.  Closing (or ``shutdown(SHUT_WR)``) with data queued sends the data, then the
+  FIN.  **Not emulated:** SACK,
   fast retransmit / recovery on duplicate ACKs, Nagle and corking (every send goes out at
   once), TSO, pacing, timestamps, ``SO_SNDBUF`` autotuning, urgent data.  Only connections
   whose app sent are given their ACK numbers (:attr:`TcpOutput.senders`): the receive path
@@ -570,9 +571,20 @@ class TcpOutput:
             return
         state = "LAST_ACK" if sock.fin_reached else "FIN_WAIT1"
         snd = o.snd
-        if snd is not None and (snd.buf or snd.high):
-            # data still queued or unacknowledged: it goes first, then the FIN (tcp_close
-            # queues the FIN behind the write queue); the write side keeps its timer
+        if snd is not None and snd.fin_acked:
+            # shut down for writing earlier and our FIN is acknowledged: FIN_WAIT2, or
+            # TIME_WAIT when the peer's FIN came too
+            done = sock.fin_reached
+            c = _Closing("TIME_WAIT" if done else "FIN_WAIT2", o.dev, key, o.peer_mac,
+                         o.snd_nxt, sock.rcv_nxt, o.wscale)
+            if done:
+                c.expire_at = self._arm(self.clock() + TIME_WAIT_S)
+            self.closing[key] = c
+            return
+        if snd is not None and (snd.buf or snd.high or snd.fin):
+            # data still queued or unacknowledged (or the FIN of a shutdown): it goes first,
+            # then the FIN (tcp_close queues the FIN behind the write queue); the write side
+            # keeps its timer
             snd.fin = True
             c = _Closing(state, o.dev, key, o.peer_mac, (snd.end + 1) & _MASK, sock.rcv_nxt,
                          o.wscale, sender=o)
@@ -685,6 +697,21 @@ class TcpOutput:
         if len(data) > self.sndbuf - len(snd.buf):
             raise InvariantBroken("send beyond the send buffer")
         snd.buf += data
+        self._push(o)
+
+    def shutdown_send(self, sock: TcpReceiver) -> None:
+        """``shutdown(SHUT_WR)`` (``tcp_shutdown``): a FIN goes behind the queued data; the
+        connection keeps receiving.  Later sends are ``-EPIPE``."""
+        o = self.conns.get(sock)
+        if o is None:
+            return
+        snd = o.snd
+        if snd is None:
+            snd = o.snd = _Snd(o.snd_nxt, o.peer_win, o.rcv_mss)
+            self.senders.add(sock)
+        if snd.fin:
+            return
+        snd.fin = True
         self._push(o)
 
     def on_acks(self, sock: TcpReceiver, acks: NDArray[np.uint32],

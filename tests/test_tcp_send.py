@@ -300,3 +300,68 @@ def test_iouring_send_op_queues_copies_waits_and_reports_errors(
     assert reap(ring) == [(6, -errno.ECONNRESET, 0), (7, -errno.EPIPE, 0)]
     assert ctx.rings.rings[0].stats.send_bytes == 9000
     L.io_uring_queue_exit(ring)
+
+
+def test_shutdown_wr_sends_the_fin_behind_the_data_and_keeps_receiving() -> None:
+    h, iss1 = established()
+    sock = h.sock
+    assert sock is not None
+    h.out.send(sock, b"last words")
+    h.out.shutdown_send(sock)
+    segs = payload_frames(h)
+    assert bytes(segs[0].data) == b"last words" and segs[-1].flags & dpkt.tcp.TH_FIN
+    assert segs[-1].seq + len(segs[-1].data) == iss1 + 10
+    assert h.out.send_error(sock) == -errno.EPIPE
+    ack(h, iss1 + 11)  # data and FIN acknowledged
+    snd = h.out.conns[sock].snd
+    assert snd is not None and snd.fin_acked and snd.flight == 0
+    h.data(0, 3000)  # half closed: the peer's data still comes in, and is ACKed
+    (a,) = h.frames()
+    assert a.ack == PEER_ISN + 1 + 3000 and a.seq == iss1 + 11
+    assert sock.rxq.nbytes == 3000
+    h.out.on_close(sock, 0)  # the app closes: our FIN is acknowledged already
+    assert h.out.closing[h.key].state == "FIN_WAIT2" and h.frames() == []
+
+
+def test_iouring_shutdown_op(ctx, skbs, app) -> None:  # noqa: F811
+    """IORING_OP_SHUTDOWN: SHUT_WR then SEND is -EPIPE; SHUT_RD makes a RECV end with 0
+    after the queued data; a listener or a bad ``how`` gives -ENOTCONN / -EINVAL."""
+    h = Host()
+    ctx.sockets.tx = h.out
+    ring = L.io_uring_queue_init(8, kernel=app)
+    lfd = app.listen_tcp(8000)
+    peer = Sender(ctx, skbs, sport=40011)
+    peer.connect()
+    sock = ctx.sockets.table.lookup(peer.key)
+    assert sock is not None
+    h.out.on_syn(sock, "eth0", PEER_MAC, b"")
+    h.out.after_ingest(sock)
+    sqe = L.io_uring_get_sqe(ring)
+    L.io_uring_prep_accept(sqe, lfd)
+    L.io_uring_submit(ring)
+    [(_, cfd, _)] = reap(ring)
+    mem = app.alloc_memory(4096)
+    for ud, (fd, how) in enumerate(((cfd, 1), (lfd, 1), (cfd, 7)), start=1):
+        sqe = L.io_uring_get_sqe(ring)
+        L.io_uring_prep_shutdown(sqe, fd, how)
+        L.io_uring_sqe_set_data64(sqe, ud)
+        L.io_uring_submit(ring)  # one by one: a failed SQE ends a submission batch
+    assert reap(ring) == [(1, 0, 0), (2, -errno.ENOTCONN, 0), (3, -errno.EINVAL, 0)]
+    frames = [tcp_of(f) for f in h.out.take()["eth0"]]
+    assert frames[-1].flags & dpkt.tcp.TH_FIN
+    sqe = L.io_uring_get_sqe(ring)
+    L.io_uring_prep_send(sqe, cfd, mem.addr, 10)
+    L.io_uring_sqe_set_data64(sqe, 4)
+    L.io_uring_submit(ring)
+    assert reap(ring) == [(4, -errno.EPIPE, 0)]
+    peer.send(b"abc")
+    sqe = L.io_uring_get_sqe(ring)
+    L.io_uring_prep_shutdown(sqe, cfd, 0)
+    L.io_uring_sqe_set_data64(sqe, 5)
+    for ud in (6, 7):
+        sqe = L.io_uring_get_sqe(ring)
+        L.io_uring_prep_recv(sqe, cfd, mem.addr, 100)
+        L.io_uring_sqe_set_data64(sqe, ud)
+    L.io_uring_submit(ring)
+    assert reap(ring) == [(5, 0, 0), (6, 3, 0), (7, 0, 0)]
+    L.io_uring_queue_exit(ring)
