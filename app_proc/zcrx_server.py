@@ -82,6 +82,10 @@ creation (about 45 ms per 64 MiB here) and sits in ``/dev/shm`` of a small share
 64 MiB is 16384 buffers of 4 KiB, more than the CQ (8192) and the RQ (8192) can hold lent out
 at once, so the area never runs dry because of its size.
 
+``--iperf3``: an iperf3 server (:mod:`app_proc.iperf3`): iperf3's control protocol over a
+connection read with RECV and written with SEND, each test's data streams received zero copy
+as above; ``-n`` counts tests.
+
 ``--grow MAX`` (Linux 7.3; implies ``-E``): the two new features working together.  MAX bytes
 are mapped at start and the first ``-S`` registered; on each ALLOC_FAIL event (the queue's page
 pool found no buffer) the next ``-S`` bytes (or what is left) are added as one more area
@@ -793,8 +797,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
                         "the port (read with RECV, written with SEND), receive each test's "
                         "data streams zero copy and report what they received, so "
                         "'iperf3 -c HOST -p PORT [-P N] [-n BYTES | -t SECS]' runs against "
-                        "it; -u, -R and --bidir are refused; -n counts tests, not "
-                        "connections")
+                        "it; -u, -R, --bidir and -O are refused; -n counts tests, not "
+                        "connections (app_proc/iperf3.py)")
     a = p.parse_args(argv)
     if a.iperf3:
         for bad, name in ((a.verify, "-v"), (a.output, "-o"), (a.size, "-s"),
