@@ -99,6 +99,8 @@ __all__ = [
     "io_uring_prep_recv_multishot",
     "io_uring_prep_recv_zc",
     "io_uring_prep_rw",
+    "io_uring_prep_send",
+    "io_uring_prep_shutdown",
     "io_uring_query_zcrx",
     "io_uring_query_zcrx_event",
     "io_uring_queue_exit",
@@ -462,6 +464,19 @@ def io_uring_prep_recv_multishot(sqe: np.void, fd: int, buf: int = 0, length: in
     """Multishot RECV (needs a buffer group: :func:`io_uring_sqe_set_buf_group`)."""
     io_uring_prep_recv(sqe, fd, buf, length, flags)
     sqe["ioprio"] = int(sqe["ioprio"]) | abi.IORING_RECV_MULTISHOT
+
+
+def io_uring_prep_send(sqe: np.void, sockfd: int, buf: int, length: int,
+                       flags: int = 0) -> None:
+    """SEND ``length`` bytes at ``buf`` (a user address) on a connected socket; ``flags`` are
+    MSG_* (``MSG_WAITALL``: complete only once every byte is queued)."""
+    io_uring_prep_rw(abi.IORING_OP_SEND, sqe, sockfd, buf, length, 0)
+    sqe["msg_flags"] = flags
+
+
+def io_uring_prep_shutdown(sqe: np.void, fd: int, how: int) -> None:
+    """SHUTDOWN a connected socket: ``how`` is SHUT_RD (0), SHUT_WR (1) or SHUT_RDWR (2)."""
+    io_uring_prep_rw(abi.IORING_OP_SHUTDOWN, sqe, fd, 0, how, 0)
 
 
 def io_uring_prep_close(sqe: np.void, fd: int) -> None:

@@ -3,7 +3,7 @@
     python -m app_proc.zcrx_server [-p PORT] [-i IFNAME] (-q RXQS | --nodev) [-s BYTES] [-v]
                                    [--stream-id ID|sport] [-r 0|1] [-S AREA] [-C CQ] [-R RQ]
                                    [-n CONNS] [-o FILE|-] [--json PATH] [--seconds S]
-                                   [-E] [--grow MAX] [-w N]
+                                   [-E] [--grow MAX] [-w N] [--iperf3]
 
 The flow of the liburing example: one ring set up with ``SINGLE_ISSUER | DEFER_TASKRUN |
 CQE32 | CQSIZE | SUBMIT_ALL``; an interface queue registered on ``IFNAME``/``RXQ``
@@ -81,6 +81,10 @@ Area size: the default is 64 MiB, not liburing's 256 MiB.  Every region is pre-t
 creation (about 45 ms per 64 MiB here) and sits in ``/dev/shm`` of a small shared machine;
 64 MiB is 16384 buffers of 4 KiB, more than the CQ (8192) and the RQ (8192) can hold lent out
 at once, so the area never runs dry because of its size.
+
+``--iperf3``: an iperf3 server (:mod:`app_proc.iperf3`): iperf3's control protocol over a
+connection read with RECV and written with SEND, each test's data streams received zero copy
+as above; ``-n`` counts tests.
 
 ``--grow MAX`` (Linux 7.3; implies ``-E``): the two new features working together.  MAX bytes
 are mapped at start and the first ``-S`` registered; on each ALLOC_FAIL event (the queue's page
@@ -174,6 +178,8 @@ class Options(ServerOptions):
     workers: int = 1  # -w N: worker processes, the queues spread over them
     worker: int | None = None  # in a worker: its index (its listener's place in the group)
     worker_queues: list[list[int]] = field(default_factory=list)  # per worker, from -q
+    iperf3: bool = False  # --iperf3: serve iperf3 clients (app_proc/iperf3.py)
+    iperf3_tests: int = 0  # --iperf3 -n: tests to serve (0: until SIGTERM)
 
 
 @dataclass
@@ -545,6 +551,7 @@ class ZcrxServer(AcceptingServer):
                     break
                 self._batch(cqes)
                 L.io_uring_cq_advance(ring, n)
+            self.after_batch()
             L.io_uring_submit(ring)
 
     def _batch(self, cqes: np.ndarray) -> None:
@@ -574,8 +581,17 @@ class ZcrxServer(AcceptingServer):
                 self.on_accept(r, f)
             elif kd == KIND_EVENT:
                 self.on_event(r, fd)
-            elif kd == KIND_CLOSE and r < 0:
-                self.errors.append(f"close({fd}): {errno.errorcode.get(-r, r)}")
+            elif kd == KIND_CLOSE:
+                if r < 0:
+                    self.errors.append(f"close({fd}): {errno.errorcode.get(-r, r)}")
+            else:
+                self.on_other(kd, fd, r, f)
+
+    def on_other(self, kind: int, fd: int, res: int, flags: int) -> None:
+        """A CQE of a request kind this class does not make (subclasses: --iperf3)."""
+
+    def after_batch(self) -> None:
+        """Once per loop pass, after the CQEs (subclasses: --iperf3)."""
 
     def _split_batch(self, cqes: np.ndarray, zc: NDArray[np.bool_], now: int) -> None:
         """Several ifqs: the data CQEs of the view split by connection into one batch per
@@ -776,8 +792,23 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
     p.add_argument("--napi-busy-poll", type=int, default=0, metavar="US",
                    help="register io_uring NAPI busy polling: a wait for CQEs polls the RX "
                         "queues for up to US microseconds before sleeping (0: off)")
+    p.add_argument("--iperf3", action="store_true",
+                   help="be an iperf3 server (TCP only): speak iperf3's control protocol on "
+                        "the port (read with RECV, written with SEND), receive each test's "
+                        "data streams zero copy and report what they received, so "
+                        "'iperf3 -c HOST -p PORT [-P N] [-n BYTES | -t SECS]' runs against "
+                        "it; -u, -R, --bidir and -O are refused; -n counts tests, not "
+                        "connections (app_proc/iperf3.py)")
     a = p.parse_args(argv)
+    if a.iperf3:
+        for bad, name in ((a.verify, "-v"), (a.output, "-o"), (a.size, "-s"),
+                          (a.workers != 1, "-w")):
+            if bad:
+                p.error(f"--iperf3 cannot be used with {name}")
     common = common_options(p, a)
+    tests = 0
+    if a.iperf3:
+        tests, common["connections"] = common["connections"], 0
     rxqs: list[int] = a.rxq or []
     if a.nodev and rxqs not in ([], [0]):
         p.error("--nodev takes no queue (if_rxq must be 0)")
@@ -798,7 +829,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
                    rq_entries=a.rq_entries, sq_entries=a.sq_entries, rx_buf_len=a.rx_buf_len,
                    events=a.events or bool(a.grow), grow=a.grow,
                    napi_busy_poll=a.napi_busy_poll, backlog=a.backlog, workers=a.workers,
-                   worker_queues=spread)
+                   worker_queues=spread, iperf3=a.iperf3, iperf3_tests=tests)
     return opts, a
 
 
@@ -831,6 +862,12 @@ def main(argv: list[str] | None = None, kernel: S.Kernel | None = None,
     opts, a = parse_args(argv)
     if opts.workers > 1:
         return _main_workers(opts, a)
+    if opts.iperf3:
+        from app_proc.iperf3 import Iperf3Server
+        return serve("zcrx_server", lambda k, ev, log: Iperf3Server(
+                         k, opts, ev, log=log, tests=opts.iperf3_tests),
+                     rundir=a.rundir, run=a.run, json_path=opts.json_path, kernel=kernel,
+                     stop=stop)
     return serve("zcrx_server", lambda k, ev, log: ZcrxServer(k, opts, ev, log=log),
                  rundir=a.rundir, run=a.run, json_path=opts.json_path, kernel=kernel, stop=stop,
                  output=opts.output)

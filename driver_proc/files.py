@@ -54,6 +54,9 @@ __all__ = [
     "EPHEMERAL_HI",
     "EPHEMERAL_LO",
     "NOFILE",
+    "SHUT_RD",
+    "SHUT_RDWR",
+    "SHUT_WR",
     "SOCK_CLOEXEC",
     "SOCK_NONBLOCK",
     "SOCK_STREAM",
@@ -62,6 +65,7 @@ __all__ = [
     "Sockets",
     "Task",
     "Tasks",
+    "Transmit",
     "Waiter",
 ]
 
@@ -77,6 +81,7 @@ SOCK_TYPE_MASK = 0xF
 IPPROTO_TCP = 6
 IPPROTO_UDP = 17
 SOMAXCONN = 4096
+SHUT_RD, SHUT_WR, SHUT_RDWR = 0, 1, 2
 _ANY_ADDRS = (bytes(16), bytes(10) + b"\xff\xff" + bytes(4))
 #: RLIMIT_NOFILE soft limit of every task (at attach; ``setrlimit`` raises it up to
 #: :data:`NOFILE_MAX`, Linux's default ``fs.nr_open``).
@@ -98,6 +103,19 @@ class SkbStore(Protocol):
 
     def free(self, handles: Any) -> Any:
         """Drop the skbs (their buffers go back to their pools)."""
+
+
+class Transmit(Protocol):
+    """TCP's write side as the socket layer sees it (:class:`driver_proc.tcp_output.
+    TcpOutput`): what a send may do on a connection, and queueing its bytes."""
+
+    def send_error(self, sock: TcpReceiver) -> int | None: ...
+
+    def send_space(self, sock: TcpReceiver) -> int: ...
+
+    def send(self, sock: TcpReceiver, data: bytes) -> None: ...
+
+    def shutdown_send(self, sock: TcpReceiver) -> None: ...
 
 
 class Waiter(Protocol):
@@ -185,6 +203,8 @@ class Sockets:
         #: told of every connection closed by its app (TCP's transmit side sends FIN or RST):
         #: ``on_close(conn, unread_bytes)``, called after the table closed it
         self.on_close: Callable[[TcpReceiver, int], None] | None = None
+        #: TCP's write side (IORING_OP_SEND); None: this kernel transmits no app data
+        self.tx: Transmit | None = None
         #: bound sockets by (address, port): several only with SO_REUSEPORT, one owner
         self._bound: dict[tuple[bytes | None, int], list[SocketFile]] = {}
         self._by_conn: dict[int, SocketFile] = {}
@@ -370,6 +390,24 @@ class Sockets:
                 break
             if w in sf.waiters:
                 w.wake()
+
+    def shutdown(self, sf: SocketFile, how: int) -> None:
+        """``shutdown(2)`` on a connected socket (``inet_shutdown``): SHUT_RD (0) ends
+        reading after the queued data, SHUT_WR (1) sends a FIN behind the queued data
+        (later sends ``-EPIPE``), SHUT_RDWR (2) both; a socket that is not connected (or
+        whose connection is closed) is ``-ENOTCONN``, another ``how`` ``-EINVAL``.
+        Departure: Linux's SHUT_RD on a listener closes it; here it is ``-ENOTCONN``."""
+        if how not in (SHUT_RD, SHUT_WR, SHUT_RDWR):
+            raise Misuse(f"shutdown: how {how}", errno.EINVAL)
+        conn = sf.conn
+        if conn is None or conn.state is TcpState.CLOSED:
+            raise Misuse("shutdown: not connected", errno.ENOTCONN)
+        if how != SHUT_WR:
+            conn.shutdown_read()
+        if how != SHUT_RD and self.tx is not None:
+            self.tx.shutdown_send(conn)
+        if sf.waiters:
+            self.wake(sf)  # blocked reads see EOF, blocked sends EPIPE
 
     # -- close --------------------------------------------------------------------------------
 

@@ -151,6 +151,7 @@ class RingStats:
     cqes_skipped: int = 0     #: successful CQEs suppressed by IOSQE_CQE_SKIP_SUCCESS
     mshot_terminated_cq_full: int = 0  #: multishot requests ended because the CQ was full
     recv_bytes: int = 0       #: bytes copied to the app by RECV
+    send_bytes: int = 0       #: bytes SEND queued on sockets
     recv_cqes: int = 0
     accepts: int = 0
     enobufs: int = 0          #: RECVs that found no provided buffer

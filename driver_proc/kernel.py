@@ -157,6 +157,7 @@ class Kernel:
         #: _zc_space per NAPI id, valid for one poll pass (a ledger is a pass over the niovs)
         self._zc_cache: dict[int, tuple[int, int] | None] = {}
         self.ctx.sockets.on_close = self.output.on_close
+        self.ctx.sockets.tx = self.output  # IORING_OP_SEND queues on TCP's write side
 
     # -- setup ------------------------------------------------------------------------
 
@@ -269,6 +270,11 @@ class Kernel:
         out.tick()
         for sock in out.expired():  # SYN-ACK retries ran out: drop the embryonic connection
             self.ctx.sockets.free(self.table.close(sock))
+        for sock in out.gave_up():  # retransmissions ran out: ETIMEDOUT, unhashed
+            self.table.unhash(sock)
+        woken = out.take_wakes()
+        if woken:
+            self.ctx.rings.run(woken)
         n = 0
         for name, frames in out.take().items():
             nd = self.netdevs.get(name)
@@ -355,6 +361,7 @@ class Kernel:
         res = self.table.ingest_batch(batch.keys, batch.seq, batch.payload_len,
                                       batch.tcp_flags, batch.handles, rx)
         out = self.output
+        senders = out.senders
         for sock in res.sockets:
             sock.napi_id = napi_id
             if sock.key not in known and sock.key is not None:
@@ -362,7 +369,9 @@ class Kernel:
                 if len(rows):
                     r = int(rows[0])
                     out.on_syn(sock, name, bytes(batch.src_mac[r]),
-                               batch.syn_options.get(r, b""))
+                               batch.syn_options.get(r, b""), int(batch.window[r]))
+            if senders and sock in senders:  # only connections whose app sent data
+                self._peer_acks(sock, batch, len(flows) == 1)
             out.after_ingest(sock)
         if len(known) < len(flows):
             self._orphans(batch, name, [k for k in flows if k not in known])
@@ -371,6 +380,16 @@ class Kernel:
         if res.sockets or res.listeners:
             self.ctx.rings.run(res.sockets, res.listeners)
         return len(batch)
+
+    def _peer_acks(self, sock: TcpReceiver, batch: NapiBatch, single: bool) -> None:
+        """The ACK numbers and windows ``sock``'s segments of this batch carry, for its write
+        side (``tcp_ack``); connections that never sent data never come here."""
+        if single or sock.key is None:
+            rows: Any = slice(None)
+        else:
+            rows = np.flatnonzero(batch.keys == np.void(sock.key))
+        acked = (batch.tcp_flags[rows] & ACK) != 0
+        self.output.on_acks(sock, batch.ack_seq[rows][acked], batch.window[rows][acked])
 
     def _orphans(self, batch: NapiBatch, dev: str, flows: list[bytes]) -> None:
         """Segments of flows that had no socket before the batch and still have none (no
@@ -390,7 +409,8 @@ class Kernel:
                 if flags & SYN and not flags & ACK and listening:
                     continue
                 out.on_orphan(dev, key, bytes(batch.src_mac[r]), int(batch.seq[r]),
-                              int(batch.ack_seq[r]), flags, int(batch.payload_len[r]))
+                              int(batch.ack_seq[r]), flags, int(batch.payload_len[r]),
+                              int(batch.window[r]))
                 if not closing and not flags & RST:
                     break
 

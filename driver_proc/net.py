@@ -1,4 +1,5 @@
-"""The network opcodes (Linux ``io_uring/net.c``): RECV and ACCEPT, their preps, sockaddr.
+"""The network opcodes (Linux ``io_uring/net.c``): RECV, SEND, SHUTDOWN and ACCEPT, their
+preps, sockaddr.
 
 :func:`prep_recv` and :func:`prep_accept` validate an SQE as the opcode's prep does in Linux
 and return the request to issue (:class:`RecvRequest`, :class:`AcceptRequest`; both are
@@ -31,6 +32,20 @@ Semantics and departures
 * **Multishot and a full CQ** (Linux ``io_req_post_cqe`` failing): the chunk that cannot be
   posted with ``IORING_CQE_F_MORE`` becomes the request's final CQE (same result and buffer,
   without F_MORE), queued on the overflow list; nothing is lost and the app re-arms.
+* **SEND** copies ``len`` bytes from ``addr`` (through the task's mm: ``-EFAULT`` when they
+  do not resolve) onto the connection's send queue, which the kernel's TCP transmits
+  (:mod:`driver_proc.tcp_output`).  As io_uring's ``io_send`` on a stream socket: the request
+  completes with what the queue took (a short count when it had room for part), waits for
+  room when it took nothing, and with ``MSG_WAITALL`` waits until every byte is queued;
+  ``MSG_DONTWAIT`` (or a non-blocking socket) completes with ``-EAGAIN`` instead of waiting.
+  Errors: ``-EPIPE`` on a socket that is not connected or whose connection is closed,
+  the pending socket error first (``-ECONNRESET`` after the peer's RST, ``-ETIMEDOUT``
+  after the retransmissions ran out); bytes already queued are reported instead.  A
+  destination address (``addr2``), ``IORING_RECVSEND_BUNDLE``, provided buffers and
+  ``MSG_*`` flags other than ``MSG_DONTWAIT``/``MSG_WAITALL``/``MSG_NOSIGNAL``/``MSG_MORE``
+  are ``-EINVAL``; ``MSG_MORE`` changes nothing (no corking or Nagle here).
+* **SHUTDOWN** (``len`` = how) on a connected socket: SHUT_WR queues a FIN behind the data,
+  SHUT_RD makes reads end with 0 after the queued data; not connected: ``-ENOTCONN``.
 * **Not emulated, refused with -EINVAL:** ``IORING_RECVSEND_BUNDLE``, MSG_* flags other than
   ``MSG_DONTWAIT``/``MSG_WAITALL``/``MSG_NOSIGNAL``/``MSG_CMSG_CLOEXEC``.
 """
@@ -52,12 +67,16 @@ from shared.errors import InvariantBroken, Misuse
 __all__ = [
     "MSG_CMSG_CLOEXEC",
     "MSG_DONTWAIT",
+    "MSG_MORE",
     "MSG_NOSIGNAL",
     "MSG_WAITALL",
     "AcceptRequest",
     "RecvRequest",
+    "SendRequest",
     "prep_accept",
     "prep_recv",
+    "prep_send",
+    "prep_shutdown",
 ]
 
 MSG_DONTWAIT = 0x40
@@ -295,6 +314,87 @@ def prep_recv(ring: Ring, sqe: Sqe) -> Request | None:
             raise Misuse("recv multishot with MSG_WAITALL", errno.EINVAL)
     return RecvRequest(ring, sqe, ring.task.get_socket(sqe.fd))
 
+
+
+MSG_MORE = 0x8000
+_SEND_MSG_FLAGS = MSG_DONTWAIT | MSG_WAITALL | MSG_NOSIGNAL | MSG_MORE
+
+
+class SendRequest(Request):
+    """IORING_OP_SEND: copy from app memory onto the connection's send queue
+    (:class:`driver_proc.files.Transmit`; the kernel's TCP transmits it)."""
+
+    def __init__(self, ring: Ring, sqe: Sqe, sock: SocketFile) -> None:
+        super().__init__(ring, sqe, sock)
+        self.addr = sqe.addr
+        self.len = sqe.len
+        self.msg_flags = sqe.op_flags
+        self.nowait = bool(self.msg_flags & MSG_DONTWAIT) or sock.nonblock
+        self.waitall = bool(self.msg_flags & MSG_WAITALL)
+        self.done_io = 0  # bytes queued by earlier attempts (io_uring's sr->done_io)
+
+    def attempt(self, issue: bool) -> None:
+        ring = self.ring
+        conn = self.sock.conn
+        tx = ring.uring.sockets.tx
+        if conn is None or tx is None:
+            # not connected (tcp_sendmsg: sk_stream_wait_connect), or no write side
+            self.complete(-errno.EPIPE if tx is not None else -errno.EOPNOTSUPP)
+            return
+        if self.len == 0:
+            self.complete(0)
+            return
+        err = tx.send_error(conn)
+        if err is not None:
+            self.complete(self.done_io or err)
+            return
+        left = self.len - self.done_io
+        n = min(left, tx.send_space(conn))
+        if n <= 0:
+            if self.nowait:
+                self.complete(self.done_io or -errno.EAGAIN)
+            else:
+                self.arm()  # woken when ACKs free the send queue
+            return
+        try:
+            src = ring.task.mm.resolve(self.addr + self.done_io, n, write=False)
+        except Misuse as exc:
+            ring.stats.efaults += 1
+            self.complete(self.done_io or -(exc.errno or errno.EFAULT))
+            return
+        tx.send(conn, src.tobytes())
+        self.done_io += n
+        ring.stats.send_bytes += n
+        if self.done_io < self.len and self.waitall and not self.nowait:
+            self.arm()  # MSG_WAITALL: the rest as the queue drains
+            return
+        self.complete(self.done_io)
+
+
+def prep_send(ring: Ring, sqe: Sqe) -> Request | None:
+    """The SEND prep (``io_sendmsg_prep`` for IORING_OP_SEND): check the SQE, find the
+    socket, build the request."""
+    if sqe.file_index or sqe.off or sqe.buf_index:
+        raise Misuse("send: file_index/addr2/buf_index must be 0", errno.EINVAL)
+    if sqe.ioprio & ~abi.IORING_RECVSEND_POLL_FIRST:
+        raise Misuse(f"send: ioprio {sqe.ioprio:#x} not emulated", errno.EINVAL)
+    if sqe.op_flags & ~_SEND_MSG_FLAGS:
+        raise Misuse(f"send: msg_flags {sqe.op_flags:#x} not emulated", errno.EINVAL)
+    return SendRequest(ring, sqe, ring.task.get_socket(sqe.fd))
+
+
+def prep_shutdown(ring: Ring, sqe: Sqe) -> Request | None:
+    """IORING_OP_SHUTDOWN (``io_shutdown_prep``, ``io_shutdown``): ``len`` is ``how``;
+    completes at once (:meth:`driver_proc.files.Sockets.shutdown`)."""
+    if sqe.off or sqe.addr or sqe.op_flags or sqe.buf_index or sqe.file_index:
+        raise Misuse("shutdown: off/addr/rw_flags/buf_index/splice_fd_in must be 0",
+                     errno.EINVAL)
+    ring.uring.sockets.shutdown(ring.task.get_socket(sqe.fd), sqe.len)
+    if not sqe.flags & abi.IOSQE_CQE_SKIP_SUCCESS:
+        ring.post(sqe.user_data, 0, 0)
+    else:
+        ring.stats.cqes_skipped += 1
+    return None
 
 
 _SOCKADDR_IN = 16

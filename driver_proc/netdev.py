@@ -168,6 +168,8 @@ class NapiBatch:
     doorbell: bool = False
     #: the segments' acknowledgment numbers (u32), for the transmit side
     ack_seq: NDArray[np.uint32] = field(default_factory=lambda: np.empty(0, np.uint32))
+    #: the segments' windows (u16, unscaled), for the transmit side of connections that send
+    window: NDArray[np.uint16] = field(default_factory=lambda: np.empty(0, np.uint16))
     #: the senders' MACs, ``(n, 6)`` uint8 (whom to answer)
     src_mac: NDArray[np.uint8] = field(default_factory=lambda: np.empty((0, 6), np.uint8))
     #: row -> TCP option bytes, for the SYNs of the batch only (MSS, window scale)
@@ -203,6 +205,7 @@ class NapiBatch:
                    posted=sum(b.posted for b in batches),
                    doorbell=any(b.doorbell for b in batches),
                    ack_seq=np.concatenate([b.ack_seq for b in batches]),
+                   window=np.concatenate([b.window for b in batches]),
                    src_mac=np.concatenate([b.src_mac for b in batches]),
                    syn_options=syn)
 
@@ -903,7 +906,8 @@ class NetDevice:
             slots = rq.slots
             # p is this poll's own array: its fields can be handed out without copies.
             batch = NapiBatch(q, keys, pg["seq"], gplen, pg["tcp_flags"], handles,
-                              ack_seq=pg["ack_seq"], src_mac=slots[rows, 6:12])
+                              ack_seq=pg["ack_seq"], window=pg["window"],
+                              src_mac=slots[rows, 6:12])
             for row in np.flatnonzero(pg["tcp_flags"] & wire.TCP_SYN).tolist():
                 o_lo = int(pg["l4_off"][row]) + wire.TCP_HLEN
                 o_hi = int(pg["payload_off"][row])

@@ -10,7 +10,8 @@ Shared memory: none (the preps reach the CQ and app memory through the ring).
 
 Opcodes
 -------
-* NOP (:mod:`driver_proc.nop`), RECV and ACCEPT (:mod:`driver_proc.net`), CLOSE
+* NOP (:mod:`driver_proc.nop`), RECV, SEND, SHUTDOWN and ACCEPT (:mod:`driver_proc.net`),
+  CLOSE
   (:mod:`driver_proc.openclose`), plus whatever other subsystems registered.
 * Other opcodes below ``IORING_OP_LAST`` complete with ``-EOPNOTSUPP`` (not emulated);
   opcodes at or past ``IORING_OP_LAST`` are ``-EINVAL``.
@@ -22,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from driver_proc.io_uring import Request, Ring, Sqe
-from driver_proc.net import prep_accept, prep_recv
+from driver_proc.net import prep_accept, prep_recv, prep_send, prep_shutdown
 from driver_proc.nop import prep_nop
 from driver_proc.openclose import prep_close
 from shared import abi
@@ -56,6 +57,8 @@ def io_issue_defs() -> dict[int, OpDef]:
         abi.IORING_OP_NOP: OpDef("NOP", prep_nop, iopoll=True),
         abi.IORING_OP_RECV: OpDef("RECV", prep_recv, ioprio=True, buffer_select=True,
                                   needs_file=True),
+        abi.IORING_OP_SEND: OpDef("SEND", prep_send, ioprio=True, needs_file=True),
+        abi.IORING_OP_SHUTDOWN: OpDef("SHUTDOWN", prep_shutdown, needs_file=True),
         abi.IORING_OP_ACCEPT: OpDef("ACCEPT", prep_accept, ioprio=True, needs_file=True),
         abi.IORING_OP_CLOSE: OpDef("CLOSE", prep_close),
     }

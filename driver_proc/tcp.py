@@ -646,6 +646,10 @@ class TcpReceiver:
             return -errno.ENOTCONN
         return None
 
+    def shutdown_read(self) -> None:
+        """``shutdown(SHUT_RD)``: reads return what is queued, then 0 (RCV_SHUTDOWN)."""
+        self._rcv_shutdown = True
+
     def take_error(self) -> int | None:
         """Return and clear the pending socket error (``sock_error``: reported once)."""
         err, self.error = self.error, None
@@ -1119,6 +1123,12 @@ class SocketTable:
                 lst._ready.remove(sock)
             sock.listener = None
         return sock.close()
+
+    def unhash(self, sock: TcpReceiver) -> None:
+        """Take a connection that died (``tcp_done``: given up by the transmit side) out of
+        the lookup; the app still holds it (its queued data stays readable) until close."""
+        if sock.key is not None and self._conns.get(sock.key) is sock:
+            del self._conns[sock.key]
 
     def close_listener(self, lst: Listener) -> NDArray[np.int64]:
         """Stop listening; close connections never accepted; return the handles they held."""

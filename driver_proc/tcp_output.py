@@ -1,4 +1,4 @@
-"""What a receiving host transmits: SYN-ACK, ACKs, window updates, FIN, RST, ARP and NDP.
+"""What the host transmits: SYN-ACK, ACKs, window updates, FIN, RST, ARP, NDP and app data.
 
 Pure logic in the h11 style, like :mod:`driver_proc.tcp` beside it: nothing here touches
 rings or sockets.  The kernel tells a :class:`TcpOutput` what happened (a connection was
@@ -50,8 +50,23 @@ What is sent, and the choices made
   their ack`` if it carried ACK, else ``seq 0, ack = seq + len (+SYN/FIN)``); never in answer
   to a RST.  Data arriving after the app closed (``TCPAbortOnData``), and closing with unread
   data (``TCPAbortOnClose``), reset the connection.
-* **No app data is transmitted** (out of scope: the apps only receive), so ``snd_nxt`` is
-  ``ISN + 1`` until our FIN; there is no retransmission queue beyond the SYN-ACK and FIN.
+* **Data an app sends** (IORING_OP_SEND, :mod:`driver_proc.net`) is a minimal write side
+  (``tcp_sendmsg``, ``tcp_write_xmit``, ``tcp_ack``, ``tcp_retransmit_timer``): a send
+  queue of at most :data:`DEFAULT_SNDBUF` bytes per connection; segments of at most the
+  peer's MSS (PSH on the one that empties the queue) within the peer's advertised window
+  (scaled by its shift) and a congestion window (initial 10 segments, slow start, one
+  segment per window above ``ssthresh``, back to one segment after a timeout: Reno without
+  fast retransmit); ``snd_una``/``snd_nxt``; an ACK frees the queue and wakes a blocked
+  send; the retransmission timer (1 s initial, then RFC 6298 from RTT samples taken as
+  Karn says, 200 ms .. 120 s, doubling per timeout) goes back to the first unacknowledged
+  segment, and after :data:`SEND_RETRIES` timeouts the connection errs with ``ETIMEDOUT``
+  (``tcp_write_err``); a zero window is probed with an old sequence number on the same
+  timer.  Closing (or ``shutdown(SHUT_WR)``) with data queued sends the data, then the
+  FIN.  **Not emulated:** SACK,
+  fast retransmit / recovery on duplicate ACKs, Nagle and corking (every send goes out at
+  once), TSO, pacing, timestamps, ``SO_SNDBUF`` autotuning, urgent data.  Only connections
+  whose app sent are given their ACK numbers (:attr:`TcpOutput.senders`): the receive path
+  of the others is unchanged.  Without a send, ``snd_nxt`` stays ``ISN + 1`` until our FIN.
 * **ARP / NDP**: an ARP request for a netdev's IPv4 address gets a reply; an ICMPv6
   neighbour solicitation for its IPv6 address gets a solicited neighbour advertisement
   (flags S and O, target link-layer option, ICMPv6 checksum, hop limit 255).  Senders of
@@ -60,6 +75,7 @@ What is sent, and the choices made
   resolve the address with ARP/NS; on one link both give the same MAC).
 
 Counters (:attr:`TcpOutput.mib`) use ``nstat`` names: ``TcpOutSegs``, ``TcpRetransSegs``,
+``TcpExtTCPTimeouts``, ``TcpExtTCPAbortOnTimeout``, ``TcpExtTCPWinProbe``,
 ``TcpOutRsts``, ``TcpPassiveOpens``, ``TcpExtDelayedACKs``, ``TcpExtTCPSynRetrans``,
 ``TcpExtTCPAbortOnData``, ``TcpExtTCPAbortOnClose``, ``TcpExtTCPToZeroWindowAdv``,
 ``TcpExtTCPFromZeroWindowAdv``, ``TcpExtTCPWindowUpdates`` (ours; Linux has none),
@@ -70,6 +86,7 @@ retries (``TcpExtTCPSynAckDropped``, ours), ``ArpOutReplies`` (ours),
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import struct
@@ -77,10 +94,15 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from driver_proc.tcp import ACK, FIN, RST, SYN, TcpReceiver, TcpState
+import numpy as np
+from numpy.typing import NDArray
 
-__all__ = ["DEFAULT_RCVBUF", "DELACK_S", "SYNACK_RETRIES", "WSCALE", "Iface", "TcpOutput",
-           "arp_reply", "build_tcp", "inet_csum", "na_reply", "parse_tcp_options"]
+from driver_proc.tcp import ACK, FIN, PSH, RST, SYN, TcpReceiver, TcpState
+from shared.errors import InvariantBroken
+
+__all__ = ["DEFAULT_RCVBUF", "DEFAULT_SNDBUF", "DELACK_S", "INIT_CWND", "RTO_INIT_S",
+           "RTO_MAX_S", "RTO_MIN_S", "SEND_RETRIES", "SYNACK_RETRIES", "WSCALE", "Iface",
+           "TcpOutput", "arp_reply", "build_tcp", "inet_csum", "na_reply", "parse_tcp_options"]
 
 #: Receive buffer a window is computed from (Linux's autotuning ceiling, tcp_rmem[2]).
 DEFAULT_RCVBUF = 6 * 1024 * 1024
@@ -93,6 +115,17 @@ DELACK_S = 0.040
 RTO_INIT_S = 1.0
 SYNACK_RETRIES = 5
 FIN_RETRIES = 5
+#: Send buffer (``sk_sndbuf``): bytes a socket queues (sent or not, unacknowledged); a
+#: blocking send waits for room beyond it, MSG_DONTWAIT takes what fits.
+DEFAULT_SNDBUF = 256 * 1024
+#: Retransmission timeout bounds once RTT samples exist (TCP_RTO_MIN, TCP_RTO_MAX).
+RTO_MIN_S = 0.200
+RTO_MAX_S = 120.0
+#: Timeouts of one segment before the connection is given up with ETIMEDOUT (Linux:
+#: ``tcp_retries2`` = 15, about 15 minutes; fewer here so a dead peer ends a run promptly).
+SEND_RETRIES = 8
+#: Initial congestion window in segments (TCP_INIT_CWND, RFC 6928).
+INIT_CWND = 10
 #: How long a closed connection's record lingers in TIME_WAIT (Linux: 60 s).
 TIME_WAIT_S = 2.0
 #: How often sockets whose window was small are checked for a window update.
@@ -139,15 +172,16 @@ def _pseudo(src: bytes, dst: bytes, proto: int, length: int) -> bytes:
 
 def build_tcp(src_mac: bytes, dst_mac: bytes, saddr: bytes, daddr: bytes, sport: int,
               dport: int, seq: int, ack: int, flags: int, window: int,
-              options: bytes = b"", *, ident: int = 0) -> bytes:
-    """One TCP segment without payload as a whole Ethernet frame, checksums written.
+              options: bytes = b"", *, ident: int = 0, payload: bytes = b"") -> bytes:
+    """One TCP segment (``payload`` after the header) as a whole Ethernet frame, checksums
+    written.
 
     Addresses are 16 bytes (IPv4 as ``::ffff:a.b.c.d``, which selects IPv4).  ``options``
     must be a multiple of 4 bytes.  Frames shorter than 60 bytes are zero-padded."""
     assert len(options) % 4 == 0
     doff = (20 + len(options)) // 4
     tcp = struct.pack("!HHIIBBHHH", sport, dport, seq & _MASK, ack & _MASK, doff << 4, flags,
-                      window, 0, 0) + options
+                      window, 0, 0) + options + payload
     csum = inet_csum(_pseudo(saddr, daddr, IPPROTO_TCP, len(tcp)) + tcp)
     tcp = tcp[:16] + struct.pack("!H", csum) + tcp[18:]
     etype, ip = _ip_packet(saddr, daddr, IPPROTO_TCP, tcp, ident=ident)
@@ -264,10 +298,54 @@ class _Out:
     delack_at: float | None = None
     synack_at: float | None = None
     synack_tries: int = 0
+    peer_win: int = 0xFFFF      # the window of the peer's SYN (never scaled)
+    snd: _Snd | None = None     # the write side, once the app sent data
 
     @property
     def wscale(self) -> int:
         return WSCALE if self.peer_wscale is not None else 0
+
+
+@dataclass(eq=False)
+class _Snd:
+    """The write side of a connection whose app sent data (``tcp_sock``'s ``snd_*``, the
+    write queue and the retransmission timer).
+
+    ``buf`` holds the stream bytes from ``snd_una`` on, acknowledged ones are cut off the
+    front (so at most :data:`DEFAULT_SNDBUF` bytes).  Offsets below are relative to ``una``:
+    ``high`` is ``snd_nxt - snd_una`` (the most ever sent, not counting the FIN), ``nxt`` the
+    next byte to (re)transmit (``high``, except after a timeout: go back to 0)."""
+
+    una: int                    # snd_una (u32)
+    wnd: int                    # the peer's advertised window in bytes (scaled)
+    mss: int
+    buf: bytearray = field(default_factory=bytearray)
+    high: int = 0
+    nxt: int = 0
+    fin: bool = False           # a FIN is queued after buf (close)
+    fin_sent: bool = False
+    fin_acked: bool = False
+    fin_retx: bool = False      # the FIN is to be sent again (after a timeout)
+    cwnd: int = INIT_CWND       # segments
+    ssthresh: int = 1 << 30
+    cwnd_acc: int = 0           # bytes acknowledged towards the next congestion-avoidance step
+    rto: float = RTO_INIT_S
+    srtt: float | None = None
+    rttvar: float = 0.0
+    backoff: int = 0            # timeouts since the last forward progress
+    rto_at: float | None = None  # retransmission (or zero-window probe) timer
+    rtt_end: int | None = None   # offset just past the segment being timed (Karn: new data)
+    rtt_t0: float = 0.0
+
+    @property
+    def flight(self) -> int:
+        """Sequence space sent and not acknowledged (the FIN counts one)."""
+        return self.high + (1 if self.fin_sent and not self.fin_acked else 0)
+
+    @property
+    def end(self) -> int:
+        """Sequence number (u32) just past the queued bytes (where our FIN goes)."""
+        return (self.una + len(self.buf)) & _MASK
 
 
 @dataclass(eq=False)
@@ -284,6 +362,9 @@ class _Closing:
     retx_at: float | None = None
     tries: int = 0
     expire_at: float | None = None
+    #: the connection's write side while its queued data (and then the FIN) is still being
+    #: sent and acknowledged; None once the FIN went out the plain way or was acknowledged
+    sender: _Out | None = None
 
 
 @dataclass
@@ -306,7 +387,13 @@ class TcpOutput:
     closing: dict[bytes, _Closing] = field(default_factory=dict)
     #: frames to send, per netdev, until take()
     out: dict[str, list[bytes]] = field(default_factory=dict)
+    sndbuf: int = DEFAULT_SNDBUF
+    #: connections that have a write side (their ACK numbers and windows are processed:
+    #: :meth:`on_acks`); others cost the RX path nothing
+    senders: set[TcpReceiver] = field(default_factory=set)
     _timers: set[TcpReceiver] = field(default_factory=set)
+    _wake: list[TcpReceiver] = field(default_factory=list)
+    _gave_up: list[TcpReceiver] = field(default_factory=list)
     _watch_win: set[TcpReceiver] = field(default_factory=set)
     _expired: list[TcpReceiver] = field(default_factory=list)
     _ident: int = 0
@@ -328,12 +415,12 @@ class TcpOutput:
         return out
 
     def _emit(self, dev: str, key: bytes, peer_mac: bytes, seq: int, ack: int, flags: int,
-              window: int, options: bytes = b"") -> None:
+              window: int, options: bytes = b"", payload: bytes = b"") -> None:
         iface = self.ifaces[dev]
         self._ident = (self._ident + 1) & 0xFFFF
         frame = build_tcp(iface.mac, peer_mac, key[18:34], key[0:16],
                           int.from_bytes(key[34:36], "big"), int.from_bytes(key[16:18], "big"),
-                          seq, ack, flags, window, options, ident=self._ident)
+                          seq, ack, flags, window, options, ident=self._ident, payload=payload)
         self.out.setdefault(dev, []).append(frame)
         self.mib["TcpOutSegs"] += 1
         if flags & RST:
@@ -390,8 +477,10 @@ class TcpOutput:
         h = hashlib.blake2b(key, key=self.secret, digest_size=4).digest()
         return (int.from_bytes(h, "big") + (int(self.clock() * 1e9) >> 6)) & _MASK
 
-    def on_syn(self, sock: TcpReceiver, dev: str, peer_mac: bytes, syn_options: bytes) -> None:
-        """A SYN created ``sock`` (SYN_RECV): send the SYN-ACK and arm its timer."""
+    def on_syn(self, sock: TcpReceiver, dev: str, peer_mac: bytes, syn_options: bytes,
+               window: int = 0xFFFF) -> None:
+        """A SYN created ``sock`` (SYN_RECV): send the SYN-ACK and arm its timer.  ``window``
+        is the SYN's (the peer's first send window for us, until its ACKs say more)."""
         if sock in self.conns or sock.key is None or dev not in self.ifaces:
             return
         key = sock.key
@@ -403,6 +492,7 @@ class TcpOutput:
         o = _Out(sock, dev, mac, iss, (iss + 1) & _MASK, opts.get("wscale"),
                  min(iface.mss(v6), opts.get("mss", 536)))
         o.acked = (sock.isn + 1) & _MASK  # the SYN-ACK acknowledges the SYN
+        o.peer_win = window
         o.seen_segs = sock.stats.segs
         self.conns[sock] = o
         self.mib["TcpPassiveOpens"] += 1
@@ -468,6 +558,7 @@ class TcpOutput:
         o = self.conns.pop(sock, None)
         self._timers.discard(sock)
         self._watch_win.discard(sock)
+        self.senders.discard(sock)
         if o is None or sock.key is None:
             return
         key = sock.key
@@ -479,6 +570,27 @@ class TcpOutput:
             self._emit(o.dev, key, o.peer_mac, o.snd_nxt, sock.rcv_nxt, RST | ACK, 0)
             return
         state = "LAST_ACK" if sock.fin_reached else "FIN_WAIT1"
+        snd = o.snd
+        if snd is not None and snd.fin_acked:
+            # shut down for writing earlier and our FIN is acknowledged: FIN_WAIT2, or
+            # TIME_WAIT when the peer's FIN came too
+            done = sock.fin_reached
+            c = _Closing("TIME_WAIT" if done else "FIN_WAIT2", o.dev, key, o.peer_mac,
+                         o.snd_nxt, sock.rcv_nxt, o.wscale)
+            if done:
+                c.expire_at = self._arm(self.clock() + TIME_WAIT_S)
+            self.closing[key] = c
+            return
+        if snd is not None and (snd.buf or snd.high or snd.fin):
+            # data still queued or unacknowledged (or the FIN of a shutdown): it goes first,
+            # then the FIN (tcp_close queues the FIN behind the write queue); the write side
+            # keeps its timer
+            snd.fin = True
+            c = _Closing(state, o.dev, key, o.peer_mac, (snd.end + 1) & _MASK, sock.rcv_nxt,
+                         o.wscale, sender=o)
+            self.closing[key] = c
+            self._push(o)
+            return
         c = _Closing(state, o.dev, key, o.peer_mac, (o.snd_nxt + 1) & _MASK, sock.rcv_nxt,
                      o.wscale, retx_at=self._arm(self.clock() + RTO_INIT_S))
         self.closing[key] = c
@@ -489,11 +601,11 @@ class TcpOutput:
                    min(self.rcvbuf >> c.wscale, 0xFFFF))
 
     def on_orphan(self, dev: str, key: bytes, src_mac: bytes, seq: int, ack: int, flags: int,
-                  plen: int) -> None:
+                  plen: int, window: int = 0xFFFF) -> None:
         """A segment that reached no socket and no listener: a closing connection's, or RST."""
         c = self.closing.get(key)
         if c is not None:
-            self._closing_segment(c, seq, ack, flags, plen)
+            self._closing_segment(c, seq, ack, flags, plen, window)
             return
         if flags & RST or dev not in self.ifaces:
             return
@@ -504,10 +616,17 @@ class TcpOutput:
             end = seq + plen + (1 if flags & SYN else 0) + (1 if flags & FIN else 0)
             self._emit(dev, key, mac, 0, end, RST | ACK, 0)
 
-    def _closing_segment(self, c: _Closing, seq: int, ack: int, flags: int, plen: int) -> None:
+    def _closing_segment(self, c: _Closing, seq: int, ack: int, flags: int, plen: int,
+                         window: int = 0xFFFF) -> None:
         if flags & RST:
             del self.closing[c.key]
             return
+        o = c.sender
+        if o is not None and o.snd is not None and flags & ACK:
+            # the peer acknowledges what the app queued before closing (and then the FIN)
+            self._snd_ack(o, ack, window, c)
+            if o.snd.fin_acked:
+                c.sender = None
         new_data = plen > 0 and 0 < (seq + plen - c.rcv_nxt) & _MASK < 1 << 31
         if new_data and c.state in ("FIN_WAIT1", "FIN_WAIT2"):
             # new data after the app closed: nobody will read it (tcp_rcv_state_process)
@@ -539,10 +658,238 @@ class TcpOutput:
         self.conns.pop(sock, None)
         self._timers.discard(sock)
         self._watch_win.discard(sock)
+        self.senders.discard(sock)
 
     def forget(self, sock: TcpReceiver) -> None:
         """Drop ``sock`` without sending anything (reset, or its netdev went away)."""
         self._forget(sock)
+
+    # -- data transmission (tcp_sendmsg, tcp_write_xmit, tcp_ack, tcp_retransmit_timer) ----
+
+    def send_error(self, sock: TcpReceiver) -> int | None:
+        """What a send on ``sock`` reports before queueing anything (``tcp_sendmsg``'s
+        checks): a pending socket error, taken once (``-ECONNRESET`` after the peer's RST,
+        ``-ETIMEDOUT`` after our retransmissions ran out), then ``-EPIPE`` for a connection
+        that is closed or whose write side is shut; None when sending is allowed (also in
+        CLOSE_WAIT: the peer's FIN closes only its direction)."""
+        if sock.error is not None:
+            return -(sock.take_error() or errno.EPIPE)
+        o = self.conns.get(sock)
+        if sock.state is TcpState.CLOSED or o is None or (o.snd is not None and o.snd.fin):
+            return -errno.EPIPE
+        return None
+
+    def send_space(self, sock: TcpReceiver) -> int:
+        """Bytes ``sock``'s send queue takes now (``sk_stream_wspace``)."""
+        o = self.conns.get(sock)
+        if o is None:
+            return 0
+        return self.sndbuf - (len(o.snd.buf) if o.snd is not None else 0)
+
+    def send(self, sock: TcpReceiver, data: bytes) -> None:
+        """Queue ``data`` (at most :meth:`send_space` bytes) on ``sock`` and transmit what the
+        peer's window and our congestion window allow (``tcp_sendmsg`` + ``tcp_push``)."""
+        o = self.conns[sock]
+        snd = o.snd
+        if snd is None:
+            snd = o.snd = _Snd(o.snd_nxt, o.peer_win, o.rcv_mss)
+            self.senders.add(sock)
+        if len(data) > self.sndbuf - len(snd.buf):
+            raise InvariantBroken("send beyond the send buffer")
+        snd.buf += data
+        self._push(o)
+
+    def shutdown_send(self, sock: TcpReceiver) -> None:
+        """``shutdown(SHUT_WR)`` (``tcp_shutdown``): a FIN goes behind the queued data; the
+        connection keeps receiving.  Later sends are ``-EPIPE``."""
+        o = self.conns.get(sock)
+        if o is None:
+            return
+        snd = o.snd
+        if snd is None:
+            snd = o.snd = _Snd(o.snd_nxt, o.peer_win, o.rcv_mss)
+            self.senders.add(sock)
+        if snd.fin:
+            return
+        snd.fin = True
+        self._push(o)
+
+    def on_acks(self, sock: TcpReceiver, acks: NDArray[np.uint32],
+                windows: NDArray[np.uint16]) -> None:
+        """The ACK numbers and windows of one batch of ``sock``'s segments (ACK set), in
+        arrival order: the furthest acceptable ACK frees the send queue, the window of the
+        last acceptable one is the peer's window (``tcp_ack``, ``tcp_ack_update_window``).
+        Called only for :attr:`senders`."""
+        o = self.conns.get(sock)
+        if o is None or o.snd is None or not len(acks):
+            return
+        snd = o.snd
+        d = (acks.astype(np.int64) - snd.una) & _MASK
+        ok = np.flatnonzero(d <= snd.flight)
+        if not len(ok):
+            return
+        best = int(ok[int(np.argmax(d[ok]))])
+        self._snd_ack(o, int(acks[best]), int(windows[ok[-1]]), None)
+
+    def _snd_ack(self, o: _Out, ack: int, window: int, c: _Closing | None) -> None:
+        snd = o.snd
+        assert snd is not None
+        d = (ack - snd.una) & _MASK
+        if d > snd.flight:
+            return  # acknowledges what we never sent (or an old ACK): ignored
+        snd.wnd = window << (o.peer_wscale or 0)
+        now = self.clock()
+        if d:
+            data = min(d, len(snd.buf))
+            if d > len(snd.buf):
+                snd.fin_acked = True
+            if snd.rtt_end is not None and d >= snd.rtt_end:
+                self._rtt_sample(snd, now - snd.rtt_t0)
+                snd.rtt_end = None
+            elif snd.rtt_end is not None:
+                snd.rtt_end -= data
+            del snd.buf[:data]
+            snd.una = (snd.una + data) & _MASK
+            if snd.fin_acked:
+                snd.fin_retx = False
+            snd.high -= data
+            snd.nxt = max(0, snd.nxt - data)
+            snd.backoff = 0
+            snd.rto_at = None
+            # congestion window: slow start below ssthresh, then one segment per window
+            if snd.cwnd < snd.ssthresh:
+                snd.cwnd += max(1, data // snd.mss)
+            else:
+                snd.cwnd_acc += data
+                if snd.cwnd_acc >= snd.cwnd * snd.mss:
+                    snd.cwnd_acc = 0
+                    snd.cwnd += 1
+            snd.cwnd = min(snd.cwnd, 1 << 16)
+            if c is None:
+                self._wake.append(o.sock)  # room in the send queue: a blocked send goes on
+        self._push(o, c)
+
+    def _rtt_sample(self, snd: _Snd, rtt: float) -> None:
+        """RFC 6298 smoothing (``tcp_rtt_estimator``), RTO clamped to [200 ms, 120 s]."""
+        if snd.srtt is None:
+            snd.srtt, snd.rttvar = rtt, rtt / 2
+        else:
+            snd.rttvar = 0.75 * snd.rttvar + 0.25 * abs(snd.srtt - rtt)
+            snd.srtt = 0.875 * snd.srtt + 0.125 * rtt
+        snd.rto = min(RTO_MAX_S, max(RTO_MIN_S, snd.srtt + 4 * snd.rttvar))
+
+    def _push(self, o: _Out, c: _Closing | None = None) -> None:
+        """Transmit from ``snd.nxt`` what the peer's window and the congestion window allow,
+        segments of at most the peer's MSS (PSH on the one that empties the queue), then the
+        FIN if one is queued; (re)arm the retransmission timer (``tcp_write_xmit``)."""
+        snd = o.snd
+        assert snd is not None
+        if c is None:
+            c = self.closing.get(o.sock.key or b"")
+            if c is not None and c.sender is not o:
+                c = None
+        limit = min(snd.wnd, snd.cwnd * snd.mss)
+        n = len(snd.buf)
+        while snd.nxt < n and snd.nxt < limit:
+            end = min(n, snd.nxt + snd.mss, limit)
+            retx = end <= snd.high
+            fin = snd.fin and end == n and (not snd.fin_sent or retx)
+            self._xmit(o, c, snd.nxt, bytes(snd.buf[snd.nxt:end]), fin)
+            if retx:
+                self.mib["TcpRetransSegs"] += 1
+            else:
+                if snd.rtt_end is None and snd.backoff == 0:
+                    snd.rtt_end, snd.rtt_t0 = end, self.clock()
+                snd.high = end
+            snd.nxt = end
+        if snd.fin and snd.nxt == n and (not snd.fin_sent or snd.fin_retx):
+            if snd.fin_sent:
+                self.mib["TcpRetransSegs"] += 1
+            self._xmit(o, c, n, b"", True)  # a bare FIN behind the data
+        if snd.rto_at is not None:
+            return
+        if snd.flight or snd.nxt < n:  # in flight, or held back by a zero window (probe)
+            snd.rto_at = self._arm(self.clock() + min(RTO_MAX_S, snd.rto * (1 << snd.backoff)))
+            if c is None:
+                self._timers.add(o.sock)
+
+    def _xmit(self, o: _Out, c: _Closing | None, off: int, payload: bytes, fin: bool) -> None:
+        """One segment of ``o``'s stream at offset ``off`` (ACK and window piggybacked)."""
+        snd = o.snd
+        assert snd is not None and o.sock.key is not None
+        flags = ACK | (PSH if payload and off + len(payload) == len(snd.buf) else 0)
+        if fin:
+            flags |= FIN
+            snd.fin_sent, snd.fin_retx = True, False
+        seq = (snd.una + off) & _MASK
+        top = max(snd.high, off + len(payload))
+        o.snd_nxt = (snd.una + top + (1 if snd.fin_sent else 0)) & _MASK
+        if c is not None:  # closed by the app: the closing record knows rcv_nxt
+            self._emit(o.dev, c.key, o.peer_mac, seq, c.rcv_nxt, flags,
+                       min(self.rcvbuf >> c.wscale, 0xFFFF), payload=payload)
+        else:
+            sock = o.sock
+            assert sock.key is not None
+            o.acked = sock.rcv_nxt
+            o.delack_at = None
+            self._emit(o.dev, sock.key, o.peer_mac, seq, sock.rcv_nxt, flags,
+                       self._window(o), payload=payload)
+
+    def _snd_timer(self, o: _Out, now: float, c: _Closing | None) -> bool:
+        """The retransmission timer of ``o`` fired (``tcp_retransmit_timer``,
+        ``tcp_probe_timer``).  Returns False when the connection was given up."""
+        snd = o.snd
+        assert snd is not None
+        snd.rto_at = None
+        if snd.flight == 0:
+            if snd.nxt < len(snd.buf):
+                # zero window and nothing in flight: probe with an old sequence number, the
+                # peer answers with its window (tcp_xmit_probe_skb)
+                self.mib["TcpExtTCPWinProbe"] += 1
+                key = c.key if c is not None else o.sock.key
+                assert key is not None
+                self._emit(o.dev, key, o.peer_mac, (snd.una - 1) & _MASK,
+                           c.rcv_nxt if c is not None else o.sock.rcv_nxt, ACK,
+                           min(self.rcvbuf >> c.wscale, 0xFFFF) if c is not None
+                           else self._window(o))
+                snd.backoff = min(snd.backoff + 1, 10)
+                snd.rto_at = self._arm(now + min(RTO_MAX_S, snd.rto * (1 << snd.backoff)))
+            return True
+        if snd.backoff >= SEND_RETRIES:
+            self.mib["TcpExtTCPAbortOnTimeout"] += 1
+            return False
+        snd.backoff += 1
+        self.mib["TcpExtTCPTimeouts"] += 1
+        # go back to the first unacknowledged segment; the congestion window restarts at one
+        snd.ssthresh = max(2, snd.flight // snd.mss // 2)
+        snd.cwnd, snd.cwnd_acc = 1, 0
+        snd.nxt = 0
+        snd.rtt_end = None  # Karn: no RTT sample from a retransmitted segment
+        snd.fin_retx = snd.fin_sent and not snd.fin_acked
+        self._push(o, c)
+        return True
+
+    def _give_up(self, o: _Out) -> None:
+        """Retransmissions ran out (``tcp_write_err``): the socket errs with ETIMEDOUT and is
+        closed; the kernel unhashes it (:meth:`gave_up`)."""
+        sock = o.sock
+        self._forget(sock)
+        if sock.state is not TcpState.CLOSED:
+            sock.error = errno.ETIMEDOUT
+            sock.state = TcpState.CLOSED
+        self._gave_up.append(sock)
+        self._wake.append(sock)
+
+    def gave_up(self) -> list[TcpReceiver]:
+        """Connections given up since the last call (ETIMEDOUT; the kernel unhashes them)."""
+        out, self._gave_up = self._gave_up, []
+        return out
+
+    def take_wakes(self) -> list[TcpReceiver]:
+        """Sockets whose send queue got room or that failed, since the last call (their
+        armed requests run again)."""
+        out, self._wake = self._wake, []
+        return out
 
     # -- ARP / NDP -------------------------------------------------------------------------
 
@@ -608,12 +955,27 @@ class TcpOutput:
                 o.delack_at = None
             if o.delack_at is not None:
                 self._arm(o.delack_at)
-            if o.synack_at is None and o.delack_at is None:
+            snd = o.snd
+            if snd is not None and snd.rto_at is not None:
+                if now >= snd.rto_at and not self._snd_timer(o, now, None):
+                    self._give_up(o)
+                    continue
+                if snd.rto_at is not None:
+                    self._arm(snd.rto_at)
+            if o.synack_at is None and o.delack_at is None and (
+                    snd is None or snd.rto_at is None):
                 self._timers.discard(sock)
         for key, c in list(self.closing.items()):
             if c.expire_at is not None and now >= c.expire_at:
                 del self.closing[key]
                 continue
+            o = c.sender
+            if o is not None and o.snd is not None and o.snd.rto_at is not None:
+                if now >= o.snd.rto_at and not self._snd_timer(o, now, c):
+                    del self.closing[key]
+                    continue
+                if o.snd.rto_at is not None:
+                    self._arm(o.snd.rto_at)
             if c.retx_at is not None and now >= c.retx_at:
                 if c.tries >= FIN_RETRIES:
                     del self.closing[key]

@@ -14,6 +14,13 @@ namespace's ``/proc/net/snmp``, a namespace of its own, so nothing else counts t
 NIC's ``rx_missed`` and the port's ``port_rx_lost``; sha256 of what the app received
 against the file.  Needs the emulated kernel's transmit side (SYN-ACK, ACKs): without it
 ``nc`` never connects and the bench fails after its timeout, saying so.
+
+``--client iperf3`` (or ``both``): ``iperf3 -c 10.0.0.1 -p 5201 -n BYTES -J`` against
+``zcrx-server --iperf3`` on the same kind of run (port 5201 steered to queue 1); figures are
+iperf3's own (the receiver's rate as the server reported its bytes and times, the sender's
+``retransmits``) beside the server's zero-copy byte count; ok when iperf3 exits 0 without
+an error and sent == received == zero-copied bytes (iperf3 sends whole blocks, so with
+``-n`` it may send up to a block more than asked).
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import numpy as np
 
 from shared.errors import Misuse, ZcrxError
 
-__all__ = ["run_wire_bench"]
+__all__ = ["describe", "run_wire_bench", "run_wire_iperf3"]
 
 PORT = 8000
 QUEUE = 1
@@ -126,9 +133,89 @@ def run_wire_bench(total: int = 64 << 20, *, nobuf: str = "drop", loss: str = ""
                        and got.get("sha256") == want)}
 
 
+IPERF3_PORT = 5201
+
+
+def run_wire_iperf3(total: int = 64 << 20, *, nobuf: str = "drop", loss: str = "",
+                    seed: int = 1, timeout: float = 300.0,
+                    progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """``iperf3 -c 10.0.0.1 -n total -J`` from the peer namespace against ``zcrx-server
+    --iperf3`` on the bound queue: iperf3's own figures (receiver rate, the sender's
+    retransmits) beside what the server received zero copy.  :class:`Misuse` if this host
+    cannot."""
+    from launch import port
+    from launch.supervise import bring_up
+    from launch.topology import AppSpec, NetdevConfig, Topology
+    from shared.nicif import NetdevSpec
+
+    say = progress or (lambda _m: None)
+    port.check_can()
+    if shutil.which("iperf3") is None:
+        raise Misuse("bench wire --client iperf3 needs iperf3", errno=2)
+    spec = NetdevSpec.from_options("eth0", {"queues": 2, "mtu": MTU, "port": "tap",
+                                            "pause": nobuf != "drop", "loss": loss,
+                                            "seed": seed})
+    name = f"wire-{secrets.token_hex(3)}"
+    with tempfile.TemporaryDirectory(prefix="zcrxwire") as tmp:
+        report = Path(tmp) / "zcrx-server.json"
+        app = AppSpec("zcrx-server", ["--iperf3", "-p", str(IPERF3_PORT), "-i", "eth0",
+                                      "-q", str(QUEUE), "-n", "1", "--json", str(report)],
+                      cap_net_admin=True)
+        topo = Topology(name=name, netdevs=[NetdevConfig(
+            spec, [f"-N eth0 flow-type tcp4 dst-port {IPERF3_PORT} action {QUEUE}"])],
+            apps=[app])
+        say("bringing the run up")
+        run, _ = bring_up(topo, detach=False, launcher=False, config={"bench": "wire"})
+        try:
+            ns = port.netns_name(run.run_id)
+            say(f"iperf3 sends {total} bytes from {ns}")
+            t0 = time.monotonic()
+            try:
+                ip3 = subprocess.run(["ip", "netns", "exec", ns, "iperf3", "-c", "10.0.0.1",
+                                      "-p", str(IPERF3_PORT), "-n", str(total), "-J"],
+                                     capture_output=True, text=True, timeout=timeout)
+            except subprocess.TimeoutExpired:
+                raise Misuse(f"iperf3 did not finish in {timeout:.0f} s", errno=110) from None
+            secs = time.monotonic() - t0
+            deadline = time.monotonic() + 30
+            entry = run.m.procs["app:0"]
+            while entry.process() is not None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            rep = json.loads(report.read_text()) if report.exists() else {}
+        finally:
+            run.down()
+    try:
+        client = json.loads(ip3.stdout)
+    except ValueError:
+        client = {"error": (ip3.stdout + ip3.stderr).strip()[-500:] or "no output"}
+    end = client.get("end", {})
+    sent = end.get("sum_sent", {})
+    recv = end.get("sum_received", {})
+    tests = rep.get("iperf3", [])
+    server_bytes = tests[0].get("bytes") if tests else None
+    zc = rep.get("copy_fallback", {}).get("zc_bytes")
+    bps = recv.get("bits_per_second")
+    return {"client": "iperf3", "bytes": total, "seconds": secs,
+            "gbps": bps / 8e9 if bps else None, "iperf3_status": ip3.returncode,
+            "error": client.get("error"), "sent": sent.get("bytes"),
+            "received": recv.get("bytes"), "retransmits": sent.get("retransmits"),
+            "server_bytes": server_bytes, "zc_bytes": zc,
+            "nobuf": nobuf, "loss": loss or "0%", "seed": seed,
+            "ok": bool(ip3.returncode == 0 and "error" not in client
+                       and sent.get("bytes") == recv.get("bytes") == server_bytes == zc
+                       and (zc or 0) >= total)}
+
+
 def describe(r: dict[str, Any]) -> str:
-    """The one-line summary ``zcrx bench wire`` prints."""
+    """The one-line summary ``zcrx bench wire`` prints (one per client)."""
     gbps = "n/a" if r["gbps"] is None else f"{r['gbps']:.3f}"
+    if r.get("client") == "iperf3":
+        what = (f"error: {r['error']}" if r.get("error") else
+                f"sent {r['sent']}, received {r['received']} (server {r['server_bytes']}, "
+                f"zero copy {r['zc_bytes']})")
+        return (f"wire: {r['bytes'] / (1 << 20):.0f} MiB from Linux iperf3 through a TAP "
+                f"port (nobuf={r['nobuf']}, loss={r['loss']}): {gbps} GB/s (iperf3's "
+                f"receiver rate); sender retransmits {r['retransmits']}; {what}")
     return (f"wire: {r['bytes'] / (1 << 20):.0f} MiB from Linux nc through a TAP port "
             f"(nobuf={r['nobuf']}, loss={r['loss']}) in {r['seconds']:.2f} s = {gbps} GB/s; "
             f"sender retransmitted {r['retrans_segs']} of {r['out_segs']} segments; NIC "

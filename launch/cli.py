@@ -278,26 +278,41 @@ def bench_zcrx(total: int, repeat: int, copy_buf: int, timeout: float, as_json: 
 @click.option("--seed", type=click.IntRange(0), default=1, show_default=True,
               help="Seed of the port's impairments and of the file's bytes.")
 @click.option("--timeout", type=click.FloatRange(1, 3600), default=300.0, show_default=True,
-              help="Seconds nc may take.")
+              help="Seconds the client may take.")
+@click.option("--client", type=click.Choice(["nc", "iperf3", "both"]), default="nc",
+              show_default=True,
+              help="The Linux sender: nc with a file (sha256 checked), iperf3 -c against "
+                   "zcrx-server --iperf3 (iperf3's GB/s and retransmits), or both, one run "
+                   "each; with both, --json gives {\"nc\": ..., \"iperf3\": ...}.")
 @_json_options
-def bench_wire(total: int, nobuf: str, loss: str, seed: int, timeout: float, as_json: bool,
-               json_out: str | None) -> None:
+def bench_wire(total: int, nobuf: str, loss: str, seed: int, timeout: float, client: str,
+               as_json: bool, json_out: str | None) -> None:
     """A real sender (root): Linux nc in the run's peer namespace sends a random file
     through a TAP port into zcrx-server on a bound queue: GB/s, the sender's retransmitted
-    segments, rx_missed and port losses, sha256 of what arrived."""
-    from launch.bench_wire import describe, run_wire_bench
+    segments, rx_missed and port losses, sha256 of what arrived.  --client iperf3 runs
+    iperf3 against zcrx-server --iperf3 instead (or as well)."""
+    from launch.bench_wire import describe, run_wire_bench, run_wire_iperf3
 
+    results: dict[str, dict[str, Any]] = {}
     try:
         with console.status("running") as status:
-            result = run_wire_bench(total, nobuf=nobuf, loss=loss, seed=seed, timeout=timeout,
-                                    progress=lambda m: status.update(f"running: {m}"))
+            for which, fn in (("nc", run_wire_bench), ("iperf3", run_wire_iperf3)):
+                if client not in (which, "both"):
+                    continue
+
+                def progress(m: str, w: str = which) -> None:
+                    status.update(f"running {w}: {m}")
+
+                results[which] = fn(total, nobuf=nobuf, loss=loss, seed=seed,
+                                    timeout=timeout, progress=progress)
     except ZcrxError as e:
         fail(f"bench wire: {e}")
     if not as_json:
-        console.print(describe(result), highlight=False)
-    _write_json(result, as_json, json_out)
-    if not result["ok"]:
-        fail("the receiver did not get exactly the file that was sent", EXIT_CHECK_FAILED)
+        for r in results.values():
+            console.print(describe(r), highlight=False)
+    _write_json(results if client == "both" else results[client], as_json, json_out)
+    if not all(r["ok"] for r in results.values()):
+        fail("the receiver did not get exactly what was sent", EXIT_CHECK_FAILED)
 
 
 def _queue_list(ctx: Any, param: Any, value: str) -> tuple[int, ...]:

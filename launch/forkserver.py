@@ -59,7 +59,8 @@ PRELOAD = ("argparse", "hashlib", "json", "runpy", "shutil", "traceback", "secre
            "numpy", "zmq", "psutil", "shared.abi", "shared.ring", "shared.shm", "shared.msg",
            "shared.control", "shared.pattern", "shared.syscalls", "shared.watch",
            "app_proc.syscall", "app_proc.liburing", "app_proc.server", "app_proc.verify",
-           "app_proc.zcrx_server", "app_proc.copy_server", "app_proc.workers", "shared.bpf")
+           "app_proc.zcrx_server", "app_proc.copy_server", "app_proc.workers", "shared.bpf",
+           "app_proc.iperf3")
 #: Entry points the template runs: modules of ours under this package.
 ENTRY_PACKAGE = "app_proc."
 #: Largest request (the environment is the big part).

@@ -9,8 +9,7 @@ byte-exact, recovered by Linux's retransmissions (counted in the peer namespace'
 segment).  An app that stops returning its buffers (SIGSTOP) closes the advertised window;
 the sender waits and finishes once the app runs again.  Root only; every step bounded.
 
-iperf3 is not used: its server must write results on its control connection, and apps do
-not transmit data here (out of scope, docs/design.md).
+iperf3 against a zero-copy queue is tests/test_iperf3_e2e.py (zcrx-server --iperf3).
 """
 
 from __future__ import annotations
