@@ -502,8 +502,9 @@ def _load_topology(path: str) -> Any:
                    "nobuf=pause|drop (a queue without buffers pauses the wire or drops, "
                    "counting rx_missed), addr, addr6, mac; port=tap plugs the wire into a "
                    "TAP device in the run's network namespace zcrx-<run id>-peer (root "
-                   "only) with neigh=arp|static and RX impairments loss=1%, dup=, "
-                   "reorder=, delay=5ms, seed=N.")
+                   "only) with neigh=arp|static, impairments of what it receives (loss=1%, "
+                   "dup=, reorder=, delay=5ms) and of what the host sends (tx-loss=1%), "
+                   "seed=N.")
 @click.option("--queues", type=click.IntRange(1, MAX_QUEUES), default=None,
               help="Combined queues of every netdev that does not say (default 4; not with "
                    "--file).")

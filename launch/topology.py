@@ -13,7 +13,7 @@ A topology file describes one emulated host::
 
     # port = "tap"                               # the wire is a TAP device in the run's
     # nobuf = "drop"                              # netns (root); drop when out of buffers;
-    # loss = "1%"                                 # impairments: loss, dup, reorder, delay
+    # loss = "1%"                                 # impairments: loss, dup, reorder, delay, tx_loss
 
     [[app]]                                       # started detached, after the netdevs
     program = "zcrx-server"

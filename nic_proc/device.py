@@ -22,8 +22,8 @@ e.g. ``eth0:queues=4,mtu=9000``.  Keys (defaults in brackets): ``queues`` [4],
 ``rx_buf_len`` [4096], ``link`` up|down [up], ``nobuf`` pause|drop [pause] (also
 spelled ``pause`` on|off), ``addr``, ``addr6``, ``mac`` (defaults in
 :mod:`nic_proc.sources`), ``port`` [none] or ``tap`` (:mod:`nic_proc.port`) with its
-``neigh`` arp|static [arp], ``loss``, ``dup``, ``reorder`` (``1%``), ``delay``
-(``5ms``) and ``seed`` [0].  ``-`` may replace ``_``.
+``neigh`` arp|static [arp], ``loss``, ``dup``, ``reorder``, ``tx_loss`` (``1%``),
+``delay`` (``5ms``) and ``seed`` [0].  ``-`` may replace ``_``.
 
 RX queue ``q`` of a netdev is *started* by ``nic.queue_start`` (the kernel has laid
 out and mapped its region) and *stopped* by ``nic.queue_stop``; only a started queue

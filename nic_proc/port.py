@@ -74,6 +74,7 @@ PORT_COUNTERS = (
     "port_tx_frames",     # frames written to the TAP
     "port_tx_bytes",      # their bytes
     "port_tx_dropped",    # writes the TAP refused (device down in Linux): ends the batch
+    "port_tx_lost",       # frames the host sent that the tx_loss impairment dropped
 )
 
 
@@ -100,8 +101,10 @@ def open_tap(ifname: str) -> int:
 
 @dataclass
 class Impairment:
-    """Seeded impairments of what the port receives (RX only: the frames the Linux side
-    sends towards the emulated host; what the host transmits leaves unimpaired).
+    """Seeded impairments of what the port carries.  ``loss``, ``dup``, ``reorder`` and
+    ``delay`` act on what it receives (the frames the Linux side sends towards the emulated
+    host); ``tx_loss`` drops frames the host transmits (its ACKs, what its apps send) from
+    a second generator, so adding it leaves the receive side's draws unchanged.
 
     ``loss``, ``dup`` and ``reorder`` are per-frame probabilities, drawn in one numpy call
     per read batch from ``numpy.random.default_rng(seed)``, so a seeded run impairs the
@@ -116,10 +119,12 @@ class Impairment:
     dup: float = 0.0
     reorder: float = 0.0
     delay: float = 0.0
+    tx_loss: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.seed)
+        self.tx_rng = np.random.default_rng([self.seed, 1])
 
     @property
     def active(self) -> bool:
@@ -294,16 +299,22 @@ class TapPort(Source):
         nbytes = 0
         write = os.write
         fd = self.fd
-        for f in seq:
+        p = self.impair.tx_loss
+        lost = (self.impair.tx_rng.random(len(seq)) < p).tolist() if p else None
+        for i, f in enumerate(seq):
             if self.stopped:
                 break
+            if lost is not None and lost[i]:
+                c["port_tx_lost"] += 1  # left the NIC, never reached Linux
+                sent += 1
+                continue
             try:
                 nbytes += write(fd, f)
             except OSError:
                 c["port_tx_dropped"] += 1
                 break
             sent += 1
-        c["port_tx_frames"] += sent
+            c["port_tx_frames"] += 1
         c["port_tx_bytes"] += nbytes
         return sent
 
@@ -319,7 +330,8 @@ class TapPort(Source):
         out.update({"ifname": self.ifname, "pending": len(self.ready) + len(self.held),
                     "delayed": len(self.delayed), "counters": dict(self.counters),
                     "impair": {"loss": imp.loss, "dup": imp.dup, "reorder": imp.reorder,
-                               "delay": imp.delay, "seed": imp.seed}})
+                               "delay": imp.delay, "tx_loss": imp.tx_loss,
+                               "seed": imp.seed}})
         return out
 
     def close(self) -> None:

@@ -247,6 +247,7 @@ class NetdevSpec:
     dup: str = ""
     reorder: str = ""
     delay: str = ""
+    tx_loss: str = ""
     seed: int = 0
 
     @classmethod
@@ -334,10 +335,11 @@ class NetdevSpec:
         if self.neigh not in NEIGH_KINDS:
             raise Misuse(f"{self.name}: neigh must be arp or static, got {self.neigh!r}",
                          errno=22)
-        impair = [k for k in ("loss", "dup", "reorder", "delay") if getattr(self, k)]
+        impair = [k for k in ("loss", "dup", "reorder", "delay", "tx_loss")
+                  if getattr(self, k)]
         if impair and not self.port:
             raise Misuse(f"{self.name}: {impair[0]} impairs a port; add port=tap", errno=22)
-        for key in ("loss", "dup", "reorder"):
+        for key in ("loss", "dup", "reorder", "tx_loss"):
             parse_percent(getattr(self, key), f"{self.name}: {key}")
         parse_delay(self.delay, f"{self.name}: delay")
         if not 0 <= self.seed < 1 << 63:
@@ -345,9 +347,11 @@ class NetdevSpec:
 
     @property
     def impairments(self) -> dict[str, float]:
-        """The port's impairments as numbers: loss, dup, reorder (probabilities), delay (s)."""
+        """The port's impairments as numbers: loss, dup, reorder, tx_loss (probabilities),
+        delay (s)."""
         return {"loss": parse_percent(self.loss), "dup": parse_percent(self.dup),
-                "reorder": parse_percent(self.reorder), "delay": parse_delay(self.delay)}
+                "reorder": parse_percent(self.reorder), "delay": parse_delay(self.delay),
+                "tx_loss": parse_percent(self.tx_loss)}
 
     def options(self) -> dict[str, Any]:
         """The options that differ from the defaults, in field order (typed values)."""

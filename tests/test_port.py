@@ -43,10 +43,10 @@ from tests.test_nic_proc import setup_queues, stat
 
 def test_port_spec_grammar_round_trips_and_rejects_nonsense() -> None:
     s = NetdevSpec.parse("eth1:port=tap,nobuf=drop,loss=1%,dup=0.5%,reorder=2%,delay=5ms,"
-                         "seed=7,neigh=arp")
+                         "tx-loss=3%,seed=7,neigh=arp")
     assert (s.port, s.pause, s.neigh, s.seed) == ("tap", False, "arp", 7)
     assert s.impairments == pytest.approx({"loss": 0.01, "dup": 0.005, "reorder": 0.02,
-                                           "delay": 0.005})
+                                           "delay": 0.005, "tx_loss": 0.03})
     assert NetdevSpec.parse(s.format()) == s
     assert "nobuf=drop" in s.format()
     assert NetdevSpec.parse("eth0:pause=off").pause is False  # the old spelling still works
@@ -54,7 +54,8 @@ def test_port_spec_grammar_round_trips_and_rejects_nonsense() -> None:
     assert NetdevSpec.from_options("eth0", {"port": "tap", "nobuf": "drop"}).pause is False
     assert NetdevSpec.parse("eth0:port=tap,delay=200us").impairments["delay"] == \
         pytest.approx(200e-6)
-    for bad in ("eth0:port=veth", "eth0:loss=1%", "eth0:port=tap,loss=120%",
+    for bad in ("eth0:port=veth", "eth0:loss=1%", "eth0:port=tap,loss=120%", "eth0:tx_loss=1%",
+                "eth0:port=tap,tx_loss=-1%",
                 "eth0:port=tap,loss=x", "eth0:port=tap,delay=soon", "eth0:port=tap,delay=1h",
                 "eth0:port=tap,neigh=guess", "eth0:nobuf=maybe"):
         with pytest.raises(Misuse):
@@ -170,6 +171,29 @@ def test_transmit_writes_whole_frames(wire_pair: tuple[socket.socket, socket.soc
     assert isinstance(p, port_mod.TxSink)
     b.shutdown(socket.SHUT_RDWR)  # the far side refuses: the batch ends at the first frame
     assert p.transmit(fs) == 0 and p.counters["port_tx_dropped"] == 1
+
+
+def test_tx_loss_drops_what_the_host_sends_seeded_and_leaves_rx_draws_alone(
+        wire_pair: tuple[socket.socket, socket.socket]) -> None:
+    """tx_loss: the frames it drops are counted, reported sent to the NIC (the wire lost
+    them), never written; the same seed drops the same frames; the receive side's loss
+    draws are the same with and without it."""
+    a, b = wire_pair
+    fs = [i.to_bytes(2, "big") * 40 for i in range(200)]
+    lost_sets = []
+    for _ in range(2):
+        p = TapPort(1, WireInfo(), a.fileno(), owns_fd=False,
+                    impair=Impairment(tx_loss=0.25, seed=7))
+        assert p.transmit(fs) == 200
+        got = [b.recv(4096) for _ in range(p.counters["port_tx_frames"])]
+        assert p.counters["port_tx_frames"] + p.counters["port_tx_lost"] == 200
+        assert 20 < p.counters["port_tx_lost"] < 80
+        assert got == [f for f in fs if f in set(got)]  # in order, whole, no extras
+        assert p.counters["port_tx_bytes"] == sum(map(len, got))
+        lost_sets.append({f for f in fs if f not in set(got)})
+    assert lost_sets[0] == lost_sets[1]
+    rx = [Impairment(loss=0.3, seed=7, tx_loss=t).rng.random(50) for t in (0.0, 0.5)]
+    assert (rx[0] == rx[1]).all()
 
 
 def tcp_frames(n: int, mtu: int = 4096) -> tuple[list[bytes], bytes]:
