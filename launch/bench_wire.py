@@ -34,11 +34,14 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from shared.errors import Misuse, ZcrxError
+
+if TYPE_CHECKING:
+    from shared.nicif import NetdevSpec
 
 __all__ = ["describe", "run_wire_bench", "run_wire_iperf3"]
 
@@ -57,6 +60,20 @@ def _snmp_tcp(ns: str) -> dict[str, int]:
     return {k: int(v) for k, v in zip(rows[0], rows[1], strict=False)}
 
 
+def _wire_spec(program: str, what: str, nobuf: str, loss: str, seed: int) -> NetdevSpec:
+    """The TAP-port netdev a wire bench runs on, after checking this host can run it (root,
+    ``ip``, ``program`` installed; :class:`Misuse` otherwise)."""
+    from launch import port
+    from shared.nicif import NetdevSpec
+
+    port.check_can()
+    if shutil.which(program) is None:
+        raise Misuse(f"bench wire needs {what}", errno=2)
+    return NetdevSpec.from_options("eth0", {"queues": 2, "mtu": MTU, "port": "tap",
+                                           "pause": nobuf != "drop", "loss": loss,
+                                           "seed": seed})
+
+
 def run_wire_bench(total: int = 64 << 20, *, nobuf: str = "drop", loss: str = "",
                    seed: int = 1, timeout: float = 300.0,
                    progress: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -65,15 +82,10 @@ def run_wire_bench(total: int = 64 << 20, *, nobuf: str = "drop", loss: str = ""
     from launch import port
     from launch.supervise import bring_up
     from launch.topology import AppSpec, NetdevConfig, Topology
-    from shared.nicif import NetdevSpec
 
     say = progress or (lambda _m: None)
-    port.check_can()
-    if shutil.which("nc") is None:
-        raise Misuse("bench wire needs nc (netcat-openbsd) to send from the namespace", errno=2)
-    spec = NetdevSpec.from_options("eth0", {"queues": 2, "mtu": MTU, "port": "tap",
-                                            "pause": nobuf != "drop", "loss": loss,
-                                            "seed": seed})
+    spec = _wire_spec("nc", "nc (netcat-openbsd) to send from the namespace", nobuf, loss,
+                      seed)
     name = f"wire-{secrets.token_hex(3)}"
     with tempfile.TemporaryDirectory(prefix="zcrxwire") as tmp:
         src = Path(tmp) / "send.bin"
@@ -146,15 +158,9 @@ def run_wire_iperf3(total: int = 64 << 20, *, nobuf: str = "drop", loss: str = "
     from launch import port
     from launch.supervise import bring_up
     from launch.topology import AppSpec, NetdevConfig, Topology
-    from shared.nicif import NetdevSpec
 
     say = progress or (lambda _m: None)
-    port.check_can()
-    if shutil.which("iperf3") is None:
-        raise Misuse("bench wire --client iperf3 needs iperf3", errno=2)
-    spec = NetdevSpec.from_options("eth0", {"queues": 2, "mtu": MTU, "port": "tap",
-                                            "pause": nobuf != "drop", "loss": loss,
-                                            "seed": seed})
+    spec = _wire_spec("iperf3", "iperf3", nobuf, loss, seed)
     name = f"wire-{secrets.token_hex(3)}"
     with tempfile.TemporaryDirectory(prefix="zcrxwire") as tmp:
         report = Path(tmp) / "zcrx-server.json"

@@ -145,28 +145,13 @@ class TxProducer:
         k = len(frames)
         if k == 0:
             return 0
-        if k <= _FEW:
-            # A few frames (the usual ACK or two per poll): one slice store per frame costs
-            # less than building the gather's index arrays.
-            done = 0
-            while done < k:
-                view = self.ring.reserve(k - done)
-                m = int(view.shape[0])
-                if m == 0:
-                    break
-                body = view["frame"]
-                view["len"] = lens[done:done + m]
-                for i in range(m):
-                    f = frames[done + i]
-                    body[i, :len(f)] = np.frombuffer(f, np.uint8)
-                self.ring.submit(m)
-                done += m
-            self.dropped += k - done
-            return done
-        # Straight into the slots (no staging copy of whole slots): one join, then per
+        # Straight into the slots (no staging copy of whole slots).  A few frames (the usual
+        # ACK or two per pass) are stored slot by slot; a batch is joined once, then per
         # contiguous stretch of the ring one gather per distinct length (ACKs share one).
-        flat = np.frombuffer(b"".join(frames), np.uint8)
-        starts = np.cumsum(lens) - lens
+        flat = starts = None
+        if k > _FEW:
+            flat = np.frombuffer(b"".join(frames), np.uint8)
+            starts = np.cumsum(lens) - lens
         done = 0
         while done < k:
             view = self.ring.reserve(k - done)
@@ -174,12 +159,17 @@ class TxProducer:
             if m == 0:
                 break
             ln = lens[done:done + m]
-            st = starts[done:done + m]
             view["len"] = ln
             body = view["frame"]
-            for w in np.unique(ln).tolist():
-                rows = np.flatnonzero(ln == w)
-                body[rows, :w] = flat[st[rows, None] + np.arange(w)]
+            if flat is None or starts is None:
+                for i in range(m):
+                    f = frames[done + i]
+                    body[i, :len(f)] = np.frombuffer(f, np.uint8)
+            else:
+                st = starts[done:done + m]
+                for w in np.unique(ln).tolist():
+                    rows = np.flatnonzero(ln == w)
+                    body[rows, :w] = flat[st[rows, None] + np.arange(w)]
             self.ring.submit(m)
             done += m
         self.dropped += k - done

@@ -124,27 +124,34 @@ def test_iperf3_parallel_streams_for_a_time_and_refused_modes(tmp_path: Path) ->
             "zc_bytes"]
 
 
+def impaired(name: str, impair: str, size: str, tmp_path: Path, timeout: float
+             ) -> tuple[dict[str, Any], dict[str, int], dict[str, int]]:
+    """One ``iperf3 -n size`` through a port with ``impair`` options, checked as every test
+    here is; returns the client's JSON, the NIC's counters and the host's TCP MIB."""
+    spec = f"eth0:queues=2,mtu=4136,port=tap,{impair}"
+    with topology(name, "--netdev", spec) as run:
+        out = tmp_path / "srv.json"
+        serve(name, out)
+        code, rep = iperf3(netns_name(run.run_id), "-n", size, timeout=timeout)
+        wait_app(name, "app:0", 120)
+        st = nic_stats(name)
+        mib = stats(name)["tcp_mib"]
+        all_home(name)
+        check(code, rep, out, 1)
+    return rep, st, mib
+
+
 @pytest.mark.timeout(600)
 def test_iperf3_with_1pct_loss_in_drop_mode(tmp_path: Path) -> None:
-    spec = "eth0:queues=2,mtu=4136,port=tap,nobuf=drop,loss=1%,seed=11"
-    with topology("ip3", "--netdev", spec) as run:
-        ns = netns_name(run.run_id)
-        out = tmp_path / "srv.json"
-        serve("ip3", out)
-        code, rep = iperf3(ns, "-n", "16M", timeout=500)
-        wait_app("ip3", "app:0", 60)
-        st = nic_stats("ip3")
-        mib = stats("ip3")["tcp_mib"]
-        all_home("ip3")
-        check(code, rep, out, 1)
-        assert st["port_rx_lost"] > 0
-        retrans = rep["end"]["sum_sent"]["retransmits"]
-        assert retrans > 0  # the client resent what the port lost
-        assert mib["TcpExtTCPDupAcksSent"] > 0  # the host saw the holes
-        print(f"iperf3 -n 16M at 1% loss: port lost {st['port_rx_lost']}, rx_missed "
-              f"{st.get('rx_missed')}, client retransmits {retrans}, host dup ACKs "
-              f"{mib['TcpExtTCPDupAcksSent']}, "
-              f"{rep['end']['sum_received']['bits_per_second'] / 8e9:.3f} GB/s")
+    rep, st, mib = impaired("ip3", "nobuf=drop,loss=1%,seed=11", "16M", tmp_path, 500)
+    assert st["port_rx_lost"] > 0
+    retrans = rep["end"]["sum_sent"]["retransmits"]
+    assert retrans > 0  # the client resent what the port lost
+    assert mib["TcpExtTCPDupAcksSent"] > 0  # the host saw the holes
+    print(f"iperf3 -n 16M at 1% loss: port lost {st['port_rx_lost']}, rx_missed "
+          f"{st.get('rx_missed')}, client retransmits {retrans}, host dup ACKs "
+          f"{mib['TcpExtTCPDupAcksSent']}, "
+          f"{rep['end']['sum_received']['bits_per_second'] / 8e9:.3f} GB/s")
 
 
 @pytest.mark.timeout(300)
@@ -164,19 +171,9 @@ def test_iperf3_when_the_port_loses_half_of_what_the_host_sends(tmp_path: Path) 
     control exchange through, the sender copes with the lost ACKs, the test completes with
     every byte zero copy.  (With some 7 control segments sent, all getting through at 50 %
     has odds of about 1 in 130; a retransmission is asserted.)"""
-    spec = "eth0:queues=2,mtu=4136,port=tap,tx_loss=50%,seed=5"
-    with topology("ip4", "--netdev", spec) as run:
-        ns = netns_name(run.run_id)
-        out = tmp_path / "srv.json"
-        serve("ip4", out)
-        code, rep = iperf3(ns, "-n", "1M", timeout=300)
-        wait_app("ip4", "app:0", 120)
-        st = nic_stats("ip4")
-        mib = stats("ip4")["tcp_mib"]
-        all_home("ip4")
-        check(code, rep, out, 1)
-        assert st["port_tx_lost"] > 0 and st["port_tx_frames"] > 0
-        assert mib["TcpRetransSegs"] > 0  # the host resent what the port lost
-        print(f"iperf3 -n 1M, tx_loss 50%: port lost {st['port_tx_lost']} of "
-              f"{st['port_tx_lost'] + st['port_tx_frames']} host frames, host retransmitted "
-              f"{mib['TcpRetransSegs']}")
+    _, st, mib = impaired("ip4", "tx_loss=50%,seed=5", "1M", tmp_path, 300)
+    assert st["port_tx_lost"] > 0 and st["port_tx_frames"] > 0
+    assert mib["TcpRetransSegs"] > 0  # the host resent what the port lost
+    print(f"iperf3 -n 1M, tx_loss 50%: port lost {st['port_tx_lost']} of "
+          f"{st['port_tx_lost'] + st['port_tx_frames']} host frames, host retransmitted "
+          f"{mib['TcpRetransSegs']}")
