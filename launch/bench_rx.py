@@ -108,8 +108,11 @@ RING_BATCH = 512
 ZC_PORT = 8000
 COPY_PORT = 8001
 TOUCH = "every byte compared with the pattern, read in place where it landed"
-#: Default bytes per measurement (all flows together).
-DEFAULT_BYTES = 128 << 20
+#: Segments a measurement moves by default: at 4 KiB that is 1 GiB, about 0.7 s of zero copy
+#: on a 2-core host.  At the old default of 128 MiB a zero-copy measurement lasted 0.1 s and
+#: runs of one tree differed by up to 40 % (docs/performance.md §8).
+DEFAULT_SEGMENTS = 1 << 18
+DEFAULT_BYTES = DEFAULT_SEGMENTS * PAYLOAD
 #: copy_server's buffer size (its default): the copy path's own choice.
 DEFAULT_COPY_BUF = 16384
 _SAMPLE_S = 0.005
@@ -663,6 +666,13 @@ def run_copy_bench(total: int = DEFAULT_BYTES, flows: tuple[int, ...] = (1, 4),
     }
 
 
+def segment_size(payload: int | None, mtu: int = MTU) -> int:
+    """Payload bytes per segment of ``bench zcrx``: ``payload``, at most the IPv4 MSS of
+    ``mtu`` (the MSS when None)."""
+    mss = wire.mss(wire.FAMILY_V4, mtu)
+    return mss if payload is None else min(payload, mss)
+
+
 def run_zcrx_bench(total: int = DEFAULT_BYTES, flows: int = 1, repeat: int = 1,
                    copy_buf: int = DEFAULT_COPY_BUF, timeout: float = 120.0,
                    zcrx_args: list[str] | None = None, progress: Progress | None = None,
@@ -676,8 +686,7 @@ def run_zcrx_bench(total: int = DEFAULT_BYTES, flows: int = 1, repeat: int = 1,
     design that moves those bytes through a shm ring in Python.
     """
     say = progress or (lambda m: None)
-    mss = wire.mss(wire.FAMILY_V4, mtu)
-    segment = mss if payload is None else min(payload, mss)
+    segment = segment_size(payload, mtu)
     every: dict[str, list[ModeResult]] = {"zcrx": [], "copy": [], "loopback": []}
     ring: dict[str, Any] | None = None
     with _terminate_as_interrupt():

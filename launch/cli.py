@@ -200,8 +200,10 @@ def _rx_report(result: dict[str, Any], as_json: bool, json_out: str | None,
 
 def _rx_options(fn: Any) -> Any:
     opts = [
-        click.option("--bytes", "total", type=click.IntRange(1 << 12), show_default=True,
-                     default=128 << 20, help="Bytes per measurement (all flows together)."),
+        click.option("--bytes", "total", type=click.IntRange(1 << 12), default=None,
+                     help="Bytes per measurement (all flows together).  Default: 262,144 "
+                          "segments' worth, 1 GiB at 4 KiB (bench zcrx: of --payload, so "
+                          "16 MiB at 64 B); a shorter run is dominated by noise."),
         click.option("--repeat", type=click.IntRange(1, 20), default=1, show_default=True,
                      help="Rounds; each mode reports its best verified round."),
         click.option("--copy-buf", type=click.IntRange(4096, 1 << 20), default=16384,
@@ -221,15 +223,16 @@ def _rx_options(fn: Any) -> Any:
 @click.option("--flows", "flows", type=click.IntRange(1, MAX_QUEUES), multiple=True,
               help="Flow counts to measure (default 1 and 4); the run has as many queues as "
                    "the largest.")
-def bench_copy(total: int, repeat: int, copy_buf: int, timeout: float, as_json: bool,
+def bench_copy(total: int | None, repeat: int, copy_buf: int, timeout: float, as_json: bool,
                json_out: str | None, flows: tuple[int, ...]) -> None:
     """The copy path (NIC -> kernel pages -> RECV copy -> app) at 4 KiB payloads, 1 and 4
     flows, next to loopback TCP between two processes; every byte checked and hashed."""
-    from launch.bench_rx import run_copy_bench
+    from launch.bench_rx import DEFAULT_BYTES, run_copy_bench
 
     try:
         with console.status("running") as status:
-            result = run_copy_bench(total, tuple(flows) or (1, 4), repeat, copy_buf, timeout,
+            result = run_copy_bench(total or DEFAULT_BYTES, tuple(flows) or (1, 4), repeat,
+                                    copy_buf, timeout,
                                     progress=lambda m: status.update(f"running: {m}"))
     except ZcrxError as e:
         fail(f"bench copy: {e}")
@@ -249,15 +252,17 @@ def bench_copy(total: int, repeat: int, copy_buf: int, timeout: float, as_json: 
 @click.option("--mtu", type=click.IntRange(MIN_MTU, MAX_MTU), default=4136, show_default=True,
               help="The netdev's MTU (4136: an IPv4 MSS of exactly 4 KiB; 1500: Ethernet's "
                    "usual).")
-def bench_zcrx(total: int, repeat: int, copy_buf: int, timeout: float, as_json: bool,
+def bench_zcrx(total: int | None, repeat: int, copy_buf: int, timeout: float, as_json: bool,
                json_out: str | None, flows: int, check: bool, payload: int | None,
                mtu: int) -> None:
     """Zero copy (ntuple-steered to a queue bound to an ifq) vs the copy path vs loopback
     TCP, by default at 4 KiB payloads: GB/s, Mpps, kernel CPU per GB, payload bytes moved per
     delivered byte; targets: >= 1.5x copy, >= 2x loopback, <= 0.55x the copy path's bytes
     moved.  Every byte is verified in every mode."""
-    from launch.bench_rx import run_zcrx_bench
+    from launch.bench_rx import DEFAULT_SEGMENTS, run_zcrx_bench, segment_size
 
+    if total is None:
+        total = DEFAULT_SEGMENTS * segment_size(payload, mtu)
     try:
         with console.status("running") as status:
             result = run_zcrx_bench(total, flows, repeat, copy_buf, timeout,
