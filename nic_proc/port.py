@@ -46,7 +46,9 @@ import numpy.typing as npt
 from nic_proc.dma import Frames
 from nic_proc.sources import Blocked, RawBatch, Source, WireInfo
 from nic_proc.tx import TxSink
+from shared import wire
 from shared.errors import Misuse
+from shared.nicif import MAX_MTU
 
 __all__ = ["MAX_PENDING", "PORT_COUNTERS", "Impairment", "TapPort", "TxSink", "open_tap"]
 
@@ -75,6 +77,7 @@ PORT_COUNTERS = (
     "port_tx_bytes",      # their bytes
     "port_tx_dropped",    # writes the TAP refused (device down in Linux): ends the batch
     "port_tx_lost",       # frames the host sent that the tx_loss impairment dropped
+    "port_tx_lost_data",  # of those, TCP segments its sender must retransmit (data, SYN, FIN)
 )
 
 
@@ -129,6 +132,17 @@ class Impairment:
     @property
     def active(self) -> bool:
         return bool(self.loss or self.dup or self.reorder)
+
+
+def _retransmittable(frames: list[bytes]) -> int:
+    """How many of ``frames`` are TCP segments their sender must send again: payload, SYN or
+    FIN (a lost pure ACK is covered by the next one)."""
+    lens = np.fromiter(map(len, frames), np.int64, len(frames))
+    p = wire.parse_frames(b"".join(frames), np.cumsum(lens) - lens, lens, MAX_MTU,
+                          check_ip_csum=False)
+    ok = p["status"] == 0
+    data = (p["payload_len"] > 0) | ((p["tcp_flags"] & (wire.TCP_SYN | wire.TCP_FIN)) != 0)
+    return int(np.count_nonzero(ok & data))
 
 
 class TapPort(Source):
@@ -301,11 +315,12 @@ class TapPort(Source):
         fd = self.fd
         p = self.impair.tx_loss
         lost = (self.impair.tx_rng.random(len(seq)) < p).tolist() if p else None
+        gone: list[bytes] = []
         for i, f in enumerate(seq):
             if self.stopped:
                 break
             if lost is not None and lost[i]:
-                c["port_tx_lost"] += 1  # left the NIC, never reached Linux
+                gone.append(bytes(f))  # left the NIC, never reached Linux
                 sent += 1
                 continue
             try:
@@ -316,6 +331,9 @@ class TapPort(Source):
             sent += 1
             c["port_tx_frames"] += 1
         c["port_tx_bytes"] += nbytes
+        if gone:
+            c["port_tx_lost"] += len(gone)
+            c["port_tx_lost_data"] += _retransmittable(gone)
         return sent
 
     # -- reporting -------------------------------------------------------------------

@@ -192,8 +192,37 @@ def test_tx_loss_drops_what_the_host_sends_seeded_and_leaves_rx_draws_alone(
         assert p.counters["port_tx_bytes"] == sum(map(len, got))
         lost_sets.append({f for f in fs if f not in set(got)})
     assert lost_sets[0] == lost_sets[1]
+    assert p.counters["port_tx_lost_data"] == 0  # not TCP at all
     rx = [Impairment(loss=0.3, seed=7, tx_loss=t).rng.random(50) for t in (0.0, 0.5)]
     assert (rx[0] == rx[1]).all()
+
+
+def test_tx_loss_counts_the_lost_segments_tcp_must_send_again(
+        wire_pair: tuple[socket.socket, socket.socket]) -> None:
+    """Of the frames tx_loss drops, those with payload, SYN or FIN are counted
+    ``port_tx_lost_data`` (their sender must retransmit them); lost pure ACKs are not."""
+    from driver_proc.tcp_output import build_tcp
+
+    a, b = wire_pair
+    info = WireInfo()
+    syn_data_fin = conn_frames(info.addr, "10.0.0.2", 9000, 40000, bytes(20 * 1460), 1500,
+                               info.mac, info.peer_mac)
+    _, here = wire.addr16(info.addr)
+    _, there = wire.addr16("10.0.0.2")
+    acks = [build_tcp(info.mac, info.peer_mac, here, there, 9000, 40000, 1, 1000 + i,
+                      wire.TCP_ACK, 512) for i in range(20)]
+    assert len(syn_data_fin) == len(acks) + 2  # SYN, 20 data segments, FIN
+    fs = [f for pair in zip(syn_data_fin, acks, strict=False) for f in pair]
+    fs += syn_data_fin[len(acks):]
+    p = TapPort(1, WireInfo(), a.fileno(), owns_fd=False,
+                impair=Impairment(tx_loss=0.5, seed=3))
+    assert p.transmit(fs) == len(fs)
+    got = {b.recv(65536) for _ in range(p.counters["port_tx_frames"])}
+    lost_segments = sum(f not in got for f in syn_data_fin)
+    lost_acks = sum(f not in got for f in acks)
+    assert lost_segments > 0 and lost_acks > 0
+    assert p.counters["port_tx_lost"] == lost_segments + lost_acks
+    assert p.counters["port_tx_lost_data"] == lost_segments
 
 
 def tcp_frames(n: int, mtu: int = 4096) -> tuple[list[bytes], bytes]:
