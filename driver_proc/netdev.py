@@ -47,9 +47,9 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -74,6 +74,8 @@ from shared.txring import TxConsumer, TxLayout, TxProducer, tx_region_object, tx
 
 #: Slots of the control-frame ring (ARP / ICMPv6 from the NIC).
 CTL_RING = 64
+#: our end of a ring shared with the NIC (:meth:`NetDevice._ring_start`)
+_End = TypeVar("_End", TxProducer, TxConsumer)
 
 __all__ = [
     "QUEUE_STATS",
@@ -404,21 +406,22 @@ class NetDevice:
     def tx_open(self) -> None:
         """Create the TX ring region, map it for the NIC and attach it (``nic.tx_start``);
         then the control-frame ring (``<dev>.rxctl``, ``nic.ctl_start``)."""
-        self._tx_open()
-        layout = TxLayout(CTL_RING, tx_slot_size(self.mtu))
-        region = Region.create(region_name(self.run, self.owner, f"{self.name}.rxctl"),
-                               layout.size)
-        self._ctl_region = region
+        layout = TxLayout(self.tx_ring_size, tx_slot_size(self.mtu))
+        self._tx_region, self.tx, self._tx_map_id = self._ring_start(
+            tx_region_object(self.name), layout, "nic.tx_start",
+            lambda buf: TxProducer(buf, layout, init=True,
+                                   max_frame=wire.max_frame_len(self.mtu)))
+        ctl = TxLayout(CTL_RING, tx_slot_size(self.mtu))
+
+        def consumer(buf: Any) -> TxConsumer:
+            TxProducer(buf, ctl, init=True).detach()  # the NIC produces; we lay it out
+            return TxConsumer(buf, ctl, untrusted=True)
+
         try:
-            assert region.buf is not None
-            TxProducer(region.buf, layout, init=True).detach()
-            self.ctl = TxConsumer(region.buf, layout, untrusted=True)
-            self._ctl_map_id = self._dma_map(region.name, region.size)
-            self._call("nic.ctl_start", {"dev": self.name, "map_id": self._ctl_map_id,
-                                         "ring_size": layout.ring_size,
-                                         "slot_size": layout.slot_size})
+            self._ctl_region, self.ctl, self._ctl_map_id = self._ring_start(
+                f"{self.name}.rxctl", ctl, "nic.ctl_start", consumer)
         except BaseException:
-            self.tx_close(started=False)
+            self.tx_close()
             raise
 
     def ctl_frames(self) -> list[bytes]:
@@ -436,53 +439,48 @@ class NetDevice:
         self.tx_stats["ctl_frames"] += len(out)
         return out
 
-    def _tx_open(self) -> None:
-        layout = TxLayout(self.tx_ring_size, tx_slot_size(self.mtu))
-        region = Region.create(region_name(self.run, self.owner, tx_region_object(self.name)),
-                               layout.size)
-        self._tx_region = region
+    def _ring_start(self, obj: str, layout: TxLayout, start: str,
+                    attach: Callable[[Any], _End]) -> tuple[Region, _End, int]:
+        """A ring the NIC shares with us: its region ``obj`` (this kernel's), our end of it
+        (``attach(buf)``), its DMA mapping, and the NIC told (``start``).  What was made is
+        undone if a step fails."""
+        region = Region.create(region_name(self.run, self.owner, obj), layout.size)
+        end: _End | None = None
+        map_id = None
         try:
             assert region.buf is not None
-            self.tx = TxProducer(region.buf, layout, init=True,
-                                 max_frame=wire.max_frame_len(self.mtu))
-            self._tx_map_id = self._dma_map(region.name, region.size)
-            self._call("nic.tx_start", {"dev": self.name, "map_id": self._tx_map_id,
-                                        "ring_size": layout.ring_size,
-                                        "slot_size": layout.slot_size})
+            end = attach(region.buf)
+            map_id = self._dma_map(region.name, region.size)
+            self._call(start, {"dev": self.name, "map_id": map_id,
+                               "ring_size": layout.ring_size, "slot_size": layout.slot_size})
         except BaseException:
-            self.tx_close(started=False)
+            self._ring_stop(None, end, map_id, region)
             raise
+        return region, end, map_id
 
-    def tx_close(self, *, started: bool = True) -> None:
-        """Detach the NIC from the TX ring (``nic.tx_stop``), unmap and unlink it."""
-        if started and self.tx is not None and self.nic_alive:
+    def _ring_stop(self, stop: str | None, end: TxProducer | TxConsumer | None,
+                   map_id: int | None, region: Region | None) -> None:
+        """Undo :meth:`_ring_start`: tell the NIC (``stop``, if it is alive and the ring
+        was started), unmap, detach our end, unlink the region."""
+        if stop is not None and end is not None and self.nic_alive:
             try:
-                self._call("nic.tx_stop", {"dev": self.name})
+                self._call(stop, {"dev": self.name})
             except ZcrxError:
                 pass
-        if self._tx_map_id is not None:
-            self._dma_unmap(self._tx_map_id)
-            self._tx_map_id = None
-        if self.tx is not None:
-            self.tx.detach()
-            self.tx = None
-        if self._tx_region is not None:
-            self._tx_region.close()
-            self._tx_region = None
-        if self.ctl is not None and started and self.nic_alive:
-            try:
-                self._call("nic.ctl_stop", {"dev": self.name})
-            except ZcrxError:
-                pass
-        if self._ctl_map_id is not None:
-            self._dma_unmap(self._ctl_map_id)
-            self._ctl_map_id = None
-        if self.ctl is not None:
-            self.ctl.detach()
-            self.ctl = None
-        if self._ctl_region is not None:
-            self._ctl_region.close()
-            self._ctl_region = None
+        if map_id is not None:
+            self._dma_unmap(map_id)
+        if end is not None:
+            end.detach()
+        if region is not None:
+            region.close()
+
+    def tx_close(self) -> None:
+        """Detach the NIC from the TX and control rings (``nic.tx_stop``, ``nic.ctl_stop``),
+        unmap and unlink them."""
+        self._ring_stop("nic.tx_stop", self.tx, self._tx_map_id, self._tx_region)
+        self.tx = self._tx_map_id = self._tx_region = None
+        self._ring_stop("nic.ctl_stop", self.ctl, self._ctl_map_id, self._ctl_region)
+        self.ctl = self._ctl_map_id = self._ctl_region = None
 
     def xmit(self, frames: list[bytes]) -> int:
         """Queue whole frames on the TX ring (``ndo_start_xmit`` for a batch); returns how
