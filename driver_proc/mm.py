@@ -348,6 +348,15 @@ class Vma:
         return self.end - self.start
 
 
+def _check_mmap_args(length: int, prot: int, offset: int) -> None:
+    """``mmap``'s own argument checks, before anything is looked up (-EINVAL)."""
+    if length <= 0:
+        raise Misuse(f"mmap length {length}", errno.EINVAL)
+    if prot & ~_PROT_VALID:
+        raise Misuse(f"bad prot {prot:#x}", errno.EINVAL)
+    if offset < 0 or offset & _PAGE_MASK:
+        raise Misuse(f"unaligned mmap offset {offset:#x}", errno.EINVAL)
+
 class Mm:
     """The address space of one task (kernel-side state).
 
@@ -408,12 +417,7 @@ class Mm:
         symbolic link), ``-ENOENT`` (no such segment), ``-ENXIO`` (range past the end of the
         segment), ``-EEXIST`` (``fixed`` overlaps), ``-ENOMEM`` (no room in the address space).
         """
-        if length <= 0:
-            raise Misuse(f"mmap length {length}", errno.EINVAL)
-        if prot & ~_PROT_VALID:
-            raise Misuse(f"bad prot {prot:#x}", errno.EINVAL)
-        if offset < 0 or offset & _PAGE_MASK:
-            raise Misuse(f"unaligned mmap offset {offset:#x}", errno.EINVAL)
+        _check_mmap_args(length, prot, offset)
         if not _NAME.match(name):
             raise Misuse(f"bad shm name {name!r}", errno.EINVAL)
         try:
@@ -467,12 +471,7 @@ class Mm:
         ``-EPERM`` (``PROT_WRITE`` on write-sealed memory, as Linux's ``mmap``),
         ``-ENXIO`` (range past its end).  Refusals are counted as :meth:`map`'s.
         """
-        if length <= 0:
-            raise Misuse(f"mmap length {length}", errno.EINVAL)
-        if prot & ~_PROT_VALID:
-            raise Misuse(f"bad prot {prot:#x}", errno.EINVAL)
-        if offset < 0 or offset & _PAGE_MASK:
-            raise Misuse(f"unaligned mmap offset {offset:#x}", errno.EINVAL)
+        _check_mmap_args(length, prot, offset)
         if not 0 <= fd < FD_MAX or pid <= 0:
             raise Misuse(f"bad file descriptor {fd}", errno.EBADF)
         path = f"/proc/{pid}/fd/{fd}"
