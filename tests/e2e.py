@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -102,3 +104,43 @@ def nic_stats(name: str, dev: str = "eth0") -> dict[str, int]:
         if val.strip().lstrip("-").isdigit():
             counters[key] = int(val)
     return counters
+
+
+def status(name: str) -> dict[str, Any]:
+    """`zcrx status --json`, or {} while no kernel answers (one is being restarted)."""
+    res = zcrx("status", "--name", name, "--json", ok=False)
+    try:
+        st = json.loads(res.output) if res.exit_code == 0 else {}
+    except json.JSONDecodeError:
+        return {}
+    return st if isinstance(st, dict) else {}
+
+
+def nic_reprobed(name: str) -> bool:
+    """The run's kernel saw its NIC die and probed the new one (not just "up" from before)."""
+    st = status(name)
+    reprobes = st.get("nic_reprobes", 0)
+    return st.get("nic") == "up" and isinstance(reprobes, int) and reprobes >= 1
+
+
+@contextmanager
+def foreground_up(name: str, *up_args: str) -> Iterator[subprocess.Popen[str]]:
+    """`zcrx up --name NAME --foreground UP_ARGS` as a process, yielded once it said the
+    run is up (its output: stdout); killed and the run cleaned up afterwards whatever
+    happens.  Call inside :func:`runs_dir`."""
+    up = subprocess.Popen(
+        [sys.executable, "-m", "launch", "up", "--name", name, "--foreground", *up_args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert up.stdout is not None
+        while "is up" not in (line := up.stdout.readline()):
+            assert line, "zcrx up exited before the run was up"
+        yield up
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+        if up.stdout is not None:
+            up.stdout.close()
+        zcrx("cleanup", "--name", name, ok=False)

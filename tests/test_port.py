@@ -349,15 +349,6 @@ def link_addrs(ns: str, ifname: str) -> str:
     return out.stdout if out.returncode == 0 else ""
 
 
-def _reprobed(name: str) -> bool:
-    """The run's kernel has probed a restarted NIC (`zcrx status`)."""
-    res = zcrx("status", "--name", name, "--json", ok=False)
-    if res.exit_code != 0:
-        return False
-    st = json.loads(res.output)
-    return bool(st.get("nic") == "up" and st.get("nic_reprobes", 0) >= 1)
-
-
 def test_port_without_root_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     from tests.e2e import runs_dir
 
@@ -531,46 +522,31 @@ def test_a_restarted_nic_gets_its_tap_back_in_the_namespace(tmp_path: Path) -> N
     import time
 
     from launch.run import Run
-    from tests.e2e import runs_dir
+    from tests.e2e import foreground_up, nic_reprobed, runs_dir
 
     data = np.random.default_rng(4).integers(0, 256, 256 << 10, dtype=np.uint8).tobytes()
     src = tmp_path / "random.bin"
     src.write_bytes(data)
-    with runs_dir():
-        up = subprocess.Popen(
-            [sys.executable, "-m", "launch", "up", "--name", "taprs", "--foreground",
-             "--restart", "nic", "--netdev", "eth0:queues=2,mtu=4136,port=tap"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        try:
-            assert up.stdout is not None
-            while "is up" not in (line := up.stdout.readline()):
-                assert line, "zcrx up exited before the run was up"
-            run = Run.open("taprs")
-            ns, ifname = netns_name(run.run_id), tap_ifname(run.run_id, 0)
-            nic0 = run.m.procs["nic"].pid
-            zcrx("kill", "--name", "taprs", "nic")
-            deadline = time.monotonic() + 30
-            # Back means: a new NIC, its TAP in the namespace with its address and up, and
-            # the kernel's re-probe done (frames before it would find no started queue).
-            while not (Run.open("taprs").m.procs["nic"].pid != nic0 and link_in(ns, ifname)
-                       and "10.0.0.2/24" in link_addrs(ns, ifname) and _reprobed("taprs")):
-                assert time.monotonic() < deadline, "the NIC and its TAP did not come back"
-                time.sleep(0.05)
-            out_json = tmp_path / "copy.json"
-            zcrx("app", "run", "--name", "taprs", "--detach", "copy-server", "--",
-                 "-p", "9100", "-n", "1", "--json", str(out_json))
-            inject(ns, ifname, 9100, src)
-            wait_app("taprs", "app:0", 60)
-            (conn,) = json.loads(out_json.read_text())["connections"]
-            assert conn["sha256"] == hashlib.sha256(data).hexdigest()
-            zcrx("down", "--name", "taprs")
-            assert up.wait(30) == 0
-            assert not netns_exists(ns)
-        finally:
-            if up.poll() is None:
-                up.kill()
-                up.wait()
-            if up.stdout is not None:
-                up.stdout.close()
-            zcrx("cleanup", "--name", "taprs", ok=False)
+    with runs_dir(), foreground_up("taprs", "--restart", "nic", "--netdev",
+                                   "eth0:queues=2,mtu=4136,port=tap") as up:
+        run = Run.open("taprs")
+        ns, ifname = netns_name(run.run_id), tap_ifname(run.run_id, 0)
+        nic0 = run.m.procs["nic"].pid
+        zcrx("kill", "--name", "taprs", "nic")
+        deadline = time.monotonic() + 30
+        # Back means: a new NIC, its TAP in the namespace with its address and up, and
+        # the kernel's re-probe done (frames before it would find no started queue).
+        while not (Run.open("taprs").m.procs["nic"].pid != nic0 and link_in(ns, ifname)
+                   and "10.0.0.2/24" in link_addrs(ns, ifname) and nic_reprobed("taprs")):
+            assert time.monotonic() < deadline, "the NIC and its TAP did not come back"
+            time.sleep(0.05)
+        out_json = tmp_path / "copy.json"
+        zcrx("app", "run", "--name", "taprs", "--detach", "copy-server", "--",
+             "-p", "9100", "-n", "1", "--json", str(out_json))
+        inject(ns, ifname, 9100, src)
+        wait_app("taprs", "app:0", 60)
+        (conn,) = json.loads(out_json.read_text())["connections"]
+        assert conn["sha256"] == hashlib.sha256(data).hexdigest()
+        zcrx("down", "--name", "taprs")
+        assert up.wait(30) == 0
+        assert not netns_exists(ns)

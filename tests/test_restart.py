@@ -8,16 +8,13 @@ supervising launcher first, so nothing is brought back behind its back.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from launch.run import Run
-from tests.e2e import runs_dir, wait_app, zcrx
+from tests.e2e import foreground_up, nic_reprobed, runs_dir, status, wait_app, zcrx
 
 NAME = "rst"
 
@@ -35,23 +32,6 @@ def _pid(role: str) -> int | None:
     except Exception:
         return None
     return e.pid if e is not None and e.process() is not None else None
-
-
-def _status() -> dict[str, object]:
-    """`zcrx status --json`, or {} while no kernel answers (one is being restarted)."""
-    res = zcrx("status", "--name", NAME, "--json", ok=False)
-    try:
-        st = json.loads(res.output) if res.exit_code == 0 else {}
-    except json.JSONDecodeError:
-        return {}
-    return st if isinstance(st, dict) else {}
-
-
-def _reprobed() -> bool:
-    """The kernel saw the NIC die and probed the new one (not just "up" from before)."""
-    st = _status()
-    reprobes = st.get("nic_reprobes", 0)
-    return st.get("nic") == "up" and isinstance(reprobes, int) and reprobes >= 1
 
 
 def _zero_copy_works(tmp: Path, tag: str) -> None:
@@ -72,38 +52,24 @@ def _zero_copy_works(tmp: Path, tag: str) -> None:
 
 @pytest.mark.timeout(180)
 def test_restart_policy_brings_nic_and_kernel_back(tmp_path: Path) -> None:
-    with runs_dir():
-        up = subprocess.Popen(
-            [sys.executable, "-m", "launch", "up", "--name", NAME, "--foreground",
-             "--restart", "nic,kernel", "--netdev", "eth0:queues=2"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        try:
-            assert up.stdout is not None
-            line = up.stdout.readline()
-            assert "is up" in line, line
-            nic0 = _pid("nic")
-            assert nic0 is not None
+    with runs_dir(), foreground_up(NAME, "--restart", "nic,kernel",
+                                   "--netdev", "eth0:queues=2") as up:
+        nic0 = _pid("nic")
+        assert nic0 is not None
 
-            zcrx("kill", "--name", NAME, "nic")
-            _wait(lambda: _pid("nic") not in (None, nic0), "a new NIC")
-            _wait(_reprobed, "the kernel to re-probe the NIC")
-            _zero_copy_works(tmp_path, "after-nic")
+        zcrx("kill", "--name", NAME, "nic")
+        _wait(lambda: _pid("nic") not in (None, nic0), "a new NIC")
+        _wait(lambda: nic_reprobed(NAME), "the kernel to re-probe the NIC")
+        _zero_copy_works(tmp_path, "after-nic")
 
-            kernel0 = _pid("kernel")
-            zcrx("kill", "--name", NAME, "kernel")
-            _wait(lambda: _pid("kernel") not in (None, kernel0), "a new kernel")
-            _wait(lambda: _status().get("nic") == "up", "the new kernel to probe")
-            _zero_copy_works(tmp_path, "after-kernel")
+        kernel0 = _pid("kernel")
+        zcrx("kill", "--name", NAME, "kernel")
+        _wait(lambda: _pid("kernel") not in (None, kernel0), "a new kernel")
+        _wait(lambda: status(NAME).get("nic") == "up", "the new kernel to probe")
+        _zero_copy_works(tmp_path, "after-kernel")
 
-            zcrx("down", "--name", NAME)
-            assert up.wait(30) == 0
-            out = up.stdout.read()
-            assert "nic died; restarted" in out and "kernel died; restarted" in out
-        finally:
-            if up.poll() is None:
-                up.kill()
-                up.wait()
-            if up.stdout is not None:
-                up.stdout.close()
-            zcrx("cleanup", "--name", NAME, ok=False)
+        zcrx("down", "--name", NAME)
+        assert up.wait(30) == 0
+        assert up.stdout is not None
+        out = up.stdout.read()
+        assert "nic died; restarted" in out and "kernel died; restarted" in out
