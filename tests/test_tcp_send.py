@@ -12,6 +12,7 @@ reports ECONNRESET once, then EPIPE.
 from __future__ import annotations
 
 import errno
+from typing import Any
 
 import dpkt
 import numpy as np
@@ -241,6 +242,26 @@ def test_a_socket_that_never_sent_costs_the_rx_path_nothing() -> None:
     assert not h.out.senders
 
 
+def _accepted(ctx: Any, skbs: Any, app: Any, h: Host, sport: int  # noqa: F811
+              ) -> tuple[Any, int, int, Sender, Any]:
+    """A ring, a listener on 8000 and a connection from ``sport`` accepted through the ring,
+    its output side on ``h.out``: ``(ring, listener fd, connection fd, peer, socket)``."""
+    ctx.sockets.tx = h.out
+    ring = L.io_uring_queue_init(8, kernel=app)
+    lfd = app.listen_tcp(8000)
+    peer = Sender(ctx, skbs, sport=sport)
+    peer.connect()
+    sock = ctx.sockets.table.lookup(peer.key)
+    assert sock is not None
+    h.out.on_syn(sock, "eth0", PEER_MAC, b"")
+    h.out.after_ingest(sock)
+    sqe = L.io_uring_get_sqe(ring)
+    L.io_uring_prep_accept(sqe, lfd)
+    L.io_uring_submit(ring)
+    [(_, cfd, _)] = reap(ring)
+    return ring, lfd, cfd, peer, sock
+
+
 def test_iouring_send_op_queues_copies_waits_and_reports_errors(
         ctx, skbs, app) -> None:  # noqa: F811
     """IORING_OP_SEND through the io_uring layer onto a TcpOutput: bytes come from the app's
@@ -249,21 +270,9 @@ def test_iouring_send_op_queues_copies_waits_and_reports_errors(
     after the peer's RST a send reports ECONNRESET once, then EPIPE."""
     h = Host()
     out = h.out
-    ctx.sockets.tx = out
     out.sndbuf = 6000
-    ring = L.io_uring_queue_init(8, kernel=app)
-    lfd = app.listen_tcp(8000)
-    peer = Sender(ctx, skbs, sport=40010)
-    peer.connect()
-    sock = ctx.sockets.table.lookup(peer.key)
-    assert sock is not None
-    out.on_syn(sock, "eth0", PEER_MAC, b"")
-    out.after_ingest(sock)
+    ring, _, cfd, peer, sock = _accepted(ctx, skbs, app, h, 40010)
     out.take()
-    sqe = L.io_uring_get_sqe(ring)
-    L.io_uring_prep_accept(sqe, lfd)
-    L.io_uring_submit(ring)
-    [(_, cfd, _)] = reap(ring)
     mem = app.alloc_memory(16384)
     data = np.random.default_rng(5).integers(0, 256, 16384, dtype=np.uint8)
     mem.view[:] = data
@@ -327,19 +336,7 @@ def test_iouring_shutdown_op(ctx, skbs, app) -> None:  # noqa: F811
     """IORING_OP_SHUTDOWN: SHUT_WR then SEND is -EPIPE; SHUT_RD makes a RECV end with 0
     after the queued data; a listener or a bad ``how`` gives -ENOTCONN / -EINVAL."""
     h = Host()
-    ctx.sockets.tx = h.out
-    ring = L.io_uring_queue_init(8, kernel=app)
-    lfd = app.listen_tcp(8000)
-    peer = Sender(ctx, skbs, sport=40011)
-    peer.connect()
-    sock = ctx.sockets.table.lookup(peer.key)
-    assert sock is not None
-    h.out.on_syn(sock, "eth0", PEER_MAC, b"")
-    h.out.after_ingest(sock)
-    sqe = L.io_uring_get_sqe(ring)
-    L.io_uring_prep_accept(sqe, lfd)
-    L.io_uring_submit(ring)
-    [(_, cfd, _)] = reap(ring)
+    ring, lfd, cfd, peer, _ = _accepted(ctx, skbs, app, h, 40011)
     mem = app.alloc_memory(4096)
     for ud, (fd, how) in enumerate(((cfd, 1), (lfd, 1), (cfd, 7)), start=1):
         sqe = L.io_uring_get_sqe(ring)
