@@ -53,7 +53,8 @@ class Flow:
 class Outcome:
     cqes: list[tuple[int, int, int, int]]
     counters: list[dict[str, int]]
-    batched: int
+    batched: int          # turns taken batched
+    ahead: int            # rounds taken several at once
 
 
 def _scenario(tmp: Path, flows: list[Flow], order: list[int], cq_entries: int,
@@ -136,13 +137,14 @@ def _scenario(tmp: Path, flows: list[Flow], order: list[int], cq_entries: int,
         counters = [kt.counters(kt.call(lambda k, q=q: k.zcrx.ifqs[q].serial))
                     for q in (0, 1)]
         batched = int(kt.call(lambda k: k.zcrx.batched_turns))
+        ahead = int(kt.call(lambda k: k.zcrx.batched_rounds))
         for zq in zqs.values():
             zq.close()
         for ring in rings:
             L.io_uring_queue_exit(ring)
         for zq in zqs.values():
             zq.b.close()
-        return Outcome(cqes, counters, batched)
+        return Outcome(cqes, counters, batched, ahead)
     finally:
         app.close()
         kt.close()
@@ -152,7 +154,7 @@ def _compare(tmp: Path, flows: list[Flow], order: list[int], cq_entries: int,
              two_rings: bool) -> Outcome:
     turns = _scenario(tmp, flows, order, cq_entries, two_rings, batch=False)
     batched = _scenario(tmp, flows, order, cq_entries, two_rings, batch=True)
-    assert turns.batched == 0
+    assert turns.batched == 0 and turns.ahead == 0
     assert batched.cqes == turns.cqes
     diff = [(q, c, t[c], b[c]) for q, (t, b) in enumerate(zip(turns.counters, batched.counters,
                                                               strict=True)) for c in t
@@ -183,6 +185,17 @@ def test_round_of_many_sockets_is_one_batch_with_the_same_cqes(tmp_path: Path) -
     assert out.batched >= 4
     assert sum(c[1] for c in out.cqes) == sum(sum(f.lens) for f in flows)
     assert sum(c["recv_requeues"] for c in out.counters) == 3 + 2 + 1 + 2
+
+
+def test_several_rounds_in_one_batch_give_the_same_cqes(tmp_path: Path) -> None:
+    """Four long flows on one ring: whole rounds are taken several at once (Zcrx._rounds),
+    the last flow standing folds its remaining turns, and the stream is turn-by-turn's."""
+    flows = [Flow(1, [1000] * 110), Flow(0, [1448] * 100), Flow(1, [300] * 90, 300 * 85),
+             Flow(0, [64 + i for i in range(105)])]
+    out = _compare(tmp_path, flows, [3, 1, 0, 2], 4096, False)
+    assert out.ahead >= 2
+    assert sum(c[1] for c in out.cqes if c[1] > 0) == sum(
+        f.limit or sum(f.lens) for f in flows)
 
 
 def test_cq_full_mid_round_ends_that_request_with_enospc_as_turn_by_turn(
