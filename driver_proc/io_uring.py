@@ -539,13 +539,17 @@ class Ring:
         if self.waits:
             self.check_waits()
 
-    def post_big_batch(self, user_data: int, res: NDArray[np.int64], flags: NDArray[np.int64],
-                       big0: NDArray[np.int64]) -> int:
+    def post_big_batch(self, user_data: int | NDArray[np.uint64], res: NDArray[np.int64],
+                       flags: NDArray[np.int64], big0: NDArray[np.int64]) -> int:
         """Post 32-byte CQEs of one request (second half ``(big0[i], 0)``, e.g. a zcrx CQE's
         ``off``) straight into the CQ, in order, **never** into the overflow list (Linux
         ``io_defer_get_uncommited_cqe``).  On a CQE_MIXED ring each takes two slots and gets
-        ``IORING_CQE_F_32``.  Returns how many were posted (the rest did not fit; 0 on a ring
-        with 16-byte CQEs or while overflowed CQEs wait)."""
+        ``IORING_CQE_F_32``.  ``user_data`` is one request's, or one per CQE (the CQEs of
+        several requests' turns, in the order they would have been posted one by one).
+        Returns how many were posted (the rest did not fit; 0 on a ring with 16-byte CQEs or
+        while overflowed CQEs wait)."""
+        ud: Any = user_data
+        one = isinstance(ud, int)
         if self.closed:
             return 0
         if self.overflow:
@@ -555,8 +559,9 @@ class Ring:
         n = len(res)
         done = 0
         if self.mixed:
-            while done < n and self._put_mixed_big(user_data, int(res[done]), int(flags[done]),
-                                                   (int(big0[done]), 0)):
+            while done < n and self._put_mixed_big(
+                    ud if one else int(ud[done]),
+                    int(res[done]), int(flags[done]), (int(big0[done]), 0)):
                 done += 1
         elif self.cqe_dtype is abi.io_uring_cqe32:
             while done < n:
@@ -564,7 +569,7 @@ class Ring:
                 k = len(view)
                 if k == 0:
                     break
-                view["user_data"] = user_data
+                view["user_data"] = ud if one else ud[done:done + k]
                 view["res"] = res[done:done + k]
                 view["flags"] = flags[done:done + k]
                 view["zcrx_off"] = big0[done:done + k]

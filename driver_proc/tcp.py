@@ -455,6 +455,22 @@ class RxQueue:
             lens[-1] -= over
         return Pieces(hs, offs, lens)
 
+    def peek_head(self, n: int) -> Pieces:
+        """The first ``n`` pieces :meth:`peek` would return with no byte budget (all of them
+        when fewer are queued), without copying the rest: a reader that walks at most ``n``
+        skbs (RECV_ZC's turn) pays for ``n``, not for the whole queue."""
+        h, t = self._head, self._tail
+        k = min(n, t - h)
+        if k <= 0:
+            return Pieces.empty()
+        hs = self._h[h:h + k].copy()
+        offs = self._off[h:h + k].copy()
+        lens = self._len[h:h + k].copy()
+        skip = self._read - (int(self._end[h]) - int(self._len[h]))
+        offs[0] += skip
+        lens[0] -= skip
+        return Pieces(hs, offs, lens)
+
     def consume(self, nbytes: int) -> NDArray[np.int64]:
         """Mark the first ``nbytes`` readable bytes as read.
 

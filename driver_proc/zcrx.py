@@ -909,12 +909,13 @@ class RecvZcRequest(Request):
         """
         ifq = self.ifq
         rxq = conn.rxq
-        budget = rxq.nbytes if not self.limit else min(rxq.nbytes, self.left)
-        pieces = rxq.peek(budget)
         # With no other request waiting for its turn, consecutive passes (each yielding
         # after SKBS_PER_PASS skbs) would run back to back: do up to PASSES_PER_BATCH of
         # them in one batch; the CQE stream is the same, the requeues are still counted.
         most = SKBS_PER_PASS * (PASSES_PER_BATCH if fold else 1)
+        # (unlimited: one piece past the turn tells whether the turn ends by yielding)
+        pieces = (rxq.peek(min(rxq.nbytes, self.left)) if self.limit
+                  else rxq.peek_head(most + 1))
         cut = pieces.npieces > most
         if cut:
             pieces = Pieces(pieces.handles[:most], pieces.offsets[:most],
@@ -1170,6 +1171,13 @@ class Zcrx:
         #: every area space id ever registered (memory-traffic classification)
         self._area_ids_seen: set[int] = set()
         self._requeued: list[RecvZcRequest] = []
+        #: take a round's plain RECV_ZC turns as one numpy batch (:meth:`_turns`); False
+        #: takes every turn by itself (the reference the batch is tested against)
+        self.batch_rounds = True
+        #: turns taken batched so far, and whole rounds taken several at once by
+        #: :meth:`_rounds` (diagnostics and tests)
+        self.batched_turns = 0
+        self.batched_rounds = 0
         #: counters of ifqs already destroyed, summed
         self.retired: Counter[str] = Counter()
         self.counters: Counter[str] = Counter()
@@ -1786,15 +1794,439 @@ class Zcrx:
         :data:`REQUEUE_ROUNDS` rounds per call keep the kernel loop's latency bounded.
         """
         work = 0
-        for _ in range(REQUEUE_ROUNDS):
-            if not self._requeued:
-                break
+        rounds = REQUEUE_ROUNDS
+        ahead = self.batch_rounds
+        while rounds > 0 and self._requeued:
             batch, self._requeued = self._requeued, []
-            for req in batch:
-                if req.requeued and not req.done:
-                    req.attempt(issue=False)
-                    work += 1
+            if ahead and rounds > 1 and len(batch) > 1:
+                done, took = self._rounds(batch, rounds)
+                if done:
+                    rounds -= done
+                    work += took
+                    continue
+                ahead = False  # not now: round by round for the rest of this call
+            work += self._round(batch)
+            rounds -= 1
         return work + self.reap()
+
+    def _rounds(self, batch: list[RecvZcRequest], most: int) -> tuple[int, int]:
+        """Several whole rounds of plain turns (:meth:`_plain_run`) as one numpy batch, when
+        every request of ``batch`` takes a plain turn in each: member ``m`` walks
+        :data:`SKBS_PER_PASS` skbs per round while it has more, the CQEs go out round by
+        round in member order, a member still holding more skbs is requeued (in order) for
+        the next round, one that emptied its queue re-arms.  Nothing else runs between the
+        rounds of one :meth:`poll`, so this is what :meth:`_round` would do ``n`` times.
+
+        ``n`` (at most ``most``) stops before the first round in which some turn would not be
+        plain: a copy or a niov of another ifq, a CQ that cannot take the round's CQEs, a
+        ``len`` budget the turn uses up, or a request that would fold (no other request of
+        its ring with data left, nobody requeued yet in that round).  Returns ``(rounds
+        taken, turns taken)``; ``(0, 0)`` when fewer than two rounds qualify (the caller then
+        goes round by round)."""
+        k = len(batch)
+        conns: set[int] = set()
+        for req in batch:
+            conn = req.sock.conn
+            if (not req.requeued or req.done or conn is None or id(conn) in conns
+                    or not self._plain(req, conn, req.ring)):
+                return 0, 0
+            conns.add(id(conn))
+        rings = {id(r.ring): r.ring for r in batch}
+        # requests of each ring with data that are not in this batch: they stop any fold
+        # (one reading a member's socket too: not taken here)
+        others: dict[int, bool] = {}
+        members = set(map(id, batch))
+        for rid, rg in rings.items():
+            others[rid] = False
+            for o in rg.inflight:
+                if not isinstance(o, RecvZcRequest) or id(o) in members:
+                    continue
+                c = o.sock.conn
+                if c is None:
+                    continue
+                if id(c) in conns:
+                    return 0, 0
+                if c.rxq.nbytes:
+                    others[rid] = True
+        per = SKBS_PER_PASS
+        pcs = []
+        for req in batch:
+            conn = req.sock.conn
+            assert conn is not None
+            pcs.append(conn.rxq.peek_head(per * most + 1))
+        npc = np.fromiter((p.npieces for p in pcs), dtype=np.int64, count=k)
+        # rounds member m takes part in (it had more than per * r skbs before round r)
+        part = np.minimum(-(-npc // per), most)
+        n = int(min(most, part.max()))
+        m_ring = [id(r.ring) for r in batch]
+        # folding: in round r, a member before the round's first requeued one folds when no
+        # later member of the round shares its ring and no other request of it has data
+        # (round 0 included: that is the state the batch starts from)
+        part_l = part.tolist()
+        npc_l = npc.tolist()
+        by_ring: dict[int, list[int]] = {}
+        for x, rid in enumerate(m_ring):
+            by_ring.setdefault(rid, []).append(x)
+        for r in range(n):
+            stop = False
+            for x in range(k):
+                if part_l[x] <= r:
+                    continue  # done before this round
+                if not others[m_ring[x]] and not any(
+                        z > x and part_l[z] > r for z in by_ring[m_ring[x]]):
+                    stop = True
+                    break
+                if npc_l[x] > per * (r + 1):
+                    break  # requeued: nobody after it in this round folds
+            if stop:
+                n = r
+                break
+        if n < 2:
+            return 0, 0
+        allp = Pieces(np.concatenate([p.handles for p in pcs]),
+                      np.concatenate([p.offsets for p in pcs]),
+                      np.concatenate([p.lengths for p in pcs]))
+        starts = np.cumsum(npc) - npc
+        pmem = np.repeat(np.arange(k, dtype=np.int64), npc)
+        prnd = (np.arange(len(pmem), dtype=np.int64) - starts[pmem]) // per
+        keep = prnd < n
+        if not keep.all():
+            allp = Pieces(allp.handles[keep], allp.offsets[keep], allp.lengths[keep])
+            pmem, prnd = pmem[keep], prnd[keep]
+        # len budgets: a member's budget must outlast every turn it takes
+        kept = np.minimum(npc, per * n).tolist()
+        first = 0
+        for x, req in enumerate(batch):
+            c = kept[x]
+            if req.limit:
+                # bytes walked by the end of each of its rounds (its pieces are contiguous)
+                walked = np.cumsum(allp.lengths[first:first + c])
+                ends = walked[np.minimum(np.arange(per - 1, c + per - 1, per), c - 1)]
+                over = np.flatnonzero(ends >= req.left)
+                if len(over):
+                    n = min(n, int(over[0]))
+            first += c
+        if n < 2:
+            return 0, 0
+        piece, src, buf, boff, ln, _ = self._chunks(allp)
+        mem = pmem[piece]
+        rnd = prnd[piece]
+        ifq_ix: dict[int, int] = {}
+        ifqs: list[Ifq] = []
+        for req in batch:
+            if id(req.ifq) not in ifq_ix:
+                ifq_ix[id(req.ifq)] = len(ifqs)
+                ifqs.append(req.ifq)
+        m_ifq = np.fromiter((ifq_ix[id(r.ifq)] for r in batch), dtype=np.int64, count=k)
+        sids = np.concatenate([q.spaces.sids for q in ifqs])
+        nsp = [len(q.spaces) for q in ifqs]
+        owner = np.repeat(np.arange(len(ifqs), dtype=np.int64), nsp)
+        area = np.concatenate([np.arange(c, dtype=np.int64) for c in nsp])
+        order = np.argsort(sids, kind="stable")
+        at = order[np.minimum(np.searchsorted(sids[order], src), len(sids) - 1)]
+        c_ifq = m_ifq[mem]
+        zc = (sids[at] == src) & (owner[at] == c_ifq)
+        if not bool(zc.all()):
+            n = min(n, int(rnd[~zc].min()))
+        # CQ room: every round's CQEs of a ring, in order, must fit
+        ring_ix = {rid: x for x, rid in enumerate(rings)}
+        c_ring = np.fromiter((ring_ix[rid] for rid in m_ring), dtype=np.int64, count=k)[mem]
+        for rid, rg in rings.items():
+            sel = rnd[c_ring == ring_ix[rid]]
+            per_round = np.bincount(sel, minlength=n)[:n]
+            over = np.flatnonzero(np.cumsum(per_round) > rg.cq_room())
+            if len(over):
+                n = min(n, int(over[0]))
+        if n < 2:
+            return 0, 0
+        # -- from here on state changes: take rounds 0 .. n-1 ---------------------------------
+        sel = rnd < n
+        if not sel.all():
+            mem, rnd, buf, boff, ln, at, c_ifq, c_ring, piece = (
+                x[sel] for x in (mem, rnd, buf, boff, ln, at, c_ifq, c_ring, piece))
+        # CQE order: round by round, members in order, each member's chunks in stream order
+        cq = np.argsort(rnd * k + mem, kind="stable")
+        ar = area[at]
+        key = buf | (ar << KEY_SHIFT)
+        bl = np.fromiter((q.spaces.buf_len for q in ifqs), dtype=np.int64, count=len(ifqs))
+        off = buf * bl[c_ifq]
+        off += boff
+        off |= ar << abi.IORING_ZCRX_AREA_SHIFT
+        res = ln.astype(np.int64, copy=False)
+        uds = np.fromiter((r.user_data for r in batch), dtype=np.uint64, count=k)
+        for x, rg in enumerate(rings.values()):
+            rows = cq if len(rings) == 1 else cq[c_ring[cq] == x]
+            flags = np.full(len(rows), abi.IORING_CQE_F_MORE, dtype=np.int64)
+            if rg.post_big_batch(uds[mem[rows]], res[rows], flags, off[rows]) != len(rows):
+                raise InvariantBroken(f"{rg}: CQ room shrank under RECV_ZC rounds")
+        if len(ifqs) == 1:
+            for space, b in ifqs[0].spaces.groups(key):
+                space.get_user(b)
+        else:
+            by = np.argsort(c_ifq, kind="stable")
+            ends = np.cumsum(np.bincount(c_ifq, minlength=len(ifqs))).tolist()
+            start = 0
+            for q, end in zip(ifqs, ends, strict=True):
+                if end > start:
+                    for space, b in q.spaces.groups(key[by[start:end]]):
+                        space.get_user(b)
+                start = end
+        taken = np.minimum(part, n)
+        tpieces = np.minimum(npc, taken * per)
+        nbytes = np.bincount(pmem[prnd < n], weights=allp.lengths[prnd < n],
+                             minlength=k).astype(np.int64).tolist()
+        cnt_l = np.bincount(mem, minlength=k).tolist()
+        taken_l = taken.tolist()
+        more = (npc > tpieces).tolist()
+        one_free = len(ifqs) == k and all(len(q.spaces) == 1 for q in ifqs)
+        freed: list[NDArray[np.int64]] = []
+        work = 0
+        for x, req in enumerate(batch):
+            conn = req.sock.conn
+            assert conn is not None
+            got = conn.rxq.consume(nbytes[x])
+            if one_free:
+                freed.append(got)
+            else:
+                self.sockets.free(got)
+            st = req.ifq.counters
+            st["zc_cqes"] += cnt_l[x]
+            st["zc_bytes"] += nbytes[x]
+            if req.limit:
+                req.left -= nbytes[x]
+            # every round it took ended by yielding but (maybe) the last
+            t = taken_l[x]
+            st["recv_requeues"] += t if more[x] else t - 1
+            work += t
+            req.requeued = False
+            if more[x]:
+                self._requeue_req(req)
+            else:
+                req.arm()
+        if freed:
+            self.sockets.free(np.concatenate(freed))
+        self.batched_turns += work
+        self.batched_rounds += n
+        return n, work
+
+    def _round(self, batch: list[RecvZcRequest]) -> int:
+        """One round of requeued RECV_ZC requests, each taking its turn in order; returns
+        the turns taken.  Runs of plain turns go through :meth:`_turns` as one numpy batch
+        (the same CQEs, order, counters and requeues as turn by turn); any turn it cannot
+        take that way is taken by the request itself (:meth:`RecvZcRequest.attempt`)."""
+        work = 0
+        i, n = 0, len(batch)
+        batching = self.batch_rounds
+        while i < n:
+            if batching and n - i > 1:
+                j, took, batching = self._turns(batch, i)
+                work += took
+                i = j
+                if i >= n:
+                    break
+            req = batch[i]
+            if req.requeued and not req.done:
+                req.attempt(issue=False)
+                work += 1
+            i += 1
+        return work
+
+    @staticmethod
+    def _plain(req: RecvZcRequest, conn: TcpReceiver, ring: Ring) -> bool:
+        """What makes a turn plain whatever the other members (see :meth:`_plain_run`)."""
+        return not (req.ifq.state != "live" or req.ifq.nodev
+                    or ring.cqe_dtype is not abi.io_uring_cqe32 or ring.mixed
+                    or bool(ring.overflow) or ring.closed
+                    or conn.rxq.nbytes == 0 or conn.end_status() is not None)
+
+    def _plain_run(self, batch: list[RecvZcRequest], i: int
+                   ) -> tuple[list[RecvZcRequest], list[Pieces], list[bool], list[int], int]:
+        """The run of requests from ``batch[i]`` whose turns are *plain*: each walks up to
+        :data:`SKBS_PER_PASS` skbs of a socket no other member reads, then either yields
+        (requeued) or empties the queue and re-arms; nothing ends the request (a ``len``
+        budget that outlasts the turn, no pending EOF or error, a live ifq on a hardware
+        queue), the ring takes
+        32-byte CQEs with nothing overflowed and has a CQ slot for each piece walked, and no
+        turn would fold (:meth:`RecvZcRequest._may_fold`: decided on the state before the
+        run, so a member that could fold ends the run).  Returns ``(members, their pieces,
+        whether each yields, their indices in batch, index past the run)``; entries that are
+        no longer requeued (no-ops turn by turn too) are passed over."""
+        members: list[RecvZcRequest] = []
+        pieces: list[Pieces] = []
+        cuts: list[bool] = []
+        pos: list[int] = []
+        conns: set[int] = set()
+        room: dict[int, int] = {}
+        fold_possible = not self._requeued
+        j, n = i, len(batch)
+        while j < n:
+            req = batch[j]
+            if not req.requeued or req.done:
+                j += 1
+                continue
+            conn = req.sock.conn
+            ring = req.ring
+            if conn is None or id(conn) in conns or not self._plain(req, conn, ring):
+                break
+            # Nobody requeued yet this round: the first member decides whether it folds on
+            # the real state; a later one would decide on a state the run changed.
+            if fold_possible and (members or req._may_fold()):
+                break
+            pc = conn.rxq.peek_head(SKBS_PER_PASS + 1)
+            cut = pc.npieces > SKBS_PER_PASS
+            if cut:
+                pc = Pieces(pc.handles[:SKBS_PER_PASS], pc.offsets[:SKBS_PER_PASS],
+                            pc.lengths[:SKBS_PER_PASS])
+            # A ``len`` budget the turn would use up ends the request: not plain.  One it
+            # outlasts cuts nothing (peek within the budget gives these same pieces).
+            if req.limit and req.left <= int(pc.lengths.sum()):
+                break
+            # every piece is at least one CQE: a member its ring's CQ cannot take ends the run
+            left = room.get(id(ring))
+            if left is None:
+                left = ring.cq_room()
+            left -= pc.npieces
+            if left < 0:
+                break
+            room[id(ring)] = left
+            if cut:
+                fold_possible = False  # it is requeued: no later member folds
+            members.append(req)
+            pieces.append(pc)
+            cuts.append(cut)
+            pos.append(j)
+            conns.add(id(conn))
+            j += 1
+        return members, pieces, cuts, pos, j
+
+    def _turns(self, batch: list[RecvZcRequest], i: int) -> tuple[int, int, bool]:
+        """Take the plain turns (:meth:`_plain_run`) from ``batch[i]`` as one numpy batch:
+        the chunks of every member's skbs resolved together, one zero-copy check against
+        every member's ifq areas, one CQ post per ring (the members' CQEs in turn order),
+        then each member's references, receive queue, counters and requeue or re-arm, as
+        :meth:`RecvZcRequest._pass` and :meth:`RecvZcRequest.attempt` do them.
+
+        Only turns that hand over every chunk in place and fit their ring's CQ are taken:
+        the run is cut before the first member with a copy, a niov of another ifq or too
+        little CQ room (checked before anything changes), and that member takes its turn
+        by itself.  Returns ``(index of the first entry not taken, turns taken, whether
+        the rest of the round may be batched)``: after such a cut the round's other turns
+        are taken one by one (rare: a round is not rebuilt once per member)."""
+        members, pcs, cuts, pos, j = self._plain_run(batch, i)
+        if len(members) < 2:
+            return i, 0, True  # nothing to batch: batch[i] takes its turn by itself
+        k = len(members)
+        npc = np.fromiter((p.npieces for p in pcs), dtype=np.int64, count=k)
+        allp = Pieces(np.concatenate([p.handles for p in pcs]),
+                      np.concatenate([p.offsets for p in pcs]),
+                      np.concatenate([p.lengths for p in pcs]))
+        piece, src, buf, boff, ln, _ = self._chunks(allp)
+        mem = np.repeat(np.arange(k, dtype=np.int64), npc)[piece]
+        # the members' ifqs and their areas: which chunks are niovs of their own ifq
+        ifq_ix: dict[int, int] = {}
+        ifqs: list[Ifq] = []
+        for req in members:
+            if id(req.ifq) not in ifq_ix:
+                ifq_ix[id(req.ifq)] = len(ifqs)
+                ifqs.append(req.ifq)
+        m_ifq = np.fromiter((ifq_ix[id(r.ifq)] for r in members), dtype=np.int64, count=k)
+        sids = np.concatenate([q.spaces.sids for q in ifqs])
+        nsp = [len(q.spaces) for q in ifqs]
+        owner = np.repeat(np.arange(len(ifqs), dtype=np.int64), nsp)
+        area = np.concatenate([np.arange(c, dtype=np.int64) for c in nsp])
+        order = np.argsort(sids, kind="stable")
+        ssids = sids[order]
+        at = order[np.minimum(np.searchsorted(ssids, src), len(ssids) - 1)]
+        c_ifq = m_ifq[mem]
+        zc = (sids[at] == src) & (owner[at] == c_ifq)
+        # one CQE per chunk; members taken: a prefix whose CQEs all fit and are all in place
+        cnt = np.bincount(mem, minlength=k)
+        take = k
+        if not bool(zc.all()):
+            take = int(mem[int(np.argmin(zc))])
+        room: dict[int, int] = {}
+        cnt_l = cnt.tolist()
+        for x in range(take):
+            ring = members[x].ring
+            left = room.get(id(ring))
+            if left is None:
+                left = ring.cq_room()
+            left -= cnt_l[x]
+            if left < 0:
+                take = x
+                break
+            room[id(ring)] = left
+        if take < 2:
+            return pos[0], 0, False  # the first member takes its turn by itself
+        # -- from here on state changes: take the turns of members[:take] ----------------
+        nrow = int(cnt[:take].sum())
+        if nrow < len(mem):
+            mem, buf, boff, ln, at, c_ifq = (
+                x[:nrow] for x in (mem, buf, boff, ln, at, c_ifq))
+        ar = area[at]
+        key = buf | (ar << KEY_SHIFT)
+        bl = np.fromiter((q.spaces.buf_len for q in ifqs), dtype=np.int64, count=len(ifqs))
+        off = buf * bl[c_ifq]
+        off += boff
+        off |= ar << abi.IORING_ZCRX_AREA_SHIFT
+        res = ln.astype(np.int64, copy=False)
+        flags = np.full(nrow, abi.IORING_CQE_F_MORE, dtype=np.int64)
+        uds = np.fromiter((r.user_data for r in members[:take]), dtype=np.uint64, count=take)
+        rings = {id(r.ring): r.ring for r in members[:take]}
+        parts: list[tuple[Ring, Any]]
+        if len(rings) == 1:
+            parts = [(next(iter(rings.values())), slice(None))]
+        else:
+            m_ring = np.fromiter((list(rings).index(id(r.ring)) for r in members[:take]),
+                                 dtype=np.int64, count=take)[mem]
+            parts = [(rg, np.flatnonzero(m_ring == x)) for x, rg in enumerate(rings.values())]
+        for ring, rows in parts:
+            want = nrow if isinstance(rows, slice) else len(rows)
+            if ring.post_big_batch(uds[mem[rows]], res[rows], flags[rows], off[rows]) != want:
+                raise InvariantBroken(f"{ring}: CQ room shrank under a RECV_ZC round")
+        # a niov frag gains one page-pool and one user reference (io_zcrx_recv_frag)
+        if len(ifqs) == 1:
+            for space, b in ifqs[0].spaces.groups(key):
+                space.get_user(b)
+        else:
+            by = np.argsort(c_ifq, kind="stable")
+            ends = np.cumsum(np.bincount(c_ifq, minlength=len(ifqs))).tolist()
+            start = 0
+            for q, end in zip(ifqs, ends, strict=True):
+                if end > start:
+                    for space, b in q.spaces.groups(key[by[start:end]]):
+                        space.get_user(b)
+                start = end
+        # each member's receive queue, counters and next step, in turn order
+        starts = np.cumsum(npc) - npc
+        nbytes = np.add.reduceat(allp.lengths, starts[:take]).tolist()
+        freed: list[NDArray[np.int64]] = []
+        # one free for all when no two members share a pool (order within a pool kept)
+        one_free = len(ifqs) == take and all(len(q.spaces) == 1 for q in ifqs)
+        for x in range(take):
+            req = members[x]
+            conn = req.sock.conn
+            assert conn is not None
+            got = conn.rxq.consume(nbytes[x])
+            if one_free:
+                freed.append(got)
+            else:
+                self.sockets.free(got)
+            st = req.ifq.counters
+            st["zc_cqes"] += cnt_l[x]
+            st["zc_bytes"] += nbytes[x]
+            if req.limit:
+                req.left -= nbytes[x]
+            req.requeued = False
+            if cuts[x]:
+                st["recv_requeues"] += 1
+                self._requeue_req(req)
+            else:
+                req.arm()  # the queue is empty and nothing ended: wait for readiness
+        if freed:
+            self.sockets.free(np.concatenate(freed))
+        self.batched_turns += take
+        return (pos[take], take, False) if take < k else (j, take, True)
 
     def reap(self) -> int:
         """Finish the delayed destructions whose niovs all came home; returns how many."""
