@@ -676,14 +676,16 @@ def segment_size(payload: int | None, mtu: int = MTU) -> int:
 def run_zcrx_bench(total: int = DEFAULT_BYTES, flows: int = 1, repeat: int = 1,
                    copy_buf: int = DEFAULT_COPY_BUF, timeout: float = 120.0,
                    zcrx_args: list[str] | None = None, progress: Progress | None = None,
-                   payload: int | None = None, mtu: int = MTU) -> dict[str, Any]:
+                   payload: int | None = None, mtu: int = MTU, gro_hw: bool = False
+                   ) -> dict[str, Any]:
     """Issue 4: zero copy, the copy path and loopback TCP in one run, with the targets.
 
     ``mtu`` is the netdev's (default: the one whose MSS is 4 KiB); ``payload`` the bytes per
     segment (default and at most the MSS).  Loopback TCP sends messages of the same size.
     With a ``payload`` below 4 KiB the bare shared-memory ring's rate for entries of that
     size at the generator's batch (512) is measured in the same run: the ceiling of any
-    design that moves those bytes through a shm ring in Python.
+    design that moves those bytes through a shm ring in Python.  ``gro_hw``: the NIC
+    coalesces segments (``ethtool -K eth0 rx-gro-hw on``) for both emulated modes.
     """
     say = progress or (lambda m: None)
     segment = segment_size(payload, mtu)
@@ -693,8 +695,8 @@ def run_zcrx_bench(total: int = DEFAULT_BYTES, flows: int = 1, repeat: int = 1,
         say("starting the run")
         # RSS: everything else on queue 0; the zero-copy flow steered to ZC_QUEUE.
         br = BenchRun(queues=2, ethtool=[
-            "-X eth0 equal 1", f"-N eth0 flow-type tcp4 dst-port {ZC_PORT} action {ZC_QUEUE}"],
-            mtu=mtu)
+            "-X eth0 equal 1", f"-N eth0 flow-type tcp4 dst-port {ZC_PORT} action {ZC_QUEUE}",
+            *(["-K eth0 rx-gro-hw on"] if gro_hw else [])], mtu=mtu)
         try:
             sport = 40000
             for rep in range(repeat):
@@ -736,6 +738,7 @@ def run_zcrx_bench(total: int = DEFAULT_BYTES, flows: int = 1, repeat: int = 1,
         ratios["zcrx/bare ring (Mpps)"] = _ratio(zc.mpps, ring["mpps"])
     return {
         "bench": "zcrx", "payload": segment, "mtu": mtu, "rx_buf_len": RX_BUF_LEN,
+        "gro_hw": gro_hw,
         "bytes": total, "flows": flows, "repeat": repeat, "copy_buf": copy_buf,
         "touch": TOUCH, "rows": [r.to_dict() for r in rows.values()],
         "all_runs": {k: [r.to_dict() for r in v] for k, v in every.items()},
