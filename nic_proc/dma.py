@@ -308,6 +308,10 @@ class DmaQueue:
         #: offset, mask of the header bytes that must be equal within a session)
         self._gro_cols: dict[tuple[bytes, int], tuple[int, npt.NDArray[np.uint8] | None]] = {}
         self._gro_buf = np.zeros((0, 8), np.uint8)
+        self._gro_steps: dict[int, npt.NDArray[np.uint32]] = {}
+        self._gro_chunk_cache: dict[tuple[int, int, int], tuple[
+            npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64],
+            npt.NDArray[np.int64]]] = {}
 
     def detach(self) -> None:
         """Drop every view into the queue memory: no DMA into it can follow."""
@@ -582,7 +586,7 @@ class DmaQueue:
         self._gro_cols[key] = out
         return out
 
-    def _gro_join_uniform(self, H: npt.NDArray[np.uint8], hl: int, pl: I64
+    def _gro_join_uniform(self, H: npt.NDArray[np.uint8], hl: int, pl: I64 | int
                           ) -> npt.NDArray[np.bool_]:
         """:meth:`_gro_sessions` for frames of one header length: ``join[1:]``.  The
         headers are copied once into a contiguous, word-padded array (frame rows may lie
@@ -603,10 +607,13 @@ class DmaQueue:
         hc &= mask
         words = hc.view(np.uint64)
         join = ~(words[1:] != words[:-1]).any(axis=1)
-        join &= (seq[1:] - seq[:-1]) == pl[:-1]
         join &= ~psh[:-1]
-        join &= pl[1:] <= pl[:-1]
-        join &= pl[1:] > 0
+        if isinstance(pl, int):  # one payload length (> 0, the caller checked)
+            join &= (seq[1:] - seq[:-1]) == pl
+        else:
+            join &= (seq[1:] - seq[:-1]) == pl[:-1]
+            join &= pl[1:] <= pl[:-1]
+            join &= pl[1:] > 0
         # candidates: a run of equal frames is when its first frame is; the mask keeps
         # every byte the checks read, so they run on the masked copy of the run starts
         starts = np.concatenate(([0], np.flatnonzero(~join) + 1))
@@ -618,7 +625,8 @@ class DmaQueue:
             cand &= (hs[:, 20] == 0) & (hs[:, 21] == 0) & (hs[:, 23] == 6)
         else:
             cand &= hs[:, 20] == 6
-        cand &= pl[starts] > 0
+        if not isinstance(pl, int):
+            cand &= pl[starts] > 0
         if not cand.all():
             join &= cand[np.cumsum(~join)]
         return join
@@ -701,8 +709,14 @@ class DmaQueue:
         self.need_bufs = 0
         room = min(avail, fill.nentries - start, n_req)
         d = fill.ring[start:start + room]
+        if bsz <= 0:
+            return n_req
+        if uni is not None:
+            got = self._place_gro_run(frames, rows, rss_hash, uni, bsz, d, avail, room)
+            if got is not None:
+                return got
         dlen = d["len"]
-        if bsz <= 0 or int(dlen.min()) != bsz or int(dlen.max()) != bsz:
+        if int(dlen.min()) != bsz or int(dlen.max()) != bsz:
             return n_req
         plan = self._gro_sessions(frames, rows, hl_all, pl_all, bsz)
         if plan is None:
@@ -825,6 +839,136 @@ class DmaQueue:
             st[_C_DROPPED] += n_fault_frames
             st[_C_FAULT] += n_fault_frames
         return PlaceResult(n, placed, starved, self._take_irq(m))
+
+    def _place_gro_run(self, frames: Frames, rows: Index, rss_hash: npt.ArrayLike,
+                       shape: tuple[int, int, int], bsz: int, d: np.ndarray, avail: int,
+                       room: int) -> PlaceResult | None:
+        """The steady state of :meth:`_place_gro` in a fixed number of numpy calls: frames
+        of one shape that form one run (one flow, in order, no PSH but on the last), and
+        buffers in one mapping, so the sessions are chunks of ``per`` frames.  None when
+        that does not hold (the general path takes over, with identical results)."""
+        hl, p0, fl = shape
+        n_req = _nrows(rows)
+        H = frames.hdr[rows]
+        l4, mask = self._gro_layout(H[0], hl)
+        if mask is None or H.shape[1] < hl or not self._gro_one_run(H, hl, p0, l4, mask):
+            return None
+        per = max(1, min(GRO_MAX_SEGS, min(bsz, _GRO_MAX_IP_LEN - (hl - 14)) // p0))
+        if per == 1:
+            return None
+        comp = self.comp
+        ns = -(-n_req // per)
+        cfree = comp.nentries - comp.pending()
+        if cfree < ns:
+            cfree = comp.space()
+        m = min(ns, cfree, room)
+        if m == 0:
+            return PlaceResult(0, 0, True, False)
+        dm = d[:m]
+        dlen = dm["len"]
+        if int(dlen.min()) != bsz or int(dlen.max()) != bsz:
+            return None
+        mid, off, ok = self.iommu.translate(dm["iova"], dlen)
+        m0 = int(mid[0])
+        if not ok.all() or int(mid.max()) != m0 or int(mid.min()) != m0:
+            return None
+        n = min(n_req, m * per)
+        starved = m < ns and m in (cfree, avail)
+        if m < ns and m == avail:
+            self.need_bufs = 1
+        r = _head(rows, n)
+        sid, intra, first, segs = self._gro_chunks(n, per, p0)
+        self.iommu.get(m0).window(p0)[off[sid] + intra] = frames.pay[r, :p0]
+        s0 = comp.tail & self._slot_mask
+        slot_no = (self._arange[:m] + comp.tail) & self._slot_mask
+        slot_rows: Index = slice(s0, s0 + m) if s0 + m <= self.slots.shape[0] else slot_no
+        self.slots[slot_rows, :hl] = frames.hdr[_compose(r, first), :hl]
+        total = segs * p0
+        k = m if segs[-1] > 1 else m - 1  # a last session of one frame is a plain frame
+        if k:
+            self._gro_fix_headers(frames, r, slot_no[:k], (first + segs - 1)[:k],
+                                  np.full(k, hl, np.int64), l4, total[:k])
+        cq = np.zeros(m, abi.nic_rx_cqe)
+        cq["hdr_slot"] = slot_no
+        cq["hdr_len"] = hl
+        cq["payload_off"] = hl
+        cq["data_len"] = total
+        cq["nr_frags"] = 1
+        cq["queue"] = self.queue
+        h = np.asarray(rss_hash)
+        cq["rss_hash"] = h if h.ndim == 0 else h[:n:per]
+        cq["tstamp_ns"] = self.clock()
+        cq["flags"] = _F_GRO
+        cq["gso_segs"] = segs
+        cq["gso_size"] = p0
+        if k < m:
+            cq[-1]["flags"] = _F_SPLIT
+            cq[-1]["gso_segs"] = 0
+            cq[-1]["gso_size"] = 0
+        comp.push(cq)
+        self.fill.release(m)
+        self.completed += m
+        st = self.stats
+        st[_C_PACKETS] += n
+        st[_C_BYTES] += n * fl
+        st[_C_SPLIT] += n
+        st[_C_FRAGS] += m
+        if k:
+            wire_n = n - (m - k)
+            st[_C_GRO_PKTS] += k
+            st[_C_GRO_BYTES] += k * hl + wire_n * p0
+            st[_C_GRO_WIRE_PKTS] += wire_n
+            st[_C_GRO_WIRE_BYTES] += wire_n * fl
+        return PlaceResult(n, n, starved, self._take_irq(m))
+
+    def _gro_one_run(self, H: npt.NDArray[np.uint8], hl: int, p0: int, l4: int,
+                     mask: npt.NDArray[np.uint8]) -> bool:
+        """True when the frames ``H`` (headers of ``hl`` bytes, payloads of ``p0``) are one
+        run: the first a candidate, every one equal to it under ``mask``, the sequence
+        numbers ``p0`` apart, no PSH before the last."""
+        n = H.shape[0]
+        W = mask.shape[0]
+        buf = self._gro_buf
+        if buf.shape[0] < n or buf.shape[1] != W:
+            buf = self._gro_buf = np.zeros((max(n, 512), W), np.uint8)
+        hc = buf[:n]
+        hc[:, :hl] = H[:, :hl]
+        seq = hc[:, l4 + 4:l4 + 8].view(">u4")[:, 0].astype(np.uint32)
+        steps = self._gro_steps.get(p0)
+        if steps is None or steps.shape[0] < n:
+            steps = self._gro_steps[p0] = (np.arange(max(n, 512), dtype=np.int64) * p0
+                                           ).astype(np.uint32)
+        seq -= seq[0]
+        if not np.array_equal(seq, steps[:n]):
+            return False
+        if (hc[:-1, l4 + 13] & _TCP_PSH).any():
+            return False
+        hc &= mask
+        h0 = hc[0]
+        if h0[l4 + 13] != _TCP_ACK or h0[l4 + 12] >> 4 != (hl - l4) // 4 or (
+                l4 == 34 and (h0[20] or h0[21] or h0[23] != 6)) or (l4 == 54 and h0[20] != 6):
+            return False
+        words = hc.view(np.uint64)
+        return bool((words == words[0]).all())
+
+    def _gro_chunks(self, n: int, per: int, p0: int
+                    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64],
+                               npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """Sessions of ``per`` frames of ``p0`` bytes over ``n`` frames: each frame's
+        session, its offset in the session's buffer, each session's first frame and
+        segment count (cached: the steady state asks the same every batch)."""
+        key = (n, per, p0)
+        got = self._gro_chunk_cache.get(key)
+        if got is None:
+            idx = np.arange(n, dtype=np.int64)
+            m = -(-n // per)
+            segs = np.full(m, per, np.int64)
+            segs[-1] = n - (m - 1) * per
+            got = (idx // per, (idx % per) * p0, idx[::per], segs)
+            if len(self._gro_chunk_cache) >= 64:
+                self._gro_chunk_cache.clear()
+            self._gro_chunk_cache[key] = got
+        return got
 
     def _gro_fix_headers(self, frames: Frames, r: Index, slot_no: npt.NDArray[np.int64],
                          last: npt.NDArray[np.intp], hl: I64, l4: I64 | int, total: I64
