@@ -420,3 +420,39 @@ def test_small_segments_arrive_zero_copy_in_few_cqes(tmp_path: Path) -> None:
     assert nic["rx-1.drv_rx_packets"] == nic["rx-1.packets"]  # SYN and FIN included
     assert nic["rx-1.drv_rx_hw_gro_packets"] == nic["rx-1.hw_gro_packets"] > 0
     assert nic["rx-1.drv_rx_hw_gro_wire_packets"] == nic["rx-1.hw_gro_wire_packets"]
+
+
+@pytest.mark.parametrize("n,buf_len", [(512, 4096), (130, 4096), (100, 1024), (7, 65536)])
+def test_the_steady_state_path_matches_the_general_one(run_id: str, monkeypatch: pytest.MonkeyPatch,
+                                                       n: int, buf_len: int) -> None:
+    """One flow of one frame shape takes the fixed-cost path; with it disabled the general
+    path must produce the same completions, header slots, buffers and counters."""
+    from nic_proc.dma import DmaQueue
+
+    seen = []
+    took: list[bool] = []
+    real = DmaQueue._place_gro_run
+
+    def spy(*a: object, **kw: object) -> object:
+        got = real(*a, **kw)  # type: ignore[arg-type]
+        took.append(got is not None)
+        return got
+
+    for fast in (True, False):
+        monkeypatch.setattr(DmaQueue, "_place_gro_run",
+                            spy if fast else (lambda *a, **k: None))
+        k = Kernel(f"{run_id}{int(fast)}", ring=512, nbufs=64, buf_len=buf_len)
+        k.cfg.gro_hw = True
+        try:
+            fr = frames_of(builder(batch=512), [64] * n, flags=[ACK] * (n - 1) + [ACK | PSH])
+            k.post(64)
+            res = k.dq.place(fr, None, 77)
+            got = k.reap()
+            cqes = [(int(e["flags"]), int(e["gso_segs"]), int(e["gso_size"]), int(e["data_len"]),
+                     int(e["hdr_slot"]), int(e["rss_hash"])) for e, _ in got]
+            seen.append((res, cqes, [f for _, f in got], k.stats.tolist()))
+        finally:
+            k.close()
+    assert took and all(took)  # the first round did take the steady-state path
+    assert seen[0] == seen[1]
+    assert seen[0][1][0][1] == min(n, GRO_MAX_SEGS, buf_len // 64)
