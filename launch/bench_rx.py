@@ -217,11 +217,12 @@ def _signals_ignored() -> Iterator[None]:
 
 
 def bench_topology(name: str, queues: int, rx: int = RX_RING,
-                   ethtool: Sequence[str] = (), mtu: int = MTU) -> Topology:
+                   ethtool: Sequence[str] = (), mtu: int = MTU,
+                   rx_buf_len: int = RX_BUF_LEN) -> Topology:
     """The bench's run as data: one netdev ``eth0`` with ``queues`` RX queues of ``rx``
     entries, the MTU whose MSS is :data:`PAYLOAD`, ``rx-buf-len`` :data:`RX_BUF_LEN`, and
     ``ethtool`` settings applied once it is up; no apps (each measurement starts its own)."""
-    spec = NetdevSpec(name="eth0", queues=queues, mtu=mtu, rx_buf_len=RX_BUF_LEN, rx=rx)
+    spec = NetdevSpec(name="eth0", queues=queues, mtu=mtu, rx_buf_len=rx_buf_len, rx=rx)
     return Topology(name=name, netdevs=[NetdevConfig(spec, list(ethtool))])
 
 
@@ -231,10 +232,11 @@ class BenchRun:
 
     def __init__(self, queues: int, rx: int = RX_RING, kind: str = "bench",
                  ethtool: Sequence[str] = (), fork_server: bool = True,
-                 mtu: int = MTU) -> None:
+                 mtu: int = MTU, rx_buf_len: int = RX_BUF_LEN) -> None:
         from launch.supervise import bring_up
 
-        topo = bench_topology(f"{kind}-{secrets.token_hex(3)}", queues, rx, ethtool, mtu)
+        topo = bench_topology(f"{kind}-{secrets.token_hex(3)}", queues, rx, ethtool, mtu,
+                              rx_buf_len)
         self._seq = 0
         # Not detached: NIC and kernel exit with the bench if it dies.
         self.run, _ = bring_up(topo, detach=False, launcher=False, config={"bench": kind},
@@ -676,8 +678,8 @@ def segment_size(payload: int | None, mtu: int = MTU) -> int:
 def run_zcrx_bench(total: int = DEFAULT_BYTES, flows: int = 1, repeat: int = 1,
                    copy_buf: int = DEFAULT_COPY_BUF, timeout: float = 120.0,
                    zcrx_args: list[str] | None = None, progress: Progress | None = None,
-                   payload: int | None = None, mtu: int = MTU, gro_hw: bool = False
-                   ) -> dict[str, Any]:
+                   payload: int | None = None, mtu: int = MTU, gro_hw: bool = False,
+                   rx_buf_len: int = RX_BUF_LEN) -> dict[str, Any]:
     """Issue 4: zero copy, the copy path and loopback TCP in one run, with the targets.
 
     ``mtu`` is the netdev's (default: the one whose MSS is 4 KiB); ``payload`` the bytes per
@@ -686,7 +688,11 @@ def run_zcrx_bench(total: int = DEFAULT_BYTES, flows: int = 1, repeat: int = 1,
     size at the generator's batch (512) is measured in the same run: the ceiling of any
     design that moves those bytes through a shm ring in Python.  ``gro_hw``: the NIC
     coalesces segments (``ethtool -K eth0 rx-gro-hw on``) for both emulated modes.
+    ``rx_buf_len``: the netdev's buffer length, and the zero-copy ifq's niov size (Linux
+    6.18's ``rx_buf_len``).
     """
+    if rx_buf_len != RX_BUF_LEN:
+        zcrx_args = [*(zcrx_args or []), "--rx-buf-len", str(rx_buf_len)]
     say = progress or (lambda m: None)
     segment = segment_size(payload, mtu)
     every: dict[str, list[ModeResult]] = {"zcrx": [], "copy": [], "loopback": []}
@@ -696,7 +702,7 @@ def run_zcrx_bench(total: int = DEFAULT_BYTES, flows: int = 1, repeat: int = 1,
         # RSS: everything else on queue 0; the zero-copy flow steered to ZC_QUEUE.
         br = BenchRun(queues=2, ethtool=[
             "-X eth0 equal 1", f"-N eth0 flow-type tcp4 dst-port {ZC_PORT} action {ZC_QUEUE}",
-            *(["-K eth0 rx-gro-hw on"] if gro_hw else [])], mtu=mtu)
+            *(["-K eth0 rx-gro-hw on"] if gro_hw else [])], mtu=mtu, rx_buf_len=rx_buf_len)
         try:
             sport = 40000
             for rep in range(repeat):
@@ -737,7 +743,7 @@ def run_zcrx_bench(total: int = DEFAULT_BYTES, flows: int = 1, repeat: int = 1,
     if ring is not None:
         ratios["zcrx/bare ring (Mpps)"] = _ratio(zc.mpps, ring["mpps"])
     return {
-        "bench": "zcrx", "payload": segment, "mtu": mtu, "rx_buf_len": RX_BUF_LEN,
+        "bench": "zcrx", "payload": segment, "mtu": mtu, "rx_buf_len": rx_buf_len,
         "gro_hw": gro_hw,
         "bytes": total, "flows": flows, "repeat": repeat, "copy_buf": copy_buf,
         "touch": TOUCH, "rows": [r.to_dict() for r in rows.values()],

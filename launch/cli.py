@@ -257,9 +257,14 @@ def bench_copy(total: int | None, repeat: int, copy_buf: int, timeout: float, as
                    "the NIC coalesces consecutive segments of a flow into one completion and "
                    "one data buffer, as zcrx NICs do, so a RECV_ZC CQE covers many small "
                    "segments.  It changes the copy path and zero copy alike.")
+@click.option("--rx-buf-len", type=click.Choice(["4096", "8192", "16384", "32768", "65536"]),
+              default="4096", show_default=True,
+              help="The netdev's rx-buf-len and the zero-copy ifq's rx_buf_len (niov size, "
+                   "Linux 6.18+): with --gro-hw a session fills a buffer, so larger buffers "
+                   "mean fewer completions and CQEs.")
 def bench_zcrx(total: int | None, repeat: int, copy_buf: int, timeout: float, as_json: bool,
                json_out: str | None, flows: int, check: bool, payload: int | None,
-               mtu: int, gro_hw: bool) -> None:
+               mtu: int, gro_hw: bool, rx_buf_len: str) -> None:
     """Zero copy (ntuple-steered to a queue bound to an ifq) vs the copy path vs loopback
     TCP, by default at 4 KiB payloads: GB/s, Mpps, kernel CPU per GB, payload bytes moved per
     delivered byte; targets: >= 1.5x copy, >= 2x loopback, <= 0.55x the copy path's bytes
@@ -272,7 +277,8 @@ def bench_zcrx(total: int | None, repeat: int, copy_buf: int, timeout: float, as
         with console.status("running") as status:
             result = run_zcrx_bench(total, flows, repeat, copy_buf, timeout,
                                     progress=lambda m: status.update(f"running: {m}"),
-                                    payload=payload, mtu=mtu, gro_hw=gro_hw)
+                                    payload=payload, mtu=mtu, gro_hw=gro_hw,
+                                    rx_buf_len=int(rx_buf_len))
     except ZcrxError as e:
         fail(f"bench zcrx: {e}")
     _rx_report(result, as_json, json_out, check)
