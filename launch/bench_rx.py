@@ -102,8 +102,8 @@ RX_RING = 4096
 #: Bytes per send() of the loopback sender when no --payload is asked (its best case, as
 #: before --payload existed); with --payload it sends messages of that size.
 LOOPBACK_CHUNK = 1 << 16
-#: Entries per batch of the bare-ring baseline: the batch the generator hands the NIC
-#: (``nic_proc.sources.DEFAULT_BATCH``), so the ring moves what the NIC moves per step.
+#: Entries per batch of the bare-ring baseline at 4 KiB: the batch the generator hands the
+#: NIC (``nic_proc.sources.default_batch``), so the ring moves what the NIC moves per step.
 RING_BATCH = 512
 ZC_PORT = 8000
 COPY_PORT = 8001
@@ -685,8 +685,8 @@ def run_zcrx_bench(total: int = DEFAULT_BYTES, flows: int = 1, repeat: int = 1,
     ``mtu`` is the netdev's (default: the one whose MSS is 4 KiB); ``payload`` the bytes per
     segment (default and at most the MSS).  Loopback TCP sends messages of the same size.
     With a ``payload`` below 4 KiB the bare shared-memory ring's rate for entries of that
-    size at the generator's batch (512) is measured in the same run: the ceiling of any
-    design that moves those bytes through a shm ring in Python.  ``gro_hw``: the NIC
+    size at the generator's batch (``default_batch``) is measured in the same run: the
+    ceiling of any design that moves those bytes through a shm ring in Python.  ``gro_hw``: the NIC
     coalesces segments (``ethtool -K eth0 rx-gro-hw on``) for both emulated modes.
     ``rx_buf_len``: the netdev's buffer length, and the zero-copy ifq's niov size (Linux
     6.18's ``rx_buf_len``).
@@ -718,10 +718,13 @@ def run_zcrx_bench(total: int = DEFAULT_BYTES, flows: int = 1, repeat: int = 1,
                     chunk=segment if payload is not None else LOOPBACK_CHUNK))
             if payload is not None and segment < PAYLOAD:
                 from launch.bench_ring import bench_payload
+                from nic_proc.sources import default_batch
 
-                say(f"bare ring, {segment} B entries, batch {RING_BATCH}")
-                rr = bench_payload(br.run.run_id, RING_BATCH, 0.8, payload=segment)
-                ring = {"batch": RING_BATCH, "payload": segment, "mpps": rr.rate / 1e6,
+                batch = default_batch(segment)
+                say(f"bare ring, {segment} B entries, batch {batch}")
+                rr = bench_payload(br.run.run_id, batch, 0.8, payload=segment,
+                                   nslots=max(4096, 2 * batch))
+                ring = {"batch": batch, "payload": segment, "mpps": rr.rate / 1e6,
                         "gbps": rr.rate * segment / 1e9, "verified": rr.verified}
         finally:
             say("tearing down")

@@ -247,7 +247,8 @@ def bench_copy(total: int | None, repeat: int, copy_buf: int, timeout: float, as
 @click.option("--payload", type=click.IntRange(1, 65535), default=None,
               help="Payload bytes per segment (default: the MSS of --mtu).  Below 4096 the "
                    "bare shared-memory ring is measured too, at the same entry size and the "
-                   "generator's batch (512); loopback TCP sends messages of this size.  "
+                   "generator's batch (512, up to 4096 small segments); loopback TCP sends "
+                   "messages of this size.  "
                    "Rates in Mpps.")
 @click.option("--mtu", type=click.IntRange(MIN_MTU, MAX_MTU), default=4136, show_default=True,
               help="The netdev's MTU (4136: an IPv4 MSS of exactly 4 KiB; 1500: Ethernet's "
