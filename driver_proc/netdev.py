@@ -87,8 +87,8 @@ __all__ = [
 
 #: Driver counters per RX queue (``status()["queues"][i]["stats"]``, ``ethtool -S`` rx-N.*).
 QUEUE_STATS = (
-    "rx_packets",        # frames handed up (skbs built)
-    "rx_bytes",          # their frame bytes (L2 header included)
+    "rx_packets",        # wire frames handed up (a HW-GRO skb counts its segments)
+    "rx_bytes",          # their wire bytes (L2 header included)
     "rx_dropped",        # frames dropped by the driver (the two causes below)
     "bad_completions",   # completions breaking the NIC contract
     "bad_frames",        # frames the NIC flagged or whose headers did not parse
@@ -105,10 +105,13 @@ QUEUE_STATS = (
     "ring_faults",       # impossible ring counters written by the NIC
     "stop_drained",      # completions drained while stopping the queue
     "stop_reclaimed",    # posted buffers taken back while stopping the queue
+    "rx_hw_gro_packets",       # HW-GRO skbs handed up (NIC_CQE_F_GRO completions)
+    "rx_hw_gro_wire_packets",  # the wire segments in them
 )
 (_RX_PACKETS, _RX_BYTES, _RX_DROPPED, _BAD_COMPLETIONS, _BAD_FRAMES, _NAPI_POLLS, _COMPLETIONS,
  _RX_SPLIT, _RX_LINEAR, _RX_FRAGS, _BUFFERS_POSTED, _ALLOC_SHORT, _DOORBELLS, _IRQ_ARMS,
- _IRQ_REARM_RACES, _RING_FAULTS, _STOP_DRAINED, _STOP_RECLAIMED) = range(len(QUEUE_STATS))
+ _IRQ_REARM_RACES, _RING_FAULTS, _STOP_DRAINED, _STOP_RECLAIMED, _RX_GRO_PACKETS,
+ _RX_GRO_WIRE_PACKETS) = range(len(QUEUE_STATS))
 assert QUEUE_STATS[_STOP_RECLAIMED] == "stop_reclaimed" and QUEUE_STATS[_IRQ_ARMS] == "irq_arms"
 _EMPTY_I64 = np.empty(0, dtype=np.int64)
 _EMPTY_I64.flags.writeable = False
@@ -116,6 +119,10 @@ _KEY_DTYPE = np.dtype(f"V{FLOW_KEY_LEN}")
 _MAX_MAP_ID = (1 << (64 - abi.NIC_IOVA_SHIFT)) - 1
 _F_PLACE = np.uint16(abi.NIC_CQE_F_SPLIT | abi.NIC_CQE_F_LINEAR)
 _F_LINEAR = np.uint16(abi.NIC_CQE_F_LINEAR)
+_F_GRO = np.uint16(abi.NIC_CQE_F_GRO)
+#: most segments a HW-GRO completion may claim, and the longest frame it may describe
+GRO_MAX_SEGS = 64
+GRO_MAX_FRAME = 0xFFFF + 14
 #: placement bits -> bad: neither or both of SPLIT and LINEAR
 _BAD_PLACE = np.array([(f & abi.NIC_CQE_F_SPLIT != 0) == (f & abi.NIC_CQE_F_LINEAR != 0)
                        for f in range(4)], dtype=np.bool_)
@@ -842,6 +849,20 @@ class NetDevice:
         wrong |= linear & (data_len != 0)
         wrong &= c["status"] == abi.NIC_STATUS_OK
         bad |= wrong
+        # HW-GRO: a coalesced session of gso_segs segments, every one but the last
+        # gso_size bytes long; every other completion leaves both fields 0.
+        gro = (c["flags"] & _F_GRO) != 0
+        gsegs = c["gso_segs"].astype(np.int64)
+        n_gro = int(np.count_nonzero(gro))
+        if n_gro:
+            gsize = c["gso_size"].astype(np.int64)
+            bad |= gro & (linear | (gsegs < 2) | (gsegs > GRO_MAX_SEGS) | (gsize < 1)
+                          | (data_len <= (gsegs - 1) * gsize) | (data_len > gsegs * gsize))
+            bad |= ~gro & ((gsegs != 0) | (gsize != 0))
+            mtu: NDArray[np.int64] | int = np.where(gro, GRO_MAX_FRAME - 14, self.mtu)
+        else:
+            bad |= (gsegs != 0) | (c["gso_size"] != 0)
+            mtu = self.mtu
         # Frags come from the posted FIFO in order; a claim beyond it consumes nothing (and
         # every later claim is beyond it too).
         cum = np.cumsum(nfr)
@@ -855,7 +876,8 @@ class NetDevice:
         bufs = rq.posted.pop(F)
         # -- headers, straight from the slots (a split frame's length is hdr + data)
         frame_len = hdr_len + data_len
-        p = wire.parse_slots(rq.slots[start:start + k], frame_len, self.mtu)
+        p = wire.parse_slots(rq.slots[start:start + k], frame_len, mtu,
+                             in_slot=np.where(linear, frame_len, hdr_len))
         ok = (p["status"] | c["status"]) == 0
         plen = p["payload_len"].astype(np.int64)
         poff = p["payload_off"].astype(np.int64)
@@ -910,8 +932,18 @@ class NetDevice:
                 o_lo = int(pg["l4_off"][row]) + wire.TCP_HLEN
                 o_hi = int(pg["payload_off"][row])
                 batch.syn_options[row] = slots[int(rows[row]), o_lo:o_hi].tobytes()
-            st[_RX_PACKETS] += n_good
-            st[_RX_BYTES] += int(frame_len.sum() if gi is None else frame_len[gi].sum())
+            if n_gro:
+                # the wire's view: each segment had its own headers
+                wire_pk = np.where(gro, gsegs, 1)
+                wire_by = frame_len + (wire_pk - 1) * hdr_len
+                sel = good & gro
+                st[_RX_PACKETS] += int(wire_pk[good].sum())
+                st[_RX_BYTES] += int(wire_by[good].sum())
+                st[_RX_GRO_PACKETS] += int(np.count_nonzero(sel))
+                st[_RX_GRO_WIRE_PACKETS] += int(gsegs[sel].sum())
+            else:
+                st[_RX_PACKETS] += n_good
+                st[_RX_BYTES] += int(frame_len.sum() if gi is None else frame_len[gi].sum())
             st[_RX_LINEAR] += n_lin
             st[_RX_SPLIT] += n_good - n_lin
         else:

@@ -102,8 +102,8 @@ RX_RING = 4096
 #: Bytes per send() of the loopback sender when no --payload is asked (its best case, as
 #: before --payload existed); with --payload it sends messages of that size.
 LOOPBACK_CHUNK = 1 << 16
-#: Entries per batch of the bare-ring baseline: the batch the generator hands the NIC
-#: (``nic_proc.sources.DEFAULT_BATCH``), so the ring moves what the NIC moves per step.
+#: Entries per batch of the bare-ring baseline at 4 KiB: the batch the generator hands the
+#: NIC (``nic_proc.sources.default_batch``), so the ring moves what the NIC moves per step.
 RING_BATCH = 512
 ZC_PORT = 8000
 COPY_PORT = 8001
@@ -217,11 +217,12 @@ def _signals_ignored() -> Iterator[None]:
 
 
 def bench_topology(name: str, queues: int, rx: int = RX_RING,
-                   ethtool: Sequence[str] = (), mtu: int = MTU) -> Topology:
+                   ethtool: Sequence[str] = (), mtu: int = MTU,
+                   rx_buf_len: int = RX_BUF_LEN) -> Topology:
     """The bench's run as data: one netdev ``eth0`` with ``queues`` RX queues of ``rx``
     entries, the MTU whose MSS is :data:`PAYLOAD`, ``rx-buf-len`` :data:`RX_BUF_LEN`, and
     ``ethtool`` settings applied once it is up; no apps (each measurement starts its own)."""
-    spec = NetdevSpec(name="eth0", queues=queues, mtu=mtu, rx_buf_len=RX_BUF_LEN, rx=rx)
+    spec = NetdevSpec(name="eth0", queues=queues, mtu=mtu, rx_buf_len=rx_buf_len, rx=rx)
     return Topology(name=name, netdevs=[NetdevConfig(spec, list(ethtool))])
 
 
@@ -231,10 +232,11 @@ class BenchRun:
 
     def __init__(self, queues: int, rx: int = RX_RING, kind: str = "bench",
                  ethtool: Sequence[str] = (), fork_server: bool = True,
-                 mtu: int = MTU) -> None:
+                 mtu: int = MTU, rx_buf_len: int = RX_BUF_LEN) -> None:
         from launch.supervise import bring_up
 
-        topo = bench_topology(f"{kind}-{secrets.token_hex(3)}", queues, rx, ethtool, mtu)
+        topo = bench_topology(f"{kind}-{secrets.token_hex(3)}", queues, rx, ethtool, mtu,
+                              rx_buf_len)
         self._seq = 0
         # Not detached: NIC and kernel exit with the bench if it dies.
         self.run, _ = bring_up(topo, detach=False, launcher=False, config={"bench": kind},
@@ -676,15 +678,21 @@ def segment_size(payload: int | None, mtu: int = MTU) -> int:
 def run_zcrx_bench(total: int = DEFAULT_BYTES, flows: int = 1, repeat: int = 1,
                    copy_buf: int = DEFAULT_COPY_BUF, timeout: float = 120.0,
                    zcrx_args: list[str] | None = None, progress: Progress | None = None,
-                   payload: int | None = None, mtu: int = MTU) -> dict[str, Any]:
+                   payload: int | None = None, mtu: int = MTU, gro_hw: bool = False,
+                   rx_buf_len: int = RX_BUF_LEN) -> dict[str, Any]:
     """Issue 4: zero copy, the copy path and loopback TCP in one run, with the targets.
 
     ``mtu`` is the netdev's (default: the one whose MSS is 4 KiB); ``payload`` the bytes per
     segment (default and at most the MSS).  Loopback TCP sends messages of the same size.
     With a ``payload`` below 4 KiB the bare shared-memory ring's rate for entries of that
-    size at the generator's batch (512) is measured in the same run: the ceiling of any
-    design that moves those bytes through a shm ring in Python.
+    size at the generator's batch (``default_batch``) is measured in the same run: the
+    ceiling of any design that moves those bytes through a shm ring in Python.  ``gro_hw``: the NIC
+    coalesces segments (``ethtool -K eth0 rx-gro-hw on``) for both emulated modes.
+    ``rx_buf_len``: the netdev's buffer length, and the zero-copy ifq's niov size (Linux
+    6.18's ``rx_buf_len``).
     """
+    if rx_buf_len != RX_BUF_LEN:
+        zcrx_args = [*(zcrx_args or []), "--rx-buf-len", str(rx_buf_len)]
     say = progress or (lambda m: None)
     segment = segment_size(payload, mtu)
     every: dict[str, list[ModeResult]] = {"zcrx": [], "copy": [], "loopback": []}
@@ -693,8 +701,8 @@ def run_zcrx_bench(total: int = DEFAULT_BYTES, flows: int = 1, repeat: int = 1,
         say("starting the run")
         # RSS: everything else on queue 0; the zero-copy flow steered to ZC_QUEUE.
         br = BenchRun(queues=2, ethtool=[
-            "-X eth0 equal 1", f"-N eth0 flow-type tcp4 dst-port {ZC_PORT} action {ZC_QUEUE}"],
-            mtu=mtu)
+            "-X eth0 equal 1", f"-N eth0 flow-type tcp4 dst-port {ZC_PORT} action {ZC_QUEUE}",
+            *(["-K eth0 rx-gro-hw on"] if gro_hw else [])], mtu=mtu, rx_buf_len=rx_buf_len)
         try:
             sport = 40000
             for rep in range(repeat):
@@ -710,10 +718,13 @@ def run_zcrx_bench(total: int = DEFAULT_BYTES, flows: int = 1, repeat: int = 1,
                     chunk=segment if payload is not None else LOOPBACK_CHUNK))
             if payload is not None and segment < PAYLOAD:
                 from launch.bench_ring import bench_payload
+                from nic_proc.sources import default_batch
 
-                say(f"bare ring, {segment} B entries, batch {RING_BATCH}")
-                rr = bench_payload(br.run.run_id, RING_BATCH, 0.8, payload=segment)
-                ring = {"batch": RING_BATCH, "payload": segment, "mpps": rr.rate / 1e6,
+                batch = default_batch(segment)
+                say(f"bare ring, {segment} B entries, batch {batch}")
+                rr = bench_payload(br.run.run_id, batch, 0.8, payload=segment,
+                                   nslots=max(4096, 2 * batch))
+                ring = {"batch": batch, "payload": segment, "mpps": rr.rate / 1e6,
                         "gbps": rr.rate * segment / 1e9, "verified": rr.verified}
         finally:
             say("tearing down")
@@ -735,7 +746,8 @@ def run_zcrx_bench(total: int = DEFAULT_BYTES, flows: int = 1, repeat: int = 1,
     if ring is not None:
         ratios["zcrx/bare ring (Mpps)"] = _ratio(zc.mpps, ring["mpps"])
     return {
-        "bench": "zcrx", "payload": segment, "mtu": mtu, "rx_buf_len": RX_BUF_LEN,
+        "bench": "zcrx", "payload": segment, "mtu": mtu, "rx_buf_len": rx_buf_len,
+        "gro_hw": gro_hw,
         "bytes": total, "flows": flows, "repeat": repeat, "copy_buf": copy_buf,
         "touch": TOUCH, "rows": [r.to_dict() for r in rows.values()],
         "all_runs": {k: [r.to_dict() for r in v] for k, v in every.items()},

@@ -247,14 +247,25 @@ def bench_copy(total: int | None, repeat: int, copy_buf: int, timeout: float, as
 @click.option("--payload", type=click.IntRange(1, 65535), default=None,
               help="Payload bytes per segment (default: the MSS of --mtu).  Below 4096 the "
                    "bare shared-memory ring is measured too, at the same entry size and the "
-                   "generator's batch (512); loopback TCP sends messages of this size.  "
+                   "generator's batch (512, up to 4096 small segments); loopback TCP sends "
+                   "messages of this size.  "
                    "Rates in Mpps.")
 @click.option("--mtu", type=click.IntRange(MIN_MTU, MAX_MTU), default=4136, show_default=True,
               help="The netdev's MTU (4136: an IPv4 MSS of exactly 4 KiB; 1500: Ethernet's "
                    "usual).")
+@click.option("--gro-hw/--no-gro-hw", default=False, show_default=True,
+              help="Turn HW-GRO on (ethtool -K eth0 rx-gro-hw on; zcrx up's default is off): "
+                   "the NIC coalesces consecutive segments of a flow into one completion and "
+                   "one data buffer, as zcrx NICs do, so a RECV_ZC CQE covers many small "
+                   "segments.  It changes the copy path and zero copy alike.")
+@click.option("--rx-buf-len", type=click.Choice(["4096", "8192", "16384", "32768", "65536"]),
+              default="4096", show_default=True,
+              help="The netdev's rx-buf-len and the zero-copy ifq's rx_buf_len (niov size, "
+                   "Linux 6.18+): with --gro-hw a session fills a buffer, so larger buffers "
+                   "mean fewer completions and CQEs.")
 def bench_zcrx(total: int | None, repeat: int, copy_buf: int, timeout: float, as_json: bool,
                json_out: str | None, flows: int, check: bool, payload: int | None,
-               mtu: int) -> None:
+               mtu: int, gro_hw: bool, rx_buf_len: str) -> None:
     """Zero copy (ntuple-steered to a queue bound to an ifq) vs the copy path vs loopback
     TCP, by default at 4 KiB payloads: GB/s, Mpps, kernel CPU per GB, payload bytes moved per
     delivered byte; targets: >= 1.5x copy, >= 2x loopback, <= 0.55x the copy path's bytes
@@ -267,7 +278,8 @@ def bench_zcrx(total: int | None, repeat: int, copy_buf: int, timeout: float, as
         with console.status("running") as status:
             result = run_zcrx_bench(total, flows, repeat, copy_buf, timeout,
                                     progress=lambda m: status.update(f"running: {m}"),
-                                    payload=payload, mtu=mtu)
+                                    payload=payload, mtu=mtu, gro_hw=gro_hw,
+                                    rx_buf_len=int(rx_buf_len))
     except ZcrxError as e:
         fail(f"bench zcrx: {e}")
     _rx_report(result, as_json, json_out, check)
@@ -503,7 +515,8 @@ def _load_topology(path: str) -> Any:
 @click.option("--netdev", "netdevs", multiple=True, metavar="SPEC",
               help="A netdev, e.g. 'eth0:queues=4,mtu=4096'; repeat for several "
                    "(default: one eth0; not with --file). Keys: queues, max-queues, rx, "
-                   "max-rx, mtu, tcp-data-split, hds-thresh, rx-buf-len, link=up|down, "
+                   "max-rx, mtu, tcp-data-split, hds-thresh, rx-buf-len, gro-hw=on|off "
+                   "(HW-GRO, as ethtool -K rx-gro-hw), link=up|down, "
                    "nobuf=pause|drop (a queue without buffers pauses the wire or drops, "
                    "counting rx_missed), addr, addr6, mac; port=tap plugs the wire into a "
                    "TAP device in the run's network namespace zcrx-<run id>-peer (root "
@@ -843,7 +856,8 @@ def _print_nested(d: Any, indent: int = 0) -> None:
 @NAME_OPT
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def ethtool(name: str | None, args: tuple[str, ...]) -> None:
-    """ethtool, with ethtool's own syntax: -l/-L, -g/-G, -x/-X, -n/-N (-u/-U), -S.
+    """ethtool, with ethtool's own syntax: -l/-L, -g/-G, -x/-X, -n/-N (-u/-U), -S, -c/-C,
+    -k/-K (rx-gro-hw on|off: HW-GRO).
 
     Example: zcrx ethtool -N eth0 flow-type tcp4 dst-port 8000 action 1
     """

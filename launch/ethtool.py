@@ -28,6 +28,10 @@ Supported commands (short and long spellings)::
     -C|--coalesce DEV [adaptive-rx on|off] [rx-usecs N] [rx-frames N] [adaptive-tx on|off]
                       [tx-usecs N] [tx-frames N] [rx-usecs-irq N] [rx-frames-irq N]
                       (the emulated NIC supports the rx-usecs, rx-frames and adaptive-rx)
+    -k|--show-features|--show-offload DEV
+    -K|--features|--offload DEV FEATURE on|off [FEATURE on|off ...]
+                      (features by name or ethtool's short name: rx, sg, tso, gro, lro,
+                      ntuple, rxhash; the emulated NIC can change rx-gro-hw only)
 
 Masks may also be given as ``src-ip-mask A`` etc. (the ``FIELD-mask`` spelling of
 ethtool(8)).  A mask has ethtool's meaning: a set bit means "ignore this bit".  Numbers
@@ -63,6 +67,8 @@ coalesce-get       -
 coalesce-set       ``rx_usecs``, ``rx_frames``, ``tx_usecs``, ``tx_frames``,
                    ``rx_usecs_irq``, ``rx_frames_irq``: int; ``adaptive_rx``,
                    ``adaptive_tx``: bool
+features-get       -
+features-set       ``features``: ``{name: bool}`` (long names, short ones resolved)
 =================  ==================================================================
 
 Reply dicts (what the NIC side produces; set commands reply ``{}`` unless noted)
@@ -100,6 +106,8 @@ stats-get
 coalesce-get
     ``rx_usecs``, ``rx_frames``: int; ``adaptive_rx``: bool.  Every other parameter
     ethtool shows prints ``n/a`` (the device does not support it).
+features-get
+    ``features``: list of ``[name, on, fixed]`` in display order.
 """
 
 from __future__ import annotations
@@ -115,6 +123,7 @@ __all__ = [
     "format_channels",
     "format_coalesce",
     "format_error",
+    "format_features",
     "format_ntuple_list",
     "format_ntuple_rule",
     "format_reply",
@@ -258,6 +267,35 @@ def _parse_rings_set(opt: str, dev: str, args: list[str]) -> dict[str, Any]:
 
 def _parse_coalesce_set(opt: str, dev: str, args: list[str]) -> dict[str, Any]:
     return {"cmd": "coalesce-set", "dev": dev, **_keyword_values(opt, args, _COALESCE_PARAMS)}
+
+
+#: ethtool's short names of features (``-K DEV gro off``) -> the kernel's feature strings
+FEATURE_ALIASES: dict[str, str] = {
+    "rx": "rx-checksumming", "sg": "scatter-gather", "tso": "tcp-segmentation-offload",
+    "gro": "generic-receive-offload", "lro": "large-receive-offload",
+    "ntuple": "ntuple-filters", "rxhash": "receive-hashing",
+}
+
+
+def _parse_features_set(opt: str, dev: str, args: list[str]) -> dict[str, Any]:
+    if not args:
+        raise EthtoolUsageError(f"ethtool ({opt}): no feature given")
+    want: dict[str, bool] = {}
+    for i in range(0, len(args), 2):
+        name = args[i]
+        if i + 1 >= len(args):
+            raise EthtoolUsageError(f"ethtool ({opt}): no value for feature '{name}'")
+        try:
+            on = _on_off(args[i + 1])
+        except ValueError:
+            raise EthtoolUsageError(
+                f"ethtool ({opt}): invalid value '{args[i + 1]}' for feature '{name}' "
+                "(on or off)") from None
+        full = FEATURE_ALIASES.get(name, name)
+        if full in want:
+            raise EthtoolUsageError(f"ethtool ({opt}): duplicate feature '{name}'")
+        want[full] = on
+    return {"cmd": "features-set", "dev": dev, "features": want}
 
 
 def _no_args(cmd: str) -> Callable[[str, str, list[str]], dict[str, Any]]:
@@ -540,6 +578,8 @@ _register(("-N", "-U", "--config-ntuple", "--config-nfc"), _parse_ntuple_set)
 _register(("-S", "--statistics"), _no_args("stats-get"))
 _register(("-c", "--show-coalesce"), _no_args("coalesce-get"))
 _register(("-C", "--coalesce"), _parse_coalesce_set)
+_register(("-k", "--show-features", "--show-offload"), _no_args("features-get"))
+_register(("-K", "--features", "--offload"), _parse_features_set)
 
 
 def parse(argv: Sequence[str]) -> dict[str, Any]:
@@ -674,6 +714,15 @@ def format_coalesce(dev: str, reply: Mapping[str, Any]) -> str:
     return "".join(out)
 
 
+def format_features(dev: str, reply: Mapping[str, Any]) -> str:
+    """``ethtool -k``: one ``name: on|off`` line per feature, ``[fixed]`` when it cannot
+    change."""
+    out = [f"Features for {dev}:\n"]
+    for name, on, fixed in reply.get("features", []):
+        out.append(f"{name}: {'on' if on else 'off'}{' [fixed]' if fixed else ''}\n")
+    return "".join(out)
+
+
 def format_rss(dev: str, reply: Mapping[str, Any]) -> str:
     """``ethtool -x`` output: the table in rows of 8, the key, the hash function block."""
     indir = list(reply.get("indir", []))
@@ -757,7 +806,9 @@ def format_reply(request: Mapping[str, Any], reply: Mapping[str, Any]) -> str:
         return format_stats(reply)
     if cmd == "coalesce-get":
         return format_coalesce(dev, reply)
-    if cmd in ("channels-set", "rings-set", "ntuple-delete", "coalesce-set"):
+    if cmd == "features-get":
+        return format_features(dev, reply)
+    if cmd in ("channels-set", "rings-set", "ntuple-delete", "coalesce-set", "features-set"):
         return ""
     raise ValueError(f"unknown command {cmd!r}")
 
@@ -781,7 +832,7 @@ def format_error(request: Mapping[str, Any], errno_: int, message: str = "") -> 
     reason = os.strerror(errno_)
     out = []
     if cmd in ("channels-get", "channels-set", "rings-get", "rings-set", "coalesce-get",
-               "coalesce-set"):
+               "coalesce-set", "features-get", "features-set"):
         if message:
             out.append(f"netlink error: {message}\n")
         out.append(f"netlink error: {reason}\n")

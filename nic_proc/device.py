@@ -19,7 +19,8 @@ A netdev is described by a spec string ``NAME[:key=value,...]`` (:class:`shared.
 e.g. ``eth0:queues=4,mtu=9000``.  Keys (defaults in brackets): ``queues`` [4],
 ``max_queues`` [64], ``rx`` ring size [512], ``max_rx`` [4096], ``mtu`` [4096],
 ``tcp_data_split`` on|off [on], ``hds_thresh`` [0], ``hds_thresh_max`` [1024],
-``rx_buf_len`` [4096], ``link`` up|down [up], ``nobuf`` pause|drop [pause] (also
+``rx_buf_len`` [4096], ``gro_hw`` on|off [off] (HW-GRO, ``ethtool -K DEV rx-gro-hw``:
+:meth:`nic_proc.dma.DmaQueue.place`), ``link`` up|down [up], ``nobuf`` pause|drop [pause] (also
 spelled ``pause`` on|off), ``addr``, ``addr6``, ``mac`` (defaults in
 :mod:`nic_proc.sources`), ``port`` [none] or ``tap`` (:mod:`nic_proc.port`) with its
 ``neigh`` arp|static [arp], ``loss``, ``dup``, ``reorder``, ``tx_loss`` (``1%``),
@@ -175,7 +176,7 @@ class Netdev:
         default = WireInfo(s.name, self.index, s.mtu)
         self.info = WireInfo(s.name, self.index, s.mtu, s.addr or default.addr,
                              s.addr6 or default.addr6, _mac_bytes(s.mac, default.mac))
-        self.hds = HdsConfig(s.tcp_data_split, s.hds_thresh)
+        self.hds = HdsConfig(s.tcp_data_split, s.hds_thresh, s.gro_hw)
         self.coal = Coalesce()
         self.steering = Steering(s.queues)
         self.queues = [NicQueue(q) for q in range(s.max_queues)]
@@ -209,7 +210,8 @@ class Netdev:
                 "max_ring_size": s.max_rx, "tx_ring_size": self.tx_ring, "mtu": s.mtu,
                 "tcp_data_split": self.hds.tcp_data_split,
                 "hds_thresh": self.hds.hds_thresh, "hds_thresh_max": s.hds_thresh_max,
-                "rx_buf_len": s.rx_buf_len, "link_up": s.link, "stats_index": self.index,
+                "rx_buf_len": s.rx_buf_len, "gro_hw": self.hds.gro_hw, "link_up": s.link,
+                "stats_index": self.index,
                 "min_slot_size": self.min_slot_size, "pause": s.pause,
                 "addr": self.info.addr, "addr6": self.info.addr6,
                 "started": [q.index for q in self.started()],
@@ -503,6 +505,11 @@ class Nic:
         if cmd == "coalesce-set":
             self._set_coalesce(d, request)
             return {}
+        if cmd == "features-get":
+            return {"features": self._features(d)}
+        if cmd == "features-set":
+            self._set_features(d, request)
+            return {}
         if cmd in ("rss-get", "rss-set", "ntuple-get", "ntuple-add", "ntuple-delete"):
             return d.steering.handle(request)
         raise Misuse(f"ethtool {cmd!r} is not supported", errno.EOPNOTSUPP)
@@ -523,6 +530,38 @@ class Nic:
         d.steering.set_n_rx_queues(n)
         d.spec.queues = n
         d.waiting[n:-1] = False  # queues gone: none of their flows waits for them
+
+    def _features(self, d: Netdev) -> list[list[Any]]:
+        """``ethtool -k``: ``[name, on, fixed]`` for the receive-side features, in the
+        order ethtool prints them; only ``rx-gro-hw`` can change."""
+        return [["rx-checksumming", True, True],
+                ["scatter-gather", False, True],
+                ["tcp-segmentation-offload", False, True],
+                ["generic-receive-offload", False, True],
+                ["large-receive-offload", False, True],
+                ["ntuple-filters", True, True],
+                ["receive-hashing", True, True],
+                ["rx-gro-hw", d.hds.gro_hw, False]]
+
+    def _set_features(self, d: Netdev, req: Mapping[str, Any]) -> None:
+        """``ethtool -K``: ``rx-gro-hw`` on|off; a fixed feature may only be "set" to the
+        value it has (EOPNOTSUPP otherwise), an unknown one is EINVAL.  Nothing changes
+        unless the whole request can be applied."""
+        want = req.get("features")
+        if not isinstance(want, Mapping) or not want:
+            raise Misuse(f"{d.name}: no features to set")
+        have = {name: (on, fixed) for name, on, fixed in self._features(d)}
+        for name, on in want.items():
+            if name not in have:
+                raise Misuse(f"{d.name}: unknown feature {name!r}")
+            if not isinstance(on, bool):
+                raise Misuse(f"{d.name}: {name} must be on or off")
+            cur, fixed = have[name]
+            if fixed and on != cur:
+                raise Misuse(f"{d.name}: {name} is fixed {'on' if cur else 'off'}; "
+                             "Could not change any device features", errno.EOPNOTSUPP)
+        if "rx-gro-hw" in want:
+            d.hds.gro_hw = bool(want["rx-gro-hw"])
 
     def _set_coalesce(self, d: Netdev, req: Mapping[str, Any]) -> None:
         """``ethtool -C``: rx-usecs, rx-frames, adaptive-rx; anything else EOPNOTSUPP."""

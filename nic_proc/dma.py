@@ -114,6 +114,28 @@ _C_LINEAR = QC["rx_hds_linear"]
 _C_FAULT = QC["rx_iommu_fault"]
 _C_FRAGS = QC["rx_frags"]
 _C_IRQ = QC["rx_irq"]
+_C_GRO_PKTS = QC["rx_hw_gro_packets"]
+_C_GRO_BYTES = QC["rx_hw_gro_bytes"]
+_C_GRO_WIRE_PKTS = QC["rx_hw_gro_wire_packets"]
+_C_GRO_WIRE_BYTES = QC["rx_hw_gro_wire_bytes"]
+_F_GRO = _F_SPLIT | abi.NIC_CQE_F_GRO
+#: HW-GRO: most segments one session coalesces (Linux's GRO stops at 64 as well)
+GRO_MAX_SEGS = 64
+_GRO_MAX_IP_LEN = 0xFFFF
+_TCP_ACK = 0x10
+#: HW-GRO: stretches of coalescable frames one placement call takes before the rest of the
+#: batch goes the plain way
+_GRO_PASSES = 4
+_TCP_PSH = 0x08
+_TCP_HLEN = 20
+# Header bytes that may differ between segments of one session (relative to the TCP header:
+# sequence number, flags (checked on their own), checksum; IP: lengths, id, checksum).
+_GRO_TCP_FREE = np.zeros(256, bool)
+_GRO_TCP_FREE[[4, 5, 6, 7, 13, 16, 17]] = True
+_GRO_V4_FREE = np.zeros(256, bool)
+_GRO_V4_FREE[[16, 17, 18, 19, 24, 25]] = True
+_GRO_V6_FREE = np.zeros(256, bool)
+_GRO_V6_FREE[[18, 19]] = True
 _IOVA_SHIFT = np.uint64(abi.NIC_IOVA_SHIFT)
 _IOVA_MASK = np.uint64((1 << abi.NIC_IOVA_SHIFT) - 1)
 
@@ -158,10 +180,12 @@ class Frames:
 
 @dataclass
 class HdsConfig:
-    """The header/data-split settings a queue places with (owned by its netdev)."""
+    """The header/data-split and HW-GRO settings a queue places with (owned by its netdev)."""
 
     tcp_data_split: bool = True
     hds_thresh: int = 0
+    #: ``rx-gro-hw`` (``ethtool -K``): coalesce segments of a flow (:meth:`DmaQueue.place`)
+    gro_hw: bool = False
 
 
 #: adaptive-rx: (completions per second below which the row applies, rx-usecs, rx-frames)
@@ -280,6 +304,14 @@ class DmaQueue:
         self._arange = np.arange(layout.ring_size, dtype=np.int64)
         self._cq_buf = np.zeros(layout.ring_size, abi.nic_rx_cqe)
         self._cq_key: tuple[int, int, int, int, bool, int] | None = None
+        #: HW-GRO: (ethertype + IP version/IHL bytes, header length) -> (TCP header
+        #: offset, mask of the header bytes that must be equal within a session)
+        self._gro_cols: dict[tuple[bytes, int], tuple[int, npt.NDArray[np.uint8] | None]] = {}
+        self._gro_buf = np.zeros((0, 8), np.uint8)
+        self._gro_steps: dict[int, npt.NDArray[np.uint32]] = {}
+        self._gro_chunk_cache: dict[tuple[int, int, int], tuple[
+            npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64],
+            npt.NDArray[np.int64]]] = {}
 
     def detach(self) -> None:
         """Drop every view into the queue memory: no DMA into it can follow."""
@@ -407,6 +439,13 @@ class DmaQueue:
         """
         if rows is None:
             rows = slice(0, len(frames))
+        if self.config.gro_hw:
+            return self._place_gro_all(frames, rows, rss_hash)
+        return self._place_frames(frames, rows, rss_hash)
+
+    def _place_frames(self, frames: Frames, rows: Index, rss_hash: npt.ArrayLike
+                      ) -> PlaceResult:
+        """:meth:`place` without HW-GRO: one completion per frame."""
         if frames.uniform is not None:
             done = 0
             placed = 0
@@ -428,6 +467,540 @@ class DmaQueue:
                 return PlaceResult(done + res.consumed, placed + res.placed, res.starved,
                                    irq | res.irq)
         return self._place(frames, rows, rss_hash)
+
+    # -- HW-GRO ------------------------------------------------------------------------------
+
+    def _place_gro_all(self, frames: Frames, rows: Index, rss_hash: npt.ArrayLike
+                       ) -> PlaceResult:
+        """HW-GRO placement of ``frames[rows]``: :meth:`_place_gro` takes the stretches of
+        frames it can coalesce, the plain path the frames it cannot (no payload, not
+        split, several buffers), one completion each.  A batch that mixes them too often
+        goes the plain way after :data:`_GRO_PASSES` stretches."""
+        done = placed = 0
+        irq = False
+        n_all = _nrows(rows)
+        for i in range(_GRO_PASSES + 1):
+            res = self._place_gro(frames, rows, rss_hash) if i < _GRO_PASSES else n_all - done
+            if isinstance(res, int):
+                res = self._place_frames(frames, _head(rows, res), rss_hash)
+            done += res.consumed
+            placed += res.placed
+            irq |= res.irq
+            if res.starved or done == n_all:
+                return PlaceResult(done, placed, res.starved, irq)
+            if res.consumed == 0:  # the wrap point left no room, nothing starved
+                break
+            rows = _tail(rows, res.consumed)
+            h = np.asarray(rss_hash)
+            rss_hash = h if h.ndim == 0 else h[res.consumed:]
+        return PlaceResult(done, placed, False, irq)
+
+    def _gro_sessions(self, frames: Frames, r: Index, hl: I64, pl: I64, bsz: int
+                      ) -> tuple[npt.NDArray[np.intp], I64 | int] | None:
+        """The HW-GRO sessions of ``frames[r]``: the row of each session's first frame and
+        the frames' TCP header offset (one int when every frame has the same headers
+        layout); None when no two frames coalesce.
+
+        A frame joins the session of the frame before it when both are TCP over IPv4
+        (no options, not a fragment) or IPv6 (no extension header) with only ACK (and
+        PSH) set and a payload, their headers are equal byte for byte except the IP
+        length, id and checksum and the TCP sequence number, flags and checksum (so one
+        flow, the same ACK, window and options, as ``tcp_gro_receive`` requires), its
+        sequence number follows the previous payload, the previous frame had no PSH,
+        and its payload is no longer than the previous one, which was not a short one
+        that ended a session.  A session holds at most :data:`GRO_MAX_SEGS` frames and
+        one data buffer (``bsz`` bytes) of payload.  Sessions are runs of consecutive
+        frames of the queue: frames of flows interleaved frame by frame do not coalesce
+        (a NIC keeps several sessions open; this one keeps one).
+        """
+        H = frames.hdr[r]
+        n = H.shape[0]
+        uni = frames.uniform
+        h0 = int(hl[0])
+        l4: I64 | int
+        if H.shape[1] >= h0 and (uni is not None or int(hl.min()) == int(hl.max())):
+            l4 = self._gro_layout(H[0], h0)[0]
+            join = self._gro_join_uniform(H, h0, pl)
+        else:
+            full = np.zeros(n, bool)
+            l4 = self._gro_join_general(H, hl, pl, full)
+            join = full[1:]
+        if not join.any():
+            return None
+        if uni is not None:
+            per = max(1, min(GRO_MAX_SEGS, min(bsz, _GRO_MAX_IP_LEN - (h0 - 14)) // uni[1]))
+            if join.all():
+                return np.arange(0, n, per), l4
+            run0 = np.flatnonzero(np.concatenate(([True], ~join)))
+            run_len = np.diff(run0, append=n)
+            # a run of L frames makes ceil(L / per) sessions
+            k = -(-run_len // per)
+            first = np.repeat(run0, k) + (np.arange(int(k.sum())) - np.repeat(np.cumsum(k) - k, k)
+                                          ) * per
+            return first, l4
+        if n > 2:  # a short segment joined at i-1 ended its session
+            join[1:] &= ~(join[:-1] & (pl[1:-1] < pl[:-2]))
+        start = np.concatenate(([True], ~join))
+        run0 = np.flatnonzero(start)
+        run_id = np.cumsum(start) - 1
+        first_pl = pl[run0]
+        cap = np.minimum(bsz, _GRO_MAX_IP_LEN - (hl[run0] - 14))
+        per_run = np.clip(np.minimum(cap // np.maximum(first_pl, 1), GRO_MAX_SEGS), 1, None)
+        pos = np.arange(n) - run0[run_id]
+        return np.flatnonzero(start | (pos % per_run[run_id] == 0)), l4
+
+    def _gro_layout(self, h0: npt.NDArray[np.uint8], hl: int
+                    ) -> tuple[int, npt.NDArray[np.uint8] | None]:
+        """For headers shaped like ``h0`` (``hl`` bytes): the TCP header offset and the
+        mask of the bytes frames of one session share, padded to whole 64-bit words: 0
+        where segments of a session differ (IP length, id and checksum, TCP sequence
+        number, PSH, checksum), else the bits to compare.  The shared bytes include
+        what makes a frame a candidate (ethertype, IP version and header length, no
+        fragment bits, protocol TCP, TCP header length, flags but PSH), so a run of
+        frames equal under the mask are all candidates when its first one is.  None
+        when frames shaped like ``h0`` are not candidates."""
+        key = (h0[12:15].tobytes(), hl)
+        got = self._gro_cols.get(key)
+        if got is not None:
+            return got
+        et = int(h0[12]) << 8 | int(h0[13])
+        vihl = int(h0[14])
+        out: tuple[int, npt.NDArray[np.uint8] | None]
+        if et == 0x0800 and vihl == 0x45:
+            l4, free = 34, _GRO_V4_FREE
+        elif et == 0x86DD and vihl >> 4 == 6:
+            l4, free = 54, _GRO_V6_FREE
+        else:
+            l4, free = 34, None
+        if free is None or hl < l4 + _TCP_HLEN:
+            out = (l4, None)
+        else:
+            cols = np.arange(hl)
+            keep = ~free[:hl] & ~_GRO_TCP_FREE[np.clip(cols - l4, 0, 255)]
+            mask = np.zeros(-(-hl // 8) * 8, np.uint8)
+            mask[:hl] = np.where(keep, 0xFF, 0)
+            mask[l4 + 13] = 0xFF & ~_TCP_PSH
+            if l4 == 34:
+                mask[20] = 0x3F  # fragment offset and MF, not DF
+            out = (l4, mask)
+        self._gro_cols[key] = out
+        return out
+
+    def _gro_join_uniform(self, H: npt.NDArray[np.uint8], hl: int, pl: I64 | int
+                          ) -> npt.NDArray[np.bool_]:
+        """:meth:`_gro_sessions` for frames of one header length: ``join[1:]``.  The
+        headers are copied once into a contiguous, word-padded array (frame rows may lie
+        far apart) and compared under the layout's mask a 64-bit word at a time; the
+        candidate checks run on the first frame of each run of equal frames only."""
+        l4, mask = self._gro_layout(H[0], hl)
+        n = H.shape[0]
+        if mask is None:
+            return np.zeros(n - 1, bool)
+        W = mask.shape[0]
+        buf = self._gro_buf
+        if buf.shape[0] < n or buf.shape[1] != W:
+            buf = self._gro_buf = np.zeros((max(n, 512), W), np.uint8)
+        hc = buf[:n]
+        hc[:, :hl] = H[:, :hl]
+        seq = hc[:, l4 + 4:l4 + 8].view(">u4")[:, 0].astype(np.uint32)
+        psh = (hc[:, l4 + 13] & _TCP_PSH) != 0
+        hc &= mask
+        words = hc.view(np.uint64)
+        join = ~(words[1:] != words[:-1]).any(axis=1)
+        join &= ~psh[:-1]
+        if isinstance(pl, int):  # one payload length (> 0, the caller checked)
+            join &= (seq[1:] - seq[:-1]) == pl
+        else:
+            join &= (seq[1:] - seq[:-1]) == pl[:-1]
+            join &= pl[1:] <= pl[:-1]
+            join &= pl[1:] > 0
+        # candidates: a run of equal frames is when its first frame is; the mask keeps
+        # every byte the checks read, so they run on the masked copy of the run starts
+        starts = np.concatenate(([0], np.flatnonzero(~join) + 1))
+        hs = hc[starts]
+        cand = (hs[:, 12] == hc[0, 12]) & (hs[:, 13] == hc[0, 13]) & (hs[:, 14] == hc[0, 14])
+        cand &= hs[:, l4 + 13] == _TCP_ACK
+        cand &= (hs[:, l4 + 12] >> 4) == (hl - l4) // 4
+        if l4 == 34:
+            cand &= (hs[:, 20] == 0) & (hs[:, 21] == 0) & (hs[:, 23] == 6)
+        else:
+            cand &= hs[:, 20] == 6
+        if not isinstance(pl, int):
+            cand &= pl[starts] > 0
+        if not cand.all():
+            join &= cand[np.cumsum(~join)]
+        return join
+
+    @staticmethod
+    def _gro_join_general(H: npt.NDArray[np.uint8], hl: I64, pl: I64,
+                          join: npt.NDArray[np.bool_]) -> I64:
+        """:meth:`_gro_sessions` for a batch of mixed header layouts: fills ``join``,
+        returns each frame's TCP header offset."""
+        n = H.shape[0]
+        et = H[:, 12:14].view(">u2")[:, 0]
+        vihl = H[:, 14]
+        v4 = (et == 0x0800) & (vihl == 0x45)
+        v6 = (et == 0x86DD) & ((vihl >> 4) == 6)
+        l4 = np.where(v4, 34, 54).astype(np.intp)
+        if n < 2:
+            return l4.astype(np.int64)
+        proto = np.where(v4, H[:, 23], H[:, 20])
+        frag = (H[:, 20:22].view(">u2")[:, 0] & 0x3FFF) != 0
+        ok = (v4 & ~frag | v6) & (proto == 6) & (pl > 0)
+        need = int(l4.max()) + _TCP_HLEN
+        if H.shape[1] < need:  # a header array only as wide as IPv4 headers: pad it
+            H = np.pad(H, ((0, 0), (0, need - H.shape[1])))
+        th = np.take_along_axis(H, l4[:, None] + np.arange(_TCP_HLEN), axis=1)
+        flags = th[:, 13]
+        ok &= (flags & ~np.uint8(_TCP_PSH)) == _TCP_ACK
+        ok &= hl == l4 + (th[:, 12] >> 4).astype(np.int64) * 4
+        w = int(hl.max())
+        cols = np.arange(w)
+        delta = cols[None, :] - l4[1:, None]
+        must = (cols[None, :] < hl[1:, None]) & ~_GRO_TCP_FREE[np.clip(delta, 0, 255)]
+        must &= ~np.where(v4[1:, None], _GRO_V4_FREE[:w], _GRO_V6_FREE[:w])
+        same = ~((H[1:, :w] != H[:-1, :w]) & must).any(axis=1)
+        seq = th[:, 4:8].copy().view(">u4")[:, 0].astype(np.int64)
+        follows = seq[1:] == (seq[:-1] + pl[:-1]) & 0xFFFFFFFF
+        join[1:] = (ok[1:] & ok[:-1] & same & follows & (hl[1:] == hl[:-1])
+                    & ((flags[:-1] & _TCP_PSH) == 0) & (pl[1:] <= pl[:-1]))
+        return l4.astype(np.int64)
+
+    def _place_gro(self, frames: Frames, rows: Index, rss_hash: npt.ArrayLike
+                   ) -> PlaceResult | int:
+        """HW-GRO placement of a prefix of ``frames[rows]``: every session (see
+        :meth:`_gro_sessions`) takes one completion and one data buffer, its payloads back
+        to back from the buffer's start; the header slot gets the first segment's headers
+        with the IP length covering the session (IPv4 checksum recomputed) and the last
+        segment's PSH.  Sessions of one segment are plain split completions.
+
+        Returns how many leading frames to place the plain way instead (an int) when the
+        first frame cannot be coalesced (not split, headers past a slot, payload past a
+        buffer), when no two frames of the stretch coalesce, or for the whole batch when
+        the posted buffers differ in length.
+        """
+        n_req = _nrows(rows)
+        cfg = self.config
+        if n_req < 2 or not cfg.tcp_data_split:
+            return n_req
+        uni = frames.uniform
+        hl_all: I64 = frames.hdr_len[rows]
+        pl_all: I64 = frames.pay_len[rows]
+        comp, fill = self.comp, self.fill
+        avail = fill.ready()
+        if avail == 0:
+            return n_req  # the plain path places what needs no buffer, or starves
+        start = fill.head & fill.mask
+        bsz = int(fill.ring[start]["len"])
+        if uni is not None:
+            if uni[1] <= cfg.hds_thresh or uni[0] > self.slots.shape[1] or uni[1] > bsz:
+                return n_req
+        else:
+            bad = (pl_all <= cfg.hds_thresh) | (hl_all > self.slots.shape[1]) | (pl_all > bsz)
+            if bad.any():
+                k = int(np.argmax(bad))
+                if k == 0:  # the leading frames the plain way, up to the next candidate
+                    return int(np.argmin(bad)) if not bad.all() else n_req
+                if k < 2:
+                    return k
+                n_req = k
+                rows = _head(rows, k)
+                hl_all, pl_all = hl_all[:k], pl_all[:k]
+        self.need_bufs = 0
+        room = min(avail, fill.nentries - start, n_req)
+        d = fill.ring[start:start + room]
+        if bsz <= 0:
+            return n_req
+        if uni is not None:
+            got = self._place_gro_run(frames, rows, rss_hash, uni, bsz, d, avail, room)
+            if got is not None:
+                return got
+        dlen = d["len"]
+        if int(dlen.min()) != bsz or int(dlen.max()) != bsz:
+            return n_req
+        plan = self._gro_sessions(frames, rows, hl_all, pl_all, bsz)
+        if plan is None:
+            return n_req
+        first, l4 = plan
+        ns = first.shape[0]
+        cfree = comp.nentries - comp.pending()
+        if cfree < ns:
+            cfree = comp.space()
+        m = min(ns, cfree, room)
+        if m == 0:  # no completion slot (room >= 1 whenever a buffer is posted)
+            return PlaceResult(0, 0, True, False)
+        n = int(first[m]) if m < ns else n_req
+        # Stopped by the completion ring or the posted buffers: starved.  Stopped by the
+        # fill ring's wrap point (or the batch's own length) only: not starved.
+        starved = m < ns and m in (cfree, avail)
+        if m < ns and m == avail:
+            self.need_bufs = 1
+        r = _head(rows, n)
+        first = first[:m]
+        segs = np.diff(first, append=n)
+        idx = self._arange[:n] if n <= self._arange.shape[0] else np.arange(n)
+        sid = np.repeat(idx[:m], segs)
+        if uni is not None:
+            p0 = uni[1]
+            total = segs * p0
+            intra = (idx - first[sid]) * p0
+            fl_sum = n * uni[2]
+            pl: I64 | int = p0
+        else:
+            pl = pl_all[:n]
+            csum = np.cumsum(pl)
+            before = csum - pl
+            base = before[first]
+            total = np.diff(base, append=int(csum[-1]))
+            intra = before - base[sid]
+        # IOMMU: one buffer per session
+        mid, off, ok = self.iommu.translate(d["iova"][:m], dlen[:m])
+        fault: npt.NDArray[np.bool_] | None = None
+        if ok.all():
+            lens: I64 = np.broadcast_to(np.int64(pl), (n,)) if isinstance(pl, int) else pl
+            self._copy_payload(frames, r, idx, 0, lens, mid[sid], off[sid] + intra)
+        else:
+            fault = ~ok
+            rows_ok = np.flatnonzero(ok[sid])
+            if rows_ok.shape[0]:
+                s_ok = sid[rows_ok]
+                pl_ok = np.broadcast_to(pl, (n,))[rows_ok]
+                self._copy_payload(frames, r, rows_ok, 0, pl_ok, mid[s_ok],
+                                   off[s_ok] + intra[rows_ok])
+        # header slots: the first segment's headers, then the session's lengths and PSH
+        s0 = comp.tail & self._slot_mask
+        slot_no = (self._arange[:m] + comp.tail) & self._slot_mask
+        slot_rows: Index = slice(s0, s0 + m) if s0 + m <= self.slots.shape[0] else slot_no
+        fhl = hl_all[first]
+        ok_s = slice(0, m) if fault is None else _contig(np.flatnonzero(ok))
+        self._copy_headers(frames, _compose(r, _contig(first)), slot_rows, ok_s, fhl)
+        multi = segs > 1
+        if fault is not None:
+            multi &= ok
+        n_multi = int(np.count_nonzero(multi))
+        if n_multi:
+            sel: Index = slice(0, m) if n_multi == m else np.flatnonzero(multi)
+            l4s = l4 if isinstance(l4, int) else l4[first][sel]
+            self._gro_fix_headers(frames, r, slot_no[sel], (first + segs - 1)[sel],
+                                  fhl[sel], l4s, total[sel])
+        cq = np.zeros(m, dtype=abi.nic_rx_cqe)
+        cq["hdr_slot"] = slot_no
+        cq["hdr_len"] = fhl
+        cq["data_len"] = total
+        cq["nr_frags"] = 1
+        cq["queue"] = self.queue
+        h = np.asarray(rss_hash)
+        cq["rss_hash"] = h if h.ndim == 0 else h[:n][first]
+        cq["payload_off"] = fhl
+        cq["tstamp_ns"] = self.clock()
+        if n_multi == m:
+            cq["flags"] = _F_GRO
+            cq["gso_segs"] = segs
+            cq["gso_size"] = pl if uni is not None else pl_all[first]
+        else:
+            cq["flags"] = np.where(multi, _F_GRO, _F_SPLIT)
+            cq["gso_segs"] = np.where(multi, segs, 0)
+            cq["gso_size"] = np.where(multi, pl_all[first], 0)
+        n_fault_frames = 0
+        if uni is None:
+            fl: I64 = frames.frame_len[r]
+            fl_sum = int(fl.sum())
+        bytes_ok = fl_sum
+        if fault is not None:
+            sub = cq[fault]
+            for name in ("flags", "hdr_len", "data_len", "gso_segs", "gso_size"):
+                sub[name] = 0
+            sub["status"] = NIC_STATUS_DMA_FAULT
+            cq[fault] = sub
+            bad_rows = fault[sid]
+            n_fault_frames = int(np.count_nonzero(bad_rows))
+            bytes_ok -= int(frames.frame_len[r][bad_rows].sum())
+        comp.push(cq)
+        fill.release(m)
+        self.completed += m
+        placed = n - n_fault_frames
+        st = self.stats
+        st[_C_PACKETS] += placed
+        st[_C_BYTES] += bytes_ok
+        st[_C_SPLIT] += placed
+        st[_C_FRAGS] += m
+        if n_multi:
+            st[_C_GRO_PKTS] += n_multi
+            tm = total if n_multi == m else total[multi]
+            hm = fhl if n_multi == m else fhl[multi]
+            sm = segs if n_multi == m else segs[multi]
+            st[_C_GRO_BYTES] += int(tm.sum() + hm.sum())
+            st[_C_GRO_WIRE_PKTS] += int(sm.sum())
+            if uni is not None:
+                st[_C_GRO_WIRE_BYTES] += int(sm.sum()) * uni[2]
+            else:
+                st[_C_GRO_WIRE_BYTES] += int(frames.frame_len[r][multi[sid]].sum())
+        if fault is not None:
+            st[_C_DROPPED] += n_fault_frames
+            st[_C_FAULT] += n_fault_frames
+        return PlaceResult(n, placed, starved, self._take_irq(m))
+
+    def _place_gro_run(self, frames: Frames, rows: Index, rss_hash: npt.ArrayLike,
+                       shape: tuple[int, int, int], bsz: int, d: np.ndarray, avail: int,
+                       room: int) -> PlaceResult | None:
+        """The steady state of :meth:`_place_gro` in a fixed number of numpy calls: frames
+        of one shape that form one run (one flow, in order, no PSH but on the last), and
+        buffers in one mapping, so the sessions are chunks of ``per`` frames.  None when
+        that does not hold (the general path takes over, with identical results)."""
+        hl, p0, fl = shape
+        n_req = _nrows(rows)
+        H = frames.hdr[rows]
+        l4, mask = self._gro_layout(H[0], hl)
+        if mask is None or H.shape[1] < hl or not self._gro_one_run(H, hl, p0, l4, mask):
+            return None
+        per = max(1, min(GRO_MAX_SEGS, min(bsz, _GRO_MAX_IP_LEN - (hl - 14)) // p0))
+        if per == 1:
+            return None
+        comp = self.comp
+        ns = -(-n_req // per)
+        cfree = comp.nentries - comp.pending()
+        if cfree < ns:
+            cfree = comp.space()
+        m = min(ns, cfree, room)
+        if m == 0:
+            return PlaceResult(0, 0, True, False)
+        dm = d[:m]
+        dlen = dm["len"]
+        if int(dlen.min()) != bsz or int(dlen.max()) != bsz:
+            return None
+        mid, off, ok = self.iommu.translate(dm["iova"], dlen)
+        m0 = int(mid[0])
+        if not ok.all() or int(mid.max()) != m0 or int(mid.min()) != m0:
+            return None
+        n = min(n_req, m * per)
+        starved = m < ns and m in (cfree, avail)
+        if m < ns and m == avail:
+            self.need_bufs = 1
+        r = _head(rows, n)
+        sid, intra, first, segs = self._gro_chunks(n, per, p0)
+        self.iommu.get(m0).window(p0)[off[sid] + intra] = frames.pay[r, :p0]
+        s0 = comp.tail & self._slot_mask
+        slot_no = (self._arange[:m] + comp.tail) & self._slot_mask
+        slot_rows: Index = slice(s0, s0 + m) if s0 + m <= self.slots.shape[0] else slot_no
+        self.slots[slot_rows, :hl] = frames.hdr[_compose(r, first), :hl]
+        total = segs * p0
+        k = m if segs[-1] > 1 else m - 1  # a last session of one frame is a plain frame
+        if k:
+            self._gro_fix_headers(frames, r, slot_no[:k], (first + segs - 1)[:k],
+                                  np.full(k, hl, np.int64), l4, total[:k])
+        cq = np.zeros(m, abi.nic_rx_cqe)
+        cq["hdr_slot"] = slot_no
+        cq["hdr_len"] = hl
+        cq["payload_off"] = hl
+        cq["data_len"] = total
+        cq["nr_frags"] = 1
+        cq["queue"] = self.queue
+        h = np.asarray(rss_hash)
+        cq["rss_hash"] = h if h.ndim == 0 else h[:n:per]
+        cq["tstamp_ns"] = self.clock()
+        cq["flags"] = _F_GRO
+        cq["gso_segs"] = segs
+        cq["gso_size"] = p0
+        if k < m:
+            cq[-1]["flags"] = _F_SPLIT
+            cq[-1]["gso_segs"] = 0
+            cq[-1]["gso_size"] = 0
+        comp.push(cq)
+        self.fill.release(m)
+        self.completed += m
+        st = self.stats
+        st[_C_PACKETS] += n
+        st[_C_BYTES] += n * fl
+        st[_C_SPLIT] += n
+        st[_C_FRAGS] += m
+        if k:
+            wire_n = n - (m - k)
+            st[_C_GRO_PKTS] += k
+            st[_C_GRO_BYTES] += k * hl + wire_n * p0
+            st[_C_GRO_WIRE_PKTS] += wire_n
+            st[_C_GRO_WIRE_BYTES] += wire_n * fl
+        return PlaceResult(n, n, starved, self._take_irq(m))
+
+    def _gro_one_run(self, H: npt.NDArray[np.uint8], hl: int, p0: int, l4: int,
+                     mask: npt.NDArray[np.uint8]) -> bool:
+        """True when the frames ``H`` (headers of ``hl`` bytes, payloads of ``p0``) are one
+        run: the first a candidate, every one equal to it under ``mask``, the sequence
+        numbers ``p0`` apart, no PSH before the last."""
+        n = H.shape[0]
+        W = mask.shape[0]
+        buf = self._gro_buf
+        if buf.shape[0] < n or buf.shape[1] != W:
+            buf = self._gro_buf = np.zeros((max(n, 512), W), np.uint8)
+        hc = buf[:n]
+        hc[:, :hl] = H[:, :hl]
+        seq = hc[:, l4 + 4:l4 + 8].view(">u4")[:, 0].astype(np.uint32)
+        steps = self._gro_steps.get(p0)
+        if steps is None or steps.shape[0] < n:
+            steps = self._gro_steps[p0] = (np.arange(max(n, 512), dtype=np.int64) * p0
+                                           ).astype(np.uint32)
+        seq -= seq[0]
+        if not np.array_equal(seq, steps[:n]):
+            return False
+        if (hc[:-1, l4 + 13] & _TCP_PSH).any():
+            return False
+        hc &= mask
+        h0 = hc[0]
+        if h0[l4 + 13] != _TCP_ACK or h0[l4 + 12] >> 4 != (hl - l4) // 4 or (
+                l4 == 34 and (h0[20] or h0[21] or h0[23] != 6)) or (l4 == 54 and h0[20] != 6):
+            return False
+        words = hc.view(np.uint64)
+        return bool((words == words[0]).all())
+
+    def _gro_chunks(self, n: int, per: int, p0: int
+                    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64],
+                               npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """Sessions of ``per`` frames of ``p0`` bytes over ``n`` frames: each frame's
+        session, its offset in the session's buffer, each session's first frame and
+        segment count (cached: the steady state asks the same every batch)."""
+        key = (n, per, p0)
+        got = self._gro_chunk_cache.get(key)
+        if got is None:
+            idx = np.arange(n, dtype=np.int64)
+            m = -(-n // per)
+            segs = np.full(m, per, np.int64)
+            segs[-1] = n - (m - 1) * per
+            got = (idx // per, (idx % per) * p0, idx[::per], segs)
+            if len(self._gro_chunk_cache) >= 64:
+                self._gro_chunk_cache.clear()
+            self._gro_chunk_cache[key] = got
+        return got
+
+    def _gro_fix_headers(self, frames: Frames, r: Index, slot_no: npt.NDArray[np.int64],
+                         last: npt.NDArray[np.intp], hl: I64, l4: I64 | int, total: I64
+                         ) -> None:
+        """The header slots of coalesced sessions: IP length over the whole session, the
+        IPv4 header checksum recomputed, the last segment's PSH (``tcp_gro_complete``'s
+        and the NIC's fix-ups)."""
+        slots = self.slots
+        lrows = _compose(r, last)
+        if isinstance(l4, int):
+            v4: npt.NDArray[np.bool_] | bool = l4 == 34
+            ip_len = hl - (14 if v4 else 54) + total
+            col: I64 | int = 16 if v4 else 18
+            last_flags = frames.hdr[lrows, l4 + 13]
+        else:
+            v4 = l4 == 34
+            ip_len = np.where(v4, hl - 14 + total, hl - 54 + total)
+            col = np.where(v4, 16, 18)
+            last_flags = frames.hdr[lrows, l4 + 13]
+        slots[slot_no, col] = ip_len >> 8
+        slots[slot_no, col + 1] = ip_len & 0xFF
+        slots[slot_no, l4 + 13] |= last_flags & np.uint8(_TCP_PSH)
+        s4 = slot_no if v4 is True else (slot_no[v4] if v4 is not False else None)
+        if s4 is not None and s4.shape[0]:
+            slots[s4, 24] = 0
+            slots[s4, 25] = 0
+            sm = slots[s4, 14:34].view(">u2").sum(axis=1, dtype=np.int64)
+            sm = (sm & 0xFFFF) + (sm >> 16)
+            sm = (sm & 0xFFFF) + (sm >> 16)
+            c = ~sm & 0xFFFF
+            slots[s4, 24] = c >> 8
+            slots[s4, 25] = c & 0xFF
 
     def _place_uniform(self, frames: Frames, rows: Index, rss_hash: npt.ArrayLike,
                        shape: tuple[int, int, int]) -> PlaceResult | None:

@@ -55,6 +55,7 @@ from shared.errors import Misuse
 
 __all__ = [
     "DEFAULT_BATCH",
+    "MAX_BATCH",
     "Blocked",
     "FrameBuilder",
     "Generator",
@@ -64,12 +65,25 @@ __all__ = [
     "Source",
     "WireGateway",
     "WireInfo",
+    "default_batch",
     "flows_of",
     "parse_raw",
 ]
 
-#: Frames per generator batch unless the spec says otherwise.
+#: Frames per generator batch unless the spec says otherwise: this many at least, and more
+#: for small segments, up to :data:`DEFAULT_BATCH_BYTES` of payload (:func:`default_batch`).
 DEFAULT_BATCH = 512
+#: Payload bytes a default batch of small segments carries at most.
+DEFAULT_BATCH_BYTES = 256 << 10
+#: The largest batch a spec may ask for.
+MAX_BATCH = 4096
+
+
+def default_batch(seg: int) -> int:
+    """Frames per batch for ``seg``-byte segments when the spec does not say: 512, or up to
+    4096 small segments (256 KiB of payload).  Each batch costs the NIC a fixed number of
+    numpy calls; at 64 bytes a batch of 512 is mostly that fixed cost."""
+    return max(DEFAULT_BATCH, min(MAX_BATCH, DEFAULT_BATCH_BYTES // max(1, seg)))
 #: Most flows one generator drives.
 MAX_FLOWS = 4096
 #: Per-flow entries listed in a progress report (the control header is bounded).
@@ -302,7 +316,8 @@ class GeneratorSpec:
     address (default: the netdev's address + 1).  ``bytes``: per-flow
     stream length (unbounded when absent).  ``duration``: seconds, after which every
     flow ends (FIN) after what it sent.  ``rate``: payload bytes/s of the whole
-    source (unlimited when absent).  ``batch``: frames per batch.  ``sport``: first
+    source (unlimited when absent).  ``batch``: frames per batch (0: :func:`default_batch`
+    of the segment size).  ``sport``: first
     source port.  ``isn``: initial sequence number of
     every flow (default: derived from the source port).  ``syn`` / ``fin``: open with
     a SYN / end with a FIN (both true).
@@ -315,7 +330,7 @@ class GeneratorSpec:
     bytes: int | None = None
     duration: float | None = None
     rate: float | None = None
-    batch: int = DEFAULT_BATCH
+    batch: int = 0
     sport: int | None = None
     src: str | None = None
     isn: int | None = None
@@ -348,7 +363,7 @@ class GeneratorSpec:
             bytes=_opt_int(d, "bytes", 0, _UNBOUNDED - 1),
             duration=_opt_float(d, "duration"),
             rate=_opt_float(d, "rate"),
-            batch=_opt_int(d, "batch", 1, 1024) or DEFAULT_BATCH,
+            batch=_opt_int(d, "batch", 1, MAX_BATCH) or 0,
             sport=_opt_int(d, "sport", 1, 0xFFFF),
             src=src,
             isn=_opt_int(d, "isn", 0, 0xFFFFFFFF),
@@ -405,7 +420,9 @@ class Generator(Source):
                 dst_mac=np.frombuffer(info.mac, np.uint8))
         except Misuse as e:
             raise Misuse(f"traffic spec: {e}") from None
-        self.builder = FrameBuilder(fs, sp.batch, self.seg, key=("gen", source_id))
+        #: frames per batch
+        self.batch = sp.batch or default_batch(self.seg)
+        self.builder = FrameBuilder(fs, self.batch, self.seg, key=("gen", source_id))
         self.flows = self.builder.flows
         self.isn = isn
         self.sport = sport.astype(np.uint16)
@@ -415,7 +432,7 @@ class Generator(Source):
         if not sp.fin:
             self.state[(self.state == _S_DATA) & (self.total == 0)] = _S_DONE
         self._nsyn = int(np.count_nonzero(self.state == _S_SYN))
-        self._steps = np.arange(sp.batch, dtype=np.int64) * self.seg
+        self._steps = np.arange(self.batch, dtype=np.int64) * self.seg
         self._t0: float | None = None
         self._expired = False
         self._rr = 0
@@ -471,7 +488,7 @@ class Generator(Source):
         m = int(ids.shape[0])
         if m == 0:
             return None
-        cap = sp.batch
+        cap = self.batch
         seg = self.seg
         if sp.rate is not None:
             budget = sp.rate * (t - self._t0) - self.bytes_sent

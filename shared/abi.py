@@ -1000,7 +1000,7 @@ buffer state.  Posting a descriptor lends the buffer to the NIC until the NIC re
 frame that used it (in order of posting) in a ``nic_rx_cqe``, or the queue is reset."""
 
 nic_rx_cqe = _struct(
-    32,
+    40,
     (
         ("hdr_slot", U32, 0),
         ("hdr_len", U16, 4),
@@ -1012,9 +1012,13 @@ nic_rx_cqe = _struct(
         ("payload_off", U16, 20),
         ("status", U16, 22),
         ("tstamp_ns", U64, 24),
+        ("gso_segs", U16, 32),
+        ("gso_size", U16, 34),
+        ("_resv", U32, 36),
     ),
 )
-"""Emulator-only (not a Linux struct): an rx completion for one received frame.
+"""Emulator-only (not a Linux struct): an rx completion for one received frame (or, with
+``NIC_CQE_F_GRO``, one HW-GRO session of several).
 
 Written by the NIC into a queue's rx completion ring after it has DMA-written the frame, read
 and consumed by the driver.
@@ -1028,11 +1032,19 @@ and consumed by the driver.
 * ``queue``: rx queue index; ``rss_hash``: Toeplitz hash of the flow.
 * ``payload_off``: offset of the L4 payload from the start of the frame (the L2..L4 header
   length).
-* ``status``: ``NIC_STATUS_*``; ``tstamp_ns``: receive timestamp in ns (0 = none)."""
+* ``status``: ``NIC_STATUS_*``; ``tstamp_ns``: receive timestamp in ns (0 = none).
+* ``gso_segs``, ``gso_size``: with ``NIC_CQE_F_GRO`` only (0 otherwise): how many wire
+  segments the NIC coalesced into this completion and the payload length of the first
+  (every one but the last has that length), what the driver writes into the skb's
+  ``skb_shinfo()->gso_segs``/``gso_size`` (mlx5 reports the count as ``lro_num_seg``).
+  The header slot then holds the first segment's headers with the IP length fields
+  covering the whole session (the IPv4 checksum recomputed) and the PSH flag of the last
+  segment; the payloads follow each other in the data buffers.  ``_resv`` is 0."""
 
 NIC_CQE_F_SPLIT = 1 << 0  # headers in the header slot, payload in data buffers
 NIC_CQE_F_LINEAR = 1 << 1  # whole frame in the header slot, no data buffer used
 NIC_CQE_F_L4_OK = 1 << 2  # L4 checksum verified
+NIC_CQE_F_GRO = 1 << 3  # HW-GRO: several TCP segments coalesced (gso_segs, gso_size)
 
 NIC_STATUS_OK = 0
 NIC_STATUS_TRUNCATED = 1  # the frame did not fit in the posted buffers; the tail was cut
@@ -1076,7 +1088,7 @@ def _check_sizes() -> None:
         "io_uring_query_scq": (io_uring_query_scq, 16),
         "io_uring_query_zcrx_event": (io_uring_query_zcrx_event, 48),
         "nic_rx_desc": (nic_rx_desc, 16),
-        "nic_rx_cqe": (nic_rx_cqe, 32),
+        "nic_rx_cqe": (nic_rx_cqe, 40),
     }
     for name, (dt, size) in expected.items():
         if dt.itemsize != size:

@@ -128,6 +128,12 @@ QUEUE_COUNTERS = (
     "rx_queue_stopped", # frames for a stopped queue, dropped (pause off)
     "rx_frags",         # data buffers consumed
     "rx_irq",           # interrupts raised
+    # HW-GRO (``rx-gro-hw``), the netdev qstats of the same names: completions that
+    # coalesced two or more segments, their bytes, and the wire segments/bytes in them
+    "rx_hw_gro_packets",
+    "rx_hw_gro_bytes",
+    "rx_hw_gro_wire_packets",
+    "rx_hw_gro_wire_bytes",
     # The netdev's one TX queue counts in queue 0's row (shared.txring, nic_proc.tx):
     "tx_packets",       # frames the port's sink sent (the default sink discards them)
     "tx_bytes",         # their bytes (L2 header included, no FCS)
@@ -236,6 +242,8 @@ class NetdevSpec:
     hds_thresh: int = 0
     hds_thresh_max: int = 1024
     rx_buf_len: int = 4096
+    #: HW-GRO (``rx-gro-hw``, ``ethtool -K``): coalesce consecutive segments of a flow
+    gro_hw: bool = False
     link: bool = True
     pause: bool = True
     addr: str = ""

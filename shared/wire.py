@@ -786,15 +786,19 @@ def parse_frames(
 def parse_slots(
     slots: npt.NDArray[np.uint8],
     lengths: npt.ArrayLike,
-    mtu: int = 1500,
+    mtu: int | npt.NDArray[np.int64] = 1500,
     *,
     check_ip_csum: bool = True,
+    in_slot: npt.ArrayLike | None = None,
 ) -> npt.NDArray[np.void]:
     """Parse frame ``i`` = ``slots[i, :lengths[i]]`` for ``i < len(lengths)``.
 
     The slot layout :func:`build_frames` writes.  A length below 0 or above the
     slot width gives ``TRUNCATED``.  Nothing is copied when slots are at least
-    :data:`GATHER_WIDTH` bytes wide.
+    :data:`GATHER_WIDTH` bytes wide.  ``in_slot``: the bytes of each frame that are in
+    its slot when that is fewer than ``lengths`` (a header/data split frame: its headers;
+    the rest is elsewhere); the width check applies to those.  ``mtu`` may be per frame
+    (a HW-GRO session may be longer than the MTU).
     """
     if not isinstance(slots, np.ndarray) or slots.dtype != np.uint8 or slots.ndim != 2:
         raise Misuse("slots must be a 2-D uint8 array")
@@ -803,7 +807,11 @@ def parse_slots(
     if n > slots.shape[0]:
         raise Misuse(f"{n} lengths for {slots.shape[0]} slots")
     width = slots.shape[1]
-    bad = (ln < 0) | (ln > width)
+    if in_slot is None:
+        bad = (ln < 0) | (ln > width)
+    else:
+        held = np.atleast_1d(np.asarray(in_slot)).astype(np.int64).reshape(-1)
+        bad = (ln < 0) | (held < 0) | (held > width) | (held > ln)
     if width >= GATHER_WIDTH and slots.strides[1] == 1:
         hm = slots[:n, :GATHER_WIDTH]
     else:
@@ -822,7 +830,7 @@ def _parse_core(
     hm: npt.NDArray[np.uint8],
     ln: npt.NDArray[np.int64],
     bad: npt.NDArray[np.bool_],
-    mtu: int,
+    mtu: int | npt.NDArray[np.int64],
     check_ip_csum: bool,
 ) -> npt.NDArray[np.void]:
     """Classify and decode frames whose first :data:`GATHER_WIDTH` bytes are the rows of ``hm``.

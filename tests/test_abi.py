@@ -606,19 +606,20 @@ def test_misc_constants() -> None:
 
 def test_nic_dtypes() -> None:
     assert abi.nic_rx_desc.itemsize == 16
-    assert abi.nic_rx_cqe.itemsize == 32
+    assert abi.nic_rx_cqe.itemsize == 40
     want_desc = {"iova": (0, 8), "len": (8, 4), "buf_id": (12, 4)}
     want_cqe = {
         "hdr_slot": (0, 4), "hdr_len": (4, 2), "flags": (6, 2), "data_len": (8, 4),
         "nr_frags": (12, 2), "queue": (14, 2), "rss_hash": (16, 4), "payload_off": (20, 2),
-        "status": (22, 2), "tstamp_ns": (24, 8),
+        "status": (22, 2), "tstamp_ns": (24, 8), "gso_segs": (32, 2), "gso_size": (34, 2),
+        "_resv": (36, 4),
     }
     for dt, want in ((abi.nic_rx_desc, want_desc), (abi.nic_rx_cqe, want_cqe)):
         assert dt.fields is not None
         got = {n: (dt.fields[n][1], dt.fields[n][0].itemsize) for n in dt.names or ()}
         assert got == want
-    flags = [abi.NIC_CQE_F_SPLIT, abi.NIC_CQE_F_LINEAR, abi.NIC_CQE_F_L4_OK]
-    assert len(set(flags)) == 3 and all(f & (f - 1) == 0 for f in flags)
+    flags = [abi.NIC_CQE_F_SPLIT, abi.NIC_CQE_F_LINEAR, abi.NIC_CQE_F_L4_OK, abi.NIC_CQE_F_GRO]
+    assert len(set(flags)) == 4 and all(f & (f - 1) == 0 for f in flags)
     statuses = [abi.NIC_STATUS_OK, abi.NIC_STATUS_TRUNCATED, abi.NIC_STATUS_BAD_HDR,
                 abi.NIC_STATUS_OVERSIZE]
     assert abi.NIC_STATUS_OK == 0 and len(set(statuses)) == 4

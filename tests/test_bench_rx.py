@@ -104,3 +104,20 @@ def test_bench_zcrx_smoke(runs_dir):
         "bytes moved <= 0.55 x copy path"]
     assert all(isinstance(c["ok"], bool) for c in r["checks"])
     assert os.environ["ZCRX_RUNS_DIR"] == str(runs_dir)
+
+
+@pytest.mark.skipif(not HAVE_KERNEL_ZCRX, reason="driver_proc.zcrx not there yet")
+def test_bench_zcrx_small_segments_with_hw_gro_cli_smoke(runs_dir, tmp_path):
+    """``--gro-hw --rx-buf-len``: the settings land in the report and every mode still
+    delivers exactly what was sent."""
+    out = tmp_path / "gro.json"
+    res = CliRunner().invoke(main, ["bench", "zcrx", "--payload", "64", "--mtu", "1500",
+                                    "--gro-hw", "--rx-buf-len", "8192", "--bytes", "524288",
+                                    "--json-out", str(out), "--timeout", "60"],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    r = json.loads(out.read_text())
+    assert r["gro_hw"] is True and r["rx_buf_len"] == 8192 and r["payload"] == 64
+    assert r["all_verified"] is True
+    assert {x["mode"]: x["bytes"] for x in r["rows"]} == {
+        "zcrx": 524288, "copy": 524288, "loopback": 524288}

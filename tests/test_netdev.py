@@ -193,10 +193,13 @@ class FakeNic:
         return True
 
     def deliver(self, q: int, frames: np.ndarray, flen: np.ndarray, *, split: bool = True,
-                hds_thresh: int = 0, mutate: Mutate | None = None) -> int:
-        """Place frames on queue q as the contract says; return how many went in."""
+                hds_thresh: int = 0, mutate: Mutate | None = None,
+                mtu: int | None = None) -> int:
+        """Place frames on queue q as the contract says; return how many went in.
+        ``mtu``: the largest frame to split (default the netdev's; a HW-GRO session is
+        longer)."""
         fq = self.queues[q]
-        p = wire.parse_slots(frames, flen, mtu=self.info["mtu"], check_ip_csum=False)
+        p = wire.parse_slots(frames, flen, mtu=mtu or self.info["mtu"], check_ip_csum=False)
         done = 0
         for i in range(len(flen)):
             if fq.comp.space() == 0:
