@@ -535,33 +535,7 @@ class NetDevice:
                 region_name(self.run, self.owner, nicif.queue_region_object(self.name, q)),
                 layout.size)
             rq.map_id = self._dma_map(rq.region.name, rq.region.size)
-            if provider is None:
-                self._pp_gen[q] += 1
-                count = self.pp_buffers or 2 * self.ring_size
-                # Pages for the ring's first fill now; the pool's other buffers when first
-                # allocated (a queue bound to a zcrx ifq soon may never use them at all).
-                space = BufferSpace.create(
-                    region_name(self.run, self.owner,
-                                f"{self.name}.q{q}.pp{self._pp_gen[q]}"),
-                    count, self.rx_buf_len, touch=self.ring_size)
-                rq.space = space
-                rq.own_space = True
-                provider = KernelPagesProvider(space)
-            rq.provider = provider
-            rq.space = provider.space
-            rq.spaces = provider.spaces
-            rq.buf_len = rq.space.buf_len
-            if provider.dma_map_id is None:
-                rq.space_map_id = self._dma_map(rq.space.name, rq.space.region_size)
-                rq.own_space_map = True
-            elif not 0 <= provider.dma_map_id <= _MAX_MAP_ID:
-                raise Misuse(f"memory provider map id {provider.dma_map_id} out of range")
-            else:
-                rq.space_map_id = provider.dma_map_id
-            self._map_spaces(rq)
-            own = rq.own_space
-            rq.pool = PagePool(provider, name=f"{self.name}.q{q}",
-                               on_destroyed=lambda pool: self._pool_destroyed(pool, own))
+            self._pool_setup(rq, provider)
         except BaseException:
             self._teardown(rq)
             raise
@@ -569,6 +543,38 @@ class NetDevice:
         rq.desc = np.zeros(rq.ring_size, dtype=abi.nic_rx_desc)
         rq.expect = np.arange(rq.ring_size, dtype=np.int64)
         self.queues[q] = rq
+
+    def _pool_setup(self, rq: _RxQueue, provider: MemoryProvider | None) -> None:
+        """The queue's new page pool: on ``provider``'s memory, or (None) on kernel pages in
+        a new ``pp<gen>`` region, DMA-mapped.  The caller unwinds a failure
+        (:meth:`_teardown` or :meth:`_pool_free`)."""
+        q = rq.index
+        if provider is None:
+            self._pp_gen[q] += 1
+            count = self.pp_buffers or 2 * self.ring_size
+            # Pages for the ring's first fill now; the pool's other buffers when first
+            # allocated (a queue bound to a zcrx ifq soon may never use them at all).
+            space = BufferSpace.create(
+                region_name(self.run, self.owner, f"{self.name}.q{q}.pp{self._pp_gen[q]}"),
+                count, self.rx_buf_len, touch=self.ring_size)
+            rq.space = space
+            rq.own_space = True
+            provider = KernelPagesProvider(space)
+        rq.provider = provider
+        rq.space = provider.space
+        rq.spaces = provider.spaces
+        rq.buf_len = rq.space.buf_len
+        if provider.dma_map_id is None:
+            rq.space_map_id = self._dma_map(rq.space.name, rq.space.region_size)
+            rq.own_space_map = True
+        elif not 0 <= provider.dma_map_id <= _MAX_MAP_ID:
+            raise Misuse(f"memory provider map id {provider.dma_map_id} out of range")
+        else:
+            rq.space_map_id = provider.dma_map_id
+        self._map_spaces(rq)
+        own = rq.own_space
+        rq.pool = PagePool(provider, name=f"{self.name}.q{q}",
+                           on_destroyed=lambda pool: self._pool_destroyed(pool, own))
 
     def _map_spaces(self, rq: _RxQueue) -> None:
         """The IOVA of buffer 0 of each space of the queue's set: the driver's own mapping
@@ -666,9 +672,15 @@ class NetDevice:
         if rq.region is not None:
             rq.region.close()
             rq.region = None
+        self._pool_free(rq)
+
+    def _pool_free(self, rq: _RxQueue) -> None:
+        """Unmap and destroy the queue's page pool (its region goes when the last in-flight
+        buffer comes home); the queue's rings are left alone."""
         if rq.own_space_map and rq.space_map_id is not None:
             self._dma_unmap(rq.space_map_id)
         rq.space_map_id = None
+        rq.own_space_map = False
         if rq.pool is not None:
             self._reclaim(rq)
             if not rq.pool.destroy():
@@ -679,6 +691,8 @@ class NetDevice:
         elif rq.space is not None and rq.own_space:
             rq.space.close()
         rq.space = rq.spaces = None
+        rq.own_space = False
+        rq.provider = None
 
     def _pool_destroyed(self, pool: PagePool, own_space: bool) -> None:
         """The last buffer of a freed queue's pool came home: forget it, and unlink its
@@ -707,21 +721,34 @@ class NetDevice:
         return n
 
     def queue_restart(self, q: int, provider: MemoryProvider | None = None) -> NapiBatch:
-        """Stop, free, set up with ``provider`` (None: kernel pages), start; return the
-        drained frames.  If the new setup fails the queue comes back with kernel pages and
-        the error propagates (``netdev_rx_queue_restart`` semantics)."""
+        """Stop, swap the page pool for one on ``provider`` (None: kernel pages), start;
+        return the drained frames.  If the new pool or the start fails the queue comes back
+        with kernel pages and the error propagates (``netdev_rx_queue_restart`` semantics).
+
+        The queue's rings (fill, completion, header slots) and their DMA mapping are kept
+        across the restart and start again empty at counter 0 (:meth:`queue_start`): the NIC
+        stops and starts the queue for real and takes its buffers from the new pool, but
+        the ring memory is not given back to the allocator and taken again, which cost two
+        NIC round trips and a fresh ring region per restart (64 of them to bind one server
+        on 64 queues).  Ring size changes go through :meth:`queue_free` /
+        :meth:`queue_setup`, which do make new rings."""
         rq = self._q(q)
         drained = self.queue_stop(q) if rq.started else NapiBatch.empty(q)
-        self.queue_free(q)
+        for ring in (rq.fill, rq.comp):
+            if ring is not None:
+                ring.detach()
+        rq.fill = rq.comp = None
+        self._pool_free(rq)
         try:
-            self.queue_setup(q, provider)
+            self._pool_setup(rq, provider)
             self.queue_start(q)
         except BaseException:
+            self._pool_free(rq)
             if provider is not None:
-                if q in self.queues:
-                    self.queue_free(q)
-                self.queue_setup(q)
+                self._pool_setup(rq, None)
                 self.queue_start(q)
+            else:
+                self.queue_free(q)  # no pool to run on: the queue is gone, as before
             self.drained.append(drained)
             raise
         return drained

@@ -891,8 +891,10 @@ def test_hw_binding_zero_copy_and_lazy_refill(kt: KernelThread, app: S.Kernel) -
     assert (z["mode"], z["dev"], z["queue"], z["state"]) == ("queue", "eth0", 1, "live")
     assert kt.ledger() == {"free": AREA_PAGES - 64, "pool_cache": 0, "driver": 0,
                            "posted": 64, "in_skb": 0, "user": 0}
-    maps = [b for t, b in kt.nic.calls if t == "nic.dma_map"]
-    assert maps[-2]["name"] == zq.b.area.name            # the area, mapped before the restart
+    maps = [i for i, (t, _) in enumerate(kt.nic.calls) if t == "nic.dma_map"]
+    assert kt.nic.calls[maps[-1]][1]["name"] == zq.b.area.name  # the area, then the restart:
+    after = [t for t, _ in kt.nic.calls[maps[-1] + 1:]]  # a real stop and start of the queue,
+    assert after == ["nic.queue_stop", "nic.dma_unmap", "nic.queue_start"]  # its rings kept
     flow, fd = hw_flow_conn(kt, app, ring)
     submit_recvzc(ring, fd, zq.id)
     got: list[Cqe] = []
