@@ -729,14 +729,16 @@ RQ_FULL_TIMEOUT_S = 5.0
 
 
 def if_nametoindex(kernel: Kernel, name: str) -> int:
-    """The ifindex of netdev ``name`` (``if_nametoindex(3)``), from the kernel's status.
+    """The ifindex of netdev ``name`` (``if_nametoindex(3)``: the ``SIOCGIFINDEX`` ioctl).
 
     Raises ``Misuse(ENODEV)`` when there is no such device.
     """
-    for dev in kernel.syscall("status").body.get("netdevs", []):
-        if dev.get("name") == name:
-            return int(dev["ifindex"])
-    raise Misuse(f"no such device {name!r}", errno.ENODEV)
+    try:
+        return int(kernel.syscall("if_nametoindex", {"name": name}).body["ifindex"])
+    except ControlError as exc:
+        if exc.errno == errno.ENODEV:
+            raise Misuse(f"no such device {name!r}", errno.ENODEV) from None
+        raise
 
 
 def io_uring_query_zcrx(kernel: Kernel | None = None) -> np.ndarray | None:

@@ -33,6 +33,7 @@ from driver_proc.tcp import ACK, FIN, RST, SYN, flow_key
 from driver_proc.zcrx import IFQ_COUNTERS
 from shared import abi, pattern, wire
 from shared.control import ControlServer, ipc_endpoint
+from shared.errors import Misuse
 from shared.msg import ControlError
 from shared.ring import RingLayout, RingProducer
 from shared.shm import PAGE_SIZE, Region, list_run_segments
@@ -1220,3 +1221,11 @@ def test_hw_window_closes_while_the_app_holds_niovs_and_reopens(kt: KernelThread
     L.io_uring_queue_exit(ring)
     kt.wait_for(lambda k: k.zcrx.ifqs == [])
     zq.b.close()
+
+
+def test_if_nametoindex_asks_for_one_device(kt: KernelThread, app: S.Kernel) -> None:
+    """if_nametoindex(3) is one small syscall (SIOCGIFINDEX), not the whole status."""
+    assert L.if_nametoindex(app, "eth0") == 2
+    with pytest.raises(Misuse) as ei:
+        L.if_nametoindex(app, "eth9")
+    assert ei.value.errno == errno.ENODEV
