@@ -114,11 +114,11 @@ def bring_up(topo: Topology, name: str | None = None, *, detach: bool = True,
             run.save()
             done(f"netns {port.create_netns(run.run_id)}")
         step = "nic"
-        nic = run.spawn("nic", "nic_proc", nic_args(run, topo, detach=detach), detach=detach,
-                        ready="nic", wait=False)
+        nic_e = run.spawn("nic", "nic_proc", nic_args(run, topo, detach=detach),
+                          detach=detach, ready="nic", wait=False)
         if ports:
             run.wait_started("nic")
-            done(f"nic pid {nic.pid}")
+            done(f"nic pid {nic_e.pid}")
             step = "port"
             for line in port.attach(run.run_id, specs):
                 done(line)
@@ -126,15 +126,15 @@ def bring_up(topo: Topology, name: str | None = None, *, detach: bool = True,
         # (both are mostly interpreter start and imports, one core each): its probe waits
         # for the NIC to answer, as a driver's probe waits for the device.
         step = "kernel"
-        kernel = run.spawn("kernel", "driver_proc", kernel_args(run, topo, detach=detach),
-                           detach=detach, ready="kernel", wait=False)
+        kernel_e = run.spawn("kernel", "driver_proc", kernel_args(run, topo, detach=detach),
+                             detach=detach, ready="kernel", wait=False)
         if not ports:
             step = "nic"
             run.wait_started("nic")
-            done(f"nic pid {nic.pid}")
+            done(f"nic pid {nic_e.pid}")
             step = "kernel"
         run.wait_started("kernel")
-        done(f"kernel pid {kernel.pid}")
+        done(f"kernel pid {kernel_e.pid}")
         if fork_server:  # after NIC and kernel, whose start it would only slow down
             step = FORKSERVER
             e = run.spawn(FORKSERVER, "launch.forkserver",
