@@ -241,6 +241,9 @@ class _RxQueue:
         default_factory=lambda: np.zeros(1, dtype=np.uint64))
     buf_len: int = 0
     started: bool = False
+    #: DMA mappings to remove when the queue next starts (a restart's old page pool): the
+    #: NIC removes them with the ``nic.queue_start`` that follows, one admin command
+    unmap_at_start: list[int] = field(default_factory=list)
 
     @property
     def binding(self) -> str:
@@ -603,10 +606,13 @@ class NetDevice:
         rq.comp = RingConsumer(buf, rq.layout.comp, untrusted=True)
         rq.slots = rq.layout.hdr_slots(buf)
         self._refill(rq)
+        body: dict[str, Any] = {"dev": self.name, "queue": q, "map_id": rq.map_id,
+                                "ring_size": rq.ring_size, "slot_size": rq.slot_size}
+        if rq.unmap_at_start:
+            # the NIC removes these first, whatever becomes of the start
+            body["unmap"], rq.unmap_at_start = rq.unmap_at_start, []
         try:
-            self._call("nic.queue_start", {"dev": self.name, "queue": q, "map_id": rq.map_id,
-                                           "ring_size": rq.ring_size,
-                                           "slot_size": rq.slot_size})
+            self._call("nic.queue_start", body)
         except BaseException:
             self._reclaim(rq)
             raise
@@ -672,13 +678,21 @@ class NetDevice:
         if rq.region is not None:
             rq.region.close()
             rq.region = None
+        for map_id in rq.unmap_at_start:
+            self._dma_unmap(map_id)
+        rq.unmap_at_start = []
         self._pool_free(rq)
 
-    def _pool_free(self, rq: _RxQueue) -> None:
+    def _pool_free(self, rq: _RxQueue, *, at_start: bool = False) -> None:
         """Unmap and destroy the queue's page pool (its region goes when the last in-flight
-        buffer comes home); the queue's rings are left alone."""
+        buffer comes home); the queue's rings are left alone.  ``at_start``: the queue is
+        stopped and starts again next: its pool's DMA mapping goes with that start
+        (:attr:`_RxQueue.unmap_at_start`) instead of a NIC round trip of its own."""
         if rq.own_space_map and rq.space_map_id is not None:
-            self._dma_unmap(rq.space_map_id)
+            if at_start:
+                rq.unmap_at_start.append(rq.space_map_id)
+            else:
+                self._dma_unmap(rq.space_map_id)
         rq.space_map_id = None
         rq.own_space_map = False
         if rq.pool is not None:
@@ -731,19 +745,21 @@ class NetDevice:
         the ring memory is not given back to the allocator and taken again, which cost two
         NIC round trips and a fresh ring region per restart (64 of them to bind one server
         on 64 queues).  Ring size changes go through :meth:`queue_free` /
-        :meth:`queue_setup`, which do make new rings."""
+        :meth:`queue_setup`, which do make new rings.  The old pool's DMA mapping is removed
+        by the NIC with the start (``nic.queue_start`` ``unmap``), not in a command of its
+        own: the queue is stopped meanwhile, so nothing DMAs into it."""
         rq = self._q(q)
         drained = self.queue_stop(q) if rq.started else NapiBatch.empty(q)
         for ring in (rq.fill, rq.comp):
             if ring is not None:
                 ring.detach()
         rq.fill = rq.comp = None
-        self._pool_free(rq)
+        self._pool_free(rq, at_start=True)
         try:
             self._pool_setup(rq, provider)
             self.queue_start(q)
         except BaseException:
-            self._pool_free(rq)
+            self._pool_free(rq, at_start=True)
             if provider is not None:
                 self._pool_setup(rq, None)
                 self.queue_start(q)

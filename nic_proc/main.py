@@ -183,6 +183,13 @@ class NicProcess:
 
         def queue_start(m: Message) -> HandlerResult:
             b = m.body
+            for map_id in b["unmap"]:  # a restart's old page pool: one command, not two
+                if not isinstance(map_id, int) or isinstance(map_id, bool):
+                    raise Misuse(f"unmap: map id {map_id!r} is not an integer", errno.EINVAL)
+                try:
+                    nic.dma_unmap(map_id)
+                except ZcrxError as e:
+                    log.warning("queue_start: map %d not removed: %s", map_id, e)
             nic.queue_start(b["dev"], b["queue"], b["map_id"], b["ring_size"], b["slot_size"])
             log.info("%s queue %d started (map %d, ring %d, slot %d)", b["dev"], b["queue"],
                      b["map_id"], b["ring_size"], b["slot_size"])

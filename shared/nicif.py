@@ -417,7 +417,10 @@ register_type("nic.dma_map", {"name": str, "size": int},
 register_type("nic.dma_unmap", {"map_id": int},
               doc="Remove a mapping; later DMA into it is an IOMMU fault.")
 register_type("nic.queue_start", {**_DEVQ, "map_id": int, "ring_size": int, "slot_size": int},
-              doc="Start DMA into the queue whose region is mapped as map_id.")
+              optional={"unmap": (list, [])},
+              doc="Start DMA into the queue whose region is mapped as map_id; first remove "
+                  "the mappings listed in unmap (map ids: a restart's old page pool), each as "
+                  "nic.dma_unmap would (one that cannot be removed is left as it is).")
 register_type("nic.queue_stop", _DEVQ,
               reply=Schema.make({"completed": int}),
               doc="Quiesce the queue: no more DMA or completions; acked once stopped.")

@@ -127,6 +127,8 @@ class FakeNic:
             self.maps.pop(body["map_id"]).detach()
             return {}
         if type == "nic.queue_start":
+            for map_id in body.get("unmap", []):  # removed first, as the NIC does
+                self.maps.pop(map_id).detach()
             assert body["dev"] == self.info["name"] and body["queue"] not in self.queues
             layout = nicif.QueueLayout(body["ring_size"], body["slot_size"])
             self.queues[body["queue"]] = FakeQueue(self.maps[body["map_id"]], layout,
