@@ -219,6 +219,10 @@ class Ring:
         self.buf_rings: dict[int, BufRing] = {}
         #: zcrx interface queues registered on this ring (they live as long as it does)
         self.zcrx_ifqs: list[ZcrxIfq] = []
+        #: the page of app memory the ifq registrations of this ring pass their
+        #: ``io_uring_zcrx_area_reg`` / ``io_uring_region_desc`` in (made by the first, owned
+        #: by it; the kernel copies them in and writes back during each call)
+        self.zcrx_params: Memory | None = None
 
     def _map(self, offset: int, length: int) -> NDArray[np.uint8]:
         name, addr = self.kernel.mmap(self.fd, offset, length)
@@ -870,7 +874,8 @@ class ZcrxIfq:
 
     def __init__(self, ring: Ring, reg: np.ndarray, *, area: Memory, own_area: bool,
                  area_token: int, params: Memory, rq_buf: NDArray[np.uint8], rq_size: int,
-                 rq_mem: Memory | None, area_len: int | None = None) -> None:
+                 rq_mem: Memory | None, area_len: int | None = None,
+                 own_params: bool = True) -> None:
         r = reg[0]
         self.ring = ring
         self.kernel = ring.kernel
@@ -893,6 +898,7 @@ class ZcrxIfq:
         self.area_bases: list[int] = [0]
         self.area_lens: list[int] = [self.area_len]
         self.params = params
+        self.own_params = own_params
         self.rq_mem = rq_mem
         self.rq_user = rq_mem is not None
         self.rq_size = rq_size
@@ -943,7 +949,8 @@ class ZcrxIfq:
         """Unmap and unlink the app memory this ifq allocated (after the ring is closed)."""
         self._detach()
         self.area_view = np.empty(0, dtype=np.uint8)
-        mems = [self.params, self.rq_mem] + ([self.area] if self.own_area else [])
+        mems = ([self.params] if self.own_params else []) + [self.rq_mem] + (
+            [self.area] if self.own_area else [])
         for mem in mems:
             if mem is not None:
                 mem.close()
@@ -1007,8 +1014,11 @@ def io_uring_register_ifq(ring: Ring, if_idx: int = 0, if_rxq: int = 0, *,
         if not rq_kernel:
             rq_mem = k.alloc_memory(rq_size, tag="zcrx_rq")
             allocated.append(rq_mem)
-        params = k.alloc_memory(PAGE_SIZE, tag="zcrx_param")
-        allocated.append(params)
+        params = ring.zcrx_params
+        own_params = params is None  # one parameter page per ring, not one per ifq
+        if params is None:
+            params = k.alloc_memory(PAGE_SIZE, tag="zcrx_param")
+            allocated.append(params)
         pv = params.view
         area_reg = zcrx_area_reg(area.addr, area_len)
         region = zcrx_region_desc(rq_size, rq_mem.addr if rq_mem is not None else 0)
@@ -1038,7 +1048,9 @@ def io_uring_register_ifq(ring: Ring, if_idx: int = 0, if_rxq: int = 0, *,
     else:
         rq_buf = ring._map(int(region_out["mmap_offset"][0]), rq_size)
     ifq = ZcrxIfq(ring, out, area=area, own_area=own_area, area_token=token, params=params,
-                  rq_buf=rq_buf, rq_size=rq_size, rq_mem=rq_mem, area_len=area_len)
+                  rq_buf=rq_buf, rq_size=rq_size, rq_mem=rq_mem, area_len=area_len,
+                  own_params=own_params)
+    ring.zcrx_params = params
     if ev is not None:
         ifq.event_user_data = event_user_data if events else None
         ifq.stats_off = int(ev["stats_offset"][0]) if stats else None
