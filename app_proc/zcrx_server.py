@@ -443,13 +443,9 @@ class ZcrxServer(AcceptingServer):
                 if_idx, reg_flags = L.if_nametoindex(k, o.ifname), 0
                 rxqs = o.rxqs or [o.rxq or 0]
             rxq = rxqs[0]
-            # One query for all our ifqs (the RQ header layout is the kernel's, not the
-            # queue's): three syscalls each saved at 64 queues.
-            query = L.io_uring_query_zcrx(k)
             for i, q in enumerate(rxqs):
                 self.ifqs.append(L.io_uring_register_ifq(
                     self.ring, if_idx, q, rq_entries=o.rq_entries, area_size=o.area_size,
-                    query=query,
                     rq_kernel=o.rq_kernel, flags=reg_flags, rx_buf_len=o.rx_buf_len,
                     events=((1 << abi.ZCRX_EVENT_TYPE_LAST) - 1) if o.events else 0,
                     event_user_data=KIND_EVENT | (i << 8), stats=o.events,
