@@ -178,7 +178,19 @@ class NicProcess:
                                           holder=cred.pid if cred is not None else 0)}
 
         def dma_unmap(m: Message) -> HandlerResult:
-            nic.dma_unmap(m.body["map_id"])
+            more = m.body["more"]
+            if any(not isinstance(i, int) or isinstance(i, bool) for i in more):
+                raise Misuse("more: map ids are integers", errno.EINVAL)
+            first: ZcrxError | None = None
+            for map_id in (m.body["map_id"], *more):
+                try:
+                    nic.dma_unmap(map_id)
+                except ZcrxError as e:
+                    if not more:
+                        raise
+                    first = first or e
+            if first is not None:
+                raise first
             return None
 
         def queue_start(m: Message) -> HandlerResult:
