@@ -219,6 +219,14 @@ class Ring:
         self.buf_rings: dict[int, BufRing] = {}
         #: zcrx interface queues registered on this ring (they live as long as it does)
         self.zcrx_ifqs: list[ZcrxIfq] = []
+        #: the page of app memory the ifq registrations of this ring pass their
+        #: ``io_uring_zcrx_area_reg`` / ``io_uring_region_desc`` in (made by the first, owned
+        #: by it; the kernel copies them in and writes back during each call)
+        self.zcrx_params: Memory | None = None
+        #: the kernel's ``io_uring_query_zcrx`` answer (None: not answered), asked by the
+        #: first registration that wants it
+        self.zcrx_query: np.ndarray | None = None
+        self.zcrx_queried = False
 
     def _map(self, offset: int, length: int) -> NDArray[np.uint8]:
         name, addr = self.kernel.mmap(self.fd, offset, length)
@@ -729,14 +737,16 @@ RQ_FULL_TIMEOUT_S = 5.0
 
 
 def if_nametoindex(kernel: Kernel, name: str) -> int:
-    """The ifindex of netdev ``name`` (``if_nametoindex(3)``), from the kernel's status.
+    """The ifindex of netdev ``name`` (``if_nametoindex(3)``: the ``SIOCGIFINDEX`` ioctl).
 
     Raises ``Misuse(ENODEV)`` when there is no such device.
     """
-    for dev in kernel.syscall("status").body.get("netdevs", []):
-        if dev.get("name") == name:
-            return int(dev["ifindex"])
-    raise Misuse(f"no such device {name!r}", errno.ENODEV)
+    try:
+        return int(kernel.syscall("if_nametoindex", {"name": name}).body["ifindex"])
+    except ControlError as exc:
+        if exc.errno == errno.ENODEV:
+            raise Misuse(f"no such device {name!r}", errno.ENODEV) from None
+        raise
 
 
 def io_uring_query_zcrx(kernel: Kernel | None = None) -> np.ndarray | None:
@@ -758,11 +768,13 @@ def io_uring_query_zcrx_event(kernel: Kernel | None = None) -> np.ndarray | None
     return _query(kernel, abi.IO_URING_QUERY_ZCRX_NOTIF, abi.io_uring_query_zcrx_event)
 
 
-def _query(kernel: Kernel | None, op: int, dtype: np.dtype[Any]) -> np.ndarray | None:
-    """One ``IORING_REGISTER_QUERY`` of ``op``: its payload record, or None if unanswered."""
+def _query(kernel: Kernel | None, op: int, dtype: np.dtype[Any], *,
+           scratch: Memory | None = None) -> np.ndarray | None:
+    """One ``IORING_REGISTER_QUERY`` of ``op``: its payload record, or None if unanswered.
+    The payload lands in ``scratch`` (app memory the caller keeps) or a page made for it."""
     k = kernel if kernel is not None else default_kernel()
     k.attach()
-    mem = k.alloc_memory(PAGE_SIZE, tag="query")
+    mem = scratch if scratch is not None else k.alloc_memory(PAGE_SIZE, tag="query")
     try:
         size = dtype.itemsize
         hdr = np.zeros(1, dtype=abi.io_uring_query_hdr)
@@ -781,7 +793,8 @@ def _query(kernel: Kernel | None, op: int, dtype: np.dtype[Any]) -> np.ndarray |
             return None
         return mem.view[:size].view(dtype).copy()
     finally:
-        mem.close()
+        if scratch is None:
+            mem.close()
 
 
 def zcrx_rq_region_size(rq_entries: int, hdr_size: int | None = None,
@@ -868,7 +881,8 @@ class ZcrxIfq:
 
     def __init__(self, ring: Ring, reg: np.ndarray, *, area: Memory, own_area: bool,
                  area_token: int, params: Memory, rq_buf: NDArray[np.uint8], rq_size: int,
-                 rq_mem: Memory | None, area_len: int | None = None) -> None:
+                 rq_mem: Memory | None, area_len: int | None = None,
+                 own_params: bool = True) -> None:
         r = reg[0]
         self.ring = ring
         self.kernel = ring.kernel
@@ -891,6 +905,7 @@ class ZcrxIfq:
         self.area_bases: list[int] = [0]
         self.area_lens: list[int] = [self.area_len]
         self.params = params
+        self.own_params = own_params
         self.rq_mem = rq_mem
         self.rq_user = rq_mem is not None
         self.rq_size = rq_size
@@ -941,7 +956,8 @@ class ZcrxIfq:
         """Unmap and unlink the app memory this ifq allocated (after the ring is closed)."""
         self._detach()
         self.area_view = np.empty(0, dtype=np.uint8)
-        mems = [self.params, self.rq_mem] + ([self.area] if self.own_area else [])
+        mems = ([self.params] if self.own_params else []) + [self.rq_mem] + (
+            [self.area] if self.own_area else [])
         for mem in mems:
             if mem is not None:
                 mem.close()
@@ -974,28 +990,39 @@ def io_uring_register_ifq(ring: Ring, if_idx: int = 0, if_rxq: int = 0, *,
     if not ring.flags & abi.IORING_SETUP_CQE32:
         raise Misuse("zcrx needs a ring set up with IORING_SETUP_CQE32 (CQE_MIXED is not "
                      "parsed by this library)")
-    q = io_uring_query_zcrx(k) if query is True else (query if query is not None and
-                                                          query is not False else None)
-    if isinstance(q, np.ndarray):
-        hdr_size, hdr_align = int(q["rq_hdr_size"][0]), int(q["rq_hdr_alignment"][0])
-        rq_size = zcrx_rq_region_size(rq_entries, hdr_size, hdr_align)
-    else:
-        hdr_size, hdr_align = PAGE_SIZE, PAGE_SIZE
-        rq_size = zcrx_rq_region_size(rq_entries)
-    ev: np.ndarray | None = None
-    if events or stats:
-        stats_off = None
-        if stats:
-            eq = io_uring_query_zcrx_event(k)
-            ssize = int(eq["stats_size"][0]) if eq is not None else abi.zcrx_stats.itemsize
-            salign = int(eq["stats_off_alignment"][0]) if eq is not None else _STATS_ALIGN
-            rqes_end = (-(-hdr_size // hdr_align) * hdr_align
-                        + (1 << (rq_entries - 1).bit_length()) * _RQE.itemsize)
-            stats_off = -(-rqes_end // salign) * salign
-            rq_size = max(rq_size, page_align(stats_off + ssize))
-        ev = zcrx_event_desc(event_user_data, events, stats_off)
     allocated: list[Memory] = []
+    params = ring.zcrx_params
+    own_params = params is None  # one parameter page per ring, not one per ifq
     try:
+        if params is None:
+            params = k.alloc_memory(PAGE_SIZE, tag="zcrx_param")
+            allocated.append(params)
+        if query is True:
+            if not ring.zcrx_queried:  # the kernel's answer: asked once per ring, in the
+                ring.zcrx_query = _query(k, abi.IO_URING_QUERY_ZCRX,  # parameter page
+                                         abi.io_uring_query_zcrx, scratch=params)
+                ring.zcrx_queried = True
+            q = ring.zcrx_query
+        else:
+            q = query if query is not None and query is not False else None
+        if isinstance(q, np.ndarray):
+            hdr_size, hdr_align = int(q["rq_hdr_size"][0]), int(q["rq_hdr_alignment"][0])
+            rq_size = zcrx_rq_region_size(rq_entries, hdr_size, hdr_align)
+        else:
+            hdr_size, hdr_align = PAGE_SIZE, PAGE_SIZE
+            rq_size = zcrx_rq_region_size(rq_entries)
+        ev: np.ndarray | None = None
+        if events or stats:
+            stats_off = None
+            if stats:
+                eq = io_uring_query_zcrx_event(k)
+                ssize = int(eq["stats_size"][0]) if eq is not None else abi.zcrx_stats.itemsize
+                salign = int(eq["stats_off_alignment"][0]) if eq is not None else _STATS_ALIGN
+                rqes_end = (-(-hdr_size // hdr_align) * hdr_align
+                            + (1 << (rq_entries - 1).bit_length()) * _RQE.itemsize)
+                stats_off = -(-rqes_end // salign) * salign
+                rq_size = max(rq_size, page_align(stats_off + ssize))
+            ev = zcrx_event_desc(event_user_data, events, stats_off)
         own_area = area is None
         if area is None:
             area = k.alloc_memory(max(area_size, area_reserve), tag="zcrx_area")
@@ -1005,8 +1032,6 @@ def io_uring_register_ifq(ring: Ring, if_idx: int = 0, if_rxq: int = 0, *,
         if not rq_kernel:
             rq_mem = k.alloc_memory(rq_size, tag="zcrx_rq")
             allocated.append(rq_mem)
-        params = k.alloc_memory(PAGE_SIZE, tag="zcrx_param")
-        allocated.append(params)
         pv = params.view
         area_reg = zcrx_area_reg(area.addr, area_len)
         region = zcrx_region_desc(rq_size, rq_mem.addr if rq_mem is not None else 0)
@@ -1036,7 +1061,9 @@ def io_uring_register_ifq(ring: Ring, if_idx: int = 0, if_rxq: int = 0, *,
     else:
         rq_buf = ring._map(int(region_out["mmap_offset"][0]), rq_size)
     ifq = ZcrxIfq(ring, out, area=area, own_area=own_area, area_token=token, params=params,
-                  rq_buf=rq_buf, rq_size=rq_size, rq_mem=rq_mem, area_len=area_len)
+                  rq_buf=rq_buf, rq_size=rq_size, rq_mem=rq_mem, area_len=area_len,
+                  own_params=own_params)
+    ring.zcrx_params = params
     if ev is not None:
         ifq.event_user_data = event_user_data if events else None
         ifq.stats_off = int(ev["stats_offset"][0]) if stats else None

@@ -349,7 +349,8 @@ class Kernel:
 
     def alloc_memory(self, length: int, prot: int = PROT_READ | PROT_WRITE,
                      tag: str = "mem", *, named: bool = False) -> Memory:
-        """Create ``length`` bytes of app memory (page aligned, pre-touched) and map it.
+        """Create ``length`` bytes of app memory (page aligned, its pages allocated) and map
+        it.
 
         Default: a sealed memfd entered by descriptor (the kernel may pin it: areas, RQs,
         buffer rings).  ``named``: a named shm segment entered by name (short accesses only;

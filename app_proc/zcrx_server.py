@@ -77,8 +77,8 @@ Memory: the area, the RQ (``-r 0``) and the parameter page are this process's re
 (``app<task>.zcrx_*``), created and unlinked here (by the liburing layer); the rings and a
 kernel-memory RQ (``-r 1``) are the kernel's, attached and detached here.
 
-Area size: the default is 64 MiB, not liburing's 256 MiB.  Every region is pre-touched at
-creation (about 45 ms per 64 MiB here) and sits in ``/dev/shm`` of a small shared machine;
+Area size: the default is 64 MiB, not liburing's 256 MiB.  Every region's pages are allocated
+at creation (``fallocate``, about 25 ms per 64 MiB here) and sit in ``/dev/shm`` of a small machine;
 64 MiB is 16384 buffers of 4 KiB, more than the CQ (8192) and the RQ (8192) can hold lent out
 at once, so the area never runs dry because of its size.
 

@@ -228,6 +228,7 @@ class Kernel:
 
         h["attach"] = watched_attach
         h.update({"ethtool": self._sys_ethtool, "stats": self._sys_stats,
+                  "if_nametoindex": self._sys_if_nametoindex,
                   "status": self._sys_status, "shutdown": self._sys_shutdown,
                   "cap_grant": self._sys_cap_grant})
         return h
@@ -642,6 +643,13 @@ class Kernel:
                 "nic": "gone" if self.nic_dead else "up",
                 "nic_reprobes": self.stats["nic_reprobes"],
                 "tasks": tasks, "zcrx": ifqs}
+
+    def _sys_if_nametoindex(self, msg: Message, peer: bytes) -> HandlerResult:
+        """SIOCGIFINDEX: one netdev's index, without building the whole status."""
+        dev = self.netdevs.get(msg.body["name"])
+        if dev is None:
+            raise Misuse(f"no such device {msg.body['name']!r}", errno=errno.ENODEV)
+        return {"ifindex": dev.ifindex}
 
     def napi_id(self, dev: str, q: int) -> int:
         """The NAPI id of RX queue ``q`` of ``dev`` (a queue added later, ``ethtool -L``,

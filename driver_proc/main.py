@@ -28,17 +28,32 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import zmq
 
 from driver_proc.kernel import Kernel
 from shared import abi, nicif, syscalls  # noqa: F401  (registers the message types)
 from shared.control import ControlClient, ControlServer, EventReceiver, EventSender, ipc_endpoint
+from shared.errors import Timeout
 from shared.proc import Lifecycle, base_parser, setup_logging
 from shared.ring import Backoff
 
 #: Longest the loop sleeps in zmq poll when fully idle (timers, parent watch).
 IDLE_POLL_MS = 20
+
+
+def _wait_for_nic(nic: ControlClient, life: Lifecycle, timeout_s: float) -> None:
+    """Ping the NIC until it answers, for at most ``timeout_s`` or until asked to stop (the
+    launcher starts the NIC and the kernel at once; the NIC may still be importing); the
+    probe then reports a NIC that never came."""
+    deadline = time.monotonic() + timeout_s
+    while not life.should_stop() and time.monotonic() < deadline:
+        try:
+            nic.ping(timeout_ms=500)
+            return
+        except Timeout:
+            continue
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     kernel.attach_server(server)
     oops = False
     try:
+        _wait_for_nic(nic, life, args.nic_timeout_ms / 1000)
         kernel.probe()
         log.info("up: %s (Linux %s)", ", ".join(kernel.netdevs), args.kernel)
         poller = zmq.Poller()

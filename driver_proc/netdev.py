@@ -248,6 +248,9 @@ class _RxQueue:
         default_factory=lambda: np.zeros(1, dtype=np.uint64))
     buf_len: int = 0
     started: bool = False
+    #: DMA mappings to remove when the queue next starts (a restart's old page pool): the
+    #: NIC removes them with the ``nic.queue_start`` that follows, one admin command
+    unmap_at_start: list[int] = field(default_factory=list)
 
     @property
     def binding(self) -> str:
@@ -314,6 +317,8 @@ class NetDevice:
         self.up = False
         self.nic_alive = True
         self._pp_gen = [0] * self.max_queues
+        #: while :meth:`close` runs: the DMA unmaps gathered for one command at its end
+        self._unmap_batch: list[int] | None = None
         self.addr = str(info.get("addr", ""))
         self.addr6 = str(info.get("addr6", ""))
         ring = info.get("tx_ring_size", self.ring_size)
@@ -361,6 +366,9 @@ class NetDevice:
     def _dma_unmap(self, map_id: int) -> None:
         if not self.nic_alive:
             return
+        if self._unmap_batch is not None:
+            self._unmap_batch.append(map_id)
+            return
         try:
             self._call("nic.dma_unmap", {"map_id": map_id})
         except ZcrxError:
@@ -400,13 +408,32 @@ class NetDevice:
         if not nic_alive:
             self.nic_alive = False
         out = []
-        for q in sorted(self.queues):
-            if self.queues[q].started:
-                out.append(self.queue_stop(q))
-            self.queue_free(q)
-        self.tx_close()
+        # Every queue and ring is stopped before its mapping goes, so the unmaps of the whole
+        # device go to the NIC as one command at the end (``nic.dma_unmap`` ``more``), as an
+        # IOMMU batches its invalidations, not one round trip each (three per queue).
+        batch: list[int] = []
+        self._unmap_batch = batch
+        try:
+            for q in sorted(self.queues):
+                if self.queues[q].started:
+                    out.append(self.queue_stop(q))
+                self.queue_free(q)
+            self.tx_close()
+        finally:
+            self._unmap_batch = None
+            if batch:
+                self._dma_unmap_many(batch)
         self.up = False
         return out
+
+    def _dma_unmap_many(self, map_ids: list[int]) -> None:
+        """Remove several mappings in one NIC command (best effort, as :meth:`_dma_unmap`)."""
+        if not self.nic_alive:
+            return
+        try:
+            self._call("nic.dma_unmap", {"map_id": map_ids[0], "more": map_ids[1:]})
+        except ZcrxError:
+            pass
 
     # -- TX ----------------------------------------------------------------------------------
 
@@ -542,33 +569,7 @@ class NetDevice:
                 region_name(self.run, self.owner, nicif.queue_region_object(self.name, q)),
                 layout.size)
             rq.map_id = self._dma_map(rq.region.name, rq.region.size)
-            if provider is None:
-                self._pp_gen[q] += 1
-                count = self.pp_buffers or 2 * self.ring_size
-                # Pages for the ring's first fill now; the pool's other buffers when first
-                # allocated (a queue bound to a zcrx ifq soon may never use them at all).
-                space = BufferSpace.create(
-                    region_name(self.run, self.owner,
-                                f"{self.name}.q{q}.pp{self._pp_gen[q]}"),
-                    count, self.rx_buf_len, touch=self.ring_size)
-                rq.space = space
-                rq.own_space = True
-                provider = KernelPagesProvider(space)
-            rq.provider = provider
-            rq.space = provider.space
-            rq.spaces = provider.spaces
-            rq.buf_len = rq.space.buf_len
-            if provider.dma_map_id is None:
-                rq.space_map_id = self._dma_map(rq.space.name, rq.space.region_size)
-                rq.own_space_map = True
-            elif not 0 <= provider.dma_map_id <= _MAX_MAP_ID:
-                raise Misuse(f"memory provider map id {provider.dma_map_id} out of range")
-            else:
-                rq.space_map_id = provider.dma_map_id
-            self._map_spaces(rq)
-            own = rq.own_space
-            rq.pool = PagePool(provider, name=f"{self.name}.q{q}",
-                               on_destroyed=lambda pool: self._pool_destroyed(pool, own))
+            self._pool_setup(rq, provider)
         except BaseException:
             self._teardown(rq)
             raise
@@ -576,6 +577,38 @@ class NetDevice:
         rq.desc = np.zeros(rq.ring_size, dtype=abi.nic_rx_desc)
         rq.expect = np.arange(rq.ring_size, dtype=np.int64)
         self.queues[q] = rq
+
+    def _pool_setup(self, rq: _RxQueue, provider: MemoryProvider | None) -> None:
+        """The queue's new page pool: on ``provider``'s memory, or (None) on kernel pages in
+        a new ``pp<gen>`` region, DMA-mapped.  The caller unwinds a failure
+        (:meth:`_teardown` or :meth:`_pool_free`)."""
+        q = rq.index
+        if provider is None:
+            self._pp_gen[q] += 1
+            count = self.pp_buffers or 2 * self.ring_size
+            # Pages for the ring's first fill now; the pool's other buffers when first
+            # allocated (a queue bound to a zcrx ifq soon may never use them at all).
+            space = BufferSpace.create(
+                region_name(self.run, self.owner, f"{self.name}.q{q}.pp{self._pp_gen[q]}"),
+                count, self.rx_buf_len, touch=self.ring_size)
+            rq.space = space
+            rq.own_space = True
+            provider = KernelPagesProvider(space)
+        rq.provider = provider
+        rq.space = provider.space
+        rq.spaces = provider.spaces
+        rq.buf_len = rq.space.buf_len
+        if provider.dma_map_id is None:
+            rq.space_map_id = self._dma_map(rq.space.name, rq.space.region_size)
+            rq.own_space_map = True
+        elif not 0 <= provider.dma_map_id <= _MAX_MAP_ID:
+            raise Misuse(f"memory provider map id {provider.dma_map_id} out of range")
+        else:
+            rq.space_map_id = provider.dma_map_id
+        self._map_spaces(rq)
+        own = rq.own_space
+        rq.pool = PagePool(provider, name=f"{self.name}.q{q}",
+                           on_destroyed=lambda pool: self._pool_destroyed(pool, own))
 
     def _map_spaces(self, rq: _RxQueue) -> None:
         """The IOVA of buffer 0 of each space of the queue's set: the driver's own mapping
@@ -604,10 +637,13 @@ class NetDevice:
         rq.comp = RingConsumer(buf, rq.layout.comp, untrusted=True)
         rq.slots = rq.layout.hdr_slots(buf)
         self._refill(rq)
+        body: dict[str, Any] = {"dev": self.name, "queue": q, "map_id": rq.map_id,
+                                "ring_size": rq.ring_size, "slot_size": rq.slot_size}
+        if rq.unmap_at_start:
+            # the NIC removes these first, whatever becomes of the start
+            body["unmap"], rq.unmap_at_start = rq.unmap_at_start, []
         try:
-            self._call("nic.queue_start", {"dev": self.name, "queue": q, "map_id": rq.map_id,
-                                           "ring_size": rq.ring_size,
-                                           "slot_size": rq.slot_size})
+            self._call("nic.queue_start", body)
         except BaseException:
             self._reclaim(rq)
             raise
@@ -673,9 +709,23 @@ class NetDevice:
         if rq.region is not None:
             rq.region.close()
             rq.region = None
+        for map_id in rq.unmap_at_start:
+            self._dma_unmap(map_id)
+        rq.unmap_at_start = []
+        self._pool_free(rq)
+
+    def _pool_free(self, rq: _RxQueue, *, at_start: bool = False) -> None:
+        """Unmap and destroy the queue's page pool (its region goes when the last in-flight
+        buffer comes home); the queue's rings are left alone.  ``at_start``: the queue is
+        stopped and starts again next: its pool's DMA mapping goes with that start
+        (:attr:`_RxQueue.unmap_at_start`) instead of a NIC round trip of its own."""
         if rq.own_space_map and rq.space_map_id is not None:
-            self._dma_unmap(rq.space_map_id)
+            if at_start:
+                rq.unmap_at_start.append(rq.space_map_id)
+            else:
+                self._dma_unmap(rq.space_map_id)
         rq.space_map_id = None
+        rq.own_space_map = False
         if rq.pool is not None:
             self._reclaim(rq)
             if not rq.pool.destroy():
@@ -686,6 +736,8 @@ class NetDevice:
         elif rq.space is not None and rq.own_space:
             rq.space.close()
         rq.space = rq.spaces = None
+        rq.own_space = False
+        rq.provider = None
 
     def _pool_destroyed(self, pool: PagePool, own_space: bool) -> None:
         """The last buffer of a freed queue's pool came home: forget it, and unlink its
@@ -714,21 +766,36 @@ class NetDevice:
         return n
 
     def queue_restart(self, q: int, provider: MemoryProvider | None = None) -> NapiBatch:
-        """Stop, free, set up with ``provider`` (None: kernel pages), start; return the
-        drained frames.  If the new setup fails the queue comes back with kernel pages and
-        the error propagates (``netdev_rx_queue_restart`` semantics)."""
+        """Stop, swap the page pool for one on ``provider`` (None: kernel pages), start;
+        return the drained frames.  If the new pool or the start fails the queue comes back
+        with kernel pages and the error propagates (``netdev_rx_queue_restart`` semantics).
+
+        The queue's rings (fill, completion, header slots) and their DMA mapping are kept
+        across the restart and start again empty at counter 0 (:meth:`queue_start`): the NIC
+        stops and starts the queue for real and takes its buffers from the new pool, but
+        the ring memory is not given back to the allocator and taken again, which cost two
+        NIC round trips and a fresh ring region per restart (64 of them to bind one server
+        on 64 queues).  Ring size changes go through :meth:`queue_free` /
+        :meth:`queue_setup`, which do make new rings.  The old pool's DMA mapping is removed
+        by the NIC with the start (``nic.queue_start`` ``unmap``), not in a command of its
+        own: the queue is stopped meanwhile, so nothing DMAs into it."""
         rq = self._q(q)
         drained = self.queue_stop(q) if rq.started else NapiBatch.empty(q)
-        self.queue_free(q)
+        for ring in (rq.fill, rq.comp):
+            if ring is not None:
+                ring.detach()
+        rq.fill = rq.comp = None
+        self._pool_free(rq, at_start=True)
         try:
-            self.queue_setup(q, provider)
+            self._pool_setup(rq, provider)
             self.queue_start(q)
         except BaseException:
+            self._pool_free(rq, at_start=True)
             if provider is not None:
-                if q in self.queues:
-                    self.queue_free(q)
-                self.queue_setup(q)
+                self._pool_setup(rq, None)
                 self.queue_start(q)
+            else:
+                self.queue_free(q)  # no pool to run on: the queue is gone, as before
             self.drained.append(drained)
             raise
         return drained

@@ -277,13 +277,12 @@ class BufferSpace:
                touch: int | None = None) -> BufferSpace:
         """Create (and own) a kernel region ``name`` holding ``count`` buffers.
 
-        ``touch``: how many buffers (from the start) to fault in now (default all); the
-        rest get their pages on first use, as a page pool allocates pages on demand."""
+        ``touch``: how many buffers (from the start) get their pages now (default all);
+        the rest get theirs on first use, as a page pool allocates pages on demand."""
         size = count * buf_len
-        region = Region.create(name, size, pretouch=touch is None or touch >= count)
+        region = Region.create(name, size, allocate=None if touch is None
+                               else max(0, min(touch, count)) * buf_len)
         assert region.buf is not None
-        if touch is not None and 0 < touch < count:
-            region.touch(touch * buf_len)
         try:
             return cls(region.buf, count, buf_len, name=name, region_size=region.size,
                        region=region)

@@ -66,7 +66,8 @@ def bring_up(topo: Topology, name: str | None = None, *, detach: bool = True,
              say: Say | None = None) -> tuple[Run, list[str]]:
     """Realise ``topo``, in order, each step once ready.
 
-    NIC, then kernel (each pinged), then every netdev's ethtool settings in order (through
+    NIC, then kernel (each pinged; started together unless TAP ports must be plugged into
+    the NIC before the kernel probes it), then every netdev's ethtool settings in order (through
     the kernel, as ``zcrx ethtool`` sends them), then the apps (detached, ``app:N``, each
     once it says it is ready), then the traffic sources (unless ``traffic`` is False: the
     caller starts them later with :func:`start_traffic`).  NIC and kernel get their own
@@ -113,17 +114,27 @@ def bring_up(topo: Topology, name: str | None = None, *, detach: bool = True,
             run.save()
             done(f"netns {port.create_netns(run.run_id)}")
         step = "nic"
-        e = run.spawn("nic", "nic_proc", nic_args(run, topo, detach=detach), detach=detach,
-                      ready="nic")
-        done(f"nic pid {e.pid}")
+        nic_e = run.spawn("nic", "nic_proc", nic_args(run, topo, detach=detach),
+                          detach=detach, ready="nic", wait=False)
         if ports:
+            run.wait_started("nic")
+            done(f"nic pid {nic_e.pid}")
             step = "port"
             for line in port.attach(run.run_id, specs):
                 done(line)
+        # Without ports to plug in first, the kernel starts while the NIC is still starting
+        # (both are mostly interpreter start and imports, one core each): its probe waits
+        # for the NIC to answer, as a driver's probe waits for the device.
         step = "kernel"
-        e = run.spawn("kernel", "driver_proc", kernel_args(run, topo, detach=detach),
-                      detach=detach, ready="kernel")
-        done(f"kernel pid {e.pid}")
+        kernel_e = run.spawn("kernel", "driver_proc", kernel_args(run, topo, detach=detach),
+                             detach=detach, ready="kernel", wait=False)
+        if not ports:
+            step = "nic"
+            run.wait_started("nic")
+            done(f"nic pid {nic_e.pid}")
+            step = "kernel"
+        run.wait_started("kernel")
+        done(f"kernel pid {kernel_e.pid}")
         if fork_server:  # after NIC and kernel, whose start it would only slow down
             step = FORKSERVER
             e = run.spawn(FORKSERVER, "launch.forkserver",

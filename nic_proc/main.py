@@ -178,11 +178,30 @@ class NicProcess:
                                           holder=cred.pid if cred is not None else 0)}
 
         def dma_unmap(m: Message) -> HandlerResult:
-            nic.dma_unmap(m.body["map_id"])
+            more = m.body["more"]
+            if any(not isinstance(i, int) or isinstance(i, bool) for i in more):
+                raise Misuse("more: map ids are integers", errno.EINVAL)
+            first: ZcrxError | None = None
+            for map_id in (m.body["map_id"], *more):
+                try:
+                    nic.dma_unmap(map_id)
+                except ZcrxError as e:
+                    if not more:
+                        raise
+                    first = first or e
+            if first is not None:
+                raise first
             return None
 
         def queue_start(m: Message) -> HandlerResult:
             b = m.body
+            for map_id in b["unmap"]:  # a restart's old page pool: one command, not two
+                if not isinstance(map_id, int) or isinstance(map_id, bool):
+                    raise Misuse(f"unmap: map id {map_id!r} is not an integer", errno.EINVAL)
+                try:
+                    nic.dma_unmap(map_id)
+                except ZcrxError as e:
+                    log.warning("queue_start: map %d not removed: %s", map_id, e)
             nic.queue_start(b["dev"], b["queue"], b["map_id"], b["ring_size"], b["slot_size"])
             log.info("%s queue %d started (map %d, ring %d, slot %d)", b["dev"], b["queue"],
                      b["map_id"], b["ring_size"], b["slot_size"])

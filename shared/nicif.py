@@ -422,10 +422,15 @@ register_type("nic.dma_map", {"name": str, "size": int},
                   "kernel region by ``name``; app memory by the caller's descriptor ``fd`` "
                   "(opened through /proc/<caller pid>/fd/<fd>, the pid from the "
                   "connection's credentials) whose inode must be ``dev``:``ino``.")
-register_type("nic.dma_unmap", {"map_id": int},
-              doc="Remove a mapping; later DMA into it is an IOMMU fault.")
+register_type("nic.dma_unmap", {"map_id": int}, optional={"more": (list, [])},
+              doc="Remove a mapping (and those listed in more, in the same command: a "
+                  "device's close); later DMA into it is an IOMMU fault.  With more, every "
+                  "one is tried and the first failure is reported.")
 register_type("nic.queue_start", {**_DEVQ, "map_id": int, "ring_size": int, "slot_size": int},
-              doc="Start DMA into the queue whose region is mapped as map_id.")
+              optional={"unmap": (list, [])},
+              doc="Start DMA into the queue whose region is mapped as map_id; first remove "
+                  "the mappings listed in unmap (map ids: a restart's old page pool), each as "
+                  "nic.dma_unmap would (one that cannot be removed is left as it is).")
 register_type("nic.queue_stop", _DEVQ,
               reply=Schema.make({"completed": int}),
               doc="Quiesce the queue: no more DMA or completions; acked once stopped.")

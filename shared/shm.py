@@ -10,8 +10,10 @@ a run's segments are exactly the ``/dev/shm`` entries starting ``zcrx.<run>.``.
 Lifetime rules (DESIGN §2):
 
 * The creator creates exclusively (``O_CREAT|O_EXCL``), mode 0600, with a
-  page-aligned size, and pre-touches every page so the first DMA into the
-  region does not pay the page faults.
+  page-aligned size, and allocates every page up front (``fallocate``: tmpfs
+  zero-fills them now, as a pin or a page allocation would), so the first DMA into
+  the region does not pay the allocation, only mapping the page (a minor fault
+  every mapping pays once, the creator's own included).
 * Only the creator unlinks (:meth:`Region.unlink`).  Everyone else attaches and
   detaches.  Segments survive SIGKILL of every process that mapped them, so
   nothing may rely on process exit: :func:`remove_run_segments` is what
@@ -113,12 +115,15 @@ class Region:
 
     @classmethod
     def create(cls, name: str, size: int, *, pretouch: bool = True,
-               uid: int | None = None) -> Region:
-        """Create the segment exclusively (mode 0600), size it, map it, touch it.
+               uid: int | None = None, allocate: int | None = None) -> Region:
+        """Create the segment exclusively (mode 0600), size it, allocate its pages, map it.
 
+        ``allocate``: how many bytes from the start get their pages now (default: all of
+        them with ``pretouch``, none without); the rest get theirs on first touch.
         ``uid``: the process whose memory this is, when not the creator's (the kernel
         creating an app's rings as root): the segment is given to that uid, still 0600, so
-        that process and root reach it and no other app does."""
+        that process and root reach it and no other app does.  Misuse ENOMEM when /dev/shm
+        cannot hold the pages allocated now (nothing is left behind)."""
         size = page_align(size)
         try:
             shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=size)
@@ -127,20 +132,20 @@ class Region:
         try:
             if uid is not None and uid != os.geteuid():
                 os.fchown(shm.fd, uid, -1)
+            now = (size if pretouch else 0) if allocate is None else max(0, min(allocate, size))
+            _allocate(shm.fd, name, now)
             mm = mmap.mmap(shm.fd, size)
         except BaseException:
             shm.close_fd()
             posix_ipc.unlink_shared_memory(name)
             raise
         shm.close_fd()
-        region = cls(name, size, mm, owner=True)
-        if pretouch:
-            region.touch(size)
-        return region
+        return cls(name, size, mm, owner=True)
 
     def touch(self, nbytes: int) -> None:
-        """Fault in the first ``nbytes`` now: one store per page (tmpfs zero-fills it), so
-        whoever uses them later does not take the faults in its hot path."""
+        """Fault the first ``nbytes`` into this process's mapping now: one store per page (a
+        page not allocated yet is allocated, zero-filled), so this process does not take
+        the faults in its hot path later."""
         assert self.buf is not None
         np.frombuffer(self.buf, dtype=np.uint8, count=min(nbytes, self.size))[::PAGE_SIZE] = 0
 
@@ -148,7 +153,8 @@ class Region:
     def memfd(cls, name: str, size: int, *, seals: int = MEMFD_SEALS,
               pretouch: bool = True) -> Region:
         """Anonymous shared memory (``memfd_create(MFD_ALLOW_SEALING | MFD_CLOEXEC)``) of
-        ``size`` bytes (page aligned), sealed with ``seals`` before it is mapped, touched.
+        ``size`` bytes (page aligned), its pages allocated (``pretouch``: as :meth:`create`),
+        sealed with ``seals`` before it is mapped.
 
         ``name`` is ``/zcrx.<run>.<owner>.<object>`` as for :meth:`create` but names nothing
         in ``/dev/shm``: the region's :attr:`name` is ``memfd:<that name>``, what
@@ -159,16 +165,15 @@ class Region:
         fd = os.memfd_create(label, os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
         try:
             os.ftruncate(fd, size)
+            if pretouch:
+                _allocate(fd, name, size)
             if seals:
                 fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
             mm = mmap.mmap(fd, size)
         except BaseException:
             os.close(fd)
             raise
-        region = cls(_MEMFD_PREFIX + label, size, mm, owner=True, fd=fd)
-        if pretouch:
-            region.touch(size)
-        return region
+        return cls(_MEMFD_PREFIX + label, size, mm, owner=True, fd=fd)
 
     @classmethod
     def open_proc_fd(cls, pid: int, fd: int, name: str, *,
@@ -272,6 +277,20 @@ class Region:
     def __repr__(self) -> str:
         state = "mapped" if self.buf is not None else "detached"
         return f"Region({self.name!r}, {self.size} bytes, {state}, owner={self.is_owner})"
+
+
+def _allocate(fd: int, name: str, nbytes: int) -> None:
+    """Give the first ``nbytes`` of file ``fd`` their pages now (``fallocate``, zero-filled by
+    tmpfs), without mapping them anywhere: a third of the cost of storing to every page
+    of a mapping (the stores take one fault each), and the processes that map the file later
+    pay the same minor fault per page either way.  Misuse ENOMEM if /dev/shm is full."""
+    if nbytes <= 0:
+        return
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as e:
+        raise Misuse(f"{name}: cannot allocate {nbytes} bytes: {e.strerror}",
+                     errno=_errno.ENOMEM) from None
 
 
 def _proc_error(path: str, name: str, e: OSError) -> Misuse:

@@ -105,6 +105,8 @@ register_type("ethtool", {"dev": str, "request": dict}, reply=Schema.make(open=T
                   "through the driver, as on Linux.")
 register_type("stats", optional={"what": (str, "all")}, reply=Schema.make(open=True),
               doc="Counters of every layer (netdev queues, page pools, sockets, rings).")
+register_type("if_nametoindex", {"name": str}, reply=Schema.make({"ifindex": int}),
+              doc="The ifindex of a netdev by name (SIOCGIFINDEX); ENODEV if there is none.")
 register_type("status", reply=Schema.make(open=True),
               doc="Netdevs, queues and their bindings, page pools, ifqs, tasks.")
 register_type("shutdown", reply=Schema.make(open=True),

@@ -579,8 +579,34 @@ def test_process_wire_gateway_and_errors(nicrun: Callable[..., NicRun], run_id: 
         with pytest.raises(ControlError) as ei:
             nr.call("nic.dma_map", name=region_name(run_id, "app1", "nope"), size=4096)
         assert ei.value.errno == errno.ENOENT
+        with pytest.raises(ControlError) as ei:
+            nr.call("nic.queue_start", dev="eth0", queue=0, map_id=kq.map_id, ring_size=32,
+                    slot_size=dev["min_slot_size"], unmap=["x"])
+        assert ei.value.errno == errno.EINVAL
+        # a restart's old page pool: unmapped by the start itself, one command
+        old_pool = Region.create(region_name(run_id, "kernel", "oldpp"), 4096)
+        regions.append(old_pool)
+        old_id = nr.call("nic.dma_map", name=old_pool.name, size=4096)["map_id"]
         nr.call("nic.queue_start", dev="eth0", queue=0, map_id=kq.map_id, ring_size=32,
-                slot_size=dev["min_slot_size"])
+                slot_size=dev["min_slot_size"], unmap=[old_id])
+        with pytest.raises(ControlError) as ei:
+            nr.call("nic.dma_unmap", map_id=old_id)
+        assert ei.value.errno == errno.ENOENT
+        # a device's close: several unmaps in one command; each is tried, the first
+        # failure reported
+        ids = [nr.call("nic.dma_map", name=old_pool.name, size=4096)["map_id"]
+               for _ in range(3)]
+        with pytest.raises(ControlError) as ei:
+            nr.call("nic.dma_unmap", map_id=ids[0], more=["x"])
+        assert ei.value.errno == errno.EINVAL
+        with pytest.raises(ControlError) as ei:
+            nr.call("nic.dma_unmap", map_id=ids[0], more=[old_id, ids[1]])
+        assert ei.value.errno == errno.ENOENT  # old_id is gone; ids[0] and ids[1] went
+        nr.call("nic.dma_unmap", map_id=ids[2], more=[])
+        for map_id in ids:
+            with pytest.raises(ControlError) as ei:
+                nr.call("nic.dma_unmap", map_id=map_id)
+            assert ei.value.errno == errno.ENOENT
         kq.post()
         reply = nr.call("nic.wire", dev="eth0", port=0)
         port = reply["port"]

@@ -67,6 +67,22 @@ def test_create_is_exclusive_private_aligned_and_pretouched(run_id: str) -> None
     assert not os.path.exists(os.path.join(SHM_DIR, name[1:]))
 
 
+def test_allocate_gives_a_prefix_its_pages_and_memfd_all_of_them(run_id: str) -> None:
+    # A page pool's region: only the first fill's pages now, the rest on first use.
+    name = region_name(run_id, "kernel", "pp1")
+    with Region.create(name, 16 * PAGE_SIZE, allocate=4 * PAGE_SIZE) as r:
+        st = os.stat(os.path.join(SHM_DIR, name[1:]))
+        assert st.st_size == r.size == 16 * PAGE_SIZE
+        assert 4 * PAGE_SIZE <= st.st_blocks * 512 < 16 * PAGE_SIZE
+        r.array()[-1] = 7  # a page beyond the prefix appears on first store
+        assert os.stat(os.path.join(SHM_DIR, name[1:])).st_blocks * 512 > st.st_blocks * 512
+    with Region.create(region_name(run_id, "kernel", "lazy"), 8 * PAGE_SIZE,
+                       pretouch=False) as r:
+        assert os.stat(os.path.join(SHM_DIR, r.name[1:])).st_blocks == 0
+    with Region.memfd(region_name(run_id, "app0", "area1"), 5 * PAGE_SIZE) as m:
+        assert os.fstat(m.fd).st_blocks * 512 >= 5 * PAGE_SIZE
+
+
 def test_attach_sees_the_same_bytes_and_only_the_creator_unlinks(run_id: str) -> None:
     name = region_name(run_id, "kernel", "hdr")
     owner = Region.create(name, PAGE_SIZE)

@@ -33,6 +33,7 @@ from driver_proc.tcp import ACK, FIN, RST, SYN, flow_key
 from driver_proc.zcrx import IFQ_COUNTERS
 from shared import abi, pattern, wire
 from shared.control import ControlServer, ipc_endpoint
+from shared.errors import Misuse
 from shared.msg import ControlError
 from shared.ring import RingLayout, RingProducer
 from shared.shm import PAGE_SIZE, Region, list_run_segments
@@ -891,8 +892,11 @@ def test_hw_binding_zero_copy_and_lazy_refill(kt: KernelThread, app: S.Kernel) -
     assert (z["mode"], z["dev"], z["queue"], z["state"]) == ("queue", "eth0", 1, "live")
     assert kt.ledger() == {"free": AREA_PAGES - 64, "pool_cache": 0, "driver": 0,
                            "posted": 64, "in_skb": 0, "user": 0}
-    maps = [b for t, b in kt.nic.calls if t == "nic.dma_map"]
-    assert maps[-2]["name"] == zq.b.area.name            # the area, mapped before the restart
+    maps = [i for i, (t, _) in enumerate(kt.nic.calls) if t == "nic.dma_map"]
+    assert kt.nic.calls[maps[-1]][1]["name"] == zq.b.area.name  # the area, then the restart:
+    after = kt.nic.calls[maps[-1] + 1:]  # a real stop and start of the queue, its rings kept,
+    assert [t for t, _ in after] == ["nic.queue_stop", "nic.queue_start"]
+    assert len(after[1][1]["unmap"]) == 1  # the old kernel-page pool unmapped with the start
     flow, fd = hw_flow_conn(kt, app, ring)
     submit_recvzc(ring, fd, zq.id)
     got: list[Cqe] = []
@@ -1218,3 +1222,11 @@ def test_hw_window_closes_while_the_app_holds_niovs_and_reopens(kt: KernelThread
     L.io_uring_queue_exit(ring)
     kt.wait_for(lambda k: k.zcrx.ifqs == [])
     zq.b.close()
+
+
+def test_if_nametoindex_asks_for_one_device(kt: KernelThread, app: S.Kernel) -> None:
+    """if_nametoindex(3) is one small syscall (SIOCGIFINDEX), not the whole status."""
+    assert L.if_nametoindex(app, "eth0") == 2
+    with pytest.raises(Misuse) as ei:
+        L.if_nametoindex(app, "eth9")
+    assert ei.value.errno == errno.ENODEV

@@ -536,10 +536,13 @@ def test_query_sizes_the_rq_region_and_its_absence_falls_back(kt, app):
     q = L.io_uring_query_zcrx(app)
     assert int(q["rq_hdr_size"][0]) == 8 and int(q["rq_hdr_alignment"][0]) == 64
     assert int(q["register_flags"][0]) == abi.ZCRX_REG_NODEV
-    ifq = L.io_uring_register_ifq(ring, 0, 0, rq_entries=256, area_size=1 << 16)
+    # a ring asks once (the answer is the kernel's), so the kernel with the query gets its own
+    ring2 = L.io_uring_queue_init(8, L.ZCRX_RING_FLAGS, kernel=app)
+    ifq = L.io_uring_register_ifq(ring2, 0, 0, rq_entries=256, area_size=1 << 16)
     assert struct.unpack_from("<Q", si.calls[0]["region"], 8)[0] == 8192 == ifq.rq_size
-    ifq = L.io_uring_register_ifq(ring, 0, 0, rq_entries=128, area_size=1 << 16)
+    ifq = L.io_uring_register_ifq(ring2, 0, 0, rq_entries=128, area_size=1 << 16)
     assert ifq.rq_size == 4096  # 64 + 2048: one page
+    L.io_uring_queue_exit(ring2)
     L.io_uring_queue_exit(ring)
 
 
