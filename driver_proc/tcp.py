@@ -444,32 +444,32 @@ class RxQueue:
         else:
             limit = self._read + max_bytes
             k = int(np.searchsorted(self._end[h:t], limit, side="left")) + 1
+        got = self._head_pieces(k)
+        over = int(self._end[h + k - 1]) - limit
+        if over > 0:
+            got.lengths[-1] -= over
+        return got
+
+    def _head_pieces(self, k: int) -> Pieces:
+        """Copies of the first ``k`` (>= 1) queued pieces, the first one advanced past what
+        was already read."""
+        h = self._head
         hs = self._h[h:h + k].copy()
         offs = self._off[h:h + k].copy()
         lens = self._len[h:h + k].copy()
         skip = self._read - (int(self._end[h]) - int(self._len[h]))
         offs[0] += skip
         lens[0] -= skip
-        over = int(self._end[h + k - 1]) - limit
-        if over > 0:
-            lens[-1] -= over
         return Pieces(hs, offs, lens)
 
     def peek_head(self, n: int) -> Pieces:
         """The first ``n`` pieces :meth:`peek` would return with no byte budget (all of them
         when fewer are queued), without copying the rest: a reader that walks at most ``n``
         skbs (RECV_ZC's turn) pays for ``n``, not for the whole queue."""
-        h, t = self._head, self._tail
-        k = min(n, t - h)
+        k = min(n, self._tail - self._head)
         if k <= 0:
             return Pieces.empty()
-        hs = self._h[h:h + k].copy()
-        offs = self._off[h:h + k].copy()
-        lens = self._len[h:h + k].copy()
-        skip = self._read - (int(self._end[h]) - int(self._len[h]))
-        offs[0] += skip
-        lens[0] -= skip
-        return Pieces(hs, offs, lens)
+        return self._head_pieces(k)
 
     def consume(self, nbytes: int) -> NDArray[np.int64]:
         """Mark the first ``nbytes`` readable bytes as read.

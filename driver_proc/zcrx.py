@@ -1074,6 +1074,23 @@ class RecvZcRequest(Request):
         return posted, n_copy, zc_bytes
 
 
+def _get_user_refs(ifqs: list[Ifq], key: NDArray[np.int64], c_ifq: NDArray[np.int64]) -> None:
+    """The user references a batch of zero-copy CQEs takes (``io_zcrx_recv_frag``): niov
+    ``key[i]`` of ifq ``ifqs[c_ifq[i]]`` gains one, through that ifq's spaces."""
+    if len(ifqs) == 1:
+        for space, b in ifqs[0].spaces.groups(key):
+            space.get_user(b)
+        return
+    by = np.argsort(c_ifq, kind="stable")
+    ends = np.cumsum(np.bincount(c_ifq, minlength=len(ifqs))).tolist()
+    start = 0
+    for q, end in zip(ifqs, ends, strict=True):
+        if end > start:
+            for space, b in q.spaces.groups(key[by[start:end]]):
+                space.get_user(b)
+        start = end
+
+
 def _cqe_offsets(spaces: SpaceSet, keys: NDArray[np.int64], within: NDArray[np.int64] | int
                  ) -> NDArray[np.int64]:
     """The CQE ``off`` of niovs ``keys``: area token (``area id << 48``) | niov * buf_len +
@@ -1959,18 +1976,7 @@ class Zcrx:
             flags = np.full(len(rows), abi.IORING_CQE_F_MORE, dtype=np.int64)
             if rg.post_big_batch(uds[mem[rows]], res[rows], flags, off[rows]) != len(rows):
                 raise InvariantBroken(f"{rg}: CQ room shrank under RECV_ZC rounds")
-        if len(ifqs) == 1:
-            for space, b in ifqs[0].spaces.groups(key):
-                space.get_user(b)
-        else:
-            by = np.argsort(c_ifq, kind="stable")
-            ends = np.cumsum(np.bincount(c_ifq, minlength=len(ifqs))).tolist()
-            start = 0
-            for q, end in zip(ifqs, ends, strict=True):
-                if end > start:
-                    for space, b in q.spaces.groups(key[by[start:end]]):
-                        space.get_user(b)
-                start = end
+        _get_user_refs(ifqs, key, c_ifq)
         taken = np.minimum(part, n)
         tpieces = np.minimum(npc, taken * per)
         nbytes = np.bincount(pmem[prnd < n], weights=allp.lengths[prnd < n],
@@ -2185,18 +2191,7 @@ class Zcrx:
             if ring.post_big_batch(uds[mem[rows]], res[rows], flags[rows], off[rows]) != want:
                 raise InvariantBroken(f"{ring}: CQ room shrank under a RECV_ZC round")
         # a niov frag gains one page-pool and one user reference (io_zcrx_recv_frag)
-        if len(ifqs) == 1:
-            for space, b in ifqs[0].spaces.groups(key):
-                space.get_user(b)
-        else:
-            by = np.argsort(c_ifq, kind="stable")
-            ends = np.cumsum(np.bincount(c_ifq, minlength=len(ifqs))).tolist()
-            start = 0
-            for q, end in zip(ifqs, ends, strict=True):
-                if end > start:
-                    for space, b in q.spaces.groups(key[by[start:end]]):
-                        space.get_user(b)
-                start = end
+        _get_user_refs(ifqs, key, c_ifq)
         # each member's receive queue, counters and next step, in turn order
         starts = np.cumsum(npc) - npc
         nbytes = np.add.reduceat(allp.lengths, starts[:take]).tolist()

@@ -586,6 +586,19 @@ class DmaQueue:
         self._gro_cols[key] = out
         return out
 
+    def _gro_headers(self, H: npt.NDArray[np.uint8], hl: int, l4: int, width: int
+                     ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint32]]:
+        """The first ``hl`` header bytes of every frame, copied into a contiguous scratch of
+        ``width`` bytes a row (whole 64-bit words, zero padded; frame rows may lie far
+        apart), and the frames' TCP sequence numbers."""
+        n = H.shape[0]
+        buf = self._gro_buf
+        if buf.shape[0] < n or buf.shape[1] != width:
+            buf = self._gro_buf = np.zeros((max(n, 512), width), np.uint8)
+        hc = buf[:n]
+        hc[:, :hl] = H[:, :hl]
+        return hc, hc[:, l4 + 4:l4 + 8].view(">u4")[:, 0].astype(np.uint32)
+
     def _gro_join_uniform(self, H: npt.NDArray[np.uint8], hl: int, pl: I64 | int
                           ) -> npt.NDArray[np.bool_]:
         """:meth:`_gro_sessions` for frames of one header length: ``join[1:]``.  The
@@ -596,13 +609,7 @@ class DmaQueue:
         n = H.shape[0]
         if mask is None:
             return np.zeros(n - 1, bool)
-        W = mask.shape[0]
-        buf = self._gro_buf
-        if buf.shape[0] < n or buf.shape[1] != W:
-            buf = self._gro_buf = np.zeros((max(n, 512), W), np.uint8)
-        hc = buf[:n]
-        hc[:, :hl] = H[:, :hl]
-        seq = hc[:, l4 + 4:l4 + 8].view(">u4")[:, 0].astype(np.uint32)
+        hc, seq = self._gro_headers(H, hl, l4, mask.shape[0])
         psh = (hc[:, l4 + 13] & _TCP_PSH) != 0
         hc &= mask
         words = hc.view(np.uint64)
@@ -927,13 +934,7 @@ class DmaQueue:
         run: the first a candidate, every one equal to it under ``mask``, the sequence
         numbers ``p0`` apart, no PSH before the last."""
         n = H.shape[0]
-        W = mask.shape[0]
-        buf = self._gro_buf
-        if buf.shape[0] < n or buf.shape[1] != W:
-            buf = self._gro_buf = np.zeros((max(n, 512), W), np.uint8)
-        hc = buf[:n]
-        hc[:, :hl] = H[:, :hl]
-        seq = hc[:, l4 + 4:l4 + 8].view(">u4")[:, 0].astype(np.uint32)
+        hc, seq = self._gro_headers(H, hl, l4, mask.shape[0])
         steps = self._gro_steps.get(p0)
         if steps is None or steps.shape[0] < n:
             steps = self._gro_steps[p0] = (np.arange(max(n, 512), dtype=np.int64) * p0
