@@ -252,6 +252,19 @@ class Request:
 # --------------------------------------------------------------------------------------------
 
 
+class Inflight(set["Request"]):
+    """A ring's requests in flight, counting every one ever added (``adds``): who keeps a
+    view derived from the set knows from ``adds`` whether a request joined since."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.adds = 0
+
+    def add(self, req: Request) -> None:
+        self.adds += 1
+        super().add(req)
+
+
 class Ring:
     """One io_uring instance of one task (``struct io_ring_ctx``)."""
 
@@ -269,7 +282,10 @@ class Ring:
         self.napi: Any = None
         self.disabled = bool(flags & abi.IORING_SETUP_R_DISABLED)
         self.mixed = bool(flags & abi.IORING_SETUP_CQE_MIXED)
-        self.inflight: set[Request] = set()
+        self.inflight = Inflight()
+        #: driver_proc.zcrx's view of this ring's RECV_ZC requests that may hold data
+        #: (``RecvZcRequest._may_fold``)
+        self.zcrx_fold: Any = None
         self.buf_rings: dict[int, BufRing] = {}
         self.waits: list[Wait] = []
         self.overflow: deque[tuple[int, int, int, tuple[int, int] | None]] = deque()

@@ -360,6 +360,11 @@ class RxQueue:
 
     __slots__ = ("_end", "_h", "_head", "_len", "_off", "_read", "_tail", "_total")
 
+    #: appends to any receive queue so far: bytes only ever become readable through
+    #: :meth:`append`, so a reader's view "which queues hold data" stays true (or turns
+    #: false as they are read) while this does not move
+    appends = 0
+
     def __init__(self, capacity: int = 64) -> None:
         """Create an empty queue with room for ``capacity`` pieces (it grows as needed)."""
         cap = max(4, capacity)
@@ -409,6 +414,7 @@ class RxQueue:
 
     def append(self, pieces: Pieces) -> None:
         """Queue in-order pieces at the tail (TCP layer only; lengths must be > 0)."""
+        RxQueue.appends += 1
         n = len(pieces.handles)
         if n == 0:
             return

@@ -223,7 +223,7 @@ from driver_proc.page_pool import (
 )
 from driver_proc.setup import IoUring
 from driver_proc.skb import LINEAR
-from driver_proc.tcp import Pieces, TcpReceiver
+from driver_proc.tcp import Pieces, RxQueue, TcpReceiver
 from shared import abi
 from shared.errors import InvariantBroken, Misuse, ZcrxError
 from shared.ring import RingConsumer, RingLayout
@@ -885,15 +885,36 @@ class RecvZcRequest(Request):
 
     def _may_fold(self) -> bool:
         """True when no other request would take a turn between consecutive passes: nothing
-        is requeued and no other RECV_ZC of this ring has data waiting."""
+        is requeued and no other RECV_ZC of this ring has data waiting.
+
+        The ring keeps the list of its RECV_ZC requests that may hold data, made from the
+        in-flight set when a request joined or any receive queue was appended to since
+        (``Inflight.adds``, ``RxQueue.appends``); until then data only leaves queues and
+        requests only leave the ring, so a request found without data is dropped from the
+        list for good.  Each check costs what it drops, not the number of requests in
+        flight (thousands of connections on one ring made the scan quadratic)."""
         if self.zcrx._requeued:
             return False
-        for r in self.ring.inflight:
-            if r is not self and isinstance(r, RecvZcRequest):
-                c = r.sock.conn
-                if c is not None and c.rxq.nbytes:
-                    return False
-        return True
+        ring = self.ring
+        key = (ring.inflight.adds, RxQueue.appends)
+        view = ring.zcrx_fold
+        if view is None or view[0] != key:
+            view = ring.zcrx_fold = (key, [r for r in ring.inflight
+                                           if isinstance(r, RecvZcRequest)])
+        cands: list[RecvZcRequest] = view[1]
+        keep: list[RecvZcRequest] = []
+        other = False
+        for i, r in enumerate(cands):
+            c = r.sock.conn
+            if r.done or c is None or not c.rxq.nbytes:
+                continue  # no data now, so none before the key moves
+            keep.append(r)
+            if r is not self:
+                other = True
+                keep.extend(cands[i + 1:])
+                break
+        cands[:] = keep
+        return not other
 
     def _pass(self, conn: TcpReceiver, fold: bool = False) -> tuple[int, int | None, bool]:
         """One ``tcp_read_sock`` walk (``io_zcrx_tcp_recvmsg``): ``(bytes delivered, errno
