@@ -113,6 +113,9 @@ def napi_cpu(queue: int) -> int:
     return queue % NR_CPUS
 
 
+#: How long the kernel waits for each NIC answer while it shuts down.
+SHUTDOWN_NIC_TIMEOUT_MS = 2_000
+
 class Kernel:
     """All kernel state plus the verbs the process loop drives."""
 
@@ -558,23 +561,39 @@ class Kernel:
         _unlink_prefix(owner_prefix(self.run, "kernel"))
 
     def shutdown(self) -> None:
-        """Close every task's files and rings, then every netdev (unlinking regions)."""
+        """Close every task's files and rings, then every netdev (unlinking regions).
+
+        Peers that died before the stop are acted on first: a NIC that is already gone
+        (killed together with us, as a test or ``zcrx down`` may do) is a surprise removal,
+        not a device to ask for queue stops it can no longer answer.  A NIC that stops
+        answering during the close is not asked again for the netdevs after it."""
+        try:
+            self.check_peers()
+        except ZcrxError as e:
+            self.log.warning("peers at shutdown: %s", e)
         for task in list(self.ctx.tasks):
             try:
                 sc.task_exit(self.ctx, task)
             except ZcrxError as e:
                 self.log.warning("task %s exit: %s", task.tid, e)
+        answering = not self.nic_dead
+        if isinstance(self.nic, ControlClient):
+            # A NIC stopping with us answers in milliseconds or not at all: do not wait the
+            # running timeout for each netdev (an unanswered close is the NIC's to clean up
+            # when it sees us exit, as after SIGKILL).
+            self.nic.timeout_ms = min(self.nic.timeout_ms, SHUTDOWN_NIC_TIMEOUT_MS)
         for dev in self.netdevs.values():
             try:
-                for batch in dev.close(nic_alive=True):
+                for batch in dev.close(nic_alive=answering):
                     if len(batch):
                         self.skbs.free(batch.handles)
             except ZcrxError as e:
                 self.log.warning("%s close: %s", dev.name, e)
+                answering = False
                 dev.close(nic_alive=False)
         self.zcrx.shutdown()
         self.watch.close()
-        if not self.nic_dead and isinstance(self.nic, ControlClient):
+        if answering and not self.nic_dead and isinstance(self.nic, ControlClient):
             # An orderly exit, not a death: the NIC stops watching us and keeps running.
             try:
                 self.nic.call("bye", {}, timeout_ms=1000)
