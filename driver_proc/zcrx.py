@@ -202,7 +202,7 @@ import errno
 import itertools
 import logging
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -1095,6 +1095,30 @@ class RecvZcRequest(Request):
         return posted, n_copy, zc_bytes
 
 
+def _own_areas(reqs: Sequence[RecvZcRequest], mem: NDArray[np.int64], src: NDArray[np.int64]
+               ) -> tuple[list[Ifq], NDArray[np.int64], NDArray[np.int64], NDArray[np.int64],
+                          NDArray[np.bool_]]:
+    """For chunks of the requests ``reqs`` (chunk ``i`` belongs to ``reqs[mem[i]]`` and lies
+    in the space ``src[i]``): the requests' distinct ifqs, each chunk's ifq index, the
+    area index and table row of its space among those ifqs' areas, and whether the chunk
+    is a niov of its own request's ifq (``io_zcrx_recv_frag`` hands those over in place)."""
+    ifq_ix: dict[int, int] = {}
+    ifqs: list[Ifq] = []
+    for req in reqs:
+        if id(req.ifq) not in ifq_ix:
+            ifq_ix[id(req.ifq)] = len(ifqs)
+            ifqs.append(req.ifq)
+    m_ifq = np.fromiter((ifq_ix[id(r.ifq)] for r in reqs), dtype=np.int64, count=len(reqs))
+    sids = np.concatenate([q.spaces.sids for q in ifqs])
+    nsp = [len(q.spaces) for q in ifqs]
+    owner = np.repeat(np.arange(len(ifqs), dtype=np.int64), nsp)
+    area = np.concatenate([np.arange(c, dtype=np.int64) for c in nsp])
+    order = np.argsort(sids, kind="stable")
+    at = order[np.minimum(np.searchsorted(sids[order], src), len(sids) - 1)]
+    c_ifq = m_ifq[mem]
+    return ifqs, c_ifq, area, at, (sids[at] == src) & (owner[at] == c_ifq)
+
+
 def _get_user_refs(ifqs: list[Ifq], key: NDArray[np.int64], c_ifq: NDArray[np.int64]) -> None:
     """The user references a batch of zero-copy CQEs takes (``io_zcrx_recv_frag``): niov
     ``key[i]`` of ifq ``ifqs[c_ifq[i]]`` gains one, through that ifq's spaces."""
@@ -1949,21 +1973,7 @@ class Zcrx:
         piece, src, buf, boff, ln, _ = self._chunks(allp)
         mem = pmem[piece]
         rnd = prnd[piece]
-        ifq_ix: dict[int, int] = {}
-        ifqs: list[Ifq] = []
-        for req in batch:
-            if id(req.ifq) not in ifq_ix:
-                ifq_ix[id(req.ifq)] = len(ifqs)
-                ifqs.append(req.ifq)
-        m_ifq = np.fromiter((ifq_ix[id(r.ifq)] for r in batch), dtype=np.int64, count=k)
-        sids = np.concatenate([q.spaces.sids for q in ifqs])
-        nsp = [len(q.spaces) for q in ifqs]
-        owner = np.repeat(np.arange(len(ifqs), dtype=np.int64), nsp)
-        area = np.concatenate([np.arange(c, dtype=np.int64) for c in nsp])
-        order = np.argsort(sids, kind="stable")
-        at = order[np.minimum(np.searchsorted(sids[order], src), len(sids) - 1)]
-        c_ifq = m_ifq[mem]
-        zc = (sids[at] == src) & (owner[at] == c_ifq)
+        ifqs, c_ifq, area, at, zc = _own_areas(batch, mem, src)
         if not bool(zc.all()):
             n = min(n, int(rnd[~zc].min()))
         # CQ room: every round's CQEs of a ring, in order, must fit
@@ -2150,22 +2160,7 @@ class Zcrx:
         piece, src, buf, boff, ln, _ = self._chunks(allp)
         mem = np.repeat(np.arange(k, dtype=np.int64), npc)[piece]
         # the members' ifqs and their areas: which chunks are niovs of their own ifq
-        ifq_ix: dict[int, int] = {}
-        ifqs: list[Ifq] = []
-        for req in members:
-            if id(req.ifq) not in ifq_ix:
-                ifq_ix[id(req.ifq)] = len(ifqs)
-                ifqs.append(req.ifq)
-        m_ifq = np.fromiter((ifq_ix[id(r.ifq)] for r in members), dtype=np.int64, count=k)
-        sids = np.concatenate([q.spaces.sids for q in ifqs])
-        nsp = [len(q.spaces) for q in ifqs]
-        owner = np.repeat(np.arange(len(ifqs), dtype=np.int64), nsp)
-        area = np.concatenate([np.arange(c, dtype=np.int64) for c in nsp])
-        order = np.argsort(sids, kind="stable")
-        ssids = sids[order]
-        at = order[np.minimum(np.searchsorted(ssids, src), len(ssids) - 1)]
-        c_ifq = m_ifq[mem]
-        zc = (sids[at] == src) & (owner[at] == c_ifq)
+        ifqs, c_ifq, area, at, zc = _own_areas(members, mem, src)
         # one CQE per chunk; members taken: a prefix whose CQEs all fit and are all in place
         cnt = np.bincount(mem, minlength=k)
         take = k
