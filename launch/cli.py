@@ -1016,9 +1016,8 @@ def _run_foreground(r: Any, role: str, module: str, args: list[str],
     """Run an app attached to this terminal, recorded as ``role`` while it lives."""
     import signal
 
-    import psutil
-
     from launch.run import TAG_ENV, ProcEntry, RoleSpec, exec_uid, popen_app
+    from shared.rundir import start_ticks
 
     env = r.env()
     env[TAG_ENV] = r.tag(role)
@@ -1044,7 +1043,7 @@ def _run_foreground(r: Any, role: str, module: str, args: list[str],
              else f"app run: cannot grant CAP_NET_ADMIN: {e}")
         raise AssertionError from None
     r.m.procs[role] = ProcEntry(
-        role=role, pid=proc.pid, create_time=psutil.Process(proc.pid).create_time(),
+        role=role, pid=proc.pid, start_ticks=start_ticks(proc.pid),
         argv=argv, log="", spec=RoleSpec(module=module if command is None else "",
                                          args=args if command is None else [],
                                          detach=False, command=command, cwd=os.getcwd(),

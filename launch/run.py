@@ -56,6 +56,7 @@ import psutil
 from shared.control import ControlClient, ipc_endpoint
 from shared.errors import Misuse, PeerGone, Timeout, ZcrxError
 from shared.proc import NOTIFY_ENV
+from shared.rundir import live_process, start_ticks
 from shared.shm import list_run_segments, remove_run_segments
 
 if TYPE_CHECKING:
@@ -233,7 +234,8 @@ class RoleSpec:
 class ProcEntry:
     role: str
     pid: int
-    create_time: float
+    #: when it started, in clock ticks after boot (:func:`shared.rundir.start_ticks`)
+    start_ticks: int
     argv: list[str]
     log: str
     #: What it was started with (None for the recorded ``launcher``).
@@ -242,6 +244,9 @@ class ProcEntry:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ProcEntry:
         spec = d.pop("spec", None)
+        if "start_ticks" not in d:  # a manifest from before start_ticks: never matches
+            d.pop("create_time", None)
+            d["start_ticks"] = -1
         return cls(spec=RoleSpec(**spec) if spec is not None else None, **d)
 
     @property
@@ -256,15 +261,7 @@ class ProcEntry:
 
     def process(self) -> psutil.Process | None:
         """The live process, or None if it is gone (or the pid was reused)."""
-        try:
-            p = psutil.Process(self.pid)
-            if abs(p.create_time() - self.create_time) > 0.5:
-                return None
-            if p.status() == psutil.STATUS_ZOMBIE:
-                return None
-            return p
-        except psutil.Error:
-            return None
+        return live_process(self.pid, self.start_ticks)
 
 
 @dataclass
@@ -452,7 +449,7 @@ class Run:
             raise Misuse(f"{role}: cannot run {argv[0]!r}: {e.strerror}",
                          errno=e.errno or 2) from None
         entry = ProcEntry(role=role, pid=proc.pid,
-                          create_time=psutil.Process(proc.pid).create_time(),
+                          start_ticks=start_ticks(proc.pid),
                           argv=argv, log=str(log_path),
                           spec=RoleSpec(module=module, args=list(args), detach=detach,
                                         ready=ready, notify=notify,
@@ -593,8 +590,8 @@ class Run:
 
     def record_launcher(self) -> ProcEntry:
         """Record this process (a foreground ``zcrx up``) as the run's ``launcher``."""
-        me = psutil.Process()
-        entry = ProcEntry(role=LAUNCHER, pid=me.pid, create_time=me.create_time(),
+        me = os.getpid()
+        entry = ProcEntry(role=LAUNCHER, pid=me, start_ticks=start_ticks(me),
                           argv=list(sys.argv), log="")
         self.m.procs[LAUNCHER] = entry
         self.save()

@@ -30,14 +30,44 @@ __all__ = [
     "MANIFEST",
     "RunInfo",
     "list_runs",
+    "live_process",
     "read_run",
     "runs_dir",
+    "start_ticks",
 ]
 
 
 def runs_dir() -> Path:
     """``$ZCRX_RUNS_DIR``, else ``/tmp/zcrx-runs``."""
     return Path(os.environ.get(ENV_RUNS_DIR) or DEFAULT_RUNS_DIR)
+
+
+def start_ticks(pid: int) -> int:
+    """When ``pid`` started, in clock ticks after boot (``starttime``, field 22 of
+    ``/proc/<pid>/stat``).  With the pid it names one process for the life of the boot: unlike
+    a wall-clock start time (psutil's ``create_time``, boot time read from ``/proc/stat`` in
+    whole seconds plus this), it does not move when the clock is stepped or slewed.  Raises
+    ProcessLookupError when there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        raise ProcessLookupError(pid) from None
+    # comm (field 2) may hold spaces and parentheses: count fields after its last ')'
+    return int(stat[stat.rindex(b")") + 2:].split()[19])
+
+
+def live_process(pid: int, ticks: int) -> psutil.Process | None:
+    """The process ``pid`` if it is the one that started at ``ticks`` (:func:`start_ticks`)
+    and has not exited (a zombie has); None otherwise: a pid reused by another process does
+    not count."""
+    try:
+        if start_ticks(pid) != ticks:
+            return None
+        p = psutil.Process(pid)
+        return None if p.status() == psutil.STATUS_ZOMBIE else p
+    except (ProcessLookupError, psutil.Error, ValueError, IndexError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -56,11 +86,8 @@ class RunInfo:
         if not isinstance(entry, dict):
             return False
         try:
-            p = psutil.Process(int(entry["pid"]))
-            if abs(p.create_time() - float(entry["create_time"])) > 0.5:
-                return False
-            return bool(p.status() != psutil.STATUS_ZOMBIE)
-        except (psutil.Error, KeyError, TypeError, ValueError):
+            return live_process(int(entry["pid"]), int(entry["start_ticks"])) is not None
+        except (KeyError, TypeError, ValueError):
             return False
 
     @property

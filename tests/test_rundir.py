@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from app_proc import syscall as S
-from shared.rundir import list_runs, read_run
+from shared.rundir import list_runs, live_process, read_run, start_ticks
 
 
 def fake_run(base: Path, name: str, *, up: bool = True) -> tuple[Path, str]:
@@ -25,7 +25,7 @@ def fake_run(base: Path, name: str, *, up: bool = True) -> tuple[Path, str]:
     run_id = f"{name}-c0ffee"
     me = psutil.Process()
     kernel = {"role": "kernel", "pid": me.pid if up else 2 ** 22 + 1,
-              "create_time": me.create_time(), "argv": [], "log": ""}
+              "start_ticks": start_ticks(me.pid), "argv": [], "log": ""}
     manifest = {"name": name, "run_id": run_id, "rundir": str(rundir), "created": 0.0,
                 "launcher_pid": me.pid, "config": {}, "procs": {"kernel": kernel}}
     (rundir / "manifest.json").write_text(json.dumps(manifest))
@@ -135,7 +135,45 @@ def test_read_run_tolerates_damaged_manifests(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text(json.dumps({"name": "x"}))
     assert read_run(tmp_path) is None
     (tmp_path / "manifest.json").write_text(json.dumps({"run_id": "x-1", "procs": {
-        "kernel": {"pid": os.getpid(), "create_time": 0}}}))
+        "kernel": {"pid": os.getpid(), "start_ticks": 0}}}))
     info = read_run(tmp_path)
     assert info is not None and info.run_id == "x-1" and info.name == tmp_path.name
     assert not info.up  # the pid is alive, but it started at another time: not the kernel
+
+
+def test_a_process_is_named_by_its_start_in_ticks_not_by_the_wall_clock(
+        tmp_path: Path, monkeypatch) -> None:
+    """CI once saw a live kernel taken for dead (and left running by the teardown that
+    believed it): psutil's create_time adds the boot time, which /proc/stat gives in whole
+    seconds from the wall clock, so a slewed clock moved every start by a second.  A run's
+    processes are named by pid and start ticks, which no clock change moves."""
+    import psutil._pslinux as pl
+
+    rundir, _ = fake_run(tmp_path, "clock")
+    info = read_run(rundir)
+    assert info is not None and info.up
+    real = pl.boot_time
+    monkeypatch.setattr(pl, "boot_time", lambda: real() + 1.0)  # btime ticked over
+    assert info.up
+    me = os.getpid()
+    assert live_process(me, start_ticks(me)) is not None
+    assert live_process(me, start_ticks(me) + 1) is None  # another start: a reused pid
+
+
+def test_start_ticks_reads_past_a_command_name_with_spaces_and_parens(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    prog = tmp_path / "a) b (c"
+    prog.symlink_to(sys.executable)
+    p = subprocess.Popen([str(prog), "-c", "import sys; sys.stdin.read()"],
+                         stdin=subprocess.PIPE)
+    try:
+        ticks = start_ticks(p.pid)
+        assert ticks == start_ticks(p.pid) and ticks >= start_ticks(os.getpid())
+        assert live_process(p.pid, ticks) is not None
+    finally:
+        p.communicate(b"", timeout=10)
+    assert live_process(p.pid, ticks) is None  # exited and reaped
+    with pytest.raises(ProcessLookupError):
+        start_ticks(p.pid)
