@@ -345,6 +345,29 @@ def test_verify_in_place_finds_the_first_bad_byte_of_each_chunk():
     assert V.zcrx_verify(area, start[:1], length[:1], wrong_stream[:1], so[:1])[0] >= 0
 
 
+@pytest.mark.parametrize("width", [64, 1448, 4096, 16 << 10, (16 << 10) + 8, 65160])
+def test_verify_scattered_chunks_of_every_size_against_chunk_by_chunk(width: int) -> None:
+    """Scattered chunks of one width, from 64-byte segments to 64 KiB HW-GRO sessions, several
+    gathers' worth (or compared in place when wide): the first bad byte of each chunk is
+    where a chunk-by-chunk check finds it, and the area is only read."""
+    n = max(V._GATHER_MIN, 2 * V._GATHER_BYTES // width + 3)
+    stride = width + 24  # never back to back: every chunk is a run of its own
+    area = np.zeros(n * stride + 64, dtype=np.uint8)
+    chunks = [(i * stride + 8, width, 31000 + i % 3, width * (i // 3)) for i in range(n)]
+    start, length, stream, so = _place(area, chunks)
+    assert V.zcrx_verify(area, start, length, stream, so).tolist() == [-1] * n
+    rng = np.random.default_rng(width)
+    hit = sorted({0, n - 1, *rng.integers(0, n, 3).tolist()})
+    for i in hit:
+        area[start[i] + int(rng.integers(0, width))] ^= 0x10
+    before = area.copy()
+    want = [pattern.verify(int(stream[i]), int(so[i]), area[start[i]:start[i] + width])
+            for i in range(n)]
+    assert [i for i, b in enumerate(want) if b >= 0] == hit
+    assert V.zcrx_verify(area, start, length, stream, so).tolist() == want
+    assert np.array_equal(area, before)
+
+
 def test_return_cqes_verifies_then_returns_every_data_cqe():
     ifq, kside, _ = make_ifq(rq_entries=16)
     area = ifq.area_view
