@@ -720,7 +720,7 @@ def run_zcrx_bench(total: int = DEFAULT_BYTES, flows: int = 1, repeat: int = 1,
                 from launch.bench_ring import bench_payload
                 from nic_proc.sources import default_batch
 
-                batch = default_batch(segment)
+                batch = default_batch(segment, rx_buf_len if gro_hw else 0)
                 say(f"bare ring, {segment} B entries, batch {batch}")
                 rr = bench_payload(br.run.run_id, batch, 0.8, payload=segment,
                                    nslots=max(4096, 2 * batch))

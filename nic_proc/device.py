@@ -906,6 +906,7 @@ class Nic:
             d = self.netdevs[src.dev]
             if not d.spec.link:
                 continue
+            src.gro_room = d.spec.rx_buf_len if d.hds.gro_hw else 0
             batch = src.poll(self.blocked_fn(d), t)
             if batch is None:
                 continue

@@ -21,6 +21,7 @@ import pytest
 
 from nic_proc.dma import Frames
 from nic_proc.sources import (
+    GRO_BATCH_BYTES,
     Blocked,
     FrameBuilder,
     Generator,
@@ -28,6 +29,7 @@ from nic_proc.sources import (
     RawSource,
     WireGateway,
     WireInfo,
+    default_batch,
     parse_raw,
 )
 from shared import pattern, wire
@@ -114,6 +116,41 @@ def test_generator_defaults_follow_the_netdev() -> None:
     assert r["sport"].tolist()[:2] == [20000 + 3 * 1024, 20000 + 3 * 1024 + 1]
     assert gen.seg == wire.mss(4, 9000) == 8960
     assert fr.hdr[0, :6].tobytes() == info.mac
+
+
+def test_default_batch_grows_with_hw_gro_and_the_stream_stays_exact() -> None:
+    """A batch is 512 frames (more for small segments); with HW-GRO on the device (the NIC
+    sets ``gro_room`` to its rx-buf-len) it grows by the segments one buffer holds, up to
+    3 MiB of payload, and the stream is the same bytes whatever the batch."""
+    assert default_batch(4096) == default_batch(1448) == 512
+    assert default_batch(64) == 4096
+    assert default_batch(1448, 4096) == 1024           # two segments per 4 KiB buffer
+    assert default_batch(1448, 65536) == GRO_BATCH_BYTES // 1448 == 2172
+    assert default_batch(4096, 4096) == 512            # one segment per buffer: no coalescing
+    assert default_batch(64, 65536) == 4096
+    info = WireInfo("eth0", 0, 1500)
+    total = 9_000_000
+    gen = Generator(1, info, {"dport": 9000, "flows": 1, "bytes": total, "syn": False})
+    rx = Receiver(gen)
+    sizes = []
+    for room in (0, 65536, 4096, 0):
+        gen.gro_room = room
+        fr = gen.poll()
+        assert fr is not None
+        sizes.append(len(fr))
+        ok = np.ones(len(fr), bool)
+        rx.take(fr, ok)
+        gen.commit(fr, ok)
+    assert gen.seg == 1460
+    assert sizes == [512, GRO_BATCH_BYTES // 1460, 1024, 512]
+    gen.gro_room = 65536
+    run_all(gen, rx)
+    (sp, data), = rx.data.items()
+    assert len(data) == total and pattern.verify(sp, 0, data) == -1
+    fixed = Generator(2, info, {"dport": 9000, "flows": 1, "bytes": total, "batch": 100})
+    fixed.gro_room = 65536
+    fr = fixed.poll()
+    assert fr is not None and len(fr) == 100  # the spec's batch is kept
 
 
 def test_pause_and_resume_is_exact_with_random_per_flow_prefixes() -> None:
