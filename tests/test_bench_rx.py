@@ -121,3 +121,7 @@ def test_bench_zcrx_small_segments_with_hw_gro_cli_smoke(runs_dir, tmp_path):
     assert r["all_verified"] is True
     assert {x["mode"]: x["bytes"] for x in r["rows"]} == {
         "zcrx": 524288, "copy": 524288, "loopback": 524288}
+    zc = next(x for x in r["rows"] if x["mode"] == "zcrx")
+    seg = [c for c in r["checks"] if c["target"] == "zero copy >= 1 M segments/s"]
+    assert len(seg) == 1 and seg[0]["value"] == zc["mpps"] and isinstance(seg[0]["ok"], bool)
+    assert r["ring"]["batch"] == 4096  # the generator's batch at 64 bytes, GRO on or off
