@@ -97,6 +97,14 @@ from shared.watch import Watchlist
 
 #: Frames one queue may complete per NAPI poll (the driver's budget).
 NAPI_BUDGET = 1024
+#: One NAPI pass over the poll lists stops once it has handled this many completions or run
+#: this long, and the rest of the list waits for the next pass (``net_rx_action``'s
+#: ``netdev_budget`` and ``netdev_budget_usecs``; Linux: 300 and 2000 us, counted in
+#: ``time_squeeze``).  The packet budget is scaled like :data:`NAPI_BUDGET` (Linux's NAPI
+#: weight is 64).  Without it one pass over 64 busy queues ran for 30-270 ms, and every
+#: syscall, accept and re-arm waited for the end of it.
+NETDEV_BUDGET = 4096
+NETDEV_BUDGET_USECS = 2000
 #: How long the idle loop sleeps while a queue waits for buffers to come home.
 STARVED_POLL_MS = 1
 #: How often a kernel whose NIC died asks whether a restarted one answers.
@@ -138,6 +146,8 @@ class Kernel:
         self.zcrx = self.ctx.zcrx
         self.zcrx.netdevs = self.netdevs
         self.stats: Counter[str] = Counter()
+        #: where the next NAPI pass starts (after a squeezed one: the netdev it stopped in)
+        self._napi_next_dev = 0
         self.shutdown_requested = False
         self.server: ControlServer | None = None
         self._doorbells: list[tuple[str, int]] = []
@@ -314,13 +324,27 @@ class Kernel:
         until the NIC interrupts for it again (Linux: ``napi_complete_done`` re-enables the
         queue's IRQ; the softirq walks only the poll list).  ``busy_poll`` (io_uring's NAPI
         busy polling, ``IoUring.napi_poll``) polls every queue with completions published,
-        scheduled or not, as a busy-polling syscall does."""
+        scheduled or not, as a busy-polling syscall does.
+
+        Like ``net_rx_action`` a pass (not a busy poll) ends early once it has handled
+        :data:`NETDEV_BUDGET` completions or run :data:`NETDEV_BUDGET_USECS` (counted in
+        ``stats["time_squeeze"]``), so syscalls are served between passes; a queue that was
+        polled moves to the tail of its poll list, so the next pass starts with the others."""
         work = 0
-        for dev in self.netdevs.values():
+        limit = None if busy_poll else time.perf_counter() + NETDEV_BUDGET_USECS / 1e6
+        devs = list(self.netdevs.values())
+        first = self._napi_next_dev % len(devs) if devs else 0
+        for i in range(len(devs)):  # from the netdev the last squeezed pass stopped in
+            dev = devs[(first + i) % len(devs)]
             for batch in dev.take_drained():
                 work += self._deliver(batch, self.napi_id(dev.name, batch.queue), dev)
             queues = list(dev.queues) if busy_poll else list(dev.poll_list)
             for q in queues:
+                if limit is not None and work and (
+                        work >= NETDEV_BUDGET or time.perf_counter() >= limit):
+                    self.stats["time_squeeze"] += 1
+                    self._napi_next_dev = (first + i) % len(devs)
+                    return work
                 if not dev.napi_pending(q):
                     if not busy_poll and not dev.napi_complete(q):
                         dev.poll_list.pop(q, None)
@@ -331,6 +355,9 @@ class Kernel:
                 if batch.completions:
                     work += batch.completions
                     self._deliver(batch, self.napi_id(dev.name, q), dev)
+                if not busy_poll and q in dev.poll_list:  # list_move_tail
+                    del dev.poll_list[q]
+                    dev.poll_list[q] = None
         return work
 
     def irq(self, dev: Any, queue: Any) -> None:

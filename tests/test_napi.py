@@ -167,3 +167,93 @@ def test_zcrx_server_with_napi_busy_poll_verifies_every_byte(tmp_path) -> None:
     rep = json.loads(out.read_text())
     assert rep["ok"], rep
     assert rep["connections"][0]["bytes"] == size
+
+
+class _Batch:
+    def __init__(self, completions: int) -> None:
+        self.completions = completions
+        self.doorbell = False
+
+    def __len__(self) -> int:
+        return self.completions
+
+
+class _Dev:
+    """A netdev whose queues each hold ``pending[q]`` completions, all on the poll list."""
+
+    def __init__(self, name: str, pending: dict[int, int]) -> None:
+        self.name = name
+        self.pending = dict(pending)
+        self.queues = list(pending)
+        self.poll_list: dict[int, None] = dict.fromkeys(pending)
+        self.polled: list[int] = []
+
+    def take_drained(self) -> list[Any]:
+        return []
+
+    def napi_pending(self, q: int) -> bool:
+        return self.pending[q] > 0
+
+    def napi_complete(self, q: int) -> bool:
+        return False  # idle: leaves the list
+
+    def napi_poll(self, q: int, budget: int) -> _Batch:
+        n = min(budget, self.pending[q])
+        self.pending[q] -= n
+        self.polled.append(q)
+        return _Batch(n)
+
+
+def _softirq(devs: list[_Dev]) -> Any:
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from driver_proc.kernel import Kernel
+
+    k = SimpleNamespace(netdevs={d.name: d for d in devs}, stats=Counter(), _doorbells=[],
+                        _napi_next_dev=0, napi_id=lambda dev, q: 0,
+                        delivered=[], _deliver=None)
+    k._deliver = lambda batch, napi_id=0, dev=None: k.delivered.append(len(batch))
+    return k, lambda: Kernel.napi_pass(k)  # type: ignore[arg-type]
+
+
+def test_a_napi_pass_stops_at_netdev_budget_and_the_next_one_resumes_fairly(monkeypatch) -> None:
+    """``net_rx_action``: a pass ends once it has handled ``netdev_budget`` completions
+    (``time_squeeze``), polled queues go to the tail of the list, and a netdev the last pass
+    stopped in is where the next one starts: every queue of both netdevs gets its turn and
+    everything is delivered."""
+    import driver_proc.kernel as K
+
+    monkeypatch.setattr(K, "NAPI_BUDGET", 100)
+    monkeypatch.setattr(K, "NETDEV_BUDGET", 250)
+    monkeypatch.setattr(K, "NETDEV_BUDGET_USECS", 10**9)  # only the packet budget here
+    a, b = _Dev("eth0", {0: 1000, 1: 1000, 2: 1000, 3: 1000}), _Dev("eth1", {0: 300})
+    k, napi_pass = _softirq([a, b])
+    assert napi_pass() == 300 and a.polled == [0, 1, 2] and k.stats["time_squeeze"] == 1
+    assert list(a.poll_list) == [3, 0, 1, 2]  # list_move_tail
+    assert napi_pass() == 300 and a.polled[3:] == [3, 0, 1]
+    passes = 2
+    while any(d.poll_list for d in (a, b)):
+        napi_pass()
+        passes += 1
+        assert passes < 100
+    assert sum(k.delivered) == 4300 and not any(a.pending.values()) and b.pending[0] == 0
+    assert 0 in b.polled and b.polled.count(0) == 3
+    # A busy poll is not a softirq round: no budget across queues.
+    c = _Dev("eth2", {0: 500, 1: 500})
+    k2, _ = _softirq([c])
+    assert K.Kernel.napi_pass(k2, busy_poll=True) == 200  # type: ignore[arg-type]
+    assert k2.stats["time_squeeze"] == 0
+
+
+def test_a_napi_pass_stops_after_netdev_budget_usecs(monkeypatch) -> None:
+    """The time bound: with ``netdev_budget_usecs`` 0 every pass polls one queue (at least
+    one, so the loop always moves) and the queues take turns."""
+    import driver_proc.kernel as K
+
+    monkeypatch.setattr(K, "NETDEV_BUDGET_USECS", 0)
+    a = _Dev("eth0", {0: 10, 1: 10, 2: 10})
+    k, napi_pass = _softirq([a])
+    for _ in range(3):
+        assert napi_pass() == 10
+    assert a.polled == [0, 1, 2] and k.stats["time_squeeze"] == 3
