@@ -178,6 +178,15 @@ def test_app_groups() -> None:
     assert app_groups([1, 2], "8") == [[1], [2]]
 
 
+def test_a_server_on_many_queues_gets_a_cq_per_queue_up_to_the_maximum() -> None:
+    from launch.bench_scale import CQ_ENTRIES, MAX_CQ_ENTRIES, cq_entries
+    from shared import abi
+
+    assert MAX_CQ_ENTRIES == abi.IORING_MAX_CQ_ENTRIES == 2 * abi.IORING_MAX_ENTRIES
+    assert cq_entries(1) == CQ_ENTRIES and cq_entries(4) == 4 * CQ_ENTRIES
+    assert cq_entries(64) == MAX_CQ_ENTRIES
+
+
 @pytest.mark.timeout(120)
 def test_bench_scale_one_app_for_all_queues() -> None:
     """``--apps one``: one zcrx-server on every queue of the point, each flow steered to its
