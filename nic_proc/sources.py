@@ -98,6 +98,8 @@ def default_batch(seg: int, gro_room: int = 0) -> int:
     if per_buf < 2:
         return base
     return max(base, min(MAX_BATCH, base * per_buf, GRO_BATCH_BYTES // seg))
+
+
 #: Most flows one generator drives.
 MAX_FLOWS = 4096
 #: Per-flow entries listed in a progress report (the control header is bounded).
