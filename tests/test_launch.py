@@ -198,6 +198,25 @@ def test_manifest_records_each_role_spec_and_respawn_uses_it() -> None:
             run.down()
 
 
+def test_manifest_text_is_every_field_and_reads_back() -> None:
+    """The manifest is written field by field (it is saved at every spawn): the same text
+    ``dataclasses.asdict`` gives, and it reads back equal."""
+    from dataclasses import asdict
+
+    from launch.run import Manifest, ProcEntry, RoleSpec
+
+    m = Manifest(name="m", run_id="m-1", rundir="/x", created=1.5, launcher_pid=7,
+                 config={"netdevs": [{"name": "eth0"}], "bench": "scale"})
+    m.procs["launcher"] = ProcEntry(role="launcher", pid=7, start_ticks=11, argv=["zcrx"],
+                                    log="")
+    m.procs["app:0"] = ProcEntry(role="app:0", pid=8, start_ticks=12, argv=["python", "-m"],
+                                 log="/x/app-0.log",
+                                 spec=RoleSpec(module="app_proc.zcrx_server", args=["-p", "1"],
+                                               detach=True, notify=True, uid=1000))
+    assert m.to_json() == json.dumps(asdict(m), indent=2, sort_keys=True)
+    assert Manifest.from_json(m.to_json()) == m
+
+
 def test_old_manifests_without_role_specs_still_open() -> None:
     from launch.run import Manifest
 
