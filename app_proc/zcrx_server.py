@@ -744,6 +744,20 @@ def _queues(text: str) -> list[int]:
     return out
 
 
+#: CQ entries per queue of a server's ring when ``-C`` is not given.
+CQ_PER_QUEUE = 8192
+
+
+def cq_entries_for(queues: int, per_queue: int = CQ_PER_QUEUE) -> int:
+    """CQ entries for a ring serving ``queues`` queues: ``per_queue`` each, rounded up to a
+    power of two (as ``io_uring_setup`` rounds ``cq_entries``) and at most
+    ``IORING_MAX_CQ_ENTRIES``.  Every queue's ifq can have its whole area out at once: with
+    one CQ of 4096 for 64 of them the CQ ran full and each RECV_ZC ended with ``-ENOSPC``
+    (then a re-arm, a syscall) about 30 times per connection."""
+    n = max(1, per_queue * max(1, queues))
+    return min(abi.IORING_MAX_CQ_ENTRIES, 1 << (n - 1).bit_length())
+
+
 def _pow2(text: str) -> int:
     n = _size(text)
     if n <= 0 or n & (n - 1):
@@ -770,7 +784,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
                    help="refill queue in user memory (0, default) or kernel memory (1)")
     p.add_argument("-S", "--area-size", type=_size, default=64 << 20,
                    help="area size (64M; liburing's example uses 256M)")
-    p.add_argument("-C", "--cq-entries", type=_pow2, default=8192, help="CQ entries (8192)")
+    p.add_argument("-C", "--cq-entries", type=_pow2, default=0,
+                   help=f"CQ entries (default: {CQ_PER_QUEUE} per queue this process serves, "
+                        f"up to {abi.IORING_MAX_CQ_ENTRIES})")
     p.add_argument("-R", "--rq-entries", type=_pow2, default=8192, help="RQ entries (8192)")
     p.add_argument("--sq-entries", type=_pow2, default=256, help="SQ entries (256)")
     p.add_argument("--rx-buf-len", type=_size, default=0,
@@ -823,6 +839,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
     if not 0 <= a.napi_busy_poll <= 0xFFFFFFFF:
         p.error("--napi-busy-poll must be in [0, 2^32)")
     spread = _spread(p, a.workers, rxqs, a.nodev, a.output)
+    if not a.cq_entries:  # each worker serves its share of the queues on its own ring
+        a.cq_entries = cq_entries_for(-(-max(1, len(rxqs)) // max(1, a.workers)))
     opts = Options(**common, ifname=a.ifname, rxq=rxqs[0] if rxqs else None,
                    rxqs=rxqs if len(rxqs) > 1 else [], nodev=a.nodev,
                    rq_kernel=a.rq_mem == 1, area_size=a.area_size, cq_entries=a.cq_entries,

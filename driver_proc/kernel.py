@@ -124,6 +124,7 @@ def napi_cpu(queue: int) -> int:
 #: How long the kernel waits for each NIC answer while it shuts down.
 SHUTDOWN_NIC_TIMEOUT_MS = 2_000
 
+
 class Kernel:
     """All kernel state plus the verbs the process loop drives."""
 

@@ -48,7 +48,7 @@ registration; and their reverse) and how much per-queue overhead eats into goodp
 
 Memory: sized so 64 queues fit easily: NIC rings of :data:`RX_RING` entries of 4 KiB per
 queue, and per server an area of :data:`AREA` bytes with :data:`CQ_ENTRIES` per queue
-(:func:`cq_entries`) / :data:`RQ_ENTRIES` (64 x (4 MiB ring + 8 MiB area), under 1 GiB,
+(``cq_entries_for``) / :data:`RQ_ENTRIES` (64 x (4 MiB ring + 8 MiB area), under 1 GiB,
 plus the processes).
 
 Ownership: this module creates and owns nothing in shared memory itself; the run's NIC,
@@ -73,7 +73,6 @@ from launch.bench_rx import (
     _tail,
     _terminate_as_interrupt,
 )
-from shared import abi
 from shared.errors import PeerGone, Timeout
 from shared.nicif import MAX_QUEUES
 
@@ -87,18 +86,9 @@ DEFAULT_MIB = 16
 RX_RING = 1024
 #: Area bytes per server (2048 niovs of 4 KiB: 512 MiB at 64 queues), CQ and RQ entries.
 AREA = 8 << 20
+#: CQ entries per queue of each server (``app_proc.zcrx_server.cq_entries_for``)
 CQ_ENTRIES = 4096
 RQ_ENTRIES = 4096
-#: The most CQ entries a ring may have.
-MAX_CQ_ENTRIES = abi.IORING_MAX_CQ_ENTRIES
-
-
-def cq_entries(queues: int) -> int:
-    """CQ entries of a server on ``queues`` queues: :data:`CQ_ENTRIES` per queue, up to
-    ``IORING_MAX_CQ_ENTRIES``.  Each queue's ifq can have all of its area's buffers out at
-    once; with one CQ of 4096 for 64 of them the CQ ran full (each RECV_ZC then ends with
-    ``-ENOSPC`` and must be re-armed, a syscall) about 30 times per connection."""
-    return min(MAX_CQ_ENTRIES, CQ_ENTRIES * max(1, queues))
 BASE_PORT = 9000
 BASE_SPORT = 20000
 _READY_S = 60.0
@@ -192,6 +182,8 @@ def measure_point(n: int, mib_per_queue: float = DEFAULT_MIB, *, timeout: float 
     """Bring up a run with ``n`` bound zero-copy queues, one flow each, served by the servers
     ``apps`` says, the generator sending ``payload`` bytes per segment (default: the MSS);
     tear it down."""
+    from app_proc.zcrx_server import cq_entries_for
+
     say = progress or (lambda m: None)
     total, zq = zc_layout(n)
     groups = app_groups(zq, apps)
@@ -221,7 +213,8 @@ def measure_point(n: int, mib_per_queue: float = DEFAULT_MIB, *, timeout: float 
             args = ["-p", str(BASE_PORT + q), "-i", "eth0", "-q", ",".join(map(str, g)), "-v",
                     "--no-hash", "--quiet", "-n", str(len(g)), "-s", str(per_flow),
                     "-S", str(AREA),
-                    "-C", str(cq_entries(len(g))), "-R", str(RQ_ENTRIES), "--json", str(out),
+                    "-C", str(cq_entries_for(len(g), CQ_ENTRIES)), "-R", str(RQ_ENTRIES),
+                    "--json", str(out),
                     "--seconds", str(timeout)]
             br.run.spawn(role, "app_proc.zcrx_server", args, detach=False, notify=True,
                          ready_timeout=_READY_S, cap_net_admin=True, wait=False)

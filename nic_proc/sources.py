@@ -439,11 +439,9 @@ class Generator(Source):
                 dst_mac=np.frombuffer(info.mac, np.uint8))
         except Misuse as e:
             raise Misuse(f"traffic spec: {e}") from None
-        #: frames per batch (the spec's, or :func:`default_batch` for the device's HW-GRO
-        #: setting at each poll), and the most any poll builds
-        self.batch = sp.batch or default_batch(self.seg)
+        #: the most frames a poll builds: the spec's batch, or the largest
+        #: :func:`default_batch` (each poll takes it for the device's HW-GRO setting then)
         self.max_batch = sp.batch or default_batch(self.seg, GRO_MAX_SEGS * self.seg)
-        self._gro_batch = (0, self.batch)  # (gro_room, batch) of the last poll
         self.builder = FrameBuilder(fs, self.max_batch, self.seg, key=("gen", source_id))
         self.flows = self.builder.flows
         self.isn = isn
@@ -510,12 +508,7 @@ class Generator(Source):
         m = int(ids.shape[0])
         if m == 0:
             return None
-        cap = self.batch
-        if self.gro_room and not sp.batch:
-            room, cap = self._gro_batch
-            if room != self.gro_room:
-                cap = default_batch(self.seg, self.gro_room)
-                self._gro_batch = (self.gro_room, cap)
+        cap = sp.batch or default_batch(self.seg, self.gro_room)
         seg = self.seg
         if sp.rate is not None:
             budget = sp.rate * (t - self._t0) - self.bytes_sent

@@ -179,12 +179,21 @@ def test_app_groups() -> None:
 
 
 def test_a_server_on_many_queues_gets_a_cq_per_queue_up_to_the_maximum() -> None:
-    from launch.bench_scale import CQ_ENTRIES, MAX_CQ_ENTRIES, cq_entries
+    """zcrx-server sizes its CQ by the queues it serves (``-C`` unset), a power of two as
+    io_uring_setup wants, and the bench asks the same helper for its own per-queue size."""
+    from app_proc.zcrx_server import CQ_PER_QUEUE, cq_entries_for, parse_args
+    from launch.bench_scale import CQ_ENTRIES
     from shared import abi
 
-    assert MAX_CQ_ENTRIES == abi.IORING_MAX_CQ_ENTRIES == 2 * abi.IORING_MAX_ENTRIES
-    assert cq_entries(1) == CQ_ENTRIES and cq_entries(4) == 4 * CQ_ENTRIES
-    assert cq_entries(64) == MAX_CQ_ENTRIES
+    assert abi.IORING_MAX_CQ_ENTRIES == 2 * abi.IORING_MAX_ENTRIES
+    assert cq_entries_for(1) == CQ_PER_QUEUE and cq_entries_for(4) == 4 * CQ_PER_QUEUE
+    assert cq_entries_for(5, CQ_ENTRIES) == 32768  # 20480 rounded up to a power of two
+    assert cq_entries_for(64) == cq_entries_for(64, CQ_ENTRIES) == abi.IORING_MAX_CQ_ENTRIES
+    assert parse_args(["-q", "1"])[0].cq_entries == CQ_PER_QUEUE
+    assert parse_args(["-q", "0-3"])[0].cq_entries == 4 * CQ_PER_QUEUE
+    assert parse_args(["-q", "0-3", "-w", "2"])[0].cq_entries == 2 * CQ_PER_QUEUE
+    assert parse_args(["-q", "0-3", "-C", "1024"])[0].cq_entries == 1024
+    assert parse_args(["--nodev"])[0].cq_entries == CQ_PER_QUEUE
 
 
 @pytest.mark.timeout(120)
