@@ -21,7 +21,8 @@ Sockets
   None over inproc:// or tcp://, where the OS says nothing).  No field of a message can change
   it, so a server decides who may do what from ``peer.cred``, never from the body.  A server
   may also refuse whole peers (:class:`ControlServer` ``admit``): they get EPERM.
-* :class:`ControlClient`: one DEALER socket (LINGER 0), one request in flight at a time.
+* :class:`ControlClient`: one DEALER socket (LINGER 0), one request (or one pipelined batch,
+  :meth:`ControlClient.request_many`) in flight at a time.
   Replies are matched by id; anything else is a stale reply and is discarded.  After a timeout
   the socket is closed and recreated ("lazy pirate"): the unsent request is dropped by LINGER 0
   instead of being delivered to a server that appears later.  A timeout means *outcome unknown*:
@@ -496,6 +497,11 @@ class ControlClient:
         if self._sock is None:
             sock = _new_socket(self._ctx, zmq.DEALER)
             sock.setsockopt(zmq.ROUTING_ID, self.identity)
+            # A server still starting (its socket file not there yet) is retried after 5 ms,
+            # not libzmq's 100: a role starting beside another waits for it no longer than
+            # that.  Retries back off to 100 ms while it stays away.
+            sock.setsockopt(zmq.RECONNECT_IVL, 5)
+            sock.setsockopt(zmq.RECONNECT_IVL_MAX, 100)
             try:
                 sock.connect(self.endpoint)
             except BaseException:
@@ -520,42 +526,80 @@ class ControlClient:
         is recreated, so the client is usable again); :class:`BadMessage` for a malformed
         reply or one that does not match the request type's reply schema.
         """
+        out = self._exchange([(type, body, blobs)], timeout_ms)[0]
+        if isinstance(out, ControlError):
+            raise out
+        return out
+
+    def request_many(self, requests: Sequence[tuple[str, Mapping[str, Any] | None]], *,
+                     timeout_ms: int | None = None) -> list[Message | ControlError]:
+        """Pipeline ``requests`` (``(type, body)`` pairs): send them all, then await every
+        reply; one wake-up of the server and of this process for the lot instead of one
+        round trip each.  The server handles them one by one in this order, as if called
+        one after the other, so a later request must not depend on an earlier one's reply.
+
+        Returns, in order, each ``ok`` reply or the :class:`ControlError` of an ``error``
+        reply (every request was sent: the caller decides what a partial failure undoes).
+        ``timeout_ms`` bounds the wait for each next reply, so a long batch that makes
+        progress does not time out.  Raises as :meth:`request` for a bad request (nothing
+        is sent), a timeout (outcomes unknown) or a malformed reply."""
+        if not requests:
+            return []
+        return self._exchange([(t, b, ()) for t, b in requests], timeout_ms)
+
+    def _exchange(self, requests: Sequence[tuple[str, Mapping[str, Any] | None,
+                                                 Iterable[bytes | bytearray | memoryview]]],
+                  timeout_ms: int | None) -> list[Message | ControlError]:
         if self._ended:
-            raise Misuse(f"{type}: request after end of stream", E.EPIPE)
-        self._next_id = self._next_id + 1 if self._next_id < U64_MAX else 1
-        rid = self._next_id
-        frames = encode(type, rid, body, blobs, self.registry)
+            raise Misuse(f"{requests[0][0]}: request after end of stream", E.EPIPE)
+        batch: list[tuple[int, str, list[bytes]]] = []
+        for type, body, blobs in requests:  # every request encodes before any is sent
+            self._next_id = self._next_id + 1 if self._next_id < U64_MAX else 1
+            batch.append((self._next_id, type, encode(type, self._next_id, body, blobs,
+                                                      self.registry)))
         sock = self.socket
         wait_ms = self.timeout_ms if timeout_ms is None else timeout_ms
+        for _, type, frames in batch:
+            try:
+                sock.send_multipart(frames, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                self._reset()
+                self.timeouts += 1
+                raise Timeout(f"{type}: cannot queue request to {self.endpoint}") from None
+        index = {rid: i for i, (rid, _, _) in enumerate(batch)}
+        out: list[Message | ControlError | None] = [None] * len(batch)
+        left = len(batch)
         deadline = time.monotonic() + wait_ms / 1000
-        try:
-            sock.send_multipart(frames, flags=zmq.NOBLOCK)
-        except zmq.Again:
-            self._reset()
-            self.timeouts += 1
-            raise Timeout(f"{type}: cannot queue request to {self.endpoint}") from None
-        while True:
+        while left:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not sock.poll(max(1, math.ceil(remaining * 1000)), zmq.POLLIN):
                 if time.monotonic() < deadline:
                     continue
                 self._reset()
                 self.timeouts += 1
+                type = next(t for (_, t, _), o in zip(batch, out, strict=True) if o is None)
                 raise Timeout(f"{type}: no reply from {self.endpoint} within {wait_ms} ms")
             parts = sock.recv_multipart()
             try:
                 msg = decode(parts, self.registry)
             except BadMessage as exc:
-                if exc.msg_id is not None and exc.msg_id != rid:
+                if exc.msg_id is not None and exc.msg_id not in index:
                     self.stale_replies += 1
                     continue
                 self._reset()
                 raise
-            if msg.id != rid:
+            i = index.get(msg.id)
+            if i is None or out[i] is not None:
                 self.stale_replies += 1
-                log.debug("discarding stale %s reply #%d (awaiting #%d)", msg.type, msg.id, rid)
+                log.debug("discarding stale %s reply #%d", msg.type, msg.id)
                 continue
-            return self._result(type, msg)
+            try:
+                out[i] = self._result(batch[i][1], msg)
+            except ControlError as exc:
+                out[i] = exc
+            left -= 1
+            deadline = time.monotonic() + wait_ms / 1000
+        return [o for o in out if o is not None]
 
     def _result(self, type: str, msg: Message) -> Message:
         if msg.type == "error":
@@ -577,6 +621,12 @@ class ControlClient:
              timeout_ms: int | None = None) -> dict[str, Any]:
         """:meth:`request` returning just the reply body."""
         return self.request(type, body, blobs, timeout_ms=timeout_ms).body
+
+    def call_many(self, requests: Sequence[tuple[str, Mapping[str, Any] | None]], *,
+                  timeout_ms: int | None = None) -> list[dict[str, Any] | ControlError]:
+        """:meth:`request_many` returning each reply's body (or its ``ControlError``)."""
+        return [r if isinstance(r, ControlError) else r.body
+                for r in self.request_many(requests, timeout_ms=timeout_ms)]
 
     def ping(self, timeout_ms: int | None = None) -> None:
         """Round trip a ``ping``."""

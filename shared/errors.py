@@ -37,8 +37,9 @@ class ZcrxError(Exception):
     def __str__(self) -> str:
         msg = super().__str__()
         if self.errno is not None:
-            name = _errno.errorcode.get(self.errno, str(self.errno))
-            return f"{msg} [{name}]"
+            tag = f"[{_errno.errorcode.get(self.errno, str(self.errno))}]"
+            # an error wrapping a peer's text that already ends with it says it once
+            return msg if msg.endswith(tag) else f"{msg} {tag}"
         return msg
 
 

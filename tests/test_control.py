@@ -381,6 +381,55 @@ def test_builtin_requests_over_the_server(served: ServerThread, client: ControlC
     assert served.server.stats.ok == 5
 
 
+def test_wrapped_errors_name_their_errno_once() -> None:
+    inner = Misuse("queue 5 out of range")                 # the NIC's
+    remote = ControlError("nic.ethtool", E.EINVAL, str(inner))  # the kernel's view of it
+    assert str(inner) == "queue 5 out of range [EINVAL]"
+    assert str(remote) == "nic.ethtool: queue 5 out of range [EINVAL]"
+    assert str(Misuse(f"up: {remote}")) == "up: nic.ethtool: queue 5 out of range [EINVAL]"
+    assert str(Misuse(f"({remote})")).endswith("[EINVAL]) [EINVAL]")
+    assert str(Misuse("x [ENOENT]")) == "x [ENOENT] [EINVAL]"  # another errno is kept
+
+
+def test_pipelined_requests_answer_in_place(served: ServerThread,
+                                            client: ControlClient) -> None:
+    """request_many: every reply (or error) in the place of its request; the server saw
+    them one by one, in order; the client is usable afterwards."""
+    reqs: list[tuple[str, dict[str, Any] | None]] = [
+        ("ping", None), ("test.fail", {"errno": E.EEXIST}), ("ping", None),
+        ("test.fail", {"errno": E.ERANGE}), ("bye", None)]
+    out = client.request_many(reqs)
+    assert [type(o).__name__ for o in out] == ["Message", "ControlError", "Message",
+                                               "ControlError", "Message"]
+    assert [o.errno for o in out if isinstance(o, ControlError)] == [E.EEXIST, E.ERANGE]
+    assert all(o.type == "ok" for o in out if not isinstance(o, ControlError))
+    assert client.call_many([("ping", None)] * 3) == [{}, {}, {}]
+    assert served.server.stats.ok == 6 and served.server.stats.errors == 2
+    client.ping()
+    assert client.stale_replies == 0
+
+
+def test_pipelined_bad_request_sends_nothing(served: ServerThread,
+                                             client: ControlClient) -> None:
+    with pytest.raises(Misuse):
+        client.request_many([("ping", None), ("no.such.type", None)])
+    client.ping()
+    assert served.server.stats.ok == 1
+
+
+def test_pipelined_timeout_then_client_usable(served: ServerThread, ctx: zmq.Context[Any],
+                                              endpoint: str) -> None:
+    c = ControlClient(endpoint, timeout_ms=200, context=ctx)
+    try:
+        with pytest.raises(Timeout) as info:
+            c.request_many([("ping", None), ("test.slow", None), ("ping", None)])
+        assert "test.slow" in str(info.value)
+        served.release.set()
+        assert c.call_many([("ping", None)] * 2, timeout_ms=10_000) == [{}, {}]
+    finally:
+        c.close()
+
+
 def test_hello_with_other_version_is_eproto(served: ServerThread, client: ControlClient) -> None:
     with pytest.raises(ControlError) as info:
         client.call("hello", {"role": "app", "pid": 1, "version": 99})
