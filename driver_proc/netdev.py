@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -68,6 +68,7 @@ from driver_proc.skb import SkbStore
 from driver_proc.tcp import FLOW_KEY_LEN, flow_keys
 from shared import abi, nicif, wire
 from shared.errors import InvariantBroken, Misuse, PeerMisbehaved, ZcrxError
+from shared.msg import ControlError
 from shared.ring import RingConsumer, RingProducer
 from shared.shm import PAGE_SIZE, Region, region_name
 from shared.txring import TxConsumer, TxLayout, TxProducer, tx_region_object, tx_slot_size
@@ -129,9 +130,13 @@ _BAD_PLACE = np.array([(f & abi.NIC_CQE_F_SPLIT != 0) == (f & abi.NIC_CQE_F_LINE
 
 
 class NicAdmin(Protocol):
-    """The NIC's admin surface as the driver sees it (``ControlClient.call``)."""
+    """The NIC's admin surface as the driver sees it (``ControlClient.call``, and
+    ``ControlClient.call_many`` for commands pipelined in one round trip)."""
 
     def call(self, type: str, body: Mapping[str, Any] | None = None) -> dict[str, Any]: ...
+
+    def call_many(self, requests: Sequence[tuple[str, Mapping[str, Any] | None]]
+                  ) -> list[dict[str, Any] | ControlError]: ...
 
 
 class MpNetdev(Protocol):
@@ -352,16 +357,34 @@ class NetDevice:
         return self.nic.call(type, body)
 
     def _dma_map(self, name: str, size: int, fd: int = -1) -> int:
-        body: dict[str, Any] = {"name": name, "size": int(size)}
-        if fd >= 0:
-            # app memory: the NIC maps the inode behind our descriptor, never a name
-            st = os.fstat(fd)
-            body.update(fd=fd, dev=st.st_dev, ino=st.st_ino)
-        reply = self._call("nic.dma_map", body)
-        map_id = reply.get("map_id")
-        if not isinstance(map_id, int) or not 0 <= map_id <= _MAX_MAP_ID:
-            raise PeerMisbehaved(f"nic.dma_map answered map id {map_id!r}")
-        return map_id
+        return self._dma_map_many([(name, size, fd)])[0]
+
+    def _dma_map_many(self, regions: Sequence[tuple[str, int, int]]) -> list[int]:
+        """Map ``(name, size, fd)`` regions in one pipelined batch of ``nic.dma_map``; their
+        map ids.  All or nothing: if one fails, the others are unmapped again and the first
+        error is raised."""
+        reqs = []
+        for name, size, fd in regions:
+            body: dict[str, Any] = {"name": name, "size": int(size)}
+            if fd >= 0:
+                # app memory: the NIC maps the inode behind our descriptor, never a name
+                st = os.fstat(fd)
+                body.update(fd=fd, dev=st.st_dev, ino=st.st_ino)
+            reqs.append(("nic.dma_map", body))
+        ids: list[int] = []
+        error: ZcrxError | None = None
+        for reply in self.nic.call_many(reqs):
+            map_id = None if isinstance(reply, ControlError) else reply.get("map_id")
+            if isinstance(map_id, int) and 0 <= map_id <= _MAX_MAP_ID:
+                ids.append(map_id)
+            elif error is None:
+                error = reply if isinstance(reply, ControlError) else PeerMisbehaved(
+                    f"nic.dma_map answered map id {map_id!r}")
+        if error is not None:
+            if ids:
+                self._dma_unmap_many(ids)
+            raise error
+        return ids
 
     def _dma_unmap(self, map_id: int) -> None:
         if not self.nic_alive:
@@ -389,12 +412,11 @@ class NetDevice:
     # -- device open/close -------------------------------------------------------------------
 
     def open(self) -> None:
-        """Set up and start every queue and the TX ring (``ndo_open``)."""
-        for q in range(self.n_queues):
-            if q not in self.queues:
-                self.queue_setup(q)
-            if not self.queues[q].started:
-                self.queue_start(q)
+        """Set up and start every queue and the TX ring (``ndo_open``).  The NIC commands of
+        all queues go in two pipelined batches (maps, then starts), not three round trips
+        a queue."""
+        self.queues_setup([q for q in range(self.n_queues) if q not in self.queues])
+        self.queues_start([q for q in range(self.n_queues) if not self.queues[q].started])
         if self.tx is None:
             self.tx_open()
         self.up = True
@@ -557,31 +579,67 @@ class NetDevice:
         ``pp<gen>`` region).  Raises :class:`Misuse` (ERANGE) for a queue beyond the channel
         count, (EEXIST) if it is set up already; NIC refusals propagate after unwinding.
         """
-        if not 0 <= q < self.n_queues:
-            raise Misuse(f"{self.name}: no queue {q} ({self.n_queues} channels)",
-                         errno=errno.ERANGE)
-        if q in self.queues:
-            raise Misuse(f"{self.name}: queue {q} already set up", errno=errno.EEXIST)
+        self.queues_setup([q], {q: provider})
+
+    def queues_setup(self, qs: Sequence[int],
+                     providers: Mapping[int, MemoryProvider | None] | None = None) -> None:
+        """:meth:`queue_setup` of several queues (``providers``: per queue, default kernel
+        pages), their DMA mappings in one pipelined batch.  All or nothing: on any failure
+        every queue of the batch is unwound and the error propagates."""
+        seen: set[int] = set()
+        for q in qs:
+            if not 0 <= q < self.n_queues:
+                raise Misuse(f"{self.name}: no queue {q} ({self.n_queues} channels)",
+                             errno=errno.ERANGE)
+            if q in self.queues or q in seen:
+                raise Misuse(f"{self.name}: queue {q} already set up", errno=errno.EEXIST)
+            seen.add(q)
         layout = nicif.QueueLayout(self.ring_size, self.slot_size)
-        rq = _RxQueue(q, self.ring_size, self.slot_size, layout)
+        rqs: list[_RxQueue] = []
         try:
-            rq.region = Region.create(
-                region_name(self.run, self.owner, nicif.queue_region_object(self.name, q)),
-                layout.size)
-            rq.map_id = self._dma_map(rq.region.name, rq.region.size)
-            self._pool_setup(rq, provider)
+            maps: list[tuple[str, int, int]] = []
+            for q in qs:
+                rq = _RxQueue(q, self.ring_size, self.slot_size, layout)
+                rqs.append(rq)
+                rq.region = Region.create(
+                    region_name(self.run, self.owner, nicif.queue_region_object(self.name, q)),
+                    layout.size)
+                maps.append((rq.region.name, rq.region.size, -1))
+                if self._pool_alloc(rq, (providers or {}).get(q)):
+                    assert rq.space is not None
+                    maps.append((rq.space.name, rq.space.region_size, -1))
+            ids = iter(self._dma_map_many(maps) if maps else [])
+            for rq in rqs:  # every id has its owner before anything else can fail
+                rq.map_id = next(ids)
+                if rq.space_map_id is None:
+                    rq.space_map_id = next(ids)
+                    rq.own_space_map = True
+            for rq in rqs:
+                self._pool_finish(rq)
         except BaseException:
-            self._teardown(rq)
+            for rq in rqs:
+                self._teardown(rq)
             raise
-        rq.posted = IdFifo(rq.ring_size)
-        rq.desc = np.zeros(rq.ring_size, dtype=abi.nic_rx_desc)
-        rq.expect = np.arange(rq.ring_size, dtype=np.int64)
-        self.queues[q] = rq
+        for rq in rqs:
+            rq.posted = IdFifo(rq.ring_size)
+            rq.desc = np.zeros(rq.ring_size, dtype=abi.nic_rx_desc)
+            rq.expect = np.arange(rq.ring_size, dtype=np.int64)
+            self.queues[rq.index] = rq
 
     def _pool_setup(self, rq: _RxQueue, provider: MemoryProvider | None) -> None:
         """The queue's new page pool: on ``provider``'s memory, or (None) on kernel pages in
         a new ``pp<gen>`` region, DMA-mapped.  The caller unwinds a failure
         (:meth:`_teardown` or :meth:`_pool_free`)."""
+        if self._pool_alloc(rq, provider):
+            assert rq.space is not None
+            rq.space_map_id = self._dma_map(rq.space.name, rq.space.region_size)
+            rq.own_space_map = True
+        self._pool_finish(rq)
+
+    def _pool_alloc(self, rq: _RxQueue, provider: MemoryProvider | None) -> bool:
+        """First half of :meth:`_pool_setup`: the pool's memory (kernel pages created now)
+        and, when the provider has mapped its own, its map id.  True when the space still
+        needs a DMA mapping of the driver's (``rq.space_map_id`` is then None)."""
         q = rq.index
         if provider is None:
             self._pp_gen[q] += 1
@@ -599,15 +657,19 @@ class NetDevice:
         rq.spaces = provider.spaces
         rq.buf_len = rq.space.buf_len
         if provider.dma_map_id is None:
-            rq.space_map_id = self._dma_map(rq.space.name, rq.space.region_size)
-            rq.own_space_map = True
-        elif not 0 <= provider.dma_map_id <= _MAX_MAP_ID:
+            return True
+        if not 0 <= provider.dma_map_id <= _MAX_MAP_ID:
             raise Misuse(f"memory provider map id {provider.dma_map_id} out of range")
-        else:
-            rq.space_map_id = provider.dma_map_id
+        rq.space_map_id = provider.dma_map_id
+        return False
+
+    def _pool_finish(self, rq: _RxQueue) -> None:
+        """Second half of :meth:`_pool_setup`, once the space is mapped: the IOVAs of its
+        spaces and the page pool itself."""
+        assert rq.provider is not None
         self._map_spaces(rq)
         own = rq.own_space
-        rq.pool = PagePool(provider, name=f"{self.name}.q{q}",
+        rq.pool = PagePool(rq.provider, name=f"{self.name}.q{rq.index}",
                            on_destroyed=lambda pool: self._pool_destroyed(pool, own))
 
     def _map_spaces(self, rq: _RxQueue) -> None:
@@ -625,9 +687,44 @@ class NetDevice:
 
     def queue_start(self, q: int) -> None:
         """Post buffers (the fill ring full), start the NIC queue, arm its interrupt."""
-        rq = self._q(q)
-        if rq.started:
-            raise Misuse(f"{self.name}: queue {q} already started", errno=errno.EBUSY)
+        self.queues_start([q])
+
+    def queues_start(self, qs: Sequence[int]) -> None:
+        """:meth:`queue_start` of several queues, their ``nic.queue_start`` commands in one
+        pipelined batch.  A queue the NIC refuses takes its buffers back and stays stopped;
+        the others start; then the first refusal is raised."""
+        rqs = [self._q(q) for q in qs]
+        for rq in rqs:
+            if rq.started:
+                raise Misuse(f"{self.name}: queue {rq.index} already started",
+                             errno=errno.EBUSY)
+        if not rqs:
+            return
+        try:
+            replies = self.nic.call_many([("nic.queue_start", self._start_body(rq))
+                                          for rq in rqs])
+        except BaseException:
+            for rq in rqs:
+                self._reclaim(rq)
+            raise
+        error: ControlError | None = None
+        for rq, reply in zip(rqs, replies, strict=True):
+            if isinstance(reply, ControlError):
+                self._reclaim(rq)
+                error = error or reply
+                continue
+            rq.started = True
+            # Scheduled, not armed: the NIC may complete frames the moment it has started
+            # the queue, before an interrupt could be armed here, so the first poll looks;
+            # an idle queue then arms its interrupt and leaves the list (napi_complete).
+            self.poll_list[rq.index] = None
+        if error is not None:
+            raise error
+
+    def _start_body(self, rq: _RxQueue) -> dict[str, Any]:
+        """Reset the stopped queue's rings, post its buffers: the ``nic.queue_start``
+        command that hands them to the NIC."""
+        q = rq.index
         assert rq.region is not None and rq.region.buf is not None and rq.map_id is not None
         buf = rq.region.buf
         # Both rings start empty at counter 0 (the queue is stopped: nobody else writes).
@@ -642,16 +739,7 @@ class NetDevice:
         if rq.unmap_at_start:
             # the NIC removes these first, whatever becomes of the start
             body["unmap"], rq.unmap_at_start = rq.unmap_at_start, []
-        try:
-            self._call("nic.queue_start", body)
-        except BaseException:
-            self._reclaim(rq)
-            raise
-        rq.started = True
-        # Scheduled, not armed: the NIC may complete frames the moment it has started the
-        # queue, before an interrupt could be armed here, so the first poll looks; an idle
-        # queue then arms its interrupt and leaves the list (napi_complete).
-        self.poll_list[q] = None
+        return body
 
     def queue_stop(self, q: int) -> NapiBatch:
         """Stop the NIC queue, drain its completions, take back every unused posted buffer.
@@ -1182,15 +1270,13 @@ class NetDevice:
         try:
             reply = self._ethtool_call(req)
         except BaseException:
-            for q in removed:
-                self.queue_setup(q)
-                self.queue_start(q)
+            self.queues_setup(removed)
+            self.queues_start(removed)
             raise
         self.n_queues = n
         if self.up:
-            for q in range(old, n):
-                self.queue_setup(q)
-                self.queue_start(q)
+            self.queues_setup(range(old, n))
+            self.queues_start(range(old, n))
         return reply
 
     def set_rings(self, *, rx: int | None = None, rx_buf_len: int | None = None,
@@ -1253,10 +1339,8 @@ class NetDevice:
         return reply
 
     def _bring_back(self, saved: list[tuple[int, MemoryProvider | None, bool]]) -> None:
-        for q, provider, started in saved:
-            self.queue_setup(q, provider)
-            if started:
-                self.queue_start(q)
+        self.queues_setup([q for q, _, _ in saved], {q: p for q, p, _ in saved})
+        self.queues_start([q for q, _, started in saved if started])
 
     # -- introspection -----------------------------------------------------------------------
 

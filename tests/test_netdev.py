@@ -81,6 +81,8 @@ class FakeNic:
         self.next_map = 7
         self.queues: dict[int, FakeQueue] = {}
         self.calls: list[tuple[str, dict[str, Any]]] = []
+        #: the size of each pipelined batch (``call_many``), in order
+        self.batches: list[int] = []
         self.refuse: dict[str, int] = {}
         self.bad_map_reply = False
         self.irqs = 0
@@ -102,6 +104,17 @@ class FakeNic:
             out.extend(batch.frames())
             self.tx.release()
         self.transmitted.extend(out)
+        return out
+
+    def call_many(self, requests: Any) -> list[dict[str, Any] | ControlError]:
+        """The pipelined batch: handled one by one, in order, each failure in its place."""
+        self.batches.append(len(requests))
+        out: list[dict[str, Any] | ControlError] = []
+        for type, body in requests:
+            try:
+                out.append(self.call(type, body))
+            except ControlError as e:
+                out.append(e)
         return out
 
     def call(self, type: str, body: Any = None) -> dict[str, Any]:
@@ -340,14 +353,16 @@ def test_open_maps_regions_and_stocks_fill_rings(dev: tuple[NetDevice, FakeNic, 
     nd, nic, _ = dev
     nd.open()
     types = [t for t, _ in nic.calls]
-    assert types == ["nic.dma_map", "nic.dma_map", "nic.queue_start"] * 2 + [
+    assert types == ["nic.dma_map"] * 4 + ["nic.queue_start"] * 2 + [
         "nic.dma_map", "nic.tx_start", "nic.dma_map", "nic.ctl_start"]
+    # every queue's maps in one pipelined batch, every start in another
+    assert nic.batches[:2] == [4, 2]
     assert nic.calls[6][1]["name"] == region_name(run_id, "kernel", "eth0.tx")
     qname = region_name(run_id, "kernel", "eth0.q0")
     ppname = region_name(run_id, "kernel", "eth0.q0.pp1")
     assert nic.calls[0][1]["name"] == qname and nic.calls[1][1]["name"] == ppname
     assert shm_exists(qname) and shm_exists(ppname)
-    start = nic.calls[2][1]
+    start = nic.calls[4][1]
     assert start == {"dev": "eth0", "queue": 0, "map_id": 8, "ring_size": 64,
                      "slot_size": nicif.hdr_slot_size(1514)}
     fq = nic.queues[0]
@@ -382,6 +397,58 @@ def test_probe_dict_is_validated(run_id: str) -> None:
     del info["rx_buf_len"]
     with pytest.raises(PeerMisbehaved):
         NetDevice(info, nic, run_id, skbs=SkbStore())
+
+
+def test_batched_setup_is_all_or_nothing(dev: tuple[NetDevice, FakeNic, SkbStore],
+                                         run_id: str) -> None:
+    """One refused map in the pipelined batch of two queues' maps: the maps the NIC did
+    make are removed again, no region is left, no queue is set up; the error is the NIC's."""
+    nd, nic, _ = dev
+    call, seen = nic.call, []
+
+    def refuse_third_map(type: str, body: Any = None) -> dict[str, Any]:
+        if type == "nic.dma_map":
+            seen.append(body["name"])
+            if len(seen) == 3:
+                raise ControlError(type, errno.ENOMEM, "refused by the test")
+        return call(type, body)
+
+    nic.call = refuse_third_map  # type: ignore[method-assign]
+    with pytest.raises(ControlError) as ei:
+        nd.queues_setup([0, 1])
+    assert ei.value.errno == errno.ENOMEM
+    assert nd.queues == {} and nic.maps == {} and nic.batches == [4]
+    assert not any(shm_exists(name) for name in seen)
+    nic.call = call  # type: ignore[method-assign]
+    nd.queues_setup([0, 1])
+    assert sorted(nd.queues) == [0, 1] and len(nic.maps) == 4
+
+
+def test_batched_start_refusal_stops_only_that_queue(
+        dev: tuple[NetDevice, FakeNic, SkbStore]) -> None:
+    """The NIC refuses one start of a pipelined batch: that queue takes its buffers back
+    and stays stopped, the other starts, and the refusal is raised."""
+    nd, nic, _ = dev
+    call = nic.call
+
+    def refuse_q1(type: str, body: Any = None) -> dict[str, Any]:
+        if type == "nic.queue_start" and body["queue"] == 1:
+            raise ControlError(type, errno.EIO, "refused by the test")
+        return call(type, body)
+
+    nd.queues_setup([0, 1])
+    nic.call = refuse_q1  # type: ignore[method-assign]
+    with pytest.raises(ControlError) as ei:
+        nd.queues_start([0, 1])
+    assert ei.value.errno == errno.EIO
+    rx = nd.status()["rx_queues"]
+    assert [q["started"] for q in rx] == [True, False]
+    assert rx[0]["ledger"]["posted"] == 64 and rx[1]["ledger"]["posted"] == 0
+    assert list(nd.poll_list) == [0] and list(nic.queues) == [0]
+    nd.check_ledger()
+    nic.call = call  # type: ignore[method-assign]
+    nd.queues_start([1])
+    assert nic.queues[1].fill.ready() == 64
 
 
 def test_setup_failure_unwinds(dev: tuple[NetDevice, FakeNic, SkbStore], run_id: str) -> None:
