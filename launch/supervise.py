@@ -76,8 +76,9 @@ def bring_up(topo: Topology, name: str | None = None, *, detach: bool = True,
     (a foreground ``zcrx up``).  ``config`` adds keys to the manifest's config.
 
     With ``fork_server`` the run's template (:mod:`launch.forkserver`, role
-    ``forkserver``) is started once the kernel is up and imports the app code while the
-    ethtool lines are applied; nobody waits for it here (the first app that needs it does).
+    ``forkserver``) is started once the NIC is up and imports the app code while the
+    kernel probes and the ethtool lines are applied; nobody waits for it here (the first
+    app that needs it does).
 
     Returns the run and one line per step.  On any failure (Ctrl-C included) the run is
     brought down and the error re-raised, a :class:`ZcrxError` as Misuse naming the step
@@ -132,26 +133,34 @@ def bring_up(topo: Topology, name: str | None = None, *, detach: bool = True,
             step = "nic"
             run.wait_started("nic")
             done(f"nic pid {nic_e.pid}")
-            step = "kernel"
-        run.wait_started("kernel")
-        done(f"kernel pid {kernel_e.pid}")
-        if fork_server:  # after NIC and kernel, whose start it would only slow down
+        if fork_server:
+            # Once the NIC is up: its imports then overlap the kernel's probe, which leaves
+            # a core free while it allocates queue memory and waits on the NIC (started
+            # beside NIC and kernel, a third interpreter would slow both down).
             step = FORKSERVER
             e = run.spawn(FORKSERVER, "launch.forkserver",
                           forkserver_args(run, detach=detach), detach=detach)
             note(f"{FORKSERVER} pid {e.pid}")  # a helper, not a step of the topology
+        step = "kernel"
+        run.wait_started("kernel")
+        done(f"kernel pid {kernel_e.pid}")
+        # Every ethtool line in one pipelined batch: the kernel applies them one by one, in
+        # order, as if sent one after the other; the first refusal fails the step.
+        lines = []
+        for nd in topo.netdevs:
+            for line in nd.ethtool:
+                step = f"ethtool {line}"
+                lines.append((step, et.parse(shlex.split(line))))
         with ControlClient(run.endpoint("kernel"), timeout_ms=30_000) as kernel:
-            for nd in topo.netdevs:
-                for line in nd.ethtool:
-                    step = f"ethtool {line}"
-                    req = et.parse(shlex.split(line))
-                    try:
-                        kernel.call("ethtool", {"dev": req["dev"], "request": req})
-                    except ControlError as err:
-                        said = et.format_error(req, err.errno or 22).strip().splitlines()
-                        raise Misuse(f"{said[0] if said else 'ethtool'} ({err.remote_msg})",
-                                     errno=err.errno or 22) from None
-                    done(step)
+            replies = kernel.call_many([("ethtool", {"dev": req["dev"], "request": req})
+                                        for _, req in lines]) if lines else []
+        for (line_step, req), reply in zip(lines, replies, strict=True):
+            step = line_step
+            if isinstance(reply, ControlError):
+                said = et.format_error(req, reply.errno or 22).strip().splitlines()
+                raise Misuse(f"{said[0] if said else 'ethtool'} ({reply.remote_msg})",
+                             errno=reply.errno or 22)
+            done(step)
         for app in topo.apps:
             role = run.next_app_role()
             step = f"{role} {app.program}"

@@ -281,6 +281,24 @@ def test_help_lists_exit_codes_and_every_new_command() -> None:
 # -- real runs ----------------------------------------------------------------------------
 
 
+@pytest.mark.timeout(60)
+def test_up_names_the_refused_ethtool_line_and_leaves_nothing(tmp_path: Path) -> None:
+    """The ethtool lines go to the kernel in one pipelined batch; the failure still names
+    the line the kernel refused (not the batch's last), once, and the run is gone."""
+    topo = tmp_path / "et.toml"
+    topo.write_text('[[netdev]]\nname = "eth0"\nqueues = 2\nethtool = ["-X eth0 equal 1", '
+                    '"-N eth0 flow-type tcp4 dst-port 8000 action 5", "-G eth0 rx 1024"]\n')
+    with runs_dir() as base:
+        res = zcrx("up", "-f", str(topo), "--name", "etr", ok=False)
+        assert res.exit_code == 3, res.output
+        out = res.output.strip()
+        assert len(out.splitlines()) == 1 and "Traceback" not in out
+        assert "ethtool -N eth0 flow-type tcp4 dst-port 8000 action 5:" in out
+        assert "rx 1024" not in out and "queue 5 out of range" in out
+        assert "[EINVAL] [EINVAL]" not in out
+        assert list(base.iterdir()) == []
+
+
 @pytest.mark.timeout(120)
 def test_up_zero_copy_example_end_to_end_then_kill_and_list_apps() -> None:
     with runs_dir():
