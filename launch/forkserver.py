@@ -613,6 +613,10 @@ def _main(a: Any, parent: int) -> int:
     if getattr(zmq.Context, "_instance", None) is not None:
         log("a zmq context exists before any fork: refusing to serve")
         return 1
+    import gc
+
+    gc.collect()
+    gc.freeze()
     tpl = Template(a.rundir, a.launcher_uid, log)
     log(f"serving {tpl.path} for uid {a.launcher_uid}; preloaded {len(PRELOAD)} modules in "
         f"{time.monotonic() - t0:.2f} s")
