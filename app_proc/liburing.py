@@ -965,14 +965,17 @@ class ZcrxIfq:
 
 def io_uring_register_ifq(ring: Ring, if_idx: int = 0, if_rxq: int = 0, *,
                           rq_entries: int = 4096, area_size: int = 64 << 20,
-                          area: Memory | None = None, rq_kernel: bool = False,
+                          area: Memory | Region | None = None, rq_kernel: bool = False,
                           flags: int = 0, rx_buf_len: int = 0,
                           query: np.ndarray | bool | None = True, events: int = 0,
                           event_user_data: int = 0, stats: bool = False,
                           area_reserve: int = 0) -> ZcrxIfq:
     """Register a zcrx interface queue on ``ring`` (``IORING_REGISTER_ZCRX_IFQ``).
 
-    Allocates the area (``area_size`` bytes of app memory, unless ``area`` is given), the RQ
+    Allocates the area (``area_size`` bytes of app memory, unless ``area`` is given: a
+    :class:`Memory` stays the caller's; a memfd :class:`Region` not yet in the mm, e.g. made
+    ahead by a helper thread with ``Kernel.new_memory``, becomes the ifq's, freed with it or
+    at once if the registration fails), the RQ
     (app memory, or kernel memory mapped at ``region.mmap_offset`` with ``rq_kernel``) and the
     parameter page holding ``area_reg`` and ``region_desc``, then sends the 96-byte
     ``io_uring_zcrx_ifq_reg`` (nr_args 1) whose ``area_ptr``/``region_ptr`` point into that
@@ -1023,15 +1026,19 @@ def io_uring_register_ifq(ring: Ring, if_idx: int = 0, if_rxq: int = 0, *,
                 stats_off = -(-rqes_end // salign) * salign
                 rq_size = max(rq_size, page_align(stats_off + ssize))
             ev = zcrx_event_desc(event_user_data, events, stats_off)
-        own_area = area is None
-        if area is None:
-            area = k.alloc_memory(max(area_size, area_reserve), tag="zcrx_area")
-            allocated.append(area)
-        area_len = min(area_size, area.length) if own_area else area.length
-        rq_mem = None
+        own_area = not isinstance(area, Memory)
+        # The area and the RQ are entered into the mm in one round trip.
+        wanted: list[tuple[int, str] | Region] = (
+            [(max(area_size, area_reserve), "zcrx_area")] if area is None else
+            [area] if isinstance(area, Region) else [])
         if not rq_kernel:
-            rq_mem = k.alloc_memory(rq_size, tag="zcrx_rq")
-            allocated.append(rq_mem)
+            wanted.append((rq_size, "zcrx_rq"))
+        mems = k.alloc_memories(wanted) if wanted else []
+        allocated += mems
+        if not isinstance(area, Memory):
+            area = mems[0]
+        area_len = min(area_size, area.length) if own_area else area.length
+        rq_mem = None if rq_kernel else mems[-1]
         pv = params.view
         area_reg = zcrx_area_reg(area.addr, area_len)
         region = zcrx_region_desc(rq_size, rq_mem.addr if rq_mem is not None else 0)
@@ -1046,6 +1053,8 @@ def io_uring_register_ifq(ring: Ring, if_idx: int = 0, if_rxq: int = 0, *,
     except BaseException:
         for mem in reversed(allocated):
             mem.close()
+        if isinstance(area, Region):
+            area.close()  # given to us, entered or not: ours to free
         raise
     # Registered: from here on the ifq lives as long as the ring; memory is freed with it.
     if not blobs or len(blobs[0]) != reg.itemsize:

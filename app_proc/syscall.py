@@ -45,7 +45,7 @@ import atexit
 import errno
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -155,6 +155,9 @@ class Transport(Protocol):
 
     def request(self, type: str, body: Any = None, blobs: Iterable[bytes] = (), *,
                 timeout_ms: int | None = None) -> Message: ...
+
+    def request_many(self, requests: Sequence[tuple[str, Any]], *,
+                     timeout_ms: int | None = None) -> list[Message | ControlError]: ...
 
     def close(self) -> None: ...
 
@@ -269,13 +272,7 @@ class Kernel:
         ``idempotent``: the call may be repeated (a pure wait): when no reply comes in time
         but the kernel is watched and alive, raise ``ControlError(ETIME)`` instead of
         ``PeerGone`` (the connection stays usable: the client keeps its identity)."""
-        if self.closed:
-            raise Misuse("kernel connection is closed", errno.EBADF)
-        if self.gone is not None:
-            raise PeerGone(self.gone)
-        if self._kernel_watch is not None and self._kernel_watch.dead:
-            self.gone = f"kernel pid {self._kernel_watch.pid} exited"
-            raise PeerGone(self.gone)
+        self._usable()
         try:
             return self.transport.request(type, body or {}, blobs, timeout_ms=timeout_ms)
         except Timeout as exc:
@@ -288,6 +285,30 @@ class Kernel:
             else:
                 self.gone = f"kernel not answering {type}: {exc}"
             raise PeerGone(self.gone) from None
+
+    def syscall_many(self, calls: Sequence[tuple[str, dict[str, Any]]]
+                     ) -> list[Message | ControlError]:
+        """Several independent syscalls pipelined in one round trip (the kernel handles
+        them in order, as if made one after the other); each reply or ``ControlError`` in
+        its place.  No answer: ``PeerGone``, as :meth:`syscall`."""
+        self._usable()
+        try:
+            return self.transport.request_many(calls)
+        except Timeout as exc:
+            if self._kernel_watch is not None and self._kernel_watch.dead:
+                self.gone = f"kernel pid {self._kernel_watch.pid} exited"
+            else:
+                self.gone = f"kernel not answering {calls[0][0]}: {exc}"
+            raise PeerGone(self.gone) from None
+
+    def _usable(self) -> None:
+        if self.closed:
+            raise Misuse("kernel connection is closed", errno.EBADF)
+        if self.gone is not None:
+            raise PeerGone(self.gone)
+        if self._kernel_watch is not None and self._kernel_watch.dead:
+            self.gone = f"kernel pid {self._kernel_watch.pid} exited"
+            raise PeerGone(self.gone)
 
     def _watch_kernel(self) -> None:
         """Open a pidfd on the kernel process (its pid from the ``hello`` reply), so every
@@ -355,26 +376,68 @@ class Kernel:
         Default: a sealed memfd entered by descriptor (the kernel may pin it: areas, RQs,
         buffer rings).  ``named``: a named shm segment entered by name (short accesses only;
         the kernel refuses to pin it with ``-EFAULT``)."""
+        if not named:
+            return self.alloc_memories([(length, tag)], prot)[0]
         if length <= 0:
             raise Misuse(f"length {length}")
-        owner = self.owner
-        self._mem_seq += 1
-        name = region_name(self.run, owner, f"{tag}{self._mem_seq}")
-        if named:
-            region = Region.create(name, page_align(length))
-        else:
-            region = Region.memfd(name, page_align(length))
+        region = Region.create(self.memory_name(tag), page_align(length))
         try:
-            if named:
-                addr = self.mm_map(region.name, region.size, prot)
-            else:
-                addr = self.mm_map_fd(region.fd, region.size, prot)
+            addr = self.mm_map(region.name, region.size, prot)
         except BaseException:
             region.close()
             raise
         mem = Memory(self, region, addr, region.size)
         self._memories.add(mem)
         return mem
+
+    def alloc_memories(self, specs: Sequence[tuple[int, str] | Region],
+                       prot: int = PROT_READ | PROT_WRITE) -> list[Memory]:
+        """:meth:`alloc_memory` (sealed memfds) of several ``(length, tag)`` at once: their
+        ``mm_map`` calls go in one pipelined round trip.  A spec may also be a memfd
+        :class:`Region` made already (:meth:`new_memory`, e.g. by a helper thread while
+        this one made syscalls): it is entered as it is, and its :class:`Memory` owns it.
+        All or nothing: if the kernel refuses one, every region is unmapped and freed and
+        its error is raised."""
+        for spec in specs:
+            if not isinstance(spec, Region) and spec[0] <= 0:
+                raise Misuse(f"length {spec[0]}")
+        regions: list[Region] = []
+        try:
+            for spec in specs:
+                regions.append(spec if isinstance(spec, Region)
+                               else self.new_memory(spec[0], spec[1]))
+            replies = self.syscall_many([("mm_map", {"fd": r.fd, "length": r.size,
+                                                     "prot": prot}) for r in regions])
+        except BaseException:
+            for r in regions:
+                r.close()
+            raise
+        mems: list[Memory] = []
+        error: ControlError | None = None
+        for region, reply in zip(regions, replies, strict=True):
+            if isinstance(reply, ControlError):
+                error = error or reply
+                region.close()
+                continue
+            mem = Memory(self, region, int(reply.body["addr"]), region.size)
+            self._memories.add(mem)
+            mems.append(mem)
+        if error is not None:
+            for mem in mems:
+                mem.close()
+            raise error
+        return mems
+
+    def new_memory(self, length: int, tag: str = "mem", name: str | None = None) -> Region:
+        """A sealed memfd of ``length`` bytes, its pages allocated, not yet in the mm
+        (:meth:`alloc_memories` enters it).  Makes no syscall, so another thread may call
+        it with a ``name`` from :meth:`memory_name`."""
+        return Region.memfd(name or self.memory_name(tag), page_align(length))
+
+    def memory_name(self, tag: str) -> str:
+        """The next app memory name (``<tag><seq>``, owner ``app<task>``)."""
+        self._mem_seq += 1
+        return region_name(self.run, self.owner, f"{tag}{self._mem_seq}")
 
     # -- sockets --------------------------------------------------------------------------------
 

@@ -72,6 +72,15 @@ class Direct:
         self.peer = Peer(peer, PeerCred(os.getpid(), os.geteuid(), os.getegid()))
         self.h = handlers(ctx)
 
+    def request_many(self, requests, *, timeout_ms=None) -> list:
+        out: list = []
+        for type, body in requests:
+            try:
+                out.append(self.request(type, body))
+            except ControlError as exc:
+                out.append(exc)
+        return out
+
     def request(self, type: str, body: Any = None, blobs=(), *, timeout_ms=None) -> Message:
         msg = decode(encode(type, 1, body, blobs))
         try:
@@ -438,6 +447,38 @@ def test_getsockopt_napi_id_and_setrlimit_nofile(ctx, skbs, app):
     app.close_fd(app.socket())
     for f in (fd, lfd):
         app.close_fd(f)
+
+
+def test_alloc_memories_pipelined_all_or_nothing(ctx, app):
+    """Several memories entered in one pipelined round trip; a refusal of one unmaps and
+    frees the others (the task's mm is as before, no descriptor is left)."""
+    mm = task_of(ctx, app).mm
+    before = len(mm.vmas())
+    a, b = app.alloc_memories([(3 * 4096, "a"), (4096, "b")])
+    assert len(mm.vmas()) == before + 2 and a.addr != b.addr and (a.length, b.length) == (
+        3 * 4096, 4096)
+    a.view[:] = 7
+    assert mm.find(a.addr) is not None
+    for m in (a, b):
+        m.close()
+    assert len(mm.vmas()) == before
+    fds = set(os.listdir("/proc/self/fd"))
+    request = app.transport.request
+
+    def refuse_second(type, body=None, *a, **k):
+        if type == "mm_map" and refuse_second.n == 1:
+            raise ControlError(type, errno.ENOMEM, "refused by the test")
+        refuse_second.n += type == "mm_map"
+        return request(type, body, *a, **k)
+
+    refuse_second.n = 0
+    app.transport.request = refuse_second
+    with pytest.raises(ControlError) as ei:
+        app.alloc_memories([(4096, "a"), (4096, "b"), (4096, "c")])
+    assert ei.value.errno == errno.ENOMEM
+    assert len(mm.vmas()) == before and not app._memories
+    assert set(os.listdir("/proc/self/fd")) <= fds
+    app.transport.request = request
 
 
 def test_accept_and_recv_copy_exact_bytes(ctx, skbs, app):

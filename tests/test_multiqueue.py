@@ -122,6 +122,36 @@ def test_queue_lists_parse() -> None:
         zcrx_server.parse_args(["-q", "5-1"])
 
 
+def test_area_maker_hands_areas_in_order_and_frees_the_rest(run_id: str) -> None:
+    """A server on several queues has its areas made ahead by a helper thread; after a
+    failed registration, the areas nobody took are freed (their descriptors closed)."""
+    import os
+
+    from shared.shm import region_name
+
+    class K:  # what _AreaMaker uses of the kernel connection: no syscall
+        seq = 0
+
+        def memory_name(self, tag: str) -> str:
+            K.seq += 1
+            return region_name(run_id, "app1", f"{tag}{K.seq}")
+
+        def new_memory(self, length: int, tag: str = "mem", name: str | None = None) -> Any:
+            from shared.shm import Region
+            return Region.memfd(name or self.memory_name(tag), length)
+
+    fds = set(os.listdir("/proc/self/fd"))
+    maker = zcrx_server._AreaMaker(K(), 1 << 20, 4)  # type: ignore[arg-type]
+    a, b = maker.next(), maker.next()
+    assert [r.name.rsplit(".", 1)[1] for r in (a, b)] == ["zcrx_area1", "zcrx_area2"]
+    assert a.size == 1 << 20 and a.fd >= 0
+    maker.close()  # areas 3 and 4 were never taken
+    for r in (a, b):
+        r.close()
+    assert set(os.listdir("/proc/self/fd")) <= fds
+    assert zcrx_server._AreaMaker(K(), 1 << 20, 1).next() is None  # one queue: the library's
+
+
 @pytest.mark.timeout(180)
 def test_idle_queues_cost_the_kernel_no_poll(tmp_path: Path) -> None:
     """Traffic on one queue of 16: the other 15 queues stay off the NAPI poll list (no
