@@ -188,10 +188,14 @@ class Ring:
                    else sq_off["array"] + self.sq_entries * 4)
         if self.features & abi.IORING_FEAT_SINGLE_MMAP:
             sq_size = cq_size = max(sq_size, cq_size)
-        sq_buf = self._map(abi.IORING_OFF_SQ_RING, sq_size)
-        cq_buf = (sq_buf if self.features & abi.IORING_FEAT_SINGLE_MMAP
-                  else self._map(abi.IORING_OFF_CQ_RING, cq_size))
-        sqe_buf = self._map(abi.IORING_OFF_SQES, self.sq_entries * self.sqe_dtype.itemsize)
+        # The rings' mmaps go in one pipelined round trip.
+        single = bool(self.features & abi.IORING_FEAT_SINGLE_MMAP)
+        bufs = self._map_many([(abi.IORING_OFF_SQ_RING, sq_size)]
+                              + ([] if single else [(abi.IORING_OFF_CQ_RING, cq_size)])
+                              + [(abi.IORING_OFF_SQES,
+                                  self.sq_entries * self.sqe_dtype.itemsize)])
+        sq_buf, sqe_buf = bufs[0], bufs[-1]
+        cq_buf = sq_buf if single else bufs[1]
         #: the rings region as bytes (SQ and CQ words, CQEs, SQ array)
         self.ring_mem = sq_buf
         # SQ (the app produces): shared words and entries.
@@ -229,12 +233,29 @@ class Ring:
         self.zcrx_queried = False
 
     def _map(self, offset: int, length: int) -> NDArray[np.uint8]:
-        name, addr = self.kernel.mmap(self.fd, offset, length)
-        self._maps.append((addr, length))
-        region = self._regions.get(name)
-        if region is None:
-            region = self._regions[name] = Region.attach(name)
-        return region.array(np.uint8)
+        return self._map_many([(offset, length)])[0]
+
+    def _map_many(self, maps: list[tuple[int, int]]) -> list[NDArray[np.uint8]]:
+        """``mmap`` of this ring's fd at each ``(offset, length)``, pipelined; the first
+        refusal is raised once the others are recorded (queue exit unmaps them)."""
+        replies = self.kernel.syscall_many([
+            ("mmap", {"fd": self.fd, "offset": off, "length": length})
+            for off, length in maps])
+        out: list[NDArray[np.uint8]] = []
+        error: ControlError | None = None
+        for (_, length), reply in zip(maps, replies, strict=True):
+            if isinstance(reply, ControlError):
+                error = error or reply
+                continue
+            name, addr = str(reply.body["name"]), int(reply.body["addr"])
+            self._maps.append((addr, length))
+            region = self._regions.get(name)
+            if region is None:
+                region = self._regions[name] = Region.attach(name)
+            out.append(region.array(np.uint8))
+        if error is not None:
+            raise error
+        return out
 
     def __repr__(self) -> str:
         return f"<Ring fd={self.fd} sq={self.sq_entries} cq={self.cq_entries}>"

@@ -310,17 +310,17 @@ class Kernel:
             self.gone = f"kernel pid {self._kernel_watch.pid} exited"
             raise PeerGone(self.gone)
 
-    def _watch_kernel(self) -> None:
+    def _watch_kernel(self, hello: Message | ControlError) -> None:
         """Open a pidfd on the kernel process (its pid from the ``hello`` reply), so every
         later syscall fails at once with PeerGone once it died (DESIGN §6).  Best effort:
         a transport without ``hello`` (in-process tests) is simply not watched."""
+        if isinstance(hello, ControlError):
+            return
         try:
-            reply = self.transport.request(
-                "hello", {"role": "app", "pid": os.getpid(), "version": PROTOCOL_VERSION})
-            pid = reply.body.get("pid")
+            pid = hello.body.get("pid")
             if isinstance(pid, int) and pid > 0 and pid != os.getpid():
                 self._kernel_watch = PidWatch(pid)
-        except (ZcrxError, OSError, KeyError, AttributeError, TypeError):
+        except (ZcrxError, OSError):
             pass
 
     def check_kernel(self) -> None:
@@ -335,8 +335,14 @@ class Kernel:
         if self.task is None:
             body = {"pid": os.getpid(), "name": self.name[:64] or "app",
                     "cap_net_admin": cap_net_admin}
-            self.task = int(self.syscall("attach", body).body["task"])
-            self._watch_kernel()
+            # attach and hello (the kernel's pid, to watch it) in one round trip
+            attached, hello = self.syscall_many([
+                ("attach", body),
+                ("hello", {"role": "app", "pid": os.getpid(), "version": PROTOCOL_VERSION})])
+            if isinstance(attached, ControlError):
+                raise attached
+            self.task = int(attached.body["task"])
+            self._watch_kernel(hello)
         return self.task
 
     @property

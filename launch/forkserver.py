@@ -21,8 +21,9 @@ The child sets up what exec would have: its stdio, environment, cwd, session, ui
 (:func:`launch.run.popen_app`'s rules), waits with ``hold`` until the launcher writes "1"
 to the go pipe (after ``cap_grant``: the capability is there before the app runs; EOF
 instead means "die", exit 126), reseeds numpy's global generator, runs the module (a
-preloaded one's ``main()``, any other as ``__main__``) and ``os._exit``\\ s with its status.  It is its own process (pid, pidfd, mm,
-regions); the kernel still learns who it is from ``SO_PEERCRED``.
+preloaded one's ``main()``, any other as ``__main__``) and ``os._exit``\\ s with its
+status.  It is its own process (pid, pidfd, mm, regions); the kernel still learns who it is
+from ``SO_PEERCRED``.
 
 Who may ask: only peers whose ``SO_PEERCRED`` uid is the run's launcher uid; others are
 refused and counted (``refused``).  The launcher checks the other way round that the socket

@@ -83,6 +83,8 @@ class Direct:
 
     def request(self, type: str, body: Any = None, blobs=(), *, timeout_ms=None) -> Message:
         msg = decode(encode(type, 1, body, blobs))
+        if type not in self.h:  # as a server answers a type it has no handler for
+            raise ControlError(type, errno.ENOSYS, f"no handler for {type}")
         try:
             res = self.h[type](msg, self.peer)
         except ZcrxError as exc:
