@@ -85,9 +85,13 @@ class Mapping:
 
     def release(self) -> None:
         """Drop our views and detach the region (the creator still owns it)."""
+        self.retire()
+        self.region.detach()
+
+    def retire(self) -> None:
+        """Drop our views; the region stays attached until :meth:`release`."""
         self._windows.clear()
         self.view = np.empty(0, np.uint8)
-        self.region.detach()
 
 
 class Iommu:
@@ -100,6 +104,8 @@ class Iommu:
         self._next_id = 1
         #: Descriptors that failed translation, over the device's life.
         self.faults = 0
+        #: Unmapped, their regions not yet detached (:meth:`reap`).
+        self.retired: list[Mapping] = []
 
     # -- map / unmap ---------------------------------------------------------------------
 
@@ -152,21 +158,33 @@ class Iommu:
         raise Misuse("no free DMA map id", errno.ENOSPC)  # pragma: no cover (MAX_MAPPINGS)
 
     def dma_unmap(self, map_id: int) -> None:
-        """Forget mapping ``map_id`` and detach its region; ENOENT if it is not mapped.
+        """Forget mapping ``map_id``; ENOENT if it is not mapped.
 
-        Later descriptors naming it fault.  The caller makes sure no started queue
+        Later descriptors naming it fault at once.  Its region is detached by the next
+        :meth:`reap` (the NIC's loop calls it once it has answered): a ``munmap`` here costs
+        about a millisecond (the process's other threads' TLBs are shot down), which the
+        command that unmapped need not wait for.  The caller makes sure no started queue
         still lives in it (the NIC refuses that with EBUSY before calling here).
         """
         m = self._maps.pop(map_id, None)
         if m is None:
             raise Misuse(f"dma_unmap: map id {map_id} is not mapped", errno.ENOENT)
         self._size[map_id] = -1
-        m.release()
+        m.retire()
+        self.retired.append(m)
+
+    def reap(self) -> int:
+        """Detach the regions of unmapped mappings; how many."""
+        out, self.retired = self.retired, []
+        for m in out:
+            m.release()
+        return len(out)
 
     def unmap_all(self) -> None:
         """Detach every mapping (device shutdown)."""
         for map_id in list(self._maps):
             self.dma_unmap(map_id)
+        self.reap()
 
     # -- lookups -------------------------------------------------------------------------
 

@@ -375,6 +375,8 @@ class NicProcess:
         n = 0
         while not self.stopping:
             handled = self._serve()
+            if self.nic.iommu.retired:  # unmapped by the commands just answered
+                self.nic.iommu.reap()
             if self._kernel_died():
                 break
             work = self.nic.step()
