@@ -601,9 +601,11 @@ class NetDevice:
             for q in qs:
                 rq = _RxQueue(q, self.ring_size, self.slot_size, layout)
                 rqs.append(rq)
+                # The rings' pages now (both sides write them at once); the header slots'
+                # where the NIC first writes one, as the pool's pages.
                 rq.region = Region.create(
                     region_name(self.run, self.owner, nicif.queue_region_object(self.name, q)),
-                    layout.size)
+                    layout.size, allocate=layout.hdr_off)
                 maps.append((rq.region.name, rq.region.size, -1))
                 if self._pool_alloc(rq, (providers or {}).get(q)):
                     assert rq.space is not None
@@ -644,11 +646,14 @@ class NetDevice:
         if provider is None:
             self._pp_gen[q] += 1
             count = self.pp_buffers or 2 * self.ring_size
-            # Pages for the ring's first fill now; the pool's other buffers when first
-            # allocated (a queue bound to a zcrx ifq soon may never use them at all).
+            # The pool's pages are committed where the NIC first writes (tmpfs allocates
+            # at that touch), not zero-filled here: a queue bound to a zcrx ifq right after
+            # the probe never uses them, and at 64 queues of 1024 buffers the fill was
+            # 256 MiB of zeroing in the probe (0.1 s).  /dev/shm must have room for them
+            # now (ENOMEM otherwise).
             space = BufferSpace.create(
                 region_name(self.run, self.owner, f"{self.name}.q{q}.pp{self._pp_gen[q]}"),
-                count, self.rx_buf_len, touch=self.ring_size)
+                count, self.rx_buf_len, touch=0)
             rq.space = space
             rq.own_space = True
             provider = KernelPagesProvider(space)

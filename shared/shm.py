@@ -10,10 +10,13 @@ a run's segments are exactly the ``/dev/shm`` entries starting ``zcrx.<run>.``.
 Lifetime rules (DESIGN §2):
 
 * The creator creates exclusively (``O_CREAT|O_EXCL``), mode 0600, with a
-  page-aligned size, and allocates every page up front (``fallocate``: tmpfs
+  page-aligned size, and allocates its pages up front (``fallocate``: tmpfs
   zero-fills them now, as a pin or a page allocation would), so the first DMA into
   the region does not pay the allocation, only mapping the page (a minor fault
-  every mapping pays once, the creator's own included).
+  every mapping pays once, the creator's own included).  A creator may leave the
+  tail of a region to be allocated at first touch (``Region.create(allocate=)``:
+  the kernel's page pools and header slots, which a queue bound to zcrx never
+  touches); the file system must have room for it at creation (else ENOMEM).
 * Only the creator unlinks (:meth:`Region.unlink`).  Everyone else attaches and
   detaches.  Segments survive SIGKILL of every process that mapped them, so
   nothing may rely on process exit: :func:`remove_run_segments` is what
@@ -134,6 +137,7 @@ class Region:
                 os.fchown(shm.fd, uid, -1)
             now = (size if pretouch else 0) if allocate is None else max(0, min(allocate, size))
             _allocate(shm.fd, name, now)
+            _check_room(shm.fd, name, size - now)
             mm = mmap.mmap(shm.fd, size)
         except BaseException:
             shm.close_fd()
@@ -291,6 +295,20 @@ def _allocate(fd: int, name: str, nbytes: int) -> None:
     except OSError as e:
         raise Misuse(f"{name}: cannot allocate {nbytes} bytes: {e.strerror}",
                      errno=_errno.ENOMEM) from None
+
+
+def _check_room(fd: int, name: str, later: int) -> None:
+    """Misuse ENOMEM unless the file system of ``fd`` has room now for the ``later`` bytes
+    whose pages are allocated at first touch: a region that cannot get them is refused at
+    creation rather than found out by the process that first writes it (SIGBUS).  A check,
+    not a reservation: memory taken by others meanwhile still counts against it."""
+    if later <= 0:
+        return
+    st = os.fstatvfs(fd)
+    if st.f_bavail * st.f_frsize < later:
+        raise Misuse(f"{name}: {later} bytes to be allocated on first touch, "
+                     f"{st.f_bavail * st.f_frsize} free in its file system",
+                     errno=_errno.ENOMEM)
 
 
 def _proc_error(path: str, name: str, e: OSError) -> Misuse:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import stat
@@ -81,6 +82,17 @@ def test_allocate_gives_a_prefix_its_pages_and_memfd_all_of_them(run_id: str) ->
         assert os.stat(os.path.join(SHM_DIR, r.name[1:])).st_blocks == 0
     with Region.memfd(region_name(run_id, "app0", "area1"), 5 * PAGE_SIZE) as m:
         assert os.fstat(m.fd).st_blocks * 512 >= 5 * PAGE_SIZE
+
+
+def test_a_lazy_tail_that_cannot_fit_is_refused_at_creation(run_id: str) -> None:
+    """Pages left to first touch must fit in /dev/shm now: refused with ENOMEM at creation
+    (nothing left behind) instead of a SIGBUS in whoever first writes there."""
+    free = os.statvfs(SHM_DIR).f_bavail * os.statvfs(SHM_DIR).f_frsize
+    name = region_name(run_id, "kernel", "huge")
+    with pytest.raises(Misuse) as ei:
+        Region.create(name, free + (64 << 20), allocate=PAGE_SIZE)
+    assert ei.value.errno == errno.ENOMEM and "first touch" in str(ei.value)
+    assert not os.path.exists(os.path.join(SHM_DIR, name[1:]))
 
 
 def test_attach_sees_the_same_bytes_and_only_the_creator_unlinks(run_id: str) -> None:
