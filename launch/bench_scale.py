@@ -23,7 +23,9 @@ Figures per point:
 * **bind s**: starting the servers (all at once, then waiting for each) until every one
   listens (each has registered its ifq, bound its queue and armed its accept by then); with
   the run's fork server (the default; ``--no-fork-server``: a new interpreter each) they are
-  forked from its template.  ``setup s`` = up + bind.
+  forked from its template in one batch (:meth:`launch.run.Run.spawn_apps`: every fork
+  asked for before any is waited for, the CAP_NET_ADMIN grants pipelined).  ``setup s`` =
+  up + bind.
 * **goodput GB/s** (wall): the sum of delivered bytes / (the last server's exit - the start
   of traffic), as the launcher sees it; **app GB/s**: the same bytes / (the latest server's
   last data batch - the earliest server's first data CQE), the apps' own
@@ -73,6 +75,7 @@ from launch.bench_rx import (
     _tail,
     _terminate_as_interrupt,
 )
+from launch.run import AppStart
 from shared.errors import PeerGone, Timeout
 from shared.nicif import MAX_QUEUES
 
@@ -206,6 +209,7 @@ def measure_point(n: int, mib_per_queue: float = DEFAULT_MIB, *, timeout: float 
         say(f"{n} queue(s): binding")
         roles: dict[int, str] = {}  # first queue of each group -> role
         members = {g[0]: g for g in groups}
+        starts = []
         for g in groups:
             q = g[0]
             role = f"app:zc{q}"
@@ -216,9 +220,10 @@ def measure_point(n: int, mib_per_queue: float = DEFAULT_MIB, *, timeout: float 
                     "-C", str(cq_entries_for(len(g), CQ_ENTRIES)), "-R", str(RQ_ENTRIES),
                     "--json", str(out),
                     "--seconds", str(timeout)]
-            br.run.spawn(role, "app_proc.zcrx_server", args, detach=False, notify=True,
-                         ready_timeout=_READY_S, cap_net_admin=True, wait=False)
+            starts.append(AppStart(role, "app_proc.zcrx_server", args, detach=False,
+                                   notify=True, ready_timeout=_READY_S, cap_net_admin=True))
             roles[q] = role
+        br.run.spawn_apps(starts)  # one batch: forked together, granted together
         for q, role in roles.items():  # all started at once, as a host bringing up its
             try:                        # servers would: their starts overlap
                 br.run.wait_started(role)

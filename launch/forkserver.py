@@ -210,12 +210,23 @@ def _connect(path: Path, pid: int, uid: int, alive: Any, timeout: float) -> sock
 
 def _ask(sock: socket.socket, msg: dict[str, Any], fds: list[int] | None = None
          ) -> dict[str, Any]:
+    _send(sock, msg, fds)
+    return _recv(sock)
+
+
+def _send(sock: socket.socket, msg: dict[str, Any], fds: list[int] | None = None) -> None:
     data = json.dumps(msg).encode()
     try:
         if fds:
             socket.send_fds(sock, [data], fds)
         else:
             sock.send(data)
+    except OSError as e:
+        raise TemplateGone(f"the fork server went away: {e}") from None
+
+
+def _recv(sock: socket.socket) -> dict[str, Any]:
+    try:
         reply = sock.recv(65536)
     except OSError as e:
         raise TemplateGone(f"the fork server went away: {e}") from None
@@ -247,41 +258,90 @@ def fork_app(rundir: str | Path, template_pid: int, alive: Any, *, module: str,
     Raises :class:`TemplateGone` when the template cannot fork it (start it the slow way);
     an error the template reports about the request itself is a :class:`Misuse`.
     """
+    req = {"module": module, "args": list(args), "env": env, "cwd": cwd, "uid": uid,
+           "new_session": new_session, "stdio": stdio, "hold": grant is not None}
+    return fork_apps(rundir, template_pid, alive, [req],
+                     None if grant is None else lambda pids: grant(pids[0]), timeout)[0]
+
+
+def fork_apps(rundir: str | Path, template_pid: int, alive: Any,
+              requests: list[dict[str, Any]], grant_many: Any = None,
+              timeout: float = 30.0) -> list[ForkedApp]:
+    """:func:`fork_app` of several apps at once: every request is sent before any reply is
+    read (the template forks them one after the other meanwhile), ``grant_many(pids)``
+    runs once for the apps whose request says ``hold``, then each of those may start.
+
+    ``requests``: ``module``, ``args``, ``env``, ``cwd``, ``uid``, ``new_session``,
+    ``stdio`` (three descriptors), ``hold``.  All or nothing: if any request fails (the
+    template refuses one or goes away, or the grant fails), every child forked for the
+    batch is stopped and reaped (a held one reads EOF and exits 126 without running) and
+    the error is raised (:class:`TemplateGone`, :class:`Misuse`, the grant's)."""
     from shared.errors import Misuse
 
-    sock = _connect(socket_path(rundir), template_pid, os.geteuid(), alive, timeout)
-    go_r = go_w = -1
+    path = socket_path(rundir)
+    socks: list[socket.socket] = []
+    gos: list[int] = []  # the write end of each held child's "go" pipe, else -1
+    apps: list[ForkedApp | None] = []  # per request answered: its child (None: refused)
+    done = False
     try:
-        fds = list(stdio)
-        if grant is not None:
-            go_r, go_w = os.pipe()
-            fds.append(go_r)
-        reply = _ask(sock, {"op": "spawn", "module": module, "args": list(args), "env": env,
-                            "cwd": cwd, "uid": uid, "new_session": new_session,
-                            "hold": grant is not None}, fds)
-        if go_r >= 0:
-            os.close(go_r)
-            go_r = -1
-        if "error" in reply:
-            raise Misuse(f"fork server: {reply['error']}", errno=int(reply.get("errno", 5)))
-        app = ForkedApp(sock, int(reply["pid"]))
-        sock = None  # type: ignore[assignment]
-        if grant is not None:
+        for r in requests:
+            socks.append(_connect(path, template_pid, os.geteuid(), alive, timeout))
+            fds = list(r["stdio"])
+            go_r = go_w = -1
+            if r["hold"]:
+                go_r, go_w = os.pipe()
+                fds.append(go_r)
+            gos.append(go_w)
             try:
-                grant(app.pid)
-            except BaseException:
-                os.close(go_w)  # the child reads EOF and exits without running anything
-                go_w = -1
-                app.wait()
-                raise
-            os.write(go_w, b"1")
-        return app
+                _send(socks[-1], {"op": "spawn", "module": r["module"], "args": r["args"],
+                                  "env": r["env"], "cwd": r["cwd"], "uid": r["uid"],
+                                  "new_session": r["new_session"], "hold": r["hold"]}, fds)
+            finally:
+                if go_r >= 0:
+                    os.close(go_r)
+        refused: dict[str, Any] | None = None
+        for sock in socks:
+            reply = _recv(sock)
+            if "error" in reply:
+                refused = refused or reply
+            apps.append(None if "error" in reply else ForkedApp(sock, int(reply["pid"])))
+        if refused is not None:
+            raise Misuse(f"fork server: {refused['error']}",
+                         errno=int(refused.get("errno", 5)))
+        forked = [a for a in apps if a is not None]
+        held = [a.pid for a, go in zip(forked, gos, strict=True) if go >= 0]
+        if grant_many is not None and held:
+            grant_many(held)
+        for go in gos:
+            if go >= 0:
+                os.write(go, b"1")
+        done = True
+        return forked
     finally:
-        for fd in (go_r, go_w):
-            if fd >= 0:
-                os.close(fd)
-        if sock is not None:
-            sock.close()
+        for go in gos:
+            if go >= 0:
+                os.close(go)  # a held child not told "1" reads EOF: exits, running nothing
+        if not done:
+            for sock in socks[len(apps):len(gos)]:  # sent, not answered: forked anyway?
+                child = None
+                with contextlib.suppress(OSError, ValueError, TemplateGone):
+                    sock.settimeout(1.0)
+                    reply = _recv(sock)
+                    sock.settimeout(None)
+                    if "pid" in reply:
+                        child = ForkedApp(sock, int(reply["pid"]))
+                apps.append(child)
+        owned = {id(a.sock) for a in apps if a is not None}
+        for sock in socks:
+            if id(sock) not in owned:
+                sock.close()
+        if not done:
+            for a, go in zip(apps, gos, strict=False):
+                if a is None:
+                    continue
+                if go < 0:
+                    a.kill()
+                a.wait()
 
 
 # --------------------------------------------------------------------------- the template

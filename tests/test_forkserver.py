@@ -103,6 +103,62 @@ def test_forked_app_sigkilled_midstream_every_niov_home(tmp_path: Path) -> None:
     _byte_exact(tmp_path / "next.json", size)
 
 
+@pytest.mark.timeout(90)
+def test_apps_started_in_one_batch_and_a_failed_batch_leaves_nothing() -> None:
+    """Run.spawn_apps: the template forks every app before any is waited for and the
+    kernel grants their CAP_NET_ADMIN in one round trip; they listen, each its own
+    process, recorded in the manifest.  A batch that fails (one request the template
+    refuses, or a refused grant) runs none of its apps and leaves no process behind."""
+    from launch.run import AppStart
+    from shared.errors import Misuse
+
+    name = "fkb"
+    with topology(name, "--netdev", NETDEV) as run:
+        template = _template(name)
+        starts = [AppStart(f"app:b{i}", "app_proc.copy_server", ["-p", str(8100 + i)],
+                           notify=True, cap_net_admin=True) for i in range(3)]
+        entries = run.spawn_apps(starts)
+        for a in starts:
+            run.wait_started(a.role)
+        assert [e.role for e in entries] == ["app:b0", "app:b1", "app:b2"]
+        saved = Run.open(name).m.procs
+        for e in entries:
+            p = saved[e.role].process()
+            assert p is not None and p.ppid() == template.pid
+        assert _counters(name)["forked"] == 3
+        for e in entries:
+            run.stop(e.role)
+
+        def forked_now() -> set[int]:
+            return {c.pid for c in template.children()}
+
+        before = forked_now()
+        # one request the template refuses: the other two (one held for its grant, one
+        # not) are forked, then stopped; nothing of the batch runs or is recorded
+        bad = [AppStart("app:c0", "app_proc.copy_server", ["-p", "8200"], cap_net_admin=True),
+               AppStart("app:c1", "app_proc.no_such_app", []),
+               AppStart("app:c2", "app_proc.copy_server", ["-p", "8201"])]
+        with pytest.raises(Misuse) as ei:
+            run.spawn_apps(bad)
+        assert "not an entry point" in str(ei.value)
+        # a grant the kernel refuses: every held child exits without running
+        def refuse(pids: list[int]) -> None:
+            raise Misuse("refused by the test", errno=1)
+
+        run.grant_caps = refuse  # type: ignore[method-assign]
+        with pytest.raises(Misuse) as ei:
+            run.spawn_apps([AppStart(f"app:d{i}", "app_proc.copy_server",
+                                     ["-p", str(8300 + i)], cap_net_admin=True)
+                            for i in range(2)])
+        assert ei.value.errno == 1
+        deadline = time.monotonic() + 10
+        while forked_now() - before:
+            assert time.monotonic() < deadline, forked_now() - before
+            time.sleep(0.02)
+        assert not [r for r in Run.open(name).m.procs if r[4:5] in ("c", "d")]
+        assert _counters(name)["forked"] == 3 + 2 + 2
+
+
 @pytest.mark.timeout(120)
 def test_killed_template_leaves_its_apps_and_the_next_app_run_works(tmp_path: Path) -> None:
     """SIGKILL the template: the app it forked keeps running (reparented); the next `zcrx

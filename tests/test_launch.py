@@ -213,7 +213,7 @@ def test_manifest_text_is_every_field_and_reads_back() -> None:
                                  log="/x/app-0.log",
                                  spec=RoleSpec(module="app_proc.zcrx_server", args=["-p", "1"],
                                                detach=True, notify=True, uid=1000))
-    assert m.to_json() == json.dumps(asdict(m), indent=2, sort_keys=True)
+    assert m.to_json() == json.dumps(asdict(m), sort_keys=True)
     assert Manifest.from_json(m.to_json()) == m
 
 
