@@ -821,16 +821,34 @@ def tagged_processes(run_id: str) -> list[psutil.Process]:
     (any program run with ``zcrx app run -- COMMAND``): the fallback when a manifest is lost.
     A shell that merely imported ``zcrx env`` carries no tag and is never matched."""
     needle = f"zcrx:{run_id}:"
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
+    found, blank = [], []
+    for p in psutil.process_iter(["cmdline", "ppid"]):
         if p.pid == os.getpid():
             continue
         try:
             cmd = p.info["cmdline"] or []
-            if any(needle in a for a in cmd) or p.environ().get(TAG_ENV, "").startswith(needle):
-                found.append(p)
+            env = p.environ()
         except psutil.Error:
             continue
+        if any(needle in a for a in cmd) or env.get(TAG_ENV, "").startswith(needle):
+            found.append(p)
+        elif not cmd and not env and p.pid != 2 and p.info["ppid"] not in (0, 2):
+            blank.append(p)  # not a kernel thread: caught inside execve, look again
+    for _ in range(10):  # exec sets up argv and environ after the parent saw it succeed
+        if not blank:
+            break
+        time.sleep(0.01)
+        again = []
+        for p in blank:
+            try:
+                cmd, env = p.cmdline(), p.environ()
+            except psutil.Error:
+                continue
+            if any(needle in a for a in cmd) or env.get(TAG_ENV, "").startswith(needle):
+                found.append(p)
+            elif not cmd and not env:
+                again.append(p)
+        blank = again
     return found
 
 

@@ -198,6 +198,34 @@ def test_manifest_records_each_role_spec_and_respawn_uses_it() -> None:
             run.down()
 
 
+def test_tagged_processes_looks_again_at_a_process_inside_execve(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Right after Popen returns, the child may still be inside execve: no argv and no
+    environment yet in /proc.  Such a process is looked at again, so a command that
+    ``zcrx app run`` has just started is found by its $ZCRX_TAG; kernel threads (ppid 2)
+    are not waited for."""
+    from launch import run as R
+
+    class Fake:
+        def __init__(self, pid: int, ppid: int, reads: list[tuple[list[str], dict[str, str]]]
+                     ) -> None:
+            self.pid, self.reads = pid, reads
+            self.info = {"cmdline": reads[0][0], "ppid": ppid}
+
+        def environ(self) -> dict[str, str]:
+            return self.reads.pop(0)[1] if len(self.reads) > 1 else self.reads[0][1]
+
+        def cmdline(self) -> list[str]:
+            return self.reads[0][0]
+
+    tag = {R.TAG_ENV: "zcrx:r-1:app:1"}
+    procs = [Fake(101, 1, [([], {}), ([], {}), (["sleep", "301"], tag)]),  # mid-exec
+             Fake(102, 2, [([], {})]),                                      # a kthread
+             Fake(103, 1, [(["python", "-m", "nic_proc", "--tag", "zcrx:r-1:nic"], {})])]
+    monkeypatch.setattr(R.psutil, "process_iter", lambda attrs=None: iter(procs))
+    assert sorted(p.pid for p in R.tagged_processes("r-1")) == [101, 103]
+
+
 def test_manifest_text_is_every_field_and_reads_back() -> None:
     """The manifest is written field by field (it is saved at every spawn): the same text
     ``dataclasses.asdict`` gives, and it reads back equal."""
