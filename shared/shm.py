@@ -44,6 +44,7 @@ import mmap
 import os
 import re
 import stat
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -108,8 +109,9 @@ class Region:
         self.size = size
         self.buf: mmap.mmap | None = mm
         self.is_owner = owner
-        #: a descriptor kept with the mapping (a memfd, or the kernel's checked descriptor of
-        #: app memory): closed by :meth:`detach`; -1 for a named segment
+        #: a descriptor kept with the mapping (a memfd, the kernel's checked descriptor of
+        #: app memory, or a segment created with ``keep_fd``): closed by :meth:`detach`;
+        #: else -1
         self.fd = fd
         # a memfd has no name to unlink
         self._unlinked = name.startswith(_MEMFD_PREFIX)
@@ -118,11 +120,13 @@ class Region:
 
     @classmethod
     def create(cls, name: str, size: int, *, pretouch: bool = True,
-               uid: int | None = None, allocate: int | None = None) -> Region:
+               uid: int | None = None, allocate: int | None = None,
+               keep_fd: bool = False) -> Region:
         """Create the segment exclusively (mode 0600), size it, allocate its pages, map it.
 
         ``allocate``: how many bytes from the start get their pages now (default: all of
-        them with ``pretouch``, none without); the rest get theirs on first touch.
+        them with ``pretouch``, none without); the rest get theirs on first touch, or from
+        :meth:`allocate_later` (``keep_fd``: the region keeps its descriptor for that).
         ``uid``: the process whose memory this is, when not the creator's (the kernel
         creating an app's rings as root): the segment is given to that uid, still 0600, so
         that process and root reach it and no other app does.  Misuse ENOMEM when /dev/shm
@@ -139,12 +143,32 @@ class Region:
             _allocate(shm.fd, name, now)
             _check_room(shm.fd, name, size - now)
             mm = mmap.mmap(shm.fd, size)
+            fd = os.dup(shm.fd) if keep_fd else -1
         except BaseException:
             shm.close_fd()
             posix_ipc.unlink_shared_memory(name)
             raise
         shm.close_fd()
-        return cls(name, size, mm, owner=True)
+        return cls(name, size, mm, owner=True, fd=fd)
+
+    def allocate_later(self, offset: int, nbytes: int) -> Callable[[], None]:
+        """A job that gives bytes ``[offset, offset + nbytes)`` their pages (``fallocate``),
+        for another thread to run while this one goes on.  It takes the descriptor the
+        region kept (``create(keep_fd=True)``) and closes it when done, so the region may
+        be closed meanwhile.  A full /dev/shm is not an error there: those pages come at
+        first touch."""
+        fd, self.fd = self.fd, -1
+        if fd < 0:
+            raise Misuse(f"{self.name}: no descriptor kept to allocate through")
+
+        def job() -> None:
+            try:
+                os.posix_fallocate(fd, offset, nbytes)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+        return job
 
     def touch(self, nbytes: int) -> None:
         """Fault the first ``nbytes`` into this process's mapping now: one store per page (a

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -397,6 +398,25 @@ def test_probe_dict_is_validated(run_id: str) -> None:
     del info["rx_buf_len"]
     with pytest.raises(PeerMisbehaved):
         NetDevice(info, nic, run_id, skbs=SkbStore())
+
+
+def test_header_slots_get_their_pages_off_the_setup_path(
+        dev: tuple[NetDevice, FakeNic, SkbStore], run_id: str) -> None:
+    """A queue region is created with only its rings' pages; a helper thread then gives
+    the header slots theirs (so the NIC's first header store into each is no page fault),
+    while the kernel-page pool keeps its pages for the NIC's first store (a queue bound to
+    zcrx never touches it)."""
+    nd, _, _ = dev
+    nd.open()
+    rq = nd.queues[0]
+    assert rq.region is not None and rq.space is not None
+    path = "/dev/shm" + rq.region.name
+    deadline = time.monotonic() + 10
+    while os.stat(path).st_blocks * 512 < rq.region.size:
+        assert time.monotonic() < deadline, (os.stat(path).st_blocks * 512, rq.region.size)
+        time.sleep(0.01)
+    assert rq.region.fd == -1  # the helper took the descriptor and closed it
+    assert os.stat("/dev/shm" + rq.space.name).st_blocks == 0
 
 
 def test_batched_setup_is_all_or_nothing(dev: tuple[NetDevice, FakeNic, SkbStore],
