@@ -15,8 +15,9 @@ Lifetime rules (DESIGN §2):
   the region does not pay the allocation, only mapping the page (a minor fault
   every mapping pays once, the creator's own included).  A creator may leave the
   tail of a region to be allocated at first touch (``Region.create(allocate=)``:
-  the kernel's page pools and header slots, which a queue bound to zcrx never
-  touches); the file system must have room for it at creation (else ENOMEM).
+  the kernel's page pools, which a queue bound to zcrx never touches) or by a
+  helper thread later (``keep_fd`` + :meth:`Region.allocate_later`: header slots);
+  the file system must have room for it at creation (else ENOMEM).
 * Only the creator unlinks (:meth:`Region.unlink`).  Everyone else attaches and
   detaches.  Segments survive SIGKILL of every process that mapped them, so
   nothing may rely on process exit: :func:`remove_run_segments` is what
