@@ -580,12 +580,15 @@ class Run:
         fails, none of the batch runs and the error is raised."""
         from launch import forkserver as fs
 
-        entry = self.m.procs.get(FORKSERVER)
-        if entry is None or any(not a.role.startswith("app:") or
-                                not a.module.startswith(fs.ENTRY_PACKAGE) for a in starts):
+        def one_by_one() -> list[ProcEntry]:
             return [self.spawn(a.role, a.module, a.args, detach=a.detach, notify=a.notify,
                                ready_timeout=a.ready_timeout, cap_net_admin=a.cap_net_admin,
                                wait=False) for a in starts]
+
+        entry = self.m.procs.get(FORKSERVER)
+        if entry is None or any(not a.role.startswith("app:") or
+                                not a.module.startswith(fs.ENTRY_PACKAGE) for a in starts):
+            return one_by_one()
         for a in starts:
             if a.role in self.m.procs and self.m.procs[a.role].process() is not None:
                 raise Misuse(f"{a.role} is already running in run {self.m.name}", errno=17)
@@ -615,9 +618,7 @@ class Run:
                 self._template_failed(entry, starts[0].role, str(e))
                 apps = None
         if apps is None:
-            return [self.spawn(a.role, a.module, a.args, detach=a.detach, notify=a.notify,
-                               ready_timeout=a.ready_timeout, cap_net_admin=a.cap_net_admin,
-                               wait=False) for a in starts]
+            return one_by_one()
         out: list[ProcEntry] = []
         for a, app, req, (log_name, notify_path) in zip(starts, apps, reqs, notes,
                                                         strict=True):
