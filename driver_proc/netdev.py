@@ -129,6 +129,17 @@ _BAD_PLACE = np.array([(f & abi.NIC_CQE_F_SPLIT != 0) == (f & abi.NIC_CQE_F_LINE
                        for f in range(4)], dtype=np.bool_)
 
 
+def _background_thread() -> None:
+    """Lower the calling thread (only: Linux keeps a nice value per thread) to nice 19, so
+    work done off the setup path takes only CPU time nobody else wants."""
+    import threading
+
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except OSError:
+        pass
+
+
 class NicAdmin(Protocol):
     """The NIC's admin surface as the driver sees it (``ControlClient.call``, and
     ``ControlClient.call_many`` for commands pipelined in one round trip)."""
@@ -650,7 +661,8 @@ class NetDevice:
         if self._populator is None:
             from concurrent.futures import ThreadPoolExecutor
 
-            self._populator = ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-pages")
+            self._populator = ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-pages",
+                                                 initializer=_background_thread)
         for job in jobs:
             self._populator.submit(job)
 
