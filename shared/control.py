@@ -465,6 +465,11 @@ class ControlServer:
 # --------------------------------------------------------------------------- client
 
 
+#: Most requests :meth:`ControlClient.request_many` has in flight at once (a longer list goes
+#: in several batches): well under zmq's default high-water mark of 1000 messages.
+PIPELINE_MAX = 256
+
+
 class ControlClient:
     """A DEALER socket making one request at a time, with timeouts and lazy-pirate recovery."""
 
@@ -543,9 +548,11 @@ class ControlClient:
         ``timeout_ms`` bounds the wait for each next reply, so a long batch that makes
         progress does not time out.  Raises as :meth:`request` for a bad request (nothing
         is sent), a timeout (outcomes unknown) or a malformed reply."""
-        if not requests:
-            return []
-        return self._exchange([(t, b, ()) for t, b in requests], timeout_ms)
+        out: list[Message | ControlError] = []
+        for i in range(0, len(requests), PIPELINE_MAX):  # under the sockets' HWM (1000)
+            out += self._exchange([(t, b, ()) for t, b in requests[i:i + PIPELINE_MAX]],
+                                  timeout_ms)
+        return out
 
     def _exchange(self, requests: Sequence[tuple[str, Mapping[str, Any] | None,
                                                  Iterable[bytes | bytearray | memoryview]]],

@@ -405,6 +405,12 @@ def test_pipelined_requests_answer_in_place(served: ServerThread,
     assert all(o.type == "ok" for o in out if not isinstance(o, ControlError))
     assert client.call_many([("ping", None)] * 3) == [{}, {}, {}]
     assert served.server.stats.ok == 6 and served.server.stats.errors == 2
+    # more than the sockets' high-water mark: sent in batches, every reply in its place
+    many = client.call_many([("test.fail", {"errno": 1 + i % 100}) if i % 7 == 0
+                             else ("ping", None) for i in range(1500)])
+    assert [r.errno if isinstance(r, ControlError) else r for r in many] == [
+        1 + i % 100 if i % 7 == 0 else {} for i in range(1500)]
+    assert client.request_many([]) == []
     client.ping()
     assert client.stale_replies == 0
 
