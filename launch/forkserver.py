@@ -279,13 +279,20 @@ def fork_apps(rundir: str | Path, template_pid: int, alive: Any,
     from shared.errors import Misuse
 
     path = socket_path(rundir)
-    socks: list[socket.socket] = []
+    socks: list[socket.socket] = []  # one per request sent
     gos: list[int] = []  # the write end of each held child's "go" pipe, else -1
-    apps: list[ForkedApp | None] = []  # per request answered: its child (None: refused)
+    apps: list[ForkedApp] = []
+    held: list[int] = []  # pids of the apps that wait for their grant
     done = False
     try:
+        failure: Exception | None = None
         for r in requests:
-            socks.append(_connect(path, template_pid, os.geteuid(), alive, timeout))
+            try:
+                sock = _connect(path, template_pid, os.geteuid(), alive, timeout)
+            except TemplateGone as e:
+                failure = e
+                break
+            socks.append(sock)
             fds = list(r["stdio"])
             go_r = go_w = -1
             if r["hold"]:
@@ -293,53 +300,51 @@ def fork_apps(rundir: str | Path, template_pid: int, alive: Any,
                 fds.append(go_r)
             gos.append(go_w)
             try:
-                _send(socks[-1], {"op": "spawn", "module": r["module"], "args": r["args"],
-                                  "env": r["env"], "cwd": r["cwd"], "uid": r["uid"],
-                                  "new_session": r["new_session"], "hold": r["hold"]}, fds)
+                _send(sock, {"op": "spawn", "module": r["module"], "args": r["args"],
+                             "env": r["env"], "cwd": r["cwd"], "uid": r["uid"],
+                             "new_session": r["new_session"], "hold": r["hold"]}, fds)
+            except TemplateGone as e:  # not sent: nothing to wait for on this one
+                socks.pop().close()
+                if gos.pop() >= 0:
+                    os.close(go_w)
+                failure = e
+                break
             finally:
                 if go_r >= 0:
                     os.close(go_r)
-        refused: dict[str, Any] | None = None
-        for sock in socks:
-            reply = _recv(sock)
+        for sock, go in zip(socks, gos, strict=True):  # every request sent gets its answer,
+            try:                                       # so a child forked is never lost
+                reply = _recv(sock)
+            except TemplateGone as e:
+                failure = failure or e
+                continue
             if "error" in reply:
-                refused = refused or reply
-            apps.append(None if "error" in reply else ForkedApp(sock, int(reply["pid"])))
-        if refused is not None:
-            raise Misuse(f"fork server: {refused['error']}",
-                         errno=int(refused.get("errno", 5)))
-        forked = [a for a in apps if a is not None]
-        held = [a.pid for a, go in zip(forked, gos, strict=True) if go >= 0]
+                failure = failure or Misuse(f"fork server: {reply['error']}",
+                                            errno=int(reply.get("errno", 5)))
+                continue
+            apps.append(ForkedApp(sock, int(reply["pid"])))
+            if go >= 0:
+                held.append(apps[-1].pid)
+        if failure is not None:
+            raise failure
         if grant_many is not None and held:
             grant_many(held)
         for go in gos:
             if go >= 0:
                 os.write(go, b"1")
         done = True
-        return forked
+        return apps
     finally:
         for go in gos:
             if go >= 0:
                 os.close(go)  # a held child not told "1" reads EOF: exits, running nothing
-        if not done:
-            for sock in socks[len(apps):len(gos)]:  # sent, not answered: forked anyway?
-                child = None
-                with contextlib.suppress(OSError, ValueError, TemplateGone):
-                    sock.settimeout(1.0)
-                    reply = _recv(sock)
-                    sock.settimeout(None)
-                    if "pid" in reply:
-                        child = ForkedApp(sock, int(reply["pid"]))
-                apps.append(child)
-        owned = {id(a.sock) for a in apps if a is not None}
+        owned = {id(a.sock) for a in apps}
         for sock in socks:
             if id(sock) not in owned:
                 sock.close()
         if not done:
-            for a, go in zip(apps, gos, strict=False):
-                if a is None:
-                    continue
-                if go < 0:
+            for a in apps:
+                if a.pid not in held:
                     a.kill()
                 a.wait()
 
