@@ -400,10 +400,7 @@ class Run:
 
     def grant_cap(self, pid: int) -> None:
         """Tell the kernel that process ``pid`` (an app we started) has CAP_NET_ADMIN."""
-        import shared.syscalls  # noqa: F401  (registers cap_grant)
-
-        with ControlClient(self.endpoint("kernel"), timeout_ms=10_000) as kernel:
-            kernel.call("cap_grant", {"pid": pid})
+        self.grant_caps([pid])
 
     def exports(self) -> dict[str, str]:
         """The variables that make a process part of this run (``zcrx env`` prints them):
@@ -636,8 +633,8 @@ class Run:
         return out
 
     def grant_caps(self, pids: list[int]) -> None:
-        """:meth:`grant_cap` of several processes in one pipelined round trip; the first
-        refusal is raised."""
+        """Tell the kernel that processes ``pids`` (apps we started) have CAP_NET_ADMIN, in
+        one pipelined round trip; the first refusal is raised."""
         import shared.syscalls  # noqa: F401  (registers cap_grant)
 
         with ControlClient(self.endpoint("kernel"), timeout_ms=10_000) as kernel:
