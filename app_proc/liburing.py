@@ -1054,7 +1054,7 @@ def io_uring_register_ifq(ring: Ring, if_idx: int = 0, if_rxq: int = 0, *,
             [area] if isinstance(area, Region) else [])
         if not rq_kernel:
             wanted.append((rq_size, "zcrx_rq"))
-        mems = k.alloc_memories(wanted) if wanted else []
+        mems = k.alloc_memories(wanted)
         allocated += mems
         if not isinstance(area, Memory):
             area = mems[0]

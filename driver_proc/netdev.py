@@ -629,7 +629,7 @@ class NetDevice:
                 if self._pool_alloc(rq, (providers or {}).get(q)):
                     assert rq.space is not None
                     maps.append((rq.space.name, rq.space.region_size, -1))
-            ids = iter(self._dma_map_many(maps) if maps else [])
+            ids = iter(self._dma_map_many(maps))
             for rq in rqs:  # every id has its owner before anything else can fail
                 rq.map_id = next(ids)
                 if rq.space_map_id is None:

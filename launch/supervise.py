@@ -153,7 +153,7 @@ def bring_up(topo: Topology, name: str | None = None, *, detach: bool = True,
                 lines.append((step, et.parse(shlex.split(line))))
         with ControlClient(run.endpoint("kernel"), timeout_ms=30_000) as kernel:
             replies = kernel.call_many([("ethtool", {"dev": req["dev"], "request": req})
-                                        for _, req in lines]) if lines else []
+                                        for _, req in lines])
         for (line_step, req), reply in zip(lines, replies, strict=True):
             step = line_step
             if isinstance(reply, ControlError):
