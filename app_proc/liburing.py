@@ -120,6 +120,7 @@ __all__ = [
     "io_uring_unregister_napi",
     "io_uring_wait_cqe",
     "io_uring_wait_cqes",
+    "io_uring_wait_cqes_min_timeout",
     "io_uring_zcrx_add_area",
     "io_uring_zcrx_arm_event",
     "io_uring_zcrx_copy_stats",
@@ -340,8 +341,12 @@ def io_uring_queue_exit(ring: Ring) -> None:
 
 
 def io_uring_enter(ring: Ring, to_submit: int, min_complete: int, flags: int,
-                   timeout_ms: int = -1) -> int:
-    """The ``io_uring_enter`` syscall (``timeout_ms`` < 0: no limit; -ETIME when it runs out)."""
+                   timeout_ms: int = -1, min_wait_usec: int = 0) -> int:
+    """The ``io_uring_enter`` syscall (``timeout_ms`` < 0: no limit; -ETIME when it runs out).
+
+    ``min_wait_usec`` is ``io_uring_getevents_arg.min_wait_usec`` (``IORING_FEAT_MIN_TIMEOUT``):
+    a wait for ``min_complete`` CQEs ends after that long if any CQE is ready.
+    """
     wait = timeout_ms if timeout_ms >= 0 else None
     client_timeout = None
     if flags & abi.IORING_ENTER_GETEVENTS and min_complete:
@@ -355,6 +360,8 @@ def io_uring_enter(ring: Ring, to_submit: int, min_complete: int, flags: int,
                                                                         ring.kernel.timeout_ms)
     body = {"fd": ring.fd, "to_submit": to_submit, "min_complete": min_complete,
             "flags": flags, "timeout_ms": timeout_ms}
+    if min_wait_usec:
+        body["min_wait_usec"] = min_wait_usec
     return int(ring.kernel.syscall("io_uring_enter", body, timeout_ms=client_timeout,
                                    idempotent=to_submit == 0).body["res"])
 
@@ -573,14 +580,33 @@ def io_uring_wait_cqes(ring: Ring, wait_nr: int = 1, timeout_ms: int | None = No
     sleeps in the kernel with ``io_uring_enter(GETEVENTS)``.  Raises ``ControlError(ETIME)``
     when ``timeout_ms`` passes first.
     """
-    deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
+    return io_uring_wait_cqes_min_timeout(ring, wait_nr, timeout_ms, 0)
+
+
+def io_uring_wait_cqes_min_timeout(ring: Ring, wait_nr: int, timeout_ms: int | None,
+                                   min_wait_usec: int) -> np.ndarray:
+    """:func:`io_uring_wait_cqes` as a batch wait (liburing's ``_min_timeout`` variant,
+    ``IORING_FEAT_MIN_TIMEOUT``): wait for ``wait_nr`` CQEs, but once ``min_wait_usec`` has
+    passed since the call, any ready CQE ends the wait.
+
+    A server with many queues and little traffic on each wakes once per batch instead of
+    once per CQE.  The spin before the kernel wait applies the same rule to the CQ tail it
+    watches, so a batch that is ready after ``min_wait_usec`` costs no round trip.
+    """
+    t0 = time.monotonic()
+    deadline = None if timeout_ms is None else t0 + timeout_ms / 1000
+    min_end = t0 + min_wait_usec / 1e6 if min_wait_usec else None
     backoff = Backoff(spin=64, yields=32)
     while True:
-        if ring.cq.ready() >= wait_nr:
+        ready = ring.cq.ready()
+        if ready >= wait_nr:
             return peek_cqes(ring)
         if ring.sq_flags & abi.IORING_SQ_CQ_OVERFLOW:
             io_uring_enter(ring, 0, 0, abi.IORING_ENTER_GETEVENTS)  # flush the overflow
             continue
+        now = time.monotonic() if min_end is not None else 0.0
+        if min_end is not None and ready and now >= min_end:
+            return peek_cqes(ring)
         if not backoff.sleeping:
             backoff.idle()
             continue
@@ -590,11 +616,18 @@ def io_uring_wait_cqes(ring: Ring, wait_nr: int = 1, timeout_ms: int | None = No
             if left <= 0:
                 raise ControlError("io_uring_enter", errno.ETIME, "wait timed out")
             chunk = min(chunk, max(1, int(left * 1000)))
+        nr, usec = wait_nr, 0
+        if min_end is not None:
+            usec = int((min_end - now) * 1e6)
+            if usec <= 0:  # the batch wait is over: any one CQE ends it
+                nr, usec = 1, 0
         try:
-            io_uring_enter(ring, 0, wait_nr, abi.IORING_ENTER_GETEVENTS, chunk)
+            io_uring_enter(ring, 0, nr, abi.IORING_ENTER_GETEVENTS, chunk, usec)
         except ControlError as exc:
             if exc.errno != errno.ETIME:
                 raise
+        if min_end is not None and ring.cq.ready():
+            return peek_cqes(ring)
 
 
 def io_uring_wait_cqe(ring: Ring, timeout_ms: int | None = None) -> np.void:

@@ -175,6 +175,8 @@ class Options(ServerOptions):
     events: bool = False  # -E: zcrx events (ALLOC_FAIL re-armed each time, COPY once)
     grow: int = 0  # --grow MAX: add an area on ALLOC_FAIL until MAX bytes are registered
     napi_busy_poll: int = 0  # --napi-busy-poll US: IORING_REGISTER_NAPI (0: not registered)
+    wait_nr: int = 1         # --wait-nr N: CQEs a wait asks for
+    min_wait: int = 0        # --min-wait US: min_wait_usec of the wait (0: none)
     workers: int = 1  # -w N: worker processes, the queues spread over them
     worker: int | None = None  # in a worker: its index (its listener's place in the group)
     worker_queues: list[list[int]] = field(default_factory=list)  # per worker, from -q
@@ -582,7 +584,7 @@ class ZcrxServer(AcceptingServer):
             if L.io_uring_cq_ready(ring) == 0 and ifq.nodev and L.io_uring_zcrx_rq_queued(ifq):
                 L.io_uring_zcrx_flush_rq(ifq)  # about to wait: let the kernel have them all
             try:
-                L.io_uring_wait_cqes(ring, 1, timeout_ms=200)
+                L.io_uring_wait_cqes_min_timeout(ring, o.wait_nr, 200, o.min_wait)
             except ControlError as exc:
                 if exc.errno == errno.ETIME:
                     continue
@@ -851,6 +853,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
     p.add_argument("--napi-busy-poll", type=int, default=0, metavar="US",
                    help="register io_uring NAPI busy polling: a wait for CQEs polls the RX "
                         "queues for up to US microseconds before sleeping (0: off)")
+    p.add_argument("--wait-nr", type=int, default=1, metavar="N",
+                   help="each wait asks for N CQEs (1); above 1 it needs --min-wait")
+    p.add_argument("--min-wait", type=int, default=0, metavar="US",
+                   help="batch waits (IORING_FEAT_MIN_TIMEOUT, io_uring_getevents_arg's "
+                        "min_wait_usec): a wait for --wait-nr CQEs ends after US "
+                        "microseconds if any CQE is ready, so a server on many quiet queues "
+                        "wakes once per batch, not once per CQE (0: off)")
     p.add_argument("--iperf3", action="store_true",
                    help="be an iperf3 server (TCP only): speak iperf3's control protocol on "
                         "the port (read with RECV, written with SEND), receive each test's "
@@ -881,6 +890,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
         p.error("--grow MAX must be at least -S")
     if not 0 <= a.napi_busy_poll <= 0xFFFFFFFF:
         p.error("--napi-busy-poll must be in [0, 2^32)")
+    if not 0 <= a.min_wait <= 0xFFFFFFFF:
+        p.error("--min-wait must be in [0, 2^32)")
+    if a.wait_nr < 1:
+        p.error("--wait-nr must be at least 1")
+    if a.wait_nr > 1 and not a.min_wait:
+        p.error("--wait-nr above 1 needs --min-wait (or the last CQEs of a stream would wait "
+                "for a batch that never fills)")
     spread = _spread(p, a.workers, rxqs, a.nodev, a.output)
     if not a.cq_entries:  # each worker serves its share of the queues on its own ring
         a.cq_entries = cq_entries_for(-(-max(1, len(rxqs)) // max(1, a.workers)))
@@ -889,7 +905,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
                    rq_kernel=a.rq_mem == 1, area_size=a.area_size, cq_entries=a.cq_entries,
                    rq_entries=a.rq_entries, sq_entries=a.sq_entries, rx_buf_len=a.rx_buf_len,
                    events=a.events or bool(a.grow), grow=a.grow,
-                   napi_busy_poll=a.napi_busy_poll, backlog=a.backlog, workers=a.workers,
+                   napi_busy_poll=a.napi_busy_poll, wait_nr=a.wait_nr, min_wait=a.min_wait,
+                   backlog=a.backlog, workers=a.workers,
                    worker_queues=spread, iperf3=a.iperf3, iperf3_tests=tests)
     return opts, a
 

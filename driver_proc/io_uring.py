@@ -170,6 +170,11 @@ class Wait:
 
     ``token`` is whatever the syscall layer needs to answer later (peer and request).
     ``result`` is set when done: the value the syscall returns (>= 0, or -errno).
+
+    ``min_deadline`` is the end of the batch wait (``io_uring_getevents_arg.min_wait_usec``,
+    ``IORING_FEAT_MIN_TIMEOUT``): then the wait ends if any CQE is ready, or if there is no
+    later general deadline (``-ETIME`` with none ready); otherwise any one CQE ends it from
+    then on (Linux ``io_cqring_min_timer_wakeup``).
     """
 
     ring: Ring
@@ -178,6 +183,7 @@ class Wait:
     deadline: float | None
     token: Any = None
     result: int | None = None
+    min_deadline: float | None = None
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,9 +26,11 @@ Semantics and departures
   reports :data:`FEATURES`.
 * **Waiting.**  ``io_uring_enter`` with ``IORING_ENTER_GETEVENTS`` and fewer than
   ``min_complete`` CQEs ready becomes a :class:`driver_proc.io_uring.Wait`, answered later
-  (see :mod:`driver_proc.io_uring`).  The timeout is a plain ``timeout_ms`` field instead of
-  ``IORING_ENTER_EXT_ARG``; ``EXT_ARG``, ``EXT_ARG_REG``, ``ABS_TIMER`` and registered ring
-  fds (``IORING_ENTER_REGISTERED_RING``) are refused with -EINVAL.
+  (see :mod:`driver_proc.io_uring`).  The timeout is a plain ``timeout_ms`` field and the
+  batch wait a ``min_wait_usec`` field (``io_uring_getevents_arg``'s, 6.12's
+  ``IORING_FEAT_MIN_TIMEOUT``) instead of ``IORING_ENTER_EXT_ARG``; ``EXT_ARG``,
+  ``EXT_ARG_REG``, ``ABS_TIMER`` and registered ring fds (``IORING_ENTER_REGISTERED_RING``)
+  are refused with -EINVAL.
 """
 
 from __future__ import annotations
@@ -79,7 +81,8 @@ _SETUP_KNOWN = (SETUP_FLAGS | abi.IORING_SETUP_ATTACH_WQ | abi.IORING_SETUP_NO_M
 #: params.features we honour.
 FEATURES = (abi.IORING_FEAT_SINGLE_MMAP | abi.IORING_FEAT_NODROP
             | abi.IORING_FEAT_SUBMIT_STABLE | abi.IORING_FEAT_FAST_POLL
-            | abi.IORING_FEAT_SQPOLL_NONFIXED | abi.IORING_FEAT_CQE_SKIP)
+            | abi.IORING_FEAT_SQPOLL_NONFIXED | abi.IORING_FEAT_CQE_SKIP
+            | abi.IORING_FEAT_MIN_TIMEOUT)
 ENTER_FLAGS = (abi.IORING_ENTER_GETEVENTS | abi.IORING_ENTER_SQ_WAKEUP
                | abi.IORING_ENTER_SQ_WAIT | abi.IORING_ENTER_NO_IOWAIT)
 _ENTER_KNOWN = (ENTER_FLAGS | abi.IORING_ENTER_EXT_ARG | abi.IORING_ENTER_REGISTERED_RING
@@ -215,8 +218,11 @@ class IoUring:
     # -- io_uring_enter -----------------------------------------------------------------------
 
     def enter(self, task: Task, fd: int, to_submit: int, min_complete: int, flags: int,
-              timeout_ms: int = -1, token: Any = None) -> int | Wait:
+              timeout_ms: int = -1, token: Any = None, min_wait_usec: int = 0) -> int | Wait:
         """``io_uring_enter``: submit, then maybe wait.
+
+        ``min_wait_usec`` > 0 makes the wait a batch wait (:class:`Wait`'s ``min_deadline``):
+        after that long, any ready CQE ends it even when fewer than ``min_complete``.
 
         Returns the syscall's result (SQEs submitted, or 0), or a :class:`Wait` when the
         caller must answer later (then :meth:`take_completed_waits` returns it with
@@ -228,6 +234,8 @@ class IoUring:
             raise Misuse("EXT_ARG / registered rings are not emulated", errno.EINVAL)
         if to_submit < 0 or min_complete < 0:
             raise Misuse("negative count", errno.EINVAL)
+        if not 0 <= min_wait_usec <= 0xFFFFFFFF:
+            raise Misuse("min_wait_usec is a u32", errno.EINVAL)
         ring = self.get_ring(task, fd)
         if ring.disabled:
             raise Misuse("ring is disabled (IORING_SETUP_R_DISABLED)", errno.EBADFD)
@@ -259,6 +267,8 @@ class IoUring:
         ring.stats.waits += 1
         deadline = None if timeout_ms < 0 else now + timeout_ms / 1000
         w = Wait(ring, min_complete, submitted, deadline, token)
+        if min_wait_usec:
+            w.min_deadline = now + min_wait_usec / 1e6
         ring.waits.append(w)
         return w
 
@@ -304,6 +314,10 @@ class IoUring:
                 ring.check_waits()
                 keep = []
                 for w in ring.waits:
+                    if (w.min_deadline is not None and now >= w.min_deadline
+                            and self._min_wait_over(w, now)):
+                        self.completed_waits.append(w)
+                        continue
                     if w.deadline is not None and now >= w.deadline:
                         w.result = w.submitted if w.submitted else -errno.ETIME
                         ring.stats.wait_timeouts += 1
@@ -315,6 +329,23 @@ class IoUring:
             work += hook(now)
         return work
 
+    @staticmethod
+    def _min_wait_over(w: Wait, now: float) -> bool:
+        """``w``'s batch wait ran out: True when it ends now (its ``result`` set), else it has
+        become a wait for any one CQE until its general deadline (Linux
+        ``io_cqring_min_timer_wakeup``: no later deadline, or a CQE ready, ends it)."""
+        ring = w.ring
+        w.min_deadline = None
+        if ring.cq_ready():
+            w.result = w.submitted
+            return True
+        if w.deadline is None or w.deadline <= now:
+            w.result = w.submitted if w.submitted else -errno.ETIME
+            ring.stats.wait_timeouts += 1
+            return True
+        w.min_complete = 1
+        return False
+
     def next_deadline(self) -> float | None:
         """The earliest wait deadline or SQPOLL idle point (for the loop's sleep)."""
         best: float | None = None
@@ -322,6 +353,8 @@ class IoUring:
             for w in ring.waits:
                 if w.deadline is not None and (best is None or w.deadline < best):
                     best = w.deadline
+                if w.min_deadline is not None and (best is None or w.min_deadline < best):
+                    best = w.min_deadline
             if ring.sqpoll and not ring.sq_sleeping:
                 t = ring.sq_last_active + ring.sq_idle
                 if best is None or t < best:

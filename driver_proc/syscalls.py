@@ -266,7 +266,8 @@ def sys_io_uring_setup(ctx: KernelContext, msg: Message, peer: Any) -> HandlerRe
 def sys_io_uring_enter(ctx: KernelContext, msg: Message, peer: Any) -> HandlerResult:
     b = msg.body
     r = ctx.rings.enter(_task(ctx, peer), b["fd"], b["to_submit"], b["min_complete"],
-                        b["flags"], b["timeout_ms"], token=(peer, msg))
+                        b["flags"], b["timeout_ms"], token=(peer, msg),
+                        min_wait_usec=b["min_wait_usec"])
     if isinstance(r, Wait):
         return DEFER
     return {"res": r}

@@ -91,8 +91,10 @@ register_type("io_uring_setup", {"entries": int}, blobs=1, blob_sizes=(PARAMS_SI
               doc="Create a ring; blob = io_uring_params in and out; res = ring fd.")
 register_type("io_uring_enter", {"fd": int, "to_submit": int, "min_complete": int,
                                  "flags": int},
-              optional={"timeout_ms": (int, -1)}, reply=_RES,
-              doc="Submit SQEs and/or wait for CQEs (the reply is deferred while waiting).")
+              optional={"timeout_ms": (int, -1), "min_wait_usec": (int, 0)}, reply=_RES,
+              doc="Submit SQEs and/or wait for CQEs (the reply is deferred while waiting); "
+                  "timeout_ms and min_wait_usec stand for io_uring_getevents_arg's ts and "
+                  "min_wait_usec.")
 register_type("io_uring_register", {"fd": int, "opcode": int, "nr_args": int},
               blobs=(0, 4), max_blob_size=1 << 16,
               reply=Schema.make({"res": int}, blobs=(0, 4), max_blob_size=1 << 16),

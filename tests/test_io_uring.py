@@ -933,6 +933,74 @@ def test_enter_getevents_defers_until_enough_cqes_or_timeout(ctx, app):
     assert ei.value.errno == errno.EINVAL
 
 
+def test_min_wait_ends_a_batch_wait_with_what_is_ready(ctx, app):
+    """IORING_FEAT_MIN_TIMEOUT (io_cqring_min_timer_wakeup): a wait for 8 CQEs with a batch
+    wait ends at min_wait with the CQEs that are ready; with none ready it becomes a wait for
+    any one CQE until the general timeout; with no general timeout it ends with -ETIME."""
+    ring = L.io_uring_queue_init(16, kernel=app)
+    task = task_of(ctx, app)
+    assert int(ring.params["features"][0]) & abi.IORING_FEAT_MIN_TIMEOUT
+    gev = abi.IORING_ENTER_GETEVENTS
+    t0 = time.monotonic()
+    w = ctx.rings.enter(task, ring.fd, 0, 8, gev, 10_000, token="a", min_wait_usec=2000)
+    assert not isinstance(w, int)
+    submit_nops(ring, [1, 2])
+    assert ctx.rings.take_completed_waits() == []  # 2 of 8, the batch wait still runs
+    ctx.rings.poll(t0 + 0.001)
+    assert ctx.rings.take_completed_waits() == []
+    ctx.rings.poll(t0 + 0.003)
+    [done] = ctx.rings.take_completed_waits()
+    assert done is w and w.result == 0 and ring.cq.ready() == 2
+    reap(ring)
+    # nothing ready at min_wait: from then on one CQE ends it, before the general timeout
+    t0 = time.monotonic()
+    w = ctx.rings.enter(task, ring.fd, 0, 8, gev, 10_000, token="b", min_wait_usec=1000)
+    assert not isinstance(w, int)
+    ctx.rings.poll(t0 + 0.002)
+    assert ctx.rings.take_completed_waits() == [] and w.min_complete == 1
+    submit_nops(ring, [3])
+    [done] = ctx.rings.take_completed_waits()
+    assert done is w and w.result == 0
+    reap(ring)
+    # no general timeout (or one not later than min_wait): -ETIME at min_wait, counted
+    before = ctx.rings.rings[0].stats.wait_timeouts
+    for timeout_ms in (-1, 1):
+        t0 = time.monotonic()
+        w = ctx.rings.enter(task, ring.fd, 0, 8, gev, timeout_ms, token="c",
+                            min_wait_usec=1000)
+        assert not isinstance(w, int)
+        assert ctx.rings.next_deadline() is not None
+        ctx.rings.poll(t0 + 0.0015)
+        [done] = ctx.rings.take_completed_waits()
+        assert done is w and w.result == -errno.ETIME
+    assert ctx.rings.rings[0].stats.wait_timeouts == before + 2
+    # enough CQEs before min_wait: the wait ends as any wait does
+    w = ctx.rings.enter(task, ring.fd, 0, 2, gev, 10_000, token="d", min_wait_usec=10**6)
+    submit_nops(ring, [4, 5])
+    [done] = ctx.rings.take_completed_waits()
+    assert done is w and w.result == 0
+    reap(ring)
+    with pytest.raises(Misuse) as ei:
+        ctx.rings.enter(task, ring.fd, 0, 1, gev, 10, min_wait_usec=1 << 32)
+    assert ei.value.errno == errno.EINVAL
+    L.io_uring_queue_exit(ring)
+
+
+def test_wait_cqes_min_timeout_returns_a_partial_batch(ctx, app):
+    """liburing's io_uring_wait_cqes_min_timeout through the syscall layer: 3 CQEs of a
+    wanted 64 come back after min_wait, not after the 10 s timeout; with none, -ETIME."""
+    ring = L.io_uring_queue_init(16, kernel=app)
+    submit_nops(ring, [7, 8, 9])
+    t0 = time.monotonic()
+    cqes = L.io_uring_wait_cqes_min_timeout(ring, 64, 10_000, 20_000)
+    assert len(cqes) == 3 and time.monotonic() - t0 < 5
+    reap(ring)
+    with pytest.raises(ControlError) as ei:
+        L.io_uring_wait_cqes_min_timeout(ring, 64, 50, 20_000)
+    assert ei.value.errno == errno.ETIME
+    L.io_uring_queue_exit(ring)
+
+
 def test_sqpoll_consumes_without_syscalls_and_sleeps_with_need_wakeup(ctx, app):
     p = np.zeros(1, dtype=abi.io_uring_params)
     p["sq_thread_idle"] = 10

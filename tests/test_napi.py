@@ -161,7 +161,8 @@ def test_zcrx_server_with_napi_busy_poll_verifies_every_byte(tmp_path) -> None:
              "action", "1")
         zcrx("app", "run", "--name", "napi", "--detach", "--cap-net-admin", "zcrx-server", "--",
              "-p", "8000", "-i", "eth0", "-q", "1", "-v", "-n", "1", "-s", str(size),
-             "--json", str(out), "--napi-busy-poll", "200")
+             "--json", str(out), "--napi-busy-poll", "200", "--wait-nr", "64",
+             "--min-wait", "300")
         zcrx("traffic", "--name", "napi", "--port", "8000", "--bytes", str(size))
         wait_app("napi", "app:0", 90)
     rep = json.loads(out.read_text())

@@ -583,8 +583,13 @@ def test_server_options_follow_the_liburing_example():
                                    "--stream-id", "7", "-R", "4096", "-n", "2"])
     assert o.nodev and o.rq_kernel and o.area_size == 16 << 20 and o.size == 1 << 30
     assert (o.stream_id, o.rq_entries, o.connections) == (7, 4096, 2)
+    assert (o.wait_nr, o.min_wait) == (1, 0)
+    o, _ = zcrx_server.parse_args(["-q", "1", "--wait-nr", "64", "--min-wait", "500"])
+    assert (o.wait_nr, o.min_wait) == (64, 500)
     for bad in (["-i", "eth0"], ["--nodev", "-q", "2"], ["-q", "0", "-R", "1000"],
-                ["-q", "0", "-r", "2"], ["-q", "0", "--stream-id", "x"]):
+                ["-q", "0", "-r", "2"], ["-q", "0", "--stream-id", "x"],
+                ["-q", "1", "--wait-nr", "8"], ["-q", "1", "--wait-nr", "0"],
+                ["-q", "1", "--min-wait", "-1"]):
         with pytest.raises(SystemExit):
             zcrx_server.parse_args(bad)
 
