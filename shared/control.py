@@ -58,6 +58,7 @@ from shared.errors import Misuse, Timeout, ZcrxError
 from shared.msg import (
     MAX_ERRNO,
     MAX_MESSAGE_BYTES,
+    MAX_REPLY_HEADER_BYTES,
     PROTOCOL_VERSION,
     REGISTRY,
     U64_MAX,
@@ -375,7 +376,8 @@ class ControlServer:
             except SchemaError as exc:
                 raise TypeError(f"handler for {request.type!r} returned a reply that does "
                                 f"not match its schema: {exc.text}") from None
-        return encode("ok", request.id, body, blobs, self.registry)
+        return encode("ok", request.id, body, blobs, self.registry,
+                      max_header=MAX_REPLY_HEADER_BYTES)
 
     def _bug(self, msg: Message, exc: BaseException
              ) -> tuple[list[bytes], BaseException]:
@@ -588,7 +590,7 @@ class ControlClient:
                 raise Timeout(f"{type}: no reply from {self.endpoint} within {wait_ms} ms")
             parts = sock.recv_multipart()
             try:
-                msg = decode(parts, self.registry)
+                msg = decode(parts, self.registry, max_header=MAX_REPLY_HEADER_BYTES)
             except BadMessage as exc:
                 if exc.msg_id is not None and exc.msg_id not in index:
                     self.stale_replies += 1

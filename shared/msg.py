@@ -66,6 +66,7 @@ __all__ = [
     "MAX_FRAMES",
     "MAX_HEADER_BYTES",
     "MAX_MESSAGE_BYTES",
+    "MAX_REPLY_HEADER_BYTES",
     "PROTOCOL_VERSION",
     "REGISTRY",
     "U64_MAX",
@@ -92,7 +93,11 @@ MAGIC_VERSION: Final = MAGIC + bytes([PROTOCOL_VERSION])
 MAX_MESSAGE_BYTES: Final = 1 << 20
 """Largest message (sum of all frames) accepted or sent."""
 MAX_HEADER_BYTES: Final = 64 << 10
-"""Largest JSON header frame; keeps parsing cheap."""
+"""Largest JSON header frame of a request or event: what a server parses from a peer it does
+not trust stays cheap."""
+MAX_REPLY_HEADER_BYTES: Final = MAX_MESSAGE_BYTES
+"""Largest JSON header frame of a reply, which only a client parses, from the server it asked
+(the kernel's ``stats`` and ``status`` of a 64-queue host are about 100 KB)."""
 MAX_BLOBS: Final = 16
 MAX_FRAMES: Final = MAX_BLOBS + 2
 MAX_DEPTH: Final = 16
@@ -471,8 +476,12 @@ def peek_id(frames: Sequence[bytes]) -> int | None:
     return None
 
 
-def decode(frames: Sequence[bytes], registry: Registry | None = None) -> Message:
+def decode(frames: Sequence[bytes], registry: Registry | None = None, *,
+           max_header: int = MAX_HEADER_BYTES) -> Message:
     """Parse and validate one message (the frames after any routing identity).
+
+    ``max_header`` bounds the JSON header frame (:data:`MAX_REPLY_HEADER_BYTES` for a client
+    reading its replies).
 
     Returns a :class:`Message`; raises :class:`BadMessage` with the errno of the module table.
     Never raises anything else for any input of byte strings.
@@ -496,9 +505,9 @@ def decode(frames: Sequence[bytes], registry: Registry | None = None) -> Message
                          msg_id=peek_id(frames))
     if n < 2:
         raise BadMessage(E.EBADMSG, "truncated: no header frame")
-    if len(frames[1]) > MAX_HEADER_BYTES:
+    if len(frames[1]) > max_header:
         raise BadMessage(E.EMSGSIZE, f"header of {len(frames[1])} bytes, at most "
-                                     f"{MAX_HEADER_BYTES} allowed")
+                                     f"{max_header} allowed")
     try:
         header = _parse_json(frames[1])
     except ValueError as exc:
@@ -529,8 +538,9 @@ def decode(frames: Sequence[bytes], registry: Registry | None = None) -> Message
 
 def encode(type: str, msg_id: int, body: Mapping[str, Any] | None = None,
            blobs: Iterable[bytes | bytearray | memoryview] = (),
-           registry: Registry | None = None) -> list[bytes]:
-    """Validate and serialize one message into frames.
+           registry: Registry | None = None, *,
+           max_header: int = MAX_HEADER_BYTES) -> list[bytes]:
+    """Validate and serialize one message into frames (``max_header``: as :func:`decode`).
 
     Raises :class:`Misuse` with the errno :func:`decode` would give the peer (ENOSYS, EINVAL,
     EMSGSIZE), so a bad message never leaves this process.
@@ -550,8 +560,8 @@ def encode(type: str, msg_id: int, body: Mapping[str, Any] | None = None,
         raise Misuse(f"{type}: {exc.text}", exc.errno) from None
     header = json.dumps({"t": type, "id": msg_id, "b": checked}, separators=(",", ":"),
                         allow_nan=False).encode("ascii")
-    if len(header) > MAX_HEADER_BYTES:
-        raise Misuse(f"{type}: header of {len(header)} bytes, at most {MAX_HEADER_BYTES}",
+    if len(header) > max_header:
+        raise Misuse(f"{type}: header of {len(header)} bytes, at most {max_header}",
                      E.EMSGSIZE)
     frames = [MAGIC_VERSION, header, *blob_list]
     total = sum(len(f) for f in frames)

@@ -60,6 +60,7 @@ register_type("test.badreply")
 register_type("test.surrogate")
 register_type("test.defer", {"x": int})
 register_type("test.nohandler")
+register_type("test.big", {"n": int}, reply=Schema.make(open=True))
 register_type("test.event", {"seq": int})
 
 STRUCT_BLOB = bytes(range(96))
@@ -453,6 +454,24 @@ def test_handler_error_becomes_error_reply(served: ServerThread, client: Control
     client.ping()
     assert served.server.stats.errors == 1
     assert not served.errors
+
+
+def test_large_reply_reaches_the_client(
+        start_server: Callable[..., ServerThread], endpoint: str,
+        client: ControlClient) -> None:
+    """A 64-queue host's `stats` is ~100 KB of JSON: a reply's header may be as large as a
+    message (a request's stays bounded: "oversize-header" above)."""
+    def big(msg: Message, peer: bytes) -> dict[str, Any]:
+        return {"rows": ["q" * 100] * msg.body["n"]}
+
+    st_ = start_server(endpoint, {"test.big": big})
+    n = 3 * MAX_HEADER_BYTES // 100
+    assert len(client.call("test.big", {"n": n})["rows"]) == n
+    with pytest.raises(ControlError) as info:  # too big even for a reply: an error, no hang
+        client.call("test.big", {"n": MAX_MESSAGE_BYTES // 100})
+    assert info.value.errno == E.EIO
+    client.ping()
+    assert st_.server.stats.handler_bugs == 1
 
 
 def test_handler_without_errno_is_eio_and_reraised(served: ServerThread,

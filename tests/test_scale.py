@@ -211,3 +211,19 @@ def test_bench_scale_one_app_for_all_queues() -> None:
     assert [(p["queues"], p["apps"]) for p in pts] == [(1, 1), (4, 1)]
     assert all(p["bytes"] == p["queues"] * (2 << 20) for p in pts)
     assert pts[0]["ratio"] == 1.0 and pts[1]["ratio"] > 0.0
+
+
+@pytest.mark.timeout(120)
+def test_stats_and_status_of_a_64_queue_host() -> None:
+    """`zcrx stats` and `zcrx status` on 64 queues, each bound by one server's ifq: their
+    answers (about 100 KB of JSON) come back whole; they used to fail with EIO."""
+    with topology("sc64", "--netdev", "eth0:queues=64,mtu=4136"):
+        zcrx("app", "run", "--name", "sc64", "--detach", "--cap-net-admin", "zcrx-server",
+             "--", "-p", str(PORT), "-i", "eth0", "-q", "0-63", "-S", str(2 << 20),
+             "-R", "256", "-n", "1", "--seconds", "60")
+        _wait(lambda: len(stats("sc64")["zcrx"]["ifqs"]) == 64, 60, "64 ifqs")
+        st = stats("sc64")
+        assert len(json.dumps(st)) > 64 << 10  # past the bound a request's header keeps
+        assert sorted(i["queue"] for i in st["zcrx"]["ifqs"]) == list(range(64))
+        assert len(_queues("sc64")) == 64
+        assert "ifq" in zcrx("stats", "--name", "sc64", "--ledger").output
