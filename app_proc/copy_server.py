@@ -35,6 +35,7 @@ import hashlib
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -125,7 +126,8 @@ class CopyServer(AcceptingServer):
 
     # -- completions --------------------------------------------------------------------------
 
-    def open_conn(self, fd: int, peer: tuple[str, int], stream: int) -> None:
+    def open_conn(self, fd: int, peer: tuple[str, int], stream: int,
+                  info: Sequence[dict[str, Any]] = ()) -> None:
         conn = Conn(fd, self.accepted, peer, stream)
         if not self.opts.hash:
             conn.sha = None

@@ -44,7 +44,7 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -212,9 +212,13 @@ class Iperf3Server(ZcrxServer):
     def accepted_total(self) -> int:
         return 0  # -n counts tests here; the listener closes when they are done
 
+    def on_accepts(self, cqes: Sequence[tuple[int, int]]) -> None:
+        for res, flags in cqes:  # each reads its cookie first: no batch to make
+            self.on_accept(res, flags)
+
     def on_accept(self, res: int, flags: int) -> None:
         if res < 0:
-            super().on_accept(res, flags)
+            super().on_accepts([(res, flags)])
             return
         self.accepted += 1
         self.pending[res] = self.k.getpeername(res)

@@ -103,6 +103,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -305,15 +306,25 @@ class ZcrxServer(AcceptingServer):
 
     # -- completions --------------------------------------------------------------------------
 
-    def open_conn(self, fd: int, peer: tuple[str, int], stream: int) -> None:
+    def _which_queue(self) -> bool:
+        return len(self.ifqs) > 1 or (self.coord is not None and not self.opts.nodev)
+
+    def accept_calls(self, fd: int) -> list[tuple[str, dict[str, Any]]]:
+        if not self._which_queue():
+            return []
+        # which queue is the flow steered to? (SO_INCOMING_NAPI_ID)
+        return [("getsockopt", {"fd": fd, "level": S.SOL_SOCKET,
+                                "optname": S.SO_INCOMING_NAPI_ID})]
+
+    def open_conn(self, fd: int, peer: tuple[str, int], stream: int,
+                  info: Sequence[dict[str, Any]] = ()) -> None:
         conn = Conn(fd, self.accepted, peer, stream)
         if not self.opts.hash:
             conn.sha = None
         conn.out = open_output(self.opts.output, conn.index, self.opts.connections)
         i = 0
-        if len(self.ifqs) > 1 or (self.coord is not None and not self.opts.nodev):
-            # which queue is the flow steered to? (SO_INCOMING_NAPI_ID)
-            conn.napi_id = self.k.incoming_napi_id(fd)
+        if self._which_queue():
+            conn.napi_id = int(info[0]["value"]) if info else self.k.incoming_napi_id(fd)
             i = self.by_napi.get(conn.napi_id, 0)
         conn.ifq = self.ifqs[i]
         conn.queue = None if conn.ifq.nodev else conn.ifq.if_rxq
@@ -617,13 +628,14 @@ class ZcrxServer(AcceptingServer):
         rest = np.flatnonzero(~plain)
         if not len(rest):
             return
+        accepts = []
         for u, r, f in zip(ud[rest].tolist(), res[rest].tolist(), flags[rest].tolist(),
                            strict=True):
             kd, fd = u & 0xFF, u >> 8
             if kd == KIND_ZC:
                 self.on_zc_end(fd, r, f)
             elif kd == KIND_ACCEPT:
-                self.on_accept(r, f)
+                accepts.append((r, f))  # together below: one round trip for all of them
             elif kd == KIND_EVENT:
                 self.on_event(r, fd)
             elif kd == KIND_CLOSE:
@@ -631,6 +643,8 @@ class ZcrxServer(AcceptingServer):
                     self.errors.append(f"close({fd}): {errno.errorcode.get(-r, r)}")
             else:
                 self.on_other(kd, fd, r, f)
+        if accepts:
+            self.on_accepts(accepts)
 
     def on_other(self, kind: int, fd: int, res: int, flags: int) -> None:
         """A CQE of a request kind this class does not make (subclasses: --iperf3)."""

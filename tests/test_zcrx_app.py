@@ -33,7 +33,7 @@ from app_proc import syscall as S
 from app_proc import verify as V
 from shared import abi, pattern
 from shared.errors import Misuse, PeerMisbehaved, RingFull
-from shared.msg import ControlError
+from shared.msg import ControlError, Message
 from shared.ring import RingConsumer, RingLayout
 from shared.shm import PAGE_SIZE, Region, list_run_segments, region_name
 
@@ -805,3 +805,70 @@ def test_nodev_server_prints_zcrx_events_with_e(kt, app, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("zcrx event COPY") == 1 and "copy stats:" in out
     assert kt.call(lambda ctx: ctx.zcrx.retired["events"]) == 1
+
+
+class _AcceptKernel:
+    """Syscalls of an accepting server, answered in memory and counted."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[str, dict]]] = []
+        self.closed: list[int] = []
+
+    def syscall_many(self, calls):
+        self.batches.append(list(calls))
+        out = []
+        for type_, body in calls:
+            if type_ == "getpeername":
+                out.append(Message("ok", 1, {"addr": "10.0.0.2", "port": 40000 + body["fd"]}))
+            else:
+                out.append(Message("ok", 1, {"res": 0, "value": 8200 + body["fd"]}))
+        return out
+
+    def close_fd(self, fd: int) -> None:
+        self.closed.append(fd)
+
+
+class _Acceptor(server.AcceptingServer):
+    def __init__(self, k, connections: int, extra: bool) -> None:
+        opts = SimpleNamespace(connections=connections, stream_id=None, quiet=True)
+        super().__init__(k, opts)
+        self.lfd = 3
+        self.extra = extra
+        self.opened: list[tuple[int, tuple[str, int], int, list]] = []
+        self.arms = 0
+
+    def accept_calls(self, fd):
+        return [("getsockopt", {"fd": fd})] if self.extra else []
+
+    def open_conn(self, fd, peer, stream, info=()):
+        self.opened.append((fd, peer, stream, list(info)))
+
+    def arm_accept(self) -> None:
+        self.arms += 1
+
+
+@pytest.mark.parametrize("extra", [False, True])
+def test_a_batch_of_accepts_costs_one_round_trip(extra: bool) -> None:
+    """Accept CQEs of one batch: every new connection's getpeername (and the server's own
+    calls, e.g. SO_INCOMING_NAPI_ID) in one pipelined round trip, connections opened in CQ
+    order, a failed accept reported, the multishot accept re-armed once it ends."""
+    k = _AcceptKernel()
+    srv = _Acceptor(k, 0, extra)
+    more = abi.IORING_CQE_F_MORE
+    srv.on_accepts([(7, more), (-errno.EMFILE, more), (8, more), (9, 0)])
+    assert len(k.batches) == 1
+    assert [t for t, _ in k.batches[0]] == (["getpeername", "getsockopt"] * 3 if extra
+                                            else ["getpeername"] * 3)
+    assert [(fd, peer, stream) for fd, peer, stream, _ in srv.opened] == [
+        (7, ("10.0.0.2", 40007), 40007), (8, ("10.0.0.2", 40008), 40008),
+        (9, ("10.0.0.2", 40009), 40009)]
+    assert [info for *_, info in srv.opened] == ([[{"res": 0, "value": 8207}],
+                                                  [{"res": 0, "value": 8208}],
+                                                  [{"res": 0, "value": 8209}]]
+                                                 if extra else [[], [], []])
+    assert srv.errors == ["accept: EMFILE"] and srv.accepted == 3 and srv.arms == 1
+    # -n 4: the fourth connection closes the listener, nothing is re-armed
+    srv.opts.connections = 4
+    srv.on_accepts([(10, 0), (-errno.ECANCELED, 0)])
+    assert k.closed == [3] and srv.lfd == -1 and srv.arms == 1 and srv.accepted == 4
+    assert srv.errors == ["accept: EMFILE"]
