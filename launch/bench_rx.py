@@ -258,6 +258,23 @@ class BenchRun:
         with ControlClient(self.run.endpoint(endpoint), timeout_ms=timeout_ms) as c:
             return c.call(type_, body or {})
 
+    def call_many(self, endpoint: str, requests: Sequence[tuple[str, dict[str, Any]]],
+                  timeout_ms: int = 20_000) -> list[dict[str, Any]]:
+        """Several requests to one role in one pipelined round trip (``call_many``): the role
+        answers them back to back, so e.g. every flow of a point starts at once.  The first
+        refusal is raised (after every answer is in)."""
+        from shared.control import ControlClient
+        from shared.msg import ControlError
+
+        with ControlClient(self.run.endpoint(endpoint), timeout_ms=timeout_ms) as c:
+            replies = c.call_many(requests)
+        out = []
+        for r in replies:
+            if isinstance(r, ControlError):
+                raise r
+            out.append(r)
+        return out
+
     def ethtool(self, *argv: str) -> dict[str, Any]:
         from launch import ethtool as et
 
