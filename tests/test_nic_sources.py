@@ -149,6 +149,9 @@ def test_default_batch_grows_with_hw_gro_and_the_stream_stays_exact() -> None:
     assert len(data) == total and pattern.verify(sp, 0, data) == -1
     fixed = Generator(2, info, {"dport": 9000, "flows": 1, "bytes": total, "batch": 100})
     fixed.gro_room = 65536
+    syn = fixed.poll()  # the SYN goes out alone (data after the handshake's round trip)
+    assert syn is not None and len(syn) == 1 and syn.pay_len.tolist() == [0]
+    fixed.commit(syn, np.ones(1, bool))
     fr = fixed.poll()
     assert fr is not None and len(fr) == 100  # the spec's batch is kept
 
