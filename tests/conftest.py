@@ -11,8 +11,10 @@ not cascade into the next test.  Time bounds come from pytest-timeout (see
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import os
 import secrets
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -50,6 +52,20 @@ def _children() -> list[psutil.Process]:
             continue
         live.append(k)
     return live
+
+
+@pytest.fixture(autouse=True)
+def _stack_dump_near_own_timeout(request: pytest.FixtureRequest) -> None:
+    """A test with its own, longer ``timeout`` mark gets its stack dump (ini
+    ``faulthandler_timeout``) shortly before that timeout, not at the default point while it
+    still runs: dumping every thread of a busy run (the 2-minute soak) at 100 s crashed the
+    whole session once (faulthandler reads other threads' frames while they change)."""
+    mark = request.node.get_closest_marker("timeout")
+    dump_at = float(request.config.getini("faulthandler_timeout") or 0)
+    if mark is None or not mark.args or not dump_at or float(mark.args[0]) <= dump_at:
+        return
+    # re-arming replaces pytest's timer; pytest cancels it after the test as usual
+    faulthandler.dump_traceback_later(float(mark.args[0]) - 20, file=sys.__stderr__)
 
 
 @pytest.fixture(autouse=True)
