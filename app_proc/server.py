@@ -283,12 +283,13 @@ class AcceptingServer:
         fds = [r for r, _ in cqes if r >= 0]
         per = [[("getpeername", {"fd": fd}), *self.accept_calls(fd)] for fd in fds]
         flat = [c for calls in per for c in calls]
-        replies = self.k.syscall_many(flat) if flat else []
-        for r in replies:
+        bodies = []
+        for r in self.k.syscall_many(flat) if flat else []:
             if isinstance(r, ControlError):
                 raise r
-        bodies = iter([r.body for r in replies if not isinstance(r, ControlError)])
-        infos = iter([[next(bodies) for _ in calls] for calls in per])
+            bodies.append(r.body)
+        it = iter(bodies)
+        infos = iter([[next(it) for _ in calls] for calls in per])
         rearm = False
         for res, flags in cqes:
             if not flags & abi.IORING_CQE_F_MORE:

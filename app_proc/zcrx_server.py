@@ -306,11 +306,12 @@ class ZcrxServer(AcceptingServer):
 
     # -- completions --------------------------------------------------------------------------
 
-    def _which_queue(self) -> bool:
+    def _needs_napi_id(self) -> bool:
+        """Several ifqs (or a worker's share of them): a connection's queue must be learned."""
         return len(self.ifqs) > 1 or (self.coord is not None and not self.opts.nodev)
 
     def accept_calls(self, fd: int) -> list[tuple[str, dict[str, Any]]]:
-        if not self._which_queue():
+        if not self._needs_napi_id():
             return []
         # which queue is the flow steered to? (SO_INCOMING_NAPI_ID)
         return [("getsockopt", {"fd": fd, "level": S.SOL_SOCKET,
@@ -323,7 +324,7 @@ class ZcrxServer(AcceptingServer):
             conn.sha = None
         conn.out = open_output(self.opts.output, conn.index, self.opts.connections)
         i = 0
-        if self._which_queue():
+        if self._needs_napi_id():
             conn.napi_id = int(info[0]["value"]) if info else self.k.incoming_napi_id(fd)
             i = self.by_napi.get(conn.napi_id, 0)
         conn.ifq = self.ifqs[i]
