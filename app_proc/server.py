@@ -29,7 +29,7 @@ from app_proc import liburing as L
 from app_proc import syscall as S
 from shared import abi, heap
 from shared.errors import PeerGone, ZcrxError
-from shared.msg import ControlError
+from shared.msg import all_ok
 
 EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
@@ -283,12 +283,7 @@ class AcceptingServer:
         fds = [r for r, _ in cqes if r >= 0]
         per = [[("getpeername", {"fd": fd}), *self.accept_calls(fd)] for fd in fds]
         flat = [c for calls in per for c in calls]
-        bodies = []
-        for r in self.k.syscall_many(flat) if flat else []:
-            if isinstance(r, ControlError):
-                raise r
-            bodies.append(r.body)
-        it = iter(bodies)
+        it = iter([m.body for m in all_ok(self.k.syscall_many(flat))])
         infos = iter([[next(it) for _ in calls] for calls in per])
         rearm = False
         for res, flags in cqes:

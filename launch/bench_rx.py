@@ -264,16 +264,10 @@ class BenchRun:
         answers them back to back, so e.g. every flow of a point starts at once.  The first
         refusal is raised (after every answer is in)."""
         from shared.control import ControlClient
-        from shared.msg import ControlError
+        from shared.msg import all_ok
 
         with ControlClient(self.run.endpoint(endpoint), timeout_ms=timeout_ms) as c:
-            replies = c.call_many(requests)
-        out = []
-        for r in replies:
-            if isinstance(r, ControlError):
-                raise r
-            out.append(r)
-        return out
+            return all_ok(c.call_many(requests))
 
     def ethtool(self, *argv: str) -> dict[str, Any]:
         from launch import ethtool as et

@@ -53,7 +53,7 @@ import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from shared.errors import Misuse, PeerMisbehaved, ZcrxError
 
@@ -77,6 +77,7 @@ __all__ = [
     "Registry",
     "Schema",
     "SchemaError",
+    "all_ok",
     "decode",
     "encode",
     "error_frames",
@@ -143,6 +144,21 @@ class ControlError(ZcrxError):
         super().__init__(f"{request_type}: {remote_msg}", errno)
         self.request_type = request_type
         self.remote_msg = remote_msg
+
+
+_T = TypeVar("_T")
+
+
+def all_ok(replies: Iterable[_T | ControlError]) -> list[_T]:
+    """The answers of a pipelined batch (``request_many``, ``call_many``, ``syscall_many``)
+    for a caller with nothing to undo request by request: the first :class:`ControlError`
+    is raised (every answer is in by then), else the answers in order."""
+    out: list[_T] = []
+    for r in replies:
+        if isinstance(r, ControlError):
+            raise r
+        out.append(r)
+    return out
 
 
 class SchemaError(Exception):

@@ -44,6 +44,7 @@ from shared.msg import (
     Message,
     Registry,
     Schema,
+    all_ok,
     decode,
     encode,
     register_type,
@@ -454,6 +455,14 @@ def test_handler_error_becomes_error_reply(served: ServerThread, client: Control
     client.ping()
     assert served.server.stats.errors == 1
     assert not served.errors
+
+
+def test_all_ok_raises_the_first_refusal_of_a_batch() -> None:
+    e1, e2 = ControlError("a", E.EPERM, "no"), ControlError("b", E.EIO, "broken")
+    assert all_ok([{"x": 1}, {"x": 2}]) == [{"x": 1}, {"x": 2}] and all_ok([]) == []
+    with pytest.raises(ControlError) as info:
+        all_ok([{"x": 1}, e1, e2])
+    assert info.value is e1
 
 
 def test_large_reply_reaches_the_client(
