@@ -279,12 +279,7 @@ class Kernel:
             if idempotent and self._kernel_watch is not None and not self._kernel_watch.dead:
                 raise ControlError(type, errno.ETIME, "no reply in time; kernel alive") \
                     from None
-            # A timed-out client loses its identity, hence its task: the connection is dead.
-            if self._kernel_watch is not None and self._kernel_watch.dead:
-                self.gone = f"kernel pid {self._kernel_watch.pid} exited"
-            else:
-                self.gone = f"kernel not answering {type}: {exc}"
-            raise PeerGone(self.gone) from None
+            raise self._no_answer(type, exc) from None
 
     def syscall_many(self, calls: Sequence[tuple[str, dict[str, Any]]]
                      ) -> list[Message | ControlError]:
@@ -295,11 +290,16 @@ class Kernel:
         try:
             return self.transport.request_many(calls)
         except Timeout as exc:
-            if self._kernel_watch is not None and self._kernel_watch.dead:
-                self.gone = f"kernel pid {self._kernel_watch.pid} exited"
-            else:
-                self.gone = f"kernel not answering {calls[0][0]}: {exc}"
-            raise PeerGone(self.gone) from None
+            raise self._no_answer(calls[0][0], exc) from None
+
+    def _no_answer(self, type: str, exc: Timeout) -> PeerGone:
+        """A syscall got no answer.  A timed-out client loses its identity, hence its task:
+        the connection is dead, whatever the kernel's fate (said once, in ``gone``)."""
+        if self._kernel_watch is not None and self._kernel_watch.dead:
+            self.gone = f"kernel pid {self._kernel_watch.pid} exited"
+        else:
+            self.gone = f"kernel not answering {type}: {exc}"
+        return PeerGone(self.gone)
 
     def _usable(self) -> None:
         if self.closed:
