@@ -55,7 +55,7 @@ import psutil
 
 from shared.control import ControlClient, ipc_endpoint
 from shared.errors import Misuse, PeerGone, Timeout, ZcrxError
-from shared.msg import ControlError
+from shared.msg import all_ok
 from shared.proc import NOTIFY_ENV
 from shared.rundir import live_process, start_ticks
 from shared.shm import list_run_segments, remove_run_segments
@@ -415,6 +415,21 @@ class Run:
 
     # -- processes ------------------------------------------------------------------
 
+    def _prepare(self, role: str, notify: bool) -> tuple[dict[str, str], Path, Path]:
+        """What starting ``role`` needs, the same for :meth:`spawn` and :meth:`spawn_apps`:
+        its environment (the run's, its tag, the ready file when ``notify``), its log and
+        its ready file (a stale one removed).  Misuse EEXIST if it is running already."""
+        if role in self.m.procs and self.m.procs[role].process() is not None:
+            raise Misuse(f"{role} is already running in run {self.m.name}", errno=17)
+        slug = role.replace(":", "-")
+        env = self.env()
+        env[TAG_ENV] = self.tag(role)
+        notify_path = self.dir / f"{slug}.ready"
+        notify_path.unlink(missing_ok=True)
+        if notify:
+            env[NOTIFY_ENV] = str(notify_path)
+        return env, self.dir / f"{slug}.log", notify_path
+
     def spawn(self, role: str, module: str, args: list[str], *, detach: bool = True,
               ready: str | None = None, notify: bool = False,
               ready_timeout: float = 20.0, command: list[str] | None = None,
@@ -435,12 +450,7 @@ class Run:
         An ``app:N`` role runs as :meth:`app_uid` when that is set, and gets CAP_NET_ADMIN
         from the kernel only with ``cap_net_admin`` (granted to its pid once started).
         """
-        if role in self.m.procs and self.m.procs[role].process() is not None:
-            raise Misuse(f"{role} is already running in run {self.m.name}", errno=17)
-        slug = role.replace(":", "-")
-        log_path = self.dir / f"{slug}.log"
-        env = self.env()
-        env[TAG_ENV] = self.tag(role)
+        env, log_path, notify_path = self._prepare(role, notify)
         if command is not None:
             argv = list(command)
             cwd = cwd or os.getcwd()
@@ -448,10 +458,6 @@ class Run:
         else:
             argv = [sys.executable, "-m", module, "--tag", self.tag(role), *args]
         uid = self.app_uid(role)
-        notify_path = self.dir / f"{slug}.ready"
-        notify_path.unlink(missing_ok=True)
-        if notify:
-            env[NOTIFY_ENV] = str(notify_path)
         grant = self.grant_cap if cap_net_admin else None
         proc: subprocess.Popen[bytes] | ForkedApp | None = None
         try:
@@ -586,23 +592,12 @@ class Run:
         if entry is None or any(not a.role.startswith("app:") or
                                 not a.module.startswith(fs.ENTRY_PACKAGE) for a in starts):
             return one_by_one()
-        for a in starts:
-            if a.role in self.m.procs and self.m.procs[a.role].process() is not None:
-                raise Misuse(f"{a.role} is already running in run {self.m.name}", errno=17)
+        prepared = [self._prepare(a.role, a.notify) for a in starts]
         with contextlib.ExitStack() as files:
             null = files.enter_context(open(os.devnull, "rb"))
             reqs: list[dict[str, Any]] = []
-            notes: list[tuple[str, Path]] = []
-            for a in starts:
-                slug = a.role.replace(":", "-")
-                log = files.enter_context(open(self.dir / f"{slug}.log", "ab"))
-                env = self.env()
-                env[TAG_ENV] = self.tag(a.role)
-                notify_path = self.dir / f"{slug}.ready"
-                notify_path.unlink(missing_ok=True)
-                if a.notify:
-                    env[NOTIFY_ENV] = str(notify_path)
-                notes.append((log.name, notify_path))
+            for a, (env, log_path, _) in zip(starts, prepared, strict=True):
+                log = files.enter_context(open(log_path, "ab"))
                 reqs.append({"module": a.module, "args": ["--tag", self.tag(a.role), *a.args],
                              "env": env, "cwd": str(self.dir), "uid": self.app_uid(a.role),
                              "new_session": a.detach,
@@ -617,11 +612,11 @@ class Run:
         if apps is None:
             return one_by_one()
         out: list[ProcEntry] = []
-        for a, app, req, (log_name, notify_path) in zip(starts, apps, reqs, notes,
-                                                        strict=True):
+        for a, app, req, (_, log_path, notify_path) in zip(starts, apps, reqs, prepared,
+                                                           strict=True):
             pe = ProcEntry(role=a.role, pid=app.pid, start_ticks=start_ticks(app.pid),
                            argv=[sys.executable, "-m", a.module, *req["args"]],
-                           log=str(log_name),
+                           log=str(log_path),
                            spec=RoleSpec(module=a.module, args=list(a.args), detach=a.detach,
                                          notify=a.notify, ready_timeout=a.ready_timeout,
                                          cap_net_admin=a.cap_net_admin, uid=req["uid"]))
@@ -638,9 +633,7 @@ class Run:
         import shared.syscalls  # noqa: F401  (registers cap_grant)
 
         with ControlClient(self.endpoint("kernel"), timeout_ms=10_000) as kernel:
-            for reply in kernel.call_many([("cap_grant", {"pid": p}) for p in pids]):
-                if isinstance(reply, ControlError):
-                    raise reply
+            all_ok(kernel.call_many([("cap_grant", {"pid": p}) for p in pids]))
 
     def respawn(self, role: str) -> ProcEntry:
         """Start ``role`` again from the spec it was recorded with (a dead NIC or kernel
@@ -819,6 +812,10 @@ def tagged_processes(run_id: str) -> list[psutil.Process]:
     (any program run with ``zcrx app run -- COMMAND``): the fallback when a manifest is lost.
     A shell that merely imported ``zcrx env`` carries no tag and is never matched."""
     needle = f"zcrx:{run_id}:"
+
+    def tagged(cmd: list[str], env: dict[str, str]) -> bool:
+        return any(needle in a for a in cmd) or env.get(TAG_ENV, "").startswith(needle)
+
     found, blank = [], []
     for p in psutil.process_iter(["cmdline", "ppid"]):
         if p.pid == os.getpid():
@@ -828,7 +825,7 @@ def tagged_processes(run_id: str) -> list[psutil.Process]:
             env = p.environ()
         except psutil.Error:
             continue
-        if any(needle in a for a in cmd) or env.get(TAG_ENV, "").startswith(needle):
+        if tagged(cmd, env):
             found.append(p)
         elif not cmd and not env and p.pid != 2 and p.info["ppid"] not in (0, 2):
             blank.append(p)  # not a kernel thread: caught inside execve, look again
@@ -842,7 +839,7 @@ def tagged_processes(run_id: str) -> list[psutil.Process]:
                 cmd, env = p.cmdline(), p.environ()
             except psutil.Error:
                 continue
-            if any(needle in a for a in cmd) or env.get(TAG_ENV, "").startswith(needle):
+            if tagged(cmd, env):
                 found.append(p)
             elif not cmd and not env:
                 again.append(p)
