@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -132,8 +133,6 @@ _BAD_PLACE = np.array([(f & abi.NIC_CQE_F_SPLIT != 0) == (f & abi.NIC_CQE_F_LINE
 def _background_thread() -> None:
     """Lower the calling thread (only: Linux keeps a nice value per thread) to nice 19, so
     work done off the setup path takes only CPU time nobody else wants."""
-    import threading
-
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
     except OSError:
@@ -742,8 +741,6 @@ class NetDevice:
             if rq.started:
                 raise Misuse(f"{self.name}: queue {rq.index} already started",
                              errno=errno.EBUSY)
-        if not rqs:
-            return
         try:
             replies = self.nic.call_many([("nic.queue_start", self._start_body(rq))
                                           for rq in rqs])
